@@ -1,0 +1,5 @@
+import sys
+
+from mmloom.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `mmloom` command line."""

@@ -1,0 +1,48 @@
+"""`mmloom` entry point: one sub-command module per concern, each exposing `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mmloom import __version__
+from mmloom.errors import MmloomError
+
+# Each module defines `register(subparsers)`, adding its sub-command(s) with `set_defaults(func=...)`.
+COMMAND_MODULES = [
+    "mmloom.cli.data",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmloom",
+        description="Build, train and convert multimodal LLMs from HuggingFace parts (LLaVA-1.5 recipe).",
+    )
+    parser.add_argument("--version", action="version", version=f"mmloom {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args.func(args)
+    except MmloomError as err:
+        print(f"mmloom {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
