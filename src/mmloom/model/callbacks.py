@@ -1,0 +1,178 @@
+"""Named, serializable encoder callbacks: feature selection and LLaVA-NeXT "anyres" packing.
+
+A callback saved with the model is rebuilt from `{"type": name, **params}`; arbitrary
+callables still work but cannot be rebuilt (the model warns on save).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput, ModelOutput
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
+
+from mmloom.errors import MmloomError
+
+CALLBACK_REGISTRY: dict[str, type] = {}
+
+# Strategy names: LLaVA spells them patch/cls_patch, transformers default/full.
+DROP_CLS = {"patch", "default"}
+KEEP_CLS = {"cls_patch", "full"}
+
+
+def register_callback(cls):
+    CALLBACK_REGISTRY[cls.callback_type] = cls
+    return cls
+
+
+def replace_features(output: ModelOutput | tuple, features: torch.Tensor | list) -> ModelOutput | tuple:
+    """Put `features` in the first slot of an encoder/projector output, keeping its type."""
+    if isinstance(output, ModelOutput):
+        output = BaseModelOutput(last_hidden_state=features) if not hasattr(output, "last_hidden_state") else output
+        output.last_hidden_state = features
+        return output
+    return (features, *output[1:])
+
+
+class SerializableCallback:
+    """Base for callbacks that save as `{"type": ..., **params}` in the model config."""
+
+    callback_type: str = ""
+    # Extra kwargs the encoder module must receive (e.g. output_hidden_states).
+    module_kwargs: dict[str, Any] = {}
+    # Input names this callback reads from the encoder inputs (not passed to the module).
+    input_names: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def output_dim(self, hidden_size: int) -> int:
+        return hidden_size
+
+
+def callback_from_dict(spec: dict[str, Any] | None):
+    if spec is None:
+        return None
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in CALLBACK_REGISTRY:
+        raise MmloomError(
+            f"cannot rebuild callback {kind!r} from the saved config: it was an arbitrary callable. "
+            "Pass it again when loading, e.g. MultimodalModel.from_pretrained(dir, "
+            "callbacks={'vision': {'postprocess_module_callback': my_fn}})"
+        )
+    return CALLBACK_REGISTRY[kind](**spec)
+
+
+def callback_to_dict(callback) -> dict[str, Any] | None:
+    """The saved form of a callback, or `{"type": "<callable>"}` when it cannot be saved."""
+    if callback is None:
+        return None
+    if isinstance(callback, SerializableCallback):
+        return {"type": callback.callback_type, **callback.to_dict()}
+    return {"type": "<callable>", "repr": getattr(callback, "__qualname__", repr(callback))}
+
+
+@register_callback
+class FeatureSelect(SerializableCallback):
+    """Select encoder hidden layer(s) and optionally drop the CLS token (a module callback).
+
+    `layer=-2, strategy="patch"` is LLaVA-1.5's choice; a list of layers concatenates them
+    along the feature dimension.
+    """
+
+    callback_type = "feature_select"
+    module_kwargs = {"output_hidden_states": True}
+
+    def __init__(self, layer: int | list[int] = -2, strategy: str = "patch"):
+        if strategy not in DROP_CLS | KEEP_CLS:
+            raise MmloomError(
+                f"unknown feature select strategy {strategy!r}; use one of {sorted(DROP_CLS | KEEP_CLS)}"
+            )
+        self.layer = list(layer) if isinstance(layer, (list, tuple)) else int(layer)
+        self.strategy = strategy
+
+    @property
+    def drops_cls(self) -> bool:
+        return self.strategy in DROP_CLS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "strategy": self.strategy}
+
+    def output_dim(self, hidden_size: int) -> int:
+        return hidden_size * (len(self.layer) if isinstance(self.layer, list) else 1)
+
+    def __call__(self, inputs: dict, output: ModelOutput | tuple) -> ModelOutput | tuple:
+        hidden_states = output.hidden_states if isinstance(output, ModelOutput) else output[-1]
+        layers = self.layer if isinstance(self.layer, list) else [self.layer]
+        selected = [hidden_states[i] for i in layers]  # each (N, L, D)
+        if self.drops_cls:
+            selected = [h[:, 1:] for h in selected]
+        features = torch.cat(selected, dim=-1)  # (N, L', D * len(layers))
+        return replace_features(output, features)
+
+    def __repr__(self) -> str:
+        return f"FeatureSelect(layer={self.layer!r}, strategy={self.strategy!r})"
+
+
+@register_callback
+class AnyresPack(nn.Module, SerializableCallback):
+    """LLaVA-NeXT "anyres" packing of projected patch features (a projector callback).
+
+    Expects the vision inputs `pixel_values` flattened to (sum of patches, C, H, W) and
+    `image_sizes` (N_images, 2) as (height, width). Per image: the base view's features,
+    then the high-resolution grid unpadded to the image's aspect ratio with a learned
+    newline embedding after each row. Returns a list of (L_i, D) tensors, one per image.
+    """
+
+    callback_type = "anyres_pack"
+    input_names = ("image_sizes",)
+
+    def __init__(self, hidden_size: int, image_grid_pinpoints: list[list[int]], patch_grid: int, image_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.image_grid_pinpoints = [list(p) for p in image_grid_pinpoints]
+        self.patch_grid = patch_grid  # feature tokens per side of one view (e.g. 24 for 336/14)
+        self.image_size = image_size  # pixels per side of one view
+        self.image_newline = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "image_grid_pinpoints": self.image_grid_pinpoints,
+            "patch_grid": self.patch_grid,
+            "image_size": self.image_size,
+        }
+
+    def num_views(self, image_size_hw) -> int:
+        return image_size_to_num_patches(image_size_hw, self.image_grid_pinpoints, self.image_size)
+
+    def num_tokens(self, image_size_hw) -> int:
+        """Feature tokens one image of (height, width) produces after packing."""
+        grid_h, grid_w = get_anyres_image_grid_shape(image_size_hw, self.image_grid_pinpoints, self.image_size)
+        dummy = torch.empty(1, grid_h * self.patch_grid, grid_w * self.patch_grid)
+        rows, cols = unpad_image(dummy, torch.tensor(image_size_hw)).shape[1:]
+        return self.patch_grid**2 + rows * (cols + 1)
+
+    def forward(self, inputs: dict, output: ModelOutput | tuple) -> ModelOutput | tuple:
+        features = output[0]  # (sum of views, P*P, D)
+        image_sizes = inputs["image_sizes"]
+        views_per_image = [self.num_views(size.tolist()) for size in image_sizes]
+        packed = []
+        for feats, size in zip(torch.split(features, views_per_image), image_sizes, strict=True):
+            base, grid = feats[0], feats[1:]  # (P*P, D), (h*w, P*P, D)
+            grid_h, grid_w = get_anyres_image_grid_shape(size.tolist(), self.image_grid_pinpoints, self.image_size)
+            p = self.patch_grid
+            grid = grid.view(grid_h, grid_w, p, p, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+            grid = unpad_image(grid, size)  # (D, rows, cols)
+            newline = self.image_newline[:, None, None].expand(*grid.shape[:-1], 1).to(grid.dtype)
+            grid = torch.cat([grid, newline], dim=-1).flatten(1).transpose(0, 1)  # (rows*(cols+1), D)
+            packed.append(torch.cat([base, grid], dim=0))
+        return replace_features(output, packed)

@@ -1,0 +1,472 @@
+"""The composite model: any number of modality encoders around any HF causal language model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import mmloom
+from mmloom.errors import MmloomError
+from mmloom.model import serialization as ser
+from mmloom.model.callbacks import callback_from_dict, callback_to_dict
+from mmloom.model.encoder import CALLBACK_SLOTS, ModalEncoderModule, base_module
+from mmloom.model.feature_count import feature_tokens_per_item
+from mmloom.model.freezing import apply_eval_to_frozen, set_requires_grad_by_patterns, trainable_table
+from mmloom.model.merge import IGNORE_INDEX, merge_features
+from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class MultimodalConfig:
+    """Everything needed to rebuild a composite: HF configs, projectors, callbacks, token ids."""
+
+    encoders: dict[str, dict[str, Any]]
+    language_model: dict[str, Any]
+    placeholder_token_ids: dict[str, int] = field(default_factory=dict)
+    tied_weights: dict[str, str] = field(default_factory=dict)
+    trainable_only: bool = False
+    torch_dtype: str = "float32"
+    architecture: str = "MultimodalModel"
+    mmloom_version: str = mmloom.__version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MultimodalConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MultimodalConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.exists():
+            raise MmloomError(f"{path} not found: not an mmloom model folder")
+        data = json.loads(path.read_text())
+        if data.get("architecture") != "MultimodalModel":
+            raise MmloomError(f"{path} is not an mmloom MultimodalModel config")
+        return cls.from_dict(data)
+
+    def encoder_hf_config(self, name: str):
+        spec = self.encoders[name]["module"]
+        return ser.resolve_class(spec["class"]).config_class.from_dict(spec["config"])
+
+
+def _peft_spec(module: nn.Module) -> dict[str, Any] | None:
+    if not hasattr(module, "peft_config"):
+        return None
+    config = module.peft_config["default"].to_dict()
+    return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
+def _part_spec(module: nn.Module) -> dict[str, Any]:
+    base = base_module(module)
+    return {"class": ser.class_path(base), "config": base.config.to_dict(), "peft": _peft_spec(module)}
+
+
+def _build_part(spec: dict[str, Any]) -> nn.Module:
+    from transformers.initialization import no_init_weights
+
+    cls = ser.resolve_class(spec["class"])
+    with no_init_weights():  # the weights are loaded right after
+        module = cls(cls.config_class.from_dict(spec["config"]))
+    if spec.get("peft"):
+        from peft import get_peft_config, get_peft_model
+
+        module = get_peft_model(module, get_peft_config(spec["peft"]))
+    return module
+
+
+class MultimodalModel(nn.Module):
+    """Encoders (`{name}_encoder` attributes) whose projected features fill the placeholder
+    tokens of their modality in the input of `language_model`.
+
+    Encoder inputs are given per encoder (`vision={"pixel_values": x}`) or, when only one
+    encoder accepts the name, as flat keyword arguments (`pixel_values=x`).
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, ModalEncoderModule],
+        language_model: nn.Module,
+        init_projector_type: str = "linear",
+        init_activation: str = "gelu",
+        placeholder_token_ids: dict[str, int] | None = None,
+    ):
+        super().__init__()
+        self.encoder_names: list[str] = list(encoders)
+        for name, encoder in encoders.items():
+            if not isinstance(encoder, ModalEncoderModule):
+                raise TypeError(f"encoder {name!r} must be a ModalEncoderModule, got {type(encoder).__name__}")
+            setattr(self, f"{name}_encoder", encoder)
+        self.language_model = language_model
+        self.placeholder_token_ids: dict[str, int] = dict(placeholder_token_ids or {})
+        self._unknown_modalities(self.placeholder_token_ids, "placeholder_token_ids")
+        self._accepted_inputs = {name: enc.accepted_inputs() for name, enc in self.encoders.items()}
+        for name, encoder in self.encoders.items():
+            self._connect_projector(name, encoder, init_projector_type, init_activation)
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def encoders(self) -> dict[str, ModalEncoderModule]:
+        return {name: getattr(self, f"{name}_encoder") for name in self.encoder_names}
+
+    @property
+    def llm_hidden_size(self) -> int:
+        return base_module(self.language_model).config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _connect_projector(self, name: str, encoder: ModalEncoderModule, projector_type: str, activation: str):
+        feature_dim, hidden = encoder.feature_dim(), self.llm_hidden_size
+        projector = encoder.projector
+        if not projector.is_built:
+            projector.config.projector_type, projector.config.activation = projector_type, activation
+            projector.build(feature_dim, hidden)
+            return
+        cfg = projector.config
+        if cfg.in_features is not None and cfg.in_features != feature_dim:
+            raise MmloomError(
+                f"{name} projector takes {cfg.in_features} features but the {name} encoder gives {feature_dim}"
+            )
+        if cfg.out_features is not None and cfg.out_features != hidden:
+            raise MmloomError(
+                f"{name} projector outputs {cfg.out_features} features but the language model's hidden "
+                f"size is {hidden}"
+            )
+
+    def _unknown_modalities(self, names: Iterable[str], what: str) -> None:
+        unknown = sorted(set(names) - set(self.encoder_names))
+        if unknown:
+            raise MmloomError(f"{what}: unknown encoder(s) {unknown}; this model has {self.encoder_names}")
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def num_feature_tokens(self, modality: str, image_size_hw=None) -> int:
+        """Feature tokens one item of `modality` turns into (what each placeholder expands to)."""
+        encoder = self.encoders[modality]
+        return feature_tokens_per_item(encoder.config, encoder.callbacks, image_size_hw)
+
+    # ------------------------------------------------------------------- inputs
+    def _route_inputs(self, kwargs: dict[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
+        """Split keyword arguments into per-encoder inputs and the language model's own."""
+        per_encoder: dict[str, dict] = {}
+        rest: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if key in self.encoder_names:
+                if value is not None:
+                    per_encoder.setdefault(key, {}).update({k: v for k, v in value.items() if v is not None})
+                continue
+            owners = [name for name in self.encoder_names if key in self._accepted_inputs[name]]
+            if len(owners) > 1:
+                if value is None:
+                    continue
+                raise MmloomError(
+                    f"input {key!r} is accepted by encoders {', '.join(owners)}; pass it per encoder, "
+                    f"e.g. {owners[0]}={{'{key}': ...}}"
+                )
+            if owners:
+                if value is not None:
+                    per_encoder.setdefault(owners[0], {})[key] = value
+            else:
+                rest[key] = value
+        return {name: inputs for name, inputs in per_encoder.items() if inputs}, rest
+
+    def encode(self, modality: str, **inputs) -> torch.Tensor | list[torch.Tensor]:
+        """Projected features of one modality: (N_items, L, D) or a list of (L_i, D)."""
+        return self.encoders[modality](**inputs)[0]
+
+    def embed_inputs(self, input_ids: torch.Tensor, encoder_inputs: dict[str, dict]) -> torch.Tensor:
+        """Token embeddings with every modality's features merged at its placeholders."""
+        placeholder_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for name, token_id in self.placeholder_token_ids.items():
+            is_placeholder = input_ids == token_id
+            placeholder_mask |= is_placeholder
+            if name not in encoder_inputs and bool(is_placeholder.any()):
+                raise MmloomError(f"input_ids contain {name} placeholder tokens (id {token_id}) but no {name} inputs")
+        # Placeholder ids may lie outside the vocabulary: look up a harmless id there instead.
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholder_mask, 0))  # (B, T, D)
+        for name, inputs in encoder_inputs.items():
+            if name not in self.placeholder_token_ids:
+                raise MmloomError(
+                    f"no placeholder token id for {name}: build the model with "
+                    f"placeholder_token_ids={{'{name}': token_id}}"
+                )
+            features = self.encode(name, **inputs)
+            inputs_embeds = merge_features(input_ids, inputs_embeds, features, self.placeholder_token_ids[name], name)
+        return inputs_embeds
+
+    def mask_placeholder_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor(list(self.placeholder_token_ids.values()), device=input_ids.device)
+        return labels.masked_fill(torch.isin(input_ids, ids), IGNORE_INDEX)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T), 1 = attend
+        labels: torch.LongTensor | None = None,  # (B, T), unshifted, -100 = ignore
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, D), skips encoders when given
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        encoder_inputs, llm_kwargs = self._route_inputs(kwargs)
+        llm_kwargs.pop("return_dict", None)
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise MmloomError("forward needs input_ids or inputs_embeds")
+            inputs_embeds = self.embed_inputs(input_ids, encoder_inputs)
+            if labels is not None:
+                labels = self.mask_placeholder_labels(input_ids, labels)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            return_dict=True,
+            **llm_kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Generate with the language model's own `generate` (KV cache, greedy/sampling, batching).
+
+        Pad batches on the left. Returns the prompt ids followed by the generated ids, like HF.
+        """
+        encoder_inputs, generate_kwargs = self._route_inputs(kwargs)
+        inputs_embeds = self.embed_inputs(input_ids, encoder_inputs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        new_tokens = self.language_model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+        )
+        return torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=1)
+
+    # ----------------------------------------------------------------- freezing
+    @property
+    def parts(self) -> dict[str, nn.Module]:
+        parts: dict[str, nn.Module] = {}
+        for name, encoder in self.encoders.items():
+            parts[f"{name}_encoder.module"] = encoder.module
+            parts[f"{name}_encoder.projector"] = encoder.projector
+            for slot in CALLBACK_SLOTS:
+                callback = getattr(encoder, slot)
+                if isinstance(callback, nn.Module) and any(True for _ in callback.parameters()):
+                    parts[f"{name}_encoder.{slot}"] = callback
+        parts["language_model"] = self.language_model
+        return parts
+
+    def train(
+        self,
+        mode: bool = True,
+        encoders_mode: dict[str, tuple[bool, bool]] | None = None,
+        llm_mode: bool | None = None,
+    ) -> MultimodalModel:
+        """Set train/eval mode; optionally choose what trains.
+
+        `encoders_mode={"vision": (module_trainable, projector_trainable)}` and `llm_mode`
+        set requires_grad per part; frozen modules always stay in eval mode.
+        """
+        if encoders_mode is not None:
+            self._unknown_modalities(encoders_mode, "encoders_mode")
+            for name, (module_trainable, projector_trainable) in encoders_mode.items():
+                self.encoders[name].module.requires_grad_(bool(module_trainable))
+                self.encoders[name].projector.requires_grad_(bool(projector_trainable))
+        if llm_mode is not None:
+            self.language_model.requires_grad_(bool(llm_mode))
+            if hasattr(self.language_model, "peft_config") and llm_mode:
+                # With LoRA only the adapters train, never the base weights.
+                for pname, param in self.language_model.named_parameters():
+                    param.requires_grad_("lora_" in pname or "modules_to_save" in pname)
+        super().train(mode)
+        apply_eval_to_frozen(self)
+        return self
+
+    def freeze(self, patterns: str | list[str]) -> MultimodalModel:
+        """Freeze parameters whose names match any regex (Cerebras names like `^image_model` map
+        to `vision_encoder.module`, `^text_model` to `language_model`)."""
+        set_requires_grad_by_patterns(self, [patterns] if isinstance(patterns, str) else list(patterns), False)
+        apply_eval_to_frozen(self)
+        return self
+
+    def unfreeze(self, patterns: str | list[str]) -> MultimodalModel:
+        set_requires_grad_by_patterns(self, [patterns] if isinstance(patterns, str) else list(patterns), True)
+        self.train(self.training)
+        return self
+
+    def trainable_summary(self, print_table: bool = True) -> list[tuple[str, int, int]]:
+        """Parameter counts per part (total, trainable); prints a table unless told not to."""
+        rows = trainable_table(self.parts)
+        if print_table:
+            table = Table(title="mmloom parameters")
+            for column in ("part", "parameters", "trainable", "mode"):
+                table.add_column(column, justify="left" if column in ("part", "mode") else "right")
+            for name, total, trainable in rows:
+                module = self.parts[name]
+                table.add_row(name, f"{total:,}", f"{trainable:,}", "train" if module.training else "eval")
+            table.add_row("total", f"{sum(r[1] for r in rows):,}", f"{sum(r[2] for r in rows):,}", "")
+            Console().print(table)
+        return rows
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint activations in every encoder, projector and the language model."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for part in [*(e.module for e in self.encoders.values()), self.language_model]:
+            base = base_module(part)
+            if getattr(base, "supports_gradient_checkpointing", False):
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for encoder in self.encoders.values():
+            encoder.projector.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for part in [*(e.module for e in self.encoders.values()), self.language_model]:
+            base = base_module(part)
+            if getattr(base, "supports_gradient_checkpointing", False):
+                base.gradient_checkpointing_disable()
+        for encoder in self.encoders.values():
+            encoder.projector.gradient_checkpointing = False
+
+    # ------------------------------------------------------------ save and load
+    @property
+    def config(self) -> MultimodalConfig:
+        encoders = {}
+        for name, encoder in self.encoders.items():
+            encoders[name] = {
+                "module": _part_spec(encoder.module),
+                "projector": encoder.projector.config.to_dict(),
+                "callbacks": {slot: callback_to_dict(getattr(encoder, slot)) for slot in CALLBACK_SLOTS},
+            }
+        return MultimodalConfig(
+            encoders=encoders,
+            language_model=_part_spec(self.language_model),
+            placeholder_token_ids=dict(self.placeholder_token_ids),
+            torch_dtype=str(self.dtype).removeprefix("torch."),
+        )
+
+    def save_pretrained(
+        self, save_directory: str | Path, trainable_only: bool = False, max_shard_size: str | int = "5GB"
+    ) -> None:
+        """Write config.json and safetensors weights (only trainable ones if asked), atomically."""
+        config = self.config
+        for name, spec in config.encoders.items():
+            for slot, callback in spec["callbacks"].items():
+                if callback is not None and callback["type"] == "<callable>":
+                    warnings.warn(
+                        f"{name} encoder's {slot} {callback['repr']} is an arbitrary callable: it cannot be "
+                        "rebuilt from the saved config; pass it again to from_pretrained(callbacks=...)",
+                        stacklevel=2,
+                    )
+            if spec["projector"]["projector_type"] == "custom":
+                warnings.warn(
+                    f"{name} projector wraps a custom module: pass it again to from_pretrained(projections=...)",
+                    stacklevel=2,
+                )
+        state = self.state_dict()
+        if trainable_only:
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            state = {n: t for n, t in state.items() if n in trainable}
+        state, config.tied_weights = ser.dedupe_shared_tensors(state)
+        config.trainable_only = trainable_only
+        with ser.atomic_directory(save_directory) as tmp:
+            config.save(tmp)
+            ser.save_state_dict(state, tmp, max_shard_size)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: MultimodalConfig,
+        callbacks: dict[str, dict[str, Any]] | None = None,
+        projections: dict[str, nn.Module] | None = None,
+    ) -> MultimodalModel:
+        """Build the composite (random weights) from a config; see `from_pretrained`."""
+        callbacks, projections = callbacks or {}, projections or {}
+        encoders = {}
+        for name, spec in config.encoders.items():
+            slots = {}
+            for slot in CALLBACK_SLOTS:
+                given = callbacks.get(name, {})
+                slots[slot] = given[slot] if slot in given else callback_from_dict(spec["callbacks"].get(slot))
+            projector_config = MultimodalProjectorConfig.from_dict(spec["projector"])
+            if projector_config.projector_type == "custom" and name not in projections:
+                raise MmloomError(
+                    f"the {name} projector wraps a custom module that cannot be rebuilt from config.json; "
+                    f"pass it: from_pretrained(dir, projections={{'{name}': my_module}})"
+                )
+            projector = MultimodalProjector(projector_config, projection=projections.get(name))
+            encoders[name] = ModalEncoderModule(_build_part(spec["module"]), projector=projector, **slots)
+        return cls(
+            encoders,
+            _build_part(config.language_model),
+            placeholder_token_ids=config.placeholder_token_ids,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        torch_dtype: torch.dtype | str | None = None,
+        base: str | Path | MultimodalModel | None = None,
+        callbacks: dict[str, dict[str, Any]] | None = None,
+        projections: dict[str, nn.Module] | None = None,
+        device: str | torch.device | None = None,
+    ) -> MultimodalModel:
+        """Rebuild a saved composite. A trainable-only save needs `base`: the full model (or its
+        folder) that supplies the frozen weights."""
+        config = MultimodalConfig.load(directory)
+        state = ser.load_state_dict(Path(directory))
+        if config.trainable_only:
+            if base is None:
+                raise MmloomError(
+                    f"{directory} holds trainable parameters only; pass base=<full model folder or model> "
+                    "that supplies the other weights"
+                )
+            model = base if isinstance(base, MultimodalModel) else cls.from_pretrained(
+                base, callbacks=callbacks, projections=projections
+            )
+        else:
+            model = cls.from_config(config, callbacks=callbacks, projections=projections)
+        model.load_weights(state, tied_weights=config.tied_weights, strict=not config.trainable_only)
+        if torch_dtype is not None:
+            model.to(getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype)
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    def load_weights(self, state: dict[str, torch.Tensor], tied_weights: dict[str, str] | None = None,
+                     strict: bool = True) -> None:
+        """Load a (possibly partial) state dict, re-tying weights that were saved once."""
+        state = dict(state)
+        for dropped, kept in (tied_weights or {}).items():
+            if kept in state:
+                state[dropped] = state[kept]
+        result = self.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise MmloomError(f"weights do not fit this model; unexpected keys: {result.unexpected_keys[:5]}")
+        if strict and result.missing_keys:
+            raise MmloomError(f"weights are missing for: {result.missing_keys[:5]}")
