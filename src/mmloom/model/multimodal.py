@@ -85,6 +85,8 @@ def _build_part(spec: dict[str, Any]) -> nn.Module:
     cls = ser.resolve_class(spec["class"])
     with no_init_weights():  # the weights are loaded right after
         module = cls(cls.config_class.from_dict(spec["config"]))
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()  # skipped under no_init_weights
     if spec.get("peft"):
         from peft import get_peft_config, get_peft_model
 

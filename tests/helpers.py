@@ -1,0 +1,47 @@
+"""Builders shared by the model tests."""
+
+import torch
+
+from mmloom import FeatureSelect, ModalEncoderModule, MultimodalModel
+from mmloom.testing import tiny_clip_vision, tiny_llm, tiny_whisper_encoder
+
+IMAGE_ID, AUDIO_ID = 4, 5  # <image>, <audio> in tiny_tokenizer()
+
+
+def vlm(llm_kind="llama", projector="mlp2x_gelu", **llm_overrides) -> MultimodalModel:
+    """CLIP (layer -2, CLS dropped: 16 tokens per image) + a tiny LLM."""
+    encoder = ModalEncoderModule(tiny_clip_vision(), postprocess_module_callback=FeatureSelect(-2, "patch"))
+    return MultimodalModel(
+        {"vision": encoder},
+        tiny_llm(llm_kind, **llm_overrides),
+        init_projector_type=projector,
+        placeholder_token_ids={"vision": IMAGE_ID},
+    )
+
+
+def audio_vlm() -> MultimodalModel:
+    """CLIP + Whisper encoder + Llama: 16 image tokens, 8 audio tokens per item."""
+    return MultimodalModel(
+        {
+            "vision": ModalEncoderModule(tiny_clip_vision(), postprocess_module_callback=FeatureSelect(-2, "patch")),
+            "audio": ModalEncoderModule(tiny_whisper_encoder()),
+        },
+        tiny_llm("llama"),
+        init_projector_type="mlp",
+        placeholder_token_ids={"vision": IMAGE_ID, "audio": AUDIO_ID},
+    )
+
+
+def sample_ids(n_placeholders: int, text=(10, 11, 12, 13), placeholder=IMAGE_ID, bos=0) -> list[int]:
+    return [bos, *([placeholder] * n_placeholders), *text]
+
+
+def pad_batch(rows: list[list[int]], side="right", pad=3):
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[i, span] = torch.tensor(row)
+        mask[i, span] = 1
+    return ids, mask
