@@ -1,0 +1,78 @@
+"""`mmloom data convert` and `mmloom data json2jsonl`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mmloom.errors import MmloomError
+
+EPILOG = """\
+image paths in the output:
+  Each record's "image" is relative to --image-dir; give the same folder as the
+  image root to `mmloom data build`. Without --image-dir, paths are relative to
+  the dataset root (the --input folder, or the folder holding the --input file)
+  for sources whose images are on disk, and relative to the output file's folder
+  for arxivcap/synthdog, which write their images to --image-dir (default:
+  <output folder>/images). llava keeps its paths as they are and, given
+  --image-dir, skips records whose image is missing there.
+
+bad records are skipped and counted by reason (missing_field, bad_field,
+bad_label, bad_json, multi_figure, missing_image, bad_image, duplicate_image);
+--strict stops at the first one instead.
+
+sources:
+"""
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from mmloom.data.sources import SOURCES, Context, run_convert
+
+    source = SOURCES[args.source]
+    ctx = Context(input=Path(args.input), output=Path(args.output),
+                  image_dir=Path(args.image_dir) if args.image_dir else None,
+                  split=args.split, strict=args.strict)
+    try:
+        stats = run_convert(source, ctx)
+    except OSError as err:  # unreadable input, unwritable output or image folder
+        raise MmloomError(f"{err.filename or args.output}: {err.strerror or err}") from None
+    print(stats.summary(source.name, ctx.output))
+    return 0
+
+
+def _json2jsonl(args: argparse.Namespace) -> int:
+    from mmloom.data.sources import json_to_jsonl
+
+    try:
+        done = json_to_jsonl(Path(args.in_dir), Path(args.out_dir))
+    except OSError as err:
+        raise MmloomError(f"{err.filename or args.out_dir}: {err.strerror or err}") from None
+    for target, count in done:
+        print(f"wrote {count} records -> {target}")
+    return 0
+
+
+def register(data_subparsers) -> None:
+    from mmloom.data.sources import SOURCES
+
+    sources = "".join(f"  {name:<16}{source.help}\n" for name, source in SOURCES.items())
+    parser = data_subparsers.add_parser(
+        "convert", help="convert a public VLM dataset to LLaVA jsonl",
+        description="Convert a public VLM dataset into LLaVA json records, one per line.",
+        epilog=EPILOG + sources, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", choices=list(SOURCES), metavar="SOURCE", help="one of: " + ", ".join(SOURCES))
+    parser.add_argument("--input", required=True, help="dataset file or folder (see sources below)")
+    parser.add_argument("--output", required=True, help="jsonl file to write (replaced atomically)")
+    parser.add_argument("--image-dir", help="image root that output image paths are relative to; "
+                        "arxivcap/synthdog write their images here")
+    parser.add_argument("--split", default="train",
+                        help="split for chartqa (train/val/test), docvqa, infographicsvqa, dvqa (default: train)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    parser.set_defaults(func=_convert)
+
+    parser = data_subparsers.add_parser(
+        "json2jsonl", help="convert every *.json list in a folder to jsonl",
+        description="Write each IN_DIR/<name>.json (a JSON list of records) as OUT_DIR/<name>.jsonl.")
+    parser.add_argument("in_dir", metavar="IN_DIR")
+    parser.add_argument("out_dir", metavar="OUT_DIR")
+    parser.set_defaults(func=_json2jsonl)
