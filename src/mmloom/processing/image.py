@@ -1,0 +1,379 @@
+"""Image loading and CLIP-style preprocessing with PIL and numpy only.
+
+:class:`ImageTransform` is an ordered list of small steps (pad to square, resize shortest edge,
+center crop, rescale to [0, 1], normalize), matching LLaVA-1.5 / HF ``CLIPImageProcessor``:
+
+* ``expand_to_square``: LLaVA's ``expand2square`` (image pasted at ``((W - w) // 2, (H - h) // 2)``
+  on a ``background_color`` canvas; default CLIP mean * 255 truncated = (122, 116, 104)).
+* ``resize``: shortest edge to ``size`` with PIL (bicubic by default); the long edge becomes
+  ``int(size * long / short)`` as in HF and torchvision. ``size: [h, w]`` resizes exactly.
+* ``center_crop``: offsets ``(H - h) // 2`` / ``(W - w) // 2`` as in HF; a crop larger than the
+  image is zero-padded (also as HF).
+* ``to_tensor``: uint8 HWC -> float32 CHW in [0, 1] (``rescale`` with ``factor`` is the same with
+  another factor).
+* ``normalize``: ``(x - mean) / std`` per channel.
+
+The input is converted to RGB first; the output is a ``(3, H, W)`` float32 array.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from mmloom.errors import MmloomError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_BACKGROUND = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as LLaVA computes it
+
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+class ImageLoadError(MmloomError):
+    """An image file is missing, unreadable, not an image or truncated; ``path`` and ``reason`` are set."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"cannot load image {str(path)!r}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+_TRUNCATED_LOCK = threading.Lock()
+
+
+def load_image(path: str | os.PathLike, convert: str | None = "RGB") -> Image.Image:
+    """Open and fully decode an image (``img.load()``), converted to ``convert`` (None keeps the mode).
+
+    Truncated files raise :class:`ImageLoadError` even when ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
+    was switched on elsewhere (it is switched off while this image decodes).
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise ImageLoadError(p, "file not found")
+    if os.path.isdir(p):
+        raise ImageLoadError(p, "is a directory, not an image file")
+    try:
+        with open(p, "rb") as f:
+            img = Image.open(f)
+            with _TRUNCATED_LOCK:
+                saved = ImageFile.LOAD_TRUNCATED_IMAGES
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
+                try:
+                    img.load()
+                finally:
+                    ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    except UnidentifiedImageError:
+        raise ImageLoadError(p, "not a recognised image format (corrupt or not an image)") from None
+    except PermissionError as e:
+        raise ImageLoadError(p, f"permission denied ({e.strerror})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(p, f"too large ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        reason = (
+            "truncated or corrupt image data"
+            if "truncated" in msg.lower() or isinstance(e, EOFError)
+            else "corrupt image data"
+        )
+        raise ImageLoadError(p, f"{reason} ({msg})") from None
+    if convert is not None and img.mode != convert:
+        img = img.convert(convert)
+    return img
+
+
+# --------------------------------------------------------------------------------------------
+# steps
+# --------------------------------------------------------------------------------------------
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise MmloomError(f"ImageTransform expects a PIL image, got {type(image).__name__}")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _size_pair(size: Any, step: str) -> tuple[int, int] | int:
+    if isinstance(size, bool):
+        raise MmloomError(f"transform {step!r}: size must be an int or [height, width], got {size!r}")
+    if isinstance(size, (int, np.integer)) and size > 0:
+        return int(size)
+    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) in (1, 2):
+        vals = [
+            int(v) for v in size if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+        ]
+        if len(vals) == len(size):
+            return vals[0] if len(vals) == 1 else (vals[0], vals[1])
+    raise MmloomError(f"transform {step!r}: size must be a positive int or [height, width], got {size!r}")
+
+
+def _triple(values: Any, step: str, key: str) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in values)
+    except TypeError:
+        vals = (float(values),) * 3
+    except ValueError:
+        raise MmloomError(f"transform {step!r}: {key} must be 3 numbers, got {values!r}") from None
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3:
+        raise MmloomError(
+            f"transform {step!r}: {key} must be 3 numbers (one per RGB channel), got {values!r}"
+        )
+    return vals  # type: ignore[return-value]
+
+
+class Step:
+    """One preprocessing step. ``pil`` says whether it works on PIL images (before to_tensor)."""
+
+    name = ""
+    pil = True
+    keys: tuple[str, ...] = ()
+
+    def __call__(self, image):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.keys)
+        return f"{type(self).__name__}({args})"
+
+
+class ExpandToSquare(Step):
+    name = "expand_to_square"
+    keys = ("background_color",)
+
+    def __init__(self, background_color=CLIP_BACKGROUND):
+        bg = _triple(background_color, self.name, "background_color")
+        self.background_color = tuple(int(round(v)) for v in bg)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        if w == h:
+            return image
+        side = max(w, h)
+        canvas = Image.new(image.mode, (side, side), self.background_color)
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        return canvas
+
+
+class Resize(Step):
+    name = "resize"
+    keys = ("size", "interpolation")
+
+    def __init__(self, size, interpolation: str = "bicubic"):
+        self.size = _size_pair(size, self.name)
+        if interpolation not in RESAMPLE:
+            raise MmloomError(
+                f"transform 'resize': unknown interpolation {interpolation!r}; valid: {', '.join(RESAMPLE)}"
+            )
+        self.interpolation = interpolation
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after resizing."""
+        if isinstance(self.size, tuple):
+            return self.size[1], self.size[0]
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.size, int(self.size * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        size = self.output_size(*image.size)
+        if size == image.size:
+            return image
+        return image.resize(size, resample=RESAMPLE[self.interpolation])
+
+
+class CenterCrop(Step):
+    name = "center_crop"
+    keys = ("size",)
+    pil = None  # works on both
+
+    def __init__(self, size):
+        s = _size_pair(size, self.name)
+        self.size = s if isinstance(s, tuple) else (s, s)
+
+    def __call__(self, image):
+        ch, cw = self.size
+        if isinstance(image, Image.Image):
+            w, h = image.size
+            top, left = (h - ch) // 2, (w - cw) // 2
+            if (w, h) == (cw, ch):
+                return image
+            return image.crop((left, top, left + cw, top + ch))  # out of bounds -> zeros, like HF
+        h, w = image.shape[-2:]
+        top, left = (h - ch) // 2, (w - cw) // 2
+        out = np.zeros(image.shape[:-2] + (ch, cw), dtype=image.dtype)
+        src_t, src_l = max(top, 0), max(left, 0)
+        src_b, src_r = min(top + ch, h), min(left + cw, w)
+        out[..., src_t - top : src_b - top, src_l - left : src_r - left] = image[
+            ..., src_t:src_b, src_l:src_r
+        ]
+        return out
+
+
+class ToTensor(Step):
+    """uint8 HWC PIL image -> float32 CHW array times ``factor`` (1/255)."""
+
+    name = "to_tensor"
+    keys = ("factor",)
+
+    def __init__(self, factor: float = 1 / 255):
+        self.factor = float(factor)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        arr = np.asarray(image, dtype=np.float64).transpose(2, 0, 1) * self.factor
+        return arr.astype(np.float32)
+
+
+class Rescale(ToTensor):
+    name = "rescale"
+
+    def __init__(self, factor: float = 1 / 255):
+        super().__init__(factor)
+
+
+class Normalize(Step):
+    name = "normalize"
+    keys = ("mean", "std")
+    pil = False
+
+    def __init__(self, mean=CLIP_MEAN, std=CLIP_STD):
+        self.mean = _triple(mean, self.name, "mean")
+        self.std = _triple(std, self.name, "std")
+        if any(s == 0 for s in self.std):
+            raise MmloomError(f"transform 'normalize': std must be non-zero, got {list(self.std)}")
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
+        return ((image - mean) / std).astype(np.float32)
+
+
+STEPS: dict[str, type[Step]] = {
+    cls.name: cls for cls in (ExpandToSquare, Resize, CenterCrop, ToTensor, Rescale, Normalize)
+}
+
+
+def build_step(spec: dict, image_size: int) -> Step:
+    """One step from a config entry ``{"name": ..., **params}``."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise MmloomError(f"each transform must be a mapping with a 'name', got {spec!r}")
+    name = spec["name"]
+    cls = STEPS.get(name)
+    if cls is None:
+        raise MmloomError(f"unknown image transform {name!r}; valid transforms: {', '.join(STEPS)}")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    unknown = sorted(set(params) - set(cls.keys))
+    if unknown:
+        raise MmloomError(
+            f"transform {name!r}: unknown parameter(s) {unknown}; valid: {list(cls.keys) or 'none'}"
+        )
+    if cls in (Resize, CenterCrop):
+        params.setdefault("size", image_size)
+    return cls(**params)
+
+
+# --------------------------------------------------------------------------------------------
+# pipeline
+# --------------------------------------------------------------------------------------------
+
+
+class ImageTransform:
+    """CLIP/LLaVA image preprocessing: PIL image -> ``(3, H, W)`` float32 array.
+
+    ``ImageTransform(336)`` is LLaVA-1.5 phase 1 / HF ``CLIPImageProcessor``;
+    ``pad_to_square=True`` adds LLaVA's ``expand2square`` (phase 2, Cerebras). ``background``
+    defaults to ``int(mean * 255)`` per channel.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 336,
+        pad_to_square: bool = False,
+        background=None,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        resample: str = "bicubic",
+    ):
+        steps: list[Step] = []
+        if pad_to_square:
+            if background is None:
+                background = tuple(int(m * 255) for m in _triple(mean, "normalize", "mean"))
+            steps.append(ExpandToSquare(background))
+        steps += [Resize(image_size, resample), CenterCrop(image_size), ToTensor(), Normalize(mean, std)]
+        self._set(steps, image_size)
+
+    def _set(self, steps: list[Step], image_size: int | None) -> None:
+        tensor_seen = False
+        for s in steps:
+            if s.pil is True and tensor_seen:
+                raise MmloomError(f"image transform {s.name!r} must come before 'to_tensor'/'rescale'")
+            if s.pil is False and not tensor_seen:
+                raise MmloomError(f"image transform {s.name!r} must come after 'to_tensor' (or 'rescale')")
+            if isinstance(s, ToTensor):
+                if tensor_seen:
+                    raise MmloomError("image transforms contain 'to_tensor'/'rescale' twice")
+                tensor_seen = True
+        self.steps = list(steps)
+        self.image_size = image_size
+
+    @classmethod
+    def from_steps(cls, steps: list[Step], image_size: int | None = None) -> ImageTransform:
+        self = cls.__new__(cls)
+        self._set(steps, image_size)
+        return self
+
+    @classmethod
+    def from_config(cls, transforms: list[dict] | None, image_size: int) -> ImageTransform:
+        """Build from a Cerebras-style ``train_input.transforms`` list (order respected).
+
+        ``None`` gives the default (no padding). ``resize``/``center_crop`` without ``size`` use
+        ``image_size``. A pipeline without ``to_tensor`` still returns float32 values in 0..255.
+        """
+        if transforms is None:
+            return cls(image_size=image_size)
+        if not isinstance(transforms, (list, tuple)):
+            raise MmloomError(
+                f"transforms must be a list of {{name: ...}} mappings, got {type(transforms).__name__}"
+            )
+        return cls.from_steps([build_step(t, image_size) for t in transforms], image_size)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        x = _to_rgb(image)
+        for step in self.steps:
+            x = step(x)
+        if isinstance(x, Image.Image):
+            x = np.asarray(x, dtype=np.float32).transpose(2, 0, 1).copy()
+        if self.image_size is not None and x.shape[1:] != (self.image_size, self.image_size):
+            raise MmloomError(
+                f"image transforms produced a {x.shape[1]}x{x.shape[2]} image but image_size is {self.image_size}; "
+                "add a 'center_crop' (or fix 'resize') so every image has the same size"
+            )
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.steps!r}, image_size={self.image_size})"
+
+
+__all__ = [
+    "CLIP_BACKGROUND",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "ImageLoadError",
+    "ImageTransform",
+    "STEPS",
+    "build_step",
+    "load_image",
+]

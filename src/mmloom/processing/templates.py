@@ -1,0 +1,661 @@
+"""Conversation templates: render chat messages to text and tokenize them with a loss mask.
+
+A template turns ``messages`` (``[{"role": "system"|"user"|"assistant", "content": str}, ...]``)
+into a list of *segments* ``(text, supervised)``. :meth:`ConversationTemplate.tokenize` tokenizes
+every segment on its own and concatenates the token ids, so the loss mask is exact by
+construction: labels are ``-100`` on the ids of masked segments and equal to ``input_ids`` on
+the ids of supervised segments. Nothing is re-tokenized and compared afterwards (the original
+LLaVA code recomputes lengths per round and silently masks whole samples when they disagree).
+
+Conventions (documented because tests and other modules rely on them):
+
+* Placeholders such as ``<image>`` and ``<audio>`` stay in the text; when they are special tokens
+  of the tokenizer they become their single special id. Literal end tokens in the text
+  (``</s>``, ``<|eot_id|>``, ``<|im_end|>``...) become their special ids the same way.
+* Templates with ``add_bos`` (``plain``, ``vicuna_v1``, ``llama2``) prepend the tokenizer's BOS
+  *id*; ``TokenizedConversation.text`` is then ``tokenizer.bos_token + render(...)``, i.e. exactly
+  what ``input_ids`` decode to. ``llama3`` and ``mistral`` carry their BOS in the text itself.
+* The first text segment is tokenized as the start of a text; every later segment is tokenized
+  as a *continuation*: after a special-token sentinel whose ids are then dropped. This keeps
+  SentencePiece/Metaspace tokenizers (``prepend_scheme="first"``, Llama-2 style) from inserting
+  their prefix ``"▁"`` at every segment boundary. Consequences for such a tokenizer:
+  the first word of the sequence gets the prefix ``"▁"`` (as ``tokenizer(text)`` does), so
+  ``decode(input_ids)`` shows ``"<s> A chat"`` while ``decode(input_ids[1:]) == render(...)``;
+  a supervised span that starts with a space (vicuna_v1 / llama2 answers) starts with a
+  ``"▁word"`` token which ``decode`` of that span alone prints without its leading space
+  (joining the span's token strings and mapping ``"▁"`` to ``" "`` gives the span text exactly).
+* vicuna_v1 and llama2 put the single space between the assistant tag and the answer into the
+  supervised answer span (``" " + answer + "</s>"`` / ``" " + answer + " </s>"``): the generation
+  prompt ends with ``"ASSISTANT:"`` / ``"[/INST]"`` and the model generates ``" answer"``, which is
+  how LLaVA's own Llama tokenization splits it (``"▁answer"``). :attr:`answer_prefix` holds it.
+* User content is not escaped: a literal ``</s>`` typed by a user becomes the EOS id, as in LLaVA.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from mmloom.errors import MmloomError
+
+IGNORE_INDEX = -100
+PLACEHOLDERS = ("<image>", "<audio>")
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_LLAMA2_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language."
+)
+
+
+class ConversationError(MmloomError):
+    """A conversation that cannot be used; ``reason`` is a short machine-readable code.
+
+    Reasons: ``no_human_turn``, ``roles_not_alternating``, ``empty_answer``, ``unknown_role``.
+    """
+
+    REASONS = ("no_human_turn", "roles_not_alternating", "empty_answer", "unknown_role")
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class TokenizedConversation:
+    input_ids: list[int]
+    labels: list[int]  # same length; -100 where not supervised, else == input_ids
+    text: str  # the text that input_ids decode to (rendered text, with the BOS string if one was prepended)
+
+
+# --------------------------------------------------------------------------------------------
+# LLaVA records -> messages
+# --------------------------------------------------------------------------------------------
+
+_LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def messages_from_llava(
+    conversations: list[dict], *, move_image_to_front: bool = True, placeholder: str = "<image>"
+) -> list[dict]:
+    """Map LLaVA ``{"from": "human"|"gpt", "value": str}`` turns to chat messages.
+
+    A leading non-human turn is skipped (as the original loader does). With
+    ``move_image_to_front``, every turn containing ``placeholder`` becomes
+    ``placeholder + "\\n" + text_without_placeholder.strip()`` (then stripped), exactly like
+    LLaVA's ``preprocess_multimodal``. A trailing unanswered human turn is kept.
+    Raises :class:`ConversationError` with ``reason`` in ``ConversationError.REASONS``.
+    """
+    if not isinstance(conversations, (list, tuple)):
+        raise ConversationError(
+            "no_human_turn", f"conversations must be a list of turns, got {type(conversations).__name__}"
+        )
+    turns = list(conversations)
+    if turns and isinstance(turns[0], dict) and turns[0].get("from") != "human":
+        turns = turns[1:]
+    if not turns:
+        raise ConversationError(
+            "no_human_turn",
+            "conversation has no human turn (it is empty after skipping a leading non-human turn)",
+        )
+    messages: list[dict] = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ConversationError(
+                "unknown_role", f"turn {i} is not a mapping with 'from' and 'value': {turn!r}"
+            )
+        src = turn.get("from")
+        role = _LLAVA_ROLES.get(src) if isinstance(src, str) else None
+        if role is None:
+            raise ConversationError(
+                "unknown_role", f"turn {i} has unknown role {src!r}; expected one of 'human', 'gpt'"
+            )
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            want = "human" if expected == "user" else "gpt"
+            raise ConversationError(
+                "roles_not_alternating",
+                f"turn {i} is from {src!r} but a {want!r} turn was expected (turns must alternate human/gpt, starting with human)",
+            )
+        value = turn.get("value")
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            value = str(value)
+        if role == "assistant" and not value.strip():
+            raise ConversationError("empty_answer", f"turn {i} (gpt) has an empty answer")
+        if move_image_to_front and placeholder and placeholder in value:
+            value = (placeholder + "\n" + value.replace(placeholder, "").strip()).strip()
+        messages.append({"role": role, "content": value})
+    return messages
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _split_turns(messages: list[dict], system: str | None, template: str):
+    """Validate ``messages`` -> (system text or None, [(user, assistant or None), ...])."""
+    msgs = list(messages)
+    sys_text = None
+    if msgs and msgs[0].get("role") == "system":
+        sys_text = msgs[0].get("content") or ""
+        msgs = msgs[1:]
+    if system is not None:
+        sys_text = system
+    if not msgs:
+        raise ConversationError("no_human_turn", f"template {template!r}: messages contain no user turn")
+    turns: list[tuple[str, str | None]] = []
+    for i, m in enumerate(msgs):
+        role = m.get("role")
+        if role not in ("user", "assistant"):
+            raise ConversationError(
+                "unknown_role",
+                f"template {template!r}: message {i} has role {role!r}; expected 'user' or 'assistant' (a 'system' message may only come first)",
+            )
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ConversationError(
+                "roles_not_alternating",
+                f"template {template!r}: message {i} has role {role!r}, expected {expected!r} (user/assistant must alternate, starting with user)",
+            )
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise MmloomError(
+                f"template {template!r}: message {i} content must be a string, got {type(content).__name__}"
+            )
+        if role == "user":
+            turns.append((content, None))
+        else:
+            turns[-1] = (turns[-1][0], content)
+    return sys_text, turns
+
+
+def _check_generation(turns, add_generation_prompt: bool, template: str):
+    if add_generation_prompt and turns[-1][1] is not None:
+        raise MmloomError(
+            f"template {template!r}: add_generation_prompt needs the last message to be a user message"
+        )
+
+
+def _merge(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    out: list[tuple[str, bool]] = []
+    for text, sup in segments:
+        if not text:
+            continue
+        if out and out[-1][1] == sup:
+            out[-1] = (out[-1][0] + text, sup)
+        else:
+            out.append((text, sup))
+    return out
+
+
+_SENTINELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sentinel(tokenizer) -> tuple[str, list[int]] | None:
+    """A special token after which text is tokenized as a continuation (no prefix space)."""
+    try:
+        return _SENTINELS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    result = None
+    candidates = [tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token, tokenizer.pad_token]
+    candidates += list(getattr(tokenizer, "all_special_tokens", []))
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    for tok in candidates:
+        if not tok:
+            continue
+        ids = tokenizer(tok, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            continue
+        added = decoder.get(ids[0])
+        if added is not None and (getattr(added, "rstrip", False) or getattr(added, "lstrip", False)):
+            continue  # would eat neighbouring whitespace
+        result = (tok, ids)
+        break
+    try:
+        _SENTINELS[tokenizer] = result
+    except TypeError:  # pragma: no cover - not weak-referenceable
+        pass
+    return result
+
+
+def encode_segment(tokenizer, text: str, at_start: bool) -> list[int]:
+    """Token ids of ``text`` as the start of a sequence or as a continuation of one.
+
+    Never adds special tokens (BOS/EOS) itself; special-token strings inside ``text`` become
+    their ids.
+    """
+    if not text:
+        return []
+    if at_start:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    sentinel = _sentinel(tokenizer)
+    if sentinel is not None:
+        s_text, s_ids = sentinel
+        ids = list(tokenizer(s_text + text, add_special_tokens=False)["input_ids"])
+        if ids[: len(s_ids)] == s_ids:
+            return ids[len(s_ids) :]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], add_bos: bool) -> TokenizedConversation:
+    """Tokenize ``(text, supervised)`` segments one by one and concatenate ids and labels."""
+    ids: list[int] = []
+    labels: list[int] = []
+    text = ""
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+        text = tokenizer.bos_token
+    for i, (seg, sup) in enumerate(_merge(segments)):
+        seg_ids = encode_segment(tokenizer, seg, at_start=(i == 0))
+        ids.extend(seg_ids)
+        labels.extend(seg_ids if sup else [IGNORE_INDEX] * len(seg_ids))
+        text += seg
+    return TokenizedConversation(input_ids=ids, labels=labels, text=text)
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+# --------------------------------------------------------------------------------------------
+# templates
+# --------------------------------------------------------------------------------------------
+
+
+class ConversationTemplate:
+    """Base class. Subclasses implement :meth:`segments`.
+
+    Options common to all templates: ``system`` (default system text; ``None`` keeps the
+    template's default, ``""`` removes it where the format allows) and ``add_bos`` (prepend the
+    tokenizer's BOS id).
+    """
+
+    name: str = ""
+    default_system: str | None = None
+    add_bos: bool = False
+    answer_prefix: str = ""  # text between the generation prompt and the answer, supervised
+    end: str = "</s>"  # end-of-turn token string, supervised after each answer
+
+    def __init__(self, system: str | None = None, add_bos: bool | None = None, **options: Any):
+        if options:
+            raise MmloomError(
+                f"template {self.name!r} got unknown option(s) {sorted(options)}; "
+                f"valid: {sorted(self.valid_options())}"
+            )
+        if system is not None:
+            self.default_system = system
+        if add_bos is not None:
+            self.add_bos = bool(add_bos)
+
+    @classmethod
+    def valid_options(cls) -> tuple[str, ...]:
+        return ("system", "add_bos")
+
+    # -- to implement ------------------------------------------------------------------------
+    def segments(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = False,
+        system: str | None = None,
+        tokenizer=None,
+    ) -> list[tuple[str, bool]]:
+        raise NotImplementedError
+
+    # -- public API --------------------------------------------------------------------------
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool = False, system: str | None = None
+    ) -> str:
+        """The conversation as text (without a BOS that the tokenizer adds as an id)."""
+        return "".join(t for t, _ in self.segments(messages, add_generation_prompt, system))
+
+    def tokenize(
+        self, tokenizer, messages: list[dict], add_generation_prompt: bool = False, system: str | None = None
+    ) -> TokenizedConversation:
+        segs = self.segments(messages, add_generation_prompt, system, tokenizer=tokenizer)
+        return tokenize_segments(tokenizer, segs, self.add_bos)
+
+    def generation_prompt(self, tokenizer, messages: list[dict], system: str | None = None) -> list[int]:
+        """Ids of the prompt for generating the next assistant turn (same ids as in training)."""
+        return self.tokenize(tokenizer, messages, add_generation_prompt=True, system=system).input_ids
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.end] if self.end else []
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        """Ids that end an assistant turn: the template's end token, then the tokenizer's EOS."""
+        out: list[int] = []
+        for s in self.stop_strings:
+            tid = _token_id(tokenizer, s)
+            if tid is not None and tid not in out:
+                out.append(tid)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:
+            out.append(tokenizer.eos_token_id)
+        return out
+
+    def _system(self, sys_text: str | None) -> str | None:
+        return self.default_system if sys_text is None else sys_text
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class PlainTemplate(ConversationTemplate):
+    """Phase-1 captions: ``<image>`` + caption + terminator; the human text is dropped.
+
+    The placeholders found in a user turn are kept in order (``<image>`` when there are none);
+    every user/assistant pair gives one ``placeholders + caption + terminator`` block. Only
+    caption + terminator are supervised. ``terminator="eos"`` (Cerebras, default) ends with the
+    end token ``eos`` (default ``"</s>"``); ``"newline"`` ends with ``"\\n"`` (original LLaVA).
+    """
+
+    name = "plain"
+    add_bos = True
+
+    def __init__(self, terminator: str = "eos", eos: str = "</s>", placeholder: str = "<image>", **kw):
+        super().__init__(**kw)
+        if terminator not in ("eos", "newline"):
+            raise MmloomError(f"template 'plain': terminator must be 'eos' or 'newline', got {terminator!r}")
+        self.terminator = terminator
+        self.end = eos if terminator == "eos" else "\n"
+        self.placeholder = placeholder
+
+    @classmethod
+    def valid_options(cls):
+        return ("system", "add_bos", "terminator", "eos", "placeholder")
+
+    def _placeholders(self, text: str) -> str:
+        found = re.findall("|".join(re.escape(p) for p in PLACEHOLDERS), text)
+        return "".join(found) if found else self.placeholder
+
+    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
+        _, turns = _split_turns(messages, system, self.name)
+        _check_generation(turns, add_generation_prompt, self.name)
+        segs: list[tuple[str, bool]] = []
+        for user, answer in turns:
+            segs.append((self._placeholders(user), False))
+            if answer is not None:
+                segs.append((answer + self.end, True))
+        return segs
+
+    @property
+    def stop_strings(self):
+        return [self.end]
+
+
+class VicunaV1Template(ConversationTemplate):
+    """LLaVA-1.5 ``vicuna_v1``: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...``; BOS id first."""
+
+    name = "vicuna_v1"
+    default_system = VICUNA_SYSTEM
+    add_bos = True
+    answer_prefix = " "
+
+    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
+        sys_text, turns = _split_turns(messages, system, self.name)
+        _check_generation(turns, add_generation_prompt, self.name)
+        sys_text = self._system(sys_text)
+        segs: list[tuple[str, bool]] = []
+        prefix = sys_text + " " if sys_text else ""
+        for k, (user, answer) in enumerate(turns):
+            last = k == len(turns) - 1
+            segs.append((prefix + "USER: " + user + " ", False))
+            prefix = ""
+            if answer is not None:
+                segs.append(("ASSISTANT:", False))
+                segs.append((self.answer_prefix + answer + self.end, True))
+            elif last and add_generation_prompt:
+                segs.append(("ASSISTANT:", False))
+        return segs
+
+
+class Llama2Template(ConversationTemplate):
+    """LLaVA ``llava_llama_2``: ``[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] ...``."""
+
+    name = "llama2"
+    default_system = LLAVA_LLAMA2_SYSTEM
+    add_bos = True
+    answer_prefix = " "
+    end = " </s>"
+
+    @property
+    def stop_strings(self):
+        return ["</s>"]
+
+    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
+        sys_text, turns = _split_turns(messages, system, self.name)
+        _check_generation(turns, add_generation_prompt, self.name)
+        sys_text = self._system(sys_text)
+        segs: list[tuple[str, bool]] = []
+        for k, (user, answer) in enumerate(turns):
+            if k == 0 and sys_text:
+                user = f"<<SYS>>\n{sys_text}\n<</SYS>>\n\n" + user
+            segs.append((("<s>" if k else "") + f"[INST] {user} [/INST]", False))
+            if answer is not None:
+                segs.append((self.answer_prefix + answer + self.end, True))
+        return segs
+
+
+class Llama3Template(ConversationTemplate):
+    """Llama-3 instruct: header blocks ended by ``<|eot_id|>``; ``<|begin_of_text|>`` in the text."""
+
+    name = "llama3"
+    end = "<|eot_id|>"
+
+    @staticmethod
+    def _header(role: str) -> str:
+        return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
+        sys_text, turns = _split_turns(messages, system, self.name)
+        _check_generation(turns, add_generation_prompt, self.name)
+        sys_text = self._system(sys_text)
+        segs: list[tuple[str, bool]] = [("<|begin_of_text|>", False)]
+        if sys_text:
+            segs.append((self._header("system") + sys_text + self.end, False))
+        for user, answer in turns:
+            segs.append((self._header("user") + user + self.end, False))
+            if answer is not None:
+                segs.append((self._header("assistant"), False))
+                segs.append((answer + self.end, True))
+        if add_generation_prompt:
+            segs.append((self._header("assistant"), False))
+        return segs
+
+
+class ZephyrTemplate(ConversationTemplate):
+    """Zephyr: ``<|system|>\\n{sys}</s>\\n<|user|>\\n{q}</s>\\n<|assistant|>\\n{a}</s>\\n``."""
+
+    name = "zephyr"
+
+    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
+        sys_text, turns = _split_turns(messages, system, self.name)
+        _check_generation(turns, add_generation_prompt, self.name)
+        sys_text = self._system(sys_text)
+        segs: list[tuple[str, bool]] = []
+        if sys_text:
+            segs.append((f"<|system|>\n{sys_text}{self.end}\n", False))
+        for user, answer in turns:
+            segs.append((f"<|user|>\n{user}{self.end}\n", False))
+            if answer is not None:
+                segs.append(("<|assistant|>\n", False))
+                segs.append((answer + self.end, True))
+                segs.append(("\n", False))
+        if add_generation_prompt:
+            segs.append(("<|assistant|>\n", False))
+        return segs
+
+
+class ChatMLTemplate(ConversationTemplate):
+    """ChatML (Qwen, Hermes...): ``<|im_start|>role\\n{content}<|im_end|>\\n``."""
+
+    name = "chatml"
+    end = "<|im_end|>"
+
+    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
+        sys_text, turns = _split_turns(messages, system, self.name)
+        _check_generation(turns, add_generation_prompt, self.name)
+        sys_text = self._system(sys_text)
+        segs: list[tuple[str, bool]] = []
+        if sys_text:
+            segs.append((f"<|im_start|>system\n{sys_text}{self.end}\n", False))
+        for user, answer in turns:
+            segs.append((f"<|im_start|>user\n{user}{self.end}\n", False))
+            if answer is not None:
+                segs.append(("<|im_start|>assistant\n", False))
+                segs.append((answer + self.end, True))
+                segs.append(("\n", False))
+        if add_generation_prompt:
+            segs.append(("<|im_start|>assistant\n", False))
+        return segs
+
+
+class MistralTemplate(ConversationTemplate):
+    """Mistral instruct: ``<s>[INST] {q} [/INST]{a}</s>[INST] ...``; system text + ``"\\n\\n"`` before the first question."""
+
+    name = "mistral"
+
+    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
+        sys_text, turns = _split_turns(messages, system, self.name)
+        _check_generation(turns, add_generation_prompt, self.name)
+        sys_text = self._system(sys_text)
+        segs: list[tuple[str, bool]] = [("<s>", False)]
+        for k, (user, answer) in enumerate(turns):
+            if k == 0 and sys_text:
+                user = sys_text + "\n\n" + user
+            segs.append((f"[INST] {user} [/INST]", False))
+            if answer is not None:
+                segs.append((answer + self.end, True))
+        return segs
+
+
+class TokenizerTemplate(ConversationTemplate):
+    """The tokenizer's own ``chat_template`` (``apply_chat_template``).
+
+    Supervised spans are found by rendering prefixes: for assistant message ``i`` the span starts
+    after ``render(messages[:i], add_generation_prompt=True)`` and ends at the end of
+    ``render(messages[:i+1])`` minus trailing whitespace (so ``"answer<|im_end|>"`` is supervised,
+    the following ``"\\n"`` is not). Templates that rewrite earlier turns (not prefix-stable)
+    are rejected with an MmloomError. ``tokenizer=`` binds a tokenizer for :meth:`render`.
+    """
+
+    name = "tokenizer"
+
+    def __init__(self, tokenizer=None, **kw):
+        super().__init__(**kw)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def valid_options(cls):
+        return ("system", "add_bos", "tokenizer")
+
+    def _tok(self, tokenizer):
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        if tok is None:
+            raise MmloomError(
+                "template 'tokenizer' needs a tokenizer: get_template('tokenizer', tokenizer=tok)"
+            )
+        if not getattr(tok, "chat_template", None):
+            raise MmloomError(
+                f"template 'tokenizer': tokenizer {type(tok).__name__} (name_or_path={getattr(tok, 'name_or_path', '')!r}) "
+                f"has no chat_template; choose one of the built-in templates: {', '.join(n for n in TEMPLATE_NAMES if n != 'tokenizer')}"
+            )
+        return tok
+
+    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
+        tok = self._tok(tokenizer)
+        sys_text, turns = _split_turns(messages, system, self.name)
+        _check_generation(turns, add_generation_prompt, self.name)
+        sys_text = self._system(sys_text)
+        msgs: list[dict] = []
+        if sys_text is not None:
+            msgs.append({"role": "system", "content": sys_text})
+        for user, answer in turns:
+            msgs.append({"role": "user", "content": user})
+            if answer is not None:
+                msgs.append({"role": "assistant", "content": answer})
+
+        def apply(ms, gen):
+            try:
+                return tok.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+            except Exception as e:  # jinja errors, raise_exception() in templates
+                raise MmloomError(f"template 'tokenizer': the tokenizer's chat_template failed: {e}") from e
+
+        full = apply(msgs, add_generation_prompt)
+        segs: list[tuple[str, bool]] = []
+        pos = 0
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before = apply(msgs[:i], True)
+            upto = apply(msgs[: i + 1], False)
+            if not (upto.startswith(before) and full.startswith(upto) and len(before) >= pos):
+                raise MmloomError(
+                    "template 'tokenizer': the chat_template is not prefix-stable (rendering a conversation "
+                    "does not start with the rendering of its earlier turns), so the assistant spans cannot be "
+                    "located; use a built-in template instead"
+                )
+            start, stop = len(before), len(upto.rstrip())
+            if stop <= start or m["content"].strip() not in upto[start:stop]:
+                raise MmloomError(
+                    f"template 'tokenizer': cannot locate assistant message {i} in the chat_template output"
+                )
+            segs.append((full[pos:start], False))
+            segs.append((full[start:stop], True))
+            pos = stop
+        segs.append((full[pos:], False))
+        return segs
+
+    @property
+    def stop_strings(self):
+        return []
+
+
+_TEMPLATES: dict[str, type[ConversationTemplate]] = {
+    cls.name: cls
+    for cls in (
+        PlainTemplate,
+        VicunaV1Template,
+        Llama2Template,
+        Llama3Template,
+        ZephyrTemplate,
+        ChatMLTemplate,
+        MistralTemplate,
+        TokenizerTemplate,
+    )
+}
+TEMPLATE_NAMES: tuple[str, ...] = tuple(_TEMPLATES)
+
+
+def get_template(name: str, **options: Any) -> ConversationTemplate:
+    """A template by name; ``options`` go to its constructor (e.g. ``terminator="newline"``)."""
+    cls = _TEMPLATES.get(name)
+    if cls is None:
+        raise MmloomError(
+            f"unknown conversation template {name!r}; valid templates: {', '.join(TEMPLATE_NAMES)}"
+        )
+    return cls(**options)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TEMPLATE_NAMES",
+    "ConversationError",
+    "ConversationTemplate",
+    "TokenizedConversation",
+    "encode_segment",
+    "get_template",
+    "messages_from_llava",
+    "tokenize_segments",
+]

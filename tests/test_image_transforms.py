@@ -1,0 +1,257 @@
+"""Image preprocessing: parity with HF's PIL CLIP image processor, padding, config, load errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+from skimage import data
+
+from mmloom.errors import MmloomError
+from mmloom.processing.image import (
+    CLIP_BACKGROUND,
+    CLIP_MEAN,
+    CLIP_STD,
+    CenterCrop,
+    ExpandToSquare,
+    ImageLoadError,
+    ImageTransform,
+    Normalize,
+    Resize,
+    ToTensor,
+    load_image,
+)
+
+LLAVA_TRANSFORMS = [
+    {"name": "expand_to_square", "background_color": [122, 116, 104]},
+    {"name": "resize", "size": 336, "interpolation": "bicubic"},
+    {"name": "center_crop", "size": 336},
+    {"name": "to_tensor"},
+    {"name": "normalize", "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
+]
+
+
+@pytest.fixture(scope="module")
+def hf_clip():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_pad=False
+    )
+
+
+IMAGES = {
+    "astronaut": lambda: Image.fromarray(data.astronaut()),  # 512x512
+    "chelsea_tall": lambda: Image.fromarray(
+        np.ascontiguousarray(data.chelsea()[:, 40:300])
+    ),  # 300x260 (h x w)
+    "chelsea_wide": lambda: Image.fromarray(np.ascontiguousarray(data.chelsea()[20:211, :])),  # 191x451
+    "astronaut_small_gray": lambda: Image.fromarray(data.astronaut()[100:300:2, 50:400:2]).convert("L"),
+}
+
+
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_parity_with_hf_clip_processor(hf_clip, name):
+    """Same PIL bicubic resize, HF's floor crop offsets, rescale and normalize: max |diff| is 0
+    here (measured); asserted < 1e-5."""
+    img = IMAGES[name]()
+    ref = hf_clip(img, return_tensors="np")["pixel_values"][0]
+    ours = ImageTransform(336)(img)
+    assert ours.shape == ref.shape == (3, 336, 336)
+    assert ours.dtype == np.float32
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_default_background_and_constants():
+    assert CLIP_BACKGROUND == (122, 116, 104)
+    t = ImageTransform(336, pad_to_square=True)
+    assert isinstance(t.steps[0], ExpandToSquare) and t.steps[0].background_color == (122, 116, 104)
+    assert [type(s) for s in t.steps] == [ExpandToSquare, Resize, CenterCrop, ToTensor, Normalize]
+    assert [type(s) for s in ImageTransform(224).steps] == [Resize, CenterCrop, ToTensor, Normalize]
+
+
+def _expand2square(img, bg):  # LLaVA's function, for reference
+    w, h = img.size
+    if w == h:
+        return img
+    if w > h:
+        out = Image.new(img.mode, (w, w), bg)
+        out.paste(img, (0, (w - h) // 2))
+    else:
+        out = Image.new(img.mode, (h, h), bg)
+        out.paste(img, ((h - w) // 2, 0))
+    return out
+
+
+def test_pad_to_square_gives_mean_border(hf_clip):
+    # a wide image (3:1) -> padded bands of the mean colour above and below
+    arr = np.full((100, 300, 3), 255, dtype=np.uint8)
+    out = ImageTransform(336, pad_to_square=True)(Image.fromarray(arr))
+    assert out.shape == (3, 336, 336)
+    # the background (122,116,104) normalizes to ~0 (int() truncation of mean*255: |x| < 1/255/std)
+    border = np.concatenate([out[:, :100, :], out[:, -100:, :]], axis=1)
+    expected = (np.array(CLIP_BACKGROUND) / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    assert np.abs(border - expected[:, None, None]).max() < 1e-5
+    assert np.abs(expected).max() < 0.02
+    # centre rows are the white image
+    white = (1 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    assert np.abs(out[:, 130:200, :] - white[:, None, None]).max() < 1e-4
+    # equals LLaVA's expand2square followed by the HF processor
+    img = IMAGES["chelsea_wide"]()
+    ref = hf_clip(_expand2square(img, CLIP_BACKGROUND), return_tensors="np")["pixel_values"][0]
+    assert np.abs(ImageTransform(336, pad_to_square=True)(img) - ref).max() < 1e-5
+    # custom background
+    t = ImageTransform(64, pad_to_square=True, background=(0, 0, 0))
+    assert np.abs(t(Image.fromarray(arr))[:, 0, 0] - (-np.array(CLIP_MEAN) / np.array(CLIP_STD))).max() < 1e-5
+
+
+def test_from_config_llava_list(hf_clip):
+    t = ImageTransform.from_config(LLAVA_TRANSFORMS, image_size=336)
+    assert [type(s) for s in t.steps] == [ExpandToSquare, Resize, CenterCrop, ToTensor, Normalize]
+    img = IMAGES["chelsea_tall"]()
+    assert np.array_equal(t(img), ImageTransform(336, pad_to_square=True)(img))
+    assert np.array_equal(ImageTransform.from_config(None, 336)(img), ImageTransform(336)(img))
+
+
+def test_from_config_order_and_defaults():
+    img = IMAGES["chelsea_wide"]()
+    # center crop before resize is a different pipeline, and the order is respected
+    t = ImageTransform.from_config(
+        [{"name": "center_crop", "size": 150}, {"name": "resize", "size": 32}, {"name": "to_tensor"}],
+        image_size=32,
+    )
+    assert [s.name for s in t.steps] == ["center_crop", "resize", "to_tensor"]
+    out = t(img)
+    manual = (
+        np.asarray(img.crop((150, 20, 300, 170)).resize((32, 32), Image.Resampling.BICUBIC), np.float32) / 255
+    )
+    assert np.abs(out - manual.transpose(2, 0, 1)).max() < 1e-6
+    # size defaults to image_size; rescale with a factor; no normalize
+    t2 = ImageTransform.from_config(
+        [
+            {"name": "resize", "interpolation": "bilinear"},
+            {"name": "center_crop"},
+            {"name": "rescale", "factor": 1.0},
+        ],
+        image_size=48,
+    )
+    out2 = t2(img)
+    assert out2.shape == (3, 48, 48) and out2.max() > 1.5  # 0..255
+    assert t2.steps[0].interpolation == "bilinear" and t2.steps[0].size == 48
+
+
+def test_from_config_errors():
+    with pytest.raises(MmloomError) as e:
+        ImageTransform.from_config([{"name": "random_flip"}], 336)
+    assert "'random_flip'" in str(e.value)
+    for valid in ("expand_to_square", "resize", "center_crop", "to_tensor", "normalize"):
+        assert valid in str(e.value)
+    with pytest.raises(MmloomError, match="unknown parameter"):
+        ImageTransform.from_config([{"name": "resize", "sise": 3}], 336)
+    with pytest.raises(MmloomError, match="interpolation"):
+        ImageTransform.from_config([{"name": "resize", "interpolation": "cubic"}], 336)
+    with pytest.raises(MmloomError, match="must come after 'to_tensor'"):
+        ImageTransform.from_config([{"name": "normalize"}, {"name": "to_tensor"}], 336)
+    with pytest.raises(MmloomError, match="must come before"):
+        ImageTransform.from_config([{"name": "to_tensor"}, {"name": "resize"}], 336)
+    with pytest.raises(MmloomError, match="mean must be 3 numbers"):
+        ImageTransform.from_config([{"name": "to_tensor"}, {"name": "normalize", "mean": [0.5, 0.5]}], 336)
+    with pytest.raises(MmloomError, match="'name'"):
+        ImageTransform.from_config([{"size": 3}], 336)
+    # a pipeline that does not produce image_size x image_size is reported on use
+    t = ImageTransform.from_config([{"name": "resize"}, {"name": "to_tensor"}], 32)
+    with pytest.raises(MmloomError, match="center_crop"):
+        t(IMAGES["chelsea_wide"]())
+
+
+def test_center_crop_larger_than_image_zero_pads_like_hf(hf_clip):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    img = IMAGES["chelsea_wide"]()
+    hf = CLIPImageProcessorPil(size={"shortest_edge": 100}, crop_size={"height": 121, "width": 121})
+    ref = hf(img, return_tensors="np")["pixel_values"][0]
+    ours = ImageTransform.from_config(
+        [
+            {"name": "resize", "size": 100},
+            {"name": "center_crop", "size": 121},
+            {"name": "to_tensor"},
+            {"name": "normalize"},
+        ],
+        121,
+    )(img)
+    assert np.abs(ours - ref).max() < 1e-5
+    # the numpy path (crop after to_tensor) agrees with the PIL path
+    ours_np = ImageTransform.from_config(
+        [
+            {"name": "resize", "size": 100},
+            {"name": "to_tensor"},
+            {"name": "center_crop", "size": 121},
+            {"name": "normalize"},
+        ],
+        121,
+    )(img)
+    assert np.abs(ours_np - ours).max() < 1e-6
+
+
+def test_modes_converted_to_rgb():
+    rgba = Image.fromarray(np.zeros((40, 50, 4), np.uint8), "RGBA")
+    gray = Image.fromarray(np.zeros((40, 50), np.uint8))
+    t = ImageTransform(32)
+    assert t(rgba).shape == t(gray).shape == (3, 32, 32)
+    with pytest.raises(MmloomError, match="PIL image"):
+        t(np.zeros((4, 4, 3)))
+
+
+def _encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()[:256, :256]).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_load_image_ok(tmp_path):
+    p = tmp_path / "ok.png"
+    p.write_bytes(_encoded("PNG"))
+    img = load_image(p)
+    assert img.mode == "RGB" and img.size == (256, 256)
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.zeros((5, 6), np.uint8)).save(gray)
+    assert load_image(gray).mode == "RGB"
+    assert load_image(gray, convert=None).mode == "L"
+
+
+def test_load_image_missing(tmp_path):
+    p = tmp_path / "nope" / "missing.jpg"
+    with pytest.raises(ImageLoadError, match="file not found") as e:
+        load_image(p)
+    assert str(p) in str(e.value) and e.value.path == str(p)
+    assert isinstance(e.value, MmloomError)
+    with pytest.raises(ImageLoadError, match="directory"):
+        load_image(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("allow_truncated", [False, True])
+def test_load_image_truncated(tmp_path, fmt, allow_truncated, monkeypatch):
+    raw = _encoded(fmt)
+    p = tmp_path / f"cut.{fmt.lower()}"
+    p.write_bytes(raw[: len(raw) // 2])
+    # even with PIL's global LOAD_TRUNCATED_IMAGES switched on, truncation is reported
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", allow_truncated)
+    with pytest.raises(ImageLoadError, match="truncated") as e:
+        load_image(p)
+    assert str(p) in str(e.value)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is allow_truncated  # restored
+
+
+def test_load_image_not_an_image(tmp_path):
+    p = tmp_path / "text.jpg"
+    p.write_text("this is not an image")
+    with pytest.raises(ImageLoadError, match="not a recognised image") as e:
+        load_image(p)
+    assert str(p) in str(e.value)
+    header_only = tmp_path / "header.png"
+    header_only.write_bytes(_encoded("PNG")[:60])
+    with pytest.raises(ImageLoadError, match=str(header_only.name)):
+        load_image(header_only)
