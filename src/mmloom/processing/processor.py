@@ -1,0 +1,247 @@
+"""MultimodalProcessor: conversations + images/audio -> model-ready tensors with labels.
+
+It runs each modality's HF processor, renders the conversation with a template, expands every
+placeholder (`<image>`, `<audio>`) to exactly as many tokens as the composite model produces
+features for that item, and masks everything but the assistant answers. It never touches the
+model: token ids and feature counts come from the model's saved config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, BatchFeature
+
+from mmloom.errors import MmloomError
+from mmloom.model.feature_count import feature_tokens_per_item
+from mmloom.model.merge import IGNORE_INDEX
+from mmloom.processing.templates import ConversationTemplate, get_template, messages_from_llava
+
+PROCESSOR_CONFIG = "mmloom_processor.json"
+DEFAULT_PLACEHOLDERS = {"vision": "<image>", "audio": "<audio>"}
+# The keyword under which a sample's items are passed to __call__, per modality.
+ITEM_ARGUMENTS = {"vision": "images", "audio": "audio"}
+
+
+def _as_item_lists(items, batch_size: int, what: str) -> list[list[Any]]:
+    """Normalise per-sample items: None, one item, or a list of items per sample."""
+    if items is None:
+        return [[] for _ in range(batch_size)]
+    if len(items) != batch_size:
+        raise MmloomError(f"got {len(items)} {what} entries for {batch_size} samples (use None for no {what})")
+    return [[] if x is None else list(x) if isinstance(x, (list, tuple)) else [x] for x in items]
+
+
+class MultimodalProcessor:
+    """Tokenizer + template + one processor per modality.
+
+    `num_tokens` maps each modality to the feature tokens one item becomes; build it from a
+    model with `MultimodalProcessor.from_model(...)` so the two always agree.
+    """
+
+    def __init__(
+        self,
+        encoder_processors: dict[str, Any] | None = None,
+        tokenizer=None,
+        template: str | ConversationTemplate = "vicuna_v1",
+        num_tokens: dict[str, int] | None = None,
+        placeholders: dict[str, str] | None = None,
+        template_options: dict[str, Any] | None = None,
+        max_length: int | None = None,
+    ):
+        if tokenizer is None:
+            raise MmloomError("MultimodalProcessor needs a tokenizer")
+        self.tokenizer = tokenizer
+        self.encoder_processors = dict(encoder_processors or {})
+        self.template_options = dict(template_options or {})
+        self.template = get_template(template, **self.template_options) if isinstance(template, str) else template
+        self.placeholders = {
+            name: DEFAULT_PLACEHOLDERS.get(name, f"<{name}>") for name in self.encoder_processors
+        } | dict(placeholders or {})
+        self.num_tokens = dict(num_tokens or {})
+        self.max_length = max_length
+        self.placeholder_ids = {}
+        for name, placeholder in self.placeholders.items():
+            token_id = tokenizer.convert_tokens_to_ids(placeholder)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise MmloomError(
+                    f"placeholder {placeholder!r} for {name} is not a token of the tokenizer: add it with "
+                    f"tokenizer.add_special_tokens({{'additional_special_tokens': [{placeholder!r}]}})"
+                )
+            self.placeholder_ids[name] = token_id
+
+    @classmethod
+    def from_model(cls, model, tokenizer, encoder_processors: dict[str, Any], template="vicuna_v1", **kwargs):
+        """A processor whose feature counts and placeholder ids are read from `model` (or its config)."""
+        from mmloom.model.callbacks import callback_from_dict
+        from mmloom.model.multimodal import MultimodalConfig
+
+        config = model if isinstance(model, MultimodalConfig) else model.config
+        num_tokens = {}
+        for name, spec in config.encoders.items():
+            if isinstance(model, MultimodalConfig):
+                hf_config = config.encoder_hf_config(name)
+                callbacks = {slot: callback_from_dict(cb) for slot, cb in spec["callbacks"].items()}
+            else:
+                hf_config, callbacks = model.encoders[name].config, model.encoders[name].callbacks
+            num_tokens[name] = feature_tokens_per_item(hf_config, callbacks)
+        processor = cls(encoder_processors, tokenizer, template, num_tokens=num_tokens, **kwargs)
+        for name, token_id in config.placeholder_token_ids.items():
+            if processor.placeholder_ids.get(name) != token_id:
+                raise MmloomError(
+                    f"the model's {name} placeholder id is {token_id} but the tokenizer gives "
+                    f"{processor.placeholder_ids.get(name)} for {processor.placeholders.get(name)!r}"
+                )
+        return processor
+
+    # ----------------------------------------------------------------- encoding
+    def _messages(self, sample) -> list[dict]:
+        """A sample as chat messages: messages, LLaVA turns, or a whole LLaVA record."""
+        if isinstance(sample, dict):
+            sample = sample.get("conversations", sample.get("messages"))
+        if sample and isinstance(sample[0], dict) and "from" in sample[0]:
+            return messages_from_llava(sample, placeholder=self.placeholders.get("vision", "<image>"))
+        return list(sample)
+
+    def encode_messages(
+        self, messages: list[dict], counts: dict[str, int], add_generation_prompt: bool = False, index: int = 0
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels of one conversation with placeholders expanded to feature tokens."""
+        tokenized = self.template.tokenize(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        return self._expand(tokenized.input_ids, tokenized.labels, counts, index)
+
+    def _expand(self, ids: list[int], labels: list[int], counts: dict[str, int], index: int):
+        id_to_modality = {token_id: name for name, token_id in self.placeholder_ids.items()}
+        for name, token_id in self.placeholder_ids.items():
+            found = ids.count(token_id)
+            if found != counts.get(name, 0):
+                raise MmloomError(
+                    f"sample {index}: {found} {self.placeholders[name]} placeholder(s) in the text but "
+                    f"{counts.get(name, 0)} {name} item(s) given"
+                )
+        out_ids, out_labels = [], []
+        for token, label in zip(ids, labels, strict=True):
+            modality = id_to_modality.get(token)
+            if modality is None:
+                out_ids.append(token)
+                out_labels.append(label)
+                continue
+            if modality not in self.num_tokens:
+                raise MmloomError(f"no feature-token count for {modality}: build the processor with from_model()")
+            out_ids += [token] * self.num_tokens[modality]
+            out_labels += [IGNORE_INDEX] * self.num_tokens[modality]
+        if self.max_length is not None and len(out_ids) > self.max_length:
+            raise MmloomError(
+                f"sample {index} is {len(out_ids)} tokens long (placeholders expanded), over max_length "
+                f"{self.max_length}; it is not truncated because that could cut a placeholder span"
+            )
+        return out_ids, out_labels
+
+    def _run_encoder_processor(self, name: str, items: list[Any], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        processor = self.encoder_processors.get(name)
+        if processor is None:
+            raise MmloomError(f"no processor for {name} inputs; this processor has {sorted(self.encoder_processors)}")
+        if hasattr(processor, "model_input_names"):  # a HF image processor / feature extractor
+            return dict(processor(items, return_tensors="pt", **kwargs))
+        return {"pixel_values": torch.stack([torch.as_tensor(processor(item)) for item in items])}
+
+    def __call__(
+        self,
+        conversations: Sequence | None = None,
+        text: Sequence[str] | None = None,
+        images=None,
+        audio=None,
+        add_generation_prompt: bool = False,
+        padding_side: str = "right",
+        return_labels: bool = True,
+        processor_kwargs: dict[str, dict] | None = None,
+    ) -> BatchFeature:
+        """Process a batch; per sample, `images`/`audio` hold None, one item or a list of items.
+
+        `conversations` are chat messages or LLaVA records (rendered with the template);
+        `text` are raw prompts used as they are (e.g. "USER: <image>\\nWhat? ASSISTANT:").
+        Returns input_ids, attention_mask, labels and one dict of inputs per modality
+        (e.g. `vision={"pixel_values": ...}`), ready for `model(**batch)`.
+        """
+        if (conversations is None) == (text is None):
+            raise MmloomError("pass either conversations or text")
+        samples = list(conversations if conversations is not None else text)
+        items = {"vision": _as_item_lists(images, len(samples), "images"),
+                 "audio": _as_item_lists(audio, len(samples), "audio")}
+        rows = []
+        for index, sample in enumerate(samples):
+            counts = {name: len(items.get(name, [[]] * len(samples))[index]) for name in self.placeholder_ids}
+            if text is not None:
+                ids = self.tokenizer(sample)["input_ids"]
+                labels = list(ids)
+                rows.append(self._expand(ids, labels, counts, index))
+            else:
+                rows.append(self.encode_messages(self._messages(sample), counts, add_generation_prompt, index))
+        batch = self.pad(rows, padding_side)
+        if not return_labels:
+            batch.pop("labels")
+        for name in self.placeholder_ids:
+            flat = [item for per_sample in items.get(name, []) for item in per_sample]
+            if flat:
+                batch[name] = self._run_encoder_processor(name, flat, (processor_kwargs or {}).get(name, {}))
+        return BatchFeature(batch)
+
+    def pad(self, rows: list[tuple[list[int], list[int]]], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Pad (ids, labels) rows into input_ids, attention_mask and labels tensors (B, T)."""
+        if padding_side not in ("left", "right"):
+            raise MmloomError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, labs) in enumerate(rows):
+            span = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+            input_ids[i, span] = torch.tensor(ids)
+            labels[i, span] = torch.tensor(labs)
+            attention_mask[i, span] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def batch_decode(self, ids, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+    # ------------------------------------------------------------ save and load
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "template": self.template.name,
+            "template_options": self.template_options,
+            "placeholders": self.placeholders,
+            "num_tokens": self.num_tokens,
+            "max_length": self.max_length,
+            "encoder_processors": sorted(self.encoder_processors),
+        }
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Save the tokenizer, each modality's processor (`{name}_processor/`) and the settings."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        for name, processor in self.encoder_processors.items():
+            if not hasattr(processor, "save_pretrained"):
+                raise MmloomError(f"the {name} processor ({type(processor).__name__}) cannot be saved; use a HF processor")
+            processor.save_pretrained(directory / f"{name}_processor")
+        (directory / PROCESSOR_CONFIG).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides) -> MultimodalProcessor:
+        directory = Path(directory)
+        path = directory / PROCESSOR_CONFIG
+        if not path.exists():
+            raise MmloomError(f"{path} not found: save a processor with MultimodalProcessor.save_pretrained")
+        settings = json.loads(path.read_text())
+        processors = {}
+        for name in settings.pop("encoder_processors"):
+            folder = directory / f"{name}_processor"
+            loader = AutoImageProcessor if name == "vision" else AutoProcessor
+            processors[name] = loader.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return cls(processors, tokenizer, **{**settings, **overrides})
