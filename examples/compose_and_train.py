@@ -74,7 +74,8 @@ def main() -> None:
     output = reloaded.generate(**inputs, max_new_tokens=6, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     prompt_length = inputs["input_ids"].shape[1]
-    for colour, answer in zip(COLOURS, reprocessor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)):
+    answers = reprocessor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+    for colour, answer in zip(COLOURS, answers, strict=True):
         print(f"{colour:>5} circle -> model says: {answer.strip()!r}")
 
 

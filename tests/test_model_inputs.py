@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from helpers import AUDIO_ID, IMAGE_ID, audio_vlm, pad_batch, sample_ids, vlm
-from mmloom import FeatureSelect, ModalEncoderModule, MultimodalModel, MultimodalProjector, MultimodalProjectorConfig
+from mmloom import (
+    FeatureSelect,
+    ModalEncoderModule,
+    MultimodalModel,
+    MultimodalProjector,
+    MultimodalProjectorConfig,
+)
 from mmloom.errors import MmloomError
 from mmloom.testing import tiny_clip_vision, tiny_llama, tiny_siglip_vision
 

@@ -8,8 +8,14 @@ from peft import LoraConfig, get_peft_model
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 
 from helpers import IMAGE_ID, sample_ids, vlm
-from mmloom import AnyresPack, FeatureSelect, ModalEncoderModule, MultimodalModel, MultimodalProjector
-from mmloom import MultimodalProjectorConfig
+from mmloom import (
+    AnyresPack,
+    FeatureSelect,
+    ModalEncoderModule,
+    MultimodalModel,
+    MultimodalProjector,
+    MultimodalProjectorConfig,
+)
 from mmloom.errors import MmloomError
 from mmloom.testing import tiny_clip_vision, tiny_llama
 
