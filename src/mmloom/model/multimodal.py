@@ -22,6 +22,7 @@ from mmloom.model.callbacks import callback_from_dict, callback_to_dict
 from mmloom.model.encoder import CALLBACK_SLOTS, ModalEncoderModule, base_module
 from mmloom.model.feature_count import feature_tokens_per_item
 from mmloom.model.freezing import apply_eval_to_frozen, set_requires_grad_by_patterns, trainable_table
+from mmloom.model.loss import supervised_loss
 from mmloom.model.merge import IGNORE_INDEX, merge_features
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
 
@@ -234,8 +235,15 @@ class MultimodalModel(nn.Module):
         past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,  # (B, T, D), skips encoders when given
         use_cache: bool | None = None,
+        compute_logits: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """Run the encoders, merge their features and the language model.
+
+        With labels and `compute_logits=False`, the LM head runs only at supervised positions
+        (chunked) and the output carries the loss without logits: the fast path for training.
+        Extra keyword arguments that no encoder takes (e.g. `num_items_in_batch`) go to the LLM.
+        """
         encoder_inputs, llm_kwargs = self._route_inputs(kwargs)
         llm_kwargs.pop("return_dict", None)
         if inputs_embeds is None:
@@ -244,6 +252,8 @@ class MultimodalModel(nn.Module):
             inputs_embeds = self.embed_inputs(input_ids, encoder_inputs)
             if labels is not None:
                 labels = self.mask_placeholder_labels(input_ids, labels)
+        if labels is not None and not compute_logits:
+            return self._supervised_only(inputs_embeds, attention_mask, position_ids, labels, llm_kwargs)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -254,6 +264,21 @@ class MultimodalModel(nn.Module):
             return_dict=True,
             **llm_kwargs,
         )
+
+    def _supervised_only(self, inputs_embeds, attention_mask, position_ids, labels, llm_kwargs):
+        llm = base_module(self.language_model)
+        num_items = llm_kwargs.pop("num_items_in_batch", None)
+        hidden = llm.get_decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=False, return_dict=True, **llm_kwargs,
+        ).last_hidden_state  # (B, T, D)
+        config = llm.config
+        loss = supervised_loss(
+            hidden, labels, llm.get_output_embeddings(), num_items,
+            softcap=getattr(config, "final_logit_softcapping", None),
+            logit_scale=getattr(config, "logit_scale", None),
+        )
+        return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs):
