@@ -1,0 +1,134 @@
+"""Synthetic scenes: 1-3 coloured shapes on a 3x3 grid, with captions and question/answer pairs.
+
+Every answer depends on the image only, so a model that ignores the image falls to chance.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 230), "yellow": (235, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = {1: "One", 2: "Two", 3: "Three"}
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
+QUESTION_TYPES = ("colour", "shape", "count", "presence", "position")
+
+
+@dataclass(frozen=True)
+class Item:
+    colour: str
+    shape: str
+    row: int
+    col: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+def random_scene(rng: random.Random) -> list[Item]:
+    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], rng.randint(1, 3))
+    return [Item(rng.choice(list(COLOURS)), rng.choice(SHAPES), r, c) for r, c in cells]
+
+
+def render(scene: list[Item], cell: int = 16, background=(250, 250, 250)) -> Image.Image:
+    """Draw the scene: one shape per occupied cell of a 3x3 grid."""
+    image = Image.new("RGB", (3 * cell, 3 * cell), background)
+    draw = ImageDraw.Draw(image)
+    margin = cell // 6
+    for item in scene:
+        x0, y0 = item.col * cell + margin, item.row * cell + margin
+        x1, y1 = (item.col + 1) * cell - margin - 1, (item.row + 1) * cell - margin - 1
+        fill = COLOURS[item.colour]
+        if item.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif item.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return image
+
+
+def caption(scene: list[Item]) -> str:
+    parts = [f"a {item.name} at the {ROWS[item.row]} {COLS[item.col]}" for item in scene]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def questions(scene: list[Item], rng: random.Random) -> list[tuple[str, str, str]]:
+    """(type, question, answer) triples answerable from the scene, one per type where possible."""
+    out = []
+    shapes = [item.shape for item in scene]
+    colours = [item.colour for item in scene]
+    unique_shape = [item for item in scene if shapes.count(item.shape) == 1]
+    if unique_shape:
+        item = rng.choice(unique_shape)
+        out.append(("colour", f"What colour is the {item.shape}?", item.colour.capitalize() + "."))
+    unique_colour = [item for item in scene if colours.count(item.colour) == 1]
+    if unique_colour:
+        item = rng.choice(unique_colour)
+        out.append(("shape", f"What shape is the {item.colour} object?", item.shape.capitalize() + "."))
+    out.append(("count", "How many shapes are there?", NUMBERS[len(scene)] + "."))
+    if rng.random() < 0.5:
+        item = rng.choice(scene)
+        out.append(("presence", f"Is there a {item.name}?", "Yes."))
+    else:
+        present = {item.name for item in scene}
+        absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
+        out.append(("presence", f"Is there a {rng.choice(absent)}?", "No."))
+    pairs = [(a, b) for a in scene for b in scene if a.col != b.col and a.name != b.name]
+    names = [item.name for item in scene]
+    pairs = [(a, b) for a, b in pairs if names.count(a.name) == 1 and names.count(b.name) == 1]
+    if pairs:
+        a, b = rng.choice(pairs)
+        side = "Left." if a.col < b.col else "Right."
+        out.append(("position", f"Is the {a.name} left or right of the {b.name}?", side))
+    return out
+
+
+def write_dataset(out_dir: str | Path, num_train: int, num_eval: int, seed: int = 0) -> dict[str, Path]:
+    """Write images, phase-1 captions, phase-2 conversations and held-out questions/references.
+
+    Layout: images/{split}/NNNNNN.png, phase1/train.jsonl, phase2/train.jsonl,
+    eval/questions.jsonl (question_id, image, text, type), eval/references.jsonl.
+    """
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    paths = {name: out / name for name in ("phase1", "phase2", "eval")}
+    for folder in [*paths.values(), out / "images" / "train", out / "images" / "eval"]:
+        folder.mkdir(parents=True, exist_ok=True)
+    phase1, phase2, held_questions, references = [], [], [], []
+    for split, count in (("train", num_train), ("eval", num_eval)):
+        for index in range(count):
+            scene = random_scene(rng)
+            image_path = f"images/{split}/{index:06d}.png"
+            render(scene).save(out / image_path)
+            qa = questions(scene, rng)
+            if split == "train":
+                phase1.append({"id": f"cap-{index}", "image": image_path, "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "gpt", "value": caption(scene)}]})
+                turns = []
+                for turn, (_, question, answer) in enumerate(rng.sample(qa, len(qa))):
+                    prefix = "<image>\n" if turn == 0 else ""
+                    turns += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+                phase2.append({"id": f"qa-{index}", "image": image_path, "conversations": turns})
+            else:
+                for kind, question, answer in qa:
+                    qid = f"{index}-{kind}"
+                    held_questions.append({"question_id": qid, "image": image_path, "text": question, "type": kind})
+                    references.append({"question_id": qid, "answer": answer, "type": kind})
+    _write_jsonl(paths["phase1"] / "train.jsonl", phase1)
+    _write_jsonl(paths["phase2"] / "train.jsonl", phase2)
+    _write_jsonl(paths["eval"] / "questions.jsonl", held_questions)
+    _write_jsonl(paths["eval"] / "references.jsonl", references)
+    return paths
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
