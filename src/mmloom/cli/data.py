@@ -6,6 +6,8 @@ import importlib
 
 # Modules that add sub-commands under `mmloom data`; each defines `register(data_subparsers)`.
 DATA_COMMAND_MODULES = [
+    "mmloom.data.cli",
+    "mmloom.data.sources.cli",
 ]
 
 

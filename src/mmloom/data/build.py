@@ -1,0 +1,486 @@
+"""`mmloom data build`: LLaVA jsonl records -> the Cerebras HDF5 layout + data_params.json.
+
+Pipeline: the main process reads the input lines in order and hands chunks of them to
+worker processes (bounded window, results consumed in submission order); each worker parses,
+checks the image, templates, tokenizes and lays the sample out as `[4, MSL]` int32 rows; the
+main process writes `data-NNNNN.h5` files of `samples_per_file` samples. Because chunking is
+fixed and results are consumed in order, the output is byte-identical for any process count.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmloom.data.build_config import BuildConfig
+from mmloom.data.encode import SKIP_REASONS, RecordSkipped, encode_record, to_h5_rows
+from mmloom.errors import MmloomError
+
+CHUNK_LINES = 64  # records per work item (fixed: does not depend on the process count)
+GZIP_LEVEL = 4
+H5_NAME = "data-{:05d}.h5"
+PARAMS_NAME = "data_params.json"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def list_input_files(input_dir: str) -> list[Path]:
+    path = Path(input_dir)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise MmloomError(f"setup.input_dir not found: {input_dir}")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".jsonl")
+    if not files:
+        raise MmloomError(f"setup.input_dir {input_dir} holds no .jsonl files")
+    return files
+
+
+def load_tokenizer(path: str):
+    if not Path(path).is_dir():
+        raise MmloomError(f"processor.tokenizer_type: tokenizer folder not found: {path}")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a user-input problem
+        raise MmloomError(f"processor.tokenizer_type: cannot load a tokenizer from {path}: {exc}") from None
+
+
+def special_ids(tokenizer, image_token: str) -> dict[str, int]:
+    """eos / pad / image ids; pad falls back to unk then eos when the tokenizer has none.
+
+    When the tokenizer lacks `image_token` (e.g. the stock Vicuna tokenizer) it is added to this
+    in-memory tokenizer as a special token: it only marks where the slots go and never appears in
+    the output (the slots hold pad ids). `vocab_size` is the size before that addition.
+    """
+    vocab_size = len(tokenizer)
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    added = False
+    if image_id is None or image_id == tokenizer.unk_token_id:
+        tokenizer.add_tokens([image_token], special_tokens=True)
+        image_id = tokenizer.convert_tokens_to_ids(image_token)
+        added = True
+        if tokenizer(image_token, add_special_tokens=False)["input_ids"] != [image_id]:
+            raise MmloomError(f"cannot make '{image_token}' a single token of the tokenizer")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else eos
+    if pad is None:
+        raise MmloomError("the tokenizer has neither a pad, unk nor eos token")
+    return {
+        "eos_id": eos,
+        "pad_id": pad,
+        "image_token_id": image_id,
+        "vocab_size": vocab_size,
+        "image_token_added": added,
+    }
+
+
+def make_template(cfg: BuildConfig, tokenizer=None):
+    from mmloom.processing.templates import get_template
+
+    name = cfg.dataset.system_prompt_style
+    if name == "plain":
+        opts = {"terminator": cfg.dataset.plain_terminator, "placeholder": cfg.dataset.image_token}
+        if tokenizer is not None and tokenizer.eos_token:
+            opts["eos"] = tokenizer.eos_token
+        return get_template(name, **opts)
+    return get_template(name)
+
+
+# ----------------------------------------------------------------------------- workers
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(cfg_dict: dict) -> None:
+    """Load tokenizer + template once per process (forked workers inherit the parent's)."""
+    if _STATE.get("cfg_dict") == cfg_dict:
+        return
+    cfg = BuildConfig.model_validate(cfg_dict)
+    tokenizer = load_tokenizer(cfg.processor.tokenizer_type)
+    _STATE.clear()
+    ids = special_ids(tokenizer, cfg.dataset.image_token)
+    _STATE.update(
+        cfg_dict=cfg_dict, cfg=cfg, tokenizer=tokenizer, template=make_template(cfg, tokenizer), **ids
+    )
+
+
+def check_image(path: Path) -> None:
+    """Raise RecordSkipped('missing_image' | 'bad_image') unless PIL can fully decode the file."""
+    from mmloom.processing.image import ImageLoadError, load_image
+
+    if not path.is_file():
+        raise RecordSkipped("missing_image", str(path))
+    try:
+        load_image(path, convert=None).close()  # full decode: catches truncated files too
+    except ImageLoadError as exc:
+        raise RecordSkipped("bad_image", str(exc)) from None
+
+
+@dataclass
+class ChunkResult:
+    n_read: int = 0
+    rows: list[np.ndarray] = field(default_factory=list)
+    img_paths: list[bytes] = field(default_factory=list)
+    kept_per_file: collections.Counter = field(default_factory=collections.Counter)
+    skips: list[tuple[int, int, str, str]] = field(default_factory=list)  # (file index, line, reason, detail)
+    starts: collections.Counter = field(default_factory=collections.Counter)
+    stats: collections.Counter = field(default_factory=collections.Counter)
+
+
+def _encode_line(line: str):
+    cfg: BuildConfig = _STATE["cfg"]
+    ds = cfg.dataset
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RecordSkipped("bad_json", str(exc)) from None
+    if not isinstance(record, dict):
+        raise RecordSkipped("bad_json", "the line is not a JSON object")
+    sample = encode_record(
+        record,
+        tokenizer=_STATE["tokenizer"],
+        template=_STATE["template"],
+        num_image_tokens=ds.num_patches,
+        slot_token_id=_STATE["pad_id"],
+        image_token=ds.image_token,
+        image_token_id=_STATE["image_token_id"],
+        image_key=ds.image_key,
+        conversation_key=ds.conversation_key,
+        content_key=ds.content_key,
+        max_length=cfg.processor.max_sequence_length,
+        text_only_slots=True,
+    )
+    if sample.image is not None:
+        check_image(Path(ds.image_dir or ".") / sample.image)
+    return sample
+
+
+def _process_chunk(chunk: list[tuple[int, int, str]]) -> ChunkResult:
+    cfg: BuildConfig = _STATE["cfg"]
+    tokenizer = _STATE["tokenizer"]
+    pad_id = _STATE["pad_id"]
+    msl = cfg.processor.max_sequence_length
+    out = ChunkResult()
+    for file_idx, lineno, line in chunk:
+        out.n_read += 1
+        try:
+            sample = _encode_line(line)
+        except RecordSkipped as skip:
+            out.skips.append((file_idx, lineno, skip.reason, skip.detail))
+            continue
+        rows = to_h5_rows(sample, msl, pad_id)
+        out.rows.append(rows)
+        out.img_paths.append((sample.image or "").encode("utf-8"))
+        out.kept_per_file[file_idx] += 1
+        out.starts[sample.image_start] += 1
+        ids = sample.input_ids
+        text_ids = (
+            ids[: sample.image_start] + ids[sample.image_start + sample.num_slots :]
+            if sample.num_slots
+            else ids
+        )
+        text = tokenizer.decode(text_ids, skip_special_tokens=False)
+        st = out.stats
+        st["raw_chars"] += sample.raw_chars
+        st["raw_bytes"] += sample.raw_bytes
+        st["non_pad_tokens"] += int((rows[3] == 0).sum())
+        st["loss_valid_tokens"] += int(rows[1].sum())
+        st["detokenized_chars"] += len(text)
+        st["detokenized_bytes"] += len(text.encode("utf-8"))
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_h5(path: Path, rows: np.ndarray, img_paths: list[bytes]) -> None:
+    """Write one file atomically (temp name + os.replace); no timestamps, fixed gzip level."""
+    import h5py
+
+    n, _, msl = rows.shape
+    tmp = path.with_name(f".{path.name}.tmp")
+    width = max([1, *(len(p) for p in img_paths)])
+    with h5py.File(tmp, "w") as f:
+        f.attrs["n_examples"] = np.int64(n)
+        f.create_dataset(
+            "data",
+            data=rows,
+            dtype="i4",
+            chunks=(1, 4, msl),
+            compression="gzip",
+            compression_opts=GZIP_LEVEL,
+            track_times=False,
+        )
+        f.create_dataset(
+            "img_path", data=np.array(img_paths, dtype=f"S{width}").reshape(n, 1), track_times=False
+        )
+    os.replace(tmp, path)
+
+
+class _Writer:
+    def __init__(self, out_dir: Path, samples_per_file: int):
+        self.out_dir = out_dir
+        self.per_file = samples_per_file
+        self.rows: list[np.ndarray] = []
+        self.paths: list[bytes] = []
+        self.files: list[str] = []
+
+    def add(self, rows: list[np.ndarray], paths: list[bytes]) -> None:
+        self.rows.extend(rows)
+        self.paths.extend(paths)
+        while len(self.rows) >= self.per_file:
+            self._flush(self.per_file)
+
+    def _flush(self, n: int) -> None:
+        name = H5_NAME.format(len(self.files))
+        write_h5(self.out_dir / name, np.stack(self.rows[:n]), self.paths[:n])
+        del self.rows[:n], self.paths[:n]
+        self.files.append(name)
+
+    def close(self) -> None:
+        if self.rows:
+            self._flush(len(self.rows))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _chunks(files: list[Path]):
+    buf: list[tuple[int, int, str]] = []
+    for file_idx, path in enumerate(files):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                buf.append((file_idx, lineno, line))
+                if len(buf) == CHUNK_LINES:
+                    yield buf
+                    buf = []
+    if buf:
+        yield buf
+
+
+def _count_lines(files: list[Path]) -> int:
+    total = 0
+    for path in files:
+        with open(path, "rb") as fh:
+            total += sum(1 for line in fh if line.strip())
+    return total
+
+
+def _ordered_results(chunks, processes: int, cfg_dict: dict):
+    """Yield chunk results in input order; at most a few chunks per worker in flight."""
+    _init_worker(cfg_dict)  # in this process; forked workers inherit it
+    if processes <= 1:
+        for chunk in chunks:
+            yield _process_chunk(chunk)
+        return
+    ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
+    pool = ctx.Pool(processes, initializer=_init_worker, initargs=(cfg_dict,))
+    try:
+        pending: collections.deque = collections.deque()
+        window = processes * 4
+        for chunk in chunks:
+            pending.append(pool.apply_async(_process_chunk, (chunk,)))
+            if len(pending) >= window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _progress(enabled: bool, total: int):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed or 0:,.0f} samples/s")
+
+    return Progress(
+        TextColumn("[bold]building[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def recorded_params(cfg: BuildConfig) -> dict:
+    """The resolved config as recorded in data_params.json.
+
+    `setup.output_dir` (the file sits in it) and `setup.processes` (it does not change the output)
+    are left out so that data_params.json is byte-identical whatever the process count or folder.
+    """
+    params = cfg.model_dump(mode="json")
+    params["setup"].pop("output_dir", None)
+    params["setup"].pop("processes", None)
+    params["not_recorded"] = ["setup.output_dir", "setup.processes"]
+    return params
+
+
+def build(
+    cfg: BuildConfig,
+    *,
+    strict: bool = False,
+    quiet: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> dict:
+    """Build the HDF5 dataset described by `cfg`; returns the data_params dict (also written)."""
+    files = list_input_files(cfg.setup.input_dir)
+    tokenizer = load_tokenizer(cfg.processor.tokenizer_type)
+    make_template(cfg, tokenizer)  # unknown template name -> MmloomError before any work
+    ids = special_ids(tokenizer, cfg.dataset.image_token)
+    msl, n_patches = cfg.processor.max_sequence_length, cfg.dataset.num_patches
+    if n_patches + 2 > msl:
+        raise MmloomError(
+            f"dataset.num_patches ({n_patches}) leaves no room for text in max_sequence_length {msl}"
+        )
+    if cfg.dataset.image_dir is not None and not Path(cfg.dataset.image_dir).is_dir():
+        raise MmloomError(f"dataset.image_dir not found: {cfg.dataset.image_dir}")
+
+    out_dir = Path(cfg.setup.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(out_dir.glob("data-*.h5"))
+    if old and not overwrite:
+        raise MmloomError(
+            f"{out_dir} already holds {len(old)} .h5 files; pass --overwrite or pick another setup.output_dir"
+        )
+    for p in old:
+        p.unlink()
+
+    cfg_dict = cfg.model_dump(mode="json")
+    if cfg.setup.processes > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    total = _count_lines(files)
+    show = (sys.stdout.isatty() and not quiet) if progress is None else progress
+    writer = _Writer(out_dir, cfg.setup.samples_per_file)
+    n_read = 0
+    skipped: collections.Counter = collections.Counter()
+    kept_per_file: collections.Counter = collections.Counter()
+    starts: collections.Counter = collections.Counter()
+    stats: collections.Counter = collections.Counter()
+    t0 = time.perf_counter()
+    with _progress(show, total) as bar:
+        task = bar.add_task("build", total=total)
+        results = contextlib.closing(_ordered_results(_chunks(files), cfg.setup.processes, cfg_dict))
+        with results as ordered:
+            for res in ordered:
+                if strict and res.skips:
+                    file_idx, lineno, reason, detail = res.skips[0]
+                    raise MmloomError(
+                        f"{files[file_idx]}:{lineno}: {reason}" + (f" ({detail})" if detail else "")
+                    )
+                n_read += res.n_read
+                for _, _, reason, _ in res.skips:
+                    skipped[reason] += 1
+                kept_per_file.update(res.kept_per_file)
+                starts.update(res.starts)
+                stats.update(res.stats)
+                writer.add(res.rows, res.img_paths)
+                bar.advance(task, res.n_read)
+    writer.close()
+    elapsed = time.perf_counter() - t0
+    kept = sum(kept_per_file.values())
+    assert n_read == kept + sum(skipped.values())
+
+    if starts:
+        start_idx = sorted(starts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+    else:
+        start_idx = None
+    patch_info: dict[str, Any] = {"image_patch_start_idx": start_idx, "num_patches": n_patches}
+    if len(starts) > 1:
+        patch_info["note"] = "samples disagree on the image start index; the most common one is recorded"
+        patch_info["start_idx_counts"] = {str(k): v for k, v in sorted(starts.items())}
+    n_files_ok = sum(1 for i in range(len(files)) if kept_per_file[i])
+    params = {
+        **recorded_params(cfg),
+        "post-process": {
+            "discarded_files": len(files) - n_files_ok,
+            "processed_files": len(files),
+            "successful_files": n_files_ok,
+            "input_files": [str(p) for p in files],
+            "output_files": writer.files,
+            "n_examples": kept,
+            "read": n_read,
+            "kept": kept,
+            "skipped": {r: skipped[r] for r in sorted(skipped, key=_reason_order)},
+            "raw_chars_count": stats["raw_chars"],
+            "raw_bytes_count": stats["raw_bytes"],
+            "eos_id": ids["eos_id"],
+            "pad_id": ids["pad_id"],
+            "vocab_size": ids["vocab_size"],
+        },
+        "h5_dataset_stats": {
+            "num_sequences": kept,
+            "num_tokens": kept * msl,
+            "non_pad_tokens": stats["non_pad_tokens"],
+            "loss_valid_tokens": stats["loss_valid_tokens"],
+            "detokenized_bytes": stats["detokenized_bytes"],
+            "detokenized_chars": stats["detokenized_chars"],
+        },
+        "image_patch_info": patch_info,
+    }
+    tmp = out_dir / f".{PARAMS_NAME}.tmp"
+    tmp.write_text(json.dumps(params, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / PARAMS_NAME)
+    if not quiet:
+        print_summary(params, elapsed)
+    return params
+
+
+def _reason_order(reason: str) -> tuple[int, str]:
+    return (SKIP_REASONS.index(reason) if reason in SKIP_REASONS else len(SKIP_REASONS), reason)
+
+
+def print_summary(params: dict, elapsed: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    pp = params["post-process"]
+    table = Table(title="mmloom data build", show_header=True)
+    table.add_column("records")
+    table.add_column("count", justify="right")
+    table.add_row("read", f"{pp['read']:,}")
+    table.add_row("kept", f"{pp['kept']:,}")
+    for reason, count in pp["skipped"].items():
+        table.add_row(f"skipped: {reason}", f"{count:,}")
+    console = Console()
+    console.print(table)
+    if pp["kept"] == 0:
+        console.print(
+            "[bold yellow]warning:[/] no record was kept; see the skip reasons above (--strict shows the first)"
+        )
+    rate = pp["read"] / elapsed if elapsed > 0 else 0.0
+    console.print(
+        f"{len(pp['output_files'])} .h5 files, image_patch_start_idx="
+        f"{params['image_patch_info']['image_patch_start_idx']}, {elapsed:.1f} s ({rate:,.0f} samples/s)"
+    )

@@ -1,0 +1,124 @@
+"""Map-style dataset over the `.h5` files written by `mmloom data build` (the Cerebras layout).
+
+Each item holds the seed's five tensors plus `has_image`:
+
+- `image_data` (3, H, W) in `dtype` (zeros for text-only samples: the dummy image),
+- `text_input_ids`, `loss_mask`, `labels`, `key_padding_mask` (MSL,) int32 (rows 0, 1, 2, 3),
+- `has_image` bool.
+
+The h5py handles are opened lazily, once per process (they are None after construction and
+after pickling), so the dataset works with `DataLoader(num_workers > 0)`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mmloom.errors import MmloomError
+
+
+class HDF5LlavaDataset(Dataset):
+    def __init__(self, data_dir, img_data_dir, image_transform, dtype: torch.dtype = torch.float32):
+        import h5py
+
+        self.data_dir = Path(data_dir)
+        self.img_data_dir = Path(img_data_dir) if img_data_dir is not None else None
+        self.image_transform = image_transform
+        self.dtype = dtype
+        if not self.data_dir.is_dir():
+            raise MmloomError(f"HDF5 data folder not found: {self.data_dir}")
+        self.files = sorted(p for p in self.data_dir.iterdir() if p.suffix == ".h5" and p.is_file())
+        if not self.files:
+            raise MmloomError(f"no .h5 files in {self.data_dir}")
+        counts = []
+        for path in self.files:
+            try:
+                with h5py.File(path, "r") as f:
+                    counts.append(int(f.attrs["n_examples"]))
+                    self.max_sequence_length = int(f["data"].shape[-1])
+            except (OSError, KeyError) as exc:
+                raise MmloomError(f"{path}: not an HDF5 LLaVA data file ({exc})") from None
+        self.counts = counts
+        self.offsets = np.cumsum([0, *counts]).tolist()
+        self._handles: list | None = None
+        self._pid: int | None = None
+
+    # -- lazy, per-process file handles ---------------------------------------------------------
+    @property
+    def handles(self):
+        return self._handles
+
+    def _open(self):
+        import h5py
+
+        if self._handles is None or self._pid != os.getpid():
+            self._handles = [h5py.File(p, "r") for p in self.files]
+            self._pid = os.getpid()
+        return self._handles
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = None
+        state["_pid"] = None
+        return state
+
+    def close(self) -> None:
+        for h in self._handles or []:
+            try:
+                h.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._handles = None
+
+    def __del__(self):
+        self.close()
+
+    # -- Dataset ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        file_idx = bisect.bisect_right(self.offsets, index) - 1
+        return file_idx, index - self.offsets[file_idx]
+
+    def _image(self, rel: str, index: int) -> torch.Tensor:
+        size = int(getattr(self.image_transform, "image_size", 0) or 0)
+        if not rel:
+            if size <= 0:
+                raise MmloomError(
+                    "image_transform has no image_size: cannot make the dummy image of text-only samples"
+                )
+            return torch.zeros(3, size, size, dtype=self.dtype)
+        from mmloom.processing.image import load_image
+
+        path = (self.img_data_dir / rel) if self.img_data_dir is not None else Path(rel)
+        try:
+            image = load_image(path)
+        except MmloomError as exc:
+            raise MmloomError(f"sample {index}: cannot load image {path}: {exc}") from None
+        return torch.as_tensor(np.asarray(self.image_transform(image)), dtype=self.dtype)
+
+    def __getitem__(self, index: int) -> dict:
+        file_idx, local = self.locate(int(index))
+        h = self._open()[file_idx]
+        rows = np.asarray(h["data"][local], dtype=np.int32)
+        rel = h["img_path"][local][0]
+        rel = rel.decode("utf-8") if isinstance(rel, bytes) else str(rel or "")
+        return {
+            "image_data": self._image(rel, int(index)),
+            "labels": torch.from_numpy(rows[2].copy()),
+            "key_padding_mask": torch.from_numpy(rows[3].copy()),
+            "text_input_ids": torch.from_numpy(rows[0].copy()),
+            "loss_mask": torch.from_numpy(rows[1].copy()),
+            "has_image": bool(rel),
+        }

@@ -1,0 +1,157 @@
+"""`mmloom data inspect FILE.h5 [--index N]`: show one HDF5 sample the way a person wants to see it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmloom.errors import MmloomError
+
+
+@dataclass
+class Segment:
+    kind: str  # "text" | "supervised" | "image"
+    text: str
+    start: int = 0
+    end: int = 0  # inclusive, for image segments
+
+
+def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str, int]:
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise MmloomError(f"no such file: {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            n = int(f.attrs["n_examples"])
+            if not -n <= index < n:
+                raise MmloomError(f"{path}: index {index} out of range (the file holds {n} samples)")
+            index %= n
+            rows = np.asarray(f["data"][index])
+            img = f["img_path"][index][0]
+    except (OSError, KeyError) as exc:
+        raise MmloomError(f"{path}: not an mmloom/Cerebras LLaVA .h5 file ({exc})") from None
+    img = img.decode("utf-8") if isinstance(img, bytes) else str(img)
+    return rows, img, n
+
+
+def tokenizer_for(path: Path, tokenizer_path: str | None):
+    from mmloom.data.build import load_tokenizer
+
+    if tokenizer_path is None:
+        params_file = path.parent / "data_params.json"
+        if not params_file.is_file():
+            raise MmloomError(f"no data_params.json next to {path}; pass --tokenizer")
+        params = json.loads(params_file.read_text(encoding="utf-8"))
+        tokenizer_path = params.get("processor", {}).get("tokenizer_type")
+        if not tokenizer_path:
+            raise MmloomError(f"{params_file} names no processor.tokenizer_type; pass --tokenizer")
+    return load_tokenizer(tokenizer_path)
+
+
+def image_slots(rows: np.ndarray, pad_id: int) -> tuple[int, int] | None:
+    """(start, count) of the run of pad ids that are attended (an image) or sit mid-sequence (text-only)."""
+    ids, inv = rows[0], rows[3]
+    n = int((inv == 0).nonzero()[0].max()) + 1 if (inv == 0).any() else 0
+    is_pad = ids[:n] == pad_id
+    best = None
+    i = 0
+    while i < n:
+        if is_pad[i]:
+            j = i
+            while j < n and is_pad[j]:
+                j += 1
+            if best is None or j - i > best[1]:
+                best = (i, j - i)
+            i = j
+        else:
+            i += 1
+    return best
+
+
+def segments(rows: np.ndarray, tokenizer, pad_id: int) -> tuple[list[Segment], dict]:
+    ids, loss, inv = rows[0], rows[1], rows[3]
+    attended = inv == 0
+    length = int(attended.nonzero()[0].max()) + 1 if attended.any() else 0
+    slots = image_slots(rows, pad_id)
+    supervised = np.zeros(len(ids), dtype=bool)
+    supervised[1:] = loss[:-1] == 1  # the token at t+1 is the target of position t
+    segs: list[Segment] = []
+    i = 0
+    while i < length:
+        if slots and i == slots[0]:
+            s, c = slots
+            segs.append(Segment("image", "", s, s + c - 1))
+            i = s + c
+            continue
+        kind = "supervised" if supervised[i] else "text"
+        j = i
+        while j < length and (not slots or j != slots[0]) and bool(supervised[j]) == (kind == "supervised"):
+            j += 1
+        segs.append(Segment(kind, tokenizer.decode(ids[i:j].tolist(), skip_special_tokens=False), i, j - 1))
+        i = j
+    info = {
+        "tokens": length,
+        "non_pad": int(attended.sum()),
+        "supervised": int(loss.sum()),
+        "msl": len(ids),
+        "slots": slots,
+    }
+    return segs, info
+
+
+def inspect_sample(
+    path: str | Path, index: int = 0, tokenizer_path: str | None = None, markup: bool | None = None
+) -> str:
+    """Render sample `index`; `markup=True` uses rich markup, False `[[...]]` brackets."""
+    from rich.markup import escape
+
+    path = Path(path)
+    rows, img, n = read_sample(path, index)
+    tokenizer = tokenizer_for(path, tokenizer_path)
+    pad_id = tokenizer.pad_token_id
+    params_file = path.parent / "data_params.json"
+    if params_file.is_file():
+        pad_id = (
+            json.loads(params_file.read_text(encoding="utf-8")).get("post-process", {}).get("pad_id", pad_id)
+        )
+    segs, info = segments(rows, tokenizer, pad_id)
+    has_image = bool(img)
+    parts = []
+    for seg in segs:
+        if seg.kind == "image":
+            label = f"<image x{seg.end - seg.start + 1} @ {seg.start}..{seg.end}{'' if has_image else ' masked: text-only'}>"
+            parts.append(f"[bold magenta]{escape(label)}[/]" if markup else label)
+        elif seg.kind == "supervised":
+            parts.append(f"[bold green]{escape(seg.text)}[/]" if markup else f"[[{seg.text}]]")
+        else:
+            parts.append(escape(seg.text) if markup else seg.text)
+    slots = info["slots"]
+    esc = escape if markup else str
+    header = [
+        f"{esc(str(path))} sample {index % n} of {n}",
+        f"image: {esc(img) if img else '(none: text-only, slots masked, fed a dummy image)'}",
+        f"image slots: {slots[0]}..{slots[0] + slots[1] - 1} ({slots[1]})" if slots else "image slots: none",
+        f"tokens: {info['tokens']} of {info['msl']}  non-pad: {info['non_pad']}  supervised: {info['supervised']}",
+        "supervised spans: " + ("[bold green]green[/]" if markup else "[[...]]"),
+        "",
+    ]
+    return "\n".join(header) + "".join(parts)
+
+
+def run_inspect(args) -> int:
+    import sys
+
+    from rich.console import Console
+
+    markup = sys.stdout.isatty() and not getattr(args, "plain", False)
+    text = inspect_sample(args.file, args.index, args.tokenizer, markup=markup)
+    if markup:
+        Console().print(text, highlight=False)
+    else:
+        print(text)
+    return 0

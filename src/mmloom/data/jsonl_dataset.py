@@ -1,0 +1,128 @@
+"""LLaVA jsonl records tokenized on the fly (no HDF5 step), for quick experiments.
+
+Records are templated and tokenized once at construction with the same `encode_record` as
+`mmloom data build`; bad records are skipped and counted in `skipped` (or raise with
+`strict=True`). Items are `{input_ids, labels, pixel_values or None}`; the single `<image>` is
+expanded into `num_image_tokens` copies of `image_token_id` (labels -100 there). Text-only
+records have no image tokens (HF style, no dummy image).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mmloom.data.encode import IGNORE_INDEX, EncodedSample, RecordSkipped, encode_record
+from mmloom.errors import MmloomError
+
+
+class JsonlLlavaDataset(Dataset):
+    def __init__(
+        self,
+        jsonl_path,
+        image_dir,
+        tokenizer,
+        template,
+        num_image_tokens: int,
+        image_token_id: int,
+        image_transform,
+        max_length: int,
+        *,
+        image_token: str = "<image>",
+        strict: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.jsonl_path = Path(jsonl_path)
+        self.image_dir = Path(image_dir) if image_dir is not None else None
+        self.image_transform = image_transform
+        self.dtype = dtype
+        if not self.jsonl_path.is_file():
+            raise MmloomError(f"jsonl file not found: {self.jsonl_path}")
+        if isinstance(template, str):
+            from mmloom.processing.templates import get_template
+
+            template = get_template(template)
+        marker_id = tokenizer.convert_tokens_to_ids(image_token)
+        if marker_id is None or marker_id == tokenizer.unk_token_id:
+            raise MmloomError(f"the tokenizer has no '{image_token}' token; add it as a special token first")
+        self.samples: list[EncodedSample] = []
+        self.skipped: collections.Counter = collections.Counter()
+        with open(self.jsonl_path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise RecordSkipped("bad_json", str(exc)) from None
+                    if not isinstance(record, dict):
+                        raise RecordSkipped("bad_json", "the line is not a JSON object")
+                    sample = encode_record(
+                        record,
+                        tokenizer=tokenizer,
+                        template=template,
+                        num_image_tokens=num_image_tokens,
+                        slot_token_id=image_token_id,
+                        image_token=image_token,
+                        image_token_id=marker_id,
+                        max_length=max_length,
+                        text_only_slots=False,
+                    )
+                except RecordSkipped as skip:
+                    if strict:
+                        raise MmloomError(f"{self.jsonl_path}:{lineno}: {skip}") from None
+                    self.skipped[skip.reason] += 1
+                    continue
+                self.samples.append(sample)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        from mmloom.processing.image import load_image
+
+        s = self.samples[index]
+        pixel_values = None
+        if s.image is not None:
+            path = (self.image_dir / s.image) if self.image_dir is not None else Path(s.image)
+            try:
+                image = load_image(path)
+            except MmloomError as exc:
+                raise MmloomError(f"sample {index}: cannot load image {path}: {exc}") from None
+            pixel_values = torch.as_tensor(np.asarray(self.image_transform(image)), dtype=self.dtype)
+        return {
+            "input_ids": torch.tensor(s.input_ids, dtype=torch.long),
+            "labels": torch.tensor(s.labels, dtype=torch.long),
+            "pixel_values": pixel_values,
+        }
+
+
+def collate_jsonl(batch: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
+    """Pad a list of `JsonlLlavaDataset` items: input_ids / labels (-100) / attention_mask, stacked images."""
+    if padding_side not in ("right", "left"):
+        raise MmloomError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    length = max(len(b["input_ids"]) for b in batch)
+    n = len(batch)
+    input_ids = torch.full((n, length), int(pad_token_id), dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        sl = slice(0, k) if padding_side == "right" else slice(length - k, length)
+        input_ids[i, sl] = b["input_ids"]
+        labels[i, sl] = b["labels"]
+        attention_mask[i, sl] = 1
+    images = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": torch.stack(images) if images else None,
+        "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
+    }
