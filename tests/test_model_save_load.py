@@ -169,3 +169,10 @@ class _LlavaNextStub:
         self.config = SimpleNamespace(image_grid_pinpoints=pinpoints,
                                       vision_config=SimpleNamespace(image_size=32, patch_size=8))
         self.image_newline = newline
+
+
+def test_loads_in_the_saved_dtype_by_default(tmp_path):
+    model = vlm().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    assert MultimodalModel.from_pretrained(tmp_path / "m").dtype == torch.bfloat16
+    assert MultimodalModel.from_pretrained(tmp_path / "m", torch_dtype="float32").dtype == torch.float32

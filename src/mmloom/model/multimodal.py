@@ -463,8 +463,10 @@ class MultimodalModel(nn.Module):
         projections: dict[str, nn.Module] | None = None,
         device: str | torch.device | None = None,
     ) -> MultimodalModel:
-        """Rebuild a saved composite. A trainable-only save needs `base`: the full model (or its
-        folder) that supplies the frozen weights."""
+        """Rebuild a saved composite, in its saved dtype unless `torch_dtype` says otherwise.
+
+        A trainable-only save needs `base`: the full model (or its folder) that supplies the
+        frozen weights."""
         config = MultimodalConfig.load(directory)
         state = ser.load_state_dict(Path(directory))
         if config.trainable_only:
@@ -479,8 +481,8 @@ class MultimodalModel(nn.Module):
         else:
             model = cls.from_config(config, callbacks=callbacks, projections=projections)
         model.load_weights(state, tied_weights=config.tied_weights, strict=not config.trainable_only)
-        if torch_dtype is not None:
-            model.to(getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype)
+        torch_dtype = config.torch_dtype if torch_dtype is None else torch_dtype  # default: as saved
+        model.to(getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype)
         if device is not None:
             model.to(device)
         return model.eval()

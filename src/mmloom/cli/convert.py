@@ -1,0 +1,117 @@
+"""`mmloom convert` (checkpoint formats, both ways) and `mmloom init` (compose from HF folders)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _layer(value: str):
+    """`-2` or `-2,-5` (several layers are concatenated)."""
+    try:
+        layers = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or comma-separated ints, got {value!r}") from None
+    return layers[0] if len(layers) == 1 else layers
+
+
+def _add_compose_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("composing from HF folders (hf-components) / locating towers")
+    group.add_argument("--image-model", metavar="DIR", help="CLIP/SigLIP folder (CLIPVisionModel or CLIPModel)")
+    group.add_argument("--text-model", metavar="DIR", help="causal LM folder with its tokenizer")
+    group.add_argument("--audio-model", metavar="DIR", help="Whisper folder (its encoder is used)")
+    group.add_argument("--projector", default="mlp2x_gelu", help="projector type: linear, mlp, mlp{N}x_{act} (default mlp2x_gelu)")
+    group.add_argument("--activation", default="gelu", help="activation of an 'mlp' projector (default gelu)")
+    group.add_argument("--feature-layer", type=_layer, default=-2, help="vision hidden layer(s) to use (default -2)")
+    group.add_argument("--feature-strategy", default="patch", choices=["patch", "cls_patch", "default", "full"],
+                       help="drop the CLS token (patch, default) or keep it (cls_patch)")
+    group.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
+                       help="round the vocabulary (embedding rows) up to a multiple of N, e.g. 64")
+    group.add_argument("--template", default=None, help="conversation template saved with the processor (default vicuna_v1)")
+    group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                       help="dtype of the written weights (default: as loaded)")
+
+
+def register(subparsers) -> None:
+    from mmloom.interop.formats import FORMATS
+
+    names = list(FORMATS)
+    convert = subparsers.add_parser(
+        "convert",
+        help="convert checkpoints between mmloom, hf-llava, original LLaVA and HF component folders",
+        description="Convert a checkpoint: mmloom convert --from FORMAT --to FORMAT SRC DST "
+        "(hf-components takes no SRC: --image-model DIR --text-model DIR). Writes are atomic.",
+    )
+    convert.add_argument("paths", nargs="*", metavar="SRC DST", help="source and destination (DST only for hf-components)")
+    convert.add_argument("--from", dest="src_format", choices=names, help="format of SRC")
+    convert.add_argument("--to", dest="dst_format", choices=names, help="format of DST")
+    convert.add_argument("--list", action="store_true", help="list formats and supported conversions")
+    convert.add_argument("--base", metavar="DIR", help="llava-projector: the mmloom model to import into (default DST)")
+    convert.add_argument("--mm-vision-tower", metavar="PATH",
+                         help="llava: value written as mm_vision_tower (default: absolute path of DST/image_model)")
+    convert.add_argument("--text-folder", default="text_model_llava",
+                         help="llava: name of the LLM folder (must contain 'llava')")
+    _add_compose_options(convert)
+    convert.set_defaults(func=run_convert)
+
+    init = subparsers.add_parser(
+        "init",
+        help="compose a new model from HF folders (fresh projector), ready for phase 1",
+        description="mmloom init --image-model DIR --text-model DIR [--projector mlp2x_gelu] --out DIR",
+    )
+    init.add_argument("--out", required=True, metavar="DIR", help="the new mmloom model folder")
+    _add_compose_options(init)
+    init.set_defaults(func=run_init)
+
+
+def _options(args) -> dict:
+    keys = ("image_model", "text_model", "audio_model", "projector", "activation", "feature_layer",
+            "feature_strategy", "pad_to_multiple_of", "template", "dtype", "base", "mm_vision_tower", "text_folder")
+    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+
+
+def _report(bundle, src_format: str, dst_format: str, dst) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=True, highlight=False)
+    model = bundle.model
+    console.print(f"[green]converted[/] {src_format} -> {dst_format}: {escape(str(dst))}")
+    lines = [f"  encoders {model.encoder_names}, placeholders {model.placeholder_token_ids}, template {bundle.template}"]
+    for line in lines + [f"  {note}" for note in bundle.notes]:
+        console.print(line, markup=False)
+
+
+def run_convert(args) -> int:
+    from mmloom.errors import MmloomError
+    from mmloom.interop.formats import convert, pairs_table
+
+    if args.list:
+        print(pairs_table())
+        return 0
+    if not args.src_format or not args.dst_format:
+        raise MmloomError("give --from FORMAT and --to FORMAT (or --list)")
+    options = _options(args)
+    if args.src_format == "hf-components":
+        if len(args.paths) != 1:
+            raise MmloomError("--from hf-components takes only DST (the sources are --image-model/--text-model)")
+        src, dst = None, args.paths[0]
+    else:
+        if len(args.paths) != 2:
+            raise MmloomError(f"expected SRC and DST, got {len(args.paths)} path(s)")
+        src, dst = args.paths
+    if args.src_format == "llava-projector" and options.get("base") is None:
+        options["base"] = dst
+    bundle = convert(args.src_format, args.dst_format, src, dst, **options)
+    _report(bundle, args.src_format, args.dst_format, dst)
+    return 0
+
+
+def run_init(args) -> int:
+    from mmloom.errors import MmloomError
+    from mmloom.interop.formats import convert
+
+    if not args.image_model and not args.audio_model:
+        raise MmloomError("init needs --image-model DIR (and/or --audio-model DIR) and --text-model DIR")
+    bundle = convert("hf-components", "mmloom", None, args.out, **_options(args))
+    _report(bundle, "hf-components", "mmloom", args.out)
+    return 0

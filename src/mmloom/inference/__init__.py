@@ -1,0 +1,1 @@
+"""Inference: interactive chat, batched generation over question files, and answer scoring."""

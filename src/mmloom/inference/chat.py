@@ -1,0 +1,129 @@
+"""Chat with a saved model: one answer, or an interactive session that keeps the conversation.
+
+Interactive commands: `/image PATH` (new image, new conversation), `/reset`, `/quit` (or EOF).
+Answers stream to stdout token by token.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from mmloom.errors import MmloomError
+from mmloom.inference.generate import answer_batch, generation_kwargs
+
+HELP = "commands: /image PATH (new image, new conversation), /reset, /quit"
+
+
+def make_streamer(tokenizer, stream: TextIO | None = None):
+    """A TextStreamer that prints the answer (not the prompt, no special tokens) to `stream`."""
+    from transformers import TextStreamer
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            out = stream or sys.stdout
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+class ChatSession:
+    """A conversation about (at most) one image; the image goes with the first user turn."""
+
+    def __init__(self, model, processor, image=None, max_new_tokens: int = 256, temperature: float = 0.0,
+                 system: str | None = None, stream: bool = True, out: TextIO | None = None):
+        self.model, self.processor = model, processor
+        self.gen_kwargs = generation_kwargs(processor, max_new_tokens, temperature)
+        self.system = system
+        self.stream, self.out = stream, out
+        self.placeholder = processor.placeholders.get("vision", "<image>")
+        self.image = None
+        self.messages: list[dict[str, str]] = []
+        if image is not None:
+            self.set_image(image)
+
+    def set_image(self, image) -> None:
+        """Use a new image (a PIL image or a path); starts a new conversation."""
+        from mmloom.processing.image import load_image
+
+        if "vision" not in self.model.encoder_names:
+            raise MmloomError("this model has no vision encoder; chat without an image")
+        self.image = load_image(image) if isinstance(image, (str, Path)) else image
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
+
+    def ask(self, text: str) -> str:
+        """Add a user turn, generate (streaming if asked) and keep the answer in the conversation."""
+        first = not any(m["role"] == "user" for m in self.messages)
+        content = text.strip()
+        if first and self.image is not None and self.placeholder not in content:
+            content = f"{self.placeholder}\n{content}"
+        conversation = [*self.messages, {"role": "user", "content": content}]
+        images = [self.image] if self.image is not None else [None]
+        streamer = make_streamer(self.processor.tokenizer, self.out) if self.stream else None
+        answer = answer_batch(self.model, self.processor, [conversation], images, self.gen_kwargs, streamer)[0]
+        self.messages = [*conversation, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def interactive(session: ChatSession, read_line: Callable[[str], str] = input, out: TextIO | None = None) -> int:
+    """Read user turns until /quit or end of input; returns the number of answers given."""
+    out = out or sys.stdout
+    print(HELP, file=out, flush=True)
+    answers = 0
+    while True:
+        try:
+            line = read_line("USER: ")
+        except EOFError:
+            print(file=out)
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            session.reset()
+            print("(conversation reset)", file=out, flush=True)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=out, flush=True)
+                continue
+            try:
+                session.set_image(path)
+            except MmloomError as err:
+                print(f"error: {err}", file=out, flush=True)
+                continue
+            print(f"(new image {path}; conversation reset)", file=out, flush=True)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]!r}; {HELP}", file=out, flush=True)
+            continue
+        print("ASSISTANT:", end=" ", file=out, flush=True)
+        answer = session.ask(line)
+        if not session.stream:
+            print(answer, file=out, flush=True)
+        answers += 1
+    return answers
+
+
+def chat(model_dir: str | Path, image: str | Path | None = None, prompt: str | None = None,
+         max_new_tokens: int = 256, temperature: float = 0.0, dtype: str | None = None, device: str | None = None,
+         system: str | None = None, **_: Any) -> int:
+    from mmloom.inference.generate import load_model_and_processor
+
+    model, processor = load_model_and_processor(model_dir, dtype, device)
+    session = ChatSession(model, processor, image=image, max_new_tokens=max_new_tokens,
+                          temperature=temperature, system=system)
+    if prompt is not None:
+        session.ask(prompt)
+        return 0
+    interactive(session)
+    return 0

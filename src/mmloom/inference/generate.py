@@ -1,0 +1,245 @@
+"""Batched, resumable generation over LLaVA-style question files.
+
+Questions: jsonl records with `question_id`, `text` and optionally `image` (relative to
+`image_dir`). Each prompt is the template's generation prompt for one user turn
+`"<image>\\n" + question (+ "\\n" + suffix)`; decoding is greedy unless a temperature is given.
+Answers: jsonl records `{"question_id", "prompt", "text", "model_id"}`, appended and flushed per
+batch; question ids already in the output are skipped, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageStat
+
+from mmloom.errors import MmloomError
+
+SUFFIXES = {
+    "none": "",
+    "short": "Answer the question using a single word or phrase.",
+    "choice": "Answer with the option's letter from the given choices directly.",
+}
+
+
+# ------------------------------------------------------------------------------------ model
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model_and_processor(model_dir: str | Path, dtype: str | None = None, device: str | None = None):
+    """A saved mmloom model (eval mode) and the MultimodalProcessor saved with it."""
+    from mmloom.interop.common import torch_dtype
+    from mmloom.model.multimodal import MultimodalModel
+    from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
+
+    model_dir = Path(model_dir)
+    if not (model_dir / PROCESSOR_CONFIG).exists():
+        raise MmloomError(
+            f"{model_dir} has no {PROCESSOR_CONFIG}: save the processor with the model "
+            "(MultimodalProcessor.save_pretrained) or create the folder with `mmloom convert` / `mmloom init`"
+        )
+    model = MultimodalModel.from_pretrained(model_dir, torch_dtype=torch_dtype(dtype), device=device or default_device())
+    return model.eval(), MultimodalProcessor.from_pretrained(model_dir)
+
+
+def generation_kwargs(processor, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float | None = None,
+                      num_beams: int = 1) -> dict[str, Any]:
+    """Greedy unless temperature > 0; stops on the template's end token or EOS."""
+    tokenizer = processor.tokenizer
+    stop = processor.template.stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": stop or None, "pad_token_id": pad,
+                              "num_beams": num_beams}
+    if temperature and temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature)
+        if top_p is not None:
+            kwargs["top_p"] = top_p
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def model_inputs(batch, device) -> dict[str, Any]:
+    """The processor's batch without labels, on `device` (per-modality dicts included)."""
+    out = {}
+    for key, value in batch.items():
+        if key == "labels":
+            continue
+        if isinstance(value, dict):
+            out[key] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in value.items()}
+        else:
+            out[key] = value.to(device) if torch.is_tensor(value) else value
+    return out
+
+
+def cut_at_stop(ids: list[int], stop_ids: Iterable[int]) -> list[int]:
+    stop = set(stop_ids)
+    for i, token in enumerate(ids):
+        if token in stop:
+            return ids[:i]
+    return ids
+
+
+def decode_new_tokens(processor, sequences: torch.Tensor, prompt_length: int, stop_ids) -> list[str]:
+    texts = []
+    for row in sequences[:, prompt_length:].tolist():
+        texts.append(processor.tokenizer.decode(cut_at_stop(row, stop_ids), skip_special_tokens=True).strip())
+    return texts
+
+
+@torch.no_grad()
+def answer_batch(model, processor, conversations: list[list[dict]], images: list, gen_kwargs: dict,
+                 streamer=None) -> list[str]:
+    """Generate one assistant turn for each conversation (left-padded batch)."""
+    batch = processor(conversations=conversations, images=images, add_generation_prompt=True,
+                      padding_side="left", return_labels=False)
+    inputs = model_inputs(batch, model.device)
+    input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    extra = {"streamer": streamer} if streamer is not None else {}
+    sequences = model.generate(input_ids, attention_mask=attention_mask, **inputs, **gen_kwargs, **extra)
+    stop = gen_kwargs.get("eos_token_id") or []
+    return decode_new_tokens(processor, sequences, input_ids.shape[1], stop if isinstance(stop, list) else [stop])
+
+
+# ------------------------------------------------------------------------------------ files
+def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise MmloomError(f"{what} {str(path)!r} not found")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MmloomError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise MmloomError(f"{path}:{number}: expected a JSON object per line")
+            records.append(record)
+    return records
+
+
+def done_question_ids(output: Path) -> set[str]:
+    """Question ids already answered in `output`; a torn last line (killed run) is cut off."""
+    if not output.exists():
+        return set()
+    data = output.read_bytes()
+    done: set[str] = set()
+    position = 0
+    for number, raw in enumerate(data.splitlines(keepends=True), 1):
+        if raw.strip():
+            try:
+                question_id = json.loads(raw)["question_id"] if raw.endswith(b"\n") else None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                question_id = None
+            if question_id is None:
+                if position + len(raw) == len(data):  # the last line, torn by a killed run
+                    with output.open("r+b") as f:
+                        f.truncate(position)
+                    break
+                raise MmloomError(f"{output}:{number}: not an answer record; refusing to append to it")
+            done.add(str(question_id))
+        position += len(raw)
+    return done
+
+
+def blank_like(image: Image.Image) -> Image.Image:
+    """An image of the same size filled with the image's mean colour."""
+    mean = tuple(int(round(c)) for c in ImageStat.Stat(image).mean[:3])
+    return Image.new("RGB", image.size, mean)
+
+
+def question_content(text: str, has_image: bool, suffix: str, placeholder: str = "<image>") -> tuple[str, str]:
+    """(user turn content, prompt recorded in the answer) for one question."""
+    prompt = text.strip()
+    if suffix and not prompt.endswith(suffix):
+        prompt = f"{prompt}\n{suffix}"
+    question = prompt.replace(placeholder, "").strip() if has_image else prompt
+    content = f"{placeholder}\n{question}" if has_image else prompt
+    return content, prompt
+
+
+def generate_answers(
+    model,
+    processor,
+    questions: str | Path,
+    output: str | Path,
+    image_dir: str | Path | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    suffix: str = "none",
+    blank_images: bool = False,
+    temperature: float = 0.0,
+    model_id: str | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Answer every question not yet in `output`; returns counts (total, skipped, answered)."""
+    from mmloom.processing.image import load_image
+
+    if suffix not in SUFFIXES:
+        raise MmloomError(f"unknown suffix {suffix!r}; use one of {', '.join(SUFFIXES)}")
+    if batch_size < 1:
+        raise MmloomError(f"--batch-size must be at least 1, got {batch_size}")
+    records = read_jsonl(questions, "questions file")
+    for number, record in enumerate(records, 1):
+        if "question_id" not in record or "text" not in record:
+            raise MmloomError(f"{questions}: record {number} lacks 'question_id' or 'text'")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = done_question_ids(output)
+    seen: set[str] = set()
+    pending = []
+    for record in records:
+        key = str(record["question_id"])
+        if key in seen:
+            raise MmloomError(f"{questions}: question_id {record['question_id']!r} appears twice")
+        seen.add(key)
+        if key not in done:
+            pending.append(record)
+    placeholder = processor.placeholders.get("vision", "<image>")
+    gen_kwargs = generation_kwargs(processor, max_new_tokens, temperature)
+    model_id = model_id or "mmloom"
+    image_root = Path(image_dir) if image_dir is not None else Path(questions).parent
+
+    def run(advance):
+        with output.open("a", encoding="utf-8") as sink:
+            for start in range(0, len(pending), batch_size):
+                chunk = pending[start:start + batch_size]
+                conversations, images, prompts = [], [], []
+                for record in chunk:
+                    image = None
+                    if record.get("image"):
+                        image = load_image(image_root / record["image"])
+                        if blank_images:
+                            image = blank_like(image)
+                    content, prompt = question_content(record["text"], image is not None, SUFFIXES[suffix], placeholder)
+                    conversations.append([{"role": "user", "content": content}])
+                    images.append(image)
+                    prompts.append(prompt)
+                answers = answer_batch(model, processor, conversations, images, gen_kwargs)
+                for record, prompt, answer in zip(chunk, prompts, answers, strict=True):
+                    sink.write(json.dumps({"question_id": record["question_id"], "prompt": prompt, "text": answer,
+                                           "model_id": model_id}, ensure_ascii=False) + "\n")
+                sink.flush()
+                os.fsync(sink.fileno())
+                advance(len(chunk))
+
+    if progress and pending:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True)) as bar:
+            task = bar.add_task("generate", total=len(pending))
+            run(lambda n: bar.advance(task, n))
+    else:
+        run(lambda n: None)
+    return {"total": len(records), "skipped": len(records) - len(pending), "answered": len(pending)}

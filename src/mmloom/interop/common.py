@@ -1,0 +1,272 @@
+"""What every format reads into and writes from: a model with its tokenizer and processors.
+
+The native `mmloom` folder is read and written here too.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmloom.errors import MmloomError
+from mmloom.model.callbacks import FeatureSelect
+from mmloom.model.encoder import CALLBACK_SLOTS, base_module
+from mmloom.model.multimodal import MultimodalModel
+from mmloom.model.serialization import atomic_directory
+
+DEFAULT_TEMPLATE = "vicuna_v1"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Bundle:
+    """A composite model and what it needs to be used: tokenizer, per-modality processors, template."""
+
+    model: MultimodalModel
+    tokenizer: Any | None = None
+    encoder_processors: dict[str, Any] = field(default_factory=dict)
+    template: str = DEFAULT_TEMPLATE
+    template_options: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise MmloomError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def hf_dtype(name) -> Any:
+    """The `dtype=` argument for HF from_pretrained: the requested dtype, else the checkpoint's."""
+    return torch_dtype(name) or "auto"
+
+
+def check_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise MmloomError(f"{what} {str(path)!r} is not a folder")
+    return path
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).exists() for name in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"))
+
+
+def load_tokenizer(directory: Path, required: bool = False):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not has_tokenizer(directory):
+        if required:
+            raise MmloomError(f"no tokenizer files (tokenizer_config.json / tokenizer.json) in {directory}")
+        return None
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a LLaVA config.json (model_type llava_llama) is unknown to AutoConfig
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_image_processor(directory: Path):
+    """The image processor saved in `directory`, or None."""
+    from transformers import AutoImageProcessor
+
+    if not any((directory / name).exists() for name in ("preprocessor_config.json", "processor_config.json")):
+        return None
+    try:
+        return AutoImageProcessor.from_pretrained(directory)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def default_image_processor(vision_config):
+    """A processor sized from a vision config: CLIP preprocessing (SigLIP's for SigLIP towers)."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    size = vision_config.image_size if isinstance(vision_config.image_size, int) else vision_config.image_size[0]
+    if "siglip" in getattr(vision_config, "model_type", ""):
+        return SiglipImageProcessor(size={"height": size, "width": size})
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def copy_modules_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+    if dtype is not None:
+        model.to(dtype)
+
+
+# ----------------------------------------------------------------------------- checks for export
+def merge_adapters(model: MultimodalModel) -> list[str]:
+    """Merge LoRA adapters into their base weights in place (exports hold plain weights)."""
+    merged = []
+    for name, encoder in model.encoders.items():
+        if hasattr(encoder.module, "merge_and_unload"):
+            encoder.module = encoder.module.merge_and_unload()
+            merged.append(f"{name} encoder")
+    if hasattr(model.language_model, "merge_and_unload"):
+        model.language_model = model.language_model.merge_and_unload()
+        merged.append("language model")
+    return merged
+
+
+@dataclass
+class VisionParts:
+    """The pieces of a single-vision-encoder composite, validated for export."""
+
+    tower: nn.Module
+    layer: int | list[int]
+    drops_cls: bool
+    projection: nn.Sequential
+    projector_type: str
+    activation: str
+    depth: int
+    bias: bool
+    language_model: nn.Module
+    placeholder_id: int
+
+
+def vision_parts(model: MultimodalModel, fmt: str) -> VisionParts:
+    """Check that `model` is one vision encoder (feature selection only) + projector + causal LM."""
+    from mmloom.model.projector import parse_projector_type
+
+    if model.encoder_names != ["vision"]:
+        raise MmloomError(
+            f"format {fmt!r} holds exactly one encoder named 'vision'; this model has encoders "
+            f"{model.encoder_names} (audio or other encoders cannot be represented)"
+        )
+    encoder = model.vision_encoder
+    tower = base_module(encoder.module)
+    for slot in CALLBACK_SLOTS:
+        callback = getattr(encoder, slot)
+        if callback is None or (slot == "postprocess_module_callback" and isinstance(callback, FeatureSelect)):
+            continue
+        raise MmloomError(
+            f"format {fmt!r} cannot represent the vision encoder's {slot} {callback!r}: only a FeatureSelect "
+            "feature-layer selection is supported"
+        )
+    select = encoder.postprocess_module_callback
+    if select is None:
+        if getattr(tower.config, "model_type", "") != "clip_vision_model":
+            raise MmloomError(
+                f"format {fmt!r} needs the vision features to be a hidden layer of the tower; add "
+                "FeatureSelect(layer, strategy) to the vision encoder"
+            )
+        layer, drops_cls = -1, False  # CLIP's last_hidden_state is the last layer's output, with CLS
+    else:
+        layer, drops_cls = select.layer, select.drops_cls
+    cfg = encoder.projector.config
+    if cfg.projector_type == "custom":
+        raise MmloomError(f"format {fmt!r} cannot represent a custom projector module (only linear / mlpNx_act)")
+    depth, activation = parse_projector_type(cfg.projector_type, cfg.activation)
+    if "vision" not in model.placeholder_token_ids:
+        raise MmloomError("the model has no placeholder token id for 'vision'")
+    return VisionParts(
+        tower=tower,
+        layer=layer,
+        drops_cls=drops_cls,
+        projection=encoder.projector.projection,
+        projector_type=cfg.projector_type,
+        activation=activation,
+        depth=depth,
+        bias=bool(cfg.bias),
+        language_model=base_module(model.language_model),
+        placeholder_id=int(model.placeholder_token_ids["vision"]),
+    )
+
+
+# ---------------------------------------------------------------------------------- mmloom folder
+def read_mmloom(src: str | Path, dtype: str | None = None, **_: Any) -> Bundle:
+    """An mmloom folder: the composite, plus its processor (or bare tokenizer / image processor)."""
+    from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
+
+    src = check_dir(src, "mmloom model folder")
+    model = MultimodalModel.from_pretrained(src, torch_dtype=torch_dtype(dtype))
+    if (src / PROCESSOR_CONFIG).exists():
+        processor = MultimodalProcessor.from_pretrained(src)
+        return Bundle(
+            model,
+            processor.tokenizer,
+            dict(processor.encoder_processors),
+            processor.template.name,
+            dict(processor.template_options),
+        )
+    processors = {}
+    for name in model.encoder_names:
+        found = load_image_processor(src / f"{name}_processor") if (src / f"{name}_processor").is_dir() else None
+        if found is None and name == "vision":
+            found = load_image_processor(src)
+        if found is not None:
+            processors[name] = found
+    return Bundle(model, load_tokenizer(src), processors)
+
+
+def save_processor(bundle: Bundle, directory: Path) -> None:
+    """Write the MultimodalProcessor (tokenizer, processors, template) next to the model."""
+    from mmloom.processing.processor import MultimodalProcessor
+
+    if bundle.tokenizer is None:
+        warnings.warn("no tokenizer to save with the model: add one before training or inference", stacklevel=2)
+        return
+    missing = [name for name in bundle.model.encoder_names if name not in bundle.encoder_processors]
+    if missing:
+        warnings.warn(
+            f"no processor for encoder(s) {missing}: only the tokenizer is saved (no mmloom_processor.json)",
+            stacklevel=2,
+        )
+        bundle.tokenizer.save_pretrained(directory)
+        return
+    processor = MultimodalProcessor.from_model(
+        bundle.model,
+        bundle.tokenizer,
+        bundle.encoder_processors,
+        template=bundle.template,
+        template_options=bundle.template_options,
+    )
+    processor.save_pretrained(directory)
+
+
+def write_mmloom(bundle: Bundle, dst: str | Path, dtype: str | None = None, **_: Any) -> None:
+    copy_modules_dtype(bundle.model, torch_dtype(dtype))
+    with atomic_directory(dst) as tmp:
+        bundle.model.save_pretrained(tmp)
+        save_processor(bundle, tmp)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MmloomError(f"{path} not found") from None
+    except json.JSONDecodeError as err:
+        raise MmloomError(f"{path} is not valid JSON: {err}") from None
+
+
+def load_weight_files(directory: Path) -> dict[str, torch.Tensor]:
+    """All weights of a HF-style folder: safetensors or PyTorch .bin, single or sharded."""
+    from safetensors.torch import load_file
+
+    files, loader = [], ""
+    for index_name, kind in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "pt")):
+        if (directory / index_name).exists():
+            files, loader = sorted(set(read_json(directory / index_name)["weight_map"].values())), kind
+            break
+    if not files:
+        if (directory / "model.safetensors").exists():
+            files, loader = ["model.safetensors"], "st"
+        elif (directory / "pytorch_model.bin").exists():
+            files, loader = ["pytorch_model.bin"], "pt"
+        else:
+            raise MmloomError(f"no model.safetensors or pytorch_model.bin (or their index) in {directory}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = str(directory / name)
+        state.update(load_file(path) if loader == "st" else torch.load(path, map_location="cpu", weights_only=True))
+    return state

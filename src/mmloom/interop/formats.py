@@ -1,0 +1,104 @@
+"""Checkpoint formats and the conversions between them.
+
+Every format that can be read gives a :class:`~mmloom.interop.common.Bundle` (model, tokenizer,
+processors, template); every format that can be written takes one. A conversion is a read and a
+write, so every readable format converts to every writable one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmloom.errors import MmloomError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    description: str
+    reader: str | None = None  # "module:function"
+    writer: str | None = None
+    src_is_file: bool = False
+    needs_src: bool = True
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("mmloom", "native composite folder (config.json + safetensors + processor files)",
+               "mmloom.interop.common:read_mmloom", "mmloom.interop.common:write_mmloom"),
+        Format("hf-components", "separate HF folders: --image-model (CLIP/SigLIP), --text-model (causal LM), "
+               "optional --audio-model (Whisper); a fresh projector", "mmloom.interop.hf_components:read_hf_components",
+               needs_src=False),
+        Format("hf-llava", "transformers LlavaForConditionalGeneration folder (+ LlavaProcessor)",
+               "mmloom.interop.hf_llava:read_hf_llava", "mmloom.interop.hf_llava:write_hf_llava"),
+        Format("llava", "original LLaVA (LlavaLlamaForCausalLM): DST/image_model + DST/text_model_llava",
+               "mmloom.interop.llava_original:read_llava", "mmloom.interop.llava_original:write_llava"),
+        Format("llava-projector", "phase-1 mm_projector.bin (model.mm_projector.*) imported into --base MODEL_DIR",
+               "mmloom.interop.llava_original:read_llava_projector", src_is_file=True),
+    )
+}
+
+
+def _resolve(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def supported_pairs() -> list[tuple[str, str]]:
+    """(from, to) pairs; the projector import only goes into an mmloom model."""
+    pairs = []
+    for src in FORMATS.values():
+        for dst in FORMATS.values():
+            if src.reader and dst.writer and src.name != dst.name:
+                if src.name == "llava-projector" and dst.name != "mmloom":
+                    continue
+                pairs.append((src.name, dst.name))
+    return pairs
+
+
+def pairs_table() -> str:
+    lines = ["formats:"]
+    lines += [f"  {f.name:<16} {f.description}" for f in FORMATS.values()]
+    lines.append("conversions (--from -> --to):")
+    lines += [f"  {a:<16} -> {b}" for a, b in supported_pairs()]
+    return "\n".join(lines)
+
+
+def read(fmt: str, src: str | Path | None, **options: Any):
+    spec = _format(fmt)
+    if spec.reader is None:
+        raise MmloomError(f"format {fmt!r} cannot be read; readable: {[f.name for f in FORMATS.values() if f.reader]}")
+    if spec.needs_src and src is None:
+        raise MmloomError(f"--from {fmt} needs a SRC path")
+    return _resolve(spec.reader)(src, **options)
+
+
+def write(fmt: str, bundle, dst: str | Path, **options: Any) -> None:
+    spec = _format(fmt)
+    if spec.writer is None:
+        raise MmloomError(f"format {fmt!r} cannot be written; writable: {[f.name for f in FORMATS.values() if f.writer]}")
+    _resolve(spec.writer)(bundle, dst, **options)
+
+
+def convert(src_format: str, dst_format: str, src: str | Path | None, dst: str | Path, **options: Any):
+    """Convert `src` (in `src_format`) to `dst` (in `dst_format`), written atomically; returns the bundle."""
+    if (src_format, dst_format) not in supported_pairs():
+        raise MmloomError(
+            f"no conversion from {src_format!r} to {dst_format!r}; run `mmloom convert --list` for the supported pairs"
+        )
+    if src is not None and dst is not None and Path(src).resolve() == Path(dst).resolve() and src_format != "llava-projector":
+        raise MmloomError("SRC and DST are the same path; write the conversion to a new folder")
+    bundle = read(src_format, src, **options)
+    write(dst_format, bundle, dst, **options)
+    return bundle
+
+
+def _format(name: str) -> Format:
+    if name not in FORMATS:
+        raise MmloomError(f"unknown format {name!r}; formats: {', '.join(FORMATS)}")
+    return FORMATS[name]

@@ -1,0 +1,311 @@
+"""The original LLaVA layout (`LlavaLlamaForCausalLM`), as the Cerebras pair of folders.
+
+    DST/image_model/        CLIP vision tower (config, weights, preprocessor_config.json)
+    DST/text_model_llava/   LLM weights + `model.mm_projector.{0,2}.*`, LLaVA config.json with the
+                            mm_* keys (`mm_vision_tower` -> DST/image_model), the LLM's own config
+                            as config_lmsys.json, tokenizer, generation_config.json
+
+The original loader only recognises a LLaVA model when its folder path contains "llava".
+Also: a phase-1 `mm_projector.bin` imported into an existing mmloom model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmloom.errors import MmloomError
+from mmloom.interop.common import (
+    Bundle,
+    check_dir,
+    copy_modules_dtype,
+    default_image_processor,
+    load_image_processor,
+    load_tokenizer,
+    load_weight_files,
+    merge_adapters,
+    read_json,
+    read_mmloom,
+    torch_dtype,
+    vision_parts,
+)
+from mmloom.interop.tokens import prepare_tokenizer_and_vocab
+from mmloom.model.callbacks import FeatureSelect
+from mmloom.model.encoder import ModalEncoderModule
+from mmloom.model.multimodal import MultimodalModel
+from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
+from mmloom.model.serialization import atomic_directory, dedupe_shared_tensors, save_state_dict
+
+FORMAT = "llava"
+IMAGE_FOLDER = "image_model"
+TEXT_FOLDER = "text_model_llava"
+PROJECTOR_PREFIX = "model.mm_projector."
+TOWER_PREFIX = "model.vision_tower."
+# LLM model_type -> (LLaVA model_type, LLaVA architecture) known to the original code base.
+LLAVA_FAMILIES = {
+    "llama": ("llava_llama", "LlavaLlamaForCausalLM"),
+    "mistral": ("llava_mistral", "LlavaMistralForCausalLM"),
+}
+LLAVA_KEYS = {
+    "mm_vision_tower", "mm_projector_type", "mm_hidden_size", "mm_vision_select_layer",
+    "mm_vision_select_feature", "mm_use_im_start_end", "mm_use_im_patch_token", "image_aspect_ratio",
+    "mm_patch_merge_type", "tokenizer_model_max_length", "tokenizer_padding_side", "freeze_mm_mlp_adapter",
+    "tune_mm_mlp_adapter", "use_mm_proj", "mm_projector_lr", "unfreeze_mm_vision_tower", "image_grid_pinpoints",
+    "mm_vision_tower_lr", "image_crop_resolution", "image_split_resolution",
+}
+
+
+# --------------------------------------------------------------------------------------- writing
+def write_llava(
+    bundle: Bundle,
+    dst: str | Path,
+    dtype: str | None = None,
+    mm_vision_tower: str | None = None,
+    text_folder: str = TEXT_FOLDER,
+    **_: Any,
+) -> None:
+    model = bundle.model
+    merge_adapters(model)
+    parts = vision_parts(model, FORMAT)
+    llm, tower = parts.language_model, parts.tower
+    family = LLAVA_FAMILIES.get(getattr(llm.config, "model_type", None))
+    if family is None:
+        raise MmloomError(
+            f"format {FORMAT!r} (original LLaVA) supports Llama-family language models "
+            f"({', '.join(LLAVA_FAMILIES)}); this model's is {llm.config.model_type!r}"
+        )
+    if getattr(tower.config, "model_type", "") != "clip_vision_model":
+        raise MmloomError(
+            f"format {FORMAT!r} loads its vision tower with CLIPVisionModel; this model's tower is "
+            f"{tower.config.model_type!r}"
+        )
+    if not isinstance(parts.layer, int):
+        raise MmloomError(f"format {FORMAT!r} selects one vision layer; this model concatenates {parts.layer}")
+    if (parts.activation != "gelu" and parts.depth > 1) or not parts.bias:
+        raise MmloomError(
+            f"format {FORMAT!r} supports 'linear' and 'mlp{{N}}x_gelu' projectors with bias; this model's is "
+            f"{parts.projector_type!r} (activation {parts.activation}, bias {parts.bias})"
+        )
+    if "llava" not in text_folder:
+        raise MmloomError(f"the text folder name must contain 'llava' (the original loader checks it): {text_folder!r}")
+    copy_modules_dtype(model, torch_dtype(dtype))
+    projector_type = "linear" if parts.depth == 1 else f"mlp{parts.depth}x_gelu"
+    dst = Path(dst)
+    vision_path = mm_vision_tower or str((dst / IMAGE_FOLDER).resolve())
+    tokenizer = bundle.tokenizer
+
+    state, _ = dedupe_shared_tensors(llm.state_dict())
+    if getattr(llm.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    for name, tensor in parts.projection.state_dict().items():
+        state[PROJECTOR_PREFIX + name] = tensor.detach().contiguous()
+    llm_config = llm.config.to_dict()
+    config = dict(llm_config)
+    max_length = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+    config.update(
+        architectures=[family[1]],
+        model_type=family[0],
+        mm_vision_tower=vision_path,
+        mm_projector_type=projector_type,
+        mm_hidden_size=parts.projection[0].in_features,
+        mm_vision_select_layer=parts.layer,
+        mm_vision_select_feature="patch" if parts.drops_cls else "cls_patch",
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+        image_aspect_ratio="pad",
+        mm_patch_merge_type="flat",
+        tokenizer_model_max_length=max_length if max_length and max_length < 10**9 else 2048,
+        tokenizer_padding_side="right",
+        use_mm_proj=True,
+        freeze_mm_mlp_adapter=False,
+        tune_mm_mlp_adapter=False,
+    )
+    with atomic_directory(dst) as tmp:
+        tower.save_pretrained(tmp / IMAGE_FOLDER)
+        image_processor = bundle.encoder_processors.get("vision") or default_image_processor(tower.config)
+        image_processor.save_pretrained(tmp / IMAGE_FOLDER)
+        text = tmp / text_folder
+        text.mkdir()
+        save_state_dict(state, text)
+        (text / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        (text / "config_lmsys.json").write_text(json.dumps(llm_config, indent=2, sort_keys=True, default=str))
+        if getattr(llm, "generation_config", None) is not None:
+            llm.generation_config.save_pretrained(text)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(text)
+
+
+# --------------------------------------------------------------------------------------- reading
+def _is_llava_config(folder: Path) -> bool:
+    path = folder / "config.json"
+    return path.exists() and any(key.startswith("mm_") for key in read_json(path))
+
+
+def find_text_folder(src: Path) -> Path:
+    """SRC is the LLaVA folder itself (config.json with mm_* keys) or a parent holding one."""
+    if _is_llava_config(src):
+        return src
+    candidates = sorted(p for p in src.iterdir() if p.is_dir() and "llava" in p.name and _is_llava_config(p))
+    if len(candidates) != 1:
+        raise MmloomError(
+            f"{src} is not an original-LLaVA folder: expected config.json with mm_* keys, or one sub-folder "
+            f"whose name contains 'llava' holding it (found {[p.name for p in candidates]})"
+        )
+    return candidates[0]
+
+
+def resolve_vision_tower(config: dict, text: Path, image_model: str | Path | None) -> Path:
+    if image_model is not None:
+        return check_dir(image_model, "--image-model")
+    given = config.get("mm_vision_tower") or config.get("vision_tower")
+    candidates = []
+    if given:
+        candidates += [Path(given), text / given, text.parent / given]
+    candidates.append(text.parent / IMAGE_FOLDER)
+    for path in candidates:
+        if (path / "config.json").exists():
+            return path
+    raise MmloomError(
+        f"the vision tower {given!r} (mm_vision_tower) is not a local folder and there is no "
+        f"{text.parent / IMAGE_FOLDER}; pass --image-model DIR (a CLIP folder)"
+    )
+
+
+def read_llava(
+    src: str | Path,
+    image_model: str | Path | None = None,
+    dtype: str | None = None,
+    pad_to_multiple_of: int | None = None,
+    template: str | None = None,
+    **_: Any,
+) -> Bundle:
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from mmloom.interop.hf_components import load_vision_tower
+
+    text = find_text_folder(check_dir(src, "llava folder"))
+    config = read_json(text / "config.json")
+    base_type = {v[0]: k for k, v in LLAVA_FAMILIES.items()}.get(config.get("model_type"))
+    if base_type is None:
+        raise MmloomError(
+            f"{text}: model_type {config.get('model_type')!r} is not one of "
+            f"{[v[0] for v in LLAVA_FAMILIES.values()]}"
+        )
+    if config.get("mm_use_im_start_end") or config.get("mm_use_im_patch_token"):
+        raise MmloomError(f"{text}: image start/end or patch tokens (mm_use_im_*) are not supported")
+    if config.get("mm_patch_merge_type", "flat") != "flat" or "anyres" in str(config.get("image_aspect_ratio")):
+        raise MmloomError(f"{text}: anyres / spatial patch merging (LLaVA-NeXT) is not supported by this format")
+    strategy = config.get("mm_vision_select_feature", "patch")
+    if strategy not in ("patch", "cls_patch"):
+        raise MmloomError(f"{text}: unknown mm_vision_select_feature {strategy!r}")
+
+    llm_config = {k: v for k, v in config.items() if k not in LLAVA_KEYS and not k.startswith("mm_")}
+    llm_config.update(model_type=base_type, architectures=[MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_type]])
+    hf_config = CONFIG_MAPPING[base_type].from_dict(llm_config)
+    state = load_weight_files(text)
+    projector_state = {k[len(PROJECTOR_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(PROJECTOR_PREFIX)}
+    tower_keys = [k for k in state if k.startswith(TOWER_PREFIX)]
+    notes = []
+    for k in tower_keys:
+        state.pop(k)
+    if tower_keys:
+        notes.append(f"ignored {len(tower_keys)} vision-tower weights stored with the LLM; the tower comes from "
+                     "mm_vision_tower / --image-model")
+    if not projector_state:
+        raise MmloomError(f"{text}: no {PROJECTOR_PREFIX}* weights")
+    with no_init_weights():
+        llm = AutoModelForCausalLM.from_config(hf_config)
+    tied = getattr(hf_config, "tie_word_embeddings", False)
+    result = llm.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise MmloomError(
+            f"{text}: the weights do not fit {type(llm).__name__}: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    if tied:
+        llm.tie_weights()
+    if (text / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        llm.generation_config = GenerationConfig.from_pretrained(text)
+    tower_path = resolve_vision_tower(config, text, image_model)
+    tower = load_vision_tower(tower_path, dtype).eval()
+
+    projector_type = config.get("mm_projector_type", "linear")
+    in_features = projector_state["0.weight"].shape[1]
+    projector = MultimodalProjector(
+        MultimodalProjectorConfig(in_features=in_features, out_features=hf_config.hidden_size,
+                                  projector_type=projector_type, activation="gelu")
+    )
+    _load_projection(projector, projector_state, str(text))
+    tokenizer = load_tokenizer(text, required=True)
+    ids = prepare_tokenizer_and_vocab(tokenizer, llm, ["<image>"], pad_to_multiple_of)
+    encoder = ModalEncoderModule(
+        tower,
+        projector=projector,
+        postprocess_module_callback=FeatureSelect(config.get("mm_vision_select_layer", -2), strategy),
+    )
+    model = MultimodalModel({"vision": encoder}, llm.eval(), placeholder_token_ids={"vision": ids["<image>"]})
+    target = torch_dtype(dtype) or next(llm.parameters()).dtype
+    model.to(target)
+    image_processor = load_image_processor(tower_path) or default_image_processor(tower.config)
+    return Bundle(model.eval(), tokenizer, {"vision": image_processor}, template or "vicuna_v1", notes=notes)
+
+
+def _load_projection(projector: MultimodalProjector, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = projector.projection.state_dict()
+    got_shapes = {k: tuple(v.shape) for k, v in state.items()}
+    want_shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    if got_shapes != want_shapes:
+        raise MmloomError(
+            f"{source}: projector weights {got_shapes} do not fit the model's "
+            f"{projector.config.projector_type} projector {want_shapes}"
+        )
+    dtype = next(iter(expected.values())).dtype
+    projector.projection.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+
+
+# ------------------------------------------------------------------------ phase-1 projector import
+def read_llava_projector(src: str | Path, base: str | Path | None = None, dtype: str | None = None,
+                         **_: Any) -> Bundle:
+    """An existing mmloom model (`base`) with its vision projector replaced by `mm_projector.bin`."""
+    from safetensors.torch import load_file
+
+    src = Path(src)
+    if not src.is_file():
+        raise MmloomError(f"projector file {str(src)!r} not found")
+    if base is None:
+        raise MmloomError("llava-projector needs the mmloom model to import into: --base MODEL_DIR")
+    if src.suffix == ".safetensors":
+        raw = load_file(str(src))
+    else:
+        try:
+            raw = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickles with code, corrupt files
+            raise MmloomError(f"cannot load {src} as a weights-only PyTorch file: {err}") from None
+    if not isinstance(raw, dict):
+        raise MmloomError(f"{src} does not hold a state dict")
+    state = {}
+    for key, tensor in raw.items():
+        for prefix in (PROJECTOR_PREFIX, "mm_projector.", "model.multi_modal_projector."):
+            if key.startswith(prefix):
+                state[key[len(prefix):]] = tensor
+                break
+    if not state:
+        raise MmloomError(f"{src}: no {PROJECTOR_PREFIX}* keys (found {sorted(raw)[:5]})")
+    bundle = read_mmloom(base, dtype=dtype)
+    if "vision" not in bundle.model.encoder_names:
+        raise MmloomError(f"{base} has no vision encoder to take the projector")
+    projector = bundle.model.vision_encoder.projector
+    if projector.config.projector_type == "custom":
+        raise MmloomError(f"{base}: the vision projector is a custom module; cannot import LLaVA projector weights")
+    _load_projection(projector, state, str(src))
+    bundle.notes.append(f"vision projector weights from {src} ({len(state)} tensors)")
+    return bundle
+

@@ -1,0 +1,81 @@
+"""Placeholder tokens in the tokenizer and a vocabulary that covers them."""
+
+from __future__ import annotations
+
+from tokenizers import AddedToken
+from torch import nn
+
+from mmloom.errors import MmloomError
+from mmloom.model.encoder import base_module
+
+
+def token_id(tokenizer, token: str) -> int | None:
+    """The single id of `token` in the tokenizer's vocabulary, or None when it is not one token."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return int(tid)
+
+
+def ensure_special_token(tokenizer, token: str) -> tuple[int, bool]:
+    """Add `token` as a never-split special token unless it already is one; return (id, added)."""
+    existing = token_id(tokenizer, token)
+    if existing is not None:
+        return existing, False
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+    added = token_id(tokenizer, token)
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if added is None or ids != [added]:
+        raise MmloomError(f"could not add {token!r} to the tokenizer as a single token (got ids {ids})")
+    return added, True
+
+
+def ensure_pad_token(tokenizer) -> bool:
+    """Give the tokenizer a pad token (its unk token, as LLaVA does for Vicuna, else a new `<pad>`)."""
+    if tokenizer.pad_token is not None:
+        return False
+    if tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+        return False
+    ensure_special_token(tokenizer, "<pad>")
+    tokenizer.pad_token = "<pad>"
+    return True
+
+
+def vocab_rows(language_model: nn.Module) -> int:
+    return language_model.get_input_embeddings().weight.shape[0]
+
+
+def resize_to_cover(
+    language_model: nn.Module, size: int, pad_to_multiple_of: int | None = None
+) -> tuple[int, int]:
+    """Grow the input/output embeddings to at least `size` rows (rounded up to a multiple when
+    asked; new rows get the mean of the old ones); never shrinks. Returns (old rows, new rows)."""
+    old = vocab_rows(language_model)
+    target = max(old, size)
+    if pad_to_multiple_of:
+        if pad_to_multiple_of < 1:
+            raise MmloomError(f"--pad-to-multiple-of must be positive, got {pad_to_multiple_of}")
+        target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+    if target != old:
+        base_module(language_model).resize_token_embeddings(target, mean_resizing=True)
+        config = base_module(language_model).config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text_config.vocab_size = target
+    return old, target
+
+
+def prepare_tokenizer_and_vocab(
+    tokenizer, language_model: nn.Module, placeholders: list[str], pad_to_multiple_of: int | None = None
+) -> dict[str, int]:
+    """Add the placeholder tokens (and a pad token), then resize the embeddings to cover the
+    tokenizer. Returns {placeholder: id}. The LLM's pad_token_id is set when it had none."""
+    ids = {p: ensure_special_token(tokenizer, p)[0] for p in placeholders}
+    ensure_pad_token(tokenizer)
+    resize_to_cover(language_model, len(tokenizer), pad_to_multiple_of)
+    base = base_module(language_model)
+    if getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(base, "generation_config", None) is not None and base.generation_config.pad_token_id is None:
+        base.generation_config.pad_token_id = tokenizer.pad_token_id
+    return ids
