@@ -12,6 +12,7 @@ from mmloom.errors import MmloomError
 # Each module defines `register(subparsers)`, adding its sub-command(s) with `set_defaults(func=...)`.
 COMMAND_MODULES = [
     "mmloom.cli.data",
+    "mmloom.cli.train",
     "mmloom.cli.convert",
     "mmloom.cli.infer",
 ]

@@ -1,0 +1,177 @@
+"""Build the composite LLaVA model described by a training config, and load start weights."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmloom.errors import MmloomError
+from mmloom.training.config import ModelSection, TrainConfig
+
+# Vision model classes when a folder holds a full dual-tower model (e.g. openai/clip-vit-*).
+_VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+
+
+def _vision_config(config):
+    return getattr(config, "vision_config", None) or config
+
+
+def _check_inline_matches(inline: dict, loaded: dict, key: str) -> None:
+    for name, value in inline.items():
+        if name in ("model_type", "pretrained"):
+            continue
+        if name in loaded and loaded[name] != value and not (
+            isinstance(value, (list, tuple)) and list(loaded[name] or []) == list(value)
+        ):
+            raise MmloomError(
+                f"model.{key}.{name} = {value!r} but the pretrained folder's config has {loaded[name]!r}"
+            )
+
+
+def build_vision_model(spec: str | dict[str, Any], attn_implementation: str | None) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if isinstance(spec, dict) and spec.get("pretrained") is None:
+        params = {k: v for k, v in spec.items() if k not in ("model_type", "pretrained")}
+        try:
+            config = AutoConfig.for_model(spec["model_type"], **params)
+        except (ValueError, KeyError) as exc:
+            raise MmloomError(f"model.image_model: {exc}") from None
+        config = _vision_config(config)
+        return AutoModel.from_config(config, **kwargs)
+    path = spec if isinstance(spec, str) else spec["pretrained"]
+    config = AutoConfig.from_pretrained(path)
+    if isinstance(spec, dict):
+        _check_inline_matches(spec, _vision_config(config).to_dict(), "image_model")
+    cls_name = _VISION_TOWERS.get(config.model_type)
+    cls = getattr(transformers, cls_name) if cls_name else AutoModel
+    return cls.from_pretrained(path, **kwargs)
+
+
+def build_text_model(spec: str | dict[str, Any], attn_implementation: str | None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if isinstance(spec, dict) and spec.get("pretrained") is None:
+        params = {k: v for k, v in spec.items() if k not in ("model_type", "pretrained")}
+        try:
+            config = AutoConfig.for_model(spec["model_type"], **params)
+        except (ValueError, KeyError) as exc:
+            raise MmloomError(f"model.text_model: {exc}") from None
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+    path = spec if isinstance(spec, str) else spec["pretrained"]
+    if isinstance(spec, dict):
+        _check_inline_matches(spec, AutoConfig.from_pretrained(path).to_dict(), "text_model")
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, **kwargs)
+
+
+def build_model(cfg: TrainConfig | ModelSection, seed: int = 0):
+    """The composite model in float32 (random parts are initialised from `seed`, deterministically)."""
+    from mmloom import FeatureSelect, ModalEncoderModule, MultimodalModel
+
+    m = cfg.model if isinstance(cfg, TrainConfig) else cfg
+    torch.manual_seed(seed)
+    if m.init_from is not None:
+        model = MultimodalModel.from_pretrained(m.init_from, torch_dtype=torch.float32)
+        return model.train()
+    vision = build_vision_model(m.image_model, m.attn_implementation)
+    llm = build_text_model(m.text_model, m.attn_implementation)
+    image_token_id = m.image_token_id if m.image_token_id is not None else llm.config.vocab_size
+    encoder = ModalEncoderModule(
+        vision, postprocess_module_callback=FeatureSelect(m.image_feature_select_layer_idx, m.image_feature_select_mode)
+    )
+    model = MultimodalModel(
+        {"vision": encoder},
+        llm,
+        init_projector_type=m.projector,
+        placeholder_token_ids={"vision": image_token_id},
+    )
+    return model.float().train()
+
+
+def apply_lora(model, settings) -> None:
+    """Wrap the language model with PEFT LoRA adapters (only the adapters train)."""
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(model.language_model, "peft_config"):
+        return
+    target = settings.target_modules
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=target if isinstance(target, str) else list(target),
+    )
+    model.language_model = get_peft_model(model.language_model, config)
+
+
+# ------------------------------------------------------------------------------- weights
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+FINAL_MODEL = "final_model"
+
+
+def list_checkpoints(model_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (`checkpoint-N` folders with trainer_state.json), oldest first."""
+    model_dir = Path(model_dir)
+    found = []
+    if model_dir.is_dir():
+        for p in model_dir.iterdir():
+            match = CHECKPOINT_RE.match(p.name)
+            if match and p.is_dir() and (p / "trainer_state.json").exists():
+                found.append((int(match.group(1)), p))
+    return sorted(found)
+
+
+def resolve_weights_folder(path: str | Path) -> Path:
+    """An mmloom model folder from a model folder, a checkpoint or a run folder (final model or latest checkpoint)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    if (path / FINAL_MODEL / "config.json").exists():
+        return path / FINAL_MODEL
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return checkpoints[-1][1]
+    raise MmloomError(f"{path}: no mmloom model, final_model or checkpoint-N folder there")
+
+
+def folder_has_peft(folder: Path) -> bool:
+    try:
+        data = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool((data.get("language_model") or {}).get("peft"))
+
+
+def load_model_weights(model, folder: str | Path) -> int:
+    """Load the weights of an mmloom model folder (full or trainable-only) into `model`; returns the count."""
+    from mmloom.model import serialization as ser
+    from mmloom.model.multimodal import MultimodalConfig
+
+    folder = Path(folder)
+    config = MultimodalConfig.load(folder)
+    state = ser.load_state_dict(folder)
+    try:
+        model.load_weights(state, tied_weights=config.tied_weights, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise MmloomError(f"weights in {folder} do not fit the configured model: {str(exc).splitlines()[0]}") from None
+    return len(state)
+
+
+def frozen_fingerprint(model) -> str:
+    """A cheap fingerprint of the frozen parameters (trainable-only checkpoints rely on them)."""
+    total, absolute, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if not p.requires_grad:
+                total += float(p.detach().double().sum())
+                absolute += float(p.detach().double().abs().sum())
+                count += p.numel()
+    return f"{count}:{total:.10e}:{absolute:.10e}"

@@ -1,0 +1,298 @@
+"""Configuration of `mmloom train` (the Cerebras LLaVA keys), validated with pydantic.
+
+```yaml
+train_input: {data_dir, img_data_dir, image_size, transforms, batch_size, micro_batch_size, shuffle, num_workers}
+eval_input:  {... same keys ...}
+model:       {image_model, text_model, projector, freeze, image_feature_select_layer_idx,
+              image_feature_select_mode, image_start_idx, image_token_id, loss_scaling, precision,
+              attn_implementation, gradient_checkpointing, lora, init_from}
+optimizer:   {optimizer_type, lr, betas, eps, weight_decay, max_gradient_norm, projector_lr}
+schedule:    {warmup_steps | warmup_ratio, decay, min_lr}
+runconfig:   {max_steps | num_epochs, checkpoint_steps, keep_last, log_steps, eval_steps, seed,
+              load_checkpoint_states, checkpoint_path, distributed, mfu_peak_flops, ...}
+```
+
+`batch_size` is the global batch (all ranks, all micro-batches of one optimizer step).
+Relative paths are taken relative to the current working directory (like the seed's tools).
+Paths are checked by `check_paths` only when a run needs them, so configs with placeholder
+paths still validate.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mmloom.errors import MmloomError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(_Section):
+    data_dir: str = Field(description="folder of .h5 files written by `mmloom data build`")
+    img_data_dir: str | None = Field(None, description="root folder of the samples' relative image paths")
+    image_size: int | None = Field(None, ge=1, description="image side; default: the vision model's image_size")
+    transforms: list[dict[str, Any]] | None = Field(None, description="ImageTransform steps ([{name: ...}])")
+    batch_size: int = Field(ge=1, description="global batch size: all ranks and micro-batches of one step")
+    micro_batch_size: int | None = Field(None, ge=1, description="per-rank micro-batch; default batch_size / ranks")
+    shuffle: bool = True
+    num_workers: int = Field(0, ge=0)
+    drop_last: bool = True
+
+
+class LoraSettings(_Section):
+    r: int = Field(128, ge=1)
+    alpha: float = 256
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class ModelSection(_Section):
+    image_model: str | dict[str, Any] | None = Field(
+        None, description="HF folder, or an inline HF config dict with model_type (+ optional 'pretrained' folder)"
+    )
+    text_model: str | dict[str, Any] | None = Field(
+        None, description="HF folder, or an inline HF config dict with model_type (+ optional 'pretrained' folder)"
+    )
+    init_from: str | None = Field(None, description="an mmloom model folder to start from (instead of the parts)")
+    projector: str = "mlp2x_gelu"
+    freeze: list[str] = Field(default_factory=list, description="regexes over parameter names (Cerebras names ok)")
+    image_feature_select_layer_idx: int = -2
+    image_feature_select_mode: Literal["patch", "cls_patch"] = "patch"
+    image_start_idx: int | None = Field(None, ge=0, description="checked against the data's data_params.json")
+    image_token_id: int | None = Field(None, description="placeholder id; default: the LLM's vocab_size")
+    pad_token_id: int | None = Field(None, description="default: data_params.json pad_id, else the LLM's")
+    loss_scaling: Literal["num_tokens", "batch_size"] = "num_tokens"
+    precision: Literal["float32", "bfloat16"] = "float32"
+    attn_implementation: str | None = "sdpa"
+    gradient_checkpointing: bool = False
+    lora: LoraSettings | None = None
+
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _one_pattern(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("image_model", "text_model")
+    @classmethod
+    def _model_type(cls, value):
+        if isinstance(value, dict) and "model_type" not in value:
+            raise ValueError("an inline HF config needs a 'model_type' key (or give an HF folder path)")
+        return value
+
+    @model_validator(mode="after")
+    def _parts_or_init(self):
+        if self.init_from is None:
+            missing = [k for k in ("image_model", "text_model") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"set model.{' and model.'.join(missing)} (or model.init_from)")
+        return self
+
+
+class OptimizerSection(_Section):
+    optimizer_type: Literal["AdamW", "adamw"] = "AdamW"
+    lr: float = Field(gt=0, description="peak learning rate")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="not applied to biases and norm weights")
+    max_gradient_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null to disable")
+    projector_lr: float | None = Field(None, gt=0, description="peak lr of the projector (default: lr)")
+
+
+class ScheduleSection(_Section):
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, le=1)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the decay")
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("set schedule.warmup_steps or schedule.warmup_ratio, not both")
+        return self
+
+
+class RunSection(_Section):
+    max_steps: int | None = Field(None, ge=1)
+    num_epochs: float | None = Field(None, gt=0)
+    checkpoint_steps: int | None = Field(None, ge=1, description="also saved at the last step")
+    keep_last: int | None = Field(None, ge=1, description="checkpoints to keep (default: all)")
+    log_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="eval every N steps in train_and_eval mode")
+    seed: int = 0
+    load_checkpoint_states: Literal["model", "all"] = "model"
+    checkpoint_path: str | None = Field(None, description="mmloom model folder, checkpoint or run folder")
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    mfu_peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of one device, for the MFU estimate")
+    save_trainable_only: bool = Field(True, description="checkpoints hold only trainable weights")
+    save_final_model: bool = Field(True, description="write MODEL_DIR/final_model (all weights)")
+    find_unused_parameters: bool = False
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if self.max_steps is not None and self.num_epochs is not None:
+            raise ValueError("set runconfig.max_steps or runconfig.num_epochs, not both")
+        return self
+
+
+class TrainConfig(_Section):
+    train_input: InputConfig | None = None
+    eval_input: InputConfig | None = None
+    model: ModelSection
+    optimizer: OptimizerSection
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    runconfig: RunSection = Field(default_factory=RunSection)
+
+
+# ----------------------------------------------------------------------------------- errors
+def _section_model(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            found = _section_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        found = _section_model(getattr(field, "annotation", None))
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _describe(err: dict) -> str:
+    # pydantic puts union member names (e.g. 'str', 'dict[str,any]') into loc: drop them
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"str", "int", "float"})))
+    key = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        if close:
+            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+        else:
+            hint = f"valid keys{' under ' + prefix if prefix else ''}: {', '.join(valid)}"
+        return f"unknown key '{key}'; {hint}"
+    if kind == "missing":
+        return f"missing required key '{key}'"
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ")
+    if "input" in err and kind not in {"value_error"}:
+        return f"'{key}': {msg[:1].lower() + msg[1:]} (got {err['input']!r})"
+    return f"'{key}': {msg}" if key else msg
+
+
+def parse_train_config(data: Any, source: str = "config") -> TrainConfig:
+    if not isinstance(data, dict):
+        raise MmloomError(f"{source}: expected a mapping with model/optimizer/runconfig sections")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        seen, problems = set(), []
+        for e in exc.errors():
+            text = _describe(e)
+            if text not in seen:
+                seen.add(text)
+                problems.append(text)
+        raise MmloomError(f"{source}: {'; '.join(problems)}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply `key.sub=value` overrides (values parsed as YAML, so lists and dicts work)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise MmloomError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise MmloomError(f"--set expects key=value, got {item!r}")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise MmloomError(f"--set {key}: '{part}' is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return data
+
+
+def load_config_dict(path: str | Path, overrides: list[str] | None = None) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise MmloomError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise MmloomError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise MmloomError(f"{path}: expected a mapping with model/optimizer/runconfig sections")
+    return apply_overrides(data, overrides)
+
+
+def load_train_config(
+    path: str | Path, overrides: list[str] | None = None, check_paths: bool = False, mode: str = "train"
+) -> TrainConfig:
+    """Read, override (`--set`) and validate a training YAML; optionally check its paths for `mode`."""
+    cfg = parse_train_config(load_config_dict(path, overrides), source=str(path))
+    if check_paths:
+        check_config_paths(cfg, mode)
+    return cfg
+
+
+def _check_dir(value: str | None, key: str, must_exist: bool = True) -> None:
+    if value is not None and must_exist and not Path(value).exists():
+        raise MmloomError(f"{key}: path not found: {value}")
+
+
+def check_config_paths(cfg: TrainConfig, mode: str = "train", resuming: bool = False) -> None:
+    """Check the paths a run in `mode` needs (train, eval or train_and_eval)."""
+    sections = []
+    if mode in ("train", "train_and_eval"):
+        if cfg.train_input is None:
+            raise MmloomError(f"--mode {mode} needs a train_input section")
+        sections.append(("train_input", cfg.train_input))
+    if mode in ("eval", "train_and_eval"):
+        if cfg.eval_input is None:
+            raise MmloomError(f"--mode {mode} needs an eval_input section")
+        sections.append(("eval_input", cfg.eval_input))
+    for name, section in sections:
+        _check_dir(section.data_dir, f"{name}.data_dir")
+        _check_dir(section.img_data_dir, f"{name}.img_data_dir")
+    m = cfg.model
+    if m.init_from is not None:
+        _check_dir(m.init_from, "model.init_from")
+    else:
+        for key in ("image_model", "text_model"):
+            value = getattr(m, key)
+            if isinstance(value, str):
+                _check_dir(value, f"model.{key}")
+            elif isinstance(value, dict) and value.get("pretrained") is not None:
+                _check_dir(value["pretrained"], f"model.{key}.pretrained")
+    if not resuming:
+        _check_dir(cfg.runconfig.checkpoint_path, "runconfig.checkpoint_path")
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,173 @@
+"""Process groups (torchrun), DDP / FSDP2 wrapping and small collective helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mmloom.errors import MmloomError
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mode: str = "none"  # none | ddp | fsdp
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: list[float] | torch.Tensor) -> torch.Tensor:
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
+        t = t.to(self.comm_device)
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu()
+
+    def all_reduce_max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    @property
+    def comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def gather_objects(self, obj) -> list | None:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast_object(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def shutdown(self) -> None:
+        if self.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(mode: str) -> DistContext:
+    """Join the torchrun process group (gloo on CPU, nccl on GPUs) when launched with several processes."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        if mode == "none":
+            raise MmloomError(
+                f"launched with {world_size} processes but runconfig.distributed is 'none'; set it to ddp or fsdp"
+            )
+        initialized_here = False
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+            initialized_here = True
+        return DistContext(rank, world_size, local_rank, device, mode, initialized_here)
+    return DistContext(0, 1, 0, device, "none", False)
+
+
+# --------------------------------------------------------------------------------- wrapping
+def block_classes(model) -> set[str]:
+    """Transformer block class names of every HF part (their `_no_split_modules`)."""
+    from mmloom.model.encoder import base_module
+
+    names: set[str] = set()
+    for part in [*(e.module for e in model.encoders.values()), model.language_model]:
+        base = base_module(part)
+        names |= set(getattr(base, "_no_split_modules", None) or [])
+    return names
+
+
+def apply_fsdp(model) -> nn.Module:
+    """FSDP2: `fully_shard` every transformer block of every part, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    classes = block_classes(model)
+    blocks = [m for m in model.modules() if type(m).__name__ in classes and m is not model]
+    # Only the outermost matching modules (a block class may nest another).
+    block_ids = {id(b) for b in blocks}
+    outer = []
+    for b in blocks:
+        if not any(id(sub) in block_ids for sub in _ancestors(model, b)):
+            outer.append(b)
+    for block in outer:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _ancestors(root: nn.Module, target: nn.Module) -> list[nn.Module]:
+    path = []
+
+    def visit(module, chain):
+        if module is target:
+            path.extend(chain)
+            return True
+        return any(visit(child, [*chain, module]) for child in module.children())
+
+    visit(root, [])
+    return [m for m in path if m is not root]
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, find_unused_parameters: bool = False) -> nn.Module:
+    if not ctx.distributed:
+        return model
+    if ctx.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+    if ctx.mode == "fsdp":
+        return apply_fsdp(model)
+    raise MmloomError(f"unknown distributed mode {ctx.mode!r}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, ctx: DistContext, sync: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch."""
+    if not ctx.distributed or sync:
+        if ctx.mode == "fsdp" and ctx.distributed:
+            model.set_requires_gradient_sync(True)
+        yield
+        return
+    if ctx.mode == "ddp":
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            pass

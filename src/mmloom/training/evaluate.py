@@ -1,0 +1,56 @@
+"""Eval loss (token mean), perplexity and next-token accuracy over an eval set, on any number of ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mmloom.training.distributed import DistContext
+
+IGNORE_INDEX = -100
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict) -> dict:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if batch.get("pixel_values") is not None:
+        inputs["pixel_values"] = batch["pixel_values"]
+    return inputs
+
+
+@torch.no_grad()
+def evaluate(model, loader, ctx: DistContext, autocast=contextlib.nullcontext) -> dict:
+    """Sums over every rank's batches: loss sum, supervised tokens, correct argmax predictions."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, correct, samples
+    for batch in loader:
+        batch = batch_to_device(batch, ctx.device)
+        with autocast():
+            out = model(**model_inputs(batch))
+        logits = out.logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        if mask.any():
+            loss_sum = F.cross_entropy(logits[mask], labels[mask], reduction="sum")
+            correct = (logits.argmax(-1)[mask] == labels[mask]).sum()
+            totals += torch.tensor([float(loss_sum), float(mask.sum()), float(correct), 0.0], dtype=torch.float64)
+        totals[3] += float((mask.sum(dim=1) > 0).sum())
+    if was_training:
+        model.train()
+    totals = ctx.all_reduce_sum(totals)
+    loss_sum, tokens, correct, samples = totals.tolist()
+    loss = loss_sum / tokens if tokens else float("nan")
+    return {
+        "eval_loss": loss,
+        "perplexity": math.exp(loss) if tokens and loss < 700 else float("inf"),
+        "accuracy": correct / tokens if tokens else float("nan"),
+        "num_tokens": int(tokens),
+        "num_samples": int(samples),
+    }

@@ -1,0 +1,419 @@
+"""The trainer: the two-phase LLaVA recipe, gradient accumulation with exact token-level loss
+normalisation, bf16 autocast over fp32 master weights, clipping, schedules, resumable
+checkpoints, one process or many (DDP / FSDP2 under torchrun)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmloom.errors import MmloomError
+from mmloom.training import builder
+from mmloom.training.checkpoint import (
+    load_training_state,
+    read_trainer_state,
+    save_checkpoint,
+    write_model_folder,
+)
+from mmloom.training.config import TrainConfig, check_config_paths, config_to_yaml
+from mmloom.training.data import (
+    EvalSampler,
+    PaddedDataset,
+    StepBatchSampler,
+    TrainCollator,
+    build_dataset,
+    make_loader,
+    read_data_params,
+)
+from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap_model
+from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
+from mmloom.training.metrics import FlopsEstimator, MetricsWriter, ProgressDisplay
+from mmloom.training.optim import build_optimizer, build_scheduler
+
+RESOLVED_CONFIG = "resolved_config.yaml"
+EVAL_RESULTS = "eval_results.json"
+
+
+class NonFiniteLossError(MmloomError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    tokens: int  # attended tokens, all ranks
+    loss_tokens: int  # supervised tokens, all ranks
+    samples: int
+    images: int  # images through the vision encoder (dummies included), all ranks
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model_dir: str | Path, ctx: DistContext | None = None, mode: str = "train"):
+        self.cfg = cfg
+        self.model_dir = Path(model_dir)
+        self.ctx = ctx or DistContext()
+        self.mode = mode
+        self.run = cfg.runconfig
+        self.precision = cfg.model.precision
+        self.device = self.ctx.device
+        self.console = ProgressDisplay(0, 0, enabled=self.ctx.is_main, tty=False)
+
+    # ------------------------------------------------------------------------- setup
+    def autocast(self):
+        if self.precision == "bfloat16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _resume_folder(self) -> Path | None:
+        if self.ctx.is_main and self.model_dir.is_dir():
+            # temporary folders of saves that were interrupted (killed runs)
+            for stale in self.model_dir.glob(".*.tmp-*"):
+                if stale.is_dir() and (stale.name.startswith(".checkpoint-") or stale.name.startswith(".final_model")):
+                    shutil.rmtree(stale, ignore_errors=True)
+        self.ctx.barrier()
+        checkpoints = builder.list_checkpoints(self.model_dir)
+        return checkpoints[-1][1] if checkpoints else None
+
+    def setup_model(self, for_training: bool = True) -> None:
+        """Build the model, load start weights, freeze, add LoRA, resume, wrap for distribution."""
+        cfg, run = self.cfg, self.run
+        self.resume_from = self._resume_folder()
+        check_config_paths(cfg, self.mode, resuming=self.resume_from is not None)
+        model = builder.build_model(cfg, seed=run.seed)
+        start_folder = None
+        if self.resume_from is None and run.checkpoint_path is not None:
+            start_folder = builder.resolve_weights_folder(run.checkpoint_path)
+        start_has_peft = start_folder is not None and builder.folder_has_peft(start_folder)
+        if start_folder is not None and not start_has_peft:
+            builder.load_model_weights(model, start_folder)
+        if cfg.model.freeze:
+            model.freeze(cfg.model.freeze)
+        if cfg.model.lora is not None:
+            builder.apply_lora(model, cfg.model.lora)
+        if start_has_peft:
+            builder.load_model_weights(model, start_folder)
+        self.fingerprint = builder.frozen_fingerprint(model)
+        self.start_folder = start_folder
+        if self.resume_from is not None:
+            state = read_trainer_state(self.resume_from)
+            if (
+                state.get("trainable_only")
+                and state.get("frozen_fingerprint")
+                and state["frozen_fingerprint"] != self.fingerprint
+            ):
+                raise MmloomError(
+                    f"{self.resume_from} holds trainable weights only, and the frozen weights built from this "
+                    "config differ from those the run started with (changed model config, seed or start weights?)"
+                )
+            builder.load_model_weights(model, self.resume_from)
+        model.train()
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.to(self.device)
+        self.base_model = model
+        self.num_image_tokens = model.num_feature_tokens("vision")
+        vision_cfg = model.encoders["vision"].config
+        self.image_size = int(getattr(vision_cfg, "image_size", 0) or 0)
+        patch = int(getattr(vision_cfg, "patch_size", 1) or 1)
+        self.image_positions = (self.image_size // patch) ** 2 + 1 if self.image_size else self.num_image_tokens
+        if for_training or self.ctx.mode == "fsdp":
+            self.model = wrap_model(model, self.ctx, run.find_unused_parameters)
+        else:
+            self.model = model
+
+    def _collator(self, data_dir: str, dummy_images: bool = True) -> TrainCollator:
+        params = read_data_params(data_dir)
+        patch_info = params.get("image_patch_info") or {}
+        m = self.cfg.model
+        start = patch_info.get("image_patch_start_idx")
+        if m.image_start_idx is not None and start is not None and start != m.image_start_idx:
+            raise MmloomError(
+                f"model.image_start_idx is {m.image_start_idx} but {data_dir}/data_params.json says the image "
+                f"slots start at {start} (image_patch_info.image_patch_start_idx)"
+            )
+        n_patches = patch_info.get("num_patches")
+        if n_patches is not None and n_patches != self.num_image_tokens:
+            raise MmloomError(
+                f"image features and image tokens do not match: the data in {data_dir} has {n_patches} image "
+                f"slots per image but the model gives {self.num_image_tokens} features per image "
+                "(check image_size, patch_size and image_feature_select_mode)"
+            )
+        pad = m.pad_token_id
+        if pad is None:
+            pad = (params.get("post-process") or {}).get("pad_id")
+        if pad is None:
+            pad = getattr(unwrap(self.base_model).language_model.config, "pad_token_id", None)
+        if pad is None:
+            raise MmloomError("cannot tell the pad token id: set model.pad_token_id")
+        image_token_id = self.base_model.placeholder_token_ids["vision"]
+        return TrainCollator(image_token_id, int(pad), self.num_image_tokens, dummy_images=dummy_images)
+
+    def setup_data(self) -> None:
+        cfg, run, ctx = self.cfg, self.run, self.ctx
+        section = cfg.train_input
+        self.train_set = build_dataset(section, self.image_size)
+        B, W = section.batch_size, ctx.world_size
+        micro = section.micro_batch_size or max(1, B // W)
+        if B % (W * micro):
+            raise MmloomError(
+                f"train_input.batch_size {B} must be a multiple of ranks x micro_batch_size ({W} x {micro})"
+            )
+        self.global_batch, self.micro_batch, self.accum = B, micro, B // (W * micro)
+        self.steps_per_epoch = len(self.train_set) // B
+        if self.steps_per_epoch < 1:
+            raise MmloomError(
+                f"train_input: the dataset has {len(self.train_set)} samples, fewer than one global batch ({B})"
+            )
+        if run.max_steps is not None:
+            self.total_steps = run.max_steps
+        else:
+            self.total_steps = max(1, int(math.ceil((run.num_epochs or 1.0) * self.steps_per_epoch)))
+        self.train_collate = self._collator(section.data_dir)
+
+    def train_loader(self, start_step: int):
+        section = self.cfg.train_input
+        sampler = StepBatchSampler(
+            len(self.train_set), self.global_batch, self.ctx.world_size, self.ctx.rank, self.micro_batch,
+            self.run.seed, section.shuffle, start_step, self.total_steps,
+        )
+        return make_loader(self.train_set, sampler, self.train_collate, section.num_workers, self.run.seed)
+
+    def eval_loader(self):
+        section = self.cfg.eval_input
+        dataset = PaddedDataset(build_dataset(section, self.image_size))
+        micro = section.micro_batch_size or max(1, section.batch_size // self.ctx.world_size)
+        sampler = EvalSampler(len(dataset), self.ctx.world_size, self.ctx.rank, micro)
+        return make_loader(dataset, sampler, self._collator(section.data_dir), section.num_workers, self.run.seed)
+
+    def setup_optimizer(self) -> None:
+        self.optimizer = build_optimizer(self.model, self.cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.cfg.optimizer.lr, self.total_steps)
+        self.trainable_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    # -------------------------------------------------------------------------- step
+    def forward_loss(self, batch: dict, denominator: torch.Tensor) -> torch.Tensor:
+        """Sum of this micro-batch's token losses / the global denominator."""
+        with self.autocast():
+            out = self.model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=denominator)
+        return out.loss
+
+    def accumulate(self, micro_batches: list[dict]) -> StepResult:
+        """Forward/backward all micro-batches of one optimizer step (gradients left in .grad).
+
+        The gradient is that of (sum of token losses of the global batch) / (supervised tokens of
+        the global batch) — or / global batch size with loss_scaling: batch_size — whatever the
+        split into micro-batches and ranks: the token count is all-reduced first, every micro-batch
+        loss is divided by it, and the loss is multiplied by the world size because DDP and FSDP
+        average gradients over ranks.
+        """
+        ctx = self.ctx
+        local = [
+            sum(b["num_loss_tokens"] for b in micro_batches),
+            sum(b["num_attended_tokens"] for b in micro_batches),
+            sum(b["num_samples"] for b in micro_batches),
+            sum(0 if b.get("pixel_values") is None else int(b["pixel_values"].shape[0]) for b in micro_batches),
+        ]
+        loss_tokens, tokens, samples, images = (int(v) for v in ctx.all_reduce_sum(local).tolist())
+        if self.cfg.model.loss_scaling == "num_tokens":
+            denom = float(max(loss_tokens, 1))
+        else:
+            denom = float(self.global_batch)
+        denominator = torch.tensor(denom, dtype=torch.float32, device=self.device)
+        scale = float(ctx.world_size) if ctx.distributed else 1.0
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, batch in enumerate(micro_batches):
+            batch = batch_to_device(batch, self.device)
+            with gradient_sync(self.model, ctx, sync=(i == len(micro_batches) - 1)):
+                loss = self.forward_loss(batch, denominator)
+                (loss * scale).backward()
+            loss_sum += loss.detach().double().cpu()
+        total = float(ctx.all_reduce_sum(loss_sum.reshape(1))[0])
+        return StepResult(total, None, tokens, loss_tokens, samples, images)
+
+    def clip_gradients(self) -> float:
+        max_norm = self.cfg.optimizer.max_gradient_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm if max_norm else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # --------------------------------------------------------------------- checkpoints
+    def trainer_state(self, step: int) -> dict[str, Any]:
+        return {
+            "global_step": step,
+            "epoch": step / self.steps_per_epoch,
+            "samples_seen": step * self.global_batch,
+            "global_batch_size": self.global_batch,
+            "world_size": self.ctx.world_size,
+            "scheduler": self.scheduler.state_dict(),
+            "trainable_only": self.run.save_trainable_only,
+            "frozen_fingerprint": self.fingerprint,
+            "total_steps": self.total_steps,
+            "seed": self.run.seed,
+        }
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(
+            self.model_dir, step, self.model, self.optimizer, self.trainer_state(step), self.ctx,
+            trainable_only=self.run.save_trainable_only, keep_last=self.run.keep_last,
+        )
+
+    def save_final_model(self) -> None:
+        from mmloom.model import serialization as ser
+        from mmloom.training.checkpoint import full_model_state
+
+        state = full_model_state(self.model, self.ctx)
+        if self.ctx.is_main:
+            with ser.atomic_directory(self.model_dir / builder.FINAL_MODEL) as tmp:
+                write_model_folder(tmp, self.model, state, trainable_only=False)
+        self.ctx.barrier()
+
+    # -------------------------------------------------------------------------- run
+    def write_resolved_config(self) -> None:
+        if self.ctx.is_main:
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            text = config_to_yaml(self.cfg)
+            if hasattr(self, "total_steps"):
+                text = (
+                    f"# resolved: total_steps {self.total_steps}, steps_per_epoch {self.steps_per_epoch}, "
+                    f"world_size {self.ctx.world_size}, micro_batch_size {self.micro_batch}, "
+                    f"accumulation_steps {self.accum}\n" + text
+                )
+            (self.model_dir / RESOLVED_CONFIG).write_text(text)
+
+    def train(self) -> dict[str, Any]:
+        ctx, run = self.ctx, self.run
+        self.setup_model()
+        self.setup_data()
+        self.write_resolved_config()
+        self.setup_optimizer()
+        start_step = 0
+        if self.resume_from is not None:
+            state = load_training_state(self.resume_from, self.model, self.optimizer, self.scheduler, ctx)
+            start_step = int(state["global_step"])
+            if state.get("global_batch_size") != self.global_batch:
+                raise MmloomError(
+                    f"{self.resume_from} was written with train_input.batch_size {state.get('global_batch_size')}, "
+                    f"this config has {self.global_batch}: the data position cannot be resumed"
+                )
+            if self.ctx.is_main:
+                self.console.message(f"resuming from {self.resume_from} (step {start_step})")
+        elif run.checkpoint_path is not None and run.load_checkpoint_states == "all":
+            folder = self.start_folder
+            state = load_training_state(folder, self.model, self.optimizer, self.scheduler, ctx)
+            start_step = int(state["global_step"])
+        if ctx.is_main:
+            self.base_model.trainable_summary(print_table=True)
+        flops = FlopsEstimator(self.base_model, self.image_positions, self.num_image_tokens)
+        metrics = MetricsWriter(self.model_dir, enabled=ctx.is_main, resume_step=start_step)
+        progress = ProgressDisplay(self.total_steps, start_step, enabled=ctx.is_main)
+        eval_every = run.eval_steps if self.mode == "train_and_eval" else None
+        eval_loader = self.eval_loader() if self.mode == "train_and_eval" else None
+        debug_sleep = float(os.environ.get("MMLOOM_DEBUG_STEP_SLEEP", "0") or 0)
+        last_saved = start_step if self.resume_from is not None else None
+        window = {"time": 0.0, "wait": 0.0, "tokens": 0, "samples": 0, "flops": 0.0, "steps": 0}
+        result: dict[str, Any] = {"start_step": start_step, "total_steps": self.total_steps}
+        if start_step >= self.total_steps:
+            progress.message(f"training already finished at step {start_step}")
+        loader_iter = iter(self.train_loader(start_step)) if start_step < self.total_steps else None
+        try:
+            for step in range(start_step, self.total_steps):
+                t0 = time.perf_counter()
+                micro_batches = [next(loader_iter) for _ in range(self.accum)]
+                t_data = time.perf_counter() - t0
+                lr = self.optimizer.param_groups[0]["lr"]
+                lrs = {g["group_name"]: g["lr"] for g in self.optimizer.param_groups}
+                res = self.accumulate(micro_batches)
+                if not math.isfinite(res.loss):
+                    last = f"checkpoint-{last_saved}" if last_saved else "none"
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({res.loss}) at step {step + 1}; stopping. "
+                        f"Last good checkpoint: {last} in {self.model_dir}"
+                    )
+                res.grad_norm = self.clip_gradients()
+                if not math.isfinite(res.grad_norm):
+                    raise NonFiniteLossError(
+                        f"non-finite gradient norm at step {step + 1} (loss {res.loss:.4g}); stopping. "
+                        f"Last good checkpoint: checkpoint-{last_saved or 'none'} in {self.model_dir}"
+                    )
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if debug_sleep:
+                    time.sleep(debug_sleep)
+                done = step + 1
+                dt = time.perf_counter() - t0
+                window["time"] += dt
+                window["wait"] += t_data
+                window["tokens"] += res.tokens
+                window["samples"] += res.samples
+                window["flops"] += flops.step_flops(res.tokens, res.images)
+                window["steps"] += 1
+                record = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
+                          "loss_tokens": res.loss_tokens, "epoch": done / self.steps_per_epoch}
+                if len(lrs) > 1 and "projector" in lrs:
+                    record["projector_lr"] = lrs["projector"]
+                if done % run.log_steps == 0 or done == self.total_steps:
+                    w = window
+                    record.update({
+                        "tokens_per_s": w["tokens"] / w["time"],
+                        "samples_per_s": w["samples"] / w["time"],
+                        "data_wait_share": w["wait"] / w["time"],
+                        "step_time_s": w["time"] / w["steps"],
+                    })
+                    if run.mfu_peak_flops:
+                        record["mfu"] = w["flops"] / w["time"] / (run.mfu_peak_flops * ctx.world_size)
+                    progress.log(record)
+                    window = {"time": 0.0, "wait": 0.0, "tokens": 0, "samples": 0, "flops": 0.0, "steps": 0}
+                metrics.write(record)
+                progress.update(done, {**record, "tokens_per_s": record.get("tokens_per_s", res.tokens / dt)})
+                result["last_loss"] = res.loss
+                if (run.checkpoint_steps and done % run.checkpoint_steps == 0) or done == self.total_steps:
+                    self.save(done)
+                    last_saved = done
+                if eval_every and (done % eval_every == 0 or done == self.total_steps):
+                    ev = evaluate(self.model, eval_loader, ctx, self.autocast)
+                    metrics.write({"step": done, **ev}, prefix="eval")
+                    progress.log({"step": done, **ev})
+                    result["eval"] = ev
+        finally:
+            progress.close()
+            metrics.close()
+        if run.save_final_model:
+            self.save_final_model()
+        result["final_step"] = self.total_steps
+        return result
+
+    def evaluate_only(self) -> dict[str, Any]:
+        """--mode eval: weights of the latest checkpoint in MODEL_DIR (else checkpoint_path, else the init)."""
+        self.setup_model(for_training=False)
+        source = self.resume_from or self.start_folder
+        step = read_trainer_state(source)["global_step"] if self.resume_from is not None else 0
+        results = evaluate(self.model, self.eval_loader(), self.ctx, self.autocast)
+        results = {"step": step, "weights": str(source) if source else "initial", **results}
+        if self.ctx.is_main:
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            (self.model_dir / EVAL_RESULTS).write_text(json.dumps(results, indent=2))
+            self.console.log(results)
+        return results
+
+
+def run_training(cfg: TrainConfig, model_dir: str | Path, mode: str = "train", ctx: DistContext | None = None):
+    trainer = Trainer(cfg, model_dir, ctx=ctx, mode=mode)
+    if mode == "eval":
+        return trainer.evaluate_only()
+    result = trainer.train()
+    if mode == "train_and_eval" and "eval" in result and trainer.ctx.is_main:
+        (Path(model_dir) / EVAL_RESULTS).write_text(json.dumps({"step": result["final_step"], **result["eval"]},
+                                                               indent=2))
+    return result
