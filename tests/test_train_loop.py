@@ -192,6 +192,13 @@ def test_phase2_from_phase1_train_and_eval(phase1, data, tmp_path):
     assert 0 < [r for r in records if "mfu" in r][-1]["mfu"] < 1
     results = json.loads((p2 / "eval_results.json").read_text())
     assert results["step"] == 12 and math.isclose(results["perplexity"], math.exp(results["eval_loss"]))
+    # The final model folder carries the data's processor, so chat/generate/convert use it as it is.
+    from mmloom.processing.processor import MultimodalProcessor
+
+    processor = MultimodalProcessor.from_pretrained(p2 / "final_model")
+    assert processor.template.name == "vicuna_v1" and processor.num_tokens == {"vision": 16}
+    assert processor.encoder_processors["vision"].image_size == 32
+    assert MultimodalProcessor.from_pretrained(phase1 / "final_model").template.name == "plain"
 
 
 def test_eval_mode_and_plot(phase1, data, tmp_path, capsys):

@@ -363,6 +363,14 @@ class ImageTransform:
             )
         return np.ascontiguousarray(x, dtype=np.float32)
 
+    def to_config(self) -> list[dict]:
+        """The steps as a `transforms` list that `from_config` reads back."""
+
+        def plain(value):
+            return list(value) if isinstance(value, tuple) else value
+
+        return [{"name": step.name, **{k: plain(getattr(step, k)) for k in step.keys}} for step in self.steps]
+
     def __repr__(self) -> str:
         return f"ImageTransform({self.steps!r}, image_size={self.image_size})"
 

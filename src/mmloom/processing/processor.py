@@ -19,9 +19,11 @@ from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Batch
 from mmloom.errors import MmloomError
 from mmloom.model.feature_count import feature_tokens_per_item
 from mmloom.model.merge import IGNORE_INDEX
+from mmloom.processing.image import ImageTransform
 from mmloom.processing.templates import ConversationTemplate, get_template, messages_from_llava
 
 PROCESSOR_CONFIG = "mmloom_processor.json"
+TRANSFORM_FILE = "{name}_transform.json"  # an mmloom ImageTransform, saved as its steps
 DEFAULT_PLACEHOLDERS = {"vision": "<image>", "audio": "<audio>"}
 # The keyword under which a sample's items are passed to __call__, per modality.
 ITEM_ARGUMENTS = {"vision": "images", "audio": "audio"}
@@ -226,9 +228,16 @@ class MultimodalProcessor:
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
         for name, processor in self.encoder_processors.items():
-            if not hasattr(processor, "save_pretrained"):
-                raise MmloomError(f"the {name} processor ({type(processor).__name__}) cannot be saved; use a HF processor")
-            processor.save_pretrained(directory / f"{name}_processor")
+            if isinstance(processor, ImageTransform):
+                spec = {"image_size": processor.image_size, "transforms": processor.to_config()}
+                (directory / TRANSFORM_FILE.format(name=name)).write_text(json.dumps(spec, indent=2))
+            elif hasattr(processor, "save_pretrained"):
+                processor.save_pretrained(directory / f"{name}_processor")
+            else:
+                raise MmloomError(
+                    f"the {name} processor ({type(processor).__name__}) cannot be saved; use a HF processor "
+                    "or an mmloom ImageTransform"
+                )
         (directory / PROCESSOR_CONFIG).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     @classmethod
@@ -240,8 +249,12 @@ class MultimodalProcessor:
         settings = json.loads(path.read_text())
         processors = {}
         for name in settings.pop("encoder_processors"):
-            folder = directory / f"{name}_processor"
+            transform = directory / TRANSFORM_FILE.format(name=name)
+            if transform.exists():
+                spec = json.loads(transform.read_text())
+                processors[name] = ImageTransform.from_config(spec["transforms"], spec["image_size"])
+                continue
             loader = AutoImageProcessor if name == "vision" else AutoProcessor
-            processors[name] = loader.from_pretrained(folder)
+            processors[name] = loader.from_pretrained(directory / f"{name}_processor")
         tokenizer = AutoTokenizer.from_pretrained(directory)
         return cls(processors, tokenizer, **{**settings, **overrides})

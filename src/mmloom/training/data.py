@@ -166,3 +166,28 @@ def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def processor_for(section: InputConfig, image_size: int, model):
+    """The MultimodalProcessor matching the training data (tokenizer, template, image transform),
+    or None (with the reason) when the data's tokenizer cannot serve as one."""
+    from transformers import AutoTokenizer
+
+    from mmloom.data.build_config import DatasetConfig
+    from mmloom.processing.image import ImageTransform
+    from mmloom.processing.processor import MultimodalProcessor
+
+    params = read_data_params(section.data_dir)
+    try:
+        dataset = DatasetConfig.model_validate(params["dataset"])
+        tokenizer = AutoTokenizer.from_pretrained(params["processor"]["tokenizer_type"])
+        transform = ImageTransform.from_config(section.transforms, section.image_size or image_size)
+        style, options = dataset.system_prompt_style, {}
+        if style == "plain":  # the same options `mmloom data build` used
+            options = {"terminator": dataset.plain_terminator, "placeholder": dataset.image_token}
+            if tokenizer.eos_token:
+                options["eos"] = tokenizer.eos_token
+        return MultimodalProcessor.from_model(model, tokenizer, {"vision": transform}, template=style,
+                                              template_options=options), None
+    except (MmloomError, OSError, KeyError, ValueError) as err:
+        return None, str(err)

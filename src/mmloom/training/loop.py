@@ -32,6 +32,7 @@ from mmloom.training.data import (
     TrainCollator,
     build_dataset,
     make_loader,
+    processor_for,
     read_data_params,
 )
 from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap_model
@@ -274,8 +275,13 @@ class Trainer:
 
         state = full_model_state(self.model, self.ctx)
         if self.ctx.is_main:
+            processor, why_not = processor_for(self.cfg.train_input, self.image_size, self.base_model)
             with ser.atomic_directory(self.model_dir / builder.FINAL_MODEL) as tmp:
                 write_model_folder(tmp, self.model, state, trainable_only=False)
+                if processor is not None:  # so that chat/generate/convert can use the folder as it is
+                    processor.save_pretrained(tmp)
+            if processor is None:
+                print(f"note: no processor saved with the final model ({why_not})")
         self.ctx.barrier()
 
     # -------------------------------------------------------------------------- run
