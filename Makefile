@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) examples/compose_and_train.py --out runs/demo
+	$(VENV)/bin/mmloom demo --out runs/demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "mmloom.cli.train",
     "mmloom.cli.convert",
     "mmloom.cli.infer",
+    "mmloom.cli.demo",
 ]
 
 
