@@ -164,3 +164,14 @@ def test_callbacks_run_in_order_with_their_signatures():
                      ("projector", (1, 17, 48))]
     zero = model.vision_encoder.projector(model.vision_encoder.module(torch.zeros(1, 3, 32, 32))[0])
     torch.testing.assert_close(out, zero + 1)
+
+
+def test_cached_module_features_skip_the_encoder_and_match():
+    model = vlm().eval()
+    ids = torch.tensor([sample_ids(16)])
+    pixels = torch.randn(1, 3, 32, 32)
+    features = model.vision_encoder.encode_module(pixel_values=pixels)[0]  # (1, 16, 32): CLS dropped
+    assert features.shape == (1, 16, 32)
+    with mock.patch.object(model.vision_encoder.module, "forward", side_effect=AssertionError("ran")):
+        cached = model(input_ids=ids, vision={"module_features": features.half()}).logits
+    torch.testing.assert_close(cached, model(input_ids=ids, pixel_values=pixels).logits, atol=1e-2, rtol=0)

@@ -76,7 +76,7 @@ class ModalEncoderModule(nn.Module):
         names = forward_parameter_names(self.module)
         for callback in self.callbacks.values():
             names |= set(getattr(callback, "input_names", ()))
-        return names - {"return_dict", "output_hidden_states", "output_attentions", "kwargs"}
+        return (names | {"module_features"}) - {"return_dict", "output_hidden_states", "output_attentions", "kwargs"}
 
     def feature_dim(self) -> int:
         """Width of the features the projector receives."""
@@ -84,9 +84,11 @@ class ModalEncoderModule(nn.Module):
         select = self.postprocess_module_callback
         return select.output_dim(hidden) if isinstance(select, SerializableCallback) else hidden
 
-    def forward(self, **inputs) -> ModelOutput | tuple:
-        if self.preprocess_callback is not None:
-            inputs = self.preprocess_callback(inputs)
+    def encode_module(self, **inputs) -> ModelOutput | tuple:
+        """The module's output after `postprocess_module_callback`: what the projector receives.
+
+        This is what `mmloom data cache-features` stores for a frozen encoder.
+        """
         module_args = forward_parameter_names(self.module)
         module_inputs = {k: v for k, v in inputs.items() if k in module_args}
         for callback in self.callbacks.values():
@@ -94,9 +96,20 @@ class ModalEncoderModule(nn.Module):
         output = self.module(**module_inputs)
         if self.postprocess_module_callback is not None:
             output = self.postprocess_module_callback(inputs, output)
-        projected = self.projector(output[0])  # (N, L, D_llm)
+        return output
+
+    def forward(self, **inputs) -> ModelOutput | tuple:
+        """Encode, project and post-process one modality's inputs.
+
+        `module_features` (N, L, D_enc), e.g. cached features of a frozen encoder, replaces the
+        module and its callback: only the projector and its callback run.
+        """
+        if self.preprocess_callback is not None:
+            inputs = self.preprocess_callback(inputs)
+        cached = inputs.get("module_features")
+        output = (cached,) if cached is not None else self.encode_module(**inputs)
+        projected = self.projector(output[0].to(self.projector.dtype))  # (N, L, D_llm)
         output = (projected,) if isinstance(output, tuple) else replace_features(output, projected)
         if self.postprocess_projector_callback is not None:
             output = self.postprocess_projector_callback(inputs, output)
         return output
-
