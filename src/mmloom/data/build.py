@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mmloom.data.build_config import BuildConfig
-from mmloom.data.encode import SKIP_REASONS, RecordSkipped, encode_record, to_h5_rows
+from mmloom.data.encode import SKIP_REASONS, RecordSkipped, encode_record, parse_record_line, to_h5_rows
 from mmloom.errors import MmloomError
 
 CHUNK_LINES = 64  # records per work item (fixed: does not depend on the process count)
@@ -145,12 +145,7 @@ class ChunkResult:
 def _encode_line(line: str):
     cfg: BuildConfig = _STATE["cfg"]
     ds = cfg.dataset
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RecordSkipped("bad_json", str(exc)) from None
-    if not isinstance(record, dict):
-        raise RecordSkipped("bad_json", "the line is not a JSON object")
+    record = parse_record_line(line)
     sample = encode_record(
         record,
         tokenizer=_STATE["tokenizer"],

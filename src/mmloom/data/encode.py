@@ -10,6 +10,7 @@ with HF-convention labels (unshifted, -100 = not supervised, -100 on every image
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,17 @@ class EncodedSample:
     @property
     def has_image(self) -> bool:
         return self.image is not None
+
+
+def parse_record_line(line: str) -> dict:
+    """One jsonl line as a record dict, or RecordSkipped('bad_json')."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RecordSkipped("bad_json", str(exc)) from None
+    if not isinstance(record, dict):
+        raise RecordSkipped("bad_json", "the line is not a JSON object")
+    return record
 
 
 def _turns(record: dict, conversation_key: str, content_key: str) -> list[dict]:

@@ -10,15 +10,15 @@ records have no image tokens (HF style, no dummy image).
 from __future__ import annotations
 
 import collections
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmloom.data.encode import IGNORE_INDEX, EncodedSample, RecordSkipped, encode_record
+from mmloom.data.encode import IGNORE_INDEX, EncodedSample, RecordSkipped, encode_record, parse_record_line
 from mmloom.errors import MmloomError
+from mmloom.processing.processor import pad_rows
 
 
 class JsonlLlavaDataset(Dataset):
@@ -57,12 +57,7 @@ class JsonlLlavaDataset(Dataset):
                 if not line.strip():
                     continue
                 try:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise RecordSkipped("bad_json", str(exc)) from None
-                    if not isinstance(record, dict):
-                        raise RecordSkipped("bad_json", "the line is not a JSON object")
+                    record = parse_record_line(line)
                     sample = encode_record(
                         record,
                         tokenizer=tokenizer,
@@ -107,17 +102,8 @@ def collate_jsonl(batch: list[dict], pad_token_id: int, padding_side: str = "rig
     """Pad a list of `JsonlLlavaDataset` items: input_ids / labels (-100) / attention_mask, stacked images."""
     if padding_side not in ("right", "left"):
         raise MmloomError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    length = max(len(b["input_ids"]) for b in batch)
-    n = len(batch)
-    input_ids = torch.full((n, length), int(pad_token_id), dtype=torch.long)
-    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    for i, b in enumerate(batch):
-        k = len(b["input_ids"])
-        sl = slice(0, k) if padding_side == "right" else slice(length - k, length)
-        input_ids[i, sl] = b["input_ids"]
-        labels[i, sl] = b["labels"]
-        attention_mask[i, sl] = 1
+    padded = pad_rows([(b["input_ids"], b["labels"]) for b in batch], pad_token_id, padding_side)
+    input_ids, attention_mask, labels = padded["input_ids"], padded["attention_mask"], padded["labels"]
     images = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
     return {
         "input_ids": input_ids,

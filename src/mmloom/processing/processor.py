@@ -38,6 +38,22 @@ def _as_item_lists(items, batch_size: int, what: str) -> list[list[Any]]:
     return [[] if x is None else list(x) if isinstance(x, (list, tuple)) else [x] for x in items]
 
 
+def pad_rows(rows, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad (ids, labels) rows into input_ids, attention_mask and labels tensors (B, T)."""
+    if padding_side not in ("left", "right"):
+        raise MmloomError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, labs) in enumerate(rows):
+        span = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+        input_ids[i, span] = torch.as_tensor(ids)
+        labels[i, span] = torch.as_tensor(labs)
+        attention_mask[i, span] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 class MultimodalProcessor:
     """Tokenizer + template + one processor per modality.
 
@@ -194,19 +210,8 @@ class MultimodalProcessor:
 
     def pad(self, rows: list[tuple[list[int], list[int]]], padding_side: str = "right") -> dict[str, torch.Tensor]:
         """Pad (ids, labels) rows into input_ids, attention_mask and labels tensors (B, T)."""
-        if padding_side not in ("left", "right"):
-            raise MmloomError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, labs) in enumerate(rows):
-            span = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
-            input_ids[i, span] = torch.tensor(ids)
-            labels[i, span] = torch.tensor(labs)
-            attention_mask[i, span] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return pad_rows(rows, pad_id, padding_side)
 
     def batch_decode(self, ids, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(ids, **kwargs)
