@@ -1,4 +1,4 @@
-"""`mmloom data build` and `mmloom data inspect`."""
+"""`mmloom data build`, `mmloom data inspect` and `mmloom data cache-features`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ def _run_inspect(args) -> int:
     from mmloom.data.inspect import run_inspect
 
     return run_inspect(args)
+
+
+def _run_cache_features(args) -> int:
+    from mmloom.data.feature_cache import run_cache_features
+
+    return run_cache_features(args)
 
 
 def register(data_subparsers) -> None:
@@ -56,3 +62,28 @@ def register(data_subparsers) -> None:
     )
     q.add_argument("--plain", action="store_true", help="no colours: mark supervised spans with [[...]]")
     q.set_defaults(func=_run_inspect)
+
+    c = data_subparsers.add_parser(
+        "cache-features",
+        help="precompute a FROZEN vision encoder's features for training (phase 1) without images",
+        description="Run the vision encoder that a training config builds (same weights, feature selection, "
+        "image size, transforms and precision) once over every sample with an image of train_input, and "
+        "store the selected features in float16 in train_input.feature_cache_dir (default "
+        "DATA_DIR/feature_cache/features-*.h5, one per data file). Train from them with "
+        "--set train_input.use_cached_features=true. ONLY VALID FOR A FROZEN VISION ENCODER (model.freeze "
+        "matching ^image_model, as in LLaVA phase 1): the command and the trainer refuse a trainable encoder, "
+        "and the trainer refuses a cache whose encoder weights or settings differ from the run's. Files "
+        "already up to date are skipped, so an interrupted run continues where it stopped.",
+    )
+    c.add_argument("config", help="training YAML (the one `mmloom train` takes)")
+    c.add_argument("--model-dir", default=None,
+                   help="run folder of `mmloom train`: if it holds checkpoints, take the weights a resumed run would")
+    c.add_argument("--batch-size", type=int, default=32, help="images per encoder forward (default 32)")
+    c.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    c.add_argument("--num-workers", type=int, default=None,
+                   help="image decoding processes (default: train_input.num_workers)")
+    c.add_argument("--overwrite", action="store_true", help="recompute files that are already up to date")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a training config key, e.g. --set train_input.data_dir=... (repeatable)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+    c.set_defaults(func=_run_cache_features)

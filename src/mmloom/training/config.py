@@ -1,7 +1,8 @@
 """Configuration of `mmloom train` (the Cerebras LLaVA keys), validated with pydantic.
 
 ```yaml
-train_input: {data_dir, img_data_dir, image_size, transforms, batch_size, micro_batch_size, shuffle, num_workers}
+train_input: {data_dir, img_data_dir, image_size, transforms, batch_size, micro_batch_size, shuffle, num_workers,
+              packing, group_by_length}
 eval_input:  {... same keys ...}
 model:       {image_model, text_model, projector, freeze, image_feature_select_layer_idx,
               image_feature_select_mode, image_start_idx, image_token_id, loss_scaling, precision,
@@ -45,7 +46,27 @@ class InputConfig(_Section):
     micro_batch_size: int | None = Field(None, ge=1, description="per-rank micro-batch; default batch_size / ranks")
     shuffle: bool = True
     num_workers: int = Field(0, ge=0)
+    use_cached_features: bool = Field(
+        False,
+        description="train_input only: read the frozen vision encoder's features precomputed by `mmloom data "
+        "cache-features` instead of the images (no image I/O, no encoder forward); refused when the encoder "
+        "trains or the cache is missing or stale",
+    )
+    feature_cache_dir: str | None = Field(None, description="folder of the cached features; default DATA_DIR/feature_cache")
     drop_last: bool = True
+    packing: bool = Field(
+        False,
+        description="train_input only: pack each micro-batch's samples, whole, into as few rows of at most MSL "
+        "tokens as fit (block-diagonal causal attention, restarting position ids; same samples, loss and "
+        "schedule per step, fewer padded tokens; raise micro_batch_size to profit). Off by default: it "
+        "changes the rows per micro-batch (memory) and, with sdpa/eager, needs a (rows, 1, T, T) mask",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="train_input only: sort each step's samples by length before cutting them into "
+        "micro-batches, and drop the all-padding tail columns (same samples and loss per step). Off by "
+        "default: it scans every sample's length at start and gives variable batch shapes",
+    )
 
 
 class LoraSettings(_Section):
@@ -74,6 +95,9 @@ class ModelSection(_Section):
     precision: Literal["float32", "bfloat16"] = "float32"
     attn_implementation: str | None = "sdpa"
     gradient_checkpointing: bool = False
+    loss_on_supervised_only: bool = Field(
+        True, description="compute the LM head and loss only at supervised positions (chunked); false = full logits"
+    )
     lora: LoraSettings | None = None
 
     @field_validator("freeze", mode="before")
@@ -279,7 +303,8 @@ def check_config_paths(cfg: TrainConfig, mode: str = "train", resuming: bool = F
         sections.append(("eval_input", cfg.eval_input))
     for name, section in sections:
         _check_dir(section.data_dir, f"{name}.data_dir")
-        _check_dir(section.img_data_dir, f"{name}.img_data_dir")
+        if not section.use_cached_features:  # cached features need no image
+            _check_dir(section.img_data_dir, f"{name}.img_data_dir")
     m = cfg.model
     if m.init_from is not None:
         _check_dir(m.init_from, "model.init_from")

@@ -38,11 +38,15 @@ class StepBatchSampler(Sampler[list[int]]):
         if self.steps_per_epoch < 1:
             raise MmloomError(f"the dataset has {n} samples, fewer than one global batch ({global_batch})")
 
-    def step_indices(self, step: int) -> list[int]:
-        """This rank's indices for optimizer step `step` (0-based)."""
+    def global_indices(self, step: int) -> list[int]:
+        """All ranks' indices for optimizer step `step` (0-based)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         order = epoch_order(self.n, epoch, self.seed, self.shuffle)
-        batch = order[k * self.global_batch : (k + 1) * self.global_batch]
+        return order[k * self.global_batch : (k + 1) * self.global_batch]
+
+    def step_indices(self, step: int) -> list[int]:
+        """This rank's indices for optimizer step `step` (0-based)."""
+        batch = self.global_indices(step)
         return batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -102,10 +106,11 @@ class TrainCollator:
     supervised at, so they change neither the loss nor any gradient.
     """
 
-    def __init__(self, image_token_id: int, pad_token_id: int, num_image_tokens: int, dummy_images: bool = True):
+    def __init__(self, image_token_id: int, pad_token_id: int, num_image_tokens: int, dummy_images: bool = True,
+                 trim: bool = True):
         from mmloom.data.collate import LlavaCollator
 
-        self.base = LlavaCollator(image_token_id, pad_token_id)
+        self.base = LlavaCollator(image_token_id, pad_token_id, trim=trim)  # trim: drop all-padding tail columns
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
         self.dummy_images = dummy_images
@@ -151,6 +156,11 @@ def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
     from mmloom.data.hdf5_dataset import HDF5LlavaDataset
     from mmloom.processing.image import ImageTransform
 
+    if section.use_cached_features:  # `mmloom data cache-features` output instead of images
+        from mmloom.data.feature_cache import cache_dir_for
+        from mmloom.training.cached_features import CachedFeatureDataset
+
+        return CachedFeatureDataset(section.data_dir, cache_dir_for(section))
     transform = ImageTransform.from_config(section.transforms, section.image_size or image_size)
     return HDF5LlavaDataset(section.data_dir, section.img_data_dir, transform, dtype=dtype)
 

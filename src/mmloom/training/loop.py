@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from mmloom.data.packing import packed_inputs, sample_lengths, step_sampler, train_collator
 from mmloom.errors import MmloomError
 from mmloom.training import builder
+from mmloom.training.cached_features import FeatureCollator, check_cached_features, feature_inputs
 from mmloom.training.checkpoint import (
     load_training_state,
     read_trainer_state,
@@ -28,7 +30,6 @@ from mmloom.training.config import TrainConfig, check_config_paths, config_to_ya
 from mmloom.training.data import (
     EvalSampler,
     PaddedDataset,
-    StepBatchSampler,
     TrainCollator,
     build_dataset,
     make_loader,
@@ -117,6 +118,8 @@ class Trainer:
                     "config differ from those the run started with (changed model config, seed or start weights?)"
                 )
             builder.load_model_weights(model, self.resume_from)
+        # train_input.use_cached_features: a frozen encoder and an up-to-date cache, else refuse
+        self.feature_cache = check_cached_features(cfg, model, self.mode)
         model.train()
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -180,10 +183,15 @@ class Trainer:
         else:
             self.total_steps = max(1, int(math.ceil((run.num_epochs or 1.0) * self.steps_per_epoch)))
         self.train_collate = self._collator(section.data_dir)
+        self.train_collate = train_collator(self.train_collate, section, self.train_set, self.cfg.model.attn_implementation)
+        if section.use_cached_features:  # batches carry module_features instead of pixel_values
+            self.train_collate = FeatureCollator(self.train_collate)
+        self.train_lengths = sample_lengths(self.train_set) if section.group_by_length else None
 
     def train_loader(self, start_step: int):
         section = self.cfg.train_input
-        sampler = StepBatchSampler(
+        sampler = step_sampler(
+            getattr(self, "train_lengths", None),
             len(self.train_set), self.global_batch, self.ctx.world_size, self.ctx.rank, self.micro_batch,
             self.run.seed, section.shuffle, start_step, self.total_steps,
         )
@@ -205,7 +213,11 @@ class Trainer:
     def forward_loss(self, batch: dict, denominator: torch.Tensor) -> torch.Tensor:
         """Sum of this micro-batch's token losses / the global denominator."""
         with self.autocast():
-            out = self.model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=denominator)
+            out = self.model(
+                **model_inputs(batch), **packed_inputs(batch), labels=batch["labels"], num_items_in_batch=denominator,
+                compute_logits=not self.cfg.model.loss_on_supervised_only,
+                **feature_inputs(batch),  # cached encoder features (train_input.use_cached_features)
+            )
         return out.loss
 
     def accumulate(self, micro_batches: list[dict]) -> StepResult:
