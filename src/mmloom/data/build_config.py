@@ -11,14 +11,12 @@ Relative paths are taken relative to the current working directory (like the see
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from mmloom.errors import MmloomError
+from mmloom.config_io import apply_overrides, load_yaml_mapping, validate
 
 
 class _Section(BaseModel):
@@ -62,80 +60,12 @@ class BuildConfig(_Section):
     dataset: DatasetConfig
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = BuildConfig
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        ann = getattr(field, "annotation", None)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
-            return None
-    return model
-
-
-def _describe(err: dict) -> str:
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        valid = sorted(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        prefix = ".".join(str(p) for p in loc[:-1])
-        if close:
-            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
-        else:
-            hint = f"valid keys{' under ' + prefix if prefix else ''}: {', '.join(valid)}"
-        return f"unknown key '{key}'; {hint}"
-    if kind == "missing":
-        return f"missing required key '{key}'"
-    got = err.get("input")
-    return f"'{key}': {err['msg'].lower()} (got {got!r})"
+SECTIONS = "setup/processor/dataset"
 
 
 def parse_build_config(data: Any, source: str = "config") -> BuildConfig:
-    if not isinstance(data, dict):
-        raise MmloomError(f"{source}: expected a mapping with setup/processor/dataset sections")
-    try:
-        return BuildConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
-        raise MmloomError(f"{source}: {problems}") from None
-
-
-def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """Apply `key.sub=value` overrides (values parsed as YAML scalars)."""
-    for item in overrides or []:
-        if "=" not in item:
-            raise MmloomError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise MmloomError(f"--set expects key=value, got {item!r}")
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise MmloomError(f"--set {key}: '{part}' is not a section")
-            node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            node[parts[-1]] = raw
-    return data
+    return validate(BuildConfig, data, source, SECTIONS)
 
 
 def load_build_config(path: str | Path, overrides: list[str] | None = None) -> BuildConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise MmloomError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise MmloomError(f"{path}: invalid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise MmloomError(f"{path}: expected a mapping with setup/processor/dataset sections")
-    return parse_build_config(apply_overrides(data, overrides), source=str(path))
+    return parse_build_config(apply_overrides(load_yaml_mapping(path, SECTIONS), overrides), source=str(path))

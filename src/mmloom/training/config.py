@@ -21,15 +21,13 @@ paths still validate.
 
 from __future__ import annotations
 
-import difflib
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mmloom.config_io import apply_overrides, load_yaml_mapping, validate
 from mmloom.errors import MmloomError
 
 
@@ -176,103 +174,16 @@ class TrainConfig(_Section):
     runconfig: RunSection = Field(default_factory=RunSection)
 
 
-# ----------------------------------------------------------------------------------- errors
-def _section_model(annotation) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        for arg in typing.get_args(annotation):
-            found = _section_model(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = TrainConfig
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        found = _section_model(getattr(field, "annotation", None))
-        if found is None:
-            return None
-        model = found
-    return model
-
-
-def _describe(err: dict) -> str:
-    # pydantic puts union member names (e.g. 'str', 'dict[str,any]') into loc: drop them
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in {"str", "int", "float"})))
-    key = ".".join(str(p) for p in loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        valid = sorted(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        prefix = ".".join(str(p) for p in loc[:-1])
-        if close:
-            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
-        else:
-            hint = f"valid keys{' under ' + prefix if prefix else ''}: {', '.join(valid)}"
-        return f"unknown key '{key}'; {hint}"
-    if kind == "missing":
-        return f"missing required key '{key}'"
-    msg = err["msg"]
-    msg = msg.removeprefix("Value error, ")
-    if "input" in err and kind not in {"value_error"}:
-        return f"'{key}': {msg[:1].lower() + msg[1:]} (got {err['input']!r})"
-    return f"'{key}': {msg}" if key else msg
+SECTIONS = "model/optimizer/runconfig"
 
 
 def parse_train_config(data: Any, source: str = "config") -> TrainConfig:
-    if not isinstance(data, dict):
-        raise MmloomError(f"{source}: expected a mapping with model/optimizer/runconfig sections")
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        seen, problems = set(), []
-        for e in exc.errors():
-            text = _describe(e)
-            if text not in seen:
-                seen.add(text)
-                problems.append(text)
-        raise MmloomError(f"{source}: {'; '.join(problems)}") from None
-
-
-def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """Apply `key.sub=value` overrides (values parsed as YAML, so lists and dicts work)."""
-    for item in overrides or []:
-        if "=" not in item:
-            raise MmloomError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise MmloomError(f"--set expects key=value, got {item!r}")
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise MmloomError(f"--set {key}: '{part}' is not a section")
-            node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            node[parts[-1]] = raw
-    return data
+    return validate(TrainConfig, data, source, SECTIONS)
 
 
 def load_config_dict(path: str | Path, overrides: list[str] | None = None) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise MmloomError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise MmloomError(f"{path}: invalid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise MmloomError(f"{path}: expected a mapping with model/optimizer/runconfig sections")
-    return apply_overrides(data, overrides)
+    return apply_overrides(load_yaml_mapping(path, SECTIONS), overrides)
+
 
 
 def load_train_config(
