@@ -187,24 +187,14 @@ def verify_feature_cache(section, model, precision: str, feature_shape: tuple[in
 def build_frozen_encoder_model(cfg, model_dir: str | Path | None = None):
     """The composite model exactly as `mmloom train` starts it (weights-wise), frozen as configured.
 
-    Same steps as `Trainer.setup_model`: build from the config and seed, load
-    runconfig.checkpoint_path, freeze, add LoRA, and, with `model_dir`, the latest checkpoint of
-    that run folder (as a resumed run would).
+    `builder.build_starting_model` (as `Trainer.setup_model`), then, with `model_dir`, the
+    latest checkpoint of that run folder (as a resumed run would).
     """
     from mmloom.training import builder
 
     run = cfg.runconfig
-    model = builder.build_model(cfg, seed=run.seed)
     start = builder.resolve_weights_folder(run.checkpoint_path) if run.checkpoint_path is not None else None
-    start_has_peft = start is not None and builder.folder_has_peft(start)
-    if start is not None and not start_has_peft:
-        builder.load_model_weights(model, start)
-    if cfg.model.freeze:
-        model.freeze(cfg.model.freeze)
-    if cfg.model.lora is not None:
-        builder.apply_lora(model, cfg.model.lora)
-    if start_has_peft:
-        builder.load_model_weights(model, start)
+    model = builder.build_starting_model(cfg, start)
     if model_dir is not None:
         checkpoints = builder.list_checkpoints(model_dir)
         if checkpoints:

@@ -175,3 +175,19 @@ def frozen_fingerprint(model) -> str:
                 absolute += float(p.detach().double().abs().sum())
                 count += p.numel()
     return f"{count}:{total:.10e}:{absolute:.10e}"
+
+
+def build_starting_model(cfg: TrainConfig, start_folder: Path | None):
+    """The model a run starts from: built from the config and seed, `start_folder`'s weights
+    loaded (a PEFT folder after LoRA is added), frozen as configured."""
+    model = build_model(cfg, seed=cfg.runconfig.seed)
+    start_has_peft = start_folder is not None and folder_has_peft(start_folder)
+    if start_folder is not None and not start_has_peft:
+        load_model_weights(model, start_folder)
+    if cfg.model.freeze:
+        model.freeze(cfg.model.freeze)
+    if cfg.model.lora is not None:
+        apply_lora(model, cfg.model.lora)
+    if start_has_peft:
+        load_model_weights(model, start_folder)
+    return model

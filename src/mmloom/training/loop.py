@@ -91,19 +91,10 @@ class Trainer:
         cfg, run = self.cfg, self.run
         self.resume_from = self._resume_folder()
         check_config_paths(cfg, self.mode, resuming=self.resume_from is not None)
-        model = builder.build_model(cfg, seed=run.seed)
         start_folder = None
         if self.resume_from is None and run.checkpoint_path is not None:
             start_folder = builder.resolve_weights_folder(run.checkpoint_path)
-        start_has_peft = start_folder is not None and builder.folder_has_peft(start_folder)
-        if start_folder is not None and not start_has_peft:
-            builder.load_model_weights(model, start_folder)
-        if cfg.model.freeze:
-            model.freeze(cfg.model.freeze)
-        if cfg.model.lora is not None:
-            builder.apply_lora(model, cfg.model.lora)
-        if start_has_peft:
-            builder.load_model_weights(model, start_folder)
+        model = builder.build_starting_model(cfg, start_folder)
         self.fingerprint = builder.frozen_fingerprint(model)
         self.start_folder = start_folder
         if self.resume_from is not None:
