@@ -35,7 +35,7 @@ class DemoSize:
     batch_size: int
 
 
-FULL = DemoSize(num_train=8000, num_eval=300, phase1_steps=800, phase2_steps=500, batch_size=32)
+FULL = DemoSize(num_train=8000, num_eval=300, phase1_steps=1000, phase2_steps=800, batch_size=32)
 QUICK = DemoSize(num_train=1500, num_eval=60, phase1_steps=300, phase2_steps=150, batch_size=16)
 
 IMAGE_SIZE, PATCH_SIZE = 48, 16  # 3x3 patches: one per scene cell
