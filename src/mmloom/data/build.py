@@ -303,29 +303,9 @@ def _ordered_results(chunks, processes: int, cfg_dict: dict):
 
 
 def _progress(enabled: bool, total: int):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-    from rich.text import Text
+    from mmloom.progress import rate_progress
 
-    class _Rate(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed or 0:,.0f} samples/s")
-
-    return Progress(
-        TextColumn("[bold]building[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _Rate(),
-        TimeElapsedColumn(),
-        disable=not enabled,
-        transient=False,
-    )
+    return rate_progress("[bold]building[/]", "samples", enabled)
 
 
 def recorded_params(cfg: BuildConfig) -> dict:

@@ -225,31 +225,10 @@ def check_cacheable(model) -> None:
 
 # ---------------------------------------------------------------------------- the command
 def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
+    from mmloom.progress import rate_progress
 
-    class _Rate(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed or 0:,.1f} images/s")
-
-    return Progress(
-        TextColumn("[bold]caching features[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _Rate(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
+    return rate_progress("[bold]caching features[/] {task.description}", "images", enabled, decimals=1,
+                         remaining=True)
 
 
 def _stack_images(items: list[dict]) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""Rich progress bars with a throughput column, shared by the data commands."""
+
+from __future__ import annotations
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. `830 samples/s`."""
+
+    def __init__(self, unit: str, decimals: int = 0):
+        super().__init__()
+        self.unit, self.decimals = unit, decimals
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.{self.decimals}f} {self.unit}/s")
+
+
+def rate_progress(label: str, unit: str, enabled: bool = True, decimals: int = 0,
+                  remaining: bool = False) -> Progress:
+    """A bar: label, bar, done/total, rate, elapsed (and time remaining); disabled when asked."""
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), RateColumn(unit, decimals),
+               TimeElapsedColumn()]
+    if remaining:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, disable=not enabled, transient=False)
