@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -20,10 +21,15 @@ def base_module(module: nn.Module) -> nn.Module:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
-def forward_parameter_names(module: nn.Module) -> set[str]:
+def forward_parameter_names(module: nn.Module) -> frozenset[str]:
     """Explicitly named forward arguments of a module (ignores *args/**kwargs)."""
-    params = inspect.signature(base_module(module).forward).parameters.values()
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return _named_arguments(type(base_module(module)).forward)
+
+
+@functools.cache
+def _named_arguments(function) -> frozenset[str]:  # cached: it runs on every forward
+    params = inspect.signature(function).parameters.values()
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) - {"self"}
 
 
 def encoder_hidden_size(config) -> int:
@@ -73,7 +79,7 @@ class ModalEncoderModule(nn.Module):
 
     def accepted_inputs(self) -> set[str]:
         """Input names this encoder takes: its module's forward arguments and its callbacks' inputs."""
-        names = forward_parameter_names(self.module)
+        names = set(forward_parameter_names(self.module))
         for callback in self.callbacks.values():
             names |= set(getattr(callback, "input_names", ()))
         return (names | {"module_features"}) - {"return_dict", "output_hidden_states", "output_attentions", "kwargs"}
