@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except MmloomError as err:
         print(f"mmloom {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # unreadable input, unwritable output, full disk: one clear line
+        print(f"mmloom {args.command}: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "),
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
