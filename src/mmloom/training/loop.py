@@ -38,7 +38,7 @@ from mmloom.training.data import (
 )
 from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap_model
 from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
-from mmloom.training.metrics import FlopsEstimator, MetricsWriter, ProgressDisplay
+from mmloom.training.metrics import FlopsEstimator, MetricsWriter, ProgressDisplay, ThroughputWindow
 from mmloom.training.optim import build_optimizer, build_scheduler
 
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -300,6 +300,26 @@ class Trainer:
                 )
             (self.model_dir / RESOLVED_CONFIG).write_text(text)
 
+    def optimizer_step(self, micro_batches: list[dict], step: int, last_saved: int | None) -> StepResult:
+        """Forward/backward every micro-batch, check the loss and gradient norm, clip, step."""
+        res = self.accumulate(micro_batches)
+        last = f"checkpoint-{last_saved}" if last_saved else "none"
+        if not math.isfinite(res.loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({res.loss}) at step {step + 1}; stopping. "
+                f"Last good checkpoint: {last} in {self.model_dir}"
+            )
+        res.grad_norm = self.clip_gradients()
+        if not math.isfinite(res.grad_norm):
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at step {step + 1} (loss {res.loss:.4g}); stopping. "
+                f"Last good checkpoint: {last} in {self.model_dir}"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return res
+
     def train(self) -> dict[str, Any]:
         ctx, run = self.ctx, self.run
         self.setup_model()
@@ -330,7 +350,7 @@ class Trainer:
         eval_loader = self.eval_loader() if self.mode == "train_and_eval" else None
         debug_sleep = float(os.environ.get("MMLOOM_DEBUG_STEP_SLEEP", "0") or 0)
         last_saved = start_step if self.resume_from is not None else None
-        window = {"time": 0.0, "wait": 0.0, "tokens": 0, "samples": 0, "flops": 0.0, "steps": 0}
+        window = ThroughputWindow()
         result: dict[str, Any] = {"start_step": start_step, "total_steps": self.total_steps}
         if start_step >= self.total_steps:
             progress.message(f"training already finished at step {start_step}")
@@ -342,48 +362,20 @@ class Trainer:
                 t_data = time.perf_counter() - t0
                 lr = self.optimizer.param_groups[0]["lr"]
                 lrs = {g["group_name"]: g["lr"] for g in self.optimizer.param_groups}
-                res = self.accumulate(micro_batches)
-                if not math.isfinite(res.loss):
-                    last = f"checkpoint-{last_saved}" if last_saved else "none"
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({res.loss}) at step {step + 1}; stopping. "
-                        f"Last good checkpoint: {last} in {self.model_dir}"
-                    )
-                res.grad_norm = self.clip_gradients()
-                if not math.isfinite(res.grad_norm):
-                    raise NonFiniteLossError(
-                        f"non-finite gradient norm at step {step + 1} (loss {res.loss:.4g}); stopping. "
-                        f"Last good checkpoint: checkpoint-{last_saved or 'none'} in {self.model_dir}"
-                    )
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                res = self.optimizer_step(micro_batches, step, last_saved)
                 if debug_sleep:
                     time.sleep(debug_sleep)
                 done = step + 1
                 dt = time.perf_counter() - t0
-                window["time"] += dt
-                window["wait"] += t_data
-                window["tokens"] += res.tokens
-                window["samples"] += res.samples
-                window["flops"] += flops.step_flops(res.tokens, res.images)
-                window["steps"] += 1
+                window.add(dt, t_data, res.tokens, res.samples, flops.step_flops(res.tokens, res.images))
                 record = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
                           "loss_tokens": res.loss_tokens, "epoch": done / self.steps_per_epoch}
                 if len(lrs) > 1 and "projector" in lrs:
                     record["projector_lr"] = lrs["projector"]
                 if done % run.log_steps == 0 or done == self.total_steps:
-                    w = window
-                    record.update({
-                        "tokens_per_s": w["tokens"] / w["time"],
-                        "samples_per_s": w["samples"] / w["time"],
-                        "data_wait_share": w["wait"] / w["time"],
-                        "step_time_s": w["time"] / w["steps"],
-                    })
-                    if run.mfu_peak_flops:
-                        record["mfu"] = w["flops"] / w["time"] / (run.mfu_peak_flops * ctx.world_size)
+                    record.update(window.summary(run.mfu_peak_flops, ctx.world_size))
+                    window = ThroughputWindow()
                     progress.log(record)
-                    window = {"time": 0.0, "wait": 0.0, "tokens": 0, "samples": 0, "flops": 0.0, "steps": 0}
                 metrics.write(record)
                 progress.update(done, {**record, "tokens_per_s": record.get("tokens_per_s", res.tokens / dt)})
                 result["last_loss"] = res.loss

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,38 @@ class FlopsEstimator:
 
 
 # ---------------------------------------------------------------------------------- writers
+@dataclass
+class ThroughputWindow:
+    """Time, tokens and FLOPs accumulated over the steps since the last log line."""
+
+    time: float = 0.0
+    wait: float = 0.0  # seconds spent waiting for data
+    tokens: int = 0
+    samples: int = 0
+    flops: float = 0.0
+    steps: int = 0
+
+    def add(self, seconds: float, wait: float, tokens: int, samples: int, flops: float) -> None:
+        self.time += seconds
+        self.wait += wait
+        self.tokens += tokens
+        self.samples += samples
+        self.flops += flops
+        self.steps += 1
+
+    def summary(self, peak_flops: float | None, world_size: int) -> dict[str, float]:
+        """tokens/s, samples/s, data-wait share, step time and (with a peak) MFU."""
+        record = {
+            "tokens_per_s": self.tokens / self.time,
+            "samples_per_s": self.samples / self.time,
+            "data_wait_share": self.wait / self.time,
+            "step_time_s": self.time / self.steps,
+        }
+        if peak_flops:
+            record["mfu"] = self.flops / self.time / (peak_flops * world_size)
+        return record
+
+
 class MetricsWriter:
     """Append records to MODEL_DIR/metrics.jsonl and TensorBoard scalars (rank 0 only)."""
 
