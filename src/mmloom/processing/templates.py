@@ -447,78 +447,65 @@ class Llama2Template(ConversationTemplate):
         return segs
 
 
-class Llama3Template(ConversationTemplate):
+class RoleBlockTemplate(ConversationTemplate):
+    """Templates made of role blocks: ``prefix`` then ``header(role) + content + end + separator``
+    per message; the assistant's content and end token are supervised."""
+
+    prefix = ""  # text before the first block
+    separator = ""  # text after each block's end token
+
+    def header(self, role: str) -> str:
+        raise NotImplementedError
+
+    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
+        sys_text, turns = _split_turns(messages, system, self.name)
+        _check_generation(turns, add_generation_prompt, self.name)
+        sys_text = self._system(sys_text)
+        segs: list[tuple[str, bool]] = [(self.prefix, False)] if self.prefix else []
+        if sys_text:
+            segs.append((self.header("system") + sys_text + self.end + self.separator, False))
+        for user, answer in turns:
+            segs.append((self.header("user") + user + self.end + self.separator, False))
+            if answer is not None:
+                segs.append((self.header("assistant"), False))
+                segs.append((answer + self.end, True))
+                if self.separator:
+                    segs.append((self.separator, False))
+        if add_generation_prompt:
+            segs.append((self.header("assistant"), False))
+        return segs
+
+
+class Llama3Template(RoleBlockTemplate):
     """Llama-3 instruct: header blocks ended by ``<|eot_id|>``; ``<|begin_of_text|>`` in the text."""
 
     name = "llama3"
     end = "<|eot_id|>"
+    prefix = "<|begin_of_text|>"
 
-    @staticmethod
-    def _header(role: str) -> str:
+    def header(self, role: str) -> str:
         return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
 
-    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
-        sys_text, turns = _split_turns(messages, system, self.name)
-        _check_generation(turns, add_generation_prompt, self.name)
-        sys_text = self._system(sys_text)
-        segs: list[tuple[str, bool]] = [("<|begin_of_text|>", False)]
-        if sys_text:
-            segs.append((self._header("system") + sys_text + self.end, False))
-        for user, answer in turns:
-            segs.append((self._header("user") + user + self.end, False))
-            if answer is not None:
-                segs.append((self._header("assistant"), False))
-                segs.append((answer + self.end, True))
-        if add_generation_prompt:
-            segs.append((self._header("assistant"), False))
-        return segs
 
-
-class ZephyrTemplate(ConversationTemplate):
+class ZephyrTemplate(RoleBlockTemplate):
     """Zephyr: ``<|system|>\\n{sys}</s>\\n<|user|>\\n{q}</s>\\n<|assistant|>\\n{a}</s>\\n``."""
 
     name = "zephyr"
+    separator = "\n"
 
-    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
-        sys_text, turns = _split_turns(messages, system, self.name)
-        _check_generation(turns, add_generation_prompt, self.name)
-        sys_text = self._system(sys_text)
-        segs: list[tuple[str, bool]] = []
-        if sys_text:
-            segs.append((f"<|system|>\n{sys_text}{self.end}\n", False))
-        for user, answer in turns:
-            segs.append((f"<|user|>\n{user}{self.end}\n", False))
-            if answer is not None:
-                segs.append(("<|assistant|>\n", False))
-                segs.append((answer + self.end, True))
-                segs.append(("\n", False))
-        if add_generation_prompt:
-            segs.append(("<|assistant|>\n", False))
-        return segs
+    def header(self, role: str) -> str:
+        return f"<|{role}|>\n"
 
 
-class ChatMLTemplate(ConversationTemplate):
+class ChatMLTemplate(RoleBlockTemplate):
     """ChatML (Qwen, Hermes...): ``<|im_start|>role\\n{content}<|im_end|>\\n``."""
 
     name = "chatml"
     end = "<|im_end|>"
+    separator = "\n"
 
-    def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
-        sys_text, turns = _split_turns(messages, system, self.name)
-        _check_generation(turns, add_generation_prompt, self.name)
-        sys_text = self._system(sys_text)
-        segs: list[tuple[str, bool]] = []
-        if sys_text:
-            segs.append((f"<|im_start|>system\n{sys_text}{self.end}\n", False))
-        for user, answer in turns:
-            segs.append((f"<|im_start|>user\n{user}{self.end}\n", False))
-            if answer is not None:
-                segs.append(("<|im_start|>assistant\n", False))
-                segs.append((answer + self.end, True))
-                segs.append(("\n", False))
-        if add_generation_prompt:
-            segs.append(("<|im_start|>assistant\n", False))
-        return segs
+    def header(self, role: str) -> str:
+        return f"<|im_start|>{role}\n"
 
 
 class MistralTemplate(ConversationTemplate):
