@@ -17,8 +17,15 @@ def _last_per_step(records: list[dict], key: str) -> tuple[list[int], list[float
     return steps, [values[s] for s in steps]
 
 
+# file name, y label, title, [(metrics key, legend label, line style)]
+FIGURES = [
+    ("loss.png", "loss", "loss", [("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")]),
+    ("lr.png", "learning rate", "learning rate", [("lr", "lr", "-"), ("projector_lr", "projector lr", "-")]),
+]
+
+
 def plot_metrics(model_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write loss.png and lr.png (and eval_loss into loss.png when present); returns the paths."""
+    """Write loss.png (train and eval loss) and lr.png (lr and projector lr); returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,36 +38,19 @@ def plot_metrics(model_dir: str | Path, out_dir: str | Path | None = None) -> li
     out = Path(out_dir) if out_dir is not None else model_dir
     out.mkdir(parents=True, exist_ok=True)
     written = []
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps, loss = _last_per_step(records, "loss")
-    ax.plot(steps, loss, label="train loss")
-    esteps, eloss = _last_per_step(records, "eval_loss")
-    if esteps:
-        ax.plot(esteps, eloss, "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{model_dir.name}: loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)
-    written.append(out / "loss.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps, lr = _last_per_step(records, "lr")
-    ax.plot(steps, lr, label="lr")
-    psteps, plr = _last_per_step(records, "projector_lr")
-    if psteps:
-        ax.plot(psteps, plr, label="projector lr")
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.set_title(f"{model_dir.name}: learning rate")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "lr.png", dpi=100)
-    plt.close(fig)
-    written.append(out / "lr.png")
+    for filename, ylabel, title, curves in FIGURES:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, label, style in curves:
+            steps, values = _last_per_step(records, key)
+            if steps:
+                ax.plot(steps, values, style, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{model_dir.name}: {title}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=100)
+        plt.close(fig)
+        written.append(out / filename)
     return written
