@@ -92,3 +92,33 @@ def test_save_and_load_with_the_model_directory(model, tokenizer, tmp_path):
     b = loaded(conversations=[RECORD], images=[CHELSEA])
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
     torch.testing.assert_close(a["vision"]["pixel_values"], b["vision"]["pixel_values"])
+
+
+def test_anyres_counts_follow_each_images_size_and_feed_the_model(tokenizer, tmp_path):
+    from transformers import LlavaNextImageProcessor
+
+    from mmloom import AnyresPack, FeatureSelect, ModalEncoderModule
+    from mmloom.testing import tiny_clip_vision, tiny_llama
+
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    model = MultimodalModel(
+        {"vision": ModalEncoderModule(
+            tiny_clip_vision(), postprocess_module_callback=FeatureSelect(-2, "patch"),
+            postprocess_projector_callback=AnyresPack(48, pinpoints, patch_grid=4, image_size=32))},
+        tiny_llama(), init_projector_type="mlp2x_gelu", placeholder_token_ids={"vision": IMAGE_ID}).eval()
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                              image_grid_pinpoints=pinpoints)
+    processor = MultimodalProcessor.from_model(model, tokenizer, {"vision": image_processor})
+    wide, tall = ASTRONAUT.resize((70, 40)), CHELSEA.resize((30, 64))  # (width, height)
+    batch = processor(conversations=[RECORD, RECORD], images=[wide, tall])
+    expected = [model.num_feature_tokens("vision", (40, 70)), model.num_feature_tokens("vision", (64, 30))]
+    assert expected[0] != expected[1]
+    assert (batch["input_ids"] == IMAGE_ID).sum(1).tolist() == expected
+    assert batch["vision"]["pixel_values"].dim() == 4  # real views only, flattened
+    assert torch.isfinite(model(**batch).loss)  # the model's per-sample count check passes
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    loaded = MultimodalProcessor.from_pretrained(tmp_path / "m")
+    assert loaded.anyres == processor.anyres
+    assert torch.equal(loaded(conversations=[RECORD], images=[tall])["input_ids"], processor(
+        conversations=[RECORD], images=[tall])["input_ids"])

@@ -122,6 +122,15 @@ class FeatureSelect(SerializableCallback):
         return f"FeatureSelect(layer={self.layer!r}, strategy={self.strategy!r})"
 
 
+def anyres_num_tokens(image_size_hw, image_grid_pinpoints, patch_grid: int, image_size: int) -> int:
+    """Feature tokens of one image of (height, width) after anyres packing: the base view, then
+    the unpadded high-resolution grid with a newline token after each row."""
+    grid_h, grid_w = get_anyres_image_grid_shape(image_size_hw, image_grid_pinpoints, image_size)
+    grid = torch.empty(1, grid_h * patch_grid, grid_w * patch_grid)
+    rows, cols = unpad_image(grid, torch.tensor(image_size_hw)).shape[1:]
+    return patch_grid**2 + rows * (cols + 1)
+
+
 @register_callback
 class AnyresPack(nn.Module, SerializableCallback):
     """LLaVA-NeXT "anyres" packing of projected patch features (a projector callback).
@@ -156,10 +165,7 @@ class AnyresPack(nn.Module, SerializableCallback):
 
     def num_tokens(self, image_size_hw) -> int:
         """Feature tokens one image of (height, width) produces after packing."""
-        grid_h, grid_w = get_anyres_image_grid_shape(image_size_hw, self.image_grid_pinpoints, self.image_size)
-        dummy = torch.empty(1, grid_h * self.patch_grid, grid_w * self.patch_grid)
-        rows, cols = unpad_image(dummy, torch.tensor(image_size_hw)).shape[1:]
-        return self.patch_grid**2 + rows * (cols + 1)
+        return anyres_num_tokens(image_size_hw, self.image_grid_pinpoints, self.patch_grid, self.image_size)
 
     def forward(self, inputs: dict, output: ModelOutput | tuple) -> ModelOutput | tuple:
         features = output[0]  # (sum of views, P*P, D)

@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, BatchFeature
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from mmloom.errors import MmloomError
+from mmloom.model.callbacks import AnyresPack, anyres_num_tokens
 from mmloom.model.feature_count import feature_tokens_per_item
 from mmloom.model.merge import IGNORE_INDEX
 from mmloom.processing.image import ImageTransform
@@ -25,8 +27,15 @@ from mmloom.processing.templates import ConversationTemplate, get_template, mess
 PROCESSOR_CONFIG = "mmloom_processor.json"
 TRANSFORM_FILE = "{name}_transform.json"  # an mmloom ImageTransform, saved as its steps
 DEFAULT_PLACEHOLDERS = {"vision": "<image>", "audio": "<audio>"}
-# The keyword under which a sample's items are passed to __call__, per modality.
-ITEM_ARGUMENTS = {"vision": "images", "audio": "audio"}
+
+
+def _height_width(image) -> tuple[int, int]:
+    """(height, width) of a PIL image or a (C, H, W) / (H, W, C) array."""
+    if hasattr(image, "size") and not hasattr(image, "shape"):
+        width, height = image.size
+        return height, width
+    shape = tuple(image.shape)
+    return (shape[1], shape[2]) if shape[0] in (1, 3, 4) else (shape[0], shape[1])
 
 
 def _as_item_lists(items, batch_size: int, what: str) -> list[list[Any]]:
@@ -68,6 +77,7 @@ class MultimodalProcessor:
         template: str | ConversationTemplate = "vicuna_v1",
         num_tokens: dict[str, int] | None = None,
         placeholders: dict[str, str] | None = None,
+        anyres: dict[str, dict[str, Any]] | None = None,
         template_options: dict[str, Any] | None = None,
         max_length: int | None = None,
     ):
@@ -81,6 +91,7 @@ class MultimodalProcessor:
             name: DEFAULT_PLACEHOLDERS.get(name, f"<{name}>") for name in self.encoder_processors
         } | dict(placeholders or {})
         self.num_tokens = dict(num_tokens or {})
+        self.anyres = dict(anyres or {})  # modality -> AnyresPack settings: tokens depend on image size
         self.max_length = max_length
         self.placeholder_ids = {}
         for name, placeholder in self.placeholders.items():
@@ -99,15 +110,19 @@ class MultimodalProcessor:
         from mmloom.model.multimodal import MultimodalConfig
 
         config = model if isinstance(model, MultimodalConfig) else model.config
-        num_tokens = {}
+        num_tokens, anyres = {}, {}
         for name, spec in config.encoders.items():
             if isinstance(model, MultimodalConfig):
                 hf_config = config.encoder_hf_config(name)
                 callbacks = {slot: callback_from_dict(cb) for slot, cb in spec["callbacks"].items()}
             else:
                 hf_config, callbacks = model.encoders[name].config, model.encoders[name].callbacks
-            num_tokens[name] = feature_tokens_per_item(hf_config, callbacks)
-        processor = cls(encoder_processors, tokenizer, template, num_tokens=num_tokens, **kwargs)
+            packer = callbacks.get("postprocess_projector_callback")
+            if isinstance(packer, AnyresPack):
+                anyres[name] = {k: v for k, v in packer.to_dict().items() if k != "hidden_size"}
+            else:
+                num_tokens[name] = feature_tokens_per_item(hf_config, callbacks)
+        processor = cls(encoder_processors, tokenizer, template, num_tokens=num_tokens, anyres=anyres, **kwargs)
         for name, token_id in config.placeholder_token_ids.items():
             if processor.placeholder_ids.get(name) != token_id:
                 raise MmloomError(
@@ -125,22 +140,33 @@ class MultimodalProcessor:
             return messages_from_llava(sample, placeholder=self.placeholders.get("vision", "<image>"))
         return list(sample)
 
-    def encode_messages(
-        self, messages: list[dict], counts: dict[str, int], add_generation_prompt: bool = False, index: int = 0
-    ) -> tuple[list[int], list[int]]:
-        """Token ids and labels of one conversation with placeholders expanded to feature tokens."""
-        tokenized = self.template.tokenize(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
-        return self._expand(tokenized.input_ids, tokenized.labels, counts, index)
+    def item_tokens(self, modality: str, items: list[Any]) -> list[int]:
+        """Feature tokens each item of `modality` becomes (anyres: from each image's size)."""
+        if modality in self.anyres:
+            return [anyres_num_tokens(_height_width(item), **self.anyres[modality]) for item in items]
+        if modality not in self.num_tokens:
+            raise MmloomError(f"no feature-token count for {modality}: build the processor with from_model()")
+        return [self.num_tokens[modality]] * len(items)
 
-    def _expand(self, ids: list[int], labels: list[int], counts: dict[str, int], index: int):
+    def encode_messages(
+        self, messages: list[dict], item_tokens: dict[str, list[int]], add_generation_prompt: bool = False,
+        index: int = 0,
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels of one conversation, each placeholder expanded to its item's feature
+        tokens (`item_tokens[modality]`: one count per item, in order)."""
+        tokenized = self.template.tokenize(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        return self._expand(tokenized.input_ids, tokenized.labels, item_tokens, index)
+
+    def _expand(self, ids: list[int], labels: list[int], item_tokens: dict[str, list[int]], index: int):
         id_to_modality = {token_id: name for name, token_id in self.placeholder_ids.items()}
         for name, token_id in self.placeholder_ids.items():
-            found = ids.count(token_id)
-            if found != counts.get(name, 0):
+            found, given = ids.count(token_id), len(item_tokens.get(name, []))
+            if found != given:
                 raise MmloomError(
                     f"sample {index}: {found} {self.placeholders[name]} placeholder(s) in the text but "
-                    f"{counts.get(name, 0)} {name} item(s) given"
+                    f"{given} {name} item(s) given"
                 )
+        remaining = {name: iter(counts) for name, counts in item_tokens.items()}
         out_ids, out_labels = [], []
         for token, label in zip(ids, labels, strict=True):
             modality = id_to_modality.get(token)
@@ -148,10 +174,9 @@ class MultimodalProcessor:
                 out_ids.append(token)
                 out_labels.append(label)
                 continue
-            if modality not in self.num_tokens:
-                raise MmloomError(f"no feature-token count for {modality}: build the processor with from_model()")
-            out_ids += [token] * self.num_tokens[modality]
-            out_labels += [IGNORE_INDEX] * self.num_tokens[modality]
+            n = next(remaining[modality])
+            out_ids += [token] * n
+            out_labels += [IGNORE_INDEX] * n
         if self.max_length is not None and len(out_ids) > self.max_length:
             raise MmloomError(
                 f"sample {index} is {len(out_ids)} tokens long (placeholders expanded), over max_length "
@@ -164,8 +189,21 @@ class MultimodalProcessor:
         if processor is None:
             raise MmloomError(f"no processor for {name} inputs; this processor has {sorted(self.encoder_processors)}")
         if hasattr(processor, "model_input_names"):  # a HF image processor / feature extractor
-            return dict(processor(items, return_tensors="pt", **kwargs))
+            inputs = dict(processor(items, return_tensors="pt", **kwargs))
+            if name in self.anyres:
+                inputs["pixel_values"] = self._anyres_views(name, inputs)
+            return inputs
         return {"pixel_values": torch.stack([torch.as_tensor(processor(item)) for item in items])}
+
+    def _anyres_views(self, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """LLaVA-NeXT processors pad every image to the same number of views, (N, P, C, H, W);
+        the model takes each image's real views, flattened: (sum of views, C, H, W)."""
+        pixel_values, spec = inputs["pixel_values"], self.anyres[name]
+        if pixel_values.dim() == 4:
+            return pixel_values
+        views = [image_size_to_num_patches(hw.tolist(), spec["image_grid_pinpoints"], spec["image_size"])
+                 for hw in inputs["image_sizes"]]
+        return torch.cat([image[:n] for image, n in zip(pixel_values, views, strict=True)])
 
     def __call__(
         self,
@@ -192,13 +230,13 @@ class MultimodalProcessor:
                  "audio": _as_item_lists(audio, len(samples), "audio")}
         rows = []
         for index, sample in enumerate(samples):
-            counts = {name: len(items.get(name, [[]] * len(samples))[index]) for name in self.placeholder_ids}
+            tokens = {name: self.item_tokens(name, items[name][index] if name in items else [])
+                      for name in self.placeholder_ids}
             if text is not None:
                 ids = self.tokenizer(sample)["input_ids"]
-                labels = list(ids)
-                rows.append(self._expand(ids, labels, counts, index))
+                rows.append(self._expand(ids, list(ids), tokens, index))
             else:
-                rows.append(self.encode_messages(self._messages(sample), counts, add_generation_prompt, index))
+                rows.append(self.encode_messages(self._messages(sample), tokens, add_generation_prompt, index))
         batch = self.pad(rows, padding_side)
         if not return_labels:
             batch.pop("labels")
@@ -223,6 +261,7 @@ class MultimodalProcessor:
             "template_options": self.template_options,
             "placeholders": self.placeholders,
             "num_tokens": self.num_tokens,
+            "anyres": self.anyres,
             "max_length": self.max_length,
             "encoder_processors": sorted(self.encoder_processors),
         }
