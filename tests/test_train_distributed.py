@@ -55,6 +55,13 @@ def test_ddp_two_processes_match_one(data, reference, tmp_path):
     assert (run / "checkpoint-4" / "rng_state_1.pt").exists()
 
 
+def test_packed_ddp_matches_one_process(data, reference, tmp_path):
+    """Packing on 2 ranks: every rank packs its own micro-batches; losses stay those of 1 process."""
+    run = tmp_path / "ddp_packed"
+    torchrun(train_args(data, 2, run, *SETS, "runconfig.distributed=ddp", "train_input.packing=true"), tmp_path)
+    assert_same_losses(run, reference)
+
+
 def test_fsdp_two_processes_match_one_and_resume(data, reference, tmp_path):
     run = tmp_path / "fsdp"
     args = train_args(data, 2, run, *SETS, "runconfig.distributed=fsdp")
