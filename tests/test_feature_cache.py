@@ -129,7 +129,24 @@ def test_stale_cache_and_trainable_encoder_are_refused(data, tmp_path, capsys):
     assert "no feature cache" in err
     err = refused(cache_args(data, 1, "model.freeze=[^text_model]"))
     assert "only valid for a frozen encoder" in err
-    err = refused(run_args(data, 1, tmp_path / "f", *cached, "eval_input.use_cached_features=true")
-                  + ["--mode", "train_and_eval"])
-    assert "eval_input.use_cached_features is not supported" in err
+    err = refused(run_args(data, 1, tmp_path / "f", "eval_input.use_cached_features=true", "model.freeze=[]")
+                  + ["--mode", "train_and_eval"])  # an encoder that trains makes the eval cache stale
+    assert "eval_input.use_cached_features needs a frozen vision encoder" in err
     assert not (tmp_path / "a" / "checkpoint-1").exists()
+
+
+def test_eval_from_cached_features_matches_eval_from_images(data, tmp_path, monkeypatch):
+    from mmloom.model.encoder import ModalEncoderModule
+
+    assert main(run_args(data, 1, tmp_path / "images") + ["--mode", "eval"]) == 0
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the cached eval must not run the vision encoder")
+
+    monkeypatch.setattr(ModalEncoderModule, "encode_module", forbidden)
+    assert main(run_args(data, 1, tmp_path / "cached", "eval_input.use_cached_features=true") + ["--mode", "eval"]) == 0
+    a = json.loads((tmp_path / "images" / "eval_results.json").read_text())
+    b = json.loads((tmp_path / "cached" / "eval_results.json").read_text())
+    assert a["num_samples"] == b["num_samples"] > 0
+    assert abs(a["eval_loss"] - b["eval_loss"]) < LOSS_ATOL
+    assert abs(a["accuracy"] - b["accuracy"]) < 1e-6

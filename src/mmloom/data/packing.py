@@ -248,11 +248,6 @@ def train_collator(collator, section, dataset, attn_implementation: str | None):
     return collator  # rows are already trimmed to the batch's longest sample
 
 
-def packed_inputs(batch: dict) -> dict:
-    """The extra model inputs of a packed batch (none for an ordinary one)."""
-    return {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
-
-
 def step_sampler(lengths, *args, **kwargs) -> StepBatchSampler:
     """`StepBatchSampler(*args)`, length-grouped when `lengths` is given."""
     if lengths is None:

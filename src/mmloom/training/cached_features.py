@@ -88,41 +88,32 @@ class FeatureCollator:
         return batch
 
 
-def feature_inputs(batch: dict) -> dict:
-    """The model input of a batch with cached features (none for an ordinary batch)."""
-    features = batch.get("module_features")
-    return {"vision": {"module_features": features}} if features is not None else {}
-
-
-def check_cached_features(cfg, model, mode: str) -> Path | None:
-    """Refuse cached features that a run cannot use; returns the train cache folder (or None).
+def check_cached_features(cfg, model, mode: str) -> None:
+    """Refuse cached features that a run cannot use (trainable or unsupported encoder, missing or
+    stale cache) for each input section the mode reads.
 
     Called on the unwrapped model before it moves to its device: the encoder weights it hashes are
     those the uncached run would use.
     """
     from mmloom.data.feature_cache import verify_feature_cache
 
-    ev = cfg.eval_input
-    if ev is not None and ev.use_cached_features and mode in ("eval", "train_and_eval"):
-        raise MmloomError(
-            "eval_input.use_cached_features is not supported: evaluation reads the images "
-            "(set eval_input.use_cached_features: false)"
-        )
-    section = cfg.train_input
-    if section is None or not section.use_cached_features or mode not in ("train", "train_and_eval"):
-        return None
-    trainable = trainable_encoder_params(model)
-    if trainable:
-        raise MmloomError(
-            "train_input.use_cached_features needs a frozen vision encoder, but model.freeze leaves "
-            f"{len(trainable)} of its parameters trainable (e.g. vision_encoder.module.{trainable[0]}): cached "
-            "features would not follow its updates. Add '^image_model' to model.freeze, or set "
-            "train_input.use_cached_features: false"
-        )
-    encoder = model.encoders["vision"]
-    if encoder.preprocess_callback is not None or encoder.postprocess_projector_callback is not None:
-        raise MmloomError(
-            "train_input.use_cached_features supports vision encoders whose only callback is the feature selection"
-        )
-    shape = (model.num_feature_tokens("vision"), encoder.feature_dim())
-    return verify_feature_cache(section, model, cfg.model.precision, feature_shape=shape)
+    sections = {"train_input": ("train", "train_and_eval"), "eval_input": ("eval", "train_and_eval")}
+    for name, modes in sections.items():
+        section = getattr(cfg, name)
+        if section is None or not section.use_cached_features or mode not in modes:
+            continue
+        trainable = trainable_encoder_params(model)
+        if trainable and mode != "eval":  # the encoder changes during this run: its cache would go stale
+            raise MmloomError(
+                f"{name}.use_cached_features needs a frozen vision encoder, but model.freeze leaves "
+                f"{len(trainable)} of its parameters trainable (e.g. vision_encoder.module.{trainable[0]}): cached "
+                "features would not follow its updates. Add '^image_model' to model.freeze, or set "
+                f"{name}.use_cached_features: false"
+            )
+        encoder = model.encoders["vision"]
+        if encoder.preprocess_callback is not None or encoder.postprocess_projector_callback is not None:
+            raise MmloomError(
+                f"{name}.use_cached_features supports vision encoders whose only callback is the feature selection"
+            )
+        shape = (model.num_feature_tokens("vision"), encoder.feature_dim())
+        verify_feature_cache(section, model, cfg.model.precision, feature_shape=shape)

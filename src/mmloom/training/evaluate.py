@@ -18,9 +18,15 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
 
 
 def model_inputs(batch: dict) -> dict:
+    """What the model takes from a collated batch: ids, attention, packed positions, and the
+    vision inputs (images, or cached encoder features with `use_cached_features`)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if batch.get("pixel_values") is not None:
-        inputs["pixel_values"] = batch["pixel_values"]
+    if batch.get("position_ids") is not None:  # packed rows: positions restart per sample
+        inputs["position_ids"] = batch["position_ids"]
+    if batch.get("module_features") is not None:
+        inputs["vision"] = {"module_features": batch["module_features"]}
+    elif batch.get("pixel_values") is not None:
+        inputs["vision"] = {"pixel_values": batch["pixel_values"]}
     return inputs
 
 

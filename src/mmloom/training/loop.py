@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from mmloom.data.packing import packed_inputs, sample_lengths, step_sampler, train_collator
+from mmloom.data.packing import sample_lengths, step_sampler, train_collator
 from mmloom.errors import MmloomError
 from mmloom.training import builder
-from mmloom.training.cached_features import FeatureCollator, check_cached_features, feature_inputs
+from mmloom.training.cached_features import FeatureCollator, check_cached_features
 from mmloom.training.checkpoint import (
     load_training_state,
     read_trainer_state,
@@ -110,7 +110,7 @@ class Trainer:
                 )
             builder.load_model_weights(model, self.resume_from)
         # train_input.use_cached_features: a frozen encoder and an up-to-date cache, else refuse
-        self.feature_cache = check_cached_features(cfg, model, self.mode)
+        check_cached_features(cfg, model, self.mode)
         model.train()
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -193,7 +193,10 @@ class Trainer:
         dataset = PaddedDataset(build_dataset(section, self.image_size))
         micro = section.micro_batch_size or max(1, section.batch_size // self.ctx.world_size)
         sampler = EvalSampler(len(dataset), self.ctx.world_size, self.ctx.rank, micro)
-        return make_loader(dataset, sampler, self._collator(section.data_dir), section.num_workers, self.run.seed)
+        collate = self._collator(section.data_dir)
+        if section.use_cached_features:
+            collate = FeatureCollator(collate)
+        return make_loader(dataset, sampler, collate, section.num_workers, self.run.seed)
 
     def setup_optimizer(self) -> None:
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer)
@@ -205,9 +208,8 @@ class Trainer:
         """Sum of this micro-batch's token losses / the global denominator."""
         with self.autocast():
             out = self.model(
-                **model_inputs(batch), **packed_inputs(batch), labels=batch["labels"], num_items_in_batch=denominator,
+                **model_inputs(batch), labels=batch["labels"], num_items_in_batch=denominator,
                 compute_logits=not self.cfg.model.loss_on_supervised_only,
-                **feature_inputs(batch),  # cached encoder features (train_input.use_cached_features)
             )
         return out.loss
 
