@@ -100,8 +100,6 @@ class JsonlLlavaDataset(Dataset):
 
 def collate_jsonl(batch: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
     """Pad a list of `JsonlLlavaDataset` items: input_ids / labels (-100) / attention_mask, stacked images."""
-    if padding_side not in ("right", "left"):
-        raise MmloomError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     padded = pad_rows([(b["input_ids"], b["labels"]) for b in batch], pad_token_id, padding_side)
     input_ids, attention_mask, labels = padded["input_ids"], padded["attention_mask"], padded["labels"]
     images = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]

@@ -33,19 +33,24 @@ def _check_inline_matches(inline: dict, loaded: dict, key: str) -> None:
             )
 
 
+def _inline_config(spec: dict[str, Any], key: str):
+    """The HF config of an inline `model.{key}` dict (`model_type` + config keys)."""
+    from transformers import AutoConfig
+
+    params = {k: v for k, v in spec.items() if k not in ("model_type", "pretrained")}
+    try:
+        return AutoConfig.for_model(spec["model_type"], **params)
+    except (ValueError, KeyError) as exc:
+        raise MmloomError(f"model.{key}: {exc}") from None
+
+
 def build_vision_model(spec: str | dict[str, Any], attn_implementation: str | None) -> nn.Module:
     import transformers
     from transformers import AutoConfig, AutoModel
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if isinstance(spec, dict) and spec.get("pretrained") is None:
-        params = {k: v for k, v in spec.items() if k not in ("model_type", "pretrained")}
-        try:
-            config = AutoConfig.for_model(spec["model_type"], **params)
-        except (ValueError, KeyError) as exc:
-            raise MmloomError(f"model.image_model: {exc}") from None
-        config = _vision_config(config)
-        return AutoModel.from_config(config, **kwargs)
+        return AutoModel.from_config(_vision_config(_inline_config(spec, "image_model")), **kwargs)
     path = spec if isinstance(spec, str) else spec["pretrained"]
     config = AutoConfig.from_pretrained(path)
     if isinstance(spec, dict):
@@ -60,12 +65,7 @@ def build_text_model(spec: str | dict[str, Any], attn_implementation: str | None
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if isinstance(spec, dict) and spec.get("pretrained") is None:
-        params = {k: v for k, v in spec.items() if k not in ("model_type", "pretrained")}
-        try:
-            config = AutoConfig.for_model(spec["model_type"], **params)
-        except (ValueError, KeyError) as exc:
-            raise MmloomError(f"model.text_model: {exc}") from None
-        return AutoModelForCausalLM.from_config(config, **kwargs)
+        return AutoModelForCausalLM.from_config(_inline_config(spec, "text_model"), **kwargs)
     path = spec if isinstance(spec, str) else spec["pretrained"]
     if isinstance(spec, dict):
         _check_inline_matches(spec, AutoConfig.from_pretrained(path).to_dict(), "text_model")
