@@ -78,6 +78,7 @@ def read_out(out: Path, msl: int = MSL2):
             assert h["data"].compression == "gzip"
             rows.append(h["data"][:])
             paths += [p[0].decode() for p in h["img_path"][:]]
+            assert h["image_start_idx"].shape == (h["data"].shape[0],)
     params = json.loads((out / "data_params.json").read_text())
     return np.concatenate(rows), paths, params
 
@@ -117,8 +118,12 @@ def test_build_phase1_plain_layout(ws, tokenizer, capsys):
         assert loss.tolist() == expected.tolist()
         assert labels[NP] == cap[0]
     pp = params["post-process"]
-    assert params["image_patch_info"] == {"image_patch_start_idx": 1, "num_patches": NP}
-    assert pp["read"] == pp["kept"] == pp["n_examples"] == 4 and pp["skipped"] == {}
+    assert params["image_patch_info"] == {
+        "image_patch_start_idx": 1, "num_patches": NP,
+        "samples": {"image_in_first_turn": 4, "image_in_later_turn": 0, "text_only": 0},
+    }
+    assert pp["processed_files"] == pp["successful_files"] == pp["n_examples"] == 4 and pp["skipped"] == {}
+    assert pp["discarded_files"] == 0
     assert (pp["eos_id"], pp["pad_id"], pp["vocab_size"]) == (EOS, PAD, len(tokenizer))
     assert (
         params["processor"]["max_sequence_length"] == MSL
@@ -126,9 +131,12 @@ def test_build_phase1_plain_layout(ws, tokenizer, capsys):
     )
     st = params["h5_dataset_stats"]
     assert st["num_sequences"] == 4 and st["num_tokens"] == 4 * MSL
+    # Cerebras' collect_stats: non-pad = row-0 ids that are neither EOS nor pad (image slots hold pad)
     assert st["loss_valid_tokens"] == int(rows[:, 1].sum()) and st["non_pad_tokens"] == int(
-        (rows[:, 3] == 0).sum()
+        ((rows[:, 0] != EOS) & (rows[:, 0] != PAD)).sum()
     )
+    assert st["detokenized_chars"] == sum(len(tokenizer.decode(r[0].tolist())) for r in rows)
+    assert params["setup"]["processes"] == 1 and params["setup"]["output_dir"] == str((ws / "p1_out").resolve())
     assert pp["raw_chars_count"] == sum(len(c) + len("Describe the picture.\n<image>") for c in CAPTIONS)
     assert st["detokenized_chars"] > 0
 
@@ -148,10 +156,11 @@ def test_build_phase2_vicuna_layout_and_text_only(ws, tokenizer):
     cfg = write_cfg(ws, "p2", records, "vicuna_v1", msl=MSL)
     assert main(["data", "build", str(cfg), "--quiet", "--set", f"processor.max_sequence_length={MSL2}"]) == 0
     rows, paths, params = read_out(ws / "p2_out")
-    assert paths == ["img0.png", "", "img1.png"]
+    assert paths == ["img0.png", "None", "img1.png"]  # Cerebras writes b"None" for text-only samples
     prefix = [BOS] + tokenizer(VICUNA_SYSTEM + " USER: ", add_special_tokens=False)["input_ids"]
     start = len(prefix)
-    assert params["image_patch_info"] == {"image_patch_start_idx": start, "num_patches": NP}
+    assert params["image_patch_info"]["image_patch_start_idx"] == start
+    assert params["image_patch_info"]["samples"] == {"image_in_first_turn": 2, "image_in_later_turn": 0, "text_only": 1}
     for k, r in enumerate(rows):
         ids, loss, labels, inv = r
         n = check_common(r)
@@ -166,10 +175,14 @@ def test_build_phase2_vicuna_layout_and_text_only(ws, tokenizer):
                 == "\nWhat is in the image? ASSISTANT: A red circle.</s>USER: Where? ASSISTANT: Left.</s>"
             )
             assert sup == " A red circle.</s> Left.</s>"
-        elif k == 1:
-            assert text == "Is there a circle? ASSISTANT: Yes.</s>"
+        elif k == 1:  # text-only: the attended text is the conversation tokenized without an image
+            assert text.lstrip() == "Is there a circle? ASSISTANT: Yes.</s>"
+            attended = ids[inv == 0].tolist()
+            alone = [BOS] + tokenizer(VICUNA_SYSTEM + " USER: Is there a circle? ASSISTANT: Yes.</s>",
+                                      add_special_tokens=False)["input_ids"]
+            assert attended == alone
             assert sup == " Yes.</s>"
-    assert params["post-process"]["kept"] == 3
+    assert params["post-process"]["successful_files"] == 3
 
 
 def test_processes_2_byte_identical(ws):
@@ -187,9 +200,14 @@ def test_processes_2_byte_identical(ws):
     names = sorted(p.name for p in out1.iterdir())
     assert names == sorted(p.name for p in out2.iterdir())
     assert names == ["data-00000.h5", "data-00001.h5", "data-00002.h5", "data-00003.h5", "data_params.json"]
-    for name in names:
+    for name in names[:-1]:
         assert (out1 / name).read_bytes() == (out2 / name).read_bytes(), name
     params = json.loads((out1 / "data_params.json").read_text())
+    params2 = json.loads((out2 / "data_params.json").read_text())
+    assert params2["setup"].pop("processes") == 2 and params["setup"].pop("processes") == 1
+    params2["setup"].pop("output_dir"), params["setup"].pop("output_dir")
+    params2["post-process"].pop("output_files"), params["post-process"].pop("output_files")
+    assert params == params2
     assert params["post-process"]["skipped"] == {"image_token_mismatch": 1}
     # rebuilding into a non-empty folder needs --overwrite
     assert main(["data", "build", str(cfg1), "--quiet"]) == 2
@@ -243,12 +261,13 @@ def test_bad_records_skipped_and_counted(ws, tokenizer):
         "image_token_mismatch": 3,
         "too_long": 1,
     }
-    assert pp["read"] == 14 and pp["kept"] == 3 and pp["read"] == pp["kept"] + sum(pp["skipped"].values())
+    assert pp["processed_files"] == 14 and pp["successful_files"] == 3 and pp["discarded_files"] == 11
+    assert pp["processed_files"] == pp["successful_files"] + sum(pp["skipped"].values())
     decoded = [tokenizer.decode(r[0][r[3] == 0]) for r in rows]
     for record, text in zip(GOOD, decoded, strict=True):
         answer = record["conversations"][1]["value"]
         assert text.endswith(f"ASSISTANT: {answer}</s>")
-    assert paths == ["img0.png", "", "img2.png"]
+    assert paths == ["img0.png", "None", "img2.png"]
 
 
 def test_strict_stops_with_file_line_reason(ws, capsys):

@@ -76,7 +76,7 @@ def built(tmp_path_factory, tokenizer):
         }
     )
     params = build(cfg, quiet=True)
-    assert params["post-process"]["kept"] == 3
+    assert params["post-process"]["successful_files"] == 3
     return root
 
 
@@ -97,6 +97,8 @@ def test_dataset_five_tensors(built, transform):
             "text_input_ids",
             "loss_mask",
             "has_image",
+            "image_start_idx",
+            "index",
         }
         assert item["image_data"].shape == (3, SIZE, SIZE) and item["image_data"].dtype == torch.float32
         for key in ("labels", "key_padding_mask", "text_input_ids", "loss_mask"):
@@ -128,7 +130,7 @@ def test_lazy_open_and_pickle(built, transform):
     assert clone2.handles is None
     assert torch.equal(clone2[2]["text_input_ids"], ds[2]["text_input_ids"])
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=3, num_workers=1, collate_fn=LlavaCollator(image_token_id=IMG, pad_token_id=PAD)
+        ds, batch_size=3, num_workers=1, collate_fn=LlavaCollator(image_token_id=IMG, pad_token_id=PAD, num_image_tokens=NP)
     )
     batch = next(iter(loader))
     assert batch["input_ids"].shape == (3, MSL) and batch["pixel_values"].shape == (2, 3, SIZE, SIZE)
@@ -147,11 +149,11 @@ def _hand_collate(items, image_id, pad_id):
     out_ids, out_labels = [], []
     for it in items:
         ids = it["text_input_ids"].tolist()
-        kpm = it["key_padding_mask"].tolist()
         loss = it["loss_mask"].tolist()
+        start = it["image_start_idx"]
         new = [
-            image_id if (it["has_image"] and t == pad_id and k == 0) else t
-            for t, k in zip(ids, kpm, strict=True)
+            image_id if (it["has_image"] and start <= k < start + NP) else t
+            for k, t in enumerate(ids)
         ]
         labels = [-100] + [ids[t + 1] if loss[t] else -100 for t in range(len(ids) - 1)]
         out_ids.append(new)
@@ -162,7 +164,7 @@ def _hand_collate(items, image_id, pad_id):
 def test_collator_matches_hand_computation(built, transform, tokenizer):
     ds = HDF5LlavaDataset(built / "h5", built / "images", transform)
     items = [ds[1], ds[0], ds[2]]
-    batch = LlavaCollator(image_token_id=IMG, pad_token_id=PAD)(items)
+    batch = LlavaCollator(image_token_id=IMG, pad_token_id=PAD, num_image_tokens=NP)(items)
     ids, labels = _hand_collate(items, IMG, PAD)
     assert torch.equal(batch["input_ids"], ids) and batch["input_ids"].dtype == torch.long
     assert torch.equal(batch["labels"], labels)
@@ -181,12 +183,12 @@ def test_collator_matches_hand_computation(built, transform, tokenizer):
     sup = tokenizer.decode(batch["labels"][1][batch["labels"][1] != -100])
     assert sup == " A red circle.</s>"
 
-    trimmed = LlavaCollator(IMG, PAD, trim=True)(items)
+    trimmed = LlavaCollator(IMG, PAD, NP, trim=True)(items)
     length = int(batch["attention_mask"].any(0).nonzero().max()) + 1  # last column any sample attends to
     assert trimmed["input_ids"].shape == (3, length) and length < MSL
     assert torch.equal(trimmed["labels"], batch["labels"][:, :length])
     assert trimmed["num_loss_tokens"] == batch["num_loss_tokens"]
-    assert LlavaCollator(IMG, PAD)([ds[1]])["pixel_values"] is None
+    assert LlavaCollator(IMG, PAD, NP)([ds[1]])["pixel_values"] is None
 
 
 def test_jsonl_dataset_matches_h5(built, transform, tokenizer):
@@ -204,13 +206,13 @@ def test_jsonl_dataset_matches_h5(built, transform, tokenizer):
     h5 = HDF5LlavaDataset(built / "h5", built / "images", transform)
     for i in range(3):
         j, h = jds[i], h5[i]
-        coll = LlavaCollator(IMG, PAD)([h])
+        coll = LlavaCollator(IMG, PAD, NP)([h])
         n = len(j["input_ids"])
         if h["has_image"]:
             assert torch.equal(coll["input_ids"][0, :n], j["input_ids"])
             assert torch.equal(coll["labels"][0, :n], j["labels"])
             assert int(coll["attention_mask"][0].sum()) == n
-            assert torch.equal(j["pixel_values"], h["image_data"])
+            assert torch.equal(j["pixel_values"], h["image_data"][None])  # (N_images, 3, H, W)
         else:  # h5 keeps masked slots for text-only samples, the jsonl path has none
             keep = coll["attention_mask"][0] == 1
             assert torch.equal(coll["input_ids"][0][keep], j["input_ids"])
@@ -263,7 +265,7 @@ def test_h5_rows_are_the_seed_layout(built):
 
     with h5py.File(built / "h5" / "data-00000.h5", "r") as f:
         assert f.attrs["n_examples"] == 2 and f["data"].shape == (2, 4, MSL) and f["data"].dtype == np.int32
-        assert [p[0] for p in f["img_path"][:]] == [b"a.png", b""]
+        assert [p[0] for p in f["img_path"][:]] == [b"a.png", b"None"]
     params = json.loads((built / "h5" / "data_params.json").read_text())
     start = params["image_patch_info"]["image_patch_start_idx"]
     with h5py.File(built / "h5" / "data-00000.h5", "r") as f:

@@ -51,6 +51,8 @@ def make_item(prefix: int, answer: int, has_image: bool, seed: int, msl: int = M
         "labels": torch.zeros(msl, dtype=torch.int32),
         "image_data": image,
         "has_image": has_image,
+        "image_start_idx": s,
+        "index": seed,
     }
 
 

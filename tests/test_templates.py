@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -129,6 +131,12 @@ def _pieces(tok, ids):
     return "".join(tok.convert_ids_to_tokens(ids)).replace("▁", " ")
 
 
+def _chunk_prefixed(text: str) -> str:
+    """`text` with the SentencePiece prefix space every piece after a placeholder gets (LLaVA's
+    tokenizer_image_token tokenizes each piece between placeholders as a text of its own)."""
+    return re.sub(r"(<image>|<audio>)(?=[^<\s]|\s)", r"\1 ", text)
+
+
 def test_template_names():
     assert set(TEMPLATE_NAMES) == {
         "plain",
@@ -175,16 +183,19 @@ def test_masks_and_roundtrip(toks, name, messages, kind):
     else:
         # Metaspace (prepend_scheme="first"): the first text token of the sequence carries the
         # prefix "▁" (decode of the whole sequence shows "<s> A chat"), the decoder drops one
-        # leading space from the first token it decodes. Exactly:
-        assert tok.decode(tc.input_ids[n_bos:]) == rendered
+        # leading space from the first token it decodes; the text after each placeholder starts a
+        # piece of its own (LLaVA's layout) and carries the prefix too. Exactly:
+        assert tok.decode(tc.input_ids[n_bos:]) == _chunk_prefixed(rendered)
         first_is_text = not any(rendered.startswith(s) for s in tok.all_special_tokens)
         assert (
             _pieces(tok, tc.input_ids)
             == tc.text[: n_bos and len(tok.bos_token)]
             + (" " if first_is_text else "")
-            + tc.text[len(tok.bos_token) * n_bos :]
+            + _chunk_prefixed(tc.text[len(tok.bos_token) * n_bos :])
         )
         for span, exp in zip(spans, expected, strict=True):
+            if name == "plain":  # the caption is the piece right after <image>: it gets the prefix
+                exp = " " + exp
             assert _pieces(tok, span) == exp  # token strings: exact, leading space included
             assert tok.decode(span) == exp.removeprefix(" ")  # decode() of a span alone drops it
 
@@ -406,12 +417,25 @@ def test_unknown_template():
         get_template("chatml", terminator="eos")
 
 
-def test_segments_match_whole_text_tokenization(toks):
-    """At natural boundaries, segment-wise ids equal tokenizing the whole text at once."""
+def llava_reference_ids(tok, text: str, add_bos: bool, image_id: int) -> list[int]:
+    """LLaVA's tokenizer_image_token, written out: cut the text at each "<image>", tokenize every
+    piece as a text of its own, keep a BOS on the first piece only, join with the image id."""
+    ids: list[int] = []
+    for k, piece in enumerate(text.split("<image>")):
+        if k:
+            ids.append(image_id)
+        ids += tok(piece, add_special_tokens=add_bos and k == 0)["input_ids"]
+    return ids
+
+
+def test_segments_match_llava_reference_layout(toks):
+    """Segment-wise ids (exact masks) equal LLaVA's layout of the whole rendered conversation."""
     for kind in ("bytelevel", "metaspace"):
         tok = toks[kind]
-        for name in ("vicuna_v1", "chatml", "llama3", "mistral", "llama2"):
+        image_id = tok.convert_tokens_to_ids("<image>")
+        for name in ("plain", "vicuna_v1", "chatml", "llama3", "mistral", "llama2"):
             tpl = get_template(name)
-            tc = tpl.tokenize(tok, MULTI_TURN)
-            whole = tok(tpl.render(MULTI_TURN), add_special_tokens=tpl.add_bos)["input_ids"]
-            assert tc.input_ids == whole, (kind, name)
+            for messages in (ONE_TURN, MULTI_TURN):
+                tc = tpl.tokenize(tok, messages)
+                reference = llava_reference_ids(tok, tpl.render(messages), tpl.add_bos, image_id)
+                assert tc.input_ids == reference, (kind, name)

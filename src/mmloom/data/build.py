@@ -23,13 +23,20 @@ from typing import Any
 import numpy as np
 
 from mmloom.data.build_config import BuildConfig
-from mmloom.data.encode import SKIP_REASONS, RecordSkipped, encode_record, parse_record_line, to_h5_rows
+from mmloom.data.encode import (
+    SKIP_REASONS,
+    RecordSkipped,
+    encode_record,
+    parse_record_line,
+    read_lines,
+    record_images,
+    to_h5_rows,
+)
+from mmloom.data.h5_format import H5_NAME, PARAMS_NAME, encode_img_path, write_h5
 from mmloom.errors import MmloomError
+from mmloom.processing.tokenizer import load_tokenizer
 
 CHUNK_LINES = 64  # records per work item (fixed: does not depend on the process count)
-GZIP_LEVEL = 4
-H5_NAME = "data-{:05d}.h5"
-PARAMS_NAME = "data_params.json"
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -45,17 +52,6 @@ def list_input_files(input_dir: str) -> list[Path]:
     if not files:
         raise MmloomError(f"setup.input_dir {input_dir} holds no .jsonl files")
     return files
-
-
-def load_tokenizer(path: str):
-    if not Path(path).is_dir():
-        raise MmloomError(f"processor.tokenizer_type: tokenizer folder not found: {path}")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - any loader failure is a user-input problem
-        raise MmloomError(f"processor.tokenizer_type: cannot load a tokenizer from {path}: {exc}") from None
 
 
 def special_ids(tokenizer, image_token: str) -> dict[str, int]:
@@ -111,7 +107,7 @@ def _init_worker(cfg_dict: dict) -> None:
     if _STATE.get("cfg_dict") == cfg_dict:
         return
     cfg = BuildConfig.model_validate(cfg_dict)
-    tokenizer = load_tokenizer(cfg.processor.tokenizer_type)
+    tokenizer = load_tokenizer(cfg.processor.tokenizer_type, what="processor.tokenizer_type")
     _STATE.clear()
     ids = special_ids(tokenizer, cfg.dataset.image_token)
     _STATE.update(
@@ -136,9 +132,11 @@ class ChunkResult:
     n_read: int = 0
     rows: list[np.ndarray] = field(default_factory=list)
     img_paths: list[bytes] = field(default_factory=list)
+    image_starts: list[int] = field(default_factory=list)
     kept_per_file: collections.Counter = field(default_factory=collections.Counter)
     skips: list[tuple[int, int, str, str]] = field(default_factory=list)  # (file index, line, reason, detail)
-    starts: collections.Counter = field(default_factory=collections.Counter)
+    starts: collections.Counter = field(default_factory=collections.Counter)  # first-turn images
+    later_starts: collections.Counter = field(default_factory=collections.Counter)  # later-turn images
     stats: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -146,12 +144,17 @@ def _encode_line(line: str):
     cfg: BuildConfig = _STATE["cfg"]
     ds = cfg.dataset
     record = parse_record_line(line)
+    images = record_images(record, ds.image_key)
+    if len(images) > 1:
+        raise RecordSkipped(
+            "multiple_images", f"{len(images)} images; the HDF5 layout holds one image per sample"
+        )
     sample = encode_record(
         record,
         tokenizer=_STATE["tokenizer"],
         template=_STATE["template"],
         num_image_tokens=ds.num_patches,
-        slot_token_id=_STATE["pad_id"],
+        slot_fill_id=_STATE["pad_id"],
         image_token=ds.image_token,
         image_token_id=_STATE["image_token_id"],
         image_key=ds.image_key,
@@ -160,71 +163,54 @@ def _encode_line(line: str):
         max_length=cfg.processor.max_sequence_length,
         text_only_slots=True,
     )
-    if sample.image is not None:
-        check_image(Path(ds.image_dir or ".") / sample.image)
+    if sample.image_turn > 0 and ds.image_in_later_turn == "skip":
+        raise RecordSkipped(
+            "image_in_later_turn", f"the image is in human turn {sample.image_turn + 1}, slots at {sample.image_start}"
+        )
+    for image in sample.images:
+        check_image(Path(ds.image_dir or ".") / image)
     return sample
 
 
-def _process_chunk(chunk: list[tuple[int, int, str]]) -> ChunkResult:
+def _process_chunk(chunk: list[tuple[int, int, str | None]]) -> ChunkResult:
     cfg: BuildConfig = _STATE["cfg"]
     tokenizer = _STATE["tokenizer"]
-    pad_id = _STATE["pad_id"]
+    pad_id, eos_id = _STATE["pad_id"], _STATE["eos_id"]
     msl = cfg.processor.max_sequence_length
     out = ChunkResult()
     for file_idx, lineno, line in chunk:
         out.n_read += 1
         try:
+            if line is None:
+                raise RecordSkipped("bad_encoding", "the line is not valid UTF-8")
             sample = _encode_line(line)
         except RecordSkipped as skip:
             out.skips.append((file_idx, lineno, skip.reason, skip.detail))
             continue
         rows = to_h5_rows(sample, msl, pad_id)
         out.rows.append(rows)
-        out.img_paths.append((sample.image or "").encode("utf-8"))
+        out.img_paths.append(encode_img_path(sample.image))
+        out.image_starts.append(sample.image_start)
         out.kept_per_file[file_idx] += 1
-        out.starts[sample.image_start] += 1
-        ids = sample.input_ids
-        text_ids = (
-            ids[: sample.image_start] + ids[sample.image_start + sample.num_slots :]
-            if sample.num_slots
-            else ids
-        )
-        text = tokenizer.decode(text_ids, skip_special_tokens=False)
+        if sample.image_turn > 0:
+            out.later_starts[sample.image_start] += 1
+        elif sample.has_image:
+            out.starts[sample.image_start] += 1
+        # the statistics Cerebras' verify_saved_hdf5_files computes (utils.collect_stats)
+        text = tokenizer.decode(rows[0].tolist(), skip_special_tokens=False)
         st = out.stats
         st["raw_chars"] += sample.raw_chars
         st["raw_bytes"] += sample.raw_bytes
-        st["non_pad_tokens"] += int((rows[3] == 0).sum())
+        st["non_pad_tokens"] += int(((rows[0] != eos_id) & (rows[0] != pad_id)).sum())
+        st["attended_tokens"] += int((rows[3] == 0).sum())
         st["loss_valid_tokens"] += int(rows[1].sum())
         st["detokenized_chars"] += len(text)
         st["detokenized_bytes"] += len(text.encode("utf-8"))
+        st["text_only"] += int(not sample.has_image)
     return out
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def write_h5(path: Path, rows: np.ndarray, img_paths: list[bytes]) -> None:
-    """Write one file atomically (temp name + os.replace); no timestamps, fixed gzip level."""
-    import h5py
-
-    n, _, msl = rows.shape
-    tmp = path.with_name(f".{path.name}.tmp")
-    width = max([1, *(len(p) for p in img_paths)])
-    with h5py.File(tmp, "w") as f:
-        f.attrs["n_examples"] = np.int64(n)
-        f.create_dataset(
-            "data",
-            data=rows,
-            dtype="i4",
-            chunks=(1, 4, msl),
-            compression="gzip",
-            compression_opts=GZIP_LEVEL,
-            track_times=False,
-        )
-        f.create_dataset(
-            "img_path", data=np.array(img_paths, dtype=f"S{width}").reshape(n, 1), track_times=False
-        )
-    os.replace(tmp, path)
 
 
 class _Writer:
@@ -233,18 +219,20 @@ class _Writer:
         self.per_file = samples_per_file
         self.rows: list[np.ndarray] = []
         self.paths: list[bytes] = []
+        self.starts: list[int] = []
         self.files: list[str] = []
 
-    def add(self, rows: list[np.ndarray], paths: list[bytes]) -> None:
+    def add(self, rows: list[np.ndarray], paths: list[bytes], starts: list[int]) -> None:
         self.rows.extend(rows)
         self.paths.extend(paths)
+        self.starts.extend(starts)
         while len(self.rows) >= self.per_file:
             self._flush(self.per_file)
 
     def _flush(self, n: int) -> None:
         name = H5_NAME.format(len(self.files))
-        write_h5(self.out_dir / name, np.stack(self.rows[:n]), self.paths[:n])
-        del self.rows[:n], self.paths[:n]
+        write_h5(self.out_dir / name, np.stack(self.rows[:n]), self.paths[:n], self.starts[:n])
+        del self.rows[:n], self.paths[:n], self.starts[:n]
         self.files.append(name)
 
     def close(self) -> None:
@@ -256,16 +244,13 @@ class _Writer:
 
 
 def _chunks(files: list[Path]):
-    buf: list[tuple[int, int, str]] = []
+    buf: list[tuple[int, int, str | None]] = []
     for file_idx, path in enumerate(files):
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                buf.append((file_idx, lineno, line))
-                if len(buf) == CHUNK_LINES:
-                    yield buf
-                    buf = []
+        for lineno, line in read_lines(path):
+            buf.append((file_idx, lineno, line))
+            if len(buf) == CHUNK_LINES:
+                yield buf
+                buf = []
     if buf:
         yield buf
 
@@ -309,15 +294,13 @@ def _progress(enabled: bool, total: int):
 
 
 def recorded_params(cfg: BuildConfig) -> dict:
-    """The resolved config as recorded in data_params.json.
-
-    `setup.output_dir` (the file sits in it) and `setup.processes` (it does not change the output)
-    are left out so that data_params.json is byte-identical whatever the process count or folder.
-    """
+    """The resolved config as recorded in data_params.json (every input parameter, as the seed's),
+    folder paths made absolute so that the file means the same from any working directory."""
     params = cfg.model_dump(mode="json")
-    params["setup"].pop("output_dir", None)
-    params["setup"].pop("processes", None)
-    params["not_recorded"] = ["setup.output_dir", "setup.processes"]
+    for section, key in (("setup", "input_dir"), ("setup", "output_dir"), ("processor", "tokenizer_type"),
+                         ("dataset", "image_dir")):
+        if params[section].get(key):
+            params[section][key] = str(Path(params[section][key]).resolve())
     return params
 
 
@@ -329,9 +312,13 @@ def build(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> dict:
-    """Build the HDF5 dataset described by `cfg`; returns the data_params dict (also written)."""
+    """Build the HDF5 dataset described by `cfg`; returns the data_params dict (also written).
+
+    Raises MmloomError for bad settings, for the first bad record with `strict`, and when no
+    record is kept (after writing data_params.json with the skip reasons).
+    """
     files = list_input_files(cfg.setup.input_dir)
-    tokenizer = load_tokenizer(cfg.processor.tokenizer_type)
+    tokenizer = load_tokenizer(cfg.processor.tokenizer_type, what="processor.tokenizer_type")
     make_template(cfg, tokenizer)  # unknown template name -> MmloomError before any work
     ids = special_ids(tokenizer, cfg.dataset.image_token)
     msl, n_patches = cfg.processor.max_sequence_length, cfg.dataset.num_patches
@@ -362,6 +349,7 @@ def build(
     skipped: collections.Counter = collections.Counter()
     kept_per_file: collections.Counter = collections.Counter()
     starts: collections.Counter = collections.Counter()
+    later_starts: collections.Counter = collections.Counter()
     stats: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
     with _progress(show, total) as bar:
@@ -379,48 +367,54 @@ def build(
                     skipped[reason] += 1
                 kept_per_file.update(res.kept_per_file)
                 starts.update(res.starts)
+                later_starts.update(res.later_starts)
                 stats.update(res.stats)
-                writer.add(res.rows, res.img_paths)
+                writer.add(res.rows, res.img_paths, res.image_starts)
                 bar.advance(task, res.n_read)
     writer.close()
     elapsed = time.perf_counter() - t0
     kept = sum(kept_per_file.values())
     assert n_read == kept + sum(skipped.values())
 
-    if starts:
-        start_idx = sorted(starts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-    else:
-        start_idx = None
+    start_idx = min(starts, key=lambda k: (-starts[k], k)) if starts else None
     patch_info: dict[str, Any] = {"image_patch_start_idx": start_idx, "num_patches": n_patches}
     if len(starts) > 1:
-        patch_info["note"] = "samples disagree on the image start index; the most common one is recorded"
+        patch_info["note"] = "first-turn images disagree on the image start index; the most common one is recorded"
         patch_info["start_idx_counts"] = {str(k): v for k, v in sorted(starts.items())}
-    n_files_ok = sum(1 for i in range(len(files)) if kept_per_file[i])
+    n_with_image = sum(starts.values())
+    n_later = sum(later_starts.values())
+    patch_info["samples"] = {
+        "image_in_first_turn": n_with_image,
+        "image_in_later_turn": n_later,
+        "text_only": stats["text_only"],
+    }
+    if later_starts:
+        patch_info["image_in_later_turn_start_idx_counts"] = {str(k): v for k, v in sorted(later_starts.items())}
     params = {
         **recorded_params(cfg),
-        "post-process": {
-            "discarded_files": len(files) - n_files_ok,
-            "processed_files": len(files),
-            "successful_files": n_files_ok,
-            "input_files": [str(p) for p in files],
-            "output_files": writer.files,
+        "post-process": {  # Cerebras' names: *_files count records ("documents"), as its preprocessors do
+            "discarded_files": n_read - kept,
+            "processed_files": n_read,
+            "successful_files": kept,
             "n_examples": kept,
-            "read": n_read,
-            "kept": kept,
-            "skipped": {r: skipped[r] for r in sorted(skipped, key=_reason_order)},
             "raw_chars_count": stats["raw_chars"],
             "raw_bytes_count": stats["raw_bytes"],
             "eos_id": ids["eos_id"],
             "pad_id": ids["pad_id"],
             "vocab_size": ids["vocab_size"],
+            "image_token_id": ids["image_token_id"],
+            "input_files": [str(p) for p in files],
+            "output_files": writer.files,
+            "skipped": {r: skipped[r] for r in sorted(skipped, key=_reason_order)},
         },
-        "h5_dataset_stats": {
+        "h5_dataset_stats": {  # as Cerebras' collect_stats computes them over row 0 of `data`
             "num_sequences": kept,
             "num_tokens": kept * msl,
             "non_pad_tokens": stats["non_pad_tokens"],
             "loss_valid_tokens": stats["loss_valid_tokens"],
             "detokenized_bytes": stats["detokenized_bytes"],
             "detokenized_chars": stats["detokenized_chars"],
+            "attended_tokens": stats["attended_tokens"],
         },
         "image_patch_info": patch_info,
     }
@@ -429,6 +423,12 @@ def build(
     os.replace(tmp, out_dir / PARAMS_NAME)
     if not quiet:
         print_summary(params, elapsed)
+    if kept == 0:
+        reasons = ", ".join(f"{r}: {c}" for r, c in params["post-process"]["skipped"].items()) or "no input records"
+        raise MmloomError(
+            f"no record was kept out of {n_read} ({reasons}); no .h5 file was written to {out_dir} "
+            "(--strict stops at the first bad record with its file and line)"
+        )
     return params
 
 
@@ -441,21 +441,24 @@ def print_summary(params: dict, elapsed: float) -> None:
     from rich.table import Table
 
     pp = params["post-process"]
+    info = params["image_patch_info"]
     table = Table(title="mmloom data build", show_header=True)
     table.add_column("records")
     table.add_column("count", justify="right")
-    table.add_row("read", f"{pp['read']:,}")
-    table.add_row("kept", f"{pp['kept']:,}")
+    table.add_row("read", f"{pp['processed_files']:,}")
+    table.add_row("kept", f"{pp['successful_files']:,}")
+    samples = info.get("samples", {})
+    table.add_row("  with an image (first turn)", f"{samples.get('image_in_first_turn', 0):,}")
+    if samples.get("image_in_later_turn"):
+        where = ", ".join(f"{c:,} at {k}" for k, c in info["image_in_later_turn_start_idx_counts"].items())
+        table.add_row(f"  image in a later turn (slots start: {where})", f"{samples['image_in_later_turn']:,}")
+    table.add_row("  text-only", f"{samples.get('text_only', 0):,}")
     for reason, count in pp["skipped"].items():
         table.add_row(f"skipped: {reason}", f"{count:,}")
     console = Console()
     console.print(table)
-    if pp["kept"] == 0:
-        console.print(
-            "[bold yellow]warning:[/] no record was kept; see the skip reasons above (--strict shows the first)"
-        )
-    rate = pp["read"] / elapsed if elapsed > 0 else 0.0
+    rate = pp["processed_files"] / elapsed if elapsed > 0 else 0.0
     console.print(
         f"{len(pp['output_files'])} .h5 files, image_patch_start_idx="
-        f"{params['image_patch_info']['image_patch_start_idx']}, {elapsed:.1f} s ({rate:,.0f} samples/s)"
+        f"{info['image_patch_start_idx']}, {elapsed:.1f} s ({rate:,.0f} samples/s)"
     )

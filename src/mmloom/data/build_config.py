@@ -34,7 +34,8 @@ class SetupConfig(_Section):
 
 class ProcessorConfig(_Section):
     tokenizer_type: str = Field(
-        description="HF tokenizer folder (AutoTokenizer.from_pretrained, no remote code)"
+        description="tokenizer folder (e.g. the stock vicuna-7b-v1.5 folder; mmloom.processing.tokenizer."
+        "load_tokenizer, no remote code)"
     )
     max_sequence_length: int = Field(ge=2, description="MSL, image slots included")
 
@@ -51,7 +52,15 @@ class DatasetConfig(_Section):
     conversation_key: str = "conversations"
     content_key: str = "value"
     image_token: str = "<image>"
-    plain_terminator: Literal["eos", "newline"] = "eos"
+    plain_terminator: Literal["eos", "newline"] = Field(
+        "eos", description="plain template: end captions with EOS (Cerebras) or '\\n' (original LLaVA)"
+    )
+    image_in_later_turn: Literal["keep", "skip"] = Field(
+        "keep",
+        description="records whose image is not in the first human turn: keep (mmloom's trainer reads each "
+        "sample's slot position) or skip (reason image_in_later_turn) for Cerebras-compatible output, whose "
+        "model puts every image at the one image_start_idx",
+    )
 
 
 class BuildConfig(_Section):

@@ -2,9 +2,11 @@
 
 `encode_record` turns one LLaVA record into the expanded token layout:
 
-    template tokens before <image>  +  [slot_token_id x num_image_tokens]  +  tokens after <image>
+    template tokens before <image>  +  [slot_fill_id x num_image_tokens]  +  tokens after <image>
 
-with HF-convention labels (unshifted, -100 = not supervised, -100 on every image slot).
+(the ids of LLaVA's `tokenizer_image_token` + conversation template, each image id expanded to
+its slots) with HF-convention labels (unshifted, -100 = not supervised, -100 on every image slot)
+and the positions of the slots, which every later stage reads instead of looking for token values.
 `to_h5_rows` turns that layout into the seed's four int32 rows of length MSL.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +26,7 @@ IGNORE_INDEX = -100
 # Reasons a record is skipped, in the order the build summary lists them.
 SKIP_REASONS = (
     "bad_json",
+    "bad_encoding",
     "bad_record",
     "missing_image",
     "bad_image",
@@ -31,6 +35,8 @@ SKIP_REASONS = (
     "empty_answer",
     "unknown_role",
     "image_token_mismatch",
+    "multiple_images",
+    "image_in_later_turn",
     "too_long",
 )
 
@@ -46,17 +52,53 @@ class RecordSkipped(MmloomError):
 
 @dataclass
 class EncodedSample:
-    input_ids: list[int]  # expanded; the image slots hold slot_token_id
+    """One record in the expanded token layout (LLaVA's `tokenizer_image_token` layout, each
+    image's single placeholder replaced by `num_slots` slot tokens).
+
+    `image_starts` holds the first slot of each image; a text-only sample built with
+    `text_only_slots` has one (masked) slot run too, so `image_starts` is not empty for it while
+    `images` is. `attention_mask` is 0 exactly on the masked run of a text-only sample (its slots
+    and the filler before them, see `encode_record`).
+    """
+
+    input_ids: list[int]  # expanded; the image slots hold slot_fill_id
     labels: list[int]  # HF convention (unshifted); -100 on the slots
-    image_start: int  # first slot (or -1 when the sample has no slots)
-    num_slots: int  # 0 when no slots were inserted
-    image: str | None  # relative image path or None (text-only)
+    attention_mask: list[int]  # 1 = attended; 0 on the masked slots of text-only samples
+    image_starts: list[int]  # first slot of each slot run, in order
+    num_slots: int  # slots per run (0 when none)
+    images: list[str]  # relative image paths, in placeholder order ([] = text-only)
+    image_turn: int  # index of the user turn holding the first image (-1: no image)
     raw_chars: int  # characters / UTF-8 bytes of the record's turn texts
     raw_bytes: int
 
     @property
     def has_image(self) -> bool:
-        return self.image is not None
+        return bool(self.images)
+
+    @property
+    def image(self) -> str | None:
+        return self.images[0] if self.images else None
+
+    @property
+    def image_start(self) -> int:
+        """The first slot of the first run, -1 when the sample has no slots."""
+        return self.image_starts[0] if self.image_starts else -1
+
+
+def read_lines(path: str | Path):
+    """(line number, text) of the non-blank lines of a jsonl file; text is None for a line that is
+    not valid UTF-8 (a counted `bad_encoding` skip, never silently replaced characters). A UTF-8 BOM
+    at the start of the file is dropped."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield lineno, None
 
 
 def parse_record_line(line: str) -> dict:
@@ -86,18 +128,24 @@ def _turns(record: dict, conversation_key: str, content_key: str) -> list[dict]:
     return turns
 
 
-def record_image(record: dict, image_key: str = "image") -> str | None:
-    """The record's relative image path, None for text-only; a list of paths is an error."""
+def record_images(record: dict, image_key: str = "image") -> list[str]:
+    """The record's relative image paths ([] for text-only): a string or a list of strings."""
     image = record.get(image_key)
-    if image is None or image == "":
-        return None
-    if isinstance(image, list):
-        if len(image) == 1 and isinstance(image[0], str):
-            return image[0]
-        raise RecordSkipped("image_token_mismatch", f"{len(image)} images; the format holds one per sample")
-    if not isinstance(image, str):
-        raise RecordSkipped("bad_record", f"'{image_key}' must be a string path")
-    return image
+    if image is None or image == "" or image == []:
+        return []
+    images = image if isinstance(image, list) else [image]
+    if not all(isinstance(p, str) and p for p in images):
+        raise RecordSkipped("bad_record", f"'{image_key}' must be a path or a list of paths")
+    return list(images)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def encode_record(
@@ -106,7 +154,7 @@ def encode_record(
     tokenizer: Any,
     template: Any,
     num_image_tokens: int,
-    slot_token_id: int,
+    slot_fill_id: int,
     image_token: str = "<image>",
     image_token_id: int | None = None,
     image_key: str = "image",
@@ -117,24 +165,30 @@ def encode_record(
 ) -> EncodedSample:
     """Encode one LLaVA record; raises `RecordSkipped` with a reason for bad records.
 
-    - a record with an image must carry exactly one `image_token` in its turns, one without
-      an image none (else `image_token_mismatch`); LLaVA's move-to-front is applied;
-    - the single `<image>` id of the template's tokens becomes `num_image_tokens` copies of
-      `slot_token_id` (labels -100 there);
-    - `text_only_slots`: text-only records also get the slots, placed where the first user
-      content starts (the HDF5 format always has them; they are masked out there);
+    - a record carries as many `image_token` placeholders in its human turns as it has images
+      (else `image_token_mismatch`); a single one is moved to the front of its turn (LLaVA's
+      `preprocess_multimodal`), several stay where they are;
+    - the template tokenizes the conversation in LLaVA's layout (`tokenize_segments`); each
+      placeholder id (`image_token_id`, default the tokenizer's id of `image_token`) becomes
+      `num_image_tokens` copies of `slot_fill_id` (labels -100);
+    - `text_only_slots`: a text-only record gets one masked slot run too (the seed's / Cerebras'
+      layout). Its attended tokens are exactly the tokenization of the conversation without an
+      image; the slots go where an image sample's slots would go: the tokens the image variant has
+      between the common prefix and its slots (e.g. Llama's `▁` after `USER:`) are inserted as
+      masked filler, so the run starts at the dataset's image start index and never splits a word;
     - samples longer than `max_length` raise `too_long` (never truncated).
     """
     from mmloom.processing.templates import ConversationError, messages_from_llava
 
     if image_token_id is None:
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-    image = record_image(record, image_key)
+    images = record_images(record, image_key)
     turns = _turns(record, conversation_key, content_key)
     n_placeholders = sum(t["value"].count(image_token) for t in turns)
-    if n_placeholders != (1 if image is not None else 0):
-        what = f"image {image!r}" if image is not None else "no image"
-        raise RecordSkipped("image_token_mismatch", f"{n_placeholders} '{image_token}' in the turns, {what}")
+    if n_placeholders != len(images):
+        raise RecordSkipped(
+            "image_token_mismatch", f"{n_placeholders} '{image_token}' in the turns for {len(images)} image(s)"
+        )
     if any(image_token in t["value"] for t in turns if t["from"] not in ("human", "user")):
         raise RecordSkipped("image_token_mismatch", f"'{image_token}' in a non-human turn")
     raw_chars = sum(len(t["value"]) for t in turns)
@@ -144,39 +198,71 @@ def encode_record(
     except ConversationError as exc:
         raise RecordSkipped(getattr(exc, "reason", "bad_record"), str(exc)) from None
 
-    add_slots = image is not None or text_only_slots
-    if image is None and text_only_slots:
-        messages = [dict(m) for m in messages]
-        for m in messages:
-            if m["role"] == "user":
-                m["content"] = image_token + m["content"]
-                break
-
     tok = template.tokenize(tokenizer, messages)
     ids, labels = list(tok.input_ids), list(tok.labels)
+    attention = [1] * len(ids)
     positions = [i for i, t in enumerate(ids) if t == image_token_id]
-    if image is not None and len(positions) != 1:
+    if images and len(positions) != len(images):
         raise RecordSkipped("image_token_mismatch", f"{len(positions)} image tokens after templating")
-    if add_slots:
-        if positions:
-            if len(positions) != 1:
-                raise RecordSkipped("image_token_mismatch", f"{len(positions)} image tokens after templating")
-            p = positions[0]
-            del ids[p], labels[p]
-        else:  # the template dropped the user text of a text-only sample: slots after BOS
-            p = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
-        ids[p:p] = [slot_token_id] * num_image_tokens
-        labels[p:p] = [IGNORE_INDEX] * num_image_tokens
-        start, n_slots = p, num_image_tokens
-    else:
-        if positions:
-            raise RecordSkipped("image_token_mismatch", "image token in a text-only sample")
-        start, n_slots = -1, 0
-    if max_length is not None and len(ids) > max_length:
-        raise RecordSkipped("too_long", f"{len(ids)} tokens > {max_length}")
-    if not any(label != IGNORE_INDEX for label in labels):
+    if not images and positions and not (text_only_slots and len(positions) == 1):
+        raise RecordSkipped("image_token_mismatch", "image token in a text-only sample")
+    if not images and text_only_slots and not positions:  # masked slots where an image's would be
+        ids, labels, attention, positions = _with_masked_slot_marker(
+            tokenizer, template, messages, ids, labels, image_token, image_token_id
+        )
+    masked = not images
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    out_attention: list[int] = []
+    starts: list[int] = []
+    prev = 0
+    for p in positions:
+        out_ids += ids[prev:p]
+        out_labels += labels[prev:p]
+        out_attention += attention[prev:p]
+        starts.append(len(out_ids))
+        out_ids += [slot_fill_id] * num_image_tokens
+        out_labels += [IGNORE_INDEX] * num_image_tokens
+        out_attention += [0 if masked else 1] * num_image_tokens
+        prev = p + 1
+    out_ids += ids[prev:]
+    out_labels += labels[prev:]
+    out_attention += attention[prev:]
+    if max_length is not None and len(out_ids) > max_length:
+        raise RecordSkipped("too_long", f"{len(out_ids)} tokens > {max_length}")
+    if not any(label != IGNORE_INDEX for label in out_labels):
         raise RecordSkipped("empty_answer", "no supervised token")
-    return EncodedSample(ids, labels, start, n_slots, image, raw_chars, raw_bytes)
+    image_turn = -1
+    if images:
+        user_turns = [m["content"] for m in messages if m["role"] == "user"]
+        image_turn = next(k for k, text in enumerate(user_turns) if image_token in text)
+    return EncodedSample(
+        out_ids, out_labels, out_attention, starts, num_image_tokens if starts else 0, images, image_turn,
+        raw_chars, raw_bytes,
+    )
+
+
+def _with_masked_slot_marker(tokenizer, template, messages, ids, labels, image_token, image_token_id):
+    """A text-only conversation's ids with one (masked) image marker where an image sample's goes.
+
+    Returns (ids, labels, attention, [marker position]): the filler tokens the image variant has
+    between the common prefix and its marker are inserted before the marker, unattended.
+    """
+    variant = [dict(m) for m in messages]
+    first_user = next(m for m in variant if m["role"] == "user")
+    first_user["content"] = image_token + "\n" + first_user["content"]
+    image_ids = list(template.tokenize(tokenizer, variant).input_ids)
+    if image_ids.count(image_token_id) != 1:  # the template drops user text: slots after BOS
+        at = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+        return ids[:at] + [image_token_id] + ids[at:], labels[:at] + [IGNORE_INDEX] + labels[at:], \
+            [1] * (len(ids) + 1), [at]
+    marker = image_ids.index(image_token_id)
+    split = _common_prefix(ids, image_ids[:marker])
+    filler = image_ids[split:marker]
+    new_ids = ids[:split] + filler + [image_token_id] + ids[split:]
+    new_labels = labels[:split] + [IGNORE_INDEX] * (len(filler) + 1) + labels[split:]
+    attention = [1] * split + [0] * (len(filler) + 1) + [1] * (len(ids) - split)
+    return new_ids, new_labels, attention, [split + len(filler)]
 
 
 def to_h5_rows(sample: EncodedSample, max_sequence_length: int, pad_id: int) -> np.ndarray:
@@ -184,7 +270,8 @@ def to_h5_rows(sample: EncodedSample, max_sequence_length: int, pad_id: int) -> 
 
     `loss_mask[t] = 1` when the token at t+1 is supervised, so the last image slot carries loss
     when the first token after the image is supervised (phase 1: the first caption token).
-    Text-only samples keep their slots but mark them as padding (row 3 = 1, no loss).
+    Text-only samples keep their slots but mark them (and their filler) as padding (row 3 = 1, no
+    loss at or just before them).
     """
     msl = max_sequence_length
     n = len(sample.input_ids)
@@ -193,16 +280,13 @@ def to_h5_rows(sample: EncodedSample, max_sequence_length: int, pad_id: int) -> 
     rows = np.empty((4, msl), dtype=np.int32)
     ids = np.asarray(sample.input_ids, dtype=np.int32)
     sup = np.asarray(sample.labels, dtype=np.int64) != IGNORE_INDEX
+    attended = np.asarray(sample.attention_mask, dtype=bool)
     rows[0].fill(pad_id)
     rows[0, :n] = ids
     rows[1].fill(0)
-    rows[1, : n - 1] = sup[1:]
+    rows[1, : n - 1] = sup[1:] & attended[:-1]
     rows[2].fill(pad_id)
     rows[2, : n - 1] = ids[1:]
     rows[3].fill(1)
-    rows[3, :n] = 0
-    if sample.num_slots and not sample.has_image:
-        s, e = sample.image_start, sample.image_start + sample.num_slots
-        rows[3, s:e] = 1
-        rows[1, max(s - 1, 0) : e] = 0
+    rows[3, :n] = ~attended
     return rows

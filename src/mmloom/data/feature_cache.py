@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmloom.data.h5_format import decode_img_path
 from mmloom.errors import MmloomError
 
 FORMAT = "mmloom-feature-cache/1"
@@ -313,7 +314,7 @@ def cache_features(
         with h5py.File(data_file, "r") as f:
             ident = data_identity(f)
             paths = np.asarray(f["img_path"][:]).reshape(-1)
-        rows = [j for j, p in enumerate(paths.tolist()) if (p.decode("utf-8") if isinstance(p, bytes) else str(p or ""))]
+        rows = [j for j, p in enumerate(paths.tolist()) if decode_img_path(p) is not None]
         target = cache / features_name(data_file)
         if not overwrite and _fresh(target, signature, ident):
             continue

@@ -1,10 +1,13 @@
 """Map-style dataset over the `.h5` files written by `mmloom data build` (the Cerebras layout).
 
-Each item holds the seed's five tensors plus `has_image`:
+Each item holds the seed's five tensors plus where its image slots are:
 
 - `image_data` (3, H, W) in `dtype` (zeros for text-only samples: the dummy image),
 - `text_input_ids`, `loss_mask`, `labels`, `key_padding_mask` (MSL,) int32 (rows 0, 1, 2, 3),
-- `has_image` bool.
+- `has_image` bool (`img_path` is not `b"None"` / empty),
+- `image_start_idx` int: the first of the sample's `num_patches` slots, -1 = none (the file's
+  `image_start_idx`, or the dataset's one start index for Cerebras files: `mmloom.data.h5_format`),
+- `index` int: the sample's index in the dataset (for error messages).
 
 The h5py handles are opened lazily, once per process (they are None after construction and
 after pickling), so the dataset works with `DataLoader(num_workers > 0)`.
@@ -20,10 +23,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmloom.data.h5_format import decode_img_path, read_data_params, read_image_starts, slot_layout
 from mmloom.errors import MmloomError
 
 
 class HDF5LlavaDataset(Dataset):
+    """The samples of every `.h5` file of `data_dir` (sorted by name), images read from
+    `img_data_dir` and turned into tensors by `image_transform`.
+
+    Raises MmloomError when the folder, its `.h5` files or its `data_params.json` are missing or
+    unreadable (naming the file).
+    """
+
+    _handles: list | None = None  # class defaults: __del__ works even if __init__ failed early
+    _pid: int | None = None
+
     def __init__(self, data_dir, img_data_dir, image_transform, dtype: torch.dtype = torch.float32):
         import h5py
 
@@ -36,18 +50,20 @@ class HDF5LlavaDataset(Dataset):
         self.files = sorted(p for p in self.data_dir.iterdir() if p.suffix == ".h5" and p.is_file())
         if not self.files:
             raise MmloomError(f"no .h5 files in {self.data_dir}")
-        counts = []
+        self.params = read_data_params(self.data_dir, required=False)
+        self.num_patches = slot_layout(self.params)[1]
+        counts, starts = [], []
         for path in self.files:
             try:
                 with h5py.File(path, "r") as f:
                     counts.append(int(f.attrs["n_examples"]))
                     self.max_sequence_length = int(f["data"].shape[-1])
+                    starts.append(read_image_starts(f, self.params, path))
             except (OSError, KeyError) as exc:
                 raise MmloomError(f"{path}: not an HDF5 LLaVA data file ({exc})") from None
         self.counts = counts
         self.offsets = np.cumsum([0, *counts]).tolist()
-        self._handles: list | None = None
-        self._pid: int | None = None
+        self.image_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
 
     # -- lazy, per-process file handles ---------------------------------------------------------
     @property
@@ -69,7 +85,7 @@ class HDF5LlavaDataset(Dataset):
         return state
 
     def close(self) -> None:
-        for h in self._handles or []:
+        for h in getattr(self, "_handles", None) or []:
             try:
                 h.close()
             except Exception:  # noqa: BLE001
@@ -91,9 +107,9 @@ class HDF5LlavaDataset(Dataset):
         file_idx = bisect.bisect_right(self.offsets, index) - 1
         return file_idx, index - self.offsets[file_idx]
 
-    def _image(self, rel: str, index: int) -> torch.Tensor:
+    def _image(self, rel: str | None, index: int) -> torch.Tensor:
         size = int(getattr(self.image_transform, "image_size", 0) or 0)
-        if not rel:
+        if rel is None:
             if size <= 0:
                 raise MmloomError(
                     "image_transform has no image_size: cannot make the dummy image of text-only samples"
@@ -110,15 +126,17 @@ class HDF5LlavaDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         file_idx, local = self.locate(int(index))
+        index = self.offsets[file_idx] + local
         h = self._open()[file_idx]
         rows = np.asarray(h["data"][local], dtype=np.int32)
-        rel = h["img_path"][local][0]
-        rel = rel.decode("utf-8") if isinstance(rel, bytes) else str(rel or "")
+        rel = decode_img_path(h["img_path"][local])
         return {
             "image_data": self._image(rel, int(index)),
             "labels": torch.from_numpy(rows[2].copy()),
             "key_padding_mask": torch.from_numpy(rows[3].copy()),
             "text_input_ids": torch.from_numpy(rows[0].copy()),
             "loss_mask": torch.from_numpy(rows[1].copy()),
-            "has_image": bool(rel),
+            "has_image": rel is not None,
+            "image_start_idx": int(self.image_starts[index]),
+            "index": int(index),
         }

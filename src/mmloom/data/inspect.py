@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mmloom.data.h5_format import decode_img_path, read_data_params, read_image_starts, slot_layout
 from mmloom.errors import MmloomError
 
 
@@ -19,12 +19,14 @@ class Segment:
     end: int = 0  # inclusive, for image segments
 
 
-def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str, int]:
+def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str | None, int, int]:
+    """(rows [4, MSL], image path or None, samples in the file, first image slot or -1)."""
     import h5py
 
     path = Path(path)
     if not path.is_file():
         raise MmloomError(f"no such file: {path}")
+    params = read_data_params(path.parent, required=False)
     try:
         with h5py.File(path, "r") as f:
             n = int(f.attrs["n_examples"])
@@ -32,52 +34,33 @@ def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str, int]:
                 raise MmloomError(f"{path}: index {index} out of range (the file holds {n} samples)")
             index %= n
             rows = np.asarray(f["data"][index])
-            img = f["img_path"][index][0]
+            img = decode_img_path(f["img_path"][index])
+            start = int(read_image_starts(f, params, path)[index])
     except (OSError, KeyError) as exc:
         raise MmloomError(f"{path}: not an mmloom/Cerebras LLaVA .h5 file ({exc})") from None
-    img = img.decode("utf-8") if isinstance(img, bytes) else str(img)
-    return rows, img, n
+    return rows, img, n, start
 
 
 def tokenizer_for(path: Path, tokenizer_path: str | None):
-    from mmloom.data.build import load_tokenizer
+    from mmloom.processing.tokenizer import load_tokenizer
 
     if tokenizer_path is None:
-        params_file = path.parent / "data_params.json"
-        if not params_file.is_file():
+        params = read_data_params(path.parent, required=False)
+        if not params:
             raise MmloomError(f"no data_params.json next to {path}; pass --tokenizer")
-        params = json.loads(params_file.read_text(encoding="utf-8"))
         tokenizer_path = params.get("processor", {}).get("tokenizer_type")
         if not tokenizer_path:
-            raise MmloomError(f"{params_file} names no processor.tokenizer_type; pass --tokenizer")
-    return load_tokenizer(tokenizer_path)
+            raise MmloomError(f"{path.parent / 'data_params.json'} names no processor.tokenizer_type; pass --tokenizer")
+    return load_tokenizer(tokenizer_path, what="the data's tokenizer (--tokenizer)")
 
 
-def image_slots(rows: np.ndarray, pad_id: int) -> tuple[int, int] | None:
-    """(start, count) of the run of pad ids that are attended (an image) or sit mid-sequence (text-only)."""
-    ids, inv = rows[0], rows[3]
-    n = int((inv == 0).nonzero()[0].max()) + 1 if (inv == 0).any() else 0
-    is_pad = ids[:n] == pad_id
-    best = None
-    i = 0
-    while i < n:
-        if is_pad[i]:
-            j = i
-            while j < n and is_pad[j]:
-                j += 1
-            if best is None or j - i > best[1]:
-                best = (i, j - i)
-            i = j
-        else:
-            i += 1
-    return best
-
-
-def segments(rows: np.ndarray, tokenizer, pad_id: int) -> tuple[list[Segment], dict]:
+def segments(rows: np.ndarray, tokenizer, slots: tuple[int, int] | None) -> tuple[list[Segment], dict]:
+    """The sample as text / supervised / image segments; `slots` = (first slot, count) or None."""
     ids, loss, inv = rows[0], rows[1], rows[3]
     attended = inv == 0
     length = int(attended.nonzero()[0].max()) + 1 if attended.any() else 0
-    slots = image_slots(rows, pad_id)
+    if slots is not None:
+        length = max(length, slots[0] + slots[1])
     supervised = np.zeros(len(ids), dtype=bool)
     supervised[1:] = loss[:-1] == 1  # the token at t+1 is the target of position t
     segs: list[Segment] = []
@@ -111,16 +94,12 @@ def inspect_sample(
     from rich.markup import escape
 
     path = Path(path)
-    rows, img, n = read_sample(path, index)
+    rows, img, n, start = read_sample(path, index)
     tokenizer = tokenizer_for(path, tokenizer_path)
-    pad_id = tokenizer.pad_token_id
-    params_file = path.parent / "data_params.json"
-    if params_file.is_file():
-        pad_id = (
-            json.loads(params_file.read_text(encoding="utf-8")).get("post-process", {}).get("pad_id", pad_id)
-        )
-    segs, info = segments(rows, tokenizer, pad_id)
-    has_image = bool(img)
+    count = slot_layout(read_data_params(path.parent, required=False))[1]
+    slots = (start, count) if start >= 0 and count else None
+    segs, info = segments(rows, tokenizer, slots)
+    has_image = img is not None
     parts = []
     for seg in segs:
         if seg.kind == "image":

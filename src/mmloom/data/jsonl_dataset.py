@@ -2,9 +2,10 @@
 
 Records are templated and tokenized once at construction with the same `encode_record` as
 `mmloom data build`; bad records are skipped and counted in `skipped` (or raise with
-`strict=True`). Items are `{input_ids, labels, pixel_values or None}`; the single `<image>` is
-expanded into `num_image_tokens` copies of `image_token_id` (labels -100 there). Text-only
-records have no image tokens (HF style, no dummy image).
+`strict=True`). Items are `{input_ids, labels, pixel_values (N_images, 3, H, W) or None}`; each
+`<image>` is expanded into `num_image_tokens` copies of `image_token_id` (labels -100 there), in
+place (several images per record, LLaVA-OneVision style, keep their placeholders where they are).
+Text-only records have no image tokens (HF style, no dummy image).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmloom.data.encode import IGNORE_INDEX, EncodedSample, RecordSkipped, encode_record, parse_record_line
+from mmloom.data.encode import (
+    IGNORE_INDEX,
+    EncodedSample,
+    RecordSkipped,
+    encode_record,
+    parse_record_line,
+    read_lines,
+)
 from mmloom.errors import MmloomError
 from mmloom.processing.processor import pad_rows
 
@@ -52,29 +60,28 @@ class JsonlLlavaDataset(Dataset):
             raise MmloomError(f"the tokenizer has no '{image_token}' token; add it as a special token first")
         self.samples: list[EncodedSample] = []
         self.skipped: collections.Counter = collections.Counter()
-        with open(self.jsonl_path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = parse_record_line(line)
-                    sample = encode_record(
-                        record,
-                        tokenizer=tokenizer,
-                        template=template,
-                        num_image_tokens=num_image_tokens,
-                        slot_token_id=image_token_id,
-                        image_token=image_token,
-                        image_token_id=marker_id,
-                        max_length=max_length,
-                        text_only_slots=False,
-                    )
-                except RecordSkipped as skip:
-                    if strict:
-                        raise MmloomError(f"{self.jsonl_path}:{lineno}: {skip}") from None
-                    self.skipped[skip.reason] += 1
-                    continue
-                self.samples.append(sample)
+        for lineno, line in read_lines(self.jsonl_path):
+            try:
+                if line is None:
+                    raise RecordSkipped("bad_encoding", "the line is not valid UTF-8")
+                record = parse_record_line(line)
+                sample = encode_record(
+                    record,
+                    tokenizer=tokenizer,
+                    template=template,
+                    num_image_tokens=num_image_tokens,
+                    slot_fill_id=image_token_id,
+                    image_token=image_token,
+                    image_token_id=marker_id,
+                    max_length=max_length,
+                    text_only_slots=False,
+                )
+            except RecordSkipped as skip:
+                if strict:
+                    raise MmloomError(f"{self.jsonl_path}:{lineno}: {skip}") from None
+                self.skipped[skip.reason] += 1
+                continue
+            self.samples.append(sample)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -83,14 +90,15 @@ class JsonlLlavaDataset(Dataset):
         from mmloom.processing.image import load_image
 
         s = self.samples[index]
-        pixel_values = None
-        if s.image is not None:
-            path = (self.image_dir / s.image) if self.image_dir is not None else Path(s.image)
+        pixel_values = []
+        for rel in s.images:
+            path = (self.image_dir / rel) if self.image_dir is not None else Path(rel)
             try:
                 image = load_image(path)
             except MmloomError as exc:
                 raise MmloomError(f"sample {index}: cannot load image {path}: {exc}") from None
-            pixel_values = torch.as_tensor(np.asarray(self.image_transform(image)), dtype=self.dtype)
+            pixel_values.append(torch.as_tensor(np.asarray(self.image_transform(image)), dtype=self.dtype))
+        pixel_values = torch.stack(pixel_values) if pixel_values else None
         return {
             "input_ids": torch.tensor(s.input_ids, dtype=torch.long),
             "labels": torch.tensor(s.labels, dtype=torch.long),
@@ -107,6 +115,6 @@ def collate_jsonl(batch: list[dict], pad_token_id: int, padding_side: str = "rig
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "pixel_values": torch.stack(images) if images else None,
+        "pixel_values": torch.cat(images) if images else None,
         "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, BatchFeature
+from transformers import AutoImageProcessor, AutoProcessor, BatchFeature
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from mmloom.errors import MmloomError
@@ -22,7 +22,13 @@ from mmloom.model.callbacks import AnyresPack, anyres_num_tokens
 from mmloom.model.feature_count import feature_tokens_per_item
 from mmloom.model.merge import IGNORE_INDEX
 from mmloom.processing.image import ImageTransform
-from mmloom.processing.templates import ConversationTemplate, get_template, messages_from_llava
+from mmloom.processing.templates import (
+    ConversationTemplate,
+    get_template,
+    messages_from_llava,
+    tokenize_prompt,
+)
+from mmloom.processing.tokenizer import load_tokenizer
 
 PROCESSOR_CONFIG = "mmloom_processor.json"
 TRANSFORM_FILE = "{name}_transform.json"  # an mmloom ImageTransform, saved as its steps
@@ -154,7 +160,8 @@ class MultimodalProcessor:
     ) -> tuple[list[int], list[int]]:
         """Token ids and labels of one conversation, each placeholder expanded to its item's feature
         tokens (`item_tokens[modality]`: one count per item, in order)."""
-        tokenized = self.template.tokenize(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        tokenized = self.template.tokenize(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                                           placeholders=tuple(self.placeholders.values()))
         return self._expand(tokenized.input_ids, tokenized.labels, item_tokens, index)
 
     def _expand(self, ids: list[int], labels: list[int], item_tokens: dict[str, list[int]], index: int):
@@ -232,8 +239,8 @@ class MultimodalProcessor:
         for index, sample in enumerate(samples):
             tokens = {name: self.item_tokens(name, items[name][index] if name in items else [])
                       for name in self.placeholder_ids}
-            if text is not None:
-                ids = self.tokenizer(sample)["input_ids"]
+            if text is not None:  # LLaVA's tokenizer_image_token layout
+                ids = tokenize_prompt(self.tokenizer, sample, tuple(self.placeholders.values()))
                 rows.append(self._expand(ids, list(ids), tokens, index))
             else:
                 rows.append(self.encode_messages(self._messages(sample), tokens, add_generation_prompt, index))
@@ -300,5 +307,5 @@ class MultimodalProcessor:
                 continue
             loader = AutoImageProcessor if name == "vision" else AutoProcessor
             processors[name] = loader.from_pretrained(directory / f"{name}_processor")
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)
         return cls(processors, tokenizer, **{**settings, **overrides})

@@ -15,13 +15,17 @@ Conventions (documented because tests and other modules rely on them):
 * Templates with ``add_bos`` (``plain``, ``vicuna_v1``, ``llama2``) prepend the tokenizer's BOS
   *id*; ``TokenizedConversation.text`` is then ``tokenizer.bos_token + render(...)``, i.e. exactly
   what ``input_ids`` decode to. ``llama3`` and ``mistral`` carry their BOS in the text itself.
-* The first text segment is tokenized as the start of a text; every later segment is tokenized
-  as a *continuation*: after a special-token sentinel whose ids are then dropped. This keeps
-  SentencePiece/Metaspace tokenizers (``prepend_scheme="first"``, Llama-2 style) from inserting
-  their prefix ``"▁"`` at every segment boundary. Consequences for such a tokenizer:
-  the first word of the sequence gets the prefix ``"▁"`` (as ``tokenizer(text)`` does), so
-  ``decode(input_ids)`` shows ``"<s> A chat"`` while ``decode(input_ids[1:]) == render(...)``;
-  a supervised span that starts with a space (vicuna_v1 / llama2 answers) starts with a
+* Token layout = LLaVA's ``tokenizer_image_token``: the rendered conversation is cut at every
+  placeholder (``<image>``, ``<audio>``); each piece is tokenized as a text of its own (the first
+  with BOS, the others without) and the placeholders become their single ids. So with a
+  SentencePiece tokenizer (Llama-2 / Vicuna, dummy prefix ``"▁"``) the piece after an image starts
+  with its prefix: ``... USER: ▁ <image> ▁ \n What`` and phase-1 captions start ``▁an``, exactly
+  as the original LLaVA training code, its evaluation scripts and Cerebras' HDF5 files have it.
+* Inside a piece, the first text segment is tokenized as the start of a text; every later
+  segment as a *continuation* (after a special-token sentinel whose ids are then dropped), which
+  gives the ids of the whole piece tokenized at once, while the loss mask stays exact.
+  Consequences for a SentencePiece tokenizer: ``decode(input_ids)`` shows ``"<s> A chat"``; a
+  supervised span that starts with a space (vicuna_v1 / llama2 answers) starts with a
   ``"▁word"`` token which ``decode`` of that span alone prints without its leading space
   (joining the span's token strings and mapping ``"▁"`` to ``" "`` gives the span text exactly).
 * vicuna_v1 and llama2 put the single space between the assistant tag and the answer into the
@@ -86,9 +90,11 @@ def messages_from_llava(
     """Map LLaVA ``{"from": "human"|"gpt", "value": str}`` turns to chat messages.
 
     A leading non-human turn is skipped (as the original loader does). With
-    ``move_image_to_front``, every turn containing ``placeholder`` becomes
+    ``move_image_to_front``, a record with exactly one ``placeholder`` has its turn rewritten to
     ``placeholder + "\\n" + text_without_placeholder.strip()`` (then stripped), exactly like
-    LLaVA's ``preprocess_multimodal``. A trailing unanswered human turn is kept.
+    LLaVA's ``preprocess_multimodal``; records with several placeholders (interleaved,
+    LLaVA-OneVision style) keep every placeholder where it is. A trailing unanswered human turn is
+    kept.
     Raises :class:`ConversationError` with ``reason`` in ``ConversationError.REASONS``.
     """
     if not isinstance(conversations, (list, tuple)):
@@ -103,6 +109,9 @@ def messages_from_llava(
             "no_human_turn",
             "conversation has no human turn (it is empty after skipping a leading non-human turn)",
         )
+    if move_image_to_front and placeholder:
+        count = sum(str(t.get("value") or "").count(placeholder) for t in turns if isinstance(t, dict))
+        move_image_to_front = count == 1
     messages: list[dict] = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -246,8 +255,32 @@ def encode_segment(tokenizer, text: str, at_start: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], add_bos: bool) -> TokenizedConversation:
-    """Tokenize ``(text, supervised)`` segments one by one and concatenate ids and labels."""
+def placeholder_ids(tokenizer, placeholders=PLACEHOLDERS) -> dict[str, int]:
+    """``{placeholder: id}`` for the placeholders that are single tokens of ``tokenizer``."""
+    out = {}
+    for placeholder in placeholders:
+        token_id = tokenizer.convert_tokens_to_ids(placeholder)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            out[placeholder] = int(token_id)
+    return out
+
+
+def _split_placeholders(text: str, found: dict[str, int]) -> list[str]:
+    if not found:
+        return [text]
+    return [piece for piece in re.split("(" + "|".join(map(re.escape, found)) + ")", text) if piece]
+
+
+def tokenize_segments(
+    tokenizer, segments: list[tuple[str, bool]], add_bos: bool, placeholders=PLACEHOLDERS
+) -> TokenizedConversation:
+    """Tokenize ``(text, supervised)`` segments and concatenate ids and labels.
+
+    The layout of LLaVA's ``tokenizer_image_token`` (see the module docstring): text after a
+    placeholder is tokenized as the start of a new text, other segment boundaries as
+    continuations. Placeholders (those of ``placeholders`` that are tokens of ``tokenizer``) become
+    their single id, with label -100.
+    """
     ids: list[int] = []
     labels: list[int] = []
     text = ""
@@ -255,12 +288,42 @@ def tokenize_segments(tokenizer, segments: list[tuple[str, bool]], add_bos: bool
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
         text = tokenizer.bos_token
-    for i, (seg, sup) in enumerate(_merge(segments)):
-        seg_ids = encode_segment(tokenizer, seg, at_start=(i == 0))
-        ids.extend(seg_ids)
-        labels.extend(seg_ids if sup else [IGNORE_INDEX] * len(seg_ids))
+    found = placeholder_ids(tokenizer, placeholders)
+    at_start = True
+    for seg, sup in _merge(segments):
         text += seg
+        for piece in _split_placeholders(seg, found):
+            if piece in found:
+                ids.append(found[piece])
+                labels.append(IGNORE_INDEX)
+                at_start = True  # LLaVA tokenizes the text after a placeholder on its own
+                continue
+            piece_ids = encode_segment(tokenizer, piece, at_start=at_start)
+            at_start = False
+            ids.extend(piece_ids)
+            labels.extend(piece_ids if sup else [IGNORE_INDEX] * len(piece_ids))
     return TokenizedConversation(input_ids=ids, labels=labels, text=text)
+
+
+def tokenize_prompt(tokenizer, prompt: str, placeholders=PLACEHOLDERS) -> list[int]:
+    """Ids of a raw prompt, LLaVA's ``tokenizer_image_token`` generalised to every placeholder:
+    the prompt is cut at the placeholders, each piece tokenized with ``tokenizer(piece)`` (so with
+    the tokenizer's own BOS/EOS settings), the BOS of every piece but the first dropped, and the
+    placeholders inserted as their ids."""
+    found = placeholder_ids(tokenizer, placeholders)
+    pattern = "(" + "|".join(map(re.escape, found)) + ")" if found else None
+    pieces = re.split(pattern, prompt) if pattern else [prompt]  # text, placeholder, text, ...
+    bos = tokenizer.bos_token_id
+    ids: list[int] = []
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            ids.append(found[piece])
+            continue
+        piece_ids = list(tokenizer(piece)["input_ids"])
+        if k and bos is not None and piece_ids[:1] == [bos]:
+            piece_ids = piece_ids[1:]
+        ids.extend(piece_ids)
+    return ids
 
 
 def _token_id(tokenizer, token: str) -> int | None:
@@ -320,14 +383,21 @@ class ConversationTemplate:
         return "".join(t for t, _ in self.segments(messages, add_generation_prompt, system))
 
     def tokenize(
-        self, tokenizer, messages: list[dict], add_generation_prompt: bool = False, system: str | None = None
+        self, tokenizer, messages: list[dict], add_generation_prompt: bool = False, system: str | None = None,
+        placeholders=PLACEHOLDERS,
     ) -> TokenizedConversation:
+        """Ids and labels of ``messages`` in LLaVA's layout (see the module docstring); the
+        ``placeholders`` that are tokens of ``tokenizer`` become their single ids."""
         segs = self.segments(messages, add_generation_prompt, system, tokenizer=tokenizer)
-        return tokenize_segments(tokenizer, segs, self.add_bos)
+        return tokenize_segments(tokenizer, segs, self.add_bos, placeholders)
 
-    def generation_prompt(self, tokenizer, messages: list[dict], system: str | None = None) -> list[int]:
+    def generation_prompt(
+        self, tokenizer, messages: list[dict], system: str | None = None, placeholders=PLACEHOLDERS
+    ) -> list[int]:
         """Ids of the prompt for generating the next assistant turn (same ids as in training)."""
-        return self.tokenize(tokenizer, messages, add_generation_prompt=True, system=system).input_ids
+        return self.tokenize(
+            tokenizer, messages, add_generation_prompt=True, system=system, placeholders=placeholders
+        ).input_ids
 
     @property
     def stop_strings(self) -> list[str]:
@@ -644,5 +714,7 @@ __all__ = [
     "encode_segment",
     "get_template",
     "messages_from_llava",
+    "placeholder_ids",
+    "tokenize_prompt",
     "tokenize_segments",
 ]

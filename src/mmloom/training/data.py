@@ -7,13 +7,12 @@ and splits it into micro-batches. The position of a run is thus just its step co
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from mmloom.data.h5_format import read_data_params
 from mmloom.errors import MmloomError
 from mmloom.training.config import InputConfig
 
@@ -110,7 +109,8 @@ class TrainCollator:
                  trim: bool = True):
         from mmloom.data.collate import LlavaCollator
 
-        self.base = LlavaCollator(image_token_id, pad_token_id, trim=trim)  # trim: drop all-padding tail columns
+        # trim: drop all-padding tail columns
+        self.base = LlavaCollator(image_token_id, pad_token_id, num_image_tokens, trim=trim)
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
         self.dummy_images = dummy_images
@@ -124,32 +124,15 @@ class TrainCollator:
             return batch
         input_ids = batch["input_ids"].clone()
         use = batch["has_image"].clone()
-        for i, item in enumerate(items):
-            if use[i]:
+        for i, span in enumerate(batch["slots"]):
+            if use[i] or span is None or span[1] > input_ids.shape[1]:
                 continue
-            kpm = item["key_padding_mask"].long()
-            attended = (kpm == 0).nonzero()
-            if not attended.numel():
-                continue
-            last = int(attended.max())
-            slots = ((kpm[:last] == 1) & (item["text_input_ids"][:last].long() == self.base.pad_token_id)).nonzero()
-            if slots.numel() == self.num_image_tokens:
-                input_ids[i, slots.flatten()] = self.image_token_id
-                use[i] = True
+            input_ids[i, span[0] : span[1]] = self.image_token_id  # the text-only sample's masked slots
+            use[i] = True
         if bool(use.any()):
             batch["input_ids"] = input_ids
             batch["pixel_values"] = torch.stack([item["image_data"] for item, u in zip(items, use.tolist(), strict=True) if u])
         return batch
-
-
-def read_data_params(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "data_params.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return {}
 
 
 def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
@@ -181,16 +164,17 @@ def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0
 def processor_for(section: InputConfig, image_size: int, model):
     """The MultimodalProcessor matching the training data (tokenizer, template, image transform),
     or None (with the reason) when the data's tokenizer cannot serve as one."""
-    from transformers import AutoTokenizer
-
+    from mmloom.data.build import special_ids
     from mmloom.data.build_config import DatasetConfig
     from mmloom.processing.image import ImageTransform
     from mmloom.processing.processor import MultimodalProcessor
+    from mmloom.processing.tokenizer import load_tokenizer
 
-    params = read_data_params(section.data_dir)
     try:
+        params = read_data_params(section.data_dir)
         dataset = DatasetConfig.model_validate(params["dataset"])
-        tokenizer = AutoTokenizer.from_pretrained(params["processor"]["tokenizer_type"])
+        tokenizer = load_tokenizer(params["processor"]["tokenizer_type"], what="processor.tokenizer_type")
+        special_ids(tokenizer, dataset.image_token)  # the stock tokenizer lacks <image>: added as data build does
         transform = ImageTransform.from_config(section.transforms, section.image_size or image_size)
         style, options = dataset.system_prompt_style, {}
         if style == "plain":  # the same options `mmloom data build` used

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mmloom.data.h5_format import read_data_params
 from mmloom.data.packing import sample_lengths, step_sampler, train_collator
 from mmloom.errors import MmloomError
 from mmloom.training import builder
@@ -34,7 +35,6 @@ from mmloom.training.data import (
     build_dataset,
     make_loader,
     processor_for,
-    read_data_params,
 )
 from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap_model
 from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs

@@ -1,0 +1,116 @@
+"""The HDF5 sample format: Cerebras' LLaVA layout (the seed's) plus one per-sample dataset.
+
+Each `data-NNNNN.h5` file written by `mmloom data build` holds
+
+- attribute `n_examples`;
+- `data` int32 `[n, 4, MSL]` (gzip): input ids, loss mask, labels (ids shifted left), inverted
+  attention mask (1 = padding) — Cerebras ModelZoo's `LlavaPhaseOne/TwoPreprocessor` layout;
+- `img_path` bytes `[n, 1]`: the image path relative to the image folder, `b"None"` for a
+  text-only sample (what every Cerebras release writes and its `MultiModalHDF5Dataset` tests);
+- mmloom's extension, ignored by Cerebras' reader (it reads `data` and `img_path` by name):
+  `image_start_idx` int32 `[n]`, the first image slot of each sample (-1 = no slots). Slots are
+  located from these positions, never from token values (a pad id may occur in text: pad = eos,
+  pad = unk with a literal `<unk>`).
+
+Files without `image_start_idx` (Cerebras' own) put every sample's slots at the dataset's one
+`image_patch_info.image_patch_start_idx` of `data_params.json`, as Cerebras' model does.
+`data_params.json` sits next to the files (see `mmloom.data.build`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mmloom.errors import MmloomError
+
+H5_NAME = "data-{:05d}.h5"
+PARAMS_NAME = "data_params.json"
+IMAGE_START = "image_start_idx"
+NO_IMAGE = b"None"
+GZIP_LEVEL = 4
+
+
+def encode_img_path(path: str | None) -> bytes:
+    """`img_path` bytes of a sample: its relative image path, `b"None"` for text-only."""
+    return NO_IMAGE if path is None else path.encode("utf-8")
+
+
+def decode_img_path(value) -> str | None:
+    """The relative image path of an `img_path` entry, None for text-only (`b"None"`, and the
+    `b""` older mmloom releases wrote)."""
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1)[0]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    value = "" if value is None else str(value)
+    return None if value in ("", "None") else value
+
+
+def write_h5(path: Path, rows: np.ndarray, img_paths: list[bytes], image_starts: list[int]) -> None:
+    """Write one file atomically (temp name + os.replace); no timestamps, fixed gzip level, so the
+    bytes depend on the samples only."""
+    import h5py
+
+    n, _, msl = rows.shape
+    tmp = path.with_name(f".{path.name}.tmp")
+    width = max([1, *(len(p) for p in img_paths)])
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["n_examples"] = np.int64(n)
+            f.create_dataset(
+                "data", data=rows, dtype="i4", chunks=(1, 4, msl), compression="gzip",
+                compression_opts=GZIP_LEVEL, track_times=False,
+            )
+            f.create_dataset("img_path", data=np.array(img_paths, dtype=f"S{width}").reshape(n, 1), track_times=False)
+            f.create_dataset(IMAGE_START, data=np.asarray(image_starts, dtype=np.int32), track_times=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_data_params(data_dir: str | Path, required: bool = True) -> dict:
+    """`data_params.json` of a data folder. Missing: `{}` unless `required`; unreadable or not a
+    JSON object: MmloomError naming the file (a corrupt file must not silently disable checks)."""
+    path = Path(data_dir) / PARAMS_NAME
+    if not path.is_file():
+        if required:
+            raise MmloomError(f"{path} not found: build the data with `mmloom data build`")
+        return {}
+    try:
+        params = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise MmloomError(f"{path}: not a readable JSON file ({exc}); rebuild the data") from None
+    if not isinstance(params, dict):
+        raise MmloomError(f"{path}: expected a JSON object; rebuild the data")
+    return params
+
+
+def slot_layout(params: dict) -> tuple[int | None, int | None]:
+    """(dataset image start index, slots per image) recorded in `data_params.json`."""
+    info = params.get("image_patch_info") or {}
+    start = info.get("image_patch_start_idx")
+    count = info.get("num_patches", (params.get("dataset") or {}).get("num_patches"))
+    return (None if start is None else int(start)), (None if count is None else int(count))
+
+
+def read_image_starts(h5file, params: dict, path: str | Path = "") -> np.ndarray:
+    """Per-sample first image slot (int64, -1 = none) of an open data file: the file's
+    `image_start_idx` dataset, else (Cerebras files) the dataset's start index for every sample."""
+    n = int(h5file.attrs["n_examples"])
+    if IMAGE_START in h5file:
+        starts = np.asarray(h5file[IMAGE_START][:], dtype=np.int64)
+        if starts.shape != (n,):
+            raise MmloomError(f"{path}: '{IMAGE_START}' has shape {starts.shape}, expected ({n},)")
+        return starts
+    start, _ = slot_layout(params)
+    if start is None:
+        raise MmloomError(
+            f"{path} has no per-sample '{IMAGE_START}' and data_params.json names no "
+            "image_patch_info.image_patch_start_idx: cannot tell where the image slots are"
+        )
+    return np.full(n, start, dtype=np.int64)

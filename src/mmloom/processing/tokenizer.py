@@ -1,0 +1,234 @@
+"""Loading tokenizer folders, the way LLaVA tokenizes.
+
+`load_tokenizer` is the one place every mmloom command loads a tokenizer folder from (data build,
+init, convert, train, chat, generate, saved processors). It never runs remote code.
+
+Llama-family SentencePiece folders (`tokenizer.model` with `tokenizer_class` `LlamaTokenizer`, as
+the stock `lmsys/vicuna-7b-v1.5` folder ships: no `tokenizer.json`) load as
+`SentencePieceLlamaTokenizer`, which tokenizes with the `sentencepiece` library itself, exactly as
+the original LLaVA code does (it loads `LlamaTokenizer(use_fast=False)` of transformers 4.x). The
+fast tokenizer that transformers 5 converts from `tokenizer.model` differs from SentencePiece on
+whitespace runs and text that starts with a space (e.g. `"a  b"`: SentencePiece `▁a ▁ ▁b`, the
+converted one `▁a ▁▁ b`), so a model trained on its ids would not see what LLaVA's training and
+evaluation code feeds it. Other folders load with `AutoTokenizer` (fast tokenizers).
+
+Semantics reproduced from transformers 4.x's SentencePiece `LlamaTokenizer` (the class LLaVA-1.5
+trains with):
+
+- `add_bos_token` / `add_eos_token` decide the special tokens `tokenizer(text)` adds;
+- `legacy: false` (the stock Vicuna v1.5 setting): a text gets one dummy-prefix `▁` at its start
+  only; the text after a special token (`</s>USER`) gets none. `legacy: true`: every piece of text
+  between special tokens is encoded by SentencePiece with its dummy prefix;
+- decoding joins pieces with SentencePiece (byte-fallback pieces such as `<0x0A>` become bytes).
+
+Saved folders keep `tokenizer_class: LlamaTokenizer`, `tokenizer.model` and
+`special_tokens_map.json`, so transformers 4.x/5.x and the original LLaVA code load them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mmloom.errors import MmloomError
+
+SPIECE_UNDERLINE = "▁"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+# tokenizer classes whose tokenizer.model is a Llama-style SentencePiece BPE model
+LLAMA_SENTENCEPIECE_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast"}
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise MmloomError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(config, dict):
+        raise MmloomError(f"{path}: expected a JSON object")
+    return config
+
+
+def uses_sentencepiece(folder: str | Path) -> bool:
+    """True when `folder` is a Llama-family SentencePiece tokenizer folder (see the module docstring)."""
+    folder = Path(folder)
+    if not (folder / SENTENCEPIECE_MODEL).is_file():
+        return False
+    config = _tokenizer_config(folder)
+    return config.get("tokenizer_class") in LLAMA_SENTENCEPIECE_CLASSES
+
+
+def load_tokenizer(path: str | Path, *, what: str = "tokenizer"):
+    """The tokenizer saved in folder `path` (see the module docstring for which class).
+
+    `what` names the setting or argument the path came from, for error messages
+    (e.g. `"processor.tokenizer_type"`). Raises `MmloomError` (one line, naming the folder) when the
+    folder does not exist or holds no loadable tokenizer: a vision-model folder, a missing
+    `tokenizer.model` dependency, a corrupt file.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise MmloomError(f"{what}: tokenizer folder not found: {folder}")
+    names = {p.name for p in folder.iterdir()}
+    if not names & {"tokenizer.json", SENTENCEPIECE_MODEL, "tokenizer_config.json", "vocab.json", "vocab.txt"}:
+        raise MmloomError(
+            f"{what}: {folder} holds no tokenizer (no tokenizer.json, tokenizer.model or tokenizer_config.json)"
+        )
+    try:
+        if uses_sentencepiece(folder):
+            tokenizer = SentencePieceLlamaTokenizer.from_pretrained(str(folder))
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except MmloomError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a user-input problem
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MmloomError(f"{what}: cannot load a tokenizer from {folder}: {first}") from None
+    if len(tokenizer) < 3:
+        raise MmloomError(
+            f"{what}: {folder} gives a tokenizer of {len(tokenizer)} tokens: not a language model's tokenizer folder"
+        )
+    return tokenizer
+
+
+def _sentencepiece_backend():
+    try:
+        from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+    except ImportError as exc:  # pragma: no cover - depends on the installed transformers
+        raise MmloomError(
+            f"this transformers release has no SentencePieceBackend ({exc}); install the versions in constraints.txt"
+        ) from None
+    return SentencePieceBackend
+
+
+class SentencePieceLlamaTokenizer(_sentencepiece_backend()):
+    """Llama / Vicuna / Mistral-v0.1 tokenizer backed by the `sentencepiece` library.
+
+    Built on transformers' `SentencePieceBackend`; behaves as transformers 4.x's slow
+    `LlamaTokenizer` (see the module docstring). Use `load_tokenizer(folder)` rather than this class.
+    """
+
+    vocab_files_names = {"vocab_file": SENTENCEPIECE_MODEL}
+    model_input_names = ["input_ids", "attention_mask"]
+    saved_class_name = "LlamaTokenizer"  # what tokenizer_config.json says, for transformers and LLaVA
+
+    def __init__(
+        self,
+        vocab_file: str,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token=None,
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        legacy: bool | None = None,
+        add_prefix_space: bool = True,
+        clean_up_tokenization_spaces: bool = False,
+        **kwargs,
+    ):
+        kwargs.pop("tokenizer_class", None)
+        kwargs.pop("special_tokens_pattern", None)
+        self.add_bos_token = bool(add_bos_token)
+        self.add_eos_token = bool(add_eos_token)
+        self.add_prefix_space = bool(add_prefix_space)
+        super().__init__(
+            vocab_file=vocab_file,
+            unk_token=unk_token,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            legacy=True if legacy is None else bool(legacy),  # transformers 4.x: unset means legacy
+            add_bos_token=add_bos_token,
+            add_eos_token=add_eos_token,
+            add_prefix_space=add_prefix_space,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            special_tokens_pattern="none",
+            **kwargs,
+        )
+
+    # -- encoding ---------------------------------------------------------------------------
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        """Pieces of `text`; added/special tokens stay whole. See the module docstring for `legacy`."""
+        if self.legacy or not text:
+            return super().tokenize(text, **kwargs)
+        text = text.replace(SPIECE_UNDERLINE, " ")
+        if self.add_prefix_space:
+            text = SPIECE_UNDERLINE + text
+        tokens = super().tokenize(text, **kwargs)
+        if len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE and tokens[1] in self.all_special_tokens:
+            tokens = tokens[1:]  # the dummy prefix alone before a special token is dropped
+        return tokens
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        bos = [self.bos_token_id] if self.add_bos_token and self.bos_token_id is not None else []
+        eos = [self.eos_token_id] if self.add_eos_token and self.eos_token_id is not None else []
+        out = bos + list(token_ids_0) + eos
+        if token_ids_1 is not None:
+            out += bos + list(token_ids_1) + eos
+        return out
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
+        bos = [1] if self.add_bos_token and self.bos_token_id is not None else []
+        eos = [1] if self.add_eos_token and self.eos_token_id is not None else []
+        mask = bos + [0] * len(token_ids_0) + eos
+        if token_ids_1 is not None:
+            mask += bos + [0] * len(token_ids_1) + eos
+        return mask
+
+    # -- decoding ---------------------------------------------------------------------------
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Pieces -> text with SentencePiece's decoder; special tokens are copied as they are."""
+        tokens = list(tokens)
+        if tokens and tokens[0].startswith(SPIECE_UNDERLINE) and self.add_prefix_space:
+            tokens[0] = tokens[0][1:]  # the dummy prefix of the text's start
+        specials = set(self.all_special_tokens)
+        out, run, prev_special = "", [], False
+        for i, token in enumerate(tokens):
+            if token in specials:
+                if not prev_special and i != 0 and self.legacy:
+                    out += " "
+                out += self.sp_model.decode(run) + token
+                run, prev_special = [], True
+            else:
+                if prev_special and i == 1 and self.add_prefix_space and not token.startswith(SPIECE_UNDERLINE):
+                    out += " "
+                run.append(token)
+                prev_special = False
+        return out + self.sp_model.decode(run)
+
+    # -- saving -----------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as a stock Llama tokenizer folder: `tokenizer.model`, `tokenizer_config.json` (class
+        `LlamaTokenizer`, `add_bos_token`, `add_eos_token`, `legacy`) and `special_tokens_map.json`."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        folder = Path(save_directory)
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config.update(
+            tokenizer_class=self.saved_class_name,
+            add_bos_token=self.add_bos_token,
+            add_eos_token=self.add_eos_token,
+            legacy=self.legacy,
+        )
+        config.pop("special_tokens_pattern", None)
+        config.pop("backend", None)
+        _write_json(config_path, config)
+        special = {key: str(value) for key, value in self.special_tokens_map.items() if isinstance(value, str)}
+        _write_json(folder / "special_tokens_map.json", special)
+        return files
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+__all__ = ["SentencePieceLlamaTokenizer", "load_tokenizer", "uses_sentencepiece"]
