@@ -155,6 +155,13 @@ def test_bom_and_non_utf8_lines(root):
     assert main(["data", "build", str(root / "enc.yaml"), "--quiet", "--overwrite", "--strict"]) == 2
 
 
+def test_image_paths_must_stay_inside_the_image_folder(root):
+    outside = [rec("../secret.png", ("human", "<image>\nq"), ("gpt", "a")),
+               rec(str(root / "images" / "a.png"), ("human", "<image>\nq"), ("gpt", "a"))]
+    params = build(root, "escape", root / "tok", [FIRST, *outside], "vicuna_v1", 200)
+    assert params["post-process"]["skipped"] == {"bad_image_path": 2}
+
+
 def test_zero_records_kept_is_an_error(root, capsys):
     build_dir = root / "none_in"
     build_dir.mkdir()

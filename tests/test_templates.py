@@ -379,8 +379,11 @@ def test_messages_from_llava():
         )[0]["content"]
         == "<audio>\nhi"
     )
-    # a leading non-human turn is skipped
+    # a leading assistant turn is skipped; chat-style role names are the same roles
     assert messages_from_llava([{"from": "gpt", "value": "Hello!"}, *conv]) == msgs
+    chat_style = [{"from": {"human": "user", "gpt": "assistant"}[t["from"]], "value": t["value"]} for t in conv]
+    assert messages_from_llava(chat_style) == msgs
+    assert messages_from_llava([{"from": "assistant", "value": "Hi"}, *chat_style]) == msgs
 
     cases = [
         ([], "no_human_turn", "no human turn"),

@@ -27,6 +27,7 @@ from mmloom.data.encode import (
     SKIP_REASONS,
     RecordSkipped,
     encode_record,
+    image_file,
     parse_record_line,
     read_lines,
     record_images,
@@ -168,7 +169,7 @@ def _encode_line(line: str):
             "image_in_later_turn", f"the image is in human turn {sample.image_turn + 1}, slots at {sample.image_start}"
         )
     for image in sample.images:
-        check_image(Path(ds.image_dir or ".") / image)
+        check_image(image_file(ds.image_dir, image))
     return sample
 
 

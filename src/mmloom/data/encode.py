@@ -28,6 +28,7 @@ SKIP_REASONS = (
     "bad_json",
     "bad_encoding",
     "bad_record",
+    "bad_image_path",
     "missing_image",
     "bad_image",
     "no_human_turn",
@@ -137,6 +138,15 @@ def record_images(record: dict, image_key: str = "image") -> list[str]:
     if not all(isinstance(p, str) and p for p in images):
         raise RecordSkipped("bad_record", f"'{image_key}' must be a path or a list of paths")
     return list(images)
+
+
+def image_file(image_dir: str | Path | None, relative: str) -> Path:
+    """The file of a record's image path under `image_dir`; RecordSkipped('bad_image_path') for a
+    path that leaves it (absolute, or `..` components)."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise RecordSkipped("bad_image_path", f"{relative!r} is not a path inside the image folder")
+    return Path(image_dir or ".") / rel
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -89,7 +89,8 @@ def messages_from_llava(
 ) -> list[dict]:
     """Map LLaVA ``{"from": "human"|"gpt", "value": str}`` turns to chat messages.
 
-    A leading non-human turn is skipped (as the original loader does). With
+    A leading assistant turn is skipped (as the original loader does); ``user``/``assistant`` are
+    accepted as ``human``/``gpt``. With
     ``move_image_to_front``, a record with exactly one ``placeholder`` has its turn rewritten to
     ``placeholder + "\\n" + text_without_placeholder.strip()`` (then stripped), exactly like
     LLaVA's ``preprocess_multimodal``; records with several placeholders (interleaved,
@@ -102,8 +103,8 @@ def messages_from_llava(
             "no_human_turn", f"conversations must be a list of turns, got {type(conversations).__name__}"
         )
     turns = list(conversations)
-    if turns and isinstance(turns[0], dict) and turns[0].get("from") != "human":
-        turns = turns[1:]
+    if turns and isinstance(turns[0], dict) and _LLAVA_ROLES.get(turns[0].get("from")) == "assistant":
+        turns = turns[1:]  # LLaVA drops a leading gpt turn; "user"/"human" both start a conversation
     if not turns:
         raise ConversationError(
             "no_human_turn",
