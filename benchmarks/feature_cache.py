@@ -116,8 +116,8 @@ def run(config: Path, model_dir: Path, cached: bool) -> tuple[list[float], dict[
 
 
 def bench(preset: str, args, workdir: Path) -> dict:
-    from mmloom.data.feature_cache import cache_features
     from mmloom.training.config import load_train_config
+    from mmloom.training.data import cache_features
 
     vision = PRESETS[preset]
     root = workdir / preset

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from mmloom.data.hdf5_dataset import HDF5LlavaDataset
-    from mmloom.data.packing import sample_lengths
+    from mmloom.data.sampling import sample_lengths
 
     tmp = tempfile.TemporaryDirectory() if args.workdir is None else None
     root = Path(args.workdir or tmp.name)

@@ -216,12 +216,12 @@ def make_steps(cfg: dict, phase: int, n_img: int, vocab: int, steps: int, batch:
 
 
 def collators(image_token_id: int, n_img: int, msl: int):
-    from mmloom.training.data import TrainCollator
+    from mmloom.data.collate import TrainCollator
 
     out = {"pad": TrainCollator(image_token_id, PAD, n_img, trim=True),
            "msl": TrainCollator(image_token_id, PAD, n_img, trim=False)}
     try:
-        from mmloom.data.packing import PackedCollator
+        from mmloom.data.collate import PackedCollator
     except ImportError:
         return out
     out["pack"] = PackedCollator(TrainCollator(image_token_id, PAD, n_img), msl)  # SDPA: 4D block mask

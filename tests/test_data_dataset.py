@@ -14,9 +14,9 @@ from PIL import Image
 
 from mmloom.data.build import build
 from mmloom.data.build_config import parse_build_config
-from mmloom.data.collate import LlavaCollator
+from mmloom.data.collate import LlavaCollator, collate_jsonl
 from mmloom.data.hdf5_dataset import HDF5LlavaDataset
-from mmloom.data.jsonl_dataset import JsonlLlavaDataset, collate_jsonl
+from mmloom.data.jsonl_dataset import JsonlLlavaDataset
 from mmloom.errors import MmloomError
 from mmloom.processing.image import ImageTransform, load_image
 from mmloom.processing.templates import get_template
@@ -121,16 +121,16 @@ def test_dataset_five_tensors(built, transform):
 
 def test_lazy_open_and_pickle(built, transform):
     ds = HDF5LlavaDataset(built / "h5", built / "images", transform)
-    assert ds.handles is None
+    assert not ds.h5.opened
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone.handles is None
+    assert not clone.h5.opened
     ds[0]
-    assert ds.handles is not None
+    assert ds.h5.opened
     clone2 = pickle.loads(pickle.dumps(ds))
-    assert clone2.handles is None
+    assert not clone2.h5.opened
     assert torch.equal(clone2[2]["text_input_ids"], ds[2]["text_input_ids"])
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=3, num_workers=1, collate_fn=LlavaCollator(image_token_id=IMG, pad_token_id=PAD, num_image_tokens=NP)
+        ds, batch_size=3, num_workers=1, collate_fn=LlavaCollator(image_token_id=IMG, pad_token_id=PAD, num_feature_tokens=NP)
     )
     batch = next(iter(loader))
     assert batch["input_ids"].shape == (3, MSL) and batch["pixel_values"].shape == (2, 3, SIZE, SIZE)
@@ -164,7 +164,7 @@ def _hand_collate(items, image_id, pad_id):
 def test_collator_matches_hand_computation(built, transform, tokenizer):
     ds = HDF5LlavaDataset(built / "h5", built / "images", transform)
     items = [ds[1], ds[0], ds[2]]
-    batch = LlavaCollator(image_token_id=IMG, pad_token_id=PAD, num_image_tokens=NP)(items)
+    batch = LlavaCollator(image_token_id=IMG, pad_token_id=PAD, num_feature_tokens=NP)(items)
     ids, labels = _hand_collate(items, IMG, PAD)
     assert torch.equal(batch["input_ids"], ids) and batch["input_ids"].dtype == torch.long
     assert torch.equal(batch["labels"], labels)
@@ -197,7 +197,7 @@ def test_jsonl_dataset_matches_h5(built, transform, tokenizer):
         built / "images",
         tokenizer,
         get_template("vicuna_v1"),
-        num_image_tokens=NP,
+        num_feature_tokens=NP,
         image_token_id=IMG,
         image_transform=transform,
         max_length=MSL,
@@ -240,7 +240,7 @@ def test_jsonl_dataset_matches_h5(built, transform, tokenizer):
         built / "images",
         tokenizer,
         "vicuna_v1",
-        num_image_tokens=NP,
+        num_feature_tokens=NP,
         image_token_id=IMG,
         image_transform=transform,
         max_length=100,
@@ -252,7 +252,7 @@ def test_jsonl_dataset_matches_h5(built, transform, tokenizer):
             built / "images",
             tokenizer,
             "vicuna_v1",
-            num_image_tokens=NP,
+            num_feature_tokens=NP,
             image_token_id=IMG,
             image_transform=transform,
             max_length=100,

@@ -124,14 +124,14 @@ def test_stale_cache_and_trainable_encoder_are_refused(data, tmp_path, capsys):
                            "{name: resize}, {name: center_crop}, {name: to_tensor}, {name: normalize}]"))
     assert "stale" in err and "image transforms" in err
     err = refused(run_args(data, 1, tmp_path / "d", *cached, "model.freeze=[^text_model]"))
-    assert "needs a frozen vision encoder" in err and "model.freeze" in err
+    assert "train_input.use_cached_features: a frozen vision encoder is needed" in err and "model.freeze" in err
     err = refused(run_args(data, 1, tmp_path / "e", *cached, f"train_input.feature_cache_dir={tmp_path / 'none'}"))
     assert "no feature cache" in err
     err = refused(cache_args(data, 1, "model.freeze=[^text_model]"))
-    assert "only valid for a frozen encoder" in err
+    assert "a frozen vision encoder is needed" in err
     err = refused(run_args(data, 1, tmp_path / "f", "eval_input.use_cached_features=true", "model.freeze=[]")
                   + ["--mode", "train_and_eval"])  # an encoder that trains makes the eval cache stale
-    assert "eval_input.use_cached_features needs a frozen vision encoder" in err
+    assert "eval_input.use_cached_features: a frozen vision encoder is needed" in err
     assert not (tmp_path / "a" / "checkpoint-1").exists()
 
 

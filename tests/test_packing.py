@@ -16,14 +16,9 @@ from PIL import Image
 
 from helpers import IMAGE_ID, vlm
 from mmloom.cli.main import main
-from mmloom.data.packing import (
-    LengthGroupedStepSampler,
-    PackedCollator,
-    block_causal_mask,
-    pack_samples,
-    sample_lengths,
-)
-from mmloom.training.data import StepBatchSampler, TrainCollator
+from mmloom.data.collate import PackedCollator, TrainCollator
+from mmloom.data.packing import block_causal_mask, pack_samples
+from mmloom.data.sampling import LengthGroupedStepSampler, StepBatchSampler, sample_lengths
 
 PAD, N_IMG, MSL = 3, 16, 64
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mmloom.data.build_config import BuildConfig
+from mmloom.data.build_config import BuildConfig, template_spec
 from mmloom.data.encode import (
     SKIP_REASONS,
     RecordSkipped,
@@ -35,7 +34,11 @@ from mmloom.data.encode import (
 )
 from mmloom.data.h5_format import H5_NAME, PARAMS_NAME, encode_img_path, write_h5
 from mmloom.errors import MmloomError
-from mmloom.processing.tokenizer import load_tokenizer
+from mmloom.files import write_json
+from mmloom.processing.image import ImageLoadError, load_image
+from mmloom.processing.templates import get_template
+from mmloom.processing.tokenizer import load_tokenizer, token_id
+from mmloom.progress import rate_progress
 
 CHUNK_LINES = 64  # records per work item (fixed: does not depend on the process count)
 
@@ -63,13 +66,12 @@ def special_ids(tokenizer, image_token: str) -> dict[str, int]:
     the output (the slots hold pad ids). `vocab_size` is the size before that addition.
     """
     vocab_size = len(tokenizer)
-    image_id = tokenizer.convert_tokens_to_ids(image_token)
-    added = False
-    if image_id is None or image_id == tokenizer.unk_token_id:
+    image_id = token_id(tokenizer, image_token)
+    added = image_id is None
+    if added:
         tokenizer.add_tokens([image_token], special_tokens=True)
-        image_id = tokenizer.convert_tokens_to_ids(image_token)
-        added = True
-        if tokenizer(image_token, add_special_tokens=False)["input_ids"] != [image_id]:
+        image_id = token_id(tokenizer, image_token)
+        if image_id is None:
             raise MmloomError(f"cannot make '{image_token}' a single token of the tokenizer")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
@@ -87,15 +89,9 @@ def special_ids(tokenizer, image_token: str) -> dict[str, int]:
 
 
 def make_template(cfg: BuildConfig, tokenizer=None):
-    from mmloom.processing.templates import get_template
-
-    name = cfg.dataset.system_prompt_style
-    if name == "plain":
-        opts = {"terminator": cfg.dataset.plain_terminator, "placeholder": cfg.dataset.image_token}
-        if tokenizer is not None and tokenizer.eos_token:
-            opts["eos"] = tokenizer.eos_token
-        return get_template(name, **opts)
-    return get_template(name)
+    """The conversation template the build tokenizes with (`template_spec`)."""
+    name, options = template_spec(cfg.dataset, tokenizer)
+    return get_template(name, **options)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -118,8 +114,6 @@ def _init_worker(cfg_dict: dict) -> None:
 
 def check_image(path: Path) -> None:
     """Raise RecordSkipped('missing_image' | 'bad_image') unless PIL can fully decode the file."""
-    from mmloom.processing.image import ImageLoadError, load_image
-
     if not path.is_file():
         raise RecordSkipped("missing_image", str(path))
     try:
@@ -154,7 +148,7 @@ def _encode_line(line: str):
         record,
         tokenizer=_STATE["tokenizer"],
         template=_STATE["template"],
-        num_image_tokens=ds.num_patches,
+        num_feature_tokens=ds.num_patches,
         slot_fill_id=_STATE["pad_id"],
         image_token=ds.image_token,
         image_token_id=_STATE["image_token_id"],
@@ -288,9 +282,7 @@ def _ordered_results(chunks, processes: int, cfg_dict: dict):
         pool.join()
 
 
-def _progress(enabled: bool, total: int):
-    from mmloom.progress import rate_progress
-
+def _progress(enabled: bool):
     return rate_progress("[bold]building[/]", "samples", enabled)
 
 
@@ -322,10 +314,10 @@ def build(
     tokenizer = load_tokenizer(cfg.processor.tokenizer_type, what="processor.tokenizer_type")
     make_template(cfg, tokenizer)  # unknown template name -> MmloomError before any work
     ids = special_ids(tokenizer, cfg.dataset.image_token)
-    msl, n_patches = cfg.processor.max_sequence_length, cfg.dataset.num_patches
-    if n_patches + 2 > msl:
+    msl, num_feature_tokens = cfg.processor.max_sequence_length, cfg.dataset.num_patches
+    if num_feature_tokens + 2 > msl:
         raise MmloomError(
-            f"dataset.num_patches ({n_patches}) leaves no room for text in max_sequence_length {msl}"
+            f"dataset.num_patches ({num_feature_tokens}) leaves no room for text in max_sequence_length {msl}"
         )
     if cfg.dataset.image_dir is not None and not Path(cfg.dataset.image_dir).is_dir():
         raise MmloomError(f"dataset.image_dir not found: {cfg.dataset.image_dir}")
@@ -353,7 +345,7 @@ def build(
     later_starts: collections.Counter = collections.Counter()
     stats: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
-    with _progress(show, total) as bar:
+    with _progress(show) as bar:
         task = bar.add_task("build", total=total)
         results = contextlib.closing(_ordered_results(_chunks(files), cfg.setup.processes, cfg_dict))
         with results as ordered:
@@ -378,7 +370,7 @@ def build(
     assert n_read == kept + sum(skipped.values())
 
     start_idx = min(starts, key=lambda k: (-starts[k], k)) if starts else None
-    patch_info: dict[str, Any] = {"image_patch_start_idx": start_idx, "num_patches": n_patches}
+    patch_info: dict[str, Any] = {"image_patch_start_idx": start_idx, "num_patches": num_feature_tokens}
     if len(starts) > 1:
         patch_info["note"] = "first-turn images disagree on the image start index; the most common one is recorded"
         patch_info["start_idx_counts"] = {str(k): v for k, v in sorted(starts.items())}
@@ -419,9 +411,7 @@ def build(
         },
         "image_patch_info": patch_info,
     }
-    tmp = out_dir / f".{PARAMS_NAME}.tmp"
-    tmp.write_text(json.dumps(params, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / PARAMS_NAME)
+    write_json(out_dir / PARAMS_NAME, params)
     if not quiet:
         print_summary(params, elapsed)
     if kept == 0:

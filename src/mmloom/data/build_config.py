@@ -63,6 +63,18 @@ class DatasetConfig(_Section):
     )
 
 
+def template_spec(dataset: DatasetConfig, tokenizer=None) -> tuple[str, dict[str, Any]]:
+    """(template name, options) for the data's `system_prompt_style`: what `mmloom data build`
+    tokenizes with and what the processor saved with a trained model must use (plain: the
+    terminator, the placeholder and the tokenizer's EOS string)."""
+    name, options = dataset.system_prompt_style, {}
+    if name == "plain":
+        options = {"terminator": dataset.plain_terminator, "placeholder": dataset.image_token}
+        if tokenizer is not None and tokenizer.eos_token:
+            options["eos"] = tokenizer.eos_token
+    return name, options
+
+
 class BuildConfig(_Section):
     setup: SetupConfig
     processor: ProcessorConfig

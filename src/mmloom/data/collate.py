@@ -1,15 +1,25 @@
-"""Batching HDF5 samples (the Cerebras layout) into what the composite LLaVA model takes."""
+"""Collators: dataset items -> the batches the composite model takes.
+
+- `LlavaCollator`: `HDF5LlavaDataset` items (the Cerebras layout) -> HF-style padded rows;
+- `TrainCollator`: the same, plus a dummy image in the masked slots of text-only samples;
+- `PackedCollator`: whole samples packed into rows (see `mmloom.data.packing`);
+- `FeatureCollator`: items with cached encoder features instead of images;
+- `collate_jsonl`: `JsonlLlavaDataset` items (HF style, no slots for text-only samples).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from mmloom.data.packing import block_causal_mask, pack_samples
 from mmloom.errors import MmloomError
+from mmloom.model.merge import IGNORE_INDEX
+from mmloom.processing.processor import pad_rows
 
-IGNORE_INDEX = -100
+ATTENTION_MODES = ("sdpa", "eager", "flash")
 
 
-def check_slots(item: dict, num_slots: int) -> tuple[int, int] | None:
+def check_slots(item: dict, num_feature_tokens: int) -> tuple[int, int] | None:
     """`(start, end)` of an `HDF5LlavaDataset` item's image slots, from its recorded position.
 
     None when the sample has no slots. Raises MmloomError (naming the sample) when the recorded
@@ -21,7 +31,7 @@ def check_slots(item: dict, num_slots: int) -> tuple[int, int] | None:
         if item["has_image"]:
             raise MmloomError(f"sample {item.get('index', '?')} has an image but no recorded image slots")
         return None
-    end = start + int(num_slots)
+    end = start + int(num_feature_tokens)
     kpm = item["key_padding_mask"]
     index = item.get("index", "?")
     if end > kpm.shape[0]:
@@ -44,7 +54,7 @@ class LlavaCollator:
 
     Returns a dict with
     - `input_ids` (B, T) long: the text ids; the image slots of samples with an image (their
-      recorded `[image_start_idx, image_start_idx + num_image_tokens)`) hold `image_token_id`;
+      recorded `[image_start_idx, image_start_idx + num_feature_tokens)`) hold `image_token_id`;
     - `attention_mask` (B, T) long = 1 - key_padding_mask (text-only samples' slots are 0);
     - `labels` (B, T) long, HF convention (unshifted, -100 = ignore):
       `labels[t+1] = input_ids[t+1] if loss_mask[t] else -100`, `labels[0] = -100`;
@@ -56,10 +66,10 @@ class LlavaCollator:
     `pad_token_id` is what packed rows are padded with (the ids of padding are never attended).
     """
 
-    def __init__(self, image_token_id: int, pad_token_id: int, num_image_tokens: int, trim: bool = False):
+    def __init__(self, image_token_id: int, pad_token_id: int, num_feature_tokens: int, trim: bool = False):
         self.image_token_id = int(image_token_id)
         self.pad_token_id = int(pad_token_id)
-        self.num_image_tokens = int(num_image_tokens)
+        self.num_feature_tokens = int(num_feature_tokens)
         self.trim = trim
 
     def __call__(self, batch: list[dict]) -> dict:
@@ -71,7 +81,7 @@ class LlavaCollator:
         attention_mask = 1 - kpm
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[:, 1:] = torch.where(loss[:, :-1] == 1, ids[:, 1:], IGNORE_INDEX)
-        slots = [check_slots(b, self.num_image_tokens) for b in batch]
+        slots = [check_slots(b, self.num_feature_tokens) for b in batch]
         input_ids = ids.clone()
         for i, span in enumerate(slots):
             if span is not None and bool(has_image[i]):
@@ -96,3 +106,177 @@ class LlavaCollator:
             "has_image": has_image,
             "slots": slots,
         }
+
+
+class TrainCollator:
+    """`LlavaCollator`, then: every text-only sample gets a dummy (zero) image in its masked slots.
+
+    This is the seed's behaviour ("text-only samples still get the image slots, masked out through
+    key_padding_mask and fed a dummy image"): the vision encoder and projector then run on every
+    micro-batch of every rank, which DDP and FSDP need (same collectives and the same parameters
+    used on every rank). The dummy features sit in positions nothing attends to and nothing is
+    supervised at, so they change neither the loss nor any gradient.
+    """
+
+    def __init__(self, image_token_id: int, pad_token_id: int, num_feature_tokens: int, dummy_images: bool = True,
+                 trim: bool = True):
+        # trim: drop all-padding tail columns
+        self.base = LlavaCollator(image_token_id, pad_token_id, num_feature_tokens, trim=trim)
+        self.image_token_id = image_token_id
+        self.num_feature_tokens = num_feature_tokens
+        self.dummy_images = dummy_images
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = self.base(items)
+        batch["num_attended_tokens"] = int(batch["attention_mask"].sum())
+        batch["num_samples"] = len(items)
+        batch["num_images"] = int(batch["has_image"].sum())
+        if not self.dummy_images or bool(batch["has_image"].all()):
+            return batch
+        input_ids = batch["input_ids"].clone()
+        use = batch["has_image"].clone()
+        for i, span in enumerate(batch["slots"]):
+            if use[i] or span is None or span[1] > input_ids.shape[1]:
+                continue
+            input_ids[i, span[0] : span[1]] = self.image_token_id  # the text-only sample's masked slots
+            use[i] = True
+        if bool(use.any()):
+            batch["input_ids"] = input_ids
+            batch["pixel_values"] = torch.stack([item["image_data"] for item, u in zip(items, use.tolist(), strict=True) if u])
+        return batch
+
+
+class PackedCollator:
+    """Pack a micro-batch of `HDF5LlavaDataset` items into rows (see the module docstring).
+
+    `collator` is the run's `TrainCollator`: its `LlavaCollator` does the per-sample work (labels,
+    image slots), its `dummy_images`/`num_feature_tokens`/`image_token_id` are honoured.
+    `attention`: "sdpa" (a 4D block-diagonal causal bool mask), "eager" (the same mask, additive
+    float32) or "flash" (flash_attention_2: one padding-free row, `attention_mask=None`,
+    restarting `position_ids`; transformers runs varlen flash attention only for batch size 1).
+
+    Returns `input_ids`, `labels` (HF convention, -100 at every sample's first token),
+    `position_ids` (restarting at 0 per sample), `attention_mask`, `pixel_values` (row order,
+    matching the placeholder order) and the counters `TrainCollator` gives (`num_loss_tokens`,
+    `num_attended_tokens` = real tokens, `num_samples`, `num_images` = real images, `has_image`),
+    plus `num_rows` and `spans`: per input sample `(row, start, end)` in the packed rows.
+    """
+
+    def __init__(self, collator, max_length: int, attention: str = "sdpa", pad_to_multiple_of: int = 1):
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        self.collator = collator
+        self.max_length = int(max_length)
+        self.attention = attention
+        self.pad_to_multiple_of = max(1, int(pad_to_multiple_of))
+
+    def segments(self, items: list[dict]) -> tuple[list[dict], dict]:
+        """Per sample: its real tokens (`ids`, `labels`, `pos`) and its image (or None)."""
+        base = self.collator.base
+        batch = base(items)
+        images = iter(batch["pixel_values"] if batch["pixel_values"] is not None else [])
+        out = []
+        for i in range(len(items)):
+            keep = batch["attention_mask"][i].nonzero().flatten()
+            labels = batch["labels"][i, keep].clone()
+            if keep.numel():
+                labels[0] = IGNORE_INDEX  # the previous segment's last token must not predict this one
+                gap = torch.ones_like(keep, dtype=torch.bool)
+                gap[1:] = keep[1:] - keep[:-1] != 1
+                labels[gap] = IGNORE_INDEX  # a token whose predecessor was dropped (masked slots)
+            image = next(images) if bool(batch["has_image"][i]) else None
+            out.append({"ids": batch["input_ids"][i, keep], "labels": labels, "pos": keep, "image": image})
+        return out, batch
+
+    def __call__(self, items: list[dict]) -> dict:
+        segs, batch = self.segments(items)
+        n_real = len(segs)
+        num_tokens = sum(int(s["ids"].numel()) for s in segs)
+        has_image = batch["has_image"]
+        c = self.collator
+        if getattr(c, "dummy_images", False) and not bool(has_image.any()) and items:
+            n = int(c.num_feature_tokens)
+            segs.append({
+                "ids": torch.full((n,), int(c.image_token_id), dtype=torch.long),
+                "labels": torch.full((n,), IGNORE_INDEX, dtype=torch.long),
+                "pos": torch.arange(n),
+                "image": torch.zeros_like(items[0]["image_data"]),
+            })
+        lengths = [int(s["ids"].numel()) for s in segs]
+        if self.attention == "flash":
+            rows = [list(range(len(segs)))]  # one padding-free row: varlen flash needs batch size 1
+        else:
+            rows = pack_samples(lengths, self.max_length)
+        width = max([1, *(sum(lengths[i] for i in row) for row in rows)])
+        m = self.pad_to_multiple_of
+        width = -(-width // m) * m
+        R = len(rows)
+        pad = int(c.base.pad_token_id)
+        input_ids = torch.full((R, width), pad, dtype=torch.long)
+        labels = torch.full((R, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((R, width), dtype=torch.long)
+        seg_ids = torch.full((R, width), -1, dtype=torch.long)
+        pixel_values, spans = [], [None] * n_real
+        for r, row in enumerate(rows):
+            at = 0
+            for k in row:
+                s, n = segs[k], lengths[k]
+                input_ids[r, at : at + n] = s["ids"]
+                labels[r, at : at + n] = s["labels"]
+                position_ids[r, at : at + n] = s["pos"]
+                seg_ids[r, at : at + n] = k
+                if s["image"] is not None:
+                    pixel_values.append(s["image"])
+                if k < n_real:
+                    spans[k] = (r, at, at + n)
+                at += n
+            position_ids[r, at:] = torch.arange(width - at)  # padding tail: a segment of its own
+        out = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "attention_mask": None if self.attention == "flash" else block_causal_mask(
+                seg_ids, additive=self.attention == "eager"),
+            "pixel_values": torch.stack(pixel_values) if pixel_values else None,
+            "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
+            "num_attended_tokens": num_tokens,
+            "num_samples": n_real,
+            "num_images": int(has_image.sum()),
+            "has_image": has_image,
+            "num_rows": R,
+            "spans": spans,
+        }
+        return out
+
+
+class FeatureCollator:
+    """Wraps a collator of image items (`TrainCollator`, ...): the items' `module_features` stand in
+    for `image_data`, and the batch carries `module_features` (N, L, D) instead of `pixel_values`."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __getattr__(self, name):  # num_feature_tokens, pad ids, ... of the wrapped collator
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __call__(self, items: list[dict]) -> dict:
+        items = [{**item, "image_data": item["module_features"]} for item in items]
+        batch = self.base(items)
+        batch["module_features"] = batch.pop("pixel_values", None)
+        return batch
+
+
+def collate_jsonl(batch: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
+    """Pad a list of `JsonlLlavaDataset` items: input_ids / labels (-100) / attention_mask, stacked images."""
+    padded = pad_rows([(b["input_ids"], b["labels"]) for b in batch], pad_token_id, padding_side)
+    input_ids, attention_mask, labels = padded["input_ids"], padded["attention_mask"], padded["labels"]
+    images = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": torch.cat(images) if images else None,
+        "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
+    }

@@ -2,7 +2,7 @@
 
 `encode_record` turns one LLaVA record into the expanded token layout:
 
-    template tokens before <image>  +  [slot_fill_id x num_image_tokens]  +  tokens after <image>
+    template tokens before <image>  +  [slot_fill_id x num_feature_tokens]  +  tokens after <image>
 
 (the ids of LLaVA's `tokenizer_image_token` + conversation template, each image id expanded to
 its slots) with HF-convention labels (unshifted, -100 = not supervised, -100 on every image slot)
@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from mmloom.errors import MmloomError
-
-IGNORE_INDEX = -100
+from mmloom.model.merge import IGNORE_INDEX
+from mmloom.processing.templates import ConversationError, messages_from_llava
+from mmloom.processing.tokenizer import token_id
 
 # Reasons a record is skipped, in the order the build summary lists them.
 SKIP_REASONS = (
@@ -54,7 +55,7 @@ class RecordSkipped(MmloomError):
 @dataclass
 class EncodedSample:
     """One record in the expanded token layout (LLaVA's `tokenizer_image_token` layout, each
-    image's single placeholder replaced by `num_slots` slot tokens).
+    image's single placeholder replaced by `num_feature_tokens` slot tokens).
 
     `image_starts` holds the first slot of each image; a text-only sample built with
     `text_only_slots` has one (masked) slot run too, so `image_starts` is not empty for it while
@@ -66,7 +67,7 @@ class EncodedSample:
     labels: list[int]  # HF convention (unshifted); -100 on the slots
     attention_mask: list[int]  # 1 = attended; 0 on the masked slots of text-only samples
     image_starts: list[int]  # first slot of each slot run, in order
-    num_slots: int  # slots per run (0 when none)
+    num_feature_tokens: int  # slots per run (0 when none)
     images: list[str]  # relative image paths, in placeholder order ([] = text-only)
     image_turn: int  # index of the user turn holding the first image (-1: no image)
     raw_chars: int  # characters / UTF-8 bytes of the record's turn texts
@@ -163,7 +164,7 @@ def encode_record(
     *,
     tokenizer: Any,
     template: Any,
-    num_image_tokens: int,
+    num_feature_tokens: int,
     slot_fill_id: int,
     image_token: str = "<image>",
     image_token_id: int | None = None,
@@ -180,7 +181,7 @@ def encode_record(
       `preprocess_multimodal`), several stay where they are;
     - the template tokenizes the conversation in LLaVA's layout (`tokenize_segments`); each
       placeholder id (`image_token_id`, default the tokenizer's id of `image_token`) becomes
-      `num_image_tokens` copies of `slot_fill_id` (labels -100);
+      `num_feature_tokens` copies of `slot_fill_id` (labels -100);
     - `text_only_slots`: a text-only record gets one masked slot run too (the seed's / Cerebras'
       layout). Its attended tokens are exactly the tokenization of the conversation without an
       image; the slots go where an image sample's slots would go: the tokens the image variant has
@@ -188,10 +189,8 @@ def encode_record(
       masked filler, so the run starts at the dataset's image start index and never splits a word;
     - samples longer than `max_length` raise `too_long` (never truncated).
     """
-    from mmloom.processing.templates import ConversationError, messages_from_llava
-
     if image_token_id is None:
-        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        image_token_id = token_id(tokenizer, image_token)
     images = record_images(record, image_key)
     turns = _turns(record, conversation_key, content_key)
     n_placeholders = sum(t["value"].count(image_token) for t in turns)
@@ -231,9 +230,9 @@ def encode_record(
         out_labels += labels[prev:p]
         out_attention += attention[prev:p]
         starts.append(len(out_ids))
-        out_ids += [slot_fill_id] * num_image_tokens
-        out_labels += [IGNORE_INDEX] * num_image_tokens
-        out_attention += [0 if masked else 1] * num_image_tokens
+        out_ids += [slot_fill_id] * num_feature_tokens
+        out_labels += [IGNORE_INDEX] * num_feature_tokens
+        out_attention += [0 if masked else 1] * num_feature_tokens
         prev = p + 1
     out_ids += ids[prev:]
     out_labels += labels[prev:]
@@ -247,7 +246,7 @@ def encode_record(
         user_turns = [m["content"] for m in messages if m["role"] == "user"]
         image_turn = next(k for k, text in enumerate(user_turns) if image_token in text)
     return EncodedSample(
-        out_ids, out_labels, out_attention, starts, num_image_tokens if starts else 0, images, image_turn,
+        out_ids, out_labels, out_attention, starts, num_feature_tokens if starts else 0, images, image_turn,
         raw_chars, raw_bytes,
     )
 

@@ -35,8 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmloom.data.h5_format import decode_img_path
+from mmloom.data.h5_format import LazyH5Files, decode_img_path
+from mmloom.data.hdf5_dataset import HDF5LlavaDataset
 from mmloom.errors import MmloomError
+from mmloom.files import write_json
+from mmloom.model.callbacks import callback_to_dict
+from mmloom.model.encoder import base_module
+from mmloom.processing.image import ImageTransform
+from mmloom.progress import rate_progress
 
 FORMAT = "mmloom-feature-cache/1"
 DEFAULT_CACHE_SUBDIR = "feature_cache"
@@ -94,10 +100,6 @@ def image_size_for(section, model) -> int:
 
 def encoder_signature(model, section, precision: str) -> dict[str, Any]:
     """What the cached features depend on, besides the images themselves."""
-    from mmloom.model.callbacks import callback_to_dict
-    from mmloom.model.encoder import base_module
-    from mmloom.processing.image import ImageTransform
-
     encoder = model.encoders["vision"]
     image_size = image_size_for(section, model)
     transform = ImageTransform.from_config(section.transforms, image_size)
@@ -185,49 +187,32 @@ def verify_feature_cache(section, model, precision: str, feature_shape: tuple[in
 
 
 # ------------------------------------------------------------------------------ the model
-def build_frozen_encoder_model(cfg, model_dir: str | Path | None = None):
-    """The composite model exactly as `mmloom train` starts it (weights-wise), frozen as configured.
-
-    `builder.build_starting_model` (as `Trainer.setup_model`), then, with `model_dir`, the
-    latest checkpoint of that run folder (as a resumed run would).
-    """
-    from mmloom.training import builder
-
-    run = cfg.runconfig
-    start = builder.resolve_weights_folder(run.checkpoint_path) if run.checkpoint_path is not None else None
-    model = builder.build_starting_model(cfg, start)
-    if model_dir is not None:
-        checkpoints = builder.list_checkpoints(model_dir)
-        if checkpoints:
-            builder.load_model_weights(model, checkpoints[-1][1])
-    return model
-
-
 def trainable_encoder_params(model) -> list[str]:
     return [n for n, p in model.encoders["vision"].module.named_parameters() if p.requires_grad]
 
 
-def check_cacheable(model) -> None:
+def check_cacheable(model, allow_trainable: bool = False, setting: str = "cached features") -> None:
+    """Raise MmloomError unless `model`'s vision encoder can be replaced by cached features: frozen
+    (unless `allow_trainable`, e.g. for evaluation) and with no callback other than the feature
+    selection. `setting` names what asked for the cache in the message."""
     encoder = model.encoders["vision"]
     trainable = trainable_encoder_params(model)
-    if trainable:
+    if trainable and not allow_trainable:  # the encoder would change: its cache would go stale
         raise MmloomError(
-            f"the vision encoder is not frozen ({len(trainable)} trainable parameters, e.g. "
-            f"vision_encoder.module.{trainable[0]}): cached features are only valid for a frozen encoder; "
-            "add '^image_model' to model.freeze"
+            f"{setting}: a frozen vision encoder is needed, but {len(trainable)} of its parameters are trainable "
+            f"(e.g. vision_encoder.module.{trainable[0]}): cached features would not follow its updates. "
+            "Add '^image_model' to model.freeze"
         )
     for slot in ("preprocess_callback", "postprocess_projector_callback"):
         if getattr(encoder, slot) is not None:
             raise MmloomError(
-                f"the vision encoder has a {slot} ({getattr(encoder, slot)!r}): cached features support "
-                "encoders whose only callback is the feature selection"
+                f"{setting}: the vision encoder has a {slot} ({getattr(encoder, slot)!r}); cached features "
+                "support encoders whose only callback is the feature selection"
             )
 
 
 # ---------------------------------------------------------------------------- the command
 def _progress(enabled: bool):
-    from mmloom.progress import rate_progress
-
     return rate_progress("[bold]caching features[/] {task.description}", "images", enabled, decimals=1,
                          remaining=True)
 
@@ -259,42 +244,35 @@ def _fresh(target: Path, signature: dict, ident: dict) -> bool:
     )
 
 
-def cache_features(
-    cfg,
-    model_dir: str | Path | None = None,
+def write_feature_cache(
+    model,
+    dataset,
+    section,
+    precision: str,
     batch_size: int = 32,
     device: str | None = None,
-    num_workers: int | None = None,
+    num_workers: int = 0,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Write the feature cache of `cfg.train_input`; returns a summary (also in feature_cache.json)."""
+    """Write the feature cache of `section` (a `train_input`): `model`'s frozen vision encoder over
+    every image of `dataset` (an `HDF5LlavaDataset` of `section.data_dir`, images as training reads
+    them). Returns a summary (also written to feature_cache.json).
+
+    Raises MmloomError when the encoder is not cacheable (trainable, or callbacks other than the
+    feature selection) or its features overflow float16.
+    """
     import h5py
+    from torch.utils.data import DataLoader
 
-    from mmloom.training.config import check_config_paths
-    from mmloom.training.data import build_dataset, make_loader
-
-    section = cfg.train_input
-    if section is None:
-        raise MmloomError("cache-features needs a config with a train_input section")
-    check_config_paths(cfg, "train")
-    if section.img_data_dir is not None and not Path(section.img_data_dir).is_dir():
-        raise MmloomError(f"train_input.img_data_dir: path not found: {section.img_data_dir}")
     if batch_size < 1:
         raise MmloomError(f"--batch-size must be >= 1, got {batch_size}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = cfg.model.precision
-
-    model = build_frozen_encoder_model(cfg, model_dir)
     check_cacheable(model)
     encoder = model.encoders["vision"]
     signature = encoder_signature(model, section, precision)  # before moving: hashes CPU weights
     image_size = signature["image_size"]
     encoder.module.to(dev).eval()
-    del model  # the projector and the language model are not needed
-
-    # The images exactly as training reads them (the image path of build_dataset, whatever the flag).
-    dataset = build_dataset(section.model_copy(update={"use_cached_features": False}), image_size)
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), _autocast(dev, precision):
@@ -320,7 +298,7 @@ def cache_features(
             continue
         plan.append((i, data_file, target, ident, rows))
 
-    workers = section.num_workers if num_workers is None else num_workers
+    workers = num_workers
     show = (sys.stdout.isatty() if progress is None else progress)
     total_images = sum(len(p[4]) for p in plan)
     t0 = time.perf_counter()
@@ -338,7 +316,8 @@ def cache_features(
                         chunks=(1, L, D), fillvalue=0,
                     )
                     if batches:
-                        loader = make_loader(dataset, batches, _stack_images, workers)
+                        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_stack_images,
+                                            num_workers=workers)
                         for indices, pixels in zip(batches, loader, strict=True):
                             x = encode(pixels)
                             if tuple(x.shape[1:]) != (L, D):
@@ -379,26 +358,38 @@ def cache_features(
         "device": str(dev),
         "valid_only_for": "a frozen vision encoder",
     }
-    summary_tmp = cache / f".{SUMMARY}.tmp-{os.getpid()}"
-    summary_tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(summary_tmp, cache / SUMMARY)
+    write_json(cache / SUMMARY, summary)
     return summary
 
 
-def run_cache_features(args) -> int:
-    from mmloom.training.config import load_train_config
+class CachedFeatureDataset(HDF5LlavaDataset):
+    """`HDF5LlavaDataset` whose items hold `module_features` (L, D) float16 instead of `image_data`.
 
-    cfg = load_train_config(args.config, args.set)
-    summary = cache_features(
-        cfg, model_dir=args.model_dir, batch_size=args.batch_size, device=args.device,
-        num_workers=args.num_workers, overwrite=args.overwrite, progress=False if args.quiet else None,
-    )
-    if not args.quiet:
-        rate = f", {summary['images_per_s']} images/s" if summary["images_per_s"] else ""
-        print(
-            f"feature cache {summary['cache_dir']}: {len(summary['written'])} file(s) written, "
-            f"{summary['up_to_date']} up to date; {summary['images_encoded']} images encoded in "
-            f"{summary['seconds']:.1f} s{rate}; features {tuple(summary['feature_shape'])} float16, "
-            f"{summary['bytes'] / 2**20:.1f} MiB"
-        )
-    return 0
+    Text-only samples get zeros (the rows `cache-features` never writes), which the collator
+    uses as the dummy image's features, like the dummy image of the image path.
+    """
+
+    def __init__(self, data_dir, cache_dir):
+        super().__init__(data_dir, None, image_transform=None)
+        self.cache_dir = Path(cache_dir)
+        self.feature_files = [self.cache_dir / features_name(p) for p in self.files]
+        missing = [p.name for p in self.feature_files if not p.is_file()]
+        if missing:
+            raise MmloomError(f"feature cache {self.cache_dir} lacks {', '.join(missing)}; run `mmloom data cache-features`")
+        self.feature_h5 = LazyH5Files(self.feature_files)
+
+    def close(self) -> None:
+        if getattr(self, "feature_h5", None) is not None:
+            self.feature_h5.close()
+        super().close()
+
+    def _image(self, rel: str, index: int) -> torch.Tensor:  # the base class's image hook: features instead
+        file_idx, local = self.locate(index)
+        return torch.from_numpy(np.asarray(self.feature_h5[file_idx][FEATURES][local]))
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        item["module_features"] = item.pop("image_data")
+        return item
+
+

@@ -19,19 +19,51 @@ Files without `image_start_idx` (Cerebras' own) put every sample's slots at the 
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 from mmloom.errors import MmloomError
+from mmloom.files import atomic_file, read_json
 
 H5_NAME = "data-{:05d}.h5"
 PARAMS_NAME = "data_params.json"
 IMAGE_START = "image_start_idx"
 NO_IMAGE = b"None"
 GZIP_LEVEL = 4
+
+
+class LazyH5Files:
+    """Read-only h5py handles of `paths`, opened on first use in each process (so a dataset that
+    holds them can be pickled into DataLoader workers: handles are never pickled)."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+        self._handles: list | None = None
+        self._pid: int | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self._handles is not None
+
+    def __getitem__(self, i: int):
+        import h5py
+
+        if self._handles is None or self._pid != os.getpid():
+            self._handles = [h5py.File(p, "r") for p in self.paths]
+            self._pid = os.getpid()
+        return self._handles[i]
+
+    def __getstate__(self):
+        return {"paths": self.paths, "_handles": None, "_pid": None}
+
+    def close(self) -> None:
+        for h in self._handles or []:
+            with contextlib.suppress(Exception):
+                h.close()
+        self._handles = None
 
 
 def encode_img_path(path: str | None) -> bytes:
@@ -56,38 +88,24 @@ def write_h5(path: Path, rows: np.ndarray, img_paths: list[bytes], image_starts:
     import h5py
 
     n, _, msl = rows.shape
-    tmp = path.with_name(f".{path.name}.tmp")
     width = max([1, *(len(p) for p in img_paths)])
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["n_examples"] = np.int64(n)
-            f.create_dataset(
-                "data", data=rows, dtype="i4", chunks=(1, 4, msl), compression="gzip",
-                compression_opts=GZIP_LEVEL, track_times=False,
-            )
-            f.create_dataset("img_path", data=np.array(img_paths, dtype=f"S{width}").reshape(n, 1), track_times=False)
-            f.create_dataset(IMAGE_START, data=np.asarray(image_starts, dtype=np.int32), track_times=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["n_examples"] = np.int64(n)
+        f.create_dataset(
+            "data", data=rows, dtype="i4", chunks=(1, 4, msl), compression="gzip",
+            compression_opts=GZIP_LEVEL, track_times=False,
+        )
+        f.create_dataset("img_path", data=np.array(img_paths, dtype=f"S{width}").reshape(n, 1), track_times=False)
+        f.create_dataset(IMAGE_START, data=np.asarray(image_starts, dtype=np.int32), track_times=False)
 
 
 def read_data_params(data_dir: str | Path, required: bool = True) -> dict:
     """`data_params.json` of a data folder. Missing: `{}` unless `required`; unreadable or not a
     JSON object: MmloomError naming the file (a corrupt file must not silently disable checks)."""
     path = Path(data_dir) / PARAMS_NAME
-    if not path.is_file():
-        if required:
-            raise MmloomError(f"{path} not found: build the data with `mmloom data build`")
+    if not path.is_file() and not required:
         return {}
-    try:
-        params = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError) as exc:
-        raise MmloomError(f"{path}: not a readable JSON file ({exc}); rebuild the data") from None
-    if not isinstance(params, dict):
-        raise MmloomError(f"{path}: expected a JSON object; rebuild the data")
-    return params
+    return read_json(path, hint="rebuild the data with `mmloom data build`")
 
 
 def slot_layout(params: dict) -> tuple[int | None, int | None]:

@@ -16,15 +16,21 @@ after pickling), so the dataset works with `DataLoader(num_workers > 0)`.
 from __future__ import annotations
 
 import bisect
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmloom.data.h5_format import decode_img_path, read_data_params, read_image_starts, slot_layout
+from mmloom.data.h5_format import (
+    LazyH5Files,
+    decode_img_path,
+    read_data_params,
+    read_image_starts,
+    slot_layout,
+)
 from mmloom.errors import MmloomError
+from mmloom.processing.image import load_image
 
 
 class HDF5LlavaDataset(Dataset):
@@ -35,8 +41,7 @@ class HDF5LlavaDataset(Dataset):
     unreadable (naming the file).
     """
 
-    _handles: list | None = None  # class defaults: __del__ works even if __init__ failed early
-    _pid: int | None = None
+    h5: LazyH5Files | None = None  # class default: __del__ works even if __init__ failed early
 
     def __init__(self, data_dir, img_data_dir, image_transform, dtype: torch.dtype = torch.float32):
         import h5py
@@ -64,33 +69,11 @@ class HDF5LlavaDataset(Dataset):
         self.counts = counts
         self.offsets = np.cumsum([0, *counts]).tolist()
         self.image_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
-
-    # -- lazy, per-process file handles ---------------------------------------------------------
-    @property
-    def handles(self):
-        return self._handles
-
-    def _open(self):
-        import h5py
-
-        if self._handles is None or self._pid != os.getpid():
-            self._handles = [h5py.File(p, "r") for p in self.files]
-            self._pid = os.getpid()
-        return self._handles
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_handles"] = None
-        state["_pid"] = None
-        return state
+        self.h5 = LazyH5Files(self.files)
 
     def close(self) -> None:
-        for h in getattr(self, "_handles", None) or []:
-            try:
-                h.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self._handles = None
+        if self.h5 is not None:
+            self.h5.close()
 
     def __del__(self):
         self.close()
@@ -115,8 +98,6 @@ class HDF5LlavaDataset(Dataset):
                     "image_transform has no image_size: cannot make the dummy image of text-only samples"
                 )
             return torch.zeros(3, size, size, dtype=self.dtype)
-        from mmloom.processing.image import load_image
-
         path = (self.img_data_dir / rel) if self.img_data_dir is not None else Path(rel)
         try:
             image = load_image(path)
@@ -127,7 +108,7 @@ class HDF5LlavaDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         file_idx, local = self.locate(int(index))
         index = self.offsets[file_idx] + local
-        h = self._open()[file_idx]
+        h = self.h5[file_idx]
         rows = np.asarray(h["data"][local], dtype=np.int32)
         rel = decode_img_path(h["img_path"][local])
         return {

@@ -9,6 +9,7 @@ import numpy as np
 
 from mmloom.data.h5_format import decode_img_path, read_data_params, read_image_starts, slot_layout
 from mmloom.errors import MmloomError
+from mmloom.processing.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -42,8 +43,6 @@ def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str | None, i
 
 
 def tokenizer_for(path: Path, tokenizer_path: str | None):
-    from mmloom.processing.tokenizer import load_tokenizer
-
     if tokenizer_path is None:
         params = read_data_params(path.parent, required=False)
         if not params:
@@ -120,17 +119,3 @@ def inspect_sample(
         "",
     ]
     return "\n".join(header) + "".join(parts)
-
-
-def run_inspect(args) -> int:
-    import sys
-
-    from rich.console import Console
-
-    markup = sys.stdout.isatty() and not getattr(args, "plain", False)
-    text = inspect_sample(args.file, args.index, args.tokenizer, markup=markup)
-    if markup:
-        Console().print(text, highlight=False)
-    else:
-        print(text)
-    return 0

@@ -3,7 +3,7 @@
 Records are templated and tokenized once at construction with the same `encode_record` as
 `mmloom data build`; bad records are skipped and counted in `skipped` (or raise with
 `strict=True`). Items are `{input_ids, labels, pixel_values (N_images, 3, H, W) or None}`; each
-`<image>` is expanded into `num_image_tokens` copies of `image_token_id` (labels -100 there), in
+`<image>` is expanded into `num_feature_tokens` copies of `image_token_id` (labels -100 there), in
 place (several images per record, LLaVA-OneVision style, keep their placeholders where they are).
 Text-only records have no image tokens (HF style, no dummy image).
 """
@@ -18,7 +18,6 @@ import torch
 from torch.utils.data import Dataset
 
 from mmloom.data.encode import (
-    IGNORE_INDEX,
     EncodedSample,
     RecordSkipped,
     encode_record,
@@ -26,7 +25,9 @@ from mmloom.data.encode import (
     read_lines,
 )
 from mmloom.errors import MmloomError
-from mmloom.processing.processor import pad_rows
+from mmloom.processing.image import load_image
+from mmloom.processing.templates import get_template
+from mmloom.processing.tokenizer import token_id
 
 
 class JsonlLlavaDataset(Dataset):
@@ -36,7 +37,7 @@ class JsonlLlavaDataset(Dataset):
         image_dir,
         tokenizer,
         template,
-        num_image_tokens: int,
+        num_feature_tokens: int,
         image_token_id: int,
         image_transform,
         max_length: int,
@@ -52,11 +53,9 @@ class JsonlLlavaDataset(Dataset):
         if not self.jsonl_path.is_file():
             raise MmloomError(f"jsonl file not found: {self.jsonl_path}")
         if isinstance(template, str):
-            from mmloom.processing.templates import get_template
-
             template = get_template(template)
-        marker_id = tokenizer.convert_tokens_to_ids(image_token)
-        if marker_id is None or marker_id == tokenizer.unk_token_id:
+        marker_id = token_id(tokenizer, image_token)
+        if marker_id is None:
             raise MmloomError(f"the tokenizer has no '{image_token}' token; add it as a special token first")
         self.samples: list[EncodedSample] = []
         self.skipped: collections.Counter = collections.Counter()
@@ -69,7 +68,7 @@ class JsonlLlavaDataset(Dataset):
                     record,
                     tokenizer=tokenizer,
                     template=template,
-                    num_image_tokens=num_image_tokens,
+                    num_feature_tokens=num_feature_tokens,
                     slot_fill_id=image_token_id,
                     image_token=image_token,
                     image_token_id=marker_id,
@@ -87,8 +86,6 @@ class JsonlLlavaDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        from mmloom.processing.image import load_image
-
         s = self.samples[index]
         pixel_values = []
         for rel in s.images:
@@ -106,15 +103,3 @@ class JsonlLlavaDataset(Dataset):
         }
 
 
-def collate_jsonl(batch: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
-    """Pad a list of `JsonlLlavaDataset` items: input_ids / labels (-100) / attention_mask, stacked images."""
-    padded = pad_rows([(b["input_ids"], b["labels"]) for b in batch], pad_token_id, padding_side)
-    input_ids, attention_mask, labels = padded["input_ids"], padded["attention_mask"], padded["labels"]
-    images = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "pixel_values": torch.cat(images) if images else None,
-        "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
-    }

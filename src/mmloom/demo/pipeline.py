@@ -18,10 +18,12 @@ from pathlib import Path
 
 import yaml
 
+from mmloom.demo.scenes import write_dataset
 from mmloom.errors import MmloomError
+from mmloom.processing.templates import VICUNA_SYSTEM
+from mmloom.tokenization import train_bpe_tokenizer
 
 MARKER = ".mmloom-demo"
-PHASE2_SYSTEM_TOKENS = ("<image>",)
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,6 @@ def train_config(out: Path, phase: int, size: DemoSize, vocab_size: int, image_t
 
 def train_tokenizer(out: Path) -> tuple[int, int]:
     """A byte-level BPE tokenizer trained on the demo's own text, with `<image>` as a special token."""
-    from mmloom.processing.templates import VICUNA_SYSTEM
-    from mmloom.tokenization import train_bpe_tokenizer
-
     texts = [VICUNA_SYSTEM, "USER: ASSISTANT:"]
     for name in ("phase1/train.jsonl", "phase2/train.jsonl"):
         for line in (out / "data" / name).read_text().splitlines():
@@ -151,8 +150,6 @@ def train_tokenizer(out: Path) -> tuple[int, int]:
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     """Run the pipeline; returns the accuracy figures (with and without the images)."""
-    from mmloom.demo.scenes import write_dataset
-
     out = Path(out).resolve()
     size = QUICK if quick else FULL
     start = time.perf_counter()

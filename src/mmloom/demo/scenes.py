@@ -16,7 +16,6 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 230), 
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = {1: "One", 2: "Two", 3: "Three"}
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
-QUESTION_TYPES = ("colour", "shape", "count", "presence", "position")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mmloom.errors import MmloomError
-from mmloom.inference.generate import answer_batch, generation_kwargs
+from mmloom.inference.generate import answer_batch, generation_kwargs, load_model_and_processor
+from mmloom.processing.image import load_image
 
 HELP = "commands: /image PATH (new image, new conversation), /reset, /quit"
 
@@ -47,8 +48,6 @@ class ChatSession:
 
     def set_image(self, image) -> None:
         """Use a new image (a PIL image or a path); starts a new conversation."""
-        from mmloom.processing.image import load_image
-
         if "vision" not in self.model.encoder_names:
             raise MmloomError("this model has no vision encoder; chat without an image")
         self.image = load_image(image) if isinstance(image, (str, Path)) else image
@@ -117,8 +116,6 @@ def interactive(session: ChatSession, read_line: Callable[[str], str] = input, o
 def chat(model_dir: str | Path, image: str | Path | None = None, prompt: str | None = None,
          max_new_tokens: int = 256, temperature: float = 0.0, dtype: str | None = None, device: str | None = None,
          system: str | None = None, **_: Any) -> int:
-    from mmloom.inference.generate import load_model_and_processor
-
     model, processor = load_model_and_processor(model_dir, dtype, device)
     session = ChatSession(model, processor, image=image, max_new_tokens=max_new_tokens,
                           temperature=temperature, system=system)

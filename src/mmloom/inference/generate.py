@@ -19,6 +19,10 @@ import torch
 from PIL import Image, ImageStat
 
 from mmloom.errors import MmloomError
+from mmloom.interop.common import torch_dtype
+from mmloom.model.multimodal import MultimodalModel
+from mmloom.processing.image import load_image
+from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
 
 SUFFIXES = {
     "none": "",
@@ -34,10 +38,6 @@ def default_device() -> str:
 
 def load_model_and_processor(model_dir: str | Path, dtype: str | None = None, device: str | None = None):
     """A saved mmloom model (eval mode) and the MultimodalProcessor saved with it."""
-    from mmloom.interop.common import torch_dtype
-    from mmloom.model.multimodal import MultimodalModel
-    from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
-
     model_dir = Path(model_dir)
     if not (model_dir / PROCESSOR_CONFIG).exists():
         raise MmloomError(
@@ -182,8 +182,6 @@ def generate_answers(
     progress: bool = True,
 ) -> dict[str, int]:
     """Answer every question not yet in `output`; returns counts (total, skipped, answered)."""
-    from mmloom.processing.image import load_image
-
     if suffix not in SUFFIXES:
         raise MmloomError(f"unknown suffix {suffix!r}; use one of {', '.join(SUFFIXES)}")
     if batch_size < 1:

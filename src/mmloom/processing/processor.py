@@ -8,7 +8,6 @@ model: token ids and feature counts come from the model's saved config.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from transformers import AutoImageProcessor, AutoProcessor, BatchFeature
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from mmloom.errors import MmloomError
+from mmloom.files import read_json, write_json
 from mmloom.model.callbacks import AnyresPack, anyres_num_tokens
 from mmloom.model.feature_count import feature_tokens_per_item
 from mmloom.model.merge import IGNORE_INDEX
@@ -28,7 +28,7 @@ from mmloom.processing.templates import (
     messages_from_llava,
     tokenize_prompt,
 )
-from mmloom.processing.tokenizer import load_tokenizer
+from mmloom.processing.tokenizer import load_tokenizer, token_id
 
 PROCESSOR_CONFIG = "mmloom_processor.json"
 TRANSFORM_FILE = "{name}_transform.json"  # an mmloom ImageTransform, saved as its steps
@@ -101,13 +101,13 @@ class MultimodalProcessor:
         self.max_length = max_length
         self.placeholder_ids = {}
         for name, placeholder in self.placeholders.items():
-            token_id = tokenizer.convert_tokens_to_ids(placeholder)
-            if token_id is None or token_id == tokenizer.unk_token_id:
+            placeholder_id = token_id(tokenizer, placeholder)
+            if placeholder_id is None:
                 raise MmloomError(
                     f"placeholder {placeholder!r} for {name} is not a token of the tokenizer: add it with "
                     f"tokenizer.add_special_tokens({{'additional_special_tokens': [{placeholder!r}]}})"
                 )
-            self.placeholder_ids[name] = token_id
+            self.placeholder_ids[name] = placeholder_id
 
     @classmethod
     def from_model(cls, model, tokenizer, encoder_processors: dict[str, Any], template="vicuna_v1", **kwargs):
@@ -129,10 +129,10 @@ class MultimodalProcessor:
             else:
                 num_tokens[name] = feature_tokens_per_item(hf_config, callbacks)
         processor = cls(encoder_processors, tokenizer, template, num_tokens=num_tokens, anyres=anyres, **kwargs)
-        for name, token_id in config.placeholder_token_ids.items():
-            if processor.placeholder_ids.get(name) != token_id:
+        for name, model_id in config.placeholder_token_ids.items():
+            if processor.placeholder_ids.get(name) != model_id:
                 raise MmloomError(
-                    f"the model's {name} placeholder id is {token_id} but the tokenizer gives "
+                    f"the model's {name} placeholder id is {model_id} but the tokenizer gives "
                     f"{processor.placeholder_ids.get(name)} for {processor.placeholders.get(name)!r}"
                 )
         return processor
@@ -165,9 +165,9 @@ class MultimodalProcessor:
         return self._expand(tokenized.input_ids, tokenized.labels, item_tokens, index)
 
     def _expand(self, ids: list[int], labels: list[int], item_tokens: dict[str, list[int]], index: int):
-        id_to_modality = {token_id: name for name, token_id in self.placeholder_ids.items()}
-        for name, token_id in self.placeholder_ids.items():
-            found, given = ids.count(token_id), len(item_tokens.get(name, []))
+        id_to_modality = {pid: name for name, pid in self.placeholder_ids.items()}
+        for name, pid in self.placeholder_ids.items():
+            found, given = ids.count(pid), len(item_tokens.get(name, []))
             if found != given:
                 raise MmloomError(
                     f"sample {index}: {found} {self.placeholders[name]} placeholder(s) in the text but "
@@ -281,7 +281,7 @@ class MultimodalProcessor:
         for name, processor in self.encoder_processors.items():
             if isinstance(processor, ImageTransform):
                 spec = {"image_size": processor.image_size, "transforms": processor.to_config()}
-                (directory / TRANSFORM_FILE.format(name=name)).write_text(json.dumps(spec, indent=2))
+                write_json(directory / TRANSFORM_FILE.format(name=name), spec)
             elif hasattr(processor, "save_pretrained"):
                 processor.save_pretrained(directory / f"{name}_processor")
             else:
@@ -289,7 +289,7 @@ class MultimodalProcessor:
                     f"the {name} processor ({type(processor).__name__}) cannot be saved; use a HF processor "
                     "or an mmloom ImageTransform"
                 )
-        (directory / PROCESSOR_CONFIG).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        write_json(directory / PROCESSOR_CONFIG, self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> MultimodalProcessor:
@@ -297,12 +297,12 @@ class MultimodalProcessor:
         path = directory / PROCESSOR_CONFIG
         if not path.exists():
             raise MmloomError(f"{path} not found: save a processor with MultimodalProcessor.save_pretrained")
-        settings = json.loads(path.read_text())
+        settings = read_json(path)
         processors = {}
         for name in settings.pop("encoder_processors"):
             transform = directory / TRANSFORM_FILE.format(name=name)
             if transform.exists():
-                spec = json.loads(transform.read_text())
+                spec = read_json(transform)
                 processors[name] = ImageTransform.from_config(spec["transforms"], spec["image_size"])
                 continue
             loader = AutoImageProcessor if name == "vision" else AutoProcessor

@@ -43,8 +43,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmloom.errors import MmloomError
+from mmloom.model.merge import IGNORE_INDEX
+from mmloom.processing.tokenizer import token_id
 
-IGNORE_INDEX = -100
 PLACEHOLDERS = ("<image>", "<audio>")
 
 VICUNA_SYSTEM = (
@@ -260,9 +261,9 @@ def placeholder_ids(tokenizer, placeholders=PLACEHOLDERS) -> dict[str, int]:
     """``{placeholder: id}`` for the placeholders that are single tokens of ``tokenizer``."""
     out = {}
     for placeholder in placeholders:
-        token_id = tokenizer.convert_tokens_to_ids(placeholder)
-        if token_id is not None and token_id != tokenizer.unk_token_id:
-            out[placeholder] = int(token_id)
+        tid = token_id(tokenizer, placeholder)
+        if tid is not None:
+            out[placeholder] = tid
     return out
 
 
@@ -325,11 +326,6 @@ def tokenize_prompt(tokenizer, prompt: str, placeholders=PLACEHOLDERS) -> list[i
             piece_ids = piece_ids[1:]
         ids.extend(piece_ids)
     return ids
-
-
-def _token_id(tokenizer, token: str) -> int | None:
-    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-    return ids[0] if len(ids) == 1 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,7 +404,7 @@ class ConversationTemplate:
         """Ids that end an assistant turn: the template's end token, then the tokenizer's EOS."""
         out: list[int] = []
         for s in self.stop_strings:
-            tid = _token_id(tokenizer, s)
+            tid = token_id(tokenizer, s)
             if tid is not None and tid not in out:
                 out.append(tid)
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:

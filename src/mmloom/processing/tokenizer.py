@@ -27,11 +27,10 @@ Saved folders keep `tokenizer_class: LlamaTokenizer`, `tokenizer.model` and
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from mmloom.errors import MmloomError
+from mmloom.files import read_json, write_json
 
 SPIECE_UNDERLINE = "▁"
 SENTENCEPIECE_MODEL = "tokenizer.model"
@@ -41,15 +40,7 @@ LLAMA_SENTENCEPIECE_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast", "CodeLlam
 
 def _tokenizer_config(folder: Path) -> dict:
     path = folder / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError) as exc:
-        raise MmloomError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(config, dict):
-        raise MmloomError(f"{path}: expected a JSON object")
-    return config
+    return read_json(path) if path.is_file() else {}
 
 
 def uses_sentencepiece(folder: str | Path) -> bool:
@@ -94,6 +85,16 @@ def load_tokenizer(path: str | Path, *, what: str = "tokenizer"):
             f"{what}: {folder} gives a tokenizer of {len(tokenizer)} tokens: not a language model's tokenizer folder"
         )
     return tokenizer
+
+
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of `token` when it is a single token of `tokenizer` (in its vocabulary or added
+    tokens, not mapped to unk, and tokenized to exactly that id), else None."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    return int(tid) if list(ids) == [tid] else None
 
 
 def _sentencepiece_backend():
@@ -210,25 +211,19 @@ class SentencePieceLlamaTokenizer(_sentencepiece_backend()):
         files = super().save_pretrained(save_directory, *args, **kwargs)
         folder = Path(save_directory)
         config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = read_json(config_path)
         config.update(
             tokenizer_class=self.saved_class_name,
             add_bos_token=self.add_bos_token,
             add_eos_token=self.add_eos_token,
             legacy=self.legacy,
         )
-        config.pop("special_tokens_pattern", None)
-        config.pop("backend", None)
-        _write_json(config_path, config)
+        for key in ("special_tokens_pattern", "backend", "is_local", "local_files_only"):
+            config.pop(key, None)
+        write_json(config_path, config, sort_keys=True)
         special = {key: str(value) for key, value in self.special_tokens_map.items() if isinstance(value, str)}
-        _write_json(folder / "special_tokens_map.json", special)
+        write_json(folder / "special_tokens_map.json", special, sort_keys=True)
         return files
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-__all__ = ["SentencePieceLlamaTokenizer", "load_tokenizer", "uses_sentencepiece"]
+__all__ = ["SentencePieceLlamaTokenizer", "load_tokenizer", "token_id", "uses_sentencepiece"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,11 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.files import read_json
+from mmloom.model import serialization as ser
+from mmloom.model.callbacks import FeatureSelect
+from mmloom.model.encoder import ModalEncoderModule
+from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
 from mmloom.training.config import ModelSection, TrainConfig
 
 # Vision model classes when a folder holds a full dual-tower model (e.g. openai/clip-vit-*).
@@ -74,8 +78,6 @@ def build_text_model(spec: str | dict[str, Any], attn_implementation: str | None
 
 def build_model(cfg: TrainConfig | ModelSection, seed: int = 0):
     """The composite model in float32 (random parts are initialised from `seed`, deterministically)."""
-    from mmloom import FeatureSelect, ModalEncoderModule, MultimodalModel
-
     m = cfg.model if isinstance(cfg, TrainConfig) else cfg
     torch.manual_seed(seed)
     if m.init_from is not None:
@@ -144,17 +146,14 @@ def resolve_weights_folder(path: str | Path) -> Path:
 
 def folder_has_peft(folder: Path) -> bool:
     try:
-        data = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
+        data = read_json(Path(folder) / "config.json")
+    except MmloomError:
         return False
     return bool((data.get("language_model") or {}).get("peft"))
 
 
 def load_model_weights(model, folder: str | Path) -> int:
     """Load the weights of an mmloom model folder (full or trainable-only) into `model`; returns the count."""
-    from mmloom.model import serialization as ser
-    from mmloom.model.multimodal import MultimodalConfig
-
     folder = Path(folder)
     config = MultimodalConfig.load(folder)
     state = ser.load_state_dict(folder)

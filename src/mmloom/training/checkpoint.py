@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.files import read_json
 from mmloom.model import serialization as ser
 from mmloom.training.builder import list_checkpoints
 from mmloom.training.distributed import DistContext, unwrap
@@ -126,7 +127,7 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
     if not path.exists():
         raise MmloomError(f"{folder} is not a training checkpoint (no {TRAINER_STATE}); "
                           "use runconfig.load_checkpoint_states: model")
-    return json.loads(path.read_text())
+    return read_json(path, hint="the checkpoint is damaged")
 
 
 def load_training_state(folder: Path, model: nn.Module, optimizer, scheduler, ctx: DistContext) -> dict[str, Any]:

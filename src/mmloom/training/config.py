@@ -51,7 +51,11 @@ class InputConfig(_Section):
         "trains or the cache is missing or stale",
     )
     feature_cache_dir: str | None = Field(None, description="folder of the cached features; default DATA_DIR/feature_cache")
-    drop_last: bool = True
+    drop_last: bool = Field(
+        True,
+        description="train_input: an epoch is floor(samples / batch_size) steps; false: ceil, the last step "
+        "of each epoch filled up with padding samples that carry no loss",
+    )
     packing: bool = Field(
         False,
         description="train_input only: pack each micro-batch's samples, whole, into as few rows of at most MSL "

@@ -1,148 +1,42 @@
-"""Deterministic, resumable batching of the HDF5 LLaVA data for one rank.
+"""The trainer's data wiring: which dataset, collator and sampler a training config asks for,
+the processor saved with a trained model, and the feature cache of a config.
 
-Step `s` uses global batch `k = s % steps_per_epoch` of epoch `s // steps_per_epoch` (a seeded
-permutation per epoch when shuffling). Rank `r` takes its contiguous share of that global batch
-and splits it into micro-batches. The position of a run is thus just its step count.
+Everything here turns `train_input` / `eval_input` settings into objects of `mmloom.data`;
+the data layer itself knows nothing about training configs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
+from mmloom.data.build import special_ids
+from mmloom.data.build_config import DatasetConfig, template_spec
+from mmloom.data.collate import PackedCollator
+from mmloom.data.feature_cache import (
+    CachedFeatureDataset,
+    cache_dir_for,
+    check_cacheable,
+    verify_feature_cache,
+    write_feature_cache,
+)
 from mmloom.data.h5_format import read_data_params
+from mmloom.data.hdf5_dataset import HDF5LlavaDataset
+from mmloom.data.sampling import LengthGroupedStepSampler, StepBatchSampler
 from mmloom.errors import MmloomError
-from mmloom.training.config import InputConfig
-
-
-def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    if not shuffle:
-        return list(range(n))
-    gen = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
-    return torch.randperm(n, generator=gen).tolist()
-
-
-class StepBatchSampler(Sampler[list[int]]):
-    """Micro-batches of indices for one rank, steps `start_step .. total_steps - 1`."""
-
-    def __init__(self, n: int, global_batch: int, world_size: int, rank: int, micro_batch: int, seed: int,
-                 shuffle: bool, start_step: int, total_steps: int):
-        self.n, self.global_batch, self.world_size, self.rank = n, global_batch, world_size, rank
-        self.micro_batch, self.seed, self.shuffle = micro_batch, seed, shuffle
-        self.start_step, self.total_steps = start_step, total_steps
-        self.steps_per_epoch = n // global_batch
-        self.per_rank = global_batch // world_size
-        if self.steps_per_epoch < 1:
-            raise MmloomError(f"the dataset has {n} samples, fewer than one global batch ({global_batch})")
-
-    def global_indices(self, step: int) -> list[int]:
-        """All ranks' indices for optimizer step `step` (0-based)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        order = epoch_order(self.n, epoch, self.seed, self.shuffle)
-        return order[k * self.global_batch : (k + 1) * self.global_batch]
-
-    def step_indices(self, step: int) -> list[int]:
-        """This rank's indices for optimizer step `step` (0-based)."""
-        batch = self.global_indices(step)
-        return batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start_step, self.total_steps):
-            indices = self.step_indices(step)
-            for i in range(0, len(indices), self.micro_batch):
-                yield indices[i : i + self.micro_batch]
-
-    def __len__(self) -> int:
-        return (self.total_steps - self.start_step) * (self.per_rank // self.micro_batch)
-
-
-class EvalSampler(Sampler[list[int]]):
-    """All eval samples, strided over ranks; every rank gets the same number of batches
-    (missing slots are filled with index -1, which the collator turns into an unsupervised sample)."""
-
-    def __init__(self, n: int, world_size: int, rank: int, micro_batch: int):
-        self.n, self.world_size, self.rank, self.micro_batch = n, world_size, rank, micro_batch
-        per_rank = -(-n // world_size)
-        self.batches = -(-per_rank // micro_batch)
-        own = list(range(rank, n, world_size))
-        own += [-1] * (self.batches * micro_batch - len(own))
-        self.indices = own
-
-    def __iter__(self):
-        for b in range(self.batches):
-            yield self.indices[b * self.micro_batch : (b + 1) * self.micro_batch]
-
-    def __len__(self) -> int:
-        return self.batches
-
-
-class PaddedDataset(torch.utils.data.Dataset):
-    """Index -1 gives a copy of sample 0 with no supervised token (eval padding)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        if index >= 0:
-            return self.dataset[index]
-        item = dict(self.dataset[0])
-        item["loss_mask"] = torch.zeros_like(item["loss_mask"])
-        return item
-
-
-class TrainCollator:
-    """`LlavaCollator`, then: every text-only sample gets a dummy (zero) image in its masked slots.
-
-    This is the seed's behaviour ("text-only samples still get the image slots, masked out through
-    key_padding_mask and fed a dummy image"): the vision encoder and projector then run on every
-    micro-batch of every rank, which DDP and FSDP need (same collectives and the same parameters
-    used on every rank). The dummy features sit in positions nothing attends to and nothing is
-    supervised at, so they change neither the loss nor any gradient.
-    """
-
-    def __init__(self, image_token_id: int, pad_token_id: int, num_image_tokens: int, dummy_images: bool = True,
-                 trim: bool = True):
-        from mmloom.data.collate import LlavaCollator
-
-        # trim: drop all-padding tail columns
-        self.base = LlavaCollator(image_token_id, pad_token_id, num_image_tokens, trim=trim)
-        self.image_token_id = image_token_id
-        self.num_image_tokens = num_image_tokens
-        self.dummy_images = dummy_images
-
-    def __call__(self, items: list[dict]) -> dict:
-        batch = self.base(items)
-        batch["num_attended_tokens"] = int(batch["attention_mask"].sum())
-        batch["num_samples"] = len(items)
-        batch["num_images"] = int(batch["has_image"].sum())
-        if not self.dummy_images or bool(batch["has_image"].all()):
-            return batch
-        input_ids = batch["input_ids"].clone()
-        use = batch["has_image"].clone()
-        for i, span in enumerate(batch["slots"]):
-            if use[i] or span is None or span[1] > input_ids.shape[1]:
-                continue
-            input_ids[i, span[0] : span[1]] = self.image_token_id  # the text-only sample's masked slots
-            use[i] = True
-        if bool(use.any()):
-            batch["input_ids"] = input_ids
-            batch["pixel_values"] = torch.stack([item["image_data"] for item, u in zip(items, use.tolist(), strict=True) if u])
-        return batch
+from mmloom.processing.image import ImageTransform
+from mmloom.processing.processor import MultimodalProcessor
+from mmloom.processing.tokenizer import load_tokenizer
+from mmloom.training import builder
+from mmloom.training.config import InputConfig, check_config_paths
 
 
 def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
-    from mmloom.data.hdf5_dataset import HDF5LlavaDataset
-    from mmloom.processing.image import ImageTransform
-
+    """The dataset of an input section: HDF5 samples with images transformed to `image_size`, or
+    with cached encoder features (`use_cached_features`)."""
     if section.use_cached_features:  # `mmloom data cache-features` output instead of images
-        from mmloom.data.feature_cache import cache_dir_for
-        from mmloom.training.cached_features import CachedFeatureDataset
-
         return CachedFeatureDataset(section.data_dir, cache_dir_for(section))
     transform = ImageTransform.from_config(section.transforms, section.image_size or image_size)
     return HDF5LlavaDataset(section.data_dir, section.img_data_dir, transform, dtype=dtype)
@@ -164,24 +58,83 @@ def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0
 def processor_for(section: InputConfig, image_size: int, model):
     """The MultimodalProcessor matching the training data (tokenizer, template, image transform),
     or None (with the reason) when the data's tokenizer cannot serve as one."""
-    from mmloom.data.build import special_ids
-    from mmloom.data.build_config import DatasetConfig
-    from mmloom.processing.image import ImageTransform
-    from mmloom.processing.processor import MultimodalProcessor
-    from mmloom.processing.tokenizer import load_tokenizer
-
     try:
         params = read_data_params(section.data_dir)
         dataset = DatasetConfig.model_validate(params["dataset"])
         tokenizer = load_tokenizer(params["processor"]["tokenizer_type"], what="processor.tokenizer_type")
         special_ids(tokenizer, dataset.image_token)  # the stock tokenizer lacks <image>: added as data build does
         transform = ImageTransform.from_config(section.transforms, section.image_size or image_size)
-        style, options = dataset.system_prompt_style, {}
-        if style == "plain":  # the same options `mmloom data build` used
-            options = {"terminator": dataset.plain_terminator, "placeholder": dataset.image_token}
-            if tokenizer.eos_token:
-                options["eos"] = tokenizer.eos_token
+        style, options = template_spec(dataset, tokenizer)  # the template `mmloom data build` used
         return MultimodalProcessor.from_model(model, tokenizer, {"vision": transform}, template=style,
                                               template_options=options), None
     except (MmloomError, OSError, KeyError, ValueError) as err:
         return None, str(err)
+
+
+def train_collator(collator, section, dataset, attn_implementation: str | None):
+    """The training collator for `train_input` (`packing`, `group_by_length`)."""
+    if section.packing:
+        impl = str(attn_implementation or "sdpa")
+        attention = "flash" if "flash" in impl else "eager" if impl == "eager" else "sdpa"
+        return PackedCollator(collator, dataset.max_sequence_length, attention=attention)
+    return collator  # rows are already trimmed to the batch's longest sample
+
+
+def step_sampler(lengths, *args, **kwargs) -> StepBatchSampler:
+    """`StepBatchSampler(*args)`, length-grouped when `lengths` is given."""
+    if lengths is None:
+        return StepBatchSampler(*args, **kwargs)
+    return LengthGroupedStepSampler(lengths, *args, **kwargs)
+
+
+def check_cached_features(cfg, model, mode: str) -> None:
+    """Refuse cached features that a run cannot use (trainable or unsupported encoder, missing or
+    stale cache) for each input section the mode reads.
+
+    Called on the unwrapped model before it moves to its device: the encoder weights it hashes are
+    those the uncached run would use.
+    """
+    sections = {"train_input": ("train", "train_and_eval"), "eval_input": ("eval", "train_and_eval")}
+    for name, modes in sections.items():
+        section = getattr(cfg, name)
+        if section is None or not section.use_cached_features or mode not in modes:
+            continue
+        check_cacheable(model, allow_trainable=mode == "eval", setting=f"{name}.use_cached_features")
+        encoder = model.encoders["vision"]
+        shape = (model.num_feature_tokens("vision"), encoder.feature_dim())
+        verify_feature_cache(section, model, cfg.model.precision, feature_shape=shape)
+
+
+def build_frozen_encoder_model(cfg, model_dir: str | Path | None = None):
+    """The composite model exactly as `mmloom train` starts it (weights-wise), frozen as configured:
+    `builder.build_starting_model` (as `Trainer.setup_model`), then, with `model_dir`, the latest
+    checkpoint of that run folder (as a resumed run would)."""
+    run = cfg.runconfig
+    start = builder.resolve_weights_folder(run.checkpoint_path) if run.checkpoint_path is not None else None
+    model = builder.build_starting_model(cfg, start)
+    if model_dir is not None:
+        checkpoints = builder.list_checkpoints(model_dir)
+        if checkpoints:
+            builder.load_model_weights(model, checkpoints[-1][1])
+    return model
+
+
+def cache_features(cfg, model_dir: str | Path | None = None, batch_size: int = 32, device: str | None = None,
+                   num_workers: int | None = None, overwrite: bool = False, progress: bool | None = None) -> dict:
+    """`mmloom data cache-features`: the feature cache of `cfg.train_input`, computed by the vision
+    encoder the run would start with, over the images exactly as training reads them. Returns the
+    summary of `write_feature_cache`; raises MmloomError for bad paths or a trainable encoder."""
+    section = cfg.train_input
+    if section is None:
+        raise MmloomError("cache-features needs a config with a train_input section")
+    check_config_paths(cfg, "train")
+    if section.img_data_dir is not None and not Path(section.img_data_dir).is_dir():
+        raise MmloomError(f"train_input.img_data_dir: path not found: {section.img_data_dir}")
+    model = build_frozen_encoder_model(cfg, model_dir)
+    image_size = int(section.image_size or getattr(model.encoders["vision"].config, "image_size", 0) or 0)
+    dataset = build_dataset(section.model_copy(update={"use_cached_features": False}), image_size)
+    return write_feature_cache(
+        model, dataset, section, cfg.model.precision, batch_size=batch_size, device=device,
+        num_workers=section.num_workers if num_workers is None else num_workers, overwrite=overwrite,
+        progress=progress,
+    )

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.model.encoder import base_module
 
 
 @dataclass
@@ -41,12 +42,6 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu()
 
-    def all_reduce_max(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-
     @property
     def comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -57,13 +52,6 @@ class DistContext:
         out = [None] * self.world_size if self.is_main else None
         dist.gather_object(obj, out, dst=0)
         return out
-
-    def broadcast_object(self, obj):
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     def shutdown(self) -> None:
         if self.initialized_here and dist.is_initialized():
@@ -97,8 +85,6 @@ def init_distributed(mode: str) -> DistContext:
 # --------------------------------------------------------------------------------- wrapping
 def block_classes(model) -> set[str]:
     """Transformer block class names of every HF part (their `_no_split_modules`)."""
-    from mmloom.model.encoder import base_module
-
     names: set[str] = set()
     for part in [*(e.module for e in model.encoders.values()), model.language_model]:
         base = base_module(part)
@@ -167,7 +153,4 @@ def gradient_sync(model: nn.Module, ctx: DistContext, sync: bool):
             yield
     else:
         model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            pass
+        yield

@@ -8,9 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mmloom.model.merge import IGNORE_INDEX
 from mmloom.training.distributed import DistContext
-
-IGNORE_INDEX = -100
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:

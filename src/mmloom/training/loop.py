@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
+from mmloom.data.collate import FeatureCollator, TrainCollator
 from mmloom.data.h5_format import read_data_params
-from mmloom.data.packing import sample_lengths, step_sampler, train_collator
+from mmloom.data.sampling import EvalSampler, PaddedDataset, sample_lengths, steps_per_epoch
 from mmloom.errors import MmloomError
+from mmloom.model import serialization as ser
 from mmloom.training import builder
-from mmloom.training.cached_features import FeatureCollator, check_cached_features
 from mmloom.training.checkpoint import (
+    full_model_state,
     load_training_state,
     read_trainer_state,
     save_checkpoint,
@@ -29,12 +31,12 @@ from mmloom.training.checkpoint import (
 )
 from mmloom.training.config import TrainConfig, check_config_paths, config_to_yaml
 from mmloom.training.data import (
-    EvalSampler,
-    PaddedDataset,
-    TrainCollator,
     build_dataset,
+    check_cached_features,
     make_loader,
     processor_for,
+    step_sampler,
+    train_collator,
 )
 from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap_model
 from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
@@ -116,11 +118,11 @@ class Trainer:
             model.gradient_checkpointing_enable()
         model.to(self.device)
         self.base_model = model
-        self.num_image_tokens = model.num_feature_tokens("vision")
+        self.num_feature_tokens = model.num_feature_tokens("vision")
         vision_cfg = model.encoders["vision"].config
         self.image_size = int(getattr(vision_cfg, "image_size", 0) or 0)
         patch = int(getattr(vision_cfg, "patch_size", 1) or 1)
-        self.image_positions = (self.image_size // patch) ** 2 + 1 if self.image_size else self.num_image_tokens
+        self.image_positions = (self.image_size // patch) ** 2 + 1 if self.image_size else self.num_feature_tokens
         if for_training or self.ctx.mode == "fsdp":
             self.model = wrap_model(model, self.ctx, run.find_unused_parameters)
         else:
@@ -136,11 +138,11 @@ class Trainer:
                 f"model.image_start_idx is {m.image_start_idx} but {data_dir}/data_params.json says the image "
                 f"slots start at {start} (image_patch_info.image_patch_start_idx)"
             )
-        n_patches = patch_info.get("num_patches")
-        if n_patches is not None and n_patches != self.num_image_tokens:
+        data_slots = patch_info.get("num_patches")
+        if data_slots is not None and data_slots != self.num_feature_tokens:
             raise MmloomError(
-                f"image features and image tokens do not match: the data in {data_dir} has {n_patches} image "
-                f"slots per image but the model gives {self.num_image_tokens} features per image "
+                f"image features and image tokens do not match: the data in {data_dir} has {data_slots} image "
+                f"slots per image but the model gives {self.num_feature_tokens} features per image "
                 "(check image_size, patch_size and image_feature_select_mode)"
             )
         pad = m.pad_token_id
@@ -151,7 +153,7 @@ class Trainer:
         if pad is None:
             raise MmloomError("cannot tell the pad token id: set model.pad_token_id")
         image_token_id = self.base_model.placeholder_token_ids["vision"]
-        return TrainCollator(image_token_id, int(pad), self.num_image_tokens, dummy_images=dummy_images)
+        return TrainCollator(image_token_id, int(pad), self.num_feature_tokens, dummy_images=dummy_images)
 
     def setup_data(self) -> None:
         cfg, run, ctx = self.cfg, self.run, self.ctx
@@ -164,8 +166,10 @@ class Trainer:
                 f"train_input.batch_size {B} must be a multiple of ranks x micro_batch_size ({W} x {micro})"
             )
         self.global_batch, self.micro_batch, self.accum = B, micro, B // (W * micro)
-        self.steps_per_epoch = len(self.train_set) // B
-        if self.steps_per_epoch < 1:
+        if not section.drop_last:  # the last step of an epoch is filled up with loss-free padding samples
+            self.train_set = PaddedDataset(self.train_set)
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), B, section.drop_last)
+        if len(self.train_set) < B:
             raise MmloomError(
                 f"train_input: the dataset has {len(self.train_set)} samples, fewer than one global batch ({B})"
             )
@@ -184,7 +188,7 @@ class Trainer:
         sampler = step_sampler(
             getattr(self, "train_lengths", None),
             len(self.train_set), self.global_batch, self.ctx.world_size, self.ctx.rank, self.micro_batch,
-            self.run.seed, section.shuffle, start_step, self.total_steps,
+            self.run.seed, section.shuffle, start_step, self.total_steps, drop_last=section.drop_last,
         )
         return make_loader(self.train_set, sampler, self.train_collate, section.num_workers, self.run.seed)
 
@@ -275,9 +279,6 @@ class Trainer:
         )
 
     def save_final_model(self) -> None:
-        from mmloom.model import serialization as ser
-        from mmloom.training.checkpoint import full_model_state
-
         state = full_model_state(self.model, self.ctx)
         if self.ctx.is_main:
             processor, why_not = processor_for(self.cfg.train_input, self.image_size, self.base_model)
@@ -345,7 +346,7 @@ class Trainer:
             start_step = int(state["global_step"])
         if ctx.is_main:
             self.base_model.trainable_summary(print_table=True)
-        flops = FlopsEstimator(self.base_model, self.image_positions, self.num_image_tokens)
+        flops = FlopsEstimator(self.base_model, self.image_positions, self.num_feature_tokens)
         metrics = MetricsWriter(self.model_dir, enabled=ctx.is_main, resume_step=start_step)
         progress = ProgressDisplay(self.total_steps, start_step, enabled=ctx.is_main)
         eval_every = run.eval_steps if self.mode == "train_and_eval" else None

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from mmloom.model.encoder import base_module
+
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -26,8 +28,6 @@ class FlopsEstimator:
     """
 
     def __init__(self, model: nn.Module, image_positions: int, feature_tokens: int):
-        from mmloom.model.encoder import base_module
-
         def counts(module: nn.Module, skip_embeddings: bool = False) -> tuple[int, int]:
             total = trainable = 0
             emb = set()

@@ -8,6 +8,7 @@ import re
 import torch
 from torch import nn
 
+from mmloom.errors import MmloomError
 from mmloom.training.config import OptimizerSection, ScheduleSection
 
 _NORM_RE = re.compile(r"(norm|ln_|layernorm|layer_norm)", re.IGNORECASE)
@@ -47,8 +48,6 @@ def param_groups(model: nn.Module, opt: OptimizerSection) -> list[dict]:
 def build_optimizer(model: nn.Module, opt: OptimizerSection) -> torch.optim.Optimizer:
     groups = param_groups(model, opt)
     if not groups:
-        from mmloom.errors import MmloomError
-
         raise MmloomError("nothing to train: every parameter is frozen (check model.freeze)")
     return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, foreach=False)
 
