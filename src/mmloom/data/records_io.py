@@ -189,8 +189,13 @@ def iter_json_list(path: Path, key: str | None = None) -> Iterator[tuple[str, An
         line += text.count("\n", counted, start)
         counted = start
         where = f"{path}[{index}] line {line}"
-        bad = _not_utf8(text[start:end]) if has_escapes else None
-        yield where, SkipRecord("bad_encoding", bad) if bad else value
+        bad = _ESCAPED.search(text, start, end) if has_escapes else None
+        if bad is None:
+            yield where, value
+        else:
+            bad_line = line + text.count("\n", start, bad.start())
+            yield where, SkipRecord("bad_encoding", f"not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} "
+                                                    f"on line {bad_line})")
 
 
 def _describe_start(text: str, pos: int) -> str:
