@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ def synthdog_shard(path: Path, images: list[bytes], texts: list[str] | None = No
     """A SynthDoG parquet shard as on the Hub: `image` {bytes, path} + `ground_truth` JSON text."""
     texts = texts or [f"{path.stem} text {i}" for i in range(len(images))]
     rows = [{"image": {"bytes": data, "path": None},
-             "ground_truth": json.dumps({"gt_parse": {"text_sequence": t}})} for data, t in zip(images, texts)]
+             "ground_truth": json.dumps({"gt_parse": {"text_sequence": t}})} for data, t in zip(images, texts, strict=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path

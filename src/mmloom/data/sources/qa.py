@@ -76,7 +76,7 @@ def _arxivqa_read(ctx: Context) -> Iterator[tuple[str, Any]]:
 
 def _arxivqa_label(label: str, options: list[str], shown: list[str]) -> str:
     """The shown option the label names: the option's own text, or its letter (``B``, ``(B)``, ``B) ...``)."""
-    for option, display in zip(options, shown):
+    for option, display in zip(options, shown, strict=True):
         if label == option.strip() or label == display.strip():
             return display
     match = _LABEL_LETTER.match(label)
