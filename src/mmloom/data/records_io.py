@@ -175,10 +175,10 @@ def iter_json_list(path: Path, key: str | None = None) -> Iterator[tuple[str, An
         records = data.get(key) if isinstance(data, dict) else None
         if not isinstance(records, list):
             raise MmloomError(f"{path}: expected a JSON object with a {key!r} list")
+        has_escapes = _ESCAPED.search(text) is not None
         for index, record in enumerate(records):
-            where = f"{path}[{index}]"
-            bad = _not_utf8(json.dumps(record, ensure_ascii=False)) if _ESCAPED.search(text) else None
-            yield where, SkipRecord("bad_encoding", bad) if bad else record
+            bad = _not_utf8(json.dumps(record, ensure_ascii=False)) if has_escapes else None
+            yield f"{path}[{index}]", SkipRecord("bad_encoding", bad) if bad else record
         return
     pos = _WS.match(text, 0).end()
     if not text.startswith("[", pos):
@@ -237,11 +237,13 @@ def detect_format(path: Path) -> Literal["json", "jsonl"]:
 def iter_records(path: Path, fmt: Literal["auto", "json", "jsonl"] = "auto") -> Iterator[tuple[str, Any]]:
     """Yield (where, record or :class:`SkipRecord`) for every record of a JSON list or jsonl file.
 
-    ``fmt="auto"`` decides by content: a file starting with ``[`` is a JSON list, a JSON object
-    file (a ``.json`` whose first line is not a record on its own, or any file that parses as one
-    JSON object spread over several lines) is refused, anything else is jsonl. ``"json"`` requires
-    a JSON list, ``"jsonl"`` reads lines. `where` is ``file:line`` (jsonl) or ``file[index] line N``
-    (JSON list); it names the record in skip messages.
+    ``fmt="auto"`` decides by content: a file whose first non-blank character is ``[`` is a JSON
+    list; a file that is one JSON object as a whole (pretty-printed over many lines, or any ``.json``
+    file holding a single object) is refused; anything else is jsonl (one record per line).
+    ``"json"`` requires a JSON list, ``"jsonl"`` reads lines. `where` is ``file:line`` (jsonl) or
+    ``file[index] line N`` (JSON list); it names the record in skip messages. Records are yielded
+    as parsed (any JSON value); a line or element that cannot be used comes as a SkipRecord
+    (``bad_json``, ``bad_encoding``) in the record's place.
 
     Raises:
         MmloomError: unreadable file, a JSON object instead of a list ("not a JSON list", the file
