@@ -140,15 +140,11 @@ class Context:
                 raise SkipRecord("duplicate_image", f"image name {name!r} already written by an earlier record "
                                                     "with other content")
             return self.relative(target)
-        if target.exists():
-            if not target.is_file() or _file_digest(target) != digest:
-                raise MmloomError(
-                    f"{target} already exists with other content (from another run or dataset?); it is not "
-                    "overwritten: convert into another --image-dir, or remove the old images first")
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_open(target, "wb") as fh:
-                fh.write(data)
+        already = target.exists() or not _write_new(target, data)
+        if already and (not target.is_file() or _file_digest(target) != digest):
+            raise MmloomError(
+                f"{target} already exists with other content (from another run or dataset?); it is not "
+                "overwritten: convert into another --image-dir, or remove the old images first")
         self._written[name] = digest
         return self.relative(target)
 
@@ -156,6 +152,27 @@ class Context:
 def _file_digest(path: Path) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _write_new(target: Path, data: bytes) -> bool:
+    """Write `data` to a temp file and publish it as `target` only if no `target` exists (hard link).
+
+    Returns False when `target` appeared meanwhile (e.g. a parallel run), which is then left as is.
+    Where hard links are not supported the temp file is renamed over `target` instead.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system
+            os.replace(tmp, target)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
