@@ -102,8 +102,11 @@ def _split_of(path: Path) -> str | None:
 
 
 def synthdog_files(ctx: Context) -> list[Path]:
-    """The parquet files of --split: an explicit file as given (unless named for another split), in a
-    folder the files named ``{split}-*`` (all files when none is named by split).
+    """The parquet files of --split (default train; ``val`` means validation).
+
+    An explicit file is converted as given, unless --split was given and the file is named for
+    another split. In a folder (or its ``data/``), the files named ``{split}-*``; when no file there
+    is named by a split, all of them.
 
     Raises:
         MmloomError: an unknown split, a file of another split, or a folder without files of the split.
