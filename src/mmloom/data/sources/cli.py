@@ -14,8 +14,10 @@ image paths in the output:
   the dataset root (the --input folder, or the folder holding the --input file)
   for sources whose images are on disk, and relative to the output file's folder
   for arxivcap/synthdog, which write their images to --image-dir (default:
-  <output folder>/images). llava keeps its paths as they are and, given
-  --image-dir, skips records whose image is missing there.
+  <output folder>/images). Images are looked up where the dataset's layout
+  keeps them, then under --image-dir by the record's path and by file name
+  (e.g. the official spdocvqa_images/ folder). llava keeps its paths as they
+  are and, given --image-dir, skips records whose image is missing there.
 
 bad records are skipped and counted by reason (missing_field, bad_field,
 bad_label, bad_json, bad_encoding, multi_figure, missing_image, bad_image,
@@ -76,8 +78,8 @@ def register(data_subparsers) -> None:
     parser.add_argument("source", choices=list(SOURCES), metavar="SOURCE", help="one of: " + ", ".join(SOURCES))
     parser.add_argument("--input", required=True, help="dataset file or folder (see sources below)")
     parser.add_argument("--output", required=True, help="jsonl file to write (replaced atomically)")
-    parser.add_argument("--image-dir", help="image root that output image paths are relative to; "
-                        "arxivcap/synthdog write their images here")
+    parser.add_argument("--image-dir", help="image root that output image paths are relative to, also "
+                        "searched for images; arxivcap/synthdog write their images here")
     parser.add_argument("--split", default=None,
                         help="split for chartqa (train/val/test), docvqa/infographicsvqa (train/val/test), dvqa "
                         "(train/val_easy/val_hard), synthdog (train/validation) (default: train)")
