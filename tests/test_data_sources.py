@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mmloom.cli.main import main
-from mmloom.data.sources.parquet import ARXIVCAP_QUESTION, SYNTHDOG_QUESTIONS
+from mmloom.data.sources.parquet import ARXIVCAP_QUESTION, BRIEF_DESCRIPTION_PROMPTS
 
 
 def png(path: Path | None = None, color: str = "red", fmt: str = "PNG") -> bytes:
@@ -69,25 +68,32 @@ def test_ai2d(tmp_path, capsys):
     out = tmp_path / "out" / "ai2d.jsonl"
     assert convert("ai2d", root, out) == 0
     records = read_jsonl(out)
+    # Cerebras' preprocess_dataset.py: question + " " + " ".join("a) ...", "b) ...")
     assert records == [
-        rec("1.png-0", "images/1.png", "Which stage comes first?\na) egg\nb) larva\nc) pupa\nd) adult", "a) egg"),
-        rec("1.png-1", "images/1.png", "What does label B show?\na) A\nb) B\nc) C\nd) D", "d) D"),
+        rec("1.png-0", "images/1.png", "Which stage comes first? a) egg b) larva c) pupa d) adult", "a) egg"),
+        rec("1.png-1", "images/1.png", "What does label B show? a) A b) B c) C d) D", "d) D"),
     ]
     assert_images_exist(records, root)
     assert "ai2d: read 2, written 2, skipped 0" in capsys.readouterr().out
+    assert convert("ai2d", root, out, "--options", "newline") == 0
+    assert read_jsonl(out)[0] == rec("1.png-0", "images/1.png",
+                                     "Which stage comes first?\na) egg\nb) larva\nc) pupa\nd) adult", "a) egg")
 
 
-def test_image_dir_makes_paths_relative_to_it(tmp_path):
+def test_image_dir_makes_paths_relative_to_it(tmp_path, capsys):
     root = tmp_path / "data" / "ai2d"
     png(root / "images" / "1.png")
     write_json(root / "questions" / "1.png.json", {"imageName": "1.png", "questions": {
         "Q?": {"answerTexts": ["x", "y"], "correctAnswer": 1, "questionId": "q1", "abcLabel": False}}})
     out = tmp_path / "ai2d.jsonl"
     assert convert("ai2d", root, out, "--image-dir", str(tmp_path / "data")) == 0
-    assert read_jsonl(out) == [rec("q1", "ai2d/images/1.png", "Q?\na) x\nb) y", "b) y")]
-    # An image root that does not contain the images is a user error, not a traceback.
+    assert read_jsonl(out) == [rec("q1", "ai2d/images/1.png", "Q? a) x b) y", "b) y")]
+    # An image root that does not contain the images: every record skipped, so the run fails with the reason.
     (tmp_path / "elsewhere").mkdir()
-    assert convert("ai2d", root, out, "--image-dir", str(tmp_path / "elsewhere")) == 2
+    assert convert("ai2d", root, tmp_path / "other.jsonl", "--image-dir", str(tmp_path / "elsewhere")) == 2
+    err = capsys.readouterr().err
+    assert "0 of 1 records written" in err and "skipped missing_image: 1" in err and "not under the image root" in err
+    assert not (tmp_path / "other.jsonl").exists()
 
 
 def test_arxivqa(tmp_path, capsys):
@@ -107,9 +113,9 @@ def test_arxivqa(tmp_path, capsys):
     assert convert("arxivqa", path, out) == 0
     records = read_jsonl(out)
     assert records == [
-        rec("q1", "images/a.png", "What trend is shown?\nA) rising\nB) falling\nC) flat",
+        rec("q1", "images/a.png", "What trend is shown? A) rising B) falling C) flat",
             "B) falling The curve goes down."),
-        rec("q2", "images/b.png", "Which color?\nA) red\nB) blue", "A) red"),
+        rec("q2", "images/b.png", "Which color? A) red B) blue", "A) red"),
     ]
     assert_images_exist(records, tmp_path)
     assert "read 4, written 2, skipped 2" in capsys.readouterr().out
@@ -233,14 +239,19 @@ def test_synthdog(tmp_path, capsys):
     img_dir = tmp_path / "images"
     assert convert("synthdog", src, out, "--image-dir", str(img_dir)) == 0
     records = read_jsonl(out)
-    assert records == [rec(f"{i:08d}", f"{i:08d}.png", random.Random(i).choice(SYNTHDOG_QUESTIONS),
-                           f"hello world {i}") for i in range(3)]
+    ids = ["train-00000-of-00002/0000000", "train-00000-of-00002/0000001", "train-00001-of-00002/0000000"]
+    assert [r["id"] for r in records] == ids
+    assert [r["image"] for r in records] == [f"{i}.png" for i in ids]
+    assert [r["conversations"][1]["value"] for r in records] == [f"hello world {i}" for i in range(3)]
+    for r in records:  # LLaVA's brief-description prompts, as Cerebras draws them
+        assert r["conversations"][0]["value"].removeprefix("<image>\n") in BRIEF_DESCRIPTION_PROMPTS
     assert_images_exist(records, img_dir)
-    with Image.open(img_dir / "00000001.png") as img:  # the JPEG was stored as PNG
+    with Image.open(img_dir / records[1]["image"]) as img:  # the JPEG was stored as PNG
         assert img.format == "PNG"
+    assert (img_dir / records[0]["image"]).read_bytes() == rows[0]["image"]["bytes"]  # PNG kept byte for byte
     first = out.read_bytes()
     assert convert("synthdog", src, out, "--image-dir", str(img_dir)) == 0
-    assert out.read_bytes() == first  # deterministic
+    assert out.read_bytes() == first  # deterministic; the identical images are reused
     assert "synthdog: read 3, written 3, skipped 0" in capsys.readouterr().out
 
 
@@ -349,14 +360,20 @@ def test_user_errors_exit_2(tmp_path, capsys):
 def test_json2jsonl(tmp_path, capsys):
     in_dir, out_dir = tmp_path / "in", tmp_path / "out"
     write_json(in_dir / "a.json", [{"id": "1", "x": "é"}, {"id": "2"}])
-    write_json(in_dir / "b.json", [])
     (in_dir / "notes.txt").write_text("ignored")
     assert main(["data", "json2jsonl", str(in_dir), str(out_dir)]) == 0
-    assert sorted(p.name for p in out_dir.iterdir()) == ["a.jsonl", "b.jsonl"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.jsonl"]
     assert (out_dir / "a.jsonl").read_text(encoding="utf-8") == '{"id": "1", "x": "é"}\n{"id": "2"}\n'
-    assert (out_dir / "b.jsonl").read_text() == ""
     assert "wrote 2 records" in capsys.readouterr().out
 
+    # A JSON object and an empty list are reported (exit 2) and not written; the good file still is.
+    write_json(in_dir / "b.json", [])
     write_json(in_dir / "c.json", {"not": "a list"})
+    (out_dir / "a.jsonl").unlink()
     assert main(["data", "json2jsonl", str(in_dir), str(out_dir)]) == 2
-    assert "c.json: expected a JSON list" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "2 of 3 file(s) not converted" in captured.err
+    assert f"{in_dir / 'c.json'}: not a JSON list" in captured.err
+    assert f"no records found in {in_dir / 'b.json'}" in captured.err
+    assert "wrote 2 records" in captured.out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.jsonl"]

@@ -14,12 +14,21 @@ image paths in the output:
   the dataset root (the --input folder, or the folder holding the --input file)
   for sources whose images are on disk, and relative to the output file's folder
   for arxivcap/synthdog, which write their images to --image-dir (default:
-  <output folder>/images). llava keeps its paths as they are and, given
-  --image-dir, skips records whose image is missing there.
+  <output folder>/images). Images are looked up where the dataset's layout
+  keeps them, then under --image-dir by the record's path and by file name
+  (e.g. the official spdocvqa_images/ folder). llava keeps its paths as they
+  are and, given --image-dir, skips records whose image is missing there.
 
 bad records are skipped and counted by reason (missing_field, bad_field,
-bad_label, bad_json, multi_figure, missing_image, bad_image, duplicate_image);
---strict stops at the first one instead.
+bad_label, bad_json, bad_encoding, multi_figure, missing_image, bad_image,
+bad_image_path, duplicate_image); --strict stops at the first one instead.
+A run that keeps no record fails (exit 2) with the reasons and writes nothing.
+
+Images written by arxivcap/synthdog are never overwritten: an identical file is
+reused, a different one stops the run. SynthDoG images are named
+<parquet file name>/<row>.png, so shards and runs can share one image folder.
+See docs/converters.md for each source's layout and the differences from
+Cerebras' preprocess_dataset.py.
 
 sources:
 """
@@ -31,7 +40,7 @@ def _convert(args: argparse.Namespace) -> int:
     source = SOURCES[args.source]
     ctx = Context(input=Path(args.input), output=Path(args.output),
                   image_dir=Path(args.image_dir) if args.image_dir else None,
-                  split=args.split, strict=args.strict)
+                  split=args.split, strict=args.strict, options=args.options, prompts=args.prompts, seed=args.seed)
     try:
         stats = run_convert(source, ctx)
     except OSError as err:  # unreadable input, unwritable output or image folder
@@ -44,11 +53,17 @@ def _json2jsonl(args: argparse.Namespace) -> int:
     from mmloom.data.sources import json_to_jsonl
 
     try:
-        done = json_to_jsonl(Path(args.in_dir), Path(args.out_dir))
+        results = json_to_jsonl(Path(args.in_dir), Path(args.out_dir))
     except OSError as err:
         raise MmloomError(f"{err.filename or args.out_dir}: {err.strerror or err}") from None
-    for target, count in done:
-        print(f"wrote {count} records -> {target}")
+    for result in results:
+        if result.error is None:
+            skipped = sum(result.stats.skipped.values())
+            print("\n".join([f"wrote {result.stats.written} records -> {result.target}"
+                             + (f" ({skipped} skipped)" if skipped else ""), *result.stats.reasons()]))
+    failed = [result.error for result in results if result.error is not None]
+    if failed:
+        raise MmloomError(f"{len(failed)} of {len(results)} file(s) not converted:\n" + "\n".join(failed))
     return 0
 
 
@@ -63,16 +78,25 @@ def register(data_subparsers) -> None:
     parser.add_argument("source", choices=list(SOURCES), metavar="SOURCE", help="one of: " + ", ".join(SOURCES))
     parser.add_argument("--input", required=True, help="dataset file or folder (see sources below)")
     parser.add_argument("--output", required=True, help="jsonl file to write (replaced atomically)")
-    parser.add_argument("--image-dir", help="image root that output image paths are relative to; "
-                        "arxivcap/synthdog write their images here")
-    parser.add_argument("--split", default="train",
-                        help="split for chartqa (train/val/test), docvqa, infographicsvqa, dvqa (default: train)")
+    parser.add_argument("--image-dir", help="image root that output image paths are relative to, also "
+                        "searched for images; arxivcap/synthdog write their images here")
+    parser.add_argument("--split", default=None,
+                        help="split for chartqa (train/val/test), docvqa/infographicsvqa (train/val/test), dvqa "
+                        "(train/val_easy/val_hard), synthdog (train/validation) (default: train)")
+    parser.add_argument("--options", choices=["inline", "newline"], default="inline",
+                        help="ai2d/arxivqa choices: 'Q a) x b) y' as Cerebras (inline, default) or one per line")
+    parser.add_argument("--prompts", choices=["brief", "ocr"], default="brief",
+                        help="synthdog questions: LLaVA's brief-description prompts as Cerebras (brief, default) "
+                        "or reading prompts (ocr)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthdog prompt draw (default 0)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     parser.set_defaults(func=_convert)
 
     parser = data_subparsers.add_parser(
         "json2jsonl", help="convert every *.json list in a folder to jsonl",
-        description="Write each IN_DIR/<name>.json (a JSON list of records) as OUT_DIR/<name>.jsonl.")
+        description="Write each IN_DIR/<name>.json (a JSON list of records) as OUT_DIR/<name>.jsonl. "
+        "A record with bytes that are not UTF-8 is skipped and counted; a file that is not a JSON list or "
+        "keeps no record is not written, and the command then exits 2 after converting the others.")
     parser.add_argument("in_dir", metavar="IN_DIR")
     parser.add_argument("out_dir", metavar="OUT_DIR")
     parser.set_defaults(func=_json2jsonl)

@@ -1,69 +1,178 @@
-"""Shared machinery for dataset converters: context, skips, readers, atomic writes and the run loop."""
+"""Shared machinery for dataset converters: context and image lookup, skips, atomic writes and the run loop.
+
+Reading JSON / jsonl files (BOM, encoding errors, list or object) lives in :mod:`mmloom.data.records_io`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from mmloom.data.records_io import SkipRecord
 from mmloom.errors import MmloomError
 
+IMAGE_NAME_HINT = "images in another folder? give it with --image-dir"
 
-class SkipRecord(Exception):
-    """A record that cannot be converted; `reason` is the short key it is counted under."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+def image_name(value: Any, field: str = "image") -> str:
+    """A record's image path as a relative POSIX path that stays under the image root.
+
+    Backslashes count as separators. Raises SkipRecord ``missing_field`` (empty), ``bad_field``
+    (not a string) or ``bad_image_path`` (absolute, a drive letter, or a ``..`` part).
+    """
+    if value is None or value == "":
+        raise SkipRecord("missing_field", f"{field} is empty")
+    if not isinstance(value, str):
+        raise SkipRecord("bad_field", f"{field} is not a path string: {str(value)[:80]!r}")
+    posix = value.replace("\\", "/")
+    parts = PurePosixPath(posix).parts
+    if posix.startswith("/") or _DRIVE.match(posix) or ".." in parts:
+        raise SkipRecord("bad_image_path", f"{field} {value!r} leaves the image root (absolute or '..')")
+    name = "/".join(p for p in parts if p != ".")
+    if not name:
+        raise SkipRecord("missing_field", f"{field} {value!r} names no file")
+    return name
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 @dataclass
 class Context:
-    """What a converter needs: the CLI options plus where images are read from or written to."""
+    """What a converter needs: the CLI options plus where images are read from or written to.
+
+    `image_root` is the folder every output image path is relative to (--image-dir, else the
+    dataset root, or the output folder for sources that write images); `write_dir` is where those
+    sources write them.
+    """
 
     input: Path
     output: Path
     image_dir: Path | None = None
-    split: str = "train"
+    split: str | None = None  # None: the source's default split
     strict: bool = False
-    image_root: Path = Path(".")  # output image paths are relative to this folder
-    write_dir: Path = Path(".")  # where converters that extract images write them
-    _written: set[str] = field(default_factory=set)
+    options: str = "inline"  # multiple-choice layout: "inline" (Cerebras) or "newline"
+    prompts: str = "brief"  # synthdog questions: "brief" (LLaVA / Cerebras) or "ocr"
+    seed: int = 0  # seed of the synthdog prompt draw
+    image_root: Path = Path(".")
+    write_dir: Path = Path(".")
+    _written: dict[str, str] = field(default_factory=dict)  # name -> sha256 of the bytes written this run
 
     @property
     def root(self) -> Path:
         """The dataset folder: --input itself, or the folder holding the --input file."""
         return self.input if self.input.is_dir() else self.input.parent
 
-    def relative(self, path: Path) -> str:
-        """`path` relative to the image root, in POSIX form; refuses paths outside it."""
+    def split_or(self, default: str, choices: tuple[str, ...] | None = None, source: str = "") -> str:
+        """--split, or `default` when it was not given; refuses a split outside `choices` (when given)."""
+        split = self.split or default
+        if choices is not None and split not in choices:
+            raise MmloomError(f"{source}: --split must be one of {', '.join(choices)}, not {split!r}")
+        return split
+
+    def _under_root(self, path: Path) -> str | None:
+        """`path` relative to the image root in POSIX form, or None when it lies outside it."""
         rel = os.path.relpath(os.path.abspath(path), os.path.abspath(self.image_root))
-        if rel == ".." or rel.startswith(".." + os.sep):
-            raise MmloomError(f"image {path} is not under the image root {self.image_root} (see --image-dir)")
+        if rel == ".." or rel.startswith(".." + os.sep) or os.path.isabs(rel):
+            return None
         return Path(rel).as_posix()
 
-    def image_ref(self, *candidates: Path) -> str:
-        """Relative path of the first candidate that exists on disk; skips the record when none does."""
+    def relative(self, path: Path) -> str:
+        """`path` relative to the image root, in POSIX form; a path outside it is a user error."""
+        rel = self._under_root(path)
+        if rel is None:
+            raise MmloomError(f"image {path} is not under the image root {self.image_root} (see --image-dir)")
+        return rel
+
+    def find_image(self, name: Any, *layout: str | Path, field: str = "image") -> str:
+        """Find a record's image on disk and return its path relative to the image root.
+
+        `name` is the record's image path (checked by :func:`image_name`); `layout` are the places
+        the dataset's own layout keeps it, relative to the dataset root or absolute (default: `name`).
+        With --image-dir, ``image_dir/name`` and ``image_dir/<file name>`` are tried next, so both
+        an ancestor of the dataset and a flat image folder (the official DocVQA downloads) work.
+        A file found outside the image root is not used.
+
+        Raises:
+            SkipRecord: ``bad_image_path`` (the name leaves the root), ``missing_image`` (not found
+                under the image root; the places tried are named).
+        """
+        name = image_name(name, field)
+        candidates = [self.root / rel for rel in (layout or (name,))]
+        if self.image_dir is not None:
+            candidates += [self.image_dir / name, self.image_dir / PurePosixPath(name).name]
+        candidates = list(dict.fromkeys(candidates))
+        outside = None
         for path in candidates:
             if path.is_file():
-                return self.relative(path)
-        raise SkipRecord("missing_image", f"image not found: {candidates[0]}")
+                rel = self._under_root(path)
+                if rel is not None:
+                    return rel
+                outside = outside or path
+        if outside is not None:
+            raise SkipRecord("missing_image", f"image {outside} is not under the image root {self.image_root} "
+                                              "(--image-dir)")
+        tried = ", ".join(str(p) for p in candidates[:3])
+        hint = "" if self.image_dir is not None else f" ({IMAGE_NAME_HINT})"
+        raise SkipRecord("missing_image", f"image {name!r} not found (tried {tried}){hint}")
 
-    def save_image(self, rel: str, data: bytes) -> str:
-        """Write image bytes to `write_dir/rel` atomically and return the path relative to the image root."""
-        if rel in self._written:
-            raise SkipRecord("duplicate_image", f"image name {rel!r} already written by an earlier record")
-        target = self.write_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(target, "wb") as fh:
-            fh.write(data)
-        self._written.add(rel)
+    def save_image(self, name: str, data: bytes) -> str:
+        """Write image bytes to ``write_dir/name`` atomically; returns the path relative to the image root.
+
+        An existing file is never replaced: identical bytes are reused (re-runs are idempotent);
+        different bytes under a name this run already wrote skip the record (``duplicate_image``),
+        and different bytes in a file from elsewhere (another run, dataset or version) stop the
+        run with an MmloomError naming the file.
+        """
+        name = image_name(name)
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.write_dir / name
+        if name in self._written:
+            if self._written[name] != digest:
+                raise SkipRecord("duplicate_image", f"image name {name!r} already written by an earlier record "
+                                                    "with other content")
+            return self.relative(target)
+        already = target.exists() or not _write_new(target, data)
+        if already and (not target.is_file() or _file_digest(target) != digest):
+            raise MmloomError(
+                f"{target} already exists with other content (from another run or dataset?); it is not "
+                "overwritten: convert into another --image-dir, or remove the old images first")
+        self._written[name] = digest
         return self.relative(target)
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _write_new(target: Path, data: bytes) -> bool:
+    """Write `data` to a temp file and publish it as `target` only if no `target` exists (hard link).
+
+    Returns False when `target` appeared meanwhile (e.g. a parallel run), which is then left as is.
+    Where hard links are not supported the temp file is renamed over `target` instead.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system
+            os.replace(tmp, target)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -75,6 +184,7 @@ class Source:
     read: Callable[[Context], Iterator[tuple[str, Any]]]
     convert: Callable[[Context, Any], dict]
     writes_images: bool = False
+    has_splits: bool = False  # whether --split applies
 
 
 @dataclass
@@ -86,12 +196,27 @@ class Stats:
     skipped: Counter = field(default_factory=Counter)
     first: dict[str, str] = field(default_factory=dict)  # reason -> first "where: message"
 
+    def skip(self, where: str, skip: SkipRecord) -> None:
+        """Count one skipped record; the first of each reason is kept for the summary."""
+        self.skipped[skip.reason] += 1
+        self.first.setdefault(skip.reason, f"{where}: {skip}")
+
+    def reasons(self) -> list[str]:
+        """One ``skipped REASON: N (first: where: message)`` line per reason, sorted by reason."""
+        return [f"  skipped {reason}: {self.skipped[reason]} (first: {self.first[reason]})"
+                for reason in sorted(self.skipped)]
+
     def summary(self, name: str, output: Path) -> str:
         lines = [f"{name}: read {self.read}, written {self.written}, "
                  f"skipped {sum(self.skipped.values())} -> {output}"]
-        for reason in sorted(self.skipped):
-            lines.append(f"  skipped {reason}: {self.skipped[reason]} (first: {self.first[reason]})")
-        return "\n".join(lines)
+        return "\n".join(lines + self.reasons())
+
+    def nothing_written(self, name: str, source: Path, output: Path) -> MmloomError:
+        """The error for a conversion that kept no record: what was read and why each was skipped."""
+        if self.read == 0:
+            return MmloomError(f"{name}: no records found in {source}; {output} not written")
+        return MmloomError("\n".join([f"{name}: 0 of {self.read} records written from {source}; {output} not "
+                                      "written. Skip reasons:", *self.reasons()]))
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -119,68 +244,44 @@ class atomic_open:
 
 
 def dump_line(record: Any) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
+    """`record` as one jsonl line (non-ASCII kept as is).
+
+    Raises SkipRecord ``bad_encoding`` when the record holds text that cannot be written as UTF-8:
+    bytes that were not UTF-8 in the input (see :mod:`mmloom.data.records_io`) or an escaped lone
+    surrogate such as ``"\\udc80"``.
+    """
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(line[err.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"lone surrogate U+{char:04X}"
+        raise SkipRecord("bad_encoding", f"text that is not UTF-8 ({what})") from None
+    return line
 
 
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def load_json(path: Path) -> Any:
-    """Parse a whole JSON file; errors name the file, line and column."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as err:
-        raise MmloomError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except UnicodeDecodeError as err:
-        raise MmloomError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise MmloomError(f"cannot read {path}: {err.strerror}") from None
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield (`file:line`, object) per non-blank line; a malformed line yields a `bad_json` SkipRecord."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield f"{path}:{lineno}", SkipRecord("bad_json", f"malformed JSON at column {err.colno}: {err.msg}")
-    except UnicodeDecodeError as err:
-        raise MmloomError(f"{path}: not UTF-8 text ({err.reason})") from None
-    except OSError as err:
-        raise MmloomError(f"cannot read {path}: {err.strerror}") from None
-
-
-def json_list(path: Path, key: str | None = None) -> list:
-    """Load a JSON list (or the list under `key` of a JSON object), naming the file when it is not one."""
-    data = load_json(path)
-    if key is not None:
-        data = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(data, list):
-        where = f"a JSON object with a {key!r} list" if key else "a JSON list of records"
-        raise MmloomError(f"{path}: expected {where}")
-    return data
-
-
-def find_file(ctx: Context, names: list[str]) -> Path:
-    """--input itself when it is a file, else the first of `names` that exists in the --input folder."""
+def find_file(ctx: Context, names: list[str], subdirs: tuple[str, ...] = ()) -> Path:
+    """--input itself when it is a file, else the first of `names` in the --input folder or its `subdirs`."""
     if ctx.input.is_file():
         return ctx.input
-    for name in names:
-        if (ctx.input / name).is_file():
-            return ctx.input / name
-    raise MmloomError(f"{ctx.input}: none of {', '.join(names)} found (check --input and --split)")
+    for folder in (ctx.input, *(ctx.input / d for d in subdirs)):
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    where = ", ".join([str(ctx.input), *(f"{d}/" for d in subdirs)])
+    raise MmloomError(f"{ctx.input}: none of {', '.join(names)} found in {where} (check --input and --split)")
 
 
 def parquet_files(path: Path) -> list[Path]:
-    """--input as a parquet file, or the sorted *.parquet files of a folder."""
-    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+    """--input as a parquet file, or the sorted *.parquet files of a folder (or of its data/, as HF dataset repos)."""
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob("*.parquet")) or sorted(path.glob("data/*.parquet"))
     if not files:
-        raise MmloomError(f"{path}: no *.parquet files found")
+        raise MmloomError(f"{path}: no *.parquet files found (nor in {path / 'data'})")
     return files
 
 
@@ -233,26 +334,52 @@ def qa_record(record_id: Any, image: str, question: str, answer: str) -> dict:
     }
 
 
-def check_image_bytes(data: Any) -> tuple[bytes, str]:
-    """Validate encoded image bytes; returns them with the lower-case format name (png, jpeg, ...)."""
+def with_options(question: str, options: list[str], layout: str) -> str:
+    """A multiple-choice prompt: ``Q a) x b) y`` (``"inline"``, Cerebras' preprocess_dataset.py) or one per line."""
+    return "\n".join([question, *options]) if layout == "newline" else " ".join([question, *options])
+
+
+def decode_image_bytes(data: Any):
+    """Fully decode encoded image bytes (PNG, JPEG, ...) into a loaded PIL image.
+
+    Decoding the whole image (not only ``verify()``) catches files cut short after an intact header.
+
+    Raises:
+        SkipRecord: ``missing_image`` (no bytes) or ``bad_image`` (not an image, truncated, corrupt).
+    """
     from PIL import Image
 
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise SkipRecord("missing_image", "no image bytes")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            fmt = (img.format or "png").lower()
             img.verify()
-    except Exception as err:  # PIL raises many types for corrupt data
-        raise SkipRecord("bad_image", f"image bytes cannot be decoded ({err})") from None
-    return bytes(data), fmt
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
+        raise SkipRecord("bad_image", f"image bytes cannot be decoded ({err or type(err).__name__})") from None
+    return img
+
+
+def check_image_bytes(data: Any) -> tuple[bytes, str]:
+    """Validate encoded image bytes by decoding them; returns them with the lower-case format name (png, jpeg, ...)."""
+    img = decode_image_bytes(data)
+    return bytes(data), (img.format or "png").lower()
 
 
 # ---------------------------------------------------------------------------------------------- run
 
 
 def run_convert(source: Source, ctx: Context) -> Stats:
-    """Convert `ctx.input` with `source` into the jsonl `ctx.output`; returns the counts."""
+    """Convert `ctx.input` with `source` into the jsonl `ctx.output`; returns the counts.
+
+    Bad records are counted by reason (or, with ``ctx.strict``, stop the run). The output is
+    written atomically and only when at least one record is kept.
+
+    Raises:
+        MmloomError: bad arguments, an unreadable input, a strict-mode skip, or no record written
+            (the message lists the skip reasons; an existing output is left as it was).
+    """
     if not ctx.input.exists():
         raise MmloomError(f"input not found: {ctx.input}")
     if ctx.output.is_dir():
@@ -261,6 +388,8 @@ def run_convert(source: Source, ctx: Context) -> Stats:
         raise MmloomError(f"--output {ctx.output} would overwrite the input")
     if ctx.image_dir is not None and not source.writes_images and not ctx.image_dir.is_dir():
         raise MmloomError(f"--image-dir {ctx.image_dir} is not a folder")
+    if ctx.split is not None and not source.has_splits:
+        raise MmloomError(f"{source.name} has no splits: --split does not apply (the whole input is converted)")
     if source.writes_images:
         ctx.image_root = ctx.image_dir or ctx.output.parent
         ctx.write_dir = ctx.image_dir or ctx.output.parent / "images"
@@ -275,15 +404,16 @@ def run_convert(source: Source, ctx: Context) -> Stats:
             try:
                 if isinstance(raw, SkipRecord):
                     raise raw
-                record = _convert_one(source, ctx, raw)
+                line = dump_line(_convert_one(source, ctx, raw))
             except SkipRecord as skip:
                 if ctx.strict:
                     raise MmloomError(f"{where}: {skip.reason}: {skip}") from None
-                stats.skipped[skip.reason] += 1
-                stats.first.setdefault(skip.reason, f"{where}: {skip}")
+                stats.skip(where, skip)
                 continue
-            out.write(dump_line(record))
+            out.write(line)
             stats.written += 1
+        if stats.written == 0:
+            raise stats.nothing_written(source.name, ctx.input, ctx.output)
     return stats
 
 

@@ -3,43 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmloom.data.sources.core import (
-    Context,
-    SkipRecord,
-    Source,
-    atomic_open,
-    dump_line,
-    iter_jsonl,
-    json_list,
-)
+from mmloom.data.records_io import SkipRecord, iter_records
+from mmloom.data.sources.core import Context, Source, Stats, atomic_open, dump_line, image_name
 from mmloom.errors import MmloomError
-
-
-def _is_json_list(path: Path) -> bool:
-    """True when the file's first non-blank character is `[` (a JSON list), else it is read as jsonl."""
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4096):
-            stripped = chunk.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
-            if stripped:
-                return stripped.startswith(b"[")
-    return False
 
 
 def _llava_read(ctx: Context) -> Iterator[tuple[str, Any]]:
     if not ctx.input.is_file():
         raise MmloomError(f"{ctx.input}: expected a LLaVA .json (list) or .jsonl file")
-    if _is_json_list(ctx.input):
-        for i, item in enumerate(json_list(ctx.input)):
-            yield f"{ctx.input}[{i}]", item
-    else:
-        yield from iter_jsonl(ctx.input)
+    yield from iter_records(ctx.input)
 
 
 def validate_llava(record: Any) -> None:
-    """Raise SkipRecord unless `record` is a LLaVA record: a non-empty `conversations` list of {from, value}."""
+    """Raise SkipRecord unless `record` is a LLaVA record: a non-empty `conversations` list of {from, value}.
+
+    An ``image`` must be a relative path that stays under the image root (else ``bad_image_path``).
+    """
     if not isinstance(record, dict):
         raise SkipRecord("bad_field", "record is not a JSON object")
     turns = record.get("conversations")
@@ -50,8 +33,10 @@ def validate_llava(record: Any) -> None:
                 or not isinstance(turn.get("value"), str):
             raise SkipRecord("bad_field", f"conversations[{i}] is not an object with string 'from' and 'value'")
     image = record.get("image")
-    if image is not None and not (isinstance(image, str) and image):
-        raise SkipRecord("bad_field", "'image' is not a non-empty string")
+    if image is not None:
+        if not (isinstance(image, str) and image):
+            raise SkipRecord("bad_field", "'image' is not a non-empty string")
+        image_name(image)
 
 
 def _llava_convert(ctx: Context, record: Any) -> dict:
@@ -65,20 +50,52 @@ SOURCE = Source("llava", "LLaVA .json list or .jsonl file (image paths kept; che
                 _llava_read, _llava_convert)
 
 
-def json_to_jsonl(in_dir: Path, out_dir: Path) -> list[tuple[Path, int]]:
-    """Write each `in_dir/*.json` (a JSON list) as `out_dir/<name>.jsonl`; returns (output, record count)."""
+@dataclass
+class FileResult:
+    """One `json_to_jsonl` file: its output and counts, or the error that kept it from being written."""
+
+    source: Path
+    target: Path
+    stats: Stats
+    error: str | None = None
+
+
+def json_to_jsonl(in_dir: Path, out_dir: Path) -> list[FileResult]:
+    """Write each ``in_dir/*.json`` (a JSON list of records) as ``out_dir/<name>.jsonl``, records unchanged.
+
+    As Cerebras' ``convert_json2jsonl``, but a BOM is ignored, a record holding bytes that are not
+    UTF-8 is skipped and counted (``bad_encoding``, named by file, index and line), and a file that
+    is not a JSON list, is malformed, or keeps no record is not written: its `error` says why.
+    The other files are still converted; each output is written atomically.
+
+    Raises:
+        MmloomError: `in_dir` is not a folder or holds no ``*.json`` file.
+    """
     if not in_dir.is_dir():
         raise MmloomError(f"{in_dir}: not a folder")
     files = sorted(in_dir.glob("*.json"))
     if not files:
         raise MmloomError(f"{in_dir}: no *.json files found")
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = []
+    results = []
     for path in files:
-        records = json_list(path)
-        target = out_dir / f"{path.stem}.jsonl"
-        with atomic_open(target, "w") as out:
-            for record in records:
-                out.write(dump_line(record))
-        done.append((target, len(records)))
-    return done
+        result = FileResult(path, out_dir / f"{path.stem}.jsonl", Stats())
+        stats = result.stats
+        try:
+            with atomic_open(result.target, "w") as out:
+                for where, record in iter_records(path, "json"):
+                    stats.read += 1
+                    try:
+                        if isinstance(record, SkipRecord):
+                            raise record
+                        out.write(dump_line(record))
+                    except SkipRecord as skip:
+                        stats.skip(where, skip)
+                        continue
+                    stats.written += 1
+                if stats.written == 0:
+                    raise stats.nothing_written("json2jsonl", path, result.target)
+        except MmloomError as err:
+            result.error = str(err)
+        results.append(result)
+    return results
