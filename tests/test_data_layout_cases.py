@@ -182,7 +182,7 @@ def test_corrupt_data_params_is_an_error(root):
     (root / "corrupt_h5" / "data_params.json").write_text("{not json")
     from mmloom.data.h5_format import read_data_params
 
-    with pytest.raises(MmloomError, match="data_params.json: not a readable JSON file"):
+    with pytest.raises(MmloomError, match="data_params.json: malformed JSON at line 1"):
         read_data_params(root / "corrupt_h5")
     with pytest.raises(MmloomError, match="data_params.json"):
         HDF5LlavaDataset(root / "corrupt_h5", root / "images", ImageTransform(image_size=32))

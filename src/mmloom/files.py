@@ -18,24 +18,48 @@ from typing import Any
 
 from mmloom.errors import MmloomError
 
+BOM = b"\xef\xbb\xbf"
 
-def read_json(path: str | os.PathLike, expect: type = dict, hint: str = "") -> Any:
-    """The JSON document in `path` (a UTF-8 BOM is accepted).
 
-    Raises MmloomError naming the file when it is missing, unreadable, not JSON or not of type
+class JsonFileError(MmloomError):
+    """A whole JSON file is unusable; ``reason`` is ``bad_json`` (malformed, or not the expected
+    type) or ``bad_encoding`` (not UTF-8)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_json(path: str | os.PathLike, expect: type | None = dict, hint: str = "") -> Any:
+    """The JSON document in `path` (a leading UTF-8 BOM is ignored): mmloom's own files and users'.
+
+    Raises MmloomError naming the file when it is missing or unreadable, and JsonFileError when it
+    is not UTF-8 (the first bad byte named), not JSON (line and column named) or not of type
     `expect` (None: any type); `hint` is appended to the message (what to do about it).
     """
     path = Path(path)
     suffix = f"; {hint}" if hint else ""
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = path.read_bytes().removeprefix(BOM)
     except FileNotFoundError:
         raise MmloomError(f"{path} not found{suffix}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MmloomError(f"{path}: not a readable JSON file ({exc}){suffix}") from None
-    if expect is not None and not isinstance(data, expect):
-        raise MmloomError(f"{path}: expected a JSON {expect.__name__}, got {type(data).__name__}{suffix}")
-    return data
+    except IsADirectoryError:
+        raise MmloomError(f"{path}: is a folder, not a JSON file{suffix}") from None
+    except OSError as err:
+        raise MmloomError(f"cannot read {path}: {err.strerror or err}{suffix}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise JsonFileError("bad_encoding", f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x}){suffix}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise JsonFileError(
+            "bad_json", f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}{suffix}"
+        ) from None
+    if expect is not None and not isinstance(value, expect):
+        raise JsonFileError("bad_json", f"{path}: expected a JSON {expect.__name__}, got {type(value).__name__}{suffix}")
+    return value
 
 
 @contextlib.contextmanager
@@ -51,6 +75,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator:
+    """`open()` a temporary file next to `path` ("w": UTF-8 text with "\\n" newlines, "wb": bytes);
+    on a clean exit it replaces `path`, on an error it is removed."""
+    kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
+    with atomic_file(path) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

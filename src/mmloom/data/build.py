@@ -24,15 +24,14 @@ import numpy as np
 from mmloom.data.build_config import BuildConfig, template_spec
 from mmloom.data.encode import (
     SKIP_REASONS,
-    RecordSkipped,
     encode_record,
     image_file,
     parse_record_line,
-    read_lines,
     record_images,
     to_h5_rows,
 )
 from mmloom.data.h5_format import H5_NAME, PARAMS_NAME, encode_img_path, write_h5
+from mmloom.data.records_io import SkipRecord, iter_jsonl_lines
 from mmloom.errors import MmloomError
 from mmloom.files import write_json
 from mmloom.processing.image import ImageLoadError, load_image
@@ -113,13 +112,13 @@ def _init_worker(cfg_dict: dict) -> None:
 
 
 def check_image(path: Path) -> None:
-    """Raise RecordSkipped('missing_image' | 'bad_image') unless PIL can fully decode the file."""
+    """Raise SkipRecord('missing_image' | 'bad_image') unless PIL can fully decode the file."""
     if not path.is_file():
-        raise RecordSkipped("missing_image", str(path))
+        raise SkipRecord("missing_image", str(path))
     try:
         load_image(path, convert=None).close()  # full decode: catches truncated files too
     except ImageLoadError as exc:
-        raise RecordSkipped("bad_image", str(exc)) from None
+        raise SkipRecord("bad_image", str(exc)) from None
 
 
 @dataclass
@@ -141,7 +140,7 @@ def _encode_line(line: str):
     record = parse_record_line(line)
     images = record_images(record, ds.image_key)
     if len(images) > 1:
-        raise RecordSkipped(
+        raise SkipRecord(
             "multiple_images", f"{len(images)} images; the HDF5 layout holds one image per sample"
         )
     sample = encode_record(
@@ -159,7 +158,7 @@ def _encode_line(line: str):
         text_only_slots=True,
     )
     if sample.image_turn > 0 and ds.image_in_later_turn == "skip":
-        raise RecordSkipped(
+        raise SkipRecord(
             "image_in_later_turn", f"the image is in human turn {sample.image_turn + 1}, slots at {sample.image_start}"
         )
     for image in sample.images:
@@ -167,7 +166,7 @@ def _encode_line(line: str):
     return sample
 
 
-def _process_chunk(chunk: list[tuple[int, int, str | None]]) -> ChunkResult:
+def _process_chunk(chunk: list[tuple[int, int, str | SkipRecord]]) -> ChunkResult:
     cfg: BuildConfig = _STATE["cfg"]
     tokenizer = _STATE["tokenizer"]
     pad_id, eos_id = _STATE["pad_id"], _STATE["eos_id"]
@@ -176,10 +175,10 @@ def _process_chunk(chunk: list[tuple[int, int, str | None]]) -> ChunkResult:
     for file_idx, lineno, line in chunk:
         out.n_read += 1
         try:
-            if line is None:
-                raise RecordSkipped("bad_encoding", "the line is not valid UTF-8")
+            if isinstance(line, SkipRecord):  # not UTF-8
+                raise line
             sample = _encode_line(line)
-        except RecordSkipped as skip:
+        except SkipRecord as skip:
             out.skips.append((file_idx, lineno, skip.reason, skip.detail))
             continue
         rows = to_h5_rows(sample, msl, pad_id)
@@ -239,9 +238,9 @@ class _Writer:
 
 
 def _chunks(files: list[Path]):
-    buf: list[tuple[int, int, str | None]] = []
+    buf: list[tuple[int, int, str | SkipRecord]] = []
     for file_idx, path in enumerate(files):
-        for lineno, line in read_lines(path):
+        for lineno, line in iter_jsonl_lines(path):
             buf.append((file_idx, lineno, line))
             if len(buf) == CHUNK_LINES:
                 yield buf

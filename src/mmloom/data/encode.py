@@ -12,14 +12,13 @@ and the positions of the slots, which every later stage reads instead of looking
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmloom.errors import MmloomError
+from mmloom.data.records_io import SkipRecord, parse_json_line, relative_image_path
 from mmloom.model.merge import IGNORE_INDEX
 from mmloom.processing.templates import ConversationError, messages_from_llava
 from mmloom.processing.tokenizer import token_id
@@ -41,15 +40,6 @@ SKIP_REASONS = (
     "image_in_later_turn",
     "too_long",
 )
-
-
-class RecordSkipped(MmloomError):
-    """A record that cannot be turned into a training sample; `reason` is one of SKIP_REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
 @dataclass
@@ -87,44 +77,25 @@ class EncodedSample:
         return self.image_starts[0] if self.image_starts else -1
 
 
-def read_lines(path: str | Path):
-    """(line number, text) of the non-blank lines of a jsonl file; text is None for a line that is
-    not valid UTF-8 (a counted `bad_encoding` skip, never silently replaced characters). A UTF-8 BOM
-    at the start of the file is dropped."""
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                continue
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield lineno, None
-
-
 def parse_record_line(line: str) -> dict:
-    """One jsonl line as a record dict, or RecordSkipped('bad_json')."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RecordSkipped("bad_json", str(exc)) from None
+    """One jsonl line as a record dict; raises SkipRecord('bad_json')."""
+    record = parse_json_line(line)
     if not isinstance(record, dict):
-        raise RecordSkipped("bad_json", "the line is not a JSON object")
+        raise SkipRecord("bad_json", "the line is not a JSON object")
     return record
 
 
 def _turns(record: dict, conversation_key: str, content_key: str) -> list[dict]:
     conv = record.get(conversation_key)
     if not isinstance(conv, list) or not conv:
-        raise RecordSkipped("bad_record", f"'{conversation_key}' must be a non-empty list of turns")
+        raise SkipRecord("bad_record", f"'{conversation_key}' must be a non-empty list of turns")
     turns = []
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict):
-            raise RecordSkipped("bad_record", f"turn {i} is not an object")
+            raise SkipRecord("bad_record", f"turn {i} is not an object")
         value = turn.get(content_key)
         if not isinstance(value, str):
-            raise RecordSkipped("bad_record", f"turn {i} has no string '{content_key}'")
+            raise SkipRecord("bad_record", f"turn {i} has no string '{content_key}'")
         role = turn.get("from", turn.get("role"))  # unknown / missing roles: messages_from_llava decides
         turns.append({"from": role, "value": value})
     return turns
@@ -137,17 +108,14 @@ def record_images(record: dict, image_key: str = "image") -> list[str]:
         return []
     images = image if isinstance(image, list) else [image]
     if not all(isinstance(p, str) and p for p in images):
-        raise RecordSkipped("bad_record", f"'{image_key}' must be a path or a list of paths")
+        raise SkipRecord("bad_record", f"'{image_key}' must be a path or a list of paths")
     return list(images)
 
 
 def image_file(image_dir: str | Path | None, relative: str) -> Path:
-    """The file of a record's image path under `image_dir`; RecordSkipped('bad_image_path') for a
-    path that leaves it (absolute, or `..` components)."""
-    rel = Path(relative)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise RecordSkipped("bad_image_path", f"{relative!r} is not a path inside the image folder")
-    return Path(image_dir or ".") / rel
+    """The file of a record's image path under `image_dir`; SkipRecord('bad_image_path') for a
+    path that leaves it (absolute, a drive letter, or `..` parts: `relative_image_path`)."""
+    return Path(image_dir or ".") / relative_image_path(relative)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -174,7 +142,7 @@ def encode_record(
     max_length: int | None = None,
     text_only_slots: bool = False,
 ) -> EncodedSample:
-    """Encode one LLaVA record; raises `RecordSkipped` with a reason for bad records.
+    """Encode one LLaVA record; raises `SkipRecord` with a reason for bad records.
 
     - a record carries as many `image_token` placeholders in its human turns as it has images
       (else `image_token_mismatch`); a single one is moved to the front of its turn (LLaVA's
@@ -195,26 +163,26 @@ def encode_record(
     turns = _turns(record, conversation_key, content_key)
     n_placeholders = sum(t["value"].count(image_token) for t in turns)
     if n_placeholders != len(images):
-        raise RecordSkipped(
+        raise SkipRecord(
             "image_token_mismatch", f"{n_placeholders} '{image_token}' in the turns for {len(images)} image(s)"
         )
     if any(image_token in t["value"] for t in turns if t["from"] not in ("human", "user")):
-        raise RecordSkipped("image_token_mismatch", f"'{image_token}' in a non-human turn")
+        raise SkipRecord("image_token_mismatch", f"'{image_token}' in a non-human turn")
     raw_chars = sum(len(t["value"]) for t in turns)
     raw_bytes = sum(len(t["value"].encode("utf-8")) for t in turns)
     try:
         messages = messages_from_llava(turns, move_image_to_front=True, placeholder=image_token)
     except ConversationError as exc:
-        raise RecordSkipped(getattr(exc, "reason", "bad_record"), str(exc)) from None
+        raise SkipRecord(getattr(exc, "reason", "bad_record"), str(exc)) from None
 
     tok = template.tokenize(tokenizer, messages)
     ids, labels = list(tok.input_ids), list(tok.labels)
     attention = [1] * len(ids)
     positions = [i for i, t in enumerate(ids) if t == image_token_id]
     if images and len(positions) != len(images):
-        raise RecordSkipped("image_token_mismatch", f"{len(positions)} image tokens after templating")
+        raise SkipRecord("image_token_mismatch", f"{len(positions)} image tokens after templating")
     if not images and positions and not (text_only_slots and len(positions) == 1):
-        raise RecordSkipped("image_token_mismatch", "image token in a text-only sample")
+        raise SkipRecord("image_token_mismatch", "image token in a text-only sample")
     if not images and text_only_slots and not positions:  # masked slots where an image's would be
         ids, labels, attention, positions = _with_masked_slot_marker(
             tokenizer, template, messages, ids, labels, image_token, image_token_id
@@ -238,9 +206,9 @@ def encode_record(
     out_labels += labels[prev:]
     out_attention += attention[prev:]
     if max_length is not None and len(out_ids) > max_length:
-        raise RecordSkipped("too_long", f"{len(out_ids)} tokens > {max_length}")
+        raise SkipRecord("too_long", f"{len(out_ids)} tokens > {max_length}")
     if not any(label != IGNORE_INDEX for label in out_labels):
-        raise RecordSkipped("empty_answer", "no supervised token")
+        raise SkipRecord("empty_answer", "no supervised token")
     image_turn = -1
     if images:
         user_turns = [m["content"] for m in messages if m["role"] == "user"]
@@ -285,7 +253,7 @@ def to_h5_rows(sample: EncodedSample, max_sequence_length: int, pad_id: int) -> 
     msl = max_sequence_length
     n = len(sample.input_ids)
     if n > msl:
-        raise RecordSkipped("too_long", f"{n} tokens > {msl}")
+        raise SkipRecord("too_long", f"{n} tokens > {msl}")
     rows = np.empty((4, msl), dtype=np.int32)
     ids = np.asarray(sample.input_ids, dtype=np.int32)
     sup = np.asarray(sample.labels, dtype=np.int64) != IGNORE_INDEX

@@ -19,11 +19,10 @@ from torch.utils.data import Dataset
 
 from mmloom.data.encode import (
     EncodedSample,
-    RecordSkipped,
     encode_record,
     parse_record_line,
-    read_lines,
 )
+from mmloom.data.records_io import SkipRecord, iter_jsonl_lines
 from mmloom.errors import MmloomError
 from mmloom.processing.image import load_image
 from mmloom.processing.templates import get_template
@@ -59,10 +58,10 @@ class JsonlLlavaDataset(Dataset):
             raise MmloomError(f"the tokenizer has no '{image_token}' token; add it as a special token first")
         self.samples: list[EncodedSample] = []
         self.skipped: collections.Counter = collections.Counter()
-        for lineno, line in read_lines(self.jsonl_path):
+        for lineno, line in iter_jsonl_lines(self.jsonl_path):
             try:
-                if line is None:
-                    raise RecordSkipped("bad_encoding", "the line is not valid UTF-8")
+                if isinstance(line, SkipRecord):  # not UTF-8
+                    raise line
                 record = parse_record_line(line)
                 sample = encode_record(
                     record,
@@ -75,9 +74,9 @@ class JsonlLlavaDataset(Dataset):
                     max_length=max_length,
                     text_only_slots=False,
                 )
-            except RecordSkipped as skip:
+            except SkipRecord as skip:
                 if strict:
-                    raise MmloomError(f"{self.jsonl_path}:{lineno}: {skip}") from None
+                    raise MmloomError(f"{self.jsonl_path}:{lineno}: {skip.reason} ({skip})") from None
                 self.skipped[skip.reason] += 1
                 continue
             self.samples.append(sample)

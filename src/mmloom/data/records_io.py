@@ -23,30 +23,26 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from mmloom.errors import MmloomError
+from mmloom.files import BOM, JsonFileError, read_json
 
-BOM = b"\xef\xbb\xbf"
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace (RFC 8259)
 _ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, after surrogateescape decoding
 
 
-class SkipRecord(Exception):
-    """A record that cannot be used; ``reason`` is the short key it is counted under (e.g. ``bad_json``)."""
+class SkipRecord(MmloomError):
+    """A record that cannot be used: counted under ``reason`` (a short key such as ``bad_json``),
+    ``detail`` says what is wrong with it (``str(skip)`` too)."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
         self.reason = reason
-
-
-class JsonFileError(MmloomError):
-    """A whole JSON file is unusable; ``reason`` is ``bad_json`` (malformed) or ``bad_encoding`` (not UTF-8)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+        self.detail = detail
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -76,22 +72,48 @@ def _not_utf8(text: str) -> str | None:
 
 
 def load_json(path: Path) -> Any:
-    """Parse a whole JSON file (a leading UTF-8 BOM is ignored).
+    """Parse a whole JSON file (`mmloom.files.read_json`, any JSON type).
 
     Raises:
         JsonFileError: the file is not UTF-8 (reason ``bad_encoding``, the byte named) or is
             malformed JSON (reason ``bad_json``, line and column named).
         MmloomError: the file cannot be read.
     """
-    text = _decode(_read_bytes(path))
+    return read_json(path, expect=None)
+
+
+def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, str | SkipRecord]]:
+    """Yield (line number, text) per non-blank line of a jsonl file, unparsed (a BOM on the first
+    line is dropped); a line that is not UTF-8 yields a ``SkipRecord("bad_encoding")`` as its text.
+
+    Raises:
+        MmloomError: the file cannot be opened or read.
+    """
     try:
-        data = json.loads(text)
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if lineno == 1:
+                    raw = raw.removeprefix(BOM)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield lineno, SkipRecord("bad_encoding", f"not UTF-8 text ({err.reason}, byte "
+                                                             f"0x{raw[err.start]:02x} at column {err.start + 1})")
+                    continue
+                if line.strip():
+                    yield lineno, line
+    except IsADirectoryError:
+        raise MmloomError(f"{path}: is a folder, not a jsonl file") from None
+    except OSError as err:
+        raise MmloomError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def parse_json_line(line: str) -> Any:
+    """One jsonl line's value; raises ``SkipRecord("bad_json")`` naming the column."""
+    try:
+        return json.loads(line)
     except json.JSONDecodeError as err:
-        raise _malformed(path, err) from None
-    bad = _not_utf8(text)
-    if bad:
-        raise JsonFileError("bad_encoding", f"{path}: {bad}")
-    return data
+        raise SkipRecord("bad_json", f"malformed JSON at column {err.colno}: {err.msg}") from None
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -103,28 +125,15 @@ def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     Raises:
         MmloomError: the file cannot be opened or read.
     """
-    try:
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if lineno == 1:
-                    raw = raw.removeprefix(BOM)
-                where = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    yield where, SkipRecord("bad_encoding", f"not UTF-8 text ({err.reason}, byte 0x{raw[err.start]:02x} "
-                                                            f"at column {err.start + 1})")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield where, SkipRecord("bad_json", f"malformed JSON at column {err.colno}: {err.msg}")
-    except IsADirectoryError:
-        raise MmloomError(f"{path}: is a folder, not a jsonl file") from None
-    except OSError as err:
-        raise MmloomError(f"cannot read {path}: {err.strerror or err}") from None
+    for lineno, line in iter_jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        if isinstance(line, SkipRecord):
+            yield where, line
+            continue
+        try:
+            yield where, parse_json_line(line)
+        except SkipRecord as skip:
+            yield where, skip
 
 
 def _list_items(path: Path, text: str, pos: int) -> Iterator[tuple[int, int, int, Any]]:
@@ -269,3 +278,23 @@ def iter_records(path: Path, fmt: Literal["auto", "json", "jsonl"] = "auto") -> 
             raise MmloomError(f"{path}: not a JSON list (the file holds one JSON object); "
                               "expected a JSON list of records or jsonl (one record per line)")
     yield from iter_jsonl(path)
+
+
+def relative_image_path(value: Any, field: str = "image") -> str:
+    """A record's image path as a relative POSIX path that stays under the image root.
+
+    Backslashes count as separators. Raises SkipRecord ``missing_field`` (empty), ``bad_field``
+    (not a string) or ``bad_image_path`` (absolute, a drive letter, or a ``..`` part).
+    """
+    if value is None or value == "":
+        raise SkipRecord("missing_field", f"{field} is empty")
+    if not isinstance(value, str):
+        raise SkipRecord("bad_field", f"{field} is not a path string: {str(value)[:80]!r}")
+    posix = value.replace("\\", "/")
+    parts = PurePosixPath(posix).parts
+    if posix.startswith("/") or _DRIVE.match(posix) or ".." in parts:
+        raise SkipRecord("bad_image_path", f"{field} {value!r} leaves the image root (absolute or '..')")
+    name = "/".join(p for p in parts if p != ".")
+    if not name:
+        raise SkipRecord("missing_field", f"{field} {value!r} names no file")
+    return name

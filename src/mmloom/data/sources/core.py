@@ -9,40 +9,19 @@ import hashlib
 import io
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mmloom.data.records_io import SkipRecord
+from mmloom.data.records_io import SkipRecord, relative_image_path
 from mmloom.errors import MmloomError
+from mmloom.files import atomic_open
 
 IMAGE_NAME_HINT = "images in another folder? give it with --image-dir"
 
 
-def image_name(value: Any, field: str = "image") -> str:
-    """A record's image path as a relative POSIX path that stays under the image root.
-
-    Backslashes count as separators. Raises SkipRecord ``missing_field`` (empty), ``bad_field``
-    (not a string) or ``bad_image_path`` (absolute, a drive letter, or a ``..`` part).
-    """
-    if value is None or value == "":
-        raise SkipRecord("missing_field", f"{field} is empty")
-    if not isinstance(value, str):
-        raise SkipRecord("bad_field", f"{field} is not a path string: {str(value)[:80]!r}")
-    posix = value.replace("\\", "/")
-    parts = PurePosixPath(posix).parts
-    if posix.startswith("/") or _DRIVE.match(posix) or ".." in parts:
-        raise SkipRecord("bad_image_path", f"{field} {value!r} leaves the image root (absolute or '..')")
-    name = "/".join(p for p in parts if p != ".")
-    if not name:
-        raise SkipRecord("missing_field", f"{field} {value!r} names no file")
-    return name
-
-
-_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 @dataclass
@@ -95,7 +74,7 @@ class Context:
     def find_image(self, name: Any, *layout: str | Path, field: str = "image") -> str:
         """Find a record's image on disk and return its path relative to the image root.
 
-        `name` is the record's image path (checked by :func:`image_name`); `layout` are the places
+        `name` is the record's image path (checked by :func:`relative_image_path`); `layout` are the places
         the dataset's own layout keeps it, relative to the dataset root or absolute (default: `name`).
         With --image-dir, ``image_dir/name`` and ``image_dir/<file name>`` are tried next, so both
         an ancestor of the dataset and a flat image folder (the official DocVQA downloads) work.
@@ -105,7 +84,7 @@ class Context:
             SkipRecord: ``bad_image_path`` (the name leaves the root), ``missing_image`` (not found
                 under the image root; the places tried are named).
         """
-        name = image_name(name, field)
+        name = relative_image_path(name, field)
         candidates = [self.root / rel for rel in (layout or (name,))]
         if self.image_dir is not None:
             candidates += [self.image_dir / name, self.image_dir / PurePosixPath(name).name]
@@ -132,7 +111,7 @@ class Context:
         and different bytes in a file from elsewhere (another run, dataset or version) stop the
         run with an MmloomError naming the file.
         """
-        name = image_name(name)
+        name = relative_image_path(name)
         digest = hashlib.sha256(data).hexdigest()
         target = self.write_dir / name
         if name in self._written:
@@ -220,27 +199,6 @@ class Stats:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-
-
-class atomic_open:
-    """Open a temp file next to `path`; on a clean exit it replaces `path`, on an error it is removed."""
-
-    def __init__(self, path: Path, mode: str = "w") -> None:
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.mode = mode
-
-    def __enter__(self):
-        kwargs = {} if "b" in self.mode else {"encoding": "utf-8", "newline": "\n"}
-        self.fh = open(self.tmp, self.mode, **kwargs)
-        return self.fh
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.fh.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
 
 
 def dump_line(record: Any) -> str:

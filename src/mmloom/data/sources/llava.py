@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmloom.data.records_io import SkipRecord, iter_records
-from mmloom.data.sources.core import Context, Source, Stats, atomic_open, dump_line, image_name
+from mmloom.data.records_io import SkipRecord, iter_records, relative_image_path
+from mmloom.data.sources.core import Context, Source, Stats, dump_line
 from mmloom.errors import MmloomError
+from mmloom.files import atomic_open
 
 
 def _llava_read(ctx: Context) -> Iterator[tuple[str, Any]]:
@@ -36,7 +37,7 @@ def validate_llava(record: Any) -> None:
     if image is not None:
         if not (isinstance(image, str) and image):
             raise SkipRecord("bad_field", "'image' is not a non-empty string")
-        image_name(image)
+        relative_image_path(image)
 
 
 def _llava_convert(ctx: Context, record: Any) -> dict:
