@@ -116,7 +116,11 @@ def apply_eval_to_frozen(model: nn.Module) -> None:
     for module in model.modules():
         params = list(module.parameters())
         if params and not any(p.requires_grad for p in params):
-            module.eval()
+            if module is model:  # a wholly frozen model keeps its own flag (its train() calls back here)
+                for child in module.children():
+                    child.eval()
+            else:
+                module.eval()
 
 
 def trainable_table(parts: dict[str, nn.Module]) -> list[tuple[str, int, int]]:
