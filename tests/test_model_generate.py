@@ -44,7 +44,7 @@ def test_right_and_left_padded_batches_answer_like_one_by_one(tokenizer, pad_is_
         return [row[batch["input_ids"].shape[1]:].tolist() for row in out]
 
     singles = [answers(processor(conversations=[c], images=[im], add_generation_prompt=True, return_labels=False))[0]
-               for c, im in zip(conversations, images)]
+               for c, im in zip(conversations, images, strict=True)]
     for side in ("right", "left"):
         batch = processor(conversations=conversations, images=images, add_generation_prompt=True,
                           return_labels=False, padding_side=side)
