@@ -115,3 +115,24 @@ def test_projector_config_rejects_unknown_arguments():
     # A saved config round-trips (PretrainedConfig's own keys are known).
     config = MultimodalProjectorConfig(in_features=4, out_features=6, projector_type="mlp2x_silu")
     assert MultimodalProjectorConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_features_of_another_width_than_the_projector_takes_are_a_clear_error():
+    model = MultimodalModel({"vision": ModalEncoderModule(tiny_clip_vision())}, tiny_llama())
+    with pytest.raises(MmloomError, match=r"projector takes 32-wide features but got features of shape \(1, 5, 20\)"):
+        model.vision_encoder(module_features=torch.randn(1, 5, 20))
+
+
+def test_lazy_projector_with_a_given_in_features_is_checked_against_the_encoder():
+    lazy = MultimodalProjector(MultimodalProjectorConfig(in_features=40))
+    with pytest.raises(MmloomError, match="vision projector takes 40 features but the vision encoder gives 32"):
+        MultimodalModel({"vision": ModalEncoderModule(tiny_clip_vision(), projector=lazy)}, tiny_llama())
+    # An encoder whose width nothing tells works with a projector that says it.
+    encoder = tiny_conv_encoder("tensor", hidden_size=20)
+    del encoder.config.hidden_size
+    encoder.conv = torch.nn.Identity()  # no output layer either
+    told = MultimodalProjector(MultimodalProjectorConfig(in_features=3 * 8 * 8))
+    with pytest.raises(MmloomError, match=r"cannot tell the width of TinyConvEncoder's features.*in_features=D"):
+        MultimodalModel({"vision": ModalEncoderModule(encoder)}, tiny_llama())
+    model = MultimodalModel({"vision": ModalEncoderModule(encoder, projector=told)}, tiny_llama())
+    assert model.vision_encoder.projector.projection[0].in_features == 192

@@ -209,22 +209,24 @@ class MultimodalModel(nn.Module):
         cfg = projector.config
         cfg.projector_type = cfg.projector_type or projector_type
         cfg.activation = cfg.activation or activation
+        try:
+            feature_dim = encoder.feature_dim()
+        except MmloomError:
+            if cfg.in_features is None and not projector.is_built:
+                raise
+            feature_dim = None  # the encoder cannot tell: trust the given projector
+        if cfg.in_features is not None and feature_dim is not None and cfg.in_features != feature_dim:
+            raise MmloomError(
+                f"{name} projector takes {cfg.in_features} features but the {name} encoder gives {feature_dim}"
+            )
         if not projector.is_built:
             if cfg.out_features is not None and cfg.out_features != hidden:
                 raise MmloomError(
                     f"{name} projector config says out_features={cfg.out_features} but the language model's "
                     f"input embeddings are {hidden} wide"
                 )
-            projector.build(cfg.in_features if cfg.in_features is not None else encoder.feature_dim(), hidden)
+            projector.build(cfg.in_features if cfg.in_features is not None else feature_dim, hidden)
             return
-        try:
-            feature_dim = encoder.feature_dim()
-        except MmloomError:
-            feature_dim = None  # the encoder cannot tell: trust the projector's in_features
-        if cfg.in_features is not None and feature_dim is not None and cfg.in_features != feature_dim:
-            raise MmloomError(
-                f"{name} projector takes {cfg.in_features} features but the {name} encoder gives {feature_dim}"
-            )
         in_features = cfg.in_features if cfg.in_features is not None else feature_dim
         if in_features is not None:
             out = projector.output_width(in_features)  # what the projection really gives

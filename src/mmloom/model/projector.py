@@ -195,6 +195,13 @@ class MultimodalProjector(PreTrainedModel):
         if isinstance(features, (list, tuple)):
             lengths = [f.shape[0] for f in features]
             return list(self(torch.cat(list(features))).split(lengths)) if features else []
+        expected = self.config.in_features
+        if expected is not None and features.shape[-1] != expected:
+            raise MmloomError(
+                f"the projector takes {expected}-wide features but got features of shape {tuple(features.shape)}: "
+                "the encoder's width was guessed wrong or changed; give the projector explicitly, "
+                "MultimodalProjector(MultimodalProjectorConfig(in_features=...))"
+            )
         param = next((p for p in self.projection.parameters() if p.is_floating_point()), None)
         if param is not None and features.is_floating_point() and features.dtype != param.dtype:
             features = features.to(param.dtype)
