@@ -45,3 +45,15 @@ def pad_batch(rows: list[list[int]], side="right", pad=3):
         ids[i, span] = torch.tensor(row)
         mask[i, span] = 1
     return ids, mask
+
+
+class LlavaNextStub:
+    """The attributes transformers' `LlavaNextModel.pack_image_features` reads from `self`, so
+    that it can run as a plain function (views of 32 px, patches of 8 px)."""
+
+    def __init__(self, pinpoints, newline):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(image_grid_pinpoints=pinpoints,
+                                      vision_config=SimpleNamespace(image_size=32, patch_size=8))
+        self.image_newline = newline

@@ -116,7 +116,7 @@ def test_projector_types_activations_and_size_errors():
     with pytest.raises(MmloomError, match="unknown activation 'nope'"):
         vlm(projector="mlp2x_nope")
     bad = MultimodalProjector(MultimodalProjectorConfig(in_features=32, out_features=64))
-    with pytest.raises(MmloomError, match="outputs 64 features but the language model's hidden size is 48"):
+    with pytest.raises(MmloomError, match="outputs 64 features but the language model's input embeddings are 48 wide"):
         MultimodalModel({"vision": ModalEncoderModule(tiny_clip_vision(), projector=bad)}, tiny_llama())
     bad_in = MultimodalProjector(MultimodalProjectorConfig(in_features=40, out_features=48))
     with pytest.raises(MmloomError, match="takes 40 features but the vision encoder gives 32"):

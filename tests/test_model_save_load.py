@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 
-from helpers import IMAGE_ID, sample_ids, vlm
+from helpers import IMAGE_ID, LlavaNextStub, sample_ids, vlm
 from mmloom import (
     AnyresPack,
     FeatureSelect,
@@ -149,7 +149,7 @@ def test_anyres_packing_matches_llava_next_and_saves_its_newline(tmp_path):
     projected = model.vision_encoder.projector(
         model.vision_encoder.module(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
     reference = LlavaNextModel.pack_image_features(
-        _LlavaNextStub(pinpoints, anyres.image_newline), list(torch.split(projected, views)), image_sizes,
+        LlavaNextStub(pinpoints, anyres.image_newline), list(torch.split(projected, views)), image_sizes,
         vision_feature_select_strategy="default", image_newline=anyres.image_newline)[0]
     torch.testing.assert_close(torch.cat(packed), torch.cat(reference))
     ids = torch.tensor([[0, *[IMAGE_ID] * packed[0].shape[0], 9]])
@@ -159,16 +159,6 @@ def test_anyres_packing_matches_llava_next_and_saves_its_newline(tmp_path):
     torch.testing.assert_close(
         loaded(input_ids=ids, pixel_values=pixels[: views[0]], image_sizes=image_sizes[:1]).logits,
         model(input_ids=ids, pixel_values=pixels[: views[0]], image_sizes=image_sizes[:1]).logits)
-
-
-class _LlavaNextStub:
-    """The attributes LlavaNextModel.pack_image_features reads from `self`."""
-
-    def __init__(self, pinpoints, newline):
-        from types import SimpleNamespace
-        self.config = SimpleNamespace(image_grid_pinpoints=pinpoints,
-                                      vision_config=SimpleNamespace(image_size=32, patch_size=8))
-        self.image_newline = newline
 
 
 def test_loads_in_the_saved_dtype_by_default(tmp_path):

@@ -6,6 +6,7 @@ Nothing here touches a model hub: every model is initialised from a small config
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -15,12 +16,21 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PixtralVisionConfig,
+    PixtralVisionModel,
+    PretrainedConfig,
+    PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
     SiglipVisionConfig,
     SiglipVisionModel,
     WhisperConfig,
 )
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmloom.tokenization import train_bpe_tokenizer
@@ -147,3 +157,79 @@ def tiny_llm(kind: str = "llama", vocab_size: int = 400, hidden_size: int = 48, 
 
 def tiny_llama(**kw):
     return tiny_llm("llama", **kw)
+
+
+def tiny_opt(vocab_size: int = 400, hidden_size: int = 48, word_embed_proj_dim: int = 24, seed: int = 0):
+    """A 2-layer OPT whose input embeddings (`word_embed_proj_dim`) are narrower than its hidden size."""
+    _seeded(seed)
+    cfg = OPTConfig(vocab_size=vocab_size, hidden_size=hidden_size, ffn_dim=hidden_size * 2, num_hidden_layers=2,
+                    num_attention_heads=4, word_embed_proj_dim=word_embed_proj_dim, max_position_embeddings=512,
+                    bos_token_id=0, eos_token_id=1, pad_token_id=3, tie_word_embeddings=False)
+    return OPTForCausalLM(cfg).eval()
+
+
+def tiny_pixtral_vision(image_size: int = 64, patch_size: int = 8, hidden_size: int = 32, seed: int = 0):
+    """Pixtral vision tower: one token per patch of each image's own size (variable resolution)."""
+    _seeded(seed)
+    cfg = PixtralVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+                              intermediate_size=hidden_size * 2, num_hidden_layers=2, num_attention_heads=4,
+                              head_dim=hidden_size // 4)
+    return PixtralVisionModel(cfg).eval()
+
+
+def tiny_pixtral_processor(image_size: int = 64, patch_size: int = 8):
+    """Pixtral's image processor (PIL backend): longest edge `image_size`, returns `image_sizes`."""
+    from transformers import PixtralImageProcessorPil
+
+    return PixtralImageProcessorPil(size={"longest_edge": image_size},
+                                    patch_size={"height": patch_size, "width": patch_size})
+
+
+def tiny_qwen2_vl_vision(out_hidden_size: int = 40, embed_dim: int = 32, patch_size: int = 4, seed: int = 0):
+    """Qwen2-VL vision tower: 2x2 patches merged into `out_hidden_size`-wide tokens."""
+    _seeded(seed)
+    cfg = Qwen2VLVisionConfig(depth=2, embed_dim=embed_dim, hidden_size=out_hidden_size, num_heads=4,
+                              patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2)
+    return Qwen2VisionTransformerPretrainedModel(cfg).eval()
+
+
+def tiny_qwen2_vl_processor(patch_size: int = 4, max_side: int = 64):
+    """Qwen2-VL's image processor (PIL backend): returns flattened patches and `image_grid_thw`."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                                    min_pixels=(4 * patch_size) ** 2, max_pixels=max_side * max_side)
+
+
+class TinyConvConfig(PretrainedConfig):
+    """Config of `TinyConvEncoder`; `output` is the form its forward returns."""
+
+    model_type = "mmloom_tiny_conv"
+
+    def __init__(self, hidden_size: int = 32, patch_size: int = 8, output: str = "tensor", **kwargs):
+        self.hidden_size, self.patch_size, self.output = hidden_size, patch_size, output
+        super().__init__(**kwargs)
+
+
+class TinyConvEncoder(PreTrainedModel):
+    """A one-conv image encoder returning its (N, L, D) features as a bare tensor (`output=
+    "tensor"`, like custom or timm-style towers), a tuple, a BaseModelOutput, or a list of
+    per-item (L, D) tensors."""
+
+    config_class = TinyConvConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: TinyConvConfig):
+        super().__init__(config)
+        self.conv = nn.Conv2d(3, config.hidden_size, config.patch_size, config.patch_size)
+        self.post_init()
+
+    def forward(self, pixel_values):
+        features = self.conv(pixel_values).flatten(2).transpose(1, 2)  # (N, L, D)
+        return {"tensor": lambda: features, "tuple": lambda: (features,), "list": lambda: list(features),
+                "output": lambda: BaseModelOutput(last_hidden_state=features)}[self.config.output]()
+
+
+def tiny_conv_encoder(output: str = "tensor", hidden_size: int = 32, seed: int = 0) -> TinyConvEncoder:
+    _seeded(seed)
+    return TinyConvEncoder(TinyConvConfig(hidden_size=hidden_size, output=output)).eval()

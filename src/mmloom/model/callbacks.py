@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutput, ModelOutput
+from transformers.modeling_outputs import ModelOutput
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
@@ -19,6 +19,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from mmloom.errors import MmloomError
+from mmloom.model.outputs import output_features, replace_features
 
 CALLBACK_REGISTRY: dict[str, type] = {}
 
@@ -30,15 +31,6 @@ KEEP_CLS = {"cls_patch", "full"}
 def register_callback(cls):
     CALLBACK_REGISTRY[cls.callback_type] = cls
     return cls
-
-
-def replace_features(output: ModelOutput | tuple, features: torch.Tensor | list) -> ModelOutput | tuple:
-    """Put `features` in the first slot of an encoder/projector output, keeping its type."""
-    if isinstance(output, ModelOutput):
-        output = BaseModelOutput(last_hidden_state=features) if not hasattr(output, "last_hidden_state") else output
-        output.last_hidden_state = features
-        return output
-    return (features, *output[1:])
 
 
 class SerializableCallback:
@@ -168,7 +160,7 @@ class AnyresPack(nn.Module, SerializableCallback):
         return anyres_num_tokens(image_size_hw, self.image_grid_pinpoints, self.patch_grid, self.image_size)
 
     def forward(self, inputs: dict, output: ModelOutput | tuple) -> ModelOutput | tuple:
-        features = output[0]  # (sum of views, P*P, D)
+        features = output_features(output)  # (sum of views, P*P, D)
         image_sizes = inputs["image_sizes"]
         views_per_image = [self.num_views(size.tolist()) for size in image_sizes]
         packed = []

@@ -19,11 +19,25 @@ import mmloom
 from mmloom.errors import MmloomError
 from mmloom.model import serialization as ser
 from mmloom.model.callbacks import callback_from_dict, callback_to_dict
-from mmloom.model.encoder import CALLBACK_SLOTS, ModalEncoderModule, base_module
+from mmloom.model.checkpointing import disable_checkpointing, enable_checkpointing, sync_frozen_checkpointing
+from mmloom.model.encoder import (
+    CALLBACK_SLOTS,
+    ModalEncoderModule,
+    base_module,
+    forward_parameter_names,
+    forward_takes_kwargs,
+    output_width_from_structure,
+)
 from mmloom.model.feature_count import feature_tokens_per_item
-from mmloom.model.freezing import apply_eval_to_frozen, set_requires_grad_by_patterns, trainable_table
+from mmloom.model.freezing import (
+    apply_eval_to_frozen,
+    set_part_trainable,
+    set_requires_grad_by_patterns,
+    trainable_table,
+)
 from mmloom.model.loss import supervised_loss
 from mmloom.model.merge import IGNORE_INDEX, merge_features
+from mmloom.model.outputs import Features
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
 
 CONFIG_NAME = "config.json"
@@ -95,6 +109,49 @@ def _build_part(spec: dict[str, Any]) -> nn.Module:
     return module
 
 
+def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move every row's padding (attention_mask 0) to the left, keeping its tokens in order.
+
+    input_ids, attention_mask: (B, T). Rows already left-padded are returned unchanged (the
+    tensors themselves when all are)."""
+    mask = attention_mask.bool()
+    # Left-padded: once a row attends, it attends to the end.
+    if bool((mask.long().cummax(dim=1).values.bool() == mask).all()):
+        return input_ids, attention_mask
+    keys = mask.long() * (torch.arange(mask.shape[1], device=mask.device) + 1)  # pads first, then tokens in order
+    order = keys.argsort(dim=1, stable=True)
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def language_model_kwargs(module: nn.Module, **kwargs) -> dict[str, Any]:
+    """Keyword arguments for a language model's forward, as its signature wants them.
+
+    `past_key_values` is passed under the name the forward declares (`cache` in transformers
+    5.x, where the old name only triggers a deprecation warning); None values of arguments the
+    forward does not name are left out. A non-None argument that a forward without **kwargs does
+    not take raises MmloomError.
+    """
+    names, takes_extra = forward_parameter_names(module), forward_takes_kwargs(module)
+    cache = kwargs.pop("past_key_values", None)
+    if cache is not None:
+        if kwargs.get("cache") is not None:
+            raise MmloomError("give the KV cache once: past_key_values or cache, not both")
+        kwargs["cache" if "cache" in names and "past_key_values" not in names else "past_key_values"] = cache
+    out = {}
+    for key, value in kwargs.items():
+        if key in names:
+            out[key] = value
+        elif value is None:
+            continue
+        elif takes_extra:
+            out[key] = value
+        else:
+            raise MmloomError(
+                f"{type(base_module(module)).__name__}.forward takes no argument {key!r} (it takes {sorted(names)})"
+            )
+    return out
+
+
 class MultimodalModel(nn.Module):
     """Encoders (`{name}_encoder` attributes) whose projected features fill the placeholder
     tokens of their modality in the input of `language_model`.
@@ -131,7 +188,11 @@ class MultimodalModel(nn.Module):
 
     @property
     def llm_hidden_size(self) -> int:
-        return base_module(self.language_model).config.hidden_size
+        """Width of the language model's input embeddings, which projected features must have:
+        `get_input_embeddings().embedding_dim` (OPT: `word_embed_proj_dim`, not `hidden_size`)."""
+        embeddings = self.language_model.get_input_embeddings()
+        width = getattr(embeddings, "embedding_dim", None)
+        return int(width) if width is not None else int(embeddings.weight.shape[-1])
 
     @property
     def device(self) -> torch.device:
@@ -142,22 +203,46 @@ class MultimodalModel(nn.Module):
         return next(self.parameters()).dtype
 
     def _connect_projector(self, name: str, encoder: ModalEncoderModule, projector_type: str, activation: str):
-        feature_dim, hidden = encoder.feature_dim(), self.llm_hidden_size
-        projector = encoder.projector
-        if not projector.is_built:
-            projector.config.projector_type, projector.config.activation = projector_type, activation
-            projector.build(feature_dim, hidden)
-            return
+        """Build a lazy projector from the encoder's and the LLM's widths, or check a given one;
+        a projector whose widths do not fit raises MmloomError naming both widths."""
+        hidden, projector = self.llm_hidden_size, encoder.projector
         cfg = projector.config
-        if cfg.in_features is not None and cfg.in_features != feature_dim:
+        cfg.projector_type = cfg.projector_type or projector_type
+        cfg.activation = cfg.activation or activation
+        try:
+            feature_dim = encoder.feature_dim()
+        except MmloomError:
+            if cfg.in_features is None and not projector.is_built:
+                raise
+            feature_dim = None  # the encoder cannot tell: trust the given projector
+        if cfg.in_features is not None and feature_dim is not None and cfg.in_features != feature_dim:
             raise MmloomError(
                 f"{name} projector takes {cfg.in_features} features but the {name} encoder gives {feature_dim}"
             )
+        if not projector.is_built:
+            if cfg.out_features is not None and cfg.out_features != hidden:
+                raise MmloomError(
+                    f"{name} projector config says out_features={cfg.out_features} but the language model's "
+                    f"input embeddings are {hidden} wide"
+                )
+            projector.build(cfg.in_features if cfg.in_features is not None else feature_dim, hidden)
+            return
+        in_features = cfg.in_features if cfg.in_features is not None else feature_dim
+        if in_features is not None:
+            out = projector.output_width(in_features)  # what the projection really gives
+        else:
+            out = cfg.out_features or output_width_from_structure(projector.projection)
+        if out is not None and out != hidden:
+            raise MmloomError(
+                f"{name} projector outputs {out} features but the language model's input embeddings are "
+                f"{hidden} wide: the projection must map to {hidden}"
+            )
         if cfg.out_features is not None and cfg.out_features != hidden:
             raise MmloomError(
-                f"{name} projector outputs {cfg.out_features} features but the language model's hidden "
-                f"size is {hidden}"
+                f"{name} projector config says out_features={cfg.out_features} but the language model's "
+                f"input embeddings are {hidden} wide"
             )
+        cfg.in_features, cfg.out_features = in_features, hidden
 
     def _unknown_modalities(self, names: Iterable[str], what: str) -> None:
         unknown = sorted(set(names) - set(self.encoder_names))
@@ -197,9 +282,10 @@ class MultimodalModel(nn.Module):
                 rest[key] = value
         return {name: inputs for name, inputs in per_encoder.items() if inputs}, rest
 
-    def encode(self, modality: str, **inputs) -> torch.Tensor | list[torch.Tensor]:
-        """Projected features of one modality: (N_items, L, D) or a list of (L_i, D)."""
-        return self.encoders[modality](**inputs)[0]
+    def encode(self, modality: str, **inputs) -> Features:
+        """Projected features of one modality: (N_items, L, D), a list of (L_i, D), or a flat
+        (T, D) stream when the item boundaries cannot be told."""
+        return self.encoders[modality].item_features(**inputs)
 
     def embed_inputs(self, input_ids: torch.Tensor, encoder_inputs: dict[str, dict]) -> torch.Tensor:
         """Token embeddings with every modality's features merged at its placeholders."""
@@ -246,6 +332,8 @@ class MultimodalModel(nn.Module):
         """
         encoder_inputs, llm_kwargs = self._route_inputs(kwargs)
         llm_kwargs.pop("return_dict", None)
+        if use_cache is None and labels is not None:
+            use_cache = False  # a training/loss forward builds no KV cache (nor checkpointing warnings)
         if inputs_embeds is None:
             if input_ids is None:
                 raise MmloomError("forward needs input_ids or inputs_embeds")
@@ -254,7 +342,8 @@ class MultimodalModel(nn.Module):
                 labels = self.mask_placeholder_labels(input_ids, labels)
         if labels is not None and not compute_logits:
             return self._supervised_only(inputs_embeds, attention_mask, position_ids, labels, llm_kwargs)
-        return self.language_model(
+        return self.language_model(**language_model_kwargs(
+            self.language_model,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             labels=labels,
@@ -263,15 +352,16 @@ class MultimodalModel(nn.Module):
             use_cache=use_cache,
             return_dict=True,
             **llm_kwargs,
-        )
+        ))
 
     def _supervised_only(self, inputs_embeds, attention_mask, position_ids, labels, llm_kwargs):
         llm = base_module(self.language_model)
         num_items = llm_kwargs.pop("num_items_in_batch", None)
-        hidden = llm.get_decoder()(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+        decoder = llm.get_decoder()
+        hidden = decoder(**language_model_kwargs(
+            decoder, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=False, return_dict=True, **llm_kwargs,
-        ).last_hidden_state  # (B, T, D)
+        )).last_hidden_state  # (B, T, D)
         config = llm.config
         loss = supervised_loss(
             hidden, labels, llm.get_output_embeddings(), num_items,
@@ -284,14 +374,20 @@ class MultimodalModel(nn.Module):
     def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Generate with the language model's own `generate` (KV cache, greedy/sampling, batching).
 
-        Pad batches on the left. Returns the prompt ids followed by the generated ids, like HF.
+        `input_ids` (B, T) may be padded on either side: the LLM sees only `inputs_embeds`, so
+        it cannot tell padding itself, and a right-padded row would continue after its pads.
+        Rows that are not left-padded are re-padded to the left (tokens kept in order, pads
+        moved first) before the features are merged, so every row gives the answer it gives
+        alone. Returns the `input_ids` as given followed by the generated ids (B, T + new),
+        like HF: the new tokens of every row start at column T.
         """
         encoder_inputs, generate_kwargs = self._route_inputs(kwargs)
-        inputs_embeds = self.embed_inputs(input_ids, encoder_inputs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        prompt_ids, prompt_mask = left_pad(input_ids, attention_mask)
+        inputs_embeds = self.embed_inputs(prompt_ids, encoder_inputs)
         new_tokens = self.language_model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+            inputs_embeds=inputs_embeds, attention_mask=prompt_mask, **generate_kwargs
         )
         return torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=1)
 
@@ -315,34 +411,71 @@ class MultimodalModel(nn.Module):
         encoders_mode: dict[str, tuple[bool, bool]] | None = None,
         llm_mode: bool | None = None,
     ) -> MultimodalModel:
-        """Set train/eval mode; optionally choose what trains.
+        """Set train/eval mode and, optionally, what trains. Returns the model.
 
-        `encoders_mode={"vision": (module_trainable, projector_trainable)}` and `llm_mode`
-        set requires_grad per part; frozen modules always stay in eval mode.
+        - `mode`: train (True) or eval (False) mode, as `nn.Module.train`.
+        - `encoders_mode={"vision": (module_trainable, projector_trainable)}`: requires_grad of
+          the named encoders' modules and projectors. Encoders not named keep theirs.
+        - `llm_mode`: requires_grad of the language model; None leaves it as it is.
+
+        Each argument touches only the parts it names: `train(llm_mode=False)` freezes the
+        language model and nothing else (encoders and projectors keep their requires_grad),
+        unlike Cornstarch, where `llm_mode=False` alone freezes every part. LLaVA phase 1 is
+        `train(encoders_mode={"vision": (False, True)}, llm_mode=False)`.
+        A PEFT-wrapped part made trainable trains only its adapters and `modules_to_save`,
+        never its base weights. Fully frozen modules stay in eval mode (no dropout), and
+        gradient checkpointing stays effective in them (see `model.checkpointing`).
+
+        Raises MmloomError for unknown encoder names and for arguments of the wrong kind, e.g.
+        `train({...}, False)`: pass `encoders_mode` and `llm_mode` by keyword.
         """
+        self._check_train_arguments(mode, encoders_mode, llm_mode)
         if encoders_mode is not None:
             self._unknown_modalities(encoders_mode, "encoders_mode")
             for name, (module_trainable, projector_trainable) in encoders_mode.items():
-                self.encoders[name].module.requires_grad_(bool(module_trainable))
-                self.encoders[name].projector.requires_grad_(bool(projector_trainable))
+                set_part_trainable(self.encoders[name].module, bool(module_trainable))
+                set_part_trainable(self.encoders[name].projector, bool(projector_trainable))
         if llm_mode is not None:
-            self.language_model.requires_grad_(bool(llm_mode))
-            if hasattr(self.language_model, "peft_config") and llm_mode:
-                # With LoRA only the adapters train, never the base weights.
-                for pname, param in self.language_model.named_parameters():
-                    param.requires_grad_("lora_" in pname or "modules_to_save" in pname)
+            set_part_trainable(self.language_model, bool(llm_mode))
         super().train(mode)
         apply_eval_to_frozen(self)
+        sync_frozen_checkpointing(self)
         return self
+
+    def _check_train_arguments(self, mode, encoders_mode, llm_mode) -> None:
+        usage = ("use model.train(mode=True, encoders_mode={'vision': (module_trainable, projector_trainable)}, "
+                 "llm_mode=True/False), with encoders_mode and llm_mode by keyword")
+        if not isinstance(mode, bool):
+            hint = " (the dict looks like encoders_mode)" if isinstance(mode, dict) else ""
+            raise MmloomError(f"train(): mode must be True or False, got {type(mode).__name__} {mode!r}{hint}; {usage}")
+        if encoders_mode is not None:
+            if not isinstance(encoders_mode, dict):
+                raise MmloomError(
+                    f"train(): encoders_mode must be a dict of encoder name -> (module_trainable, "
+                    f"projector_trainable), got {type(encoders_mode).__name__} {encoders_mode!r}; {usage}"
+                )
+            for name, value in encoders_mode.items():
+                if not (isinstance(value, (tuple, list)) and len(value) == 2
+                        and all(isinstance(v, bool) for v in value)):
+                    raise MmloomError(
+                        f"train(): encoders_mode[{name!r}] must be a pair of bools (module_trainable, "
+                        f"projector_trainable), got {value!r}"
+                    )
+        if llm_mode is not None and not isinstance(llm_mode, bool):
+            raise MmloomError(f"train(): llm_mode must be True, False or None, got {type(llm_mode).__name__}; {usage}")
 
     def freeze(self, patterns: str | list[str]) -> MultimodalModel:
         """Freeze parameters whose names match any regex (Cerebras names like `^image_model` map
         to `vision_encoder.module`, `^text_model` to `language_model`)."""
         set_requires_grad_by_patterns(self, [patterns] if isinstance(patterns, str) else list(patterns), False)
         apply_eval_to_frozen(self)
+        sync_frozen_checkpointing(self)
         return self
 
     def unfreeze(self, patterns: str | list[str]) -> MultimodalModel:
+        """Unfreeze parameters whose names match any regex. The base weights of a PEFT-wrapped
+        part stay frozen (its adapters unfreeze); a pattern matching only such weights raises
+        MmloomError."""
         set_requires_grad_by_patterns(self, [patterns] if isinstance(patterns, str) else list(patterns), True)
         self.train(self.training)
         return self
@@ -362,22 +495,25 @@ class MultimodalModel(nn.Module):
         return rows
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint activations in every encoder, projector and the language model."""
+        """Checkpoint activations in every encoder, projector and the language model, frozen
+        parts included (phase 1: the frozen LLM that gradients flow through)."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         for part in [*(e.module for e in self.encoders.values()), self.language_model]:
             base = base_module(part)
             if getattr(base, "supports_gradient_checkpointing", False):
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                enable_checkpointing(base, kwargs)
         for encoder in self.encoders.values():
             encoder.projector.gradient_checkpointing = True
+        sync_frozen_checkpointing(self)
 
     def gradient_checkpointing_disable(self) -> None:
         for part in [*(e.module for e in self.encoders.values()), self.language_model]:
             base = base_module(part)
             if getattr(base, "supports_gradient_checkpointing", False):
-                base.gradient_checkpointing_disable()
+                disable_checkpointing(base)
         for encoder in self.encoders.values():
             encoder.projector.gradient_checkpointing = False
+        sync_frozen_checkpointing(self)
 
     # ------------------------------------------------------------ save and load
     @property

@@ -19,7 +19,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 from mmloom.errors import MmloomError
 from mmloom.files import read_json, write_json
 from mmloom.model.callbacks import AnyresPack, anyres_num_tokens
-from mmloom.model.feature_count import feature_tokens_per_item
+from mmloom.model.feature_count import item_token_counts, token_count_spec
 from mmloom.model.merge import IGNORE_INDEX
 from mmloom.processing.image import ImageTransform
 from mmloom.processing.templates import (
@@ -127,7 +127,7 @@ class MultimodalProcessor:
             if isinstance(packer, AnyresPack):
                 anyres[name] = {k: v for k, v in packer.to_dict().items() if k != "hidden_size"}
             else:
-                num_tokens[name] = feature_tokens_per_item(hf_config, callbacks)
+                num_tokens[name] = token_count_spec(hf_config, callbacks)
         processor = cls(encoder_processors, tokenizer, template, num_tokens=num_tokens, anyres=anyres, **kwargs)
         for name, model_id in config.placeholder_token_ids.items():
             if processor.placeholder_ids.get(name) != model_id:
@@ -152,7 +152,7 @@ class MultimodalProcessor:
             return [anyres_num_tokens(_height_width(item), **self.anyres[modality]) for item in items]
         if modality not in self.num_tokens:
             raise MmloomError(f"no feature-token count for {modality}: build the processor with from_model()")
-        return [self.num_tokens[modality]] * len(items)
+        return item_token_counts(self.num_tokens[modality], items, self.encoder_processors.get(modality))
 
     def encode_messages(
         self, messages: list[dict], item_tokens: dict[str, list[int]], add_generation_prompt: bool = False,
