@@ -1,5 +1,13 @@
-import pytest
-import torch
+import os
+
+# Tiny models: one thread per process is faster than several (thread start-up dominates), and the
+# subprocesses the tests start (CLI runs, torchrun ranks) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from mmloom.testing import tiny_tokenizer
 
