@@ -45,12 +45,39 @@ def register(subparsers) -> None:
     _model_options(gen)
     gen.set_defaults(func=run_generate)
 
-    score = subparsers.add_parser("score", help="score answers against references")
-    score.add_argument("answers", metavar="ANSWERS.jsonl")
-    score.add_argument("--references", required=True, metavar="REFS.jsonl")
-    score.add_argument("--metric", required=True, choices=["exact", "vqa", "choice", "yesno"])
-    score.add_argument("--by", metavar="FIELD", help="also report per value of this field (e.g. question_type)")
-    score.add_argument("--output-json", metavar="PATH", help="write the scores as JSON")
+    score = subparsers.add_parser(
+        "score", help="score answers against references",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Score ANSWERS.jsonl (mmloom generate output: one JSON object per line with
+question_id and text) against REFS.jsonl, matched by question_id; an id may
+appear only once per file.
+
+REFS.jsonl: one JSON object per line with question_id and, per --metric:
+  exact   answer (string) or answers (list): normalised exact match (lowercase,
+          punctuation and articles removed) against any of them
+  vqa     answers: the human answers (strings or {"answer": ...}, as in VQAv2).
+          Official VQA accuracy: VQA answer normalisation (punctuation, number
+          words -> digits, articles, contractions), then the mean over the n
+          leave-one-out subsets of min(#matches / 3, 1); with 10 answers,
+          1 / 2 / 3 / 4+ matches score 0.3 / 0.6 / 0.9 / 1.0. Fewer than 10
+          answers: the mean over the n subsets; at least 2 answers needed
+  choice  label (else answer): the option letter; the first letter found in the
+          answer counts (only the first len(options) letters if options is given)
+  yesno   label (else answer): yes/no; answers read as POPE does; also reports
+          precision, recall, F1 (positive = yes) and the yes ratio
+Other reference fields can group the scores (--by). Scores are accuracies
+(fraction correct, printed as %); answers without a reference and references
+without an answer are counted and not scored.""",
+    )
+    score.add_argument("answers", metavar="ANSWERS.jsonl", help="answers: question_id, text per line")
+    score.add_argument("--references", required=True, metavar="REFS.jsonl",
+                       help="references: question_id + the metric's fields per line (see above)")
+    score.add_argument("--metric", required=True, choices=["exact", "vqa", "choice", "yesno"],
+                       help="how an answer is compared with its reference (see above)")
+    score.add_argument("--by", metavar="FIELD",
+                       help="also report per value of this reference (or answer) field, e.g. question_type "
+                       "(default: overall only)")
+    score.add_argument("--output-json", metavar="PATH", help="also write the scores as JSON (default: not written)")
     score.set_defaults(func=run_score)
 
 
@@ -82,20 +109,19 @@ def run_generate(args) -> int:
 
 def run_score(args) -> int:
     import json
-    from pathlib import Path
 
     from rich.console import Console
 
-    from mmloom.inference.generate import read_jsonl
-    from mmloom.inference.score import format_table, score_answers
+    from mmloom.data.sources.core import atomic_open
+    from mmloom.inference.score import format_table, score_files
 
-    result = score_answers(read_jsonl(args.answers, "answers file"), read_jsonl(args.references, "references file"),
-                           args.metric, by=args.by)
+    result = score_files(args.answers, args.references, args.metric, by=args.by)
     console = Console()
     console.print(format_table(result))
     if result["missing"] or result["unmatched"]:
         console.print(f"{result['missing']} reference(s) without an answer, "
                       f"{result['unmatched']} answer(s) without a reference (not scored)")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(result, indent=2))
+        with atomic_open(args.output_json) as f:
+            f.write(json.dumps(result, indent=2) + "\n")
     return 0
