@@ -9,7 +9,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from mmloom.testing import tiny_tokenizer
+from mmloom.testing import tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

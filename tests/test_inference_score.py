@@ -226,4 +226,4 @@ def test_score_reads_bom_files_and_refuses_non_utf8(tmp_path, capsys):
     capsys.readouterr()
     assert main(["score", a, "--references", str(r), "--metric", "exact"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"mmloom score: error: references file {r}: not UTF-8 text") and "Traceback" not in err
+    assert err.startswith(f"mmloom score: error: references file {r}:1: not UTF-8 text") and "Traceback" not in err

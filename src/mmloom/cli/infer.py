@@ -112,7 +112,7 @@ def run_score(args) -> int:
 
     from rich.console import Console
 
-    from mmloom.data.sources.core import atomic_open
+    from mmloom.files import atomic_open
     from mmloom.inference.score import format_table, score_files
 
     result = score_files(args.answers, args.references, args.metric, by=args.by)

@@ -108,6 +108,30 @@ def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, str | SkipRecord]]:
         raise MmloomError(f"cannot read {path}: {err.strerror or err}") from None
 
 
+def read_jsonl_objects(path: str | Path, what: str = "file") -> list[tuple[int, dict]]:
+    """`(line number, object)` for each non-blank line of a jsonl file that must be all good
+    (questions, answers, references): a leading BOM is ignored; raises MmloomError naming `what`
+    and the file when it does not exist, and `file:line` for a line that is not UTF-8 or not a JSON
+    object."""
+    path = Path(path)
+    if not path.exists():
+        raise MmloomError(f"{what} {str(path)!r} not found")
+    out = []
+    for lineno, line in iter_jsonl_lines(path):
+        record = line if isinstance(line, SkipRecord) else None
+        if record is None:
+            try:
+                record = parse_json_line(line)
+            except SkipRecord as skip:
+                record = skip
+        if isinstance(record, SkipRecord):
+            raise MmloomError(f"{what} {path}:{lineno}: {record}")
+        if not isinstance(record, dict):
+            raise MmloomError(f"{what} {path}:{lineno}: expected a JSON object per line")
+        out.append((lineno, record))
+    return out
+
+
 def parse_json_line(line: str) -> Any:
     """One jsonl line's value; raises ``SkipRecord("bad_json")`` naming the column."""
     try:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageStat
 
+from mmloom.data.records_io import read_jsonl_objects
 from mmloom.errors import MmloomError
 from mmloom.interop.common import torch_dtype
 from mmloom.model.multimodal import MultimodalModel
@@ -108,35 +109,9 @@ def answer_batch(model, processor, conversations: list[list[dict]], images: list
 
 
 # ------------------------------------------------------------------------------------ files
-def read_jsonl_lines(path: str | Path, what: str = "file") -> list[tuple[int, dict]]:
-    """`(line number, object)` for each non-blank line of a jsonl file (1-based line numbers).
-
-    A leading UTF-8 byte-order mark is ignored. Raises `MmloomError` naming `what` and the file when
-    it does not exist or is not UTF-8 text, and `file:line` when a line is not a JSON object."""
-    path = Path(path)
-    if not path.exists():
-        raise MmloomError(f"{what} {str(path)!r} not found")
-    records = []
-    try:
-        with path.open(encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise MmloomError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise MmloomError(f"{path}:{number}: expected a JSON object per line")
-                records.append((number, record))
-    except UnicodeDecodeError as err:
-        raise MmloomError(f"{what} {path}: not UTF-8 text ({err.reason})") from None
-    return records
-
-
 def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
-    """The JSON objects of a jsonl file, one per non-blank line; raises as `read_jsonl_lines`."""
-    return [record for _, record in read_jsonl_lines(path, what)]
+    """The JSON objects of a jsonl file, one per non-blank line; raises as `read_jsonl_objects`."""
+    return [record for _, record in read_jsonl_objects(path, what)]
 
 
 def done_question_ids(output: Path) -> set[str]:

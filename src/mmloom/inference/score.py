@@ -28,8 +28,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from mmloom.data.records_io import read_jsonl_objects
 from mmloom.errors import MmloomError
-from mmloom.inference.generate import read_jsonl_lines
 
 METRICS = ("exact", "vqa", "choice", "yesno")
 
@@ -290,8 +290,8 @@ def score_answers(answers: list[dict], references: list[dict], metric: str, by: 
 def score_files(answers_path: str | Path, references_path: str | Path, metric: str,
                 by: str | None = None) -> dict[str, Any]:
     """`score_answers` on two jsonl files; errors name the file and line ("refs.jsonl:7: ...")."""
-    answers = [(f"{answers_path}:{n}", r) for n, r in read_jsonl_lines(answers_path, "answers file")]
-    references = [(f"{references_path}:{n}", r) for n, r in read_jsonl_lines(references_path, "references file")]
+    answers = [(f"{answers_path}:{n}", r) for n, r in read_jsonl_objects(answers_path, "answers file")]
+    references = [(f"{references_path}:{n}", r) for n, r in read_jsonl_objects(references_path, "references file")]
     return _score(answers, references, metric, by)
 
 
