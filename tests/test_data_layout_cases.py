@@ -9,6 +9,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmloom.cli.main import main
@@ -134,6 +135,34 @@ def test_slots_found_by_position_not_by_pad_value(root, tokenizer):
         LlavaCollator(IMG, PAD, NP)([dict(ds[0], image_start_idx=150)])  # into the padding tail
     with pytest.raises(MmloomError, match="sample 0 has an image but no recorded image slots"):
         LlavaCollator(IMG, PAD, NP)([dict(ds[0], image_start_idx=-1)])
+
+
+def test_text_only_samples_without_slots(root, tokenizer):
+    """`text_only_slots: false`: a text-only sample is its text alone (LLaVA's layout) and trains:
+    a micro-batch without any image gets one extra unlabelled row that carries the dummy image."""
+    from helpers import vlm
+    from mmloom.data.collate import TrainCollator
+    from mmloom.processing.processor import MultimodalProcessor
+
+    params = build(root, "noslots", root / "tok", [FIRST, TEXT], "vicuna_v1", 200, text_only_slots=False)
+    rows, paths, starts = read_h5(root / "noslots_h5")
+    assert paths == [b"a.png", b"None"] and starts[1] == -1 and (rows[1, 3, : int((rows[1, 3] == 0).sum())] == 0).all()
+    assert params["image_patch_info"]["image_patch_start_idx"] == starts[0]
+    ds = HDF5LlavaDataset(root / "noslots_h5", root / "images", ImageTransform(image_size=32))
+    batch = TrainCollator(IMG, PAD, NP)([ds[1]])
+    n = int(ds[1]["key_padding_mask"].eq(0).sum())
+    assert batch["input_ids"].shape == (2, max(n, NP)) and batch["num_samples"] == 1
+    assert (batch["input_ids"][1, :NP] == IMG).all() and (batch["labels"][1] == -100).all()
+    assert batch["pixel_values"].shape == (1, 3, 32, 32) and not batch["pixel_values"].any()
+    model = vlm().eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    loss = model(**inputs, pixel_values=batch["pixel_values"]).loss
+    # the same conversation through the processor (no image, no slots): the same loss
+    processor = MultimodalProcessor({"vision": ImageTransform(image_size=32)}, tokenizer, "vicuna_v1",
+                                    num_tokens={"vision": NP})
+    alone = processor(conversations=[TEXT])
+    assert alone["input_ids"][0].tolist() == batch["input_ids"][0, :n].tolist()
+    torch.testing.assert_close(model(**{k: alone[k] for k in ("input_ids", "attention_mask", "labels")}).loss, loss)
 
 
 def test_bom_and_non_utf8_lines(root):

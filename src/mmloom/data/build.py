@@ -155,7 +155,7 @@ def _encode_line(line: str):
         conversation_key=ds.conversation_key,
         content_key=ds.content_key,
         max_length=cfg.processor.max_sequence_length,
-        text_only_slots=True,
+        text_only_slots=ds.text_only_slots,
     )
     if sample.image_turn > 0 and ds.image_in_later_turn == "skip":
         raise SkipRecord(

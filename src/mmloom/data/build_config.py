@@ -55,6 +55,13 @@ class DatasetConfig(_Section):
     plain_terminator: Literal["eos", "newline"] = Field(
         "eos", description="plain template: end captions with EOS (Cerebras) or '\\n' (original LLaVA)"
     )
+    text_only_slots: bool = Field(
+        True,
+        description="give text-only samples masked image slots at the image start index (the seed's and Cerebras' "
+        "layout, which Cerebras' trainer needs); false: text-only samples are their text alone (no "
+        "num_patches masked positions computed for nothing, more of them fit max_sequence_length); mmloom's "
+        "trainer reads both",
+    )
     image_in_later_turn: Literal["keep", "skip"] = Field(
         "keep",
         description="records whose image is not in the first human turn: keep (mmloom's trainer reads each "

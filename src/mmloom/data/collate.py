@@ -115,7 +115,9 @@ class TrainCollator:
     key_padding_mask and fed a dummy image"): the vision encoder and projector then run on every
     micro-batch of every rank, which DDP and FSDP need (same collectives and the same parameters
     used on every rank). The dummy features sit in positions nothing attends to and nothing is
-    supervised at, so they change neither the loss nor any gradient.
+    supervised at, so they change neither the loss nor any gradient. When no sample of the
+    micro-batch has slots (text-only samples built with `text_only_slots: false`), one extra row of
+    `num_feature_tokens` image positions carries the dummy image; it has no label and is not counted.
     """
 
     def __init__(self, image_token_id: int, pad_token_id: int, num_feature_tokens: int, dummy_images: bool = True,
@@ -143,7 +145,28 @@ class TrainCollator:
         if bool(use.any()):
             batch["input_ids"] = input_ids
             batch["pixel_values"] = torch.stack([item["image_data"] for item, u in zip(items, use.tolist(), strict=True) if u])
+        elif items:
+            self._add_dummy_row(batch, items[0]["image_data"])
         return batch
+
+    def _add_dummy_row(self, batch: dict, image_like: torch.Tensor) -> None:
+        """Append a row of image positions fed a zero image (no labels, counted nowhere)."""
+        n = self.num_feature_tokens
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        width = max(ids.shape[1], n)
+        pad = width - ids.shape[1]
+        if pad:
+            ids = torch.nn.functional.pad(ids, (0, pad), value=self.base.pad_token_id)
+            mask = torch.nn.functional.pad(mask, (0, pad), value=0)
+            labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
+        row = torch.full((1, width), self.base.pad_token_id, dtype=ids.dtype)
+        row[0, :n] = self.image_token_id
+        row_mask = torch.zeros((1, width), dtype=mask.dtype)
+        row_mask[0, :n] = 1
+        batch["input_ids"] = torch.cat([ids, row])
+        batch["attention_mask"] = torch.cat([mask, row_mask])
+        batch["labels"] = torch.cat([labels, torch.full((1, width), IGNORE_INDEX, dtype=labels.dtype)])
+        batch["pixel_values"] = torch.zeros_like(image_like)[None]
 
 
 class PackedCollator:
