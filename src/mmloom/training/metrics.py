@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,11 @@ class StepWork:
     encoder_images: int = 0
     projected_images: int = 0
 
-    FIELDS = ("tokens", "attention_pairs", "head_positions", "encoder_images", "projected_images")
-
     def __add__(self, other: StepWork) -> StepWork:
-        return StepWork(*(getattr(self, f) + getattr(other, f) for f in self.FIELDS))
+        return StepWork(*(a + b for a, b in zip(self.to_list(), other.to_list(), strict=True)))
 
     def to_list(self) -> list[int]:
-        return [int(getattr(self, f)) for f in self.FIELDS]
+        return [int(getattr(self, f.name)) for f in fields(self)]
 
     @classmethod
     def from_list(cls, values) -> StepWork:
