@@ -37,3 +37,14 @@ def test_fast_loss_matches_full_logits_loss(llm_kind, monkeypatch):
     full_n, _ = run(True, num_items_in_batch=torch.tensor(50))
     fast_n, _ = run(False, num_items_in_batch=torch.tensor(50))
     torch.testing.assert_close(fast_n.loss, full_n.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_a_micro_batch_without_supervised_tokens_still_backpropagates():
+    """E.g. the padding samples that fill the last step of an epoch (drop_last: false)."""
+    from mmloom.model.loss import supervised_loss
+
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11)
+    loss = supervised_loss(hidden, torch.full((2, 5), -100), head)
+    loss.backward()
+    assert float(loss) == 0.0 and hidden.grad is not None and not hidden.grad.any()

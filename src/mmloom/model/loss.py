@@ -35,12 +35,16 @@ def supervised_loss(
     softcap: float | None = None,
     logit_scale: float | None = None,
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy over supervised tokens (or sum / num_items_in_batch)."""
+    """Mean next-token cross-entropy over supervised tokens (or sum / num_items_in_batch), a
+    float32 scalar. With no supervised token it is 0 but still part of the graph (a zero
+    gradient), so `backward()` works on every micro-batch and every rank."""
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX
     selected = hidden_states[:, :-1][keep]  # (N, D)
     targets = targets[keep]  # (N,)
     total = hidden_states.new_zeros((), dtype=torch.float32)
+    if selected.shape[0] == 0:
+        total = total + hidden_states.float().sum() * 0.0
     for start in range(0, selected.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
         args = (selected[chunk], targets[chunk], lm_head, softcap, logit_scale)

@@ -21,6 +21,7 @@ from mmloom.data.h5_format import read_data_params
 from mmloom.data.sampling import EvalSampler, PaddedDataset, sample_lengths, steps_per_epoch
 from mmloom.errors import MmloomError
 from mmloom.model import serialization as ser
+from mmloom.model.feature_count import encoder_positions
 from mmloom.training import builder
 from mmloom.training.checkpoint import (
     full_model_state,
@@ -40,7 +41,14 @@ from mmloom.training.data import (
 )
 from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap_model
 from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
-from mmloom.training.metrics import FlopsEstimator, MetricsWriter, ProgressDisplay, ThroughputWindow
+from mmloom.training.metrics import (
+    FlopsEstimator,
+    MetricsWriter,
+    ProgressDisplay,
+    StepWork,
+    ThroughputWindow,
+    batch_work,
+)
 from mmloom.training.optim import build_optimizer, build_scheduler
 
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -59,6 +67,7 @@ class StepResult:
     loss_tokens: int  # supervised tokens, all ranks
     samples: int
     images: int  # images through the vision encoder (dummies included), all ranks
+    work: StepWork | None = None  # what ran, summed over micro-batches and ranks (for the FLOPs)
 
 
 class Trainer:
@@ -121,8 +130,10 @@ class Trainer:
         self.num_feature_tokens = model.num_feature_tokens("vision")
         vision_cfg = model.encoders["vision"].config
         self.image_size = int(getattr(vision_cfg, "image_size", 0) or 0)
-        patch = int(getattr(vision_cfg, "patch_size", 1) or 1)
-        self.image_positions = (self.image_size // patch) ** 2 + 1 if self.image_size else self.num_feature_tokens
+        try:  # the encoder's sequence length (a CLS token only where the model has one)
+            self.image_positions = encoder_positions(vision_cfg)
+        except MmloomError:
+            self.image_positions = self.num_feature_tokens
         if for_training or self.ctx.mode == "fsdp":
             self.model = wrap_model(model, self.ctx, run.find_unused_parameters)
         else:
@@ -227,13 +238,17 @@ class Trainer:
         average gradients over ranks.
         """
         ctx = self.ctx
+        work = sum((batch_work(b, self.cfg.model.loss_on_supervised_only) for b in micro_batches), StepWork())
         local = [
             sum(b["num_loss_tokens"] for b in micro_batches),
             sum(b["num_attended_tokens"] for b in micro_batches),
             sum(b["num_samples"] for b in micro_batches),
             sum(0 if b.get("pixel_values") is None else int(b["pixel_values"].shape[0]) for b in micro_batches),
+            *work.to_list(),
         ]
-        loss_tokens, tokens, samples, images = (int(v) for v in ctx.all_reduce_sum(local).tolist())
+        reduced = [int(v) for v in ctx.all_reduce_sum(local).tolist()]
+        loss_tokens, tokens, samples, images = reduced[:4]
+        work = StepWork.from_list(reduced[4:])
         if self.cfg.model.loss_scaling == "num_tokens":
             denom = float(max(loss_tokens, 1))
         else:
@@ -248,7 +263,7 @@ class Trainer:
                 (loss * scale).backward()
             loss_sum += loss.detach().double().cpu()
         total = float(ctx.all_reduce_sum(loss_sum.reshape(1))[0])
-        return StepResult(total, None, tokens, loss_tokens, samples, images)
+        return StepResult(total, None, tokens, loss_tokens, samples, images, work)
 
     def clip_gradients(self) -> float:
         max_norm = self.cfg.optimizer.max_gradient_norm
@@ -370,7 +385,7 @@ class Trainer:
                     time.sleep(debug_sleep)
                 done = step + 1
                 dt = time.perf_counter() - t0
-                window.add(dt, t_data, res.tokens, res.samples, flops.step_flops(res.tokens, res.images))
+                window.add(dt, t_data, res.tokens, res.samples, flops.flops(res.work))
                 record = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
                           "loss_tokens": res.loss_tokens, "epoch": done / self.steps_per_epoch}
                 if len(lrs) > 1 and "projector" in lrs:

@@ -5,56 +5,230 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from mmloom.model.encoder import base_module
+from mmloom.model.merge import IGNORE_INDEX
 
 METRICS_NAME = "metrics.jsonl"
 
 
 # ------------------------------------------------------------------------------------ FLOPs
-class FlopsEstimator:
-    """Trainable-aware training FLOPs (the "6 N per token" rule, split by what trains).
+@dataclass
+class StepWork:
+    """What micro-batches make the model compute, in the units `FlopsEstimator` prices.
 
-    Per token (or image position) through a linear part with N weights: 2N forward, 2N for the
-    input gradients when the backward pass has to go through the part (something before it, or in
-    it, trains), 2N_trainable for the weight gradients. A fully trainable part is thus 6N; the
-    frozen LLM of phase 1 is 4N (gradients flow through it to the projector); the frozen vision
-    encoder is 2N. Attention's sequence-quadratic terms and embeddings lookups are left out.
+    Counts add up (`a + b`) over micro-batches; `to_list`/`from_list` carry them through an
+    all-reduce so that a step's work covers every rank.
+
+    - `tokens`: real LLM positions (attended tokens). Padding columns, the masked image slots of
+      text-only samples and a packed row's padding tail are computed but not counted: they are
+      not the model's work, and counting them would let padding raise the MFU.
+    - `attention_pairs`: causal (query, key) pairs of real tokens, sum over samples of
+      L_i (L_i + 1) / 2, L_i a sample's real tokens (one term per sample, packed or padded).
+    - `head_positions`: positions the LM head runs at: the supervised positions (labels != -100
+      after the shift) when the loss is computed there only (`loss_on_supervised_only`), else
+      every real position.
+    - `encoder_images`: images run through the vision encoder, dummy images of text-only samples
+      included (the encoder really runs on them); 0 for cached features.
+    - `projected_images`: images whose features go through the projector (cached ones too).
+    """
+
+    tokens: int = 0
+    attention_pairs: int = 0
+    head_positions: int = 0
+    encoder_images: int = 0
+    projected_images: int = 0
+
+    def __add__(self, other: StepWork) -> StepWork:
+        return StepWork(*(a + b for a, b in zip(self.to_list(), other.to_list(), strict=True)))
+
+    def to_list(self) -> list[int]:
+        return [int(getattr(self, f.name)) for f in fields(self)]
+
+    @classmethod
+    def from_list(cls, values) -> StepWork:
+        return cls(*(int(v) for v in values))
+
+
+def _causal_pairs(lengths) -> int:
+    """Causal (query, key) pairs of sequences of the given lengths: sum of L (L + 1) / 2."""
+    return int(sum(int(n) * (int(n) + 1) // 2 for n in lengths))
+
+
+def batch_work(batch: dict, supervised_only: bool = True) -> StepWork:
+    """The `StepWork` of one collated micro-batch, as the trainer's collators build it.
+
+    Reads `TrainCollator` batches (padded rows: `attention_mask` (B, T), 1 = real token),
+    `PackedCollator` batches (`spans`: per sample `(row, start, end)` of its real tokens) and
+    `FeatureCollator` batches (`module_features` (N, L, D) instead of `pixel_values` (N, 3, H, W)).
+    `labels` (B, T) follow the HF convention (unshifted, -100 = ignored). Without `spans` and
+    with a 4D or no attention mask, each row counts as one sample of its full width.
+    """
+    mask = batch.get("attention_mask")
+    input_ids = batch["input_ids"]
+    if batch.get("num_attended_tokens") is not None:
+        tokens = int(batch["num_attended_tokens"])
+    elif mask is not None and mask.dim() == 2:
+        tokens = int(mask.sum())
+    else:
+        tokens = int(input_ids.numel())
+    if batch.get("spans") is not None:
+        lengths = [end - start for _row, start, end in batch["spans"] if end > start]
+    elif mask is not None and mask.dim() == 2:
+        lengths = mask.sum(dim=1).tolist()
+    else:
+        lengths = [input_ids.shape[1]] * input_ids.shape[0]
+    labels = batch.get("labels")
+    if supervised_only and labels is not None:
+        head = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    else:
+        head = tokens
+    features = batch.get("module_features")
+    pixels = batch.get("pixel_values")
+    encoder_images = 0 if features is not None or pixels is None else int(pixels.shape[0])
+    projected = int(features.shape[0]) if features is not None else encoder_images
+    return StepWork(tokens, _causal_pairs(lengths), head, encoder_images, projected)
+
+
+@dataclass
+class _Weights:
+    """Weights of the matrix multiplies of a module: (total, trainable) of linear layers and of
+    convolutions (which run at fewer positions: one per patch)."""
+
+    linear: int = 0
+    linear_trainable: int = 0
+    conv: int = 0
+    conv_trainable: int = 0
+
+    @classmethod
+    def of(cls, module: nn.Module | None, skip: tuple[nn.Module, ...] = ()) -> _Weights:
+        from transformers.pytorch_utils import Conv1D
+
+        out = cls()
+        if module is None:
+            return out
+        skipped = {id(m) for s in skip if s is not None for m in s.modules()}
+        for m in module.modules():
+            if id(m) in skipped:
+                continue
+            w = getattr(m, "weight", None)
+            if w is None:
+                continue
+            if isinstance(m, (nn.Linear, Conv1D)):
+                out.linear += w.numel()
+                out.linear_trainable += w.numel() if w.requires_grad else 0
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                out.conv += w.numel()
+                out.conv_trainable += w.numel() if w.requires_grad else 0
+        return out
+
+    @property
+    def trainable(self) -> int:
+        return self.linear_trainable + self.conv_trainable
+
+
+def _attention_width(config) -> tuple[int, int]:
+    """(layers, query heads x head dim) of a transformer config, (0, 0) when it does not say."""
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(layers, int) or not isinstance(heads, int):
+        return 0, 0
+    head_dim = getattr(config, "head_dim", None)
+    if not isinstance(head_dim, int):
+        if not isinstance(hidden, int):
+            return 0, 0
+        head_dim = hidden // heads
+    return layers, heads * head_dim
+
+
+class FlopsEstimator:
+    """Training FLOPs of what a step really computes (model FLOPs, for MFU).
+
+    Matrix multiplies only (norms, activations, softmax and embedding lookups are left out), by
+    the usual rule: a weight matrix with N entries costs 2N per position forward, 2N for the
+    input gradient when the backward pass has to go through it (something before it, or in its
+    part, trains) and 2N for its weight gradient when it trains. Parts and where they run:
+
+    - vision encoder (every layer it has, whatever layer the features come from), per image it
+      runs on (`StepWork.encoder_images`): linear weights at `image_positions` positions, the
+      patch convolution at (image_size // patch_size)^2 (it gets no input gradient), and the
+      bidirectional attention, 4 x layers x positions^2 x width forward (QK^T and AV: 2 FLOPs
+      per multiply-add over the heads' width);
+    - projector, at `feature_tokens` positions per projected image;
+    - decoder layers of the LLM, at every real token;
+    - causal attention of the LLM, 4 x layers x width per (query, key) pair of real tokens of
+      the same sample, backward 2x the forward when gradients go through the LLM;
+    - LM head (the output embedding), at `StepWork.head_positions`.
+
+    Recomputation (gradient checkpointing, the chunked loss's recomputed logits) and padding
+    are not counted: MFU counts the model's FLOPs, not the hardware's.
     """
 
     def __init__(self, model: nn.Module, image_positions: int, feature_tokens: int):
-        def counts(module: nn.Module, skip_embeddings: bool = False) -> tuple[int, int]:
-            total = trainable = 0
-            emb = set()
-            if skip_embeddings:
-                base = base_module(module)
-                emb = {id(p) for p in base.get_input_embeddings().parameters()}
-            for p in module.parameters():
-                if id(p) in emb:
-                    continue
-                total += p.numel()
-                trainable += p.numel() if p.requires_grad else 0
-            return total, trainable
+        encoder = model.encoders.get("vision")
+        llm = base_module(model.language_model)
+        head_module = llm.get_output_embeddings()
+        vision = _Weights.of(encoder.module if encoder is not None else None)
+        projector = _Weights.of(encoder.projector if encoder is not None else None)
+        decoder = _Weights.of(model.language_model, skip=(head_module,))
+        head = _Weights.of(head_module)
+        vision_bwd = vision.trainable > 0
+        llm_bwd = vision_bwd or projector.trainable > 0 or decoder.trainable > 0
 
-        encoder = model.encoders["vision"]
-        nv, tv = counts(encoder.module)
-        npj, tpj = counts(encoder.projector)
-        nl, tl = counts(model.language_model, skip_embeddings=True)
-        vision_bwd = tv > 0
-        projector_bwd = vision_bwd or tpj > 0
-        llm_bwd = projector_bwd or tl > 0
-        self.vision_per_image = image_positions * (2 * nv + (2 * nv if vision_bwd else 0) + 2 * tv)
-        self.vision_per_image += feature_tokens * (2 * npj + (2 * npj if vision_bwd else 0) + 2 * tpj)
-        self.llm_per_token = 2 * nl + (2 * nl if llm_bwd else 0) + 2 * tl
-        self.params = {"vision": nv, "projector": npj, "language_model": nl}
+        def cost(weights: int, trainable: int, input_grad: bool) -> int:
+            return 2 * weights + (2 * weights if input_grad else 0) + 2 * trainable
+
+        vision_flops = 0
+        if encoder is not None:
+            cfg = encoder.config
+            size, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
+            patches = (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) else image_positions
+            layers, width = _attention_width(cfg)
+            attention = 4 * layers * image_positions**2 * width
+            vision_flops = (
+                image_positions * cost(vision.linear, vision.linear_trainable, vision_bwd)
+                + patches * cost(vision.conv, vision.conv_trainable, False)
+                + attention * (3 if vision_bwd else 1)
+            )
+        layers, width = _attention_width(llm.config)
+        self.per_encoder_image = vision_flops
+        self.per_projected_image = feature_tokens * cost(projector.linear, projector.linear_trainable, vision_bwd)
+        self.per_token = cost(decoder.linear, decoder.linear_trainable, llm_bwd)
+        self.per_attention_pair = 4 * layers * width * (3 if llm_bwd else 1)
+        self.per_head_position = cost(head.linear, head.linear_trainable, llm_bwd)
+        self.params = {"vision": vision.linear + vision.conv, "projector": projector.linear,
+                       "language_model": decoder.linear, "lm_head": head.linear}
+
+    def parts(self, work: StepWork) -> dict[str, float]:
+        """FLOPs of `work` per part: vision, projector, decoder, attention, lm_head."""
+        return {
+            "vision": float(self.per_encoder_image * work.encoder_images),
+            "projector": float(self.per_projected_image * work.projected_images),
+            "decoder": float(self.per_token * work.tokens),
+            "attention": float(self.per_attention_pair * work.attention_pairs),
+            "lm_head": float(self.per_head_position * work.head_positions),
+        }
+
+    def flops(self, work: StepWork) -> float:
+        """Training FLOPs of `work` (a micro-batch's, or a step's summed over micro-batches and ranks)."""
+        return sum(self.parts(work).values())
+
+    def batch_flops(self, batch: dict, supervised_only: bool = True) -> float:
+        """Training FLOPs of one collated micro-batch (see `batch_work`)."""
+        return self.flops(batch_work(batch, supervised_only))
 
     def step_flops(self, tokens: int, images: int) -> float:
-        return float(self.llm_per_token * tokens + self.vision_per_image * images)
+        """Coarse FLOPs from a step's real token and image counts alone: the LM head counted at
+        every token, attention left out. Prefer `flops(work)` with the step's `StepWork`, summed
+        over micro-batches (`batch_work`) and all-reduced over ranks."""
+        return self.flops(StepWork(tokens=tokens, head_positions=tokens, encoder_images=images,
+                                   projected_images=images))
 
 
 # ---------------------------------------------------------------------------------- writers
