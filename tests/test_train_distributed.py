@@ -52,7 +52,7 @@ def test_ddp_two_processes_match_one(data, reference, tmp_path):
     assert_same_losses(run, reference)
     state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["global_step"] == 4
-    assert (run / "checkpoint-4" / "rng_state_1.pt").exists()
+    assert (run / "checkpoint-4" / "rng_state_1.json").exists()
 
 
 def test_packed_ddp_matches_one_process(data, reference, tmp_path):

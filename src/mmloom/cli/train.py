@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers) -> None:
@@ -35,11 +36,16 @@ def _train(args: argparse.Namespace) -> int:
     from mmloom.training.config import load_train_config
     from mmloom.training.distributed import init_distributed
     from mmloom.training.loop import run_training
+    from mmloom.training.preemption import TrainingStopped
 
     cfg = load_train_config(args.config, args.overrides)
     ctx = init_distributed(cfg.runconfig.distributed)
     try:
         run_training(cfg, args.model_dir, mode=args.mode, ctx=ctx)
+    except TrainingStopped as stop:  # SIGTERM / Ctrl-C: a checkpoint was saved; 128 + the signal number
+        if ctx.is_main:
+            print(f"mmloom train: {stop}", file=sys.stderr)
+        return stop.exit_code
     finally:
         ctx.shutdown()
     return 0

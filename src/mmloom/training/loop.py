@@ -20,17 +20,16 @@ from mmloom.data.collate import FeatureCollator, TrainCollator
 from mmloom.data.h5_format import read_data_params
 from mmloom.data.sampling import EvalSampler, PaddedDataset, sample_lengths, steps_per_epoch
 from mmloom.errors import MmloomError
-from mmloom.model import serialization as ser
 from mmloom.model.feature_count import encoder_positions
 from mmloom.training import builder
 from mmloom.training.checkpoint import (
-    full_model_state,
+    choose_resume_checkpoint,
     load_training_state,
     read_trainer_state,
     save_checkpoint,
-    write_model_folder,
+    save_model,
 )
-from mmloom.training.config import TrainConfig, check_config_paths, config_to_yaml
+from mmloom.training.config import TrainConfig, check_config_paths, config_to_yaml, resume_changes
 from mmloom.training.data import (
     build_dataset,
     check_cached_features,
@@ -49,7 +48,8 @@ from mmloom.training.metrics import (
     ThroughputWindow,
     batch_work,
 )
-from mmloom.training.optim import build_optimizer, build_scheduler
+from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
+from mmloom.training.preemption import StopSignals, TrainingStopped
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 EVAL_RESULTS = "eval_results.json"
@@ -88,14 +88,23 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _resume_folder(self) -> Path | None:
-        if self.ctx.is_main and self.model_dir.is_dir():
-            # temporary folders of saves that were interrupted (killed runs)
-            for stale in self.model_dir.glob(".*.tmp-*"):
-                if stale.is_dir() and (stale.name.startswith(".checkpoint-") or stale.name.startswith(".final_model")):
-                    shutil.rmtree(stale, ignore_errors=True)
-        self.ctx.barrier()
-        checkpoints = builder.list_checkpoints(self.model_dir)
-        return checkpoints[-1][1] if checkpoints else None
+        """The newest complete checkpoint of the run folder (verified on rank 0, see
+        `checkpoint.choose_resume_checkpoint`), after removing the temporary folders of saves that
+        were interrupted; notes on skipped checkpoints are printed. Raises MmloomError when there are
+        checkpoints but none is usable."""
+
+        def choose() -> tuple[Path | None, list[str]]:
+            if self.model_dir.is_dir():
+                for stale in self.model_dir.glob(".*.tmp-*"):
+                    if stale.is_dir() and stale.name.startswith((".checkpoint-", ".final_model")):
+                        shutil.rmtree(stale, ignore_errors=True)
+            return choose_resume_checkpoint(self.model_dir, self.run.resume_weights_only)
+
+        folder, notes = self.ctx.on_main(choose)
+        if self.ctx.is_main:
+            for note in notes:
+                self.console.message(f"note: {note}")
+        return folder
 
     def setup_model(self, for_training: bool = True) -> None:
         """Build the model, load start weights, freeze, add LoRA, resume, wrap for distribution."""
@@ -135,7 +144,7 @@ class Trainer:
         except MmloomError:
             self.image_positions = self.num_feature_tokens
         if for_training or self.ctx.mode == "fsdp":
-            self.model = wrap_model(model, self.ctx, run.find_unused_parameters)
+            self.model = wrap_model(model, self.ctx, run.find_unused_parameters, cfg.model.precision)
         else:
             self.model = model
 
@@ -285,6 +294,7 @@ class Trainer:
             "frozen_fingerprint": self.fingerprint,
             "total_steps": self.total_steps,
             "seed": self.run.seed,
+            "config": self.cfg.model_dump(mode="json"),
         }
 
     def save(self, step: int) -> Path:
@@ -294,16 +304,15 @@ class Trainer:
         )
 
     def save_final_model(self) -> None:
-        state = full_model_state(self.model, self.ctx)
+        """MODEL_DIR/final_model: all weights, streamed (see `checkpoint.save_model`), with the
+        processor when the data allows one (so that chat/generate/convert can use the folder as it is)."""
+        processor, why_not = None, None
         if self.ctx.is_main:
             processor, why_not = processor_for(self.cfg.train_input, self.image_size, self.base_model)
-            with ser.atomic_directory(self.model_dir / builder.FINAL_MODEL) as tmp:
-                write_model_folder(tmp, self.model, state, trainable_only=False)
-                if processor is not None:  # so that chat/generate/convert can use the folder as it is
-                    processor.save_pretrained(tmp)
-            if processor is None:
-                print(f"note: no processor saved with the final model ({why_not})")
-        self.ctx.barrier()
+        extra = (lambda folder: processor.save_pretrained(folder)) if processor is not None else None
+        save_model(self.model_dir / builder.FINAL_MODEL, self.model, self.ctx, extra)
+        if self.ctx.is_main and processor is None:
+            print(f"note: no processor saved with the final model ({why_not})")
 
     # -------------------------------------------------------------------------- run
     def write_resolved_config(self) -> None:
@@ -346,19 +355,9 @@ class Trainer:
         self.setup_optimizer()
         start_step = 0
         if self.resume_from is not None:
-            state = load_training_state(self.resume_from, self.model, self.optimizer, self.scheduler, ctx)
-            start_step = int(state["global_step"])
-            if state.get("global_batch_size") != self.global_batch:
-                raise MmloomError(
-                    f"{self.resume_from} was written with train_input.batch_size {state.get('global_batch_size')}, "
-                    f"this config has {self.global_batch}: the data position cannot be resumed"
-                )
-            if self.ctx.is_main:
-                self.console.message(f"resuming from {self.resume_from} (step {start_step})")
+            start_step = self.resume_state(self.resume_from, run.resume_weights_only, same_run=True)
         elif run.checkpoint_path is not None and run.load_checkpoint_states == "all":
-            folder = self.start_folder
-            state = load_training_state(folder, self.model, self.optimizer, self.scheduler, ctx)
-            start_step = int(state["global_step"])
+            start_step = self.resume_state(self.start_folder, False, same_run=False)
         if ctx.is_main:
             self.base_model.trainable_summary(print_table=True)
         flops = FlopsEstimator(self.base_model, self.image_positions, self.num_feature_tokens)
@@ -373,7 +372,9 @@ class Trainer:
         if start_step >= self.total_steps:
             progress.message(f"training already finished at step {start_step}")
         loader_iter = iter(self.train_loader(start_step)) if start_step < self.total_steps else None
+        stops = StopSignals()
         try:
+            stops.__enter__()
             for step in range(start_step, self.total_steps):
                 t0 = time.perf_counter()
                 micro_batches = [next(loader_iter) for _ in range(self.accum)]
@@ -405,13 +406,59 @@ class Trainer:
                     metrics.write({"step": done, **ev}, prefix="eval")
                     progress.log({"step": done, **ev})
                     result["eval"] = ev
+                signum = stops.agreed(ctx)  # every rank learns of a SIGTERM / Ctrl-C on any rank
+                if signum is not None and done < self.total_steps:
+                    if last_saved != done:
+                        self.save(done)
+                        last_saved = done
+                    raise TrainingStopped(
+                        f"stopped by {StopSignals.name(signum)} after step {done} of {self.total_steps}: "
+                        f"saved {self.model_dir / f'checkpoint-{done}'}; run the same command again to resume",
+                        signum,
+                    )
         finally:
+            stops.__exit__(None, None, None)
             progress.close()
             metrics.close()
         if run.save_final_model:
             self.save_final_model()
         result["final_step"] = self.total_steps
         return result
+
+    def resume_state(self, folder: Path, weights_only: bool, same_run: bool) -> int:
+        """Continue from `folder` (a checkpoint; its weights are loaded already): optimizer state and
+        RNG (unless `weights_only`), the schedule at its step, and what changed in the config said
+        (or refused, see `config.resume_changes`). Returns the step to start from."""
+        state, notes = load_training_state(folder, self.model, self.optimizer, self.ctx, weights_only=weights_only)
+        start_step = int(state["global_step"])
+        if state.get("global_batch_size") != self.global_batch:
+            raise MmloomError(
+                f"{folder} was written with train_input.batch_size {state.get('global_batch_size')}, "
+                f"this config has {self.global_batch}: the data position cannot be resumed"
+            )
+        if same_run and isinstance(state.get("config"), dict):
+            refused, applied, ignored = resume_changes(state["config"], self.cfg)
+            if refused:
+                raise MmloomError(
+                    f"cannot resume {folder} with a changed config: {'; '.join(refused)} (these keys must stay as "
+                    f"the run started; use a new --model-dir, or runconfig.checkpoint_path={folder} to start a "
+                    "new run from its weights)"
+                )
+            if applied:
+                notes.append("config changed since the checkpoint, the new values apply from step "
+                             f"{start_step + 1}: {'; '.join(applied)}")
+            if ignored:
+                notes.append(f"config changed but not used when resuming: {'; '.join(ignored)}")
+        if state.get("total_steps") not in (None, self.total_steps):
+            notes.append(f"the learning-rate schedule now spans {self.total_steps} steps "
+                         f"(the checkpoint's run planned {state['total_steps']})")
+        set_schedule_step(self.scheduler, start_step)  # the schedule of this run's config, at the step
+        if self.ctx.is_main:
+            how = "; weights only: fresh optimizer and RNG state" if weights_only else ""
+            self.console.message(f"resuming from {folder} (step {start_step}{how})")
+            for note in notes:
+                self.console.message(f"note: {note}")
+        return start_step
 
     def evaluate_only(self) -> dict[str, Any]:
         """--mode eval: weights of the latest checkpoint in MODEL_DIR (else checkpoint_path, else the init)."""
