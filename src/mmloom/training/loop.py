@@ -117,8 +117,10 @@ class Trainer:
         model = builder.build_starting_model(cfg, start_folder)
         self.fingerprint = builder.frozen_fingerprint(model)
         self.start_folder = start_folder
+        self.config_notes: list[str] = []
         if self.resume_from is not None:
             state = read_trainer_state(self.resume_from)
+            self.config_notes = self.config_changes(self.resume_from, state)
             if (
                 state.get("trainable_only")
                 and state.get("frozen_fingerprint")
@@ -425,6 +427,28 @@ class Trainer:
         result["final_step"] = self.total_steps
         return result
 
+    def config_changes(self, folder: Path, state: dict[str, Any]) -> list[str]:
+        """Compare this run's config with the one `folder` was trained with (see
+        `config.resume_changes`): raises MmloomError for changes a resume cannot honour, returns
+        notes on the changes that apply and those that are not used."""
+        if not isinstance(state.get("config"), dict):  # format 1 checkpoints did not record it
+            return []
+        refused, applied, ignored = resume_changes(state["config"], self.cfg)
+        if refused:
+            raise MmloomError(
+                f"cannot resume {folder} with a changed config: {'; '.join(refused)} (these keys must stay as "
+                f"the run started; use a new --model-dir, or runconfig.checkpoint_path={folder} to start a "
+                "new run from its weights)"
+            )
+        step = int(state.get("global_step", 0)) + 1
+        notes = []
+        if applied:
+            notes.append(f"config changed since the checkpoint, the new values apply from step {step}: "
+                         + "; ".join(applied))
+        if ignored:
+            notes.append("config changed but not used when resuming: " + "; ".join(ignored))
+        return notes
+
     def resume_state(self, folder: Path, weights_only: bool, same_run: bool) -> int:
         """Continue from `folder` (a checkpoint; its weights are loaded already): optimizer state and
         RNG (unless `weights_only`), the schedule at its step, and what changed in the config said
@@ -436,19 +460,8 @@ class Trainer:
                 f"{folder} was written with train_input.batch_size {state.get('global_batch_size')}, "
                 f"this config has {self.global_batch}: the data position cannot be resumed"
             )
-        if same_run and isinstance(state.get("config"), dict):
-            refused, applied, ignored = resume_changes(state["config"], self.cfg)
-            if refused:
-                raise MmloomError(
-                    f"cannot resume {folder} with a changed config: {'; '.join(refused)} (these keys must stay as "
-                    f"the run started; use a new --model-dir, or runconfig.checkpoint_path={folder} to start a "
-                    "new run from its weights)"
-                )
-            if applied:
-                notes.append("config changed since the checkpoint, the new values apply from step "
-                             f"{start_step + 1}: {'; '.join(applied)}")
-            if ignored:
-                notes.append(f"config changed but not used when resuming: {'; '.join(ignored)}")
+        if same_run:
+            notes += self.config_notes
         if state.get("total_steps") not in (None, self.total_steps):
             notes.append(f"the learning-rate schedule now spans {self.total_steps} steps "
                          f"(the checkpoint's run planned {state['total_steps']})")
