@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
-from mmloom.files import read_json
+from mmloom.files import free_bytes, is_disk_full, mib, read_json
 from mmloom.model import serialization as ser
 from mmloom.training.builder import list_checkpoints
 from mmloom.training.distributed import DistContext, unwrap
@@ -323,28 +323,13 @@ def _first_line(err: BaseException) -> str:
 
 # --------------------------------------------------------------------------------- writing
 def _disk_words(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "no space left on the device"
     if isinstance(err, OSError) and err.errno == errno.EFBIG:
         return "file size limit exceeded"
+    if is_disk_full(err):
+        return "no space left on the device"
     if isinstance(err, OSError):
         return err.strerror or str(err)
     return _first_line(err)
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
-def _free_bytes(path: Path) -> int:
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return -1
-
-
-def _tree_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
 def write_manifest(folder: Path) -> dict[str, Any]:
@@ -371,7 +356,6 @@ class _Save:
     ctx: DistContext
     needed: int
     what: str
-    errors: list = field(default_factory=list)
 
     @property
     def tmp(self) -> Path:
@@ -386,9 +370,9 @@ class _Save:
                 self.tmp.mkdir(parents=True)
             except OSError as err:
                 problem = _disk_words(err)
-            free = _free_bytes(self.target.parent)
+            free = free_bytes(self.target.parent)
             if problem is None and 0 <= free < self.needed:
-                problem = f"{_mib(free)} free"
+                problem = f"{mib(free)} free"
                 shutil.rmtree(self.tmp, ignore_errors=True)
         self.agree(problem)
 
@@ -403,8 +387,8 @@ class _Save:
         text = "; ".join(sorted({p for p in (problems or [problem]) if p})) or "failed on another rank"
         self.ctx.barrier()
         raise CheckpointWriteError(
-            f"cannot write {self.what} {self.target}: {text} (it needs about {_mib(self.needed)}, "
-            f"{_mib(max(_free_bytes(self.target.parent), 0))} free); nothing of it was kept"
+            f"cannot write {self.what} {self.target}: {text} (it needs about {mib(self.needed)}, "
+            f"{mib(max(free_bytes(self.target.parent), 0))} free); nothing of it was kept"
             + ("; the earlier checkpoints are intact" if self.what == "checkpoint" else "")
         )
 
@@ -577,6 +561,9 @@ def verify_checkpoint(folder: Path) -> CheckpointCheck:
                 report(rel, f"{rel} differs from what was written (SHA-256 mismatch)")
             elif rel.endswith(".safetensors") and (problem := ser.check_safetensors_file(path)):
                 report(rel, problem)
+        return check
+    if int(state.get("format", 1) or 1) >= 2:
+        check.weights.append(f"no {MANIFEST} (written last: the save did not finish)")
         return check
     # format 1: no manifest
     try:
