@@ -79,3 +79,41 @@ def test_fsdp_two_processes_match_one_and_resume(data, reference, tmp_path):
     for k in expected:
         torch.testing.assert_close(again[k], first[k], rtol=0, atol=1e-6)
         torch.testing.assert_close(again[k], expected[k], rtol=1e-3, atol=1e-5)
+
+
+def test_ddp_resume_with_parameters_without_gradient(data, tmp_path):
+    """DDP with a trainable encoder whose last layer gets no gradient (no optimizer state for it):
+    a relaunch from checkpoint-2 redoes steps 3-4 exactly."""
+    run = tmp_path / "ddp_unused"
+    args = train_args(data, 2, run, *SETS, "runconfig.distributed=ddp", "model.freeze=[]",
+                      "runconfig.find_unused_parameters=true")
+    torchrun(args, tmp_path)
+    first, first_losses = weights(run / "final_model"), losses(run)
+    shutil.rmtree(run / "checkpoint-4")
+    shutil.rmtree(run / "final_model")
+    torchrun(args, tmp_path)
+    assert losses(run) == first_losses
+    again = weights(run / "final_model")
+    assert all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_fsdp_checkpoint_resumes_on_another_world_size(data, tmp_path):
+    """The optimizer state of 2 FSDP ranks (torch.distributed.checkpoint, one shard per rank) loads
+    into 1 process (resharded); steps 3-4 match the 2-rank run."""
+    run = tmp_path / "fsdp_unused"
+    sets = [*SETS, "model.freeze=[]"]
+    torchrun(train_args(data, 2, run, *sets, "runconfig.distributed=fsdp"), tmp_path)
+    optimizer_files = sorted(p.name for p in (run / "checkpoint-2" / "optimizer").glob("*.safetensors"))
+    assert len(optimizer_files) == 2  # each rank wrote its shard
+    two_ranks, first = losses(run), weights(run / "final_model")
+    shutil.rmtree(run / "checkpoint-4")
+    shutil.rmtree(run / "final_model")
+    assert main(train_args(data, 2, run, *sets)) == 0  # distributed: none
+    got = losses(run)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(got[step] - two_ranks[step]) < 1e-4 * max(1.0, abs(two_ranks[step]))
+    again = weights(run / "final_model")
+    assert set(again) == set(first)
+    for k in first:
+        torch.testing.assert_close(again[k], first[k], rtol=1e-3, atol=1e-5)
