@@ -132,19 +132,27 @@ class TensorEntry:
 def plan_weight_files(entries: list[TensorEntry], min_files: int = 1,
                       max_file_bytes: int = 5 * 2**30) -> list[tuple[str, list[TensorEntry]]]:
     """Split `entries` into contiguous files of about equal size: at least `min_files` (one per rank
-    that writes) and none over `max_file_bytes` unless one tensor is larger. Tensors are ordered by
-    element size (largest first, as safetensors does, so every tensor stays aligned), then as given.
+    that writes; fewer only when there are fewer tensors) and none over `max_file_bytes` unless one
+    tensor is larger. Tensors are ordered by element size (largest first, as safetensors does, so
+    every tensor stays aligned), then as given.
     One file is `model.safetensors`, several are transformers' `model-0000k-of-0000K.safetensors`."""
     ordered = sorted(entries, key=lambda e: -e.dtype.itemsize)  # stable: keeps the given order
     total = sum(e.nbytes for e in ordered)
     count = max(1, min(len(ordered), max(min_files, math.ceil(total / max_file_bytes))))
-    groups: list[list[TensorEntry]] = [[] for _ in range(count)]
-    done, target = 0, total / count
-    for entry in ordered:  # the k-th file takes the tensors whose first byte falls in its k-th share
-        k = min(count - 1, int(done // target)) if target else 0
-        groups[k].append(entry)
-        done += entry.nbytes
-    groups = [g for g in groups if g] or [[]]
+    target = total / count
+    groups: list[list[TensorEntry]] = [[]]
+    size = 0
+    for i, entry in enumerate(ordered):
+        to_open = count - len(groups)  # files still to start to reach `count`
+        if groups[-1] and (
+            len(ordered) - i <= to_open  # one tensor per remaining file
+            or size + entry.nbytes > max_file_bytes
+            or (to_open > 0 and size + entry.nbytes / 2 > target)  # this file is full enough
+        ):
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry.nbytes
     if len(groups) == 1:
         return [(WEIGHTS_NAME, groups[0])]
     return [(SHARD_NAME.format(index=i + 1, count=len(groups)), g) for i, g in enumerate(groups)]
