@@ -94,11 +94,13 @@ class Trainer:
         checkpoints but none is usable."""
 
         def choose() -> tuple[Path | None, list[str]]:
-            if self.model_dir.is_dir():
-                for stale in self.model_dir.glob(".*.tmp-*"):
-                    if stale.is_dir() and stale.name.startswith((".checkpoint-", ".final_model")):
+            if self.model_dir.is_dir():  # `.checkpoint-N.tmp-partial`, `.checkpoint-N.old` of interrupted saves
+                for stale in self.model_dir.glob(".*"):
+                    if (stale.is_dir() and stale.name.startswith((".checkpoint-", ".final_model"))
+                            and (".tmp-" in stale.name or stale.name.endswith(".old"))):
                         shutil.rmtree(stale, ignore_errors=True)
-            return choose_resume_checkpoint(self.model_dir, self.run.resume_weights_only)
+            # evaluation needs the weights only
+            return choose_resume_checkpoint(self.model_dir, self.run.resume_weights_only or self.mode == "eval")
 
         folder, notes = self.ctx.on_main(choose)
         if self.ctx.is_main:
