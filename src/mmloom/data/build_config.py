@@ -24,6 +24,8 @@ class _Section(BaseModel):
 
 
 class SetupConfig(_Section):
+    """`setup`: where the records are read and the .h5 files written (the seed's keys)."""
+
     input_dir: str = Field(description="folder of .jsonl files (sorted, not recursive) or one .jsonl file")
     output_dir: str = Field(description="where the .h5 files and data_params.json go")
     processes: int = Field(1, ge=1, description="worker processes; the output does not depend on it")
@@ -33,6 +35,8 @@ class SetupConfig(_Section):
 
 
 class ProcessorConfig(_Section):
+    """`processor`: the tokenizer and the max sequence length (MSL, image slots included)."""
+
     tokenizer_type: str = Field(
         description="tokenizer folder (e.g. the stock vicuna-7b-v1.5 folder; mmloom.processing.tokenizer."
         "load_tokenizer, no remote code)"
@@ -41,6 +45,8 @@ class ProcessorConfig(_Section):
 
 
 class DatasetConfig(_Section):
+    """`dataset`: image slots, image folder, template and record keys (the seed's, plus mmloom's options)."""
+
     num_patches: int = Field(
         ge=1, description="image slots per sample: (image_size // patch_size)^2 (+1 with CLS)"
     )
@@ -83,6 +89,8 @@ def template_spec(dataset: DatasetConfig, tokenizer=None) -> tuple[str, dict[str
 
 
 class BuildConfig(_Section):
+    """A whole `mmloom data build` config; unknown keys are errors naming the closest valid key."""
+
     setup: SetupConfig
     processor: ProcessorConfig
     dataset: DatasetConfig
@@ -92,8 +100,10 @@ SECTIONS = "setup/processor/dataset"
 
 
 def parse_build_config(data: Any, source: str = "config") -> BuildConfig:
+    """Validate a build config mapping; raises MmloomError naming `source` and the bad key."""
     return validate(BuildConfig, data, source, SECTIONS)
 
 
 def load_build_config(path: str | Path, overrides: list[str] | None = None) -> BuildConfig:
+    """Read a build config YAML, apply `--set KEY=VALUE` overrides, validate (raises MmloomError)."""
     return parse_build_config(apply_overrides(load_yaml_mapping(path, SECTIONS), overrides), source=str(path))

@@ -65,10 +65,12 @@ class EncodedSample:
 
     @property
     def has_image(self) -> bool:
+        """Whether the sample has at least one image."""
         return bool(self.images)
 
     @property
     def image(self) -> str | None:
+        """The first image's relative path, None for text-only."""
         return self.images[0] if self.images else None
 
     @property

@@ -46,6 +46,7 @@ class LazyH5Files:
 
     @property
     def opened(self) -> bool:
+        """Whether this process holds open handles."""
         return self._handles is not None
 
     def __getitem__(self, i: int):
@@ -60,6 +61,7 @@ class LazyH5Files:
         return {"paths": self.paths, "_handles": None, "_pid": None}
 
     def close(self) -> None:
+        """Close the handles (they reopen on the next access)."""
         for h in self._handles or []:
             with contextlib.suppress(Exception):
                 h.close()

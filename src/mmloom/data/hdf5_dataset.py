@@ -72,6 +72,7 @@ class HDF5LlavaDataset(Dataset):
         self.h5 = LazyH5Files(self.files)
 
     def close(self) -> None:
+        """Close the open .h5 handles (they reopen on the next item)."""
         if self.h5 is not None:
             self.h5.close()
 
@@ -83,6 +84,8 @@ class HDF5LlavaDataset(Dataset):
         return self.offsets[-1]
 
     def locate(self, index: int) -> tuple[int, int]:
+        """(file index, row in that file) of dataset `index` (negative counts from the end);
+        raises IndexError outside the dataset."""
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):

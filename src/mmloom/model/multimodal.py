@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import mmloom
 from mmloom.errors import MmloomError
+from mmloom.files import read_json, write_json
 from mmloom.model import serialization as ser
 from mmloom.model.callbacks import callback_from_dict, callback_to_dict
 from mmloom.model.checkpointing import disable_checkpointing, enable_checkpointing, sync_frozen_checkpointing
@@ -57,27 +58,32 @@ class MultimodalConfig:
     mmloom_version: str = mmloom.__version__
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (what config.json holds)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MultimodalConfig:
+        """A config from `to_dict()` output; unknown keys (newer releases) are ignored."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        """Write `config.json` into `directory` (atomically)."""
+        write_json(Path(directory) / CONFIG_NAME, self.to_dict(), sort_keys=True)
 
     @classmethod
     def load(cls, directory: str | Path) -> MultimodalConfig:
+        """The config of an mmloom model folder; raises MmloomError when `directory` is not one."""
         path = Path(directory) / CONFIG_NAME
         if not path.exists():
             raise MmloomError(f"{path} not found: not an mmloom model folder")
-        data = json.loads(path.read_text())
+        data = read_json(path)
         if data.get("architecture") != "MultimodalModel":
             raise MmloomError(f"{path} is not an mmloom MultimodalModel config")
         return cls.from_dict(data)
 
     def encoder_hf_config(self, name: str):
+        """The HF config of encoder `name`, rebuilt from the saved spec (no weights loaded)."""
         spec = self.encoders[name]["module"]
         return ser.resolve_class(spec["class"]).config_class.from_dict(spec["config"])
 
@@ -184,6 +190,7 @@ class MultimodalModel(nn.Module):
     # ----------------------------------------------------------------- structure
     @property
     def encoders(self) -> dict[str, ModalEncoderModule]:
+        """The encoders by modality name (attributes `{name}_encoder`), in composition order."""
         return {name: getattr(self, f"{name}_encoder") for name in self.encoder_names}
 
     @property
@@ -196,10 +203,12 @@ class MultimodalModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the first parameter."""
         return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the first parameter."""
         return next(self.parameters()).dtype
 
     def _connect_projector(self, name: str, encoder: ModalEncoderModule, projector_type: str, activation: str):
@@ -324,11 +333,19 @@ class MultimodalModel(nn.Module):
         compute_logits: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Run the encoders, merge their features and the language model.
+        """Run the encoders, merge their features at the placeholder positions and run the LLM.
 
-        With labels and `compute_logits=False`, the LM head runs only at supervised positions
-        (chunked) and the output carries the loss without logits: the fast path for training.
-        Extra keyword arguments that no encoder takes (e.g. `num_items_in_batch`) go to the LLM.
+        Encoder inputs come per encoder (`vision={"pixel_values": (N, 3, H, W)}`,
+        `audio={"input_features": ...}`) or flat when only one encoder takes the name. Returns the
+        LLM's `CausalLMOutputWithPast`: `logits` (B, T, V) float, and with `labels` the loss — the
+        mean next-token cross-entropy over the supervised positions of the whole batch (labels
+        shifted inside: position t predicts labels[t+1]; -100 ignored; placeholder positions never
+        supervised), or its sum divided by `num_items_in_batch` when given (exact normalisation over
+        micro-batches and ranks). With labels and `compute_logits=False`, the LM head runs only at
+        supervised positions (chunked) and the output carries the loss without logits (`logits`
+        None): the fast path for training. Extra keyword arguments that no encoder takes go to the
+        LLM. Raises `PlaceholderMismatchError` (an MmloomError) when a sample's placeholder count
+        and its items' feature counts differ, naming the sample.
         """
         encoder_inputs, llm_kwargs = self._route_inputs(kwargs)
         llm_kwargs.pop("return_dict", None)

@@ -259,10 +259,12 @@ class MultimodalProcessor:
         return pad_rows(rows, pad_id, padding_side)
 
     def batch_decode(self, ids, **kwargs) -> list[str]:
+        """The tokenizer's `batch_decode` (ids (B, T) -> B strings)."""
         return self.tokenizer.batch_decode(ids, **kwargs)
 
     # ------------------------------------------------------------ save and load
     def to_dict(self) -> dict[str, Any]:
+        """The settings saved in `mmloom_processor.json` (template, placeholders, token counts...)."""
         return {
             "template": self.template.name,
             "template_options": self.template_options,
@@ -293,6 +295,9 @@ class MultimodalProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> MultimodalProcessor:
+        """Load a processor saved by `save_pretrained` (tokenizer through `load_tokenizer`, each
+        modality's processor); `overrides` replace saved settings. Raises MmloomError when the
+        folder has no `mmloom_processor.json`."""
         directory = Path(directory)
         path = directory / PROCESSOR_CONFIG
         if not path.exists():

@@ -73,6 +73,8 @@ class ConversationError(MmloomError):
 
 @dataclass
 class TokenizedConversation:
+    """A conversation's ids and labels (LLaVA's layout, see the module docstring)."""
+
     input_ids: list[int]
     labels: list[int]  # same length; -100 where not supervised, else == input_ids
     text: str  # the text that input_ids decode to (rendered text, with the BOS string if one was prepended)
@@ -360,6 +362,7 @@ class ConversationTemplate:
 
     @classmethod
     def valid_options(cls) -> tuple[str, ...]:
+        """The constructor options this template accepts."""
         return ("system", "add_bos")
 
     # -- to implement ------------------------------------------------------------------------
@@ -370,6 +373,10 @@ class ConversationTemplate:
         system: str | None = None,
         tokenizer=None,
     ) -> list[tuple[str, bool]]:
+        """The rendered conversation as `(text, supervised)` segments, in order (their texts joined
+        are `render(...)`). Raises ConversationError (reason `no_human_turn`, `roles_not_alternating`,
+        `unknown_role`) for messages the template cannot render, MmloomError for
+        `add_generation_prompt` after an assistant message."""
         raise NotImplementedError
 
     # -- public API --------------------------------------------------------------------------
@@ -398,6 +405,7 @@ class ConversationTemplate:
 
     @property
     def stop_strings(self) -> list[str]:
+        """Strings that end an assistant turn in generation (the template's end token)."""
         return [self.end] if self.end else []
 
     def stop_token_ids(self, tokenizer) -> list[int]:
@@ -522,6 +530,7 @@ class RoleBlockTemplate(ConversationTemplate):
     separator = ""  # text after each block's end token
 
     def header(self, role: str) -> str:
+        """The text that opens a block of `role` ("system", "user" or "assistant")."""
         raise NotImplementedError
 
     def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
