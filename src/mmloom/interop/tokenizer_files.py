@@ -1,0 +1,176 @@
+"""Tokenizer folders as the model releases ship them, readable by transformers 4.x and 5.x.
+
+transformers 5 saves a tokenizer as ``tokenizer.json`` + a ``tokenizer_config.json`` in its own form: it
+drops the SentencePiece ``tokenizer.model``, the ``legacy`` flag, ``add_bos_token`` / ``add_eos_token`` and
+``special_tokens_map.json``, and names fast tokenizers ``TokenizersBackend``. The original LLaVA code
+(transformers 4.37.2) opens Llama tokenizers with ``use_fast=False``, i.e. from ``tokenizer.model``; with
+``legacy`` missing, 4.x falls back to ``legacy: true`` and tokenizes text after special tokens differently
+(multi-turn prompts change).
+
+* :func:`save_tokenizer`: transformers 5's save, completed with ``tokenizer.model`` (when the tokenizer
+  is SentencePiece-based), the ``legacy`` / ``add_bos_token`` / ``add_eos_token`` settings and
+  ``special_tokens_map.json``, so that the folder can be exported later.
+* :func:`save_hf4_tokenizer`: the layout of a stock Llama-2 / Vicuna / LLaVA-1.5 folder
+  (``tokenizer.model``, ``tokenizer_config.json`` in the 4.x form with ``added_tokens_decoder``,
+  ``special_tokens_map.json``), plus ``tokenizer.json`` when asked or when there is no SentencePiece model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+SETTINGS = ("legacy", "add_bos_token", "add_eos_token")
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# transformers 5 class names -> the 4.x class AutoTokenizer can build from tokenizer.json
+FAST_ONLY_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def _sentencepiece_matches(path: Path, tokenizer) -> bool:
+    """The SentencePiece model's pieces are the tokenizer's first ids (it belongs to this tokenizer)."""
+    try:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (ImportError, OSError, RuntimeError):
+        return False
+    n = sp.get_piece_size()
+    if n > len(tokenizer):
+        return False
+    probe = list(range(min(n, 2000)))
+    return tokenizer.convert_ids_to_tokens(probe) == [sp.id_to_piece(i) for i in probe]
+
+
+def sentencepiece_file(tokenizer, search: Iterable[str | Path] = ()) -> Path | None:
+    """The ``tokenizer.model`` behind `tokenizer`: its ``vocab_file``, else one in its own folder or in
+    `search`, accepted only when its pieces are the tokenizer's vocabulary. None for non-SentencePiece
+    tokenizers (byte-level BPE, tiktoken)."""
+    candidates = []
+    vocab = getattr(tokenizer, "vocab_file", None)
+    if isinstance(vocab, str) and vocab:
+        candidates.append(Path(vocab))
+    name = getattr(tokenizer, "name_or_path", None)
+    if isinstance(name, str) and name:
+        candidates.append(Path(name) / SENTENCEPIECE_FILE)
+    candidates += [Path(folder) / SENTENCEPIECE_FILE for folder in search if folder is not None]
+    seen = set()
+    for path in candidates:
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        if _sentencepiece_matches(path, tokenizer):
+            return path
+    return None
+
+
+def tokenizer_settings(tokenizer) -> dict[str, Any]:
+    """``legacy``, ``add_bos_token`` and ``add_eos_token`` where the tokenizer defines them."""
+    out = {}
+    for key in SETTINGS:
+        value = getattr(tokenizer, key, None)
+        if isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+def _added_token_dict(token) -> dict[str, Any]:
+    return {"content": str(token), "lstrip": bool(getattr(token, "lstrip", False)),
+            "normalized": bool(getattr(token, "normalized", False)), "rstrip": bool(getattr(token, "rstrip", False)),
+            "single_word": bool(getattr(token, "single_word", False))}
+
+
+def special_tokens_map(tokenizer) -> dict[str, Any]:
+    """bos/eos/unk/pad (those set) and the additional special tokens, as ``special_tokens_map.json`` holds them."""
+    by_content = {str(t): t for t in tokenizer.added_tokens_decoder.values()}
+    out: dict[str, Any] = {}
+    for key in SPECIAL_KEYS:
+        value = getattr(tokenizer, key, None)
+        if value is not None:
+            out[key] = _added_token_dict(by_content.get(str(value), str(value)))
+    extra = additional_special_tokens(tokenizer)
+    if extra:
+        out["additional_special_tokens"] = extra
+    return out
+
+
+def additional_special_tokens(tokenizer) -> list[str]:
+    extra = getattr(tokenizer, "additional_special_tokens", None)
+    if extra is None:
+        extra = getattr(tokenizer, "extra_special_tokens", None) or []
+    if isinstance(extra, dict):
+        extra = list(extra.values())
+    base = {str(getattr(tokenizer, k, None)) for k in SPECIAL_KEYS}
+    return [str(t) for t in extra if str(t) not in base]
+
+
+def hf4_tokenizer_config(tokenizer, sentencepiece: bool) -> dict[str, Any]:
+    """``tokenizer_config.json`` in the transformers 4.x form (4.37 and later; 5.x reads it too)."""
+    name = type(tokenizer).__name__
+    config: dict[str, Any] = {
+        "tokenizer_class": FAST_ONLY_CLASSES.get(name, name),
+        "added_tokens_decoder": {
+            str(i): {**_added_token_dict(t), "special": bool(getattr(t, "special", True))}
+            for i, t in sorted(tokenizer.added_tokens_decoder.items())
+        },
+        "additional_special_tokens": additional_special_tokens(tokenizer),
+        "clean_up_tokenization_spaces": bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)),
+        "model_max_length": int(min(tokenizer.model_max_length, 10**30)),
+        "padding_side": tokenizer.padding_side,
+        **tokenizer_settings(tokenizer),
+    }
+    for key in SPECIAL_KEYS:
+        value = getattr(tokenizer, key, None)
+        config[key] = None if value is None else str(value)
+    if sentencepiece:
+        config["sp_model_kwargs"] = {}
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        config["chat_template"] = template
+    return config
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_tokenizer(tokenizer, directory: str | Path, search: Iterable[str | Path] = ()) -> None:
+    """`tokenizer.save_pretrained(directory)` (transformers 5 form), completed with what a later export
+    to a transformers 4.x consumer needs: ``tokenizer.model`` (SentencePiece tokenizers, found by
+    :func:`sentencepiece_file`), the ``legacy`` / ``add_bos_token`` / ``add_eos_token`` settings and
+    ``special_tokens_map.json``."""
+    directory = Path(directory)
+    tokenizer.save_pretrained(directory)
+    spm_path = sentencepiece_file(tokenizer, search)
+    if spm_path is not None and spm_path.resolve() != (directory / SENTENCEPIECE_FILE).resolve():
+        shutil.copyfile(spm_path, directory / SENTENCEPIECE_FILE)
+    path = directory / TOKENIZER_CONFIG
+    config = json.loads(path.read_text()) if path.exists() else {}
+    for key, value in tokenizer_settings(tokenizer).items():
+        config.setdefault(key, value)
+    _write_json(path, config)
+    _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
+
+
+def save_hf4_tokenizer(
+    tokenizer, directory: str | Path, search: Iterable[str | Path] = (), with_tokenizer_json: bool = False
+) -> Path | None:
+    """Write the tokenizer as the stock releases ship it, for transformers 4.x (and 5.x) readers:
+    ``tokenizer.model`` + ``tokenizer_config.json`` (4.x form) + ``special_tokens_map.json``, and
+    ``tokenizer.json`` when `with_tokenizer_json` or when there is no SentencePiece model.
+    Returns the SentencePiece model copied (None when the tokenizer has none)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    spm_path = sentencepiece_file(tokenizer, search)
+    if spm_path is not None:
+        shutil.copyfile(spm_path, directory / SENTENCEPIECE_FILE)
+    if with_tokenizer_json or spm_path is None:
+        tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
+    _write_json(directory / TOKENIZER_CONFIG, hf4_tokenizer_config(tokenizer, spm_path is not None))
+    _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
+    return spm_path
