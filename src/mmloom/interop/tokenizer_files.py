@@ -69,13 +69,52 @@ def sentencepiece_file(tokenizer, search: Iterable[str | Path] = ()) -> Path | N
     return None
 
 
+def _backend_json(tokenizer) -> dict[str, Any]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        return json.loads(backend.to_str()) if backend is not None else {}
+    except (AttributeError, ValueError):
+        return {}
+
+
+def _walk(component: Any):
+    """A tokenizers component and its children (Sequence normalizers / pre-tokenizers)."""
+    if isinstance(component, dict):
+        yield component
+        for child in component.get("normalizers", []) + component.get("pretokenizers", []):
+            yield from _walk(child)
+
+
+def legacy_behaviour(tokenizer) -> bool | None:
+    """The SentencePiece ``legacy`` flag as the tokenizer behaves: ``True`` when the ``▁`` prefix is added
+    to every text segment (also after special tokens), ``False`` when only to the first; None when the
+    tokenizer adds no such prefix (not SentencePiece-style). Read from the fast tokenizer's pipeline,
+    where transformers 5's attribute may be a default."""
+    data = _backend_json(tokenizer)
+    for part in _walk(data.get("pre_tokenizer")):
+        if part.get("type") == "Metaspace":
+            scheme = part.get("prepend_scheme", "always" if part.get("add_prefix_space", True) else "never")
+            return {"always": True, "first": False}.get(scheme)
+    if any(part.get("type") == "Prepend" for part in _walk(data.get("normalizer"))):
+        return True  # transformers 4.x fast Llama: normalizer Prepend("▁") on every segment
+    value = getattr(tokenizer, "legacy", None)
+    return value if isinstance(value, bool) else None
+
+
 def tokenizer_settings(tokenizer) -> dict[str, Any]:
-    """``legacy``, ``add_bos_token`` and ``add_eos_token`` where the tokenizer defines them."""
-    out = {}
-    for key in SETTINGS:
-        value = getattr(tokenizer, key, None)
-        if isinstance(value, bool):
-            out[key] = value
+    """``legacy`` (:func:`legacy_behaviour`), ``add_bos_token`` and ``add_eos_token`` as the tokenizer
+    behaves (BOS / EOS added to a probe text), for the readers that take them from tokenizer_config.json."""
+    out: dict[str, Any] = {}
+    legacy = legacy_behaviour(tokenizer)
+    if legacy is not None:
+        out["legacy"] = legacy
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    if plain and len(full) >= len(plain):
+        start = full.index(plain[0]) if plain[0] in full else 0
+        out["add_bos_token"] = start > 0 and tokenizer.bos_token_id is not None and full[start - 1] == tokenizer.bos_token_id
+        after = full[start + len(plain):]
+        out["add_eos_token"] = bool(after) and tokenizer.eos_token_id is not None and after[-1] == tokenizer.eos_token_id
     return out
 
 
@@ -151,8 +190,7 @@ def save_tokenizer(tokenizer, directory: str | Path, search: Iterable[str | Path
         shutil.copyfile(spm_path, directory / SENTENCEPIECE_FILE)
     path = directory / TOKENIZER_CONFIG
     config = json.loads(path.read_text()) if path.exists() else {}
-    for key, value in tokenizer_settings(tokenizer).items():
-        config.setdefault(key, value)
+    config.update(tokenizer_settings(tokenizer))
     _write_json(path, config)
     _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
 
