@@ -88,11 +88,19 @@ def images(root: Path) -> list[Path]:
     return paths
 
 
-def tiny_vicuna_composite(tokenizer_dir: Path, projector: str, seed: int = 0):
-    """(model, tokenizer): tiny CLIP + tiny Llama with rope_theta 500000 and tied embeddings, the real
-    Llama-2 tokenizer with <image> added and the vocabulary padded to a multiple of 64; weights
+def tiny_vicuna_composite(tokenizer_dir: Path, projector: str, seed: int = 0, family: str = "llama"):
+    """(model, tokenizer): tiny CLIP + tiny Llama (or Mistral) with rope_theta 500000 and tied embeddings,
+    the real Llama-2 tokenizer with <image> added and the vocabulary padded to a multiple of 64; weights
     perturbed away from their init so that every part changes the logits."""
-    from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
     from mmloom import FeatureSelect, ModalEncoderModule, MultimodalModel
     from mmloom.interop.tokens import prepare_tokenizer_and_vocab
@@ -101,7 +109,8 @@ def tiny_vicuna_composite(tokenizer_dir: Path, projector: str, seed: int = 0):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     clip = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                             num_hidden_layers=3, num_attention_heads=4, projection_dim=32))
-    llm = LlamaForCausalLM(LlamaConfig(
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    llm = model_cls(config_cls(
         vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, rope_theta=500000.0, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2))

@@ -51,6 +51,11 @@ def run_model(model, tokenizer, image_processor, image_paths, question, max_new_
     return rows
 
 
+def job_probe():
+    """Multi-turn text with special tokens: `legacy` changes how the text after `</s>` is tokenized."""
+    return "Hi there.</s>USER: What next?\nASSISTANT: Nothing.</s>"
+
+
 def load_export(text_folder):
     """The original builder's objects, and the same model class reloaded in float32 (the builder
     hard-codes float16)."""
@@ -81,6 +86,7 @@ def load_export(text_folder):
         "rope_scaling": getattr(model.config, "rope_scaling", None),
         "image_aspect_ratio": getattr(model.config, "image_aspect_ratio", None),
         "legacy": getattr(tokenizer, "legacy", None),
+        "probe_ids": tokenizer(job_probe()).input_ids,
         "pad_token": tokenizer.pad_token,
         "vocab_rows": model.get_input_embeddings().weight.shape[0],
         "tied": model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr(),

@@ -28,12 +28,21 @@ from transformers import CLIPImageProcessor
 from mmloom.cli.main import main
 from mmloom.processing.image import ImageTransform
 
-CASES = {  # name: (projector, image processor saved with the mmloom model, expected image_aspect_ratio)
-    "mlp2x_gelu-pad": ("mlp2x_gelu", lambda: ImageTransform(32, pad_to_square=True), "pad"),
-    "linear-square": ("linear", lambda: CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), "square"),
+def _clip():
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+# name: (projector, image processor saved with the mmloom model, expected image_aspect_ratio, LLM family,
+#        text folder, class the original builder must pick, its tokenizer class)
+CASES = {
+    "mlp2x_gelu-pad": ("mlp2x_gelu", lambda: ImageTransform(32, pad_to_square=True), "pad", "llama",
+                       "text_model_llava", "LlavaLlamaForCausalLM", "LlamaTokenizer"),
+    "linear-square": ("linear", _clip, "square", "llama", "text_model_llava", "LlavaLlamaForCausalLM", "LlamaTokenizer"),
+    "mistral-mlp2x_gelu-pad": ("mlp2x_gelu", lambda: ImageTransform(32, pad_to_square=True), "pad", "mistral",
+                               "text_model_llava_mistral", "LlavaMistralForCausalLM", "LlamaTokenizerFast"),
 }
 ATOL = 1e-4
+PROBE = "Hi there.</s>USER: What next?\nASSISTANT: Nothing.</s>"  # as llava_client.job_probe()
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +52,16 @@ def exported(tmp_path_factory):
     tokenizer_dir = stock_vicuna_folder(root)
     pictures = images(root)
     ours, job_cases = {}, []
-    for name, (projector, processor, _) in CASES.items():
-        model, tokenizer = tiny_vicuna_composite(tokenizer_dir, projector)
+    for name, (projector, processor, _, family, text_folder, _, _) in CASES.items():
+        model, tokenizer = tiny_vicuna_composite(tokenizer_dir, projector, family=family)
         folder = save_mmloom(model, tokenizer, processor(), root / f"mmloom-{name}")
         assert main(["convert", "--from", "mmloom", "--to", "llava", str(folder), str(root / f"export-{name}")]) == 0
         image_id = model.placeholder_token_ids["vision"]
         rows = mmloom_side(folder, pictures, vocab_limit=len(tokenizer))
         given = [(collapse_image_span(r["ids"], image_id), r["pixels"]) for r in rows]
         torch.save(given, root / f"given-{name}.pt")
-        ours[name] = (rows, image_id, len(tokenizer))
-        job_cases.append({"name": name, "text_folder": str(root / f"export-{name}" / "text_model_llava"),
+        ours[name] = (rows, image_id, len(tokenizer), tokenizer(PROBE).input_ids)
+        job_cases.append({"name": name, "text_folder": str(root / f"export-{name}" / text_folder),
                           "images": [str(p) for p in pictures], "question": QUESTION,
                           "max_new_tokens": MAX_NEW_TOKENS, "given": str(root / f"given-{name}.pt")})
     results = run_client("llava", "llava_client.py", {"action": "exports", "cases": job_cases}, root)
@@ -63,14 +72,15 @@ def exported(tmp_path_factory):
 def test_original_builder_loads_the_export(exported, name):
     _, results = exported
     loading = results[name]["loading"]
-    assert loading["class"] == "LlavaLlamaForCausalLM"
-    assert loading["tokenizer_class"] == "LlamaTokenizer"  # slow: read from tokenizer.model
+    assert loading["class"] == CASES[name][5]
+    assert loading["tokenizer_class"] == CASES[name][6]  # Llama: the slow one, read from tokenizer.model
     assert loading["missing"] == [] and loading["unexpected"] == []
     assert loading["tower_missing"] == [] and loading["tower_unexpected"] == []  # vision_model.* names
     assert loading["rope_theta"] == 500000.0 and loading["rope_scaling"] is None
-    assert loading["legacy"] is False and loading["pad_token"] == "<unk>"
+    assert loading["legacy"] in (False, None) and loading["pad_token"] == "<unk>"  # None: fast, no attribute
     assert loading["image_aspect_ratio"] == CASES[name][2]
     assert loading["tied"]
+    assert loading["probe_ids"] == exported[0][name][3]  # multi-turn text tokenized as mmloom does (legacy kept)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -84,7 +94,7 @@ def test_same_pixels(exported, name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_same_logits_and_greedy_tokens_on_identical_inputs(exported, name):
     ours, results = exported
-    rows, _, vocab = ours[name]
+    rows, _, vocab, _ = ours[name]
     for mine, logits, generated in zip(rows, results[name]["given_logits"], results[name]["given_generated"],
                                        strict=True):
         assert logits.shape == (mine["logits"].shape[0], vocab)
@@ -96,7 +106,7 @@ def test_same_logits_and_greedy_tokens_on_identical_inputs(exported, name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_own_preprocessing_gives_the_same_ids(exported, name):
     ours, results = exported
-    rows, image_id, _ = ours[name]
+    rows, image_id, _, _ = ours[name]
     for mine, theirs in zip(rows, results[name]["rows"], strict=True):
         assert mine["ids"] == expand_image_marker(theirs["ids"], image_id)
 
@@ -105,7 +115,7 @@ def test_own_preprocessing_gives_the_same_ids(exported, name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_own_preprocessing_gives_the_same_logits_and_greedy_tokens(exported, name):
     ours, results = exported
-    rows, _, vocab = ours[name]
+    rows, _, vocab, _ = ours[name]
     for mine, theirs in zip(rows, results[name]["rows"], strict=True):
         assert mine["logits"].shape[0] == theirs["logits"].shape[0]
         assert float((mine["logits"][:, :vocab] - theirs["logits"]).abs().max()) < ATOL

@@ -254,7 +254,7 @@ def _save_llava_processor(bundle: Bundle, parts, image_processor, directory: Pat
     if template is not None:
         write_json(directory / "chat_template.json", {"chat_template": template})
     save_hf4_tokenizer(tokenizer, directory, search=[bundle.source] if bundle.source else (),
-                       with_tokenizer_json=True)
+                       json_always=True)
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["processor_class"] = "LlavaProcessor"

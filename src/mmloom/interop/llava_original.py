@@ -19,7 +19,10 @@ PyPI ``llava-torch``), as the Cerebras pair of folders, written for the transfor
         tokenizer files         as Vicuna / LLaVA-1.5 ship them: ``tokenizer.model`` (SentencePiece
                                 tokenizers), ``tokenizer_config.json`` with ``legacy`` / ``add_bos_token``,
                                 ``special_tokens_map.json``; the pad token is ``<unk>`` when the tokenizer has
-                                none (LLaVA's training script sets it so)
+                                none (LLaVA's training script sets it so). The builder opens Llama tokenizers
+                                with ``use_fast=False`` (``tokenizer.model``) and Mistral ones fast: for those a
+                                ``tokenizer.json`` in the form tokenizers 0.15 reads is added (without it,
+                                transformers 4.37 converts tokenizer.model ignoring ``legacy: false``)
         generation_config.json
 
 ``mm_vision_tower`` is the absolute path of DST/image_model unless ``--mm-vision-tower PATH`` is given;
@@ -228,7 +231,9 @@ def write_llava(
         if getattr(llm, "generation_config", None) is not None:
             llm.generation_config.save_pretrained(text)
         if tokenizer is not None:
-            spm = save_hf4_tokenizer(tokenizer, text, search=[bundle.source] if bundle.source else ())
+            # the original builder opens Llama tokenizers slow (tokenizer.model), Mistral ones fast (tokenizer.json)
+            spm = save_hf4_tokenizer(tokenizer, text, search=[bundle.source] if bundle.source else (),
+                                     json_form="tokenizers-0.15", json_always=model_type == "mistral")
             if spm is None and model_type == "llama":
                 notes.append("the tokenizer has no SentencePiece tokenizer.model: the original loader opens Llama "
                              "tokenizers with use_fast=False, which needs it (load this one with use_fast=True)")

@@ -195,20 +195,51 @@ def save_tokenizer(tokenizer, directory: str | Path, search: Iterable[str | Path
     _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
 
 
+def tokenizers_015_json(tokenizer) -> dict[str, Any] | None:
+    """The fast tokenizer's ``tokenizer.json`` in the form tokenizers 0.15 (transformers 4.37) parses, or
+    None when it holds something that form cannot express.
+
+    Newer tokenizers releases write BPE merges as pairs, add ``ignore_merges`` and Metaspace's ``split``;
+    0.15 reads merges as ``"a b"`` strings and needs Metaspace's ``add_prefix_space``. (0.15's Metaspace
+    always splits on the ``▁``, so runs of spaces are cut differently from SentencePiece.)"""
+    data = _backend_json(tokenizer)
+    model = data.get("model") or {}
+    if not data or model.get("ignore_merges"):
+        return None
+    merges = model.get("merges")
+    if merges and isinstance(merges[0], list):
+        if any(" " in a or " " in b for a, b in merges):
+            return None
+        model["merges"] = [f"{a} {b}" for a, b in merges]
+    model.pop("ignore_merges", None)
+    for part in _walk(data.get("pre_tokenizer")):
+        if part.get("type") == "Metaspace":
+            part.pop("split", None)
+            part["add_prefix_space"] = part.get("prepend_scheme", "always") != "never"
+    return data
+
+
 def save_hf4_tokenizer(
-    tokenizer, directory: str | Path, search: Iterable[str | Path] = (), with_tokenizer_json: bool = False
+    tokenizer, directory: str | Path, search: Iterable[str | Path] = (), json_form: str = "current",
+    json_always: bool = False,
 ) -> Path | None:
     """Write the tokenizer as the stock releases ship it, for transformers 4.x (and 5.x) readers:
-    ``tokenizer.model`` + ``tokenizer_config.json`` (4.x form) + ``special_tokens_map.json``, and
-    ``tokenizer.json`` when `with_tokenizer_json` or when there is no SentencePiece model.
+    ``tokenizer.model`` + ``tokenizer_config.json`` (4.x form) + ``special_tokens_map.json``, and a
+    ``tokenizer.json`` when `json_always` or when there is no SentencePiece model, in `json_form`:
+    ``"current"`` (tokenizers >= 0.20, transformers >= 4.45) or ``"tokenizers-0.15"`` (transformers 4.37,
+    :func:`tokenizers_015_json`; the current form when that one cannot express the tokenizer).
     Returns the SentencePiece model copied (None when the tokenizer has none)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     spm_path = sentencepiece_file(tokenizer, search)
     if spm_path is not None:
         shutil.copyfile(spm_path, directory / SENTENCEPIECE_FILE)
-    if with_tokenizer_json or spm_path is None:
-        tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
+    if json_always or spm_path is None:
+        old = tokenizers_015_json(tokenizer) if json_form == "tokenizers-0.15" else None
+        if old is not None:
+            _write_json(directory / "tokenizer.json", old)
+        else:
+            tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
     _write_json(directory / TOKENIZER_CONFIG, hf4_tokenizer_config(tokenizer, spm_path is not None))
     _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
     return spm_path
