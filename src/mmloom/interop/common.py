@@ -185,12 +185,17 @@ def vision_parts(model: MultimodalModel, fmt: str) -> VisionParts:
 
 
 # ---------------------------------------------------------------------------------- mmloom folder
-def read_mmloom(src: str | Path, dtype: str | None = None, **_: Any) -> Bundle:
-    """An mmloom folder: the composite, plus its processor (or bare tokenizer / image processor)."""
-    from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
+def read_mmloom(src: str | Path, dtype: str | None = None, base: str | Path | None = None, **_: Any) -> Bundle:
+    """An mmloom folder: the composite, plus its processor (or bare tokenizer / image processor).
 
-    src = check_dir(src, "mmloom model folder")
-    model = MultimodalModel.from_pretrained(src, torch_dtype=torch_dtype(dtype))
+    A training checkpoint works too: a trainable-only one loads on `base`, else on the starting model
+    its run config describes (:func:`mmloom.training.checkpoint.load_saved_model`)."""
+    from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
+    from mmloom.training.builder import resolve_weights_folder
+    from mmloom.training.checkpoint import load_saved_model
+
+    src = resolve_weights_folder(check_dir(src, "mmloom model folder"))
+    model = load_saved_model(src, base=base, torch_dtype=torch_dtype(dtype))
     if (src / PROCESSOR_CONFIG).exists():
         processor = MultimodalProcessor.from_pretrained(src)
         return Bundle(
