@@ -95,6 +95,12 @@ def hf4_config_dict(config: Any, notes: list[str] | None = None) -> dict[str, An
     return out
 
 
+def weights_dtype(module: nn.Module) -> str:
+    """The dtype of a module's weights as configs name it (``"float32"``, ``"bfloat16"``...)."""
+    tensor = next(iter(module.parameters()), None)
+    return str(tensor.dtype).removeprefix("torch.") if tensor is not None else "float32"
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -117,5 +123,6 @@ def save_hf4_vision_tower(tower: nn.Module, directory: Path, notes: list[str] | 
     directory.mkdir(parents=True, exist_ok=True)
     config = hf4_config_dict(tower.config, notes)
     config["architectures"] = [type(tower).__name__]
+    config["torch_dtype"] = config["dtype"] = weights_dtype(tower)
     write_json(directory / "config.json", config)
     save_state_dict(hf4_vision_state(tower), directory)

@@ -47,7 +47,7 @@ from mmloom.interop.common import (
     torch_dtype,
     vision_parts,
 )
-from mmloom.interop.hf4 import hf4_config_dict, hf4_vision_state, write_json
+from mmloom.interop.hf4 import hf4_config_dict, hf4_vision_state, weights_dtype, write_json
 from mmloom.interop.image_processors import hf_image_processor
 from mmloom.interop.tokenizer_files import save_hf4_tokenizer
 from mmloom.interop.tokens import ensure_special_token, resize_to_cover, token_id
@@ -210,6 +210,7 @@ def write_hf_llava(
         config.text_config.pad_token_id = tokenizer.pad_token_id
     config_dict = hf4_config_dict(config, notes)
     config_dict["architectures"] = ["LlavaForConditionalGeneration"]
+    config_dict["torch_dtype"] = config_dict["dtype"] = weights_dtype(llm)
     state = hf4_llava_state(parts, llm, base_llm)
     with atomic_directory(dst) as tmp:
         save_state_dict(state, tmp)

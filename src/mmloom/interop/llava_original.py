@@ -56,7 +56,7 @@ from mmloom.interop.common import (
     torch_dtype,
     vision_parts,
 )
-from mmloom.interop.hf4 import check_head_dim, hf4_config_dict, save_hf4_vision_tower, write_json
+from mmloom.interop.hf4 import check_head_dim, hf4_config_dict, save_hf4_vision_tower, weights_dtype, write_json
 from mmloom.interop.image_processors import hf_image_processor, transform_from_hf
 from mmloom.interop.tokenizer_files import save_hf4_tokenizer
 from mmloom.interop.tokens import ensure_pad_token, prepare_tokenizer_and_vocab, resize_to_cover
@@ -198,6 +198,7 @@ def write_llava(
     notes: list[str] = []
     llm_config = hf4_config_dict(llm.config, notes)
     llm_config["architectures"] = [type(llm).__name__]
+    llm_config["torch_dtype"] = llm_config["dtype"] = weights_dtype(llm)
     config = dict(llm_config)
     max_length = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
     config.update(
