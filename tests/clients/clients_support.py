@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 ASSET = ROOT.parent / "shared" / "assets" / "llama2-tokenizer" / "tokenizer.model"
 VENVS = Path(os.environ.get("MMLOOM_CLIENT_VENVS", ROOT / ".venv-clients"))
 REQUIRED = os.environ.get("MMLOOM_REQUIRE_CLIENTS") == "1"  # the CI stage: a missing client is a failure
+ENABLED = os.environ.get("MMLOOM_CLIENTS") == "1" or REQUIRED  # set by .ci/clients.sh (make test-clients)
+# Each client test module starts with this: the stage runs them, a plain `pytest tests` skips them.
+only_in_client_stage = pytest.mark.skipif(not ENABLED, reason="real-client tests: run `make test-clients`")
 HERE = Path(__file__).resolve().parent
 QUESTION = "What is in the picture?"
 MAX_NEW_TOKENS = 6

@@ -13,6 +13,7 @@ from clients_support import (
     QUESTION,
     images,
     mmloom_side,
+    only_in_client_stage,
     run_client,
     save_mmloom,
     stock_vicuna_folder,
@@ -29,6 +30,7 @@ CASES = {  # name: (image processor saved with the mmloom model, the tokenizer's
                     None),
 }
 ATOL = 1e-4
+pytestmark = only_in_client_stage
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from clients_support import (
     expand_image_marker,
     images,
     mmloom_side,
+    only_in_client_stage,
     run_client,
     save_mmloom,
     stock_vicuna_folder,
@@ -42,6 +43,7 @@ CASES = {
                                "text_model_llava_mistral", "LlavaMistralForCausalLM", "LlamaTokenizerFast"),
 }
 ATOL = 1e-4
+pytestmark = only_in_client_stage
 PROBE = "Hi there.</s>USER: What next?\nASSISTANT: Nothing.</s>"  # as llava_client.job_probe()
 
 
