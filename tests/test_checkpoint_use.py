@@ -10,11 +10,11 @@ import shutil
 
 import pytest
 import torch
-from test_train_loop import make_data, train_args
 
 from mmloom import MultimodalModel
 from mmloom.cli.main import main
 from mmloom.training.checkpoint import load_saved_model
+from test_train_loop import make_data, train_args
 
 
 @pytest.fixture(scope="module")

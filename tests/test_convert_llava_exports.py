@@ -14,8 +14,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
-from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlavaForConditionalGeneration
+from safetensors.torch import load_file
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionModel,
+    LlavaForConditionalGeneration,
+)
 
 from clients.clients_support import ASSET, stock_vicuna_folder, tiny_vicuna_composite
 from helpers import IMAGE_ID, vlm

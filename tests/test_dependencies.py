@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from packaging.version import Version
 
 from mmloom import dependencies
 
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (CI); 3.10 has no TOML reader in the stdlib
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -29,6 +29,7 @@ from transformers import CLIPImageProcessor
 from mmloom.cli.main import main
 from mmloom.processing.image import ImageTransform
 
+
 def _clip():
     return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 

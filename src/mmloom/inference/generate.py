@@ -36,7 +36,7 @@ def load_model_and_processor(model_dir: str | Path, dtype: str | None = None, de
     """A saved mmloom model (eval mode) and the MultimodalProcessor saved with it."""
     from mmloom.interop.common import torch_dtype
     from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
-    from mmloom.training.checkpoint import load_saved_model  # checkpoints too (trainable-only ones on their base)
+    from mmloom.training.checkpoint import load_saved_model  # checkpoints too
 
     model_dir = Path(model_dir)
     if not (model_dir / PROCESSOR_CONFIG).exists():

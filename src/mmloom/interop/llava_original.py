@@ -56,7 +56,13 @@ from mmloom.interop.common import (
     torch_dtype,
     vision_parts,
 )
-from mmloom.interop.hf4 import check_head_dim, hf4_config_dict, save_hf4_vision_tower, weights_dtype, write_json
+from mmloom.interop.hf4 import (
+    check_head_dim,
+    hf4_config_dict,
+    save_hf4_vision_tower,
+    weights_dtype,
+    write_json,
+)
 from mmloom.interop.image_processors import hf_image_processor, transform_from_hf
 from mmloom.interop.tokenizer_files import save_hf4_tokenizer
 from mmloom.interop.tokens import ensure_pad_token, prepare_tokenizer_and_vocab, resize_to_cover
