@@ -38,5 +38,5 @@ start=$(date +%s)
 build llava .ci/clients/llava.txt --no-deps llava-torch==1.2.2.post1
 build hf4 .ci/clients/hf4.txt
 echo "clients: environments ready in $(( $(date +%s) - start )) s"
-MMLOOM_CLIENTS=1 MMLOOM_REQUIRE_CLIENTS=1 MMLOOM_CLIENT_VENVS="$VENVS" .venv/bin/python -m pytest tests/clients -q "$@"
+MMLOOM_CLIENTS=1 MMLOOM_REQUIRE_CLIENTS=1 MMLOOM_CLIENT_VENVS="$VENVS" .venv/bin/python -m pytest tests/clients -rfE "$@"
 echo "clients: stage took $(( $(date +%s) - start )) s"

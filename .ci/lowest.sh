@@ -20,4 +20,4 @@ if [ ! -f "$dir/.stamp" ] || [ "$(cat "$dir/.stamp")" != "$want" ]; then
   echo "$want" > "$dir/.stamp"
 fi
 "$dir/bin/python" -m pip list --format=freeze 2>/dev/null | grep -i -E "^(torch|transformers|tokenizers|peft|numpy|pillow)=="
-"$dir/bin/python" -m pytest tests --ignore=tests/clients -q -p no:cacheprovider "$@"
+"$dir/bin/python" -m pytest tests --ignore=tests/clients -p no:cacheprovider "$@"

@@ -16,7 +16,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSET = ROOT.parent / "shared" / "assets" / "llama2-tokenizer" / "tokenizer.model"
-VENVS = Path(os.environ.get("MMLOOM_CLIENT_VENVS", ROOT / ".venv-clients"))
+VENVS = Path(os.environ.get("MMLOOM_CLIENT_VENVS", ROOT / ".venv-clients")).resolve()
 REQUIRED = os.environ.get("MMLOOM_REQUIRE_CLIENTS") == "1"  # the CI stage: a missing client is a failure
 ENABLED = os.environ.get("MMLOOM_CLIENTS") == "1" or REQUIRED  # set by .ci/clients.sh (make test-clients)
 # Each client test module starts with this: the stage runs them, a plain `pytest tests` skips them.
