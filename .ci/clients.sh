@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI stage "clients": mmloom's exports and imports against the real consumers, each in its own cached
-# environment under .venv-clients/ (git-ignored; rebuilt only when its requirements file changes):
+# environment under .venv-clients/ (git-ignored; rebuilt only when its requirements, the torch pin or
+# the Python version change):
 #   llava  transformers 4.37.2 + llava-torch 1.2.2.post1 (--no-deps): the original LLaVA code
 #   hf4    transformers 4.49 (LlavaForConditionalGeneration, LlavaProcessor)
 # then runs tests/clients/ with the project's .venv (the tests drive those environments by subprocess).
@@ -15,7 +16,7 @@ build() {  # build NAME REQUIREMENTS [--no-deps PACKAGE]
   local name="$1" req="$2" nodeps="${4:-}"
   local dir="$VENVS/$name" stamp="$VENVS/$name/.stamp"
   local want
-  want="$(cat "$req" "$0" | sha256sum | cut -d' ' -f1)"
+  want="$( (cat "$req"; echo "$TORCH_SPEC $nodeps"; "$PYTHON" --version) | sha256sum | cut -d' ' -f1)"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "clients: $name environment up to date"
     return
