@@ -47,9 +47,12 @@ def register(subparsers) -> None:
     convert.add_argument("--list", action="store_true", help="list formats and supported conversions")
     convert.add_argument("--base", metavar="DIR", help="llava-projector: the mmloom model to import into (default DST)")
     convert.add_argument("--mm-vision-tower", metavar="PATH",
-                         help="llava: value written as mm_vision_tower (default: absolute path of DST/image_model)")
-    convert.add_argument("--text-folder", default="text_model_llava",
-                         help="llava: name of the LLM folder (must contain 'llava')")
+                         help="llava: value written as mm_vision_tower (default: absolute path of DST/image_model; "
+                         "the original code resolves a relative PATH against its working directory, e.g. "
+                         "'image_model' when run in DST)")
+    convert.add_argument("--text-folder", default=None,
+                         help="llava: name of the LLM folder (must contain 'llava'; default text_model_llava, "
+                         "text_model_llava_mistral for a Mistral LLM)")
     _add_compose_options(convert)
     convert.set_defaults(func=run_convert)
 

@@ -21,9 +21,9 @@ from PIL import Image, ImageStat
 from mmloom.data.records_io import read_jsonl_objects
 from mmloom.errors import MmloomError
 from mmloom.interop.common import torch_dtype
-from mmloom.model.multimodal import MultimodalModel
 from mmloom.processing.image import load_image
 from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
+from mmloom.training.checkpoint import load_saved_model
 
 SUFFIXES = {
     "none": "",
@@ -38,14 +38,14 @@ def default_device() -> str:
 
 
 def load_model_and_processor(model_dir: str | Path, dtype: str | None = None, device: str | None = None):
-    """A saved mmloom model (eval mode) and the MultimodalProcessor saved with it."""
+    """A saved mmloom model or `checkpoint-N` folder (eval mode) and the MultimodalProcessor saved with it."""
     model_dir = Path(model_dir)
     if not (model_dir / PROCESSOR_CONFIG).exists():
         raise MmloomError(
             f"{model_dir} has no {PROCESSOR_CONFIG}: save the processor with the model "
             "(MultimodalProcessor.save_pretrained) or create the folder with `mmloom convert` / `mmloom init`"
         )
-    model = MultimodalModel.from_pretrained(model_dir, torch_dtype=torch_dtype(dtype), device=device or default_device())
+    model = load_saved_model(model_dir, torch_dtype=torch_dtype(dtype), device=device or default_device())
     return model.eval(), MultimodalProcessor.from_pretrained(model_dir)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.interop.tokenizer_files import save_tokenizer
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import CALLBACK_SLOTS, base_module
 from mmloom.model.multimodal import MultimodalModel
@@ -34,6 +35,7 @@ class Bundle:
     template: str = DEFAULT_TEMPLATE
     template_options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    source: Path | None = None  # the folder read (its tokenizer.model is copied into exports)
 
 
 def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -183,12 +185,17 @@ def vision_parts(model: MultimodalModel, fmt: str) -> VisionParts:
 
 
 # ---------------------------------------------------------------------------------- mmloom folder
-def read_mmloom(src: str | Path, dtype: str | None = None, **_: Any) -> Bundle:
-    """An mmloom folder: the composite, plus its processor (or bare tokenizer / image processor)."""
-    from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
+def read_mmloom(src: str | Path, dtype: str | None = None, base: str | Path | None = None, **_: Any) -> Bundle:
+    """An mmloom folder: the composite, plus its processor (or bare tokenizer / image processor).
 
-    src = check_dir(src, "mmloom model folder")
-    model = MultimodalModel.from_pretrained(src, torch_dtype=torch_dtype(dtype))
+    A training checkpoint works too: a trainable-only one loads on `base`, else on the starting model
+    its run config describes (:func:`mmloom.training.checkpoint.load_saved_model`)."""
+    from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
+    from mmloom.training.builder import resolve_weights_folder
+    from mmloom.training.checkpoint import load_saved_model
+
+    src = resolve_weights_folder(check_dir(src, "mmloom model folder"))
+    model = load_saved_model(src, base=base, torch_dtype=torch_dtype(dtype))
     if (src / PROCESSOR_CONFIG).exists():
         processor = MultimodalProcessor.from_pretrained(src)
         return Bundle(
@@ -197,6 +204,7 @@ def read_mmloom(src: str | Path, dtype: str | None = None, **_: Any) -> Bundle:
             dict(processor.encoder_processors),
             processor.template.name,
             dict(processor.template_options),
+            source=src,
         )
     processors = {}
     for name in model.encoder_names:
@@ -205,7 +213,7 @@ def read_mmloom(src: str | Path, dtype: str | None = None, **_: Any) -> Bundle:
             found = load_image_processor(src)
         if found is not None:
             processors[name] = found
-    return Bundle(model, load_tokenizer(src), processors)
+    return Bundle(model, load_tokenizer(src), processors, source=src)
 
 
 def save_processor(bundle: Bundle, directory: Path) -> None:
@@ -221,7 +229,7 @@ def save_processor(bundle: Bundle, directory: Path) -> None:
             f"no processor for encoder(s) {missing}: only the tokenizer is saved (no mmloom_processor.json)",
             stacklevel=2,
         )
-        bundle.tokenizer.save_pretrained(directory)
+        save_tokenizer(bundle.tokenizer, directory, search=[bundle.source] if bundle.source else ())
         return
     processor = MultimodalProcessor.from_model(
         bundle.model,

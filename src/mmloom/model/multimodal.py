@@ -631,6 +631,7 @@ class MultimodalModel(nn.Module):
             model = base if isinstance(base, MultimodalModel) else cls.from_pretrained(
                 base, callbacks=callbacks, projections=projections
             )
+            ser.apply_peft_specs(model, config)  # a PEFT run's checkpoint: adapters on the plain base
         else:
             model = cls.from_config(config, callbacks=callbacks, projections=projections)
         model.load_weights(state, tied_weights=config.tied_weights, strict=not config.trainable_only)

@@ -279,7 +279,9 @@ class MultimodalProcessor:
         """Save the tokenizer, each modality's processor (`{name}_processor/`) and the settings."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(directory)
+        from mmloom.interop.tokenizer_files import save_tokenizer  # + tokenizer.model, legacy flag
+
+        save_tokenizer(self.tokenizer, directory)
         for name, processor in self.encoder_processors.items():
             if isinstance(processor, ImageTransform):
                 spec = {"image_size": processor.image_size, "transforms": processor.to_config()}

@@ -287,16 +287,25 @@ class Trainer:
             "seed": self.run.seed,
         }
 
+    def saved_processor(self):
+        """(processor, why not) saved with checkpoints and final_model, built once (rank 0 only)."""
+        if not hasattr(self, "_saved_processor"):
+            self._saved_processor = (
+                processor_for(self.cfg.train_input, self.image_size, self.base_model) if self.ctx.is_main
+                else (None, "not the main process"))
+        return self._saved_processor
+
     def save(self, step: int) -> Path:
         return save_checkpoint(
             self.model_dir, step, self.model, self.optimizer, self.trainer_state(step), self.ctx,
             trainable_only=self.run.save_trainable_only, keep_last=self.run.keep_last,
+            processor=self.saved_processor()[0],
         )
 
     def save_final_model(self) -> None:
         state = full_model_state(self.model, self.ctx)
         if self.ctx.is_main:
-            processor, why_not = processor_for(self.cfg.train_input, self.image_size, self.base_model)
+            processor, why_not = self.saved_processor()
             with ser.atomic_directory(self.model_dir / builder.FINAL_MODEL) as tmp:
                 write_model_folder(tmp, self.model, state, trainable_only=False)
                 if processor is not None:  # so that chat/generate/convert can use the folder as it is
