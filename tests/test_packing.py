@@ -458,7 +458,7 @@ def test_trainer_packing_and_grouping_match_plain(data, tmp_path, monkeypatch):
     # packing: each micro-batch is one padding-free row; each step's 8 samples are split over its two
     # micro-batches at even token counts (not 4 + 4), computing far fewer positions than padded rows
     assert len(shapes["packed"]) == 8 and all(r == 1 for _, r, _, _ in shapes["packed"])
-    assert [a[0] + b[0] for a, b in zip(shapes["packed"][::2], shapes["packed"][1::2])] == [8] * 4
+    assert [a[0] + b[0] for a, b in zip(shapes["packed"][::2], shapes["packed"][1::2], strict=True)] == [8] * 4
     assert all(t - real in (0, 16) for _, _, t, real in shapes["packed"])  # no padding (a dummy image at most)
     assert sum(t for _, _, t, _ in shapes["packed"]) < sum(r * t for _, r, t, _ in plain_shapes)
     # plain rows are trimmed to each micro-batch's longest sample; grouping makes them narrower still

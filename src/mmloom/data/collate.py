@@ -16,6 +16,7 @@ from mmloom.model.attention import varlen_kwargs
 from mmloom.model.merge import IGNORE_INDEX
 from mmloom.processing.processor import pad_rows
 
+
 def check_slots(item: dict, num_feature_tokens: int) -> tuple[int, int] | None:
     """`(start, end)` of an `HDF5LlavaDataset` item's image slots, from its recorded position.
 

@@ -89,7 +89,7 @@ def _row_bounds(kwargs: dict, batch: int, length: int) -> list[list[int]] | None
         k = kwargs.get("cu_seq_lens_k")
         if k is not None and k is not cu and [int(x) for x in k.tolist()] != bounds:
             raise MmloomError("cu_seq_lens_k differs from cu_seq_lens_q: packed rows attend within each sample")
-        if bounds[0] != 0 or bounds[-1] != length or any(b < a for a, b in zip(bounds, bounds[1:])):
+        if bounds[0] != 0 or bounds[-1] != length or any(b < a for a, b in zip(bounds, bounds[1:], strict=False)):
             raise MmloomError(f"cu_seq_lens_q {bounds} does not cover the row's {length} positions")
         return [bounds]
     positions = kwargs.get("position_ids")
@@ -136,7 +136,7 @@ def sdpa_varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     for r, cuts in enumerate(bounds):
         q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
         parts = [_segment_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scaling, dropout, window)
-                 for a, b in zip(cuts, cuts[1:]) if b > a]
+                 for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     out = rows[0] if batch == 1 else torch.cat(rows, dim=0)  # (B, H, T, d)
     return out.transpose(1, 2).contiguous(), None

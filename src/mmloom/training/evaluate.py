@@ -33,6 +33,15 @@ def model_inputs(batch: dict) -> dict:
     return inputs
 
 
+def supervised_samples(batch: dict) -> int:
+    """Samples of a batch with at least one supervised token: rows of a padded batch, `spans` of a
+    packed one."""
+    supervised = batch["labels"] != IGNORE_INDEX  # (B, T); a sample's first label is never supervised
+    if batch.get("spans") is not None:
+        return sum(bool(supervised[row, start:end].any()) for row, start, end in batch["spans"])
+    return int((supervised[:, 1:].sum(dim=1) > 0).sum())
+
+
 @torch.no_grad()
 def evaluate(model, loader, ctx: DistContext, autocast=contextlib.nullcontext) -> dict:
     """Eval loss (mean over supervised tokens), perplexity and next-token accuracy (argmax at
@@ -48,7 +57,7 @@ def evaluate(model, loader, ctx: DistContext, autocast=contextlib.nullcontext) -
         totals[0] += float(out.loss_sum)
         totals[1] += float(out.num_tokens)
         totals[2] += float(out.num_correct)
-        totals[3] += float(((batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1) > 0).sum())
+        totals[3] += supervised_samples(batch)
     if was_training:
         model.train()
     totals = ctx.all_reduce_sum(totals)
