@@ -18,8 +18,8 @@ Two attention implementations take them:
 - `VARLEN_ATTENTION` (`"mmloom_sdpa_varlen"`, registered here with `AttentionInterface` and
   `AttentionMaskInterface`): PyTorch SDPA run once per sample, causal, so neither the masked
   blocks between samples nor those above each sample's diagonal are computed (the CPU and GPU
-  SDPA kernels skip them under `is_causal`). It reads the boundaries with one `.tolist()` per
-  layer (a host sync on GPU: there, prefer flash attention). Without boundaries it is
+  SDPA kernels skip them under `is_causal`). It reads the boundaries back to the host once per
+  forward (a sync on GPU, where flash attention needs none). Without boundaries it is
   transformers' `sdpa` exactly (padding masks, bidirectional encoders, generation with a
   cache), so a model switched to it trains and evaluates unpacked batches as before.
 
@@ -35,6 +35,7 @@ the trainer calls it when `train_input.packing` is on. No model code is forked.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -76,6 +77,21 @@ def _segment_attention(query, key, value, scaling, dropout: float, window: int |
     return F.scaled_dot_product_attention(query, key, value, attn_mask=band, dropout_p=dropout, scale=scaling)
 
 
+_last_bounds: tuple[weakref.ref | None, list[int]] = (None, [])
+
+
+def _bounds_of(cu: torch.Tensor) -> list[int]:
+    """`cu.tolist()`, remembered for the last tensor seen: every layer of a forward (and its
+    recomputation under gradient checkpointing) gets the batch's same tensor, so a GPU tensor is
+    read back once per forward, not once per layer."""
+    global _last_bounds
+    ref, bounds = _last_bounds
+    if ref is None or ref() is not cu:
+        bounds = [int(x) for x in cu.tolist()]
+        _last_bounds = (weakref.ref(cu), bounds)
+    return bounds
+
+
 def _row_bounds(kwargs: dict, batch: int, length: int) -> list[list[int]] | None:
     """Per row, the segment boundaries [0, ..., length]: from `cu_seq_lens_q` (one row), else from
     restarting `position_ids` (a position 0 starts a segment, as transformers' flash path reads
@@ -85,10 +101,7 @@ def _row_bounds(kwargs: dict, batch: int, length: int) -> list[list[int]] | None
         if batch != 1:
             raise MmloomError(f"packed boundaries (cu_seq_lens_q) are given for a batch of {batch} rows; a packed "
                               "batch is one row")
-        bounds = [int(x) for x in cu.tolist()]
-        k = kwargs.get("cu_seq_lens_k")
-        if k is not None and k is not cu and [int(x) for x in k.tolist()] != bounds:
-            raise MmloomError("cu_seq_lens_k differs from cu_seq_lens_q: packed rows attend within each sample")
+        bounds = _bounds_of(cu)  # self-attention: cu_seq_lens_k holds the same boundaries
         if bounds[0] != 0 or bounds[-1] != length or any(b < a for a, b in zip(bounds, bounds[1:], strict=False)):
             raise MmloomError(f"cu_seq_lens_q {bounds} does not cover the row's {length} positions")
         return [bounds]
