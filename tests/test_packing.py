@@ -157,6 +157,37 @@ def test_packed_equals_unpacked(attn, monkeypatch):
         torch.testing.assert_close(gb[name], ga[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_packed_rows_with_gradient_checkpointing_and_cached_features():
+    """Recomputed layers (gradient checkpointing) get the same boundaries: same loss and gradients;
+    packed batches of cached encoder features carry the features, dummy included."""
+    from mmloom.data.collate import FeatureCollator
+
+    torch.set_num_threads(1)
+    model = vlm().float()
+    use_packed_attention(model.language_model)
+    items = items_mixed()
+    packed = PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG))(items)
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.zero_grad()
+        loss = run(model, packed, compute_logits=False).loss
+        loss.backward()
+        results.append((loss.item(), grads(model)))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+    cached = [{**it, "module_features": torch.full((N_IMG, 32), float(it["has_image"]))} for it in items[4:]]
+    for it in cached:
+        del it["image_data"]
+    batch = FeatureCollator(PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG)))(cached)
+    assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]
+    assert batch["module_features"].shape == (1, N_IMG, 32) and "pixel_values" not in batch
+    only_text = FeatureCollator(PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG)))([cached[0], cached[2]])
+    assert only_text["module_features"].shape == (1, N_IMG, 32) and not only_text["module_features"].any()
+
+
 def test_varlen_attention_sliding_window_gqa_and_unpacked_batches():
     """Mistral (GQA, sliding window 5): packed samples longer than the window compute what
     transformers' sdpa computes for each sample alone; padded batches and generation are sdpa's."""
