@@ -19,6 +19,7 @@ import mmloom
 from mmloom.errors import MmloomError
 from mmloom.files import read_json, write_json
 from mmloom.model import serialization as ser
+from mmloom.model.attention import check_packed_attention
 from mmloom.model.callbacks import callback_from_dict, callback_to_dict
 from mmloom.model.checkpointing import disable_checkpointing, enable_checkpointing, sync_frozen_checkpointing
 from mmloom.model.encoder import (
@@ -36,7 +37,7 @@ from mmloom.model.freezing import (
     set_requires_grad_by_patterns,
     trainable_table,
 )
-from mmloom.model.loss import supervised_loss
+from mmloom.model.loss import SupervisedTokenStats, supervised_loss, supervised_token_stats
 from mmloom.model.merge import IGNORE_INDEX, merge_features
 from mmloom.model.outputs import Features
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
@@ -331,8 +332,9 @@ class MultimodalModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # (B, T, D), skips encoders when given
         use_cache: bool | None = None,
         compute_logits: bool = True,
+        token_stats: bool = False,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | SupervisedTokenStats:
         """Run the encoders, merge their features at the placeholder positions and run the LLM.
 
         Encoder inputs come per encoder (`vision={"pixel_values": (N, 3, H, W)}`,
@@ -343,14 +345,23 @@ class MultimodalModel(nn.Module):
         supervised), or its sum divided by `num_items_in_batch` when given (exact normalisation over
         micro-batches and ranks). With labels and `compute_logits=False`, the LM head runs only at
         supervised positions (chunked) and the output carries the loss without logits (`logits`
-        None): the fast path for training. Extra keyword arguments that no encoder takes go to the
-        LLM. Raises `PlaceholderMismatchError` (an MmloomError) when a sample's placeholder count
-        and its items' feature counts differ, naming the sample.
+        None): the fast path for training; with `token_stats=True` as well, the output is a
+        `SupervisedTokenStats` (loss sum, supervised tokens, argmax-correct tokens; no gradient): the
+        evaluation path. Packed rows (`mmloom.data.collate.PackedCollator`) pass their sample
+        boundaries as `cu_seq_lens_q` / `cu_seq_lens_k` / `max_length_q` / `max_length_k` (see
+        `mmloom.model.attention`); MmloomError when the language model's attention cannot take them.
+        Extra keyword arguments that no encoder takes go to the LLM. Raises
+        `PlaceholderMismatchError` (an MmloomError) when a sample's placeholder count and its items'
+        feature counts differ, naming the sample.
         """
         encoder_inputs, llm_kwargs = self._route_inputs(kwargs)
         llm_kwargs.pop("return_dict", None)
-        if use_cache is None and labels is not None:
+        if use_cache is None and (labels is not None or self.training):
             use_cache = False  # a training/loss forward builds no KV cache (nor checkpointing warnings)
+        if llm_kwargs.get("cu_seq_lens_q") is not None:
+            check_packed_attention(self.language_model)
+        if token_stats and (labels is None or compute_logits):
+            raise MmloomError("token_stats=True needs labels and compute_logits=False")
         if inputs_embeds is None:
             if input_ids is None:
                 raise MmloomError("forward needs input_ids or inputs_embeds")
@@ -358,7 +369,7 @@ class MultimodalModel(nn.Module):
             if labels is not None:
                 labels = self.mask_placeholder_labels(input_ids, labels)
         if labels is not None and not compute_logits:
-            return self._supervised_only(inputs_embeds, attention_mask, position_ids, labels, llm_kwargs)
+            return self._supervised_only(inputs_embeds, attention_mask, position_ids, labels, llm_kwargs, token_stats)
         return self.language_model(**language_model_kwargs(
             self.language_model,
             inputs_embeds=inputs_embeds,
@@ -371,7 +382,7 @@ class MultimodalModel(nn.Module):
             **llm_kwargs,
         ))
 
-    def _supervised_only(self, inputs_embeds, attention_mask, position_ids, labels, llm_kwargs):
+    def _supervised_only(self, inputs_embeds, attention_mask, position_ids, labels, llm_kwargs, token_stats=False):
         llm = base_module(self.language_model)
         num_items = llm_kwargs.pop("num_items_in_batch", None)
         decoder = llm.get_decoder()
@@ -380,11 +391,11 @@ class MultimodalModel(nn.Module):
             use_cache=False, return_dict=True, **llm_kwargs,
         )).last_hidden_state  # (B, T, D)
         config = llm.config
-        loss = supervised_loss(
-            hidden, labels, llm.get_output_embeddings(), num_items,
-            softcap=getattr(config, "final_logit_softcapping", None),
-            logit_scale=getattr(config, "logit_scale", None),
-        )
+        head_options = {"softcap": getattr(config, "final_logit_softcapping", None),
+                        "logit_scale": getattr(config, "logit_scale", None)}
+        if token_stats:
+            return supervised_token_stats(hidden, labels, llm.get_output_embeddings(), **head_options)
+        loss = supervised_loss(hidden, labels, llm.get_output_embeddings(), num_items, **head_options)
         return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()

@@ -58,17 +58,27 @@ class InputConfig(_Section):
     )
     packing: bool = Field(
         False,
-        description="train_input only: pack each micro-batch's samples, whole, into as few rows of at most MSL "
-        "tokens as fit (block-diagonal causal attention, restarting position ids; same samples, loss and "
-        "schedule per step, fewer padded tokens; raise micro_batch_size to profit). Off by default: it "
-        "changes the rows per micro-batch (memory) and, with sdpa/eager, needs a (rows, 1, T, T) mask",
+        description="train_input only: each micro-batch is one padding-free row of whole samples, each sample "
+        "attending to itself only (per-sample SDPA: sdpa/eager attention becomes mmloom_sdpa_varlen; or varlen "
+        "flash_attention_2/3), no (T, T) mask; the step's samples are split over the micro-batches and ranks at "
+        "even token counts (at most micro_batch_size x MSL tokens each). Same samples, loss and schedule per "
+        "step; nothing computed for padding. Off by default (the Cerebras/seed behaviour); the shipped "
+        "LLaVA-1.5 configs turn it on",
     )
     group_by_length: bool = Field(
         False,
-        description="train_input only: sort each step's samples by length before cutting them into "
-        "micro-batches, and drop the all-padding tail columns (same samples and loss per step). Off by "
-        "default: it scans every sample's length at start and gives variable batch shapes",
+        description="train_input only: sort each step's samples by length and cut them into micro-batches "
+        "of even padded cost (samples x longest; short samples in larger micro-batches), dealt evenly to "
+        "the ranks, rows trimmed to their longest sample (same samples and loss per step). Off by default: "
+        "it scans every sample's length at start and gives variable batch shapes. Not with packing",
     )
+
+    @model_validator(mode="after")
+    def _one_batching(self):
+        if self.packing and self.group_by_length:
+            raise ValueError("packing and group_by_length exclude each other: packing already groups the step's "
+                             "samples at even cost, without padding")
+        return self
 
 
 class LoraSettings(_Section):

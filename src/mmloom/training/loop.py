@@ -18,7 +18,7 @@ import torch
 
 from mmloom.data.collate import FeatureCollator, TrainCollator
 from mmloom.data.h5_format import read_data_params
-from mmloom.data.sampling import EvalSampler, PaddedDataset, sample_lengths, steps_per_epoch
+from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
 from mmloom.model import serialization as ser
 from mmloom.model.feature_count import encoder_positions
@@ -38,6 +38,7 @@ from mmloom.training.data import (
     processor_for,
     step_sampler,
     train_collator,
+    train_lengths,
 )
 from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap_model
 from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
@@ -189,15 +190,15 @@ class Trainer:
         else:
             self.total_steps = max(1, int(math.ceil((run.num_epochs or 1.0) * self.steps_per_epoch)))
         self.train_collate = self._collator(section.data_dir)
-        self.train_collate = train_collator(self.train_collate, section, self.train_set, self.cfg.model.attn_implementation)
+        self.train_collate = train_collator(self.train_collate, section, self.base_model)
         if section.use_cached_features:  # batches carry module_features instead of pixel_values
             self.train_collate = FeatureCollator(self.train_collate)
-        self.train_lengths = sample_lengths(self.train_set) if section.group_by_length else None
+        self.train_lengths = train_lengths(section, self.train_set)
 
     def train_loader(self, start_step: int):
         section = self.cfg.train_input
         sampler = step_sampler(
-            getattr(self, "train_lengths", None),
+            section, self.train_set, getattr(self, "train_lengths", None),
             len(self.train_set), self.global_batch, self.ctx.world_size, self.ctx.rank, self.micro_batch,
             self.run.seed, section.shuffle, start_step, self.total_steps, drop_last=section.drop_last,
         )
