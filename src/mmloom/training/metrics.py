@@ -24,7 +24,8 @@ class FlopsEstimator:
     input gradients when the backward pass has to go through the part (something before it, or in
     it, trains), 2N_trainable for the weight gradients. A fully trainable part is thus 6N; the
     frozen LLM of phase 1 is 4N (gradients flow through it to the projector); the frozen vision
-    encoder is 2N. Attention's sequence-quadratic terms and embeddings lookups are left out.
+    encoder is 2N. Attention's sequence-quadratic terms and embeddings lookups are left out, and so
+    are encoders other than the vision encoder (an audio encoder's FLOPs are not counted).
     """
 
     def __init__(self, model: nn.Module, image_positions: int, feature_tokens: int):
@@ -41,9 +42,9 @@ class FlopsEstimator:
                 trainable += p.numel() if p.requires_grad else 0
             return total, trainable
 
-        encoder = model.encoders["vision"]
-        nv, tv = counts(encoder.module)
-        npj, tpj = counts(encoder.projector)
+        encoder = model.encoders.get("vision")  # other encoders (audio) are not counted
+        nv, tv = counts(encoder.module) if encoder is not None else (0, 0)
+        npj, tpj = counts(encoder.projector) if encoder is not None else (0, 0)
         nl, tl = counts(model.language_model, skip_embeddings=True)
         vision_bwd = tv > 0
         projector_bwd = vision_bwd or tpj > 0
