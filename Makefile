@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmloom-installed
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo demo-audio lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/mmloom demo --out runs/demo
+
+demo-audio: $(STAMP)
+	$(VENV)/bin/mmloom demo --modality audio --out runs/demo-audio
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests
