@@ -535,7 +535,5 @@ def print_summary(params: dict, elapsed: float) -> None:
     console = Console()
     console.print(table)
     rate = pp["processed_files"] / elapsed if elapsed > 0 else 0.0
-    console.print(
-        f"{len(pp['output_files'])} .h5 files, image_patch_start_idx="
-        f"{info['image_patch_start_idx']}, {elapsed:.1f} s ({rate:,.0f} samples/s)"
-    )
+    start = "" if info["image_patch_start_idx"] is None else f", image_patch_start_idx={info['image_patch_start_idx']}"
+    console.print(f"{len(pp['output_files'])} .h5 files{start}, {elapsed:.1f} s ({rate:,.0f} samples/s)")

@@ -110,6 +110,9 @@ def check_cached_features(cfg, model, mode: str) -> None:
         section = getattr(cfg, name)
         if section is None or not section.use_cached_features or mode not in modes:
             continue
+        if "vision" not in model.encoder_names:
+            raise MmloomError(f"{name}.use_cached_features caches the vision encoder's features; this model has "
+                              f"none (encoders: {model.encoder_names})")
         check_cacheable(model, allow_trainable=mode == "eval", setting=f"{name}.use_cached_features")
         encoder = model.encoders["vision"]
         shape = (model.num_feature_tokens("vision"), encoder.feature_dim())
