@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmloom-installed
 
-.PHONY: install test test-clients test-lowest demo lint clean
+.PHONY: install test test-clients test-lowest demo demo-audio lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ test-lowest: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/mmloom demo --out runs/demo
+
+demo-audio: $(STAMP)
+	$(VENV)/bin/mmloom demo --modality audio --out runs/demo-audio
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests

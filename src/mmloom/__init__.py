@@ -20,6 +20,7 @@ _EXPORTS = {
     "MultimodalProjectorConfig": "mmloom.model.projector",
     "FeatureSelect": "mmloom.model.callbacks",
     "AnyresPack": "mmloom.model.callbacks",
+    "AudioPool": "mmloom.model.callbacks",
     "MultimodalProcessor": "mmloom.processing.processor",
     "get_template": "mmloom.processing.templates",
 }

@@ -142,7 +142,8 @@ def vision_parts(model: MultimodalModel, fmt: str) -> VisionParts:
     if model.encoder_names != ["vision"]:
         raise MmloomError(
             f"format {fmt!r} holds exactly one encoder named 'vision'; this model has encoders "
-            f"{model.encoder_names} (audio or other encoders cannot be represented)"
+            f"{model.encoder_names} (audio or other encoders cannot be represented); keep such composites in "
+            "the mmloom format (--to mmloom), which mmloom chat/generate and MultimodalModel.from_pretrained read"
         )
     encoder = model.vision_encoder
     tower = base_module(encoder.module)

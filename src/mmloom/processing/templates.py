@@ -88,7 +88,7 @@ _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 
 
 def messages_from_llava(
-    conversations: list[dict], *, move_image_to_front: bool = True, placeholder: str = "<image>"
+    conversations: list[dict], *, move_image_to_front: bool = True, placeholder: str | tuple[str, ...] = "<image>"
 ) -> list[dict]:
     """Map LLaVA ``{"from": "human"|"gpt", "value": str}`` turns to chat messages.
 
@@ -97,8 +97,10 @@ def messages_from_llava(
     ``move_image_to_front``, a record with exactly one ``placeholder`` has its turn rewritten to
     ``placeholder + "\\n" + text_without_placeholder.strip()`` (then stripped), exactly like
     LLaVA's ``preprocess_multimodal``; records with several placeholders (interleaved,
-    LLaVA-OneVision style) keep every placeholder where it is. A trailing unanswered human turn is
-    kept.
+    LLaVA-OneVision style) keep every placeholder where it is. A tuple of placeholders (e.g.
+    ``("<image>", "<audio>")``) applies the rule to each one: those found exactly once are moved
+    to the front of their turn in the tuple's order (``<image>\\n<audio>\\ntext``). A trailing
+    unanswered human turn is kept.
     Raises :class:`ConversationError` with ``reason`` in ``ConversationError.REASONS``.
     """
     if not isinstance(conversations, (list, tuple)):
@@ -113,9 +115,12 @@ def messages_from_llava(
             "no_human_turn",
             "conversation has no human turn (it is empty after skipping a leading non-human turn)",
         )
-    if move_image_to_front and placeholder:
-        count = sum(str(t.get("value") or "").count(placeholder) for t in turns if isinstance(t, dict))
-        move_image_to_front = count == 1
+    candidates = (placeholder,) if isinstance(placeholder, str) else tuple(placeholder)
+    movable = [
+        p for p in candidates
+        if move_image_to_front and p
+        and sum(str(t.get("value") or "").count(p) for t in turns if isinstance(t, dict)) == 1
+    ]
     messages: list[dict] = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -142,8 +147,11 @@ def messages_from_llava(
             value = str(value)
         if role == "assistant" and not value.strip():
             raise ConversationError("empty_answer", f"turn {i} (gpt) has an empty answer")
-        if move_image_to_front and placeholder and placeholder in value:
-            value = (placeholder + "\n" + value.replace(placeholder, "").strip()).strip()
+        moved = [p for p in movable if p in value]
+        if moved:
+            for p in moved:
+                value = value.replace(p, "")
+            value = ("".join(p + "\n" for p in moved) + value.strip()).strip()
         messages.append({"role": role, "content": value})
     return messages
 

@@ -33,15 +33,19 @@ from mmloom.processing.processor import MultimodalProcessor
 from mmloom.processing.tokenizer import load_tokenizer
 from mmloom.training import builder
 from mmloom.training.config import InputConfig, check_config_paths
+from mmloom.training.modalities import audio_processor, audio_reader
 
 
 def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
     """The dataset of an input section: HDF5 samples with images transformed to `image_size`, or
-    with cached encoder features (`use_cached_features`)."""
+    with cached encoder features (`use_cached_features`); with their audio clips when the data has
+    some. `image_size` 0 (a model without a vision encoder) reads no image."""
     if section.use_cached_features:  # `mmloom data cache-features` output instead of images
         return CachedFeatureDataset(section.data_dir, cache_dir_for(section))
-    transform = ImageTransform.from_config(section.transforms, section.image_size or image_size)
-    return HDF5LlavaDataset(section.data_dir, section.img_data_dir, transform, dtype=dtype)
+    size = section.image_size or image_size
+    transform = ImageTransform.from_config(section.transforms, size) if size else None
+    return HDF5LlavaDataset(section.data_dir, section.img_data_dir, transform, dtype=dtype,
+                            audio_reader=audio_reader(section))
 
 
 def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0,
@@ -71,11 +75,18 @@ def processor_for(section: InputConfig, image_size: int, model):
         params = read_data_params(section.data_dir)
         dataset = DatasetConfig.model_validate(params["dataset"])
         tokenizer = load_tokenizer(params["processor"]["tokenizer_type"], what="processor.tokenizer_type")
-        special_ids(tokenizer, dataset.image_token)  # the stock tokenizer lacks <image>: added as data build does
-        transform = ImageTransform.from_config(section.transforms, section.image_size or image_size)
+        audio = dataset.audio
+        # the stock tokenizer lacks <image> (and <audio>): added as data build does
+        special_ids(tokenizer, dataset.image_token, audio.audio_token if audio else None)
+        processors = {}
+        if "vision" in model.encoder_names:
+            processors["vision"] = ImageTransform.from_config(section.transforms, section.image_size or image_size)
+        if "audio" in model.encoder_names and audio_processor(section) is not None:
+            processors["audio"] = audio_processor(section)
         style, options = template_spec(dataset, tokenizer)  # the template `mmloom data build` used
-        return MultimodalProcessor.from_model(model, tokenizer, {"vision": transform}, template=style,
-                                              template_options=options), None
+        placeholders = {"audio": audio.audio_token} if audio else {}
+        return MultimodalProcessor.from_model(model, tokenizer, processors, template=style,
+                                              template_options=options, placeholders=placeholders), None
     except (MmloomError, OSError, KeyError, ValueError) as err:
         return None, str(err)
 
@@ -128,6 +139,9 @@ def check_cached_features(cfg, model, mode: str) -> None:
         section = getattr(cfg, name)
         if section is None or not section.use_cached_features or mode not in modes:
             continue
+        if "vision" not in model.encoder_names:
+            raise MmloomError(f"{name}.use_cached_features caches the vision encoder's features; this model has "
+                              f"none (encoders: {model.encoder_names})")
         check_cacheable(model, allow_trainable=mode == "eval", setting=f"{name}.use_cached_features")
         encoder = model.encoders["vision"]
         shape = (model.num_feature_tokens("vision"), encoder.feature_dim())

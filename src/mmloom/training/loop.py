@@ -21,7 +21,6 @@ from mmloom.data.h5_format import read_data_params
 from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
 from mmloom.model import serialization as ser
-from mmloom.model.feature_count import encoder_positions
 from mmloom.training import builder
 from mmloom.training.checkpoint import (
     full_model_state,
@@ -50,6 +49,7 @@ from mmloom.training.metrics import (
     ThroughputWindow,
     batch_work,
 )
+from mmloom.training.modalities import check_data_modalities, vision_geometry, with_audio
 from mmloom.training.optim import build_optimizer, build_scheduler
 
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -128,13 +128,8 @@ class Trainer:
             model.gradient_checkpointing_enable()
         model.to(self.device)
         self.base_model = model
-        self.num_feature_tokens = model.num_feature_tokens("vision")
-        vision_cfg = model.encoders["vision"].config
-        self.image_size = int(getattr(vision_cfg, "image_size", 0) or 0)
-        try:  # the encoder's sequence length (a CLS token only where the model has one)
-            self.image_positions = encoder_positions(vision_cfg)
-        except MmloomError:
-            self.image_positions = self.num_feature_tokens
+        # vision encoder geometry ((0, 0, 0) without one: audio-LLMs)
+        self.num_feature_tokens, self.image_size, self.image_positions = vision_geometry(model)
         if for_training or self.ctx.mode == "fsdp":
             self.model = wrap_model(model, self.ctx, run.find_unused_parameters)
         else:
@@ -164,7 +159,9 @@ class Trainer:
             pad = getattr(unwrap(self.base_model).language_model.config, "pad_token_id", None)
         if pad is None:
             raise MmloomError("cannot tell the pad token id: set model.pad_token_id")
-        image_token_id = self.base_model.placeholder_token_ids["vision"]
+        check_data_modalities(self.base_model, data_dir)  # images / audio the model cannot read
+        image_token_id = self.base_model.placeholder_token_ids.get("vision", -1)
+        dummy_images = dummy_images and "vision" in self.base_model.encoder_names
         return TrainCollator(image_token_id, int(pad), self.num_feature_tokens, dummy_images=dummy_images)
 
     def setup_data(self) -> None:
@@ -193,6 +190,7 @@ class Trainer:
         self.train_collate = train_collator(self.train_collate, section, self.base_model)
         if section.use_cached_features:  # batches carry module_features instead of pixel_values
             self.train_collate = FeatureCollator(self.train_collate)
+        self.train_collate = with_audio(self.train_collate, self.base_model, getattr(self.train_set, "audio_reader", None))
         self.train_lengths = train_lengths(section, self.train_set)
 
     def train_loader(self, start_step: int):
@@ -212,6 +210,7 @@ class Trainer:
         collate = self._collator(section.data_dir)
         if section.use_cached_features:
             collate = FeatureCollator(collate)
+        collate = with_audio(collate, self.base_model, getattr(dataset, "audio_reader", None), dummy=False)
         return make_loader(dataset, sampler, collate, section.num_workers, self.run.seed)
 
     def setup_optimizer(self) -> None:
