@@ -63,8 +63,12 @@ def has_tokenizer(directory: Path) -> bool:
 
 
 def load_tokenizer(directory: Path, required: bool = False):
-    from transformers import AutoTokenizer
+    """The tokenizer of a model folder through mmloom's one loader
+    (:func:`mmloom.processing.tokenizer.load_tokenizer`: SentencePiece Llama folders tokenize as
+    the original code does); None without tokenizer files, or MmloomError when `required`."""
     from transformers.utils import logging as hf_logging
+
+    from mmloom.processing.tokenizer import load_tokenizer as load
 
     if not has_tokenizer(directory):
         if required:
@@ -73,7 +77,7 @@ def load_tokenizer(directory: Path, required: bool = False):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a LLaVA config.json (model_type llava_llama) is unknown to AutoConfig
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return load(directory, what=f"tokenizer of {directory}")
     finally:
         hf_logging.set_verbosity(verbosity)
 
