@@ -104,7 +104,8 @@ def default_image_processor(vision_config):
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def copy_modules_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+def cast_in_place(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Cast every parameter and buffer of `model` to `dtype` in place (None: leave it as it is)."""
     if dtype is not None:
         model.to(dtype)
 
@@ -247,7 +248,7 @@ def save_processor(bundle: Bundle, directory: Path) -> None:
 
 
 def write_mmloom(bundle: Bundle, dst: str | Path, dtype: str | None = None, **_: Any) -> None:
-    copy_modules_dtype(bundle.model, torch_dtype(dtype))
+    cast_in_place(bundle.model, torch_dtype(dtype))
     with atomic_directory(dst) as tmp:
         bundle.model.save_pretrained(tmp)
         save_processor(bundle, tmp)
