@@ -23,25 +23,29 @@ Variants (phase 2, float32, SDPA attention, no gradient checkpointing on either 
   transformers itself detects the packed sequences from the position ids and builds a
   block-diagonal causal mask inside the forward (SDPA then computes the full row x row scores;
   varlen flash attention, which skips the masked blocks, needs a GPU);
-- `mmloom-default`: what the shipped configs run: `TrainCollator` (rows trimmed to the longest
-  sample; text-only samples keep the data's 576 masked image slots and get a dummy image), random
-  order (`StepBatchSampler`), LM head and loss at supervised positions only;
-- `mmloom-group`: `train_input.group_by_length` (`LengthGroupedStepSampler`: the global batch sorted
-  by length, cut into micro-batches, dealt to ranks);
-- `mmloom-pack`: `train_input.packing` (`PackedCollator`: random micro-batches packed into rows of
-  at most MSL, block-diagonal 4D SDPA mask built by the collator, restarting position ids).
+- `mmloom-padded`: the trainer without a batching switch (`train_input.packing` and
+  `group_by_length` off, their defaults): `TrainCollator` (rows trimmed to the longest sample),
+  random order (`StepBatchSampler`), LM head and loss at supervised positions only;
+- `mmloom-group`: `train_input.group_by_length` (`LengthGroupedStepSampler`: the step's samples
+  sorted by length and cut into micro-batches of even padded cost, dealt evenly to the ranks);
+- `mmloom-pack`: `train_input.packing`, what the shipped LLaVA-1.5 configs run (`PackedStepSampler`:
+  the step's samples split over the micro-batches and ranks at even token counts;
+  `PackedCollator`: one padding-free row per micro-batch with its sample boundaries; the LLM's
+  attention switched to `mmloom_sdpa_varlen`: SDPA per sample, no mask).
 
 Data (synthetic, documented): vicuna_v1-shaped conversations, token ids random. A prefix of
 `image_start` tokens (BOS, system prompt, "USER:"), then 576 image slots (CLIP-L/14-336's count;
 the image and vision tower here are small, see below), then turns: question log-normal (median
 12, sigma 0.6) + 5 role tokens, answer log-normal (median 18, sigma 1.1) + EOS (supervised), until
 the sample's text budget: log-normal, median 205 text tokens (sigma 0.7) for image samples, median
-700 (sigma 0.6) for text-only ones, cut so that text + 576 slots fit MSL 2048 (the seed's layout
-keeps the slots in text-only samples, so the data build drops longer ones). 6% of the pool is
-text-only (ShareGPT's share of mix665k). The median sample is ~780 tokens with its image slots.
-transformers gets each sample as LLaVA feeds it: image samples with 576 `<image>` tokens, text-only
-samples without slots; mmloom gets the HDF5 layout. Real tokens (the work counted in tokens/s)
-are the same for both: padding and masked slots are computed, never counted.
+700 (sigma 0.6) for text-only ones, cut so that text + 576 slots fit MSL 2048 (the pool is the same
+as in earlier runs of this script). 6% of the pool is text-only (ShareGPT's share of mix665k). The
+median sample is ~780 tokens with its image slots. transformers gets each sample as LLaVA feeds
+it: image samples with 576 `<image>` tokens, text-only samples without slots; mmloom gets the
+HDF5 rows `mmloom data build` writes with the shipped phase-2 data config (`text_only_slots:
+false`: text-only samples without slots, i.e. LLaVA's layout too; `--text-only-slots` gives them the
+seed's 576 masked slots). Real tokens (the work counted in tokens/s) are the same for all:
+padding, masked slots and dummy images are computed, never counted.
 
 Timing. `torch.set_num_threads(1)` and `time.thread_time()` (this thread's CPU time: immune to
 other processes on a shared machine), per micro-batch (forward + backward) plus the optimizer
@@ -49,8 +53,9 @@ step; collation is timed apart (it runs in DataLoader workers in training). Befo
 variant runs one micro-batch (warm-up, no update). Then `--repeats` repetitions, each one step of
 every variant, the variant order rotated each repetition; ratios are taken within a repetition
 and reported as median [min, max]. `8-rank est.` is the step time if the pool were spread over
-8 ranks as each sampler deals it (the slowest rank's micro-batches x 8): length-sorted dealing
-puts the longest micro-batches on one rank.
+8 ranks as each sampler deals it (the slowest rank's micro-batches x 8). `--compile` adds
+`mmloom-pack-compiled`: `mmloom-pack` with each decoder layer's MLP compiled by `torch.compile`
+(the attention stays eager; its per-sample loop would break the graph).
 
 Shares. FLOPs per part come from `mmloom.training.metrics.FlopsEstimator` on the same samples,
 for this model and, on the meta device (no weights), for LLaVA-1.5-7B (CLIP-L/336 + Vicuna-7B);
@@ -101,8 +106,9 @@ CONFIGS = {
 }
 PAD, BOS, EOS = 0, 1, 2
 IGNORE = -100
-VARIANTS = ("hf-random", "hf-modality", "hf-packed", "mmloom-default", "mmloom-group", "mmloom-pack")
+VARIANTS = ("hf-random", "hf-modality", "hf-packed", "mmloom-padded", "mmloom-group", "mmloom-pack")
 HF_VARIANTS = VARIANTS[:3]
+COMPILED = "mmloom-pack-compiled"
 
 
 # ----------------------------------------------------------------------------------- models
@@ -191,22 +197,27 @@ def make_pool(cfg: dict, n_img: int, vocab: int, seed: int = 1) -> list[dict]:
     return samples
 
 
-def hdf5_item(s: dict, cfg: dict, n_img: int, image: torch.Tensor) -> dict:
-    """What `HDF5LlavaDataset` yields for sample `s`: ids padded to MSL, key_padding_mask (the
-    slots of a text-only sample masked), loss_mask[t] = token t + 1 is supervised, the image."""
+def hdf5_item(s: dict, cfg: dict, n_img: int, image: torch.Tensor, slots: bool = False) -> dict:
+    """What `HDF5LlavaDataset` yields for sample `s`: ids padded to MSL, key_padding_mask,
+    loss_mask[t] = token t + 1 is supervised, the image. Text-only samples have no slots
+    (`text_only_slots: false`, the shipped phase-2 data) or, with `slots`, the seed's masked ones."""
     msl, start = cfg["msl"], cfg["image_start"]
-    n = len(s["ids"])
+    ids, sup = list(s["ids"]), list(s["sup"])
+    drop = not s["has_image"] and not slots
+    if drop:
+        del ids[start : start + n_img], sup[start : start + n_img]
+    n = len(ids)
     text_ids = torch.full((msl,), PAD, dtype=torch.int32)
-    text_ids[:n] = torch.tensor(s["ids"], dtype=torch.int32)
+    text_ids[:n] = torch.tensor(ids, dtype=torch.int32)
     kpm = torch.ones(msl, dtype=torch.int32)
     kpm[:n] = 0
-    if not s["has_image"]:
+    if not s["has_image"] and not drop:
         kpm[start : start + n_img] = 1
     loss_mask = torch.zeros(msl, dtype=torch.int32)
-    loss_mask[: n - 1] = torch.tensor(s["sup"][1:], dtype=torch.int32)
+    loss_mask[: n - 1] = torch.tensor(sup[1:], dtype=torch.int32)
     return {"text_input_ids": text_ids, "key_padding_mask": kpm, "loss_mask": loss_mask,
             "has_image": s["has_image"], "image_data": image if s["has_image"] else torch.zeros_like(image),
-            "image_start_idx": start, "index": s["index"]}
+            "image_start_idx": -1 if drop else start, "index": s["index"]}
 
 
 def hf_item(s: dict, cfg: dict, n_img: int, image_token: int) -> dict:
@@ -260,19 +271,21 @@ def modality_length_groups(lengths, has_image, micro: int, global_batch: int, se
     return [chunk for k in order for chunk in megas[k]]
 
 
-def schedules(samples: list[dict], n_img: int, micro: int, ranks: int, seed: int) -> dict:
+def schedules(samples: list[dict], n_img: int, micro: int, ranks: int, seed: int, msl: int, slots: bool) -> dict:
     """Micro-batches (sample indices) and the rank each runs on, per sampler."""
-    from mmloom.data.sampling import LengthGroupedStepSampler, StepBatchSampler
+    from mmloom.data.sampling import LengthGroupedStepSampler, PackedStepSampler, StepBatchSampler
 
     n = len(samples)
-    last = [len(s["ids"]) for s in samples]  # the HDF5 row's last attended position + 1
+    real = [sample_length(s, n_img) for s in samples]
+    # the HDF5 row's last attended position + 1 (a text-only row keeps its masked slots with `slots`)
+    last = [len(s["ids"]) if (s["has_image"] or slots) else real[i] for i, s in enumerate(samples)]
     args = dict(n=n, global_batch=n, world_size=ranks, micro_batch=micro, seed=seed, shuffle=True, start_step=0,
                 total_steps=1)
     out = {}
     for name, make in (("random", lambda r: StepBatchSampler(rank=r, **args)),
-                       ("mmloom-group", lambda r: LengthGroupedStepSampler(last, rank=r, **args))):
+                       ("mmloom-group", lambda r: LengthGroupedStepSampler(last, rank=r, **args)),
+                       ("mmloom-pack", lambda r: PackedStepSampler(real, msl, rank=r, **args))):
         out[name] = [(list(mb), r) for r in range(ranks) for mb in make(r)]
-    real = [sample_length(s, n_img) for s in samples]
     groups = modality_length_groups(real, [s["has_image"] for s in samples], micro, n, seed)
     out["llava"] = [(mb, k % ranks) for k, mb in enumerate(groups)]  # accelerate deals batches round-robin
     return out
@@ -304,8 +317,10 @@ def hf_flattened(items: list[dict], images: list) -> dict:
 
 
 def batch_stats(variant: str, b: dict) -> dict:
-    """Real tokens, computed positions, dense attention scores computed (SDPA on CPU computes the
-    whole row x row square under any mask), real causal pairs, supervised positions."""
+    """Real tokens, computed positions, attention scores computed (the (query, key) squares SDPA is
+    handed: rows x width^2 for padded rows under a mask, the flattened row's square for hf-packed,
+    each segment's square for mmloom's packed rows; the kernels' skipping of blocks above a causal
+    diagonal is not counted for anyone), real causal pairs, supervised positions."""
     from mmloom.training.metrics import batch_work
 
     if variant.startswith("hf"):
@@ -322,20 +337,25 @@ def batch_stats(variant: str, b: dict) -> dict:
         work = batch_work(b)
         real, pairs, sup = work.tokens, work.attention_pairs, work.head_positions
     rows, width = b["input_ids"].shape
-    return {"real": real, "computed": rows * width, "attn_dense": rows * width * width, "attn_real": pairs,
-            "sup": sup}
+    if b.get("cu_seq_lens_q") is not None:  # per-segment attention, no mask
+        cu = b["cu_seq_lens_q"].tolist()
+        dense = sum((e - a) ** 2 for a, e in zip(cu[:-1], cu[1:], strict=True))
+    else:
+        dense = rows * width * width
+    return {"real": real, "computed": rows * width, "attn_dense": dense, "attn_real": pairs, "sup": sup}
 
 
-def build_batches(samples, cfg, n_img, vocab, images, micro: int, seed: int) -> tuple[dict, dict]:
+def build_batches(samples, cfg, n_img, vocab, images, micro: int, seed: int, slots: bool = False,
+                  compiled: bool = False) -> tuple[dict, dict]:
     """Per variant: the list of (batch, rank), and the thread CPU seconds its collation took."""
     from mmloom.data.collate import PackedCollator, TrainCollator
 
     image_token = vocab - 1
-    sched = schedules(samples, n_img, micro, cfg["ranks"], seed)
-    h5 = [hdf5_item(s, cfg, n_img, images[i]) for i, s in enumerate(samples)]
+    sched = schedules(samples, n_img, micro, cfg["ranks"], seed, cfg["msl"], slots)
+    h5 = [hdf5_item(s, cfg, n_img, images[i], slots) for i, s in enumerate(samples)]
     hf = [hf_item(s, cfg, n_img, image_token) for s in samples]
     pad = TrainCollator(image_token, PAD, n_img, trim=True)
-    pack = PackedCollator(TrainCollator(image_token, PAD, n_img), cfg["msl"], attention="sdpa")
+    pack = PackedCollator(TrainCollator(image_token, PAD, n_img))
 
     def hf_images(mb):
         return [images[i] for i in mb if samples[i]["has_image"]]
@@ -344,15 +364,17 @@ def build_batches(samples, cfg, n_img, vocab, images, micro: int, seed: int) -> 
         "hf-random": ("random", lambda mb: hf_padded([hf[i] for i in mb], hf_images(mb))),
         "hf-modality": ("llava", lambda mb: hf_padded([hf[i] for i in mb], hf_images(mb))),
         "hf-packed": ("random", lambda mb: hf_flattened([hf[i] for i in mb], hf_images(mb))),
-        "mmloom-default": ("random", lambda mb: pad([h5[i] for i in mb])),
+        "mmloom-padded": ("random", lambda mb: pad([h5[i] for i in mb])),
         "mmloom-group": ("mmloom-group", lambda mb: pad([h5[i] for i in mb])),
-        "mmloom-pack": ("random", lambda mb: pack([h5[i] for i in mb])),
+        "mmloom-pack": ("mmloom-pack", lambda mb: pack([h5[i] for i in mb])),
     }
     batches, collate_s = {}, {}
     for name, (sampler, collate) in recipes.items():
         t0 = time.thread_time()
         batches[name] = [(collate(mb), rank) for mb, rank in sched[sampler]]
         collate_s[name] = time.thread_time() - t0
+    if compiled:
+        batches[COMPILED], collate_s[COMPILED] = batches["mmloom-pack"], collate_s["mmloom-pack"]
     return batches, collate_s
 
 
@@ -478,9 +500,30 @@ def feature_cache_figure(samples, n_img: int) -> dict:
 
 
 # -------------------------------------------------------------------------------------- run
+def compile_mlps(model) -> None:
+    """`torch.compile` each decoder layer's MLP (in place): the fusable part of the decoder; the
+    per-sample attention stays eager."""
+    for layer in model.language_model.model.layers:
+        layer.mlp.compile(dynamic=True)
+
+
+def make_runner(name: str, models, batches) -> Runner:
+    from mmloom.model.attention import use_packed_attention
+
+    mm, hf = models
+    model = copy.deepcopy(hf if name in HF_VARIANTS else mm)
+    if name in ("mmloom-pack", COMPILED):
+        use_packed_attention(model.language_model)  # what the trainer does with train_input.packing
+    if name == COMPILED:
+        compile_mlps(model)
+    return Runner(name, model, batches)
+
+
 def run_batch_size(args, cfg, models, samples, images, n_img, micro: int) -> dict:
     vocab = args.vocab or cfg["vocab"]
-    batches, collate_s = build_batches(samples, cfg, n_img, vocab, images, micro, args.seed)
+    names = [*VARIANTS, *([COMPILED] if args.compile else [])]
+    opts = dict(slots=args.text_only_slots, compiled=args.compile)
+    batches, collate_s = build_batches(samples, cfg, n_img, vocab, images, micro, args.seed, **opts)
     stats = {}
     for name, bs in batches.items():
         st = [batch_stats(name, b) for b, _ in bs]
@@ -491,47 +534,47 @@ def run_batch_size(args, cfg, models, samples, images, n_img, micro: int) -> dic
     assert len(set(reals.values())) == 1, f"real tokens differ between variants: {reals}"
     assert len(set(sups.values())) == 1, f"supervised tokens differ between variants: {sups}"
 
-    mm, hf = models
-    runners = {}
-    for name in VARIANTS:
-        runners[name] = Runner(name, copy.deepcopy(hf if name in HF_VARIANTS else mm), batches[name])
+    runners = {name: make_runner(name, models, batches[name]) for name in names}
 
-    # Same weights, same samples: losses on the image samples agree across all variants (text-only
-    # samples differ between the families: the HDF5 layout keeps their masked slots, which shifts
-    # the positions of what follows them; see the README).
+    # Same weights, same samples: losses on the image samples agree across all variants (and on the
+    # whole pool, see the first step's losses, unless --text-only-slots shifts the positions of the
+    # text-only samples' tokens after their masked slots).
     img_only = [s for s in samples if s["has_image"]][: max(2 * micro, 4)]
     keep = {s["index"] for s in img_only}
     sub_samples = [s for s in samples if s["index"] in keep]
     sub_images = [images[s["index"]] for s in sub_samples]
-    sub, _ = build_batches(sub_samples, {**cfg, "ranks": 1}, n_img, vocab, sub_images, micro, args.seed)
+    sub, _ = build_batches(sub_samples, {**cfg, "ranks": 1}, n_img, vocab, sub_images, micro, args.seed, **opts)
     check = {}
     for name, r in runners.items():
         saved = r.denominator
         r.denominator = torch.tensor(float(sum(batch_stats(name, b)["sup"] for b, _ in sub[name])))
         check[name] = r.eval_loss(sub[name])  # mean token loss over the subset's supervised tokens
         r.denominator = saved
-    for r in runners.values():
+    warm = {}
+    for name, r in runners.items():
+        t0 = time.thread_time()
         r.warm_up()
+        warm[name] = time.thread_time() - t0
 
-    reps = {n: [] for n in VARIANTS}
+    reps = {n: [] for n in names}
     for rep in range(args.repeats):
-        k = rep % len(VARIANTS)
-        for name in VARIANTS[k:] + VARIANTS[:k]:
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
             rec = runners[name].step()
             rec["ranked_s"] = ranked_step_s(rec, batches[name], cfg["ranks"])
             reps[name].append(rec)
         print(f"  micro-batch {micro}, repetition {rep + 1}/{args.repeats}: "
-              + ", ".join(f"{n} {reps[n][-1]['step_s']:.2f}s" for n in VARIANTS), flush=True)
-    return summarise(reps, stats, collate_s, check)
+              + ", ".join(f"{n} {reps[n][-1]['step_s']:.2f}s" for n in names), flush=True)
+    return summarise(reps, stats, collate_s, check, warm)
 
 
-def summarise(reps: dict, stats: dict, collate_s: dict, check: dict) -> dict:
+def summarise(reps: dict, stats: dict, collate_s: dict, check: dict, warm: dict) -> dict:
     real = next(iter(stats.values()))["real"]
     # the best transformers baseline: the highest median per-repetition speed ratio to hf-random
     best_hf = max(HF_VARIANTS, key=lambda n: statistics.median(
         a["step_s"] / b["step_s"] for a, b in zip(reps["hf-random"], reps[n], strict=True)))
     out = {"best_hf": best_hf, "variants": {}}
-    for name in VARIANTS:
+    for name in reps:
         rs = reps[name]
         step = [r["step_s"] for r in rs]
 
@@ -549,6 +592,7 @@ def summarise(reps: dict, stats: dict, collate_s: dict, check: dict) -> dict:
             "attention_real_over_dense": st["attn_real"] / st["attn_dense"],
             "micro_batches": st["micro_batches"], "computed_positions": st["computed"],
             "collate_s": collate_s[name], "losses": [r["loss"] for r in rs], "image_only_loss": check[name],
+            "warm_up_s": warm[name],
         }
     out["real_tokens"] = real
     out["supervised_tokens"] = next(iter(stats.values()))["sup"]
@@ -558,22 +602,27 @@ def summarise(reps: dict, stats: dict, collate_s: dict, check: dict) -> dict:
 def print_table(micro: int, res: dict) -> None:
     best = res["best_hf"]
     print(f"\nmicro-batch {micro}: {res['real_tokens']:,} real tokens per step; best transformers baseline: {best}")
-    print("| variant | step s (thread CPU) [min, max] | tokens/s | vs hf-random [min, max] | "
-          f"vs {best} [min, max] | real / computed positions | 8-rank est. vs hf-random | collate s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | real / computed positions | real / computed attention scores | step s (thread CPU) [min, max] "
+          f"| tokens/s | vs hf-random [min, max] | vs {best} [min, max] | 8-rank est. vs hf-random | collate s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, v in res["variants"].items():
         s, a, b, c = v["step_s"], v["vs_reference"], v["vs_best_hf"], v["ranked_vs_reference"]
-        print(f"| {name} | {s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}] | {v['tokens_per_s']:,.0f} | "
-              f"{a['median']:.2f}x [{a['min']:.2f}, {a['max']:.2f}] | {b['median']:.2f}x [{b['min']:.2f}, "
-              f"{b['max']:.2f}] | {v['real_over_computed']:.0%} | {c['median']:.2f}x | {v['collate_s']:.2f} |")
+        print(f"| {name} | {v['real_over_computed']:.0%} | {v['attention_real_over_dense']:.0%} | {s['median']:.2f} "
+              f"[{s['min']:.2f}, {s['max']:.2f}] | {v['tokens_per_s']:,.0f} | {a['median']:.2f}x [{a['min']:.2f}, "
+              f"{a['max']:.2f}] | {b['median']:.2f}x [{b['min']:.2f}, {b['max']:.2f}] | {c['median']:.2f}x "
+              f"| {v['collate_s']:.2f} |")
     losses = {n: v["losses"] for n, v in res["variants"].items()}
     img = {n: v["image_only_loss"] for n, v in res["variants"].items()}
     spread = max(img.values()) - min(img.values())
     print(f"image-sample loss, same weights (all variants): {min(img.values()):.6f} .. {max(img.values()):.6f} "
           f"(spread {spread:.1e})")
-    for fam, names in (("transformers", HF_VARIANTS), ("mmloom", VARIANTS[3:])):
+    for fam, names in (("transformers", HF_VARIANTS), ("mmloom", [n for n in losses if n not in HF_VARIANTS])):
         first = [losses[n][0] for n in names]
         print(f"first-step loss, whole pool, {fam}: {min(first):.6f} .. {max(first):.6f}")
+    if COMPILED in res["variants"]:
+        w = {n: res["variants"][n]["warm_up_s"] for n in ("mmloom-pack", COMPILED)}
+        print(f"warm-up micro-batch (compilation included): mmloom-pack {w['mmloom-pack']:.1f}s, "
+              f"{COMPILED} {w[COMPILED]:.1f}s")
 
 
 def main(argv=None) -> int:
@@ -586,6 +635,10 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=None, help="LLM vocabulary (default: a 7B-like LM-head share)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--text-only-slots", action="store_true",
+                    help="mmloom's text-only samples keep the seed's 576 masked slots (text_only_slots: true)")
+    ap.add_argument("--compile", action="store_true",
+                    help=f"add {COMPILED}: mmloom-pack with torch.compile'd decoder MLPs")
     args = ap.parse_args(argv)
     cfg = copy.deepcopy(CONFIGS["smoke" if args.smoke else "llava"])
     if args.pool:

@@ -31,9 +31,11 @@ def test_train_step_smoke(tmp_path):
     assert max(image_losses) - min(image_losses) < 1e-5
     first = [v["losses"][0] for v in variants.values()]
     assert max(first) - min(first) < 1e-5
-    # Padding-free rows compute no padding; padded rows do.
-    assert variants["hf-packed"]["real_over_computed"] == 1.0
+    # Padding-free rows compute no padding; padded rows do. mmloom's packed rows hand SDPA only each
+    # sample's own square (transformers' flattened row: the whole row's square).
+    assert variants["hf-packed"]["real_over_computed"] == variants["mmloom-pack"]["real_over_computed"] == 1.0
     assert variants["hf-random"]["real_over_computed"] < 1.0
+    assert variants["mmloom-pack"]["attention_real_over_dense"] > 2 * variants["hf-packed"]["attention_real_over_dense"]
     assert variants["hf-random"]["vs_reference"]["median"] == 1.0
     for v in variants.values():
         assert v["step_s"]["median"] > 0 and v["tokens_per_s"] > 0

@@ -21,7 +21,7 @@ def test_user_and_os_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mmloom train: error: config file not found:") and "Traceback" not in err
     folder = tmp_path / "answers"
-    folder.mkdir()  # a folder where a file is expected: the OS error becomes one line, exit 1
-    assert main(["score", str(folder), "--references", str(folder), "--metric", "exact"]) == 1
+    folder.mkdir()  # a folder where a jsonl file is expected: named as the user's mistake, exit 2
+    assert main(["score", str(folder), "--references", str(folder), "--metric", "exact"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"mmloom score: error: Is a directory: {folder}"
+    assert err.strip() == f"mmloom score: error: {folder}: is a folder, not a jsonl file"

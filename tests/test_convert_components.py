@@ -86,7 +86,9 @@ def test_init_with_an_audio_encoder_and_refusals(tmp_path, capsys):
                  "--projector", "mlp", "--out", str(tmp_path / "audio")]) == 0
     model = MultimodalModel.from_pretrained(tmp_path / "audio")
     processor = MultimodalProcessor.from_pretrained(tmp_path / "audio")
-    assert model.encoder_names == ["audio"] and processor.num_tokens == {"audio": 8}
+    assert model.encoder_names == ["audio"]
+    # per-clip counts from the real length (AudioPool), not the encoder's full window
+    assert processor.num_tokens == {"audio": {"type": "audio_frames", "downsample": 2, "stride": 1}}
     assert model.placeholder_token_ids == {"audio": processor.tokenizer.convert_tokens_to_ids("<audio>")}
     sound = torch.sin(torch.linspace(0, 100, 1600)).numpy()
     batch = processor(text=["USER: <audio> What is it? ASSISTANT: A tone."], audio=[sound],

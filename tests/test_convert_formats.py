@@ -135,7 +135,7 @@ def test_original_llava_both_ways(source, batch, tmp_path):
     assert config["mm_vision_tower"] == str((dst / "image_model").resolve())
     expected = {"mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32, "mm_vision_select_layer": -2,
                 "mm_vision_select_feature": "patch", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-                "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat", "tokenizer_padding_side": "right"}
+                "image_aspect_ratio": "square", "mm_patch_merge_type": "flat", "tokenizer_padding_side": "right"}
     assert {k: config[k] for k in expected} == expected and config["tokenizer_model_max_length"] == 2048
     assert json.loads((text / "config_lmsys.json").read_text())["model_type"] == "llama"
     assert (dst / "image_model" / "preprocessor_config.json").exists() and (text / "tokenizer.json").exists()

@@ -165,6 +165,26 @@ def test_text_only_samples_without_slots(root, tokenizer):
     torch.testing.assert_close(model(**{k: alone[k] for k in ("input_ids", "attention_mask", "labels")}).loss, loss)
 
 
+def test_long_text_only_conversation_fits_without_slots(root, tokenizer):
+    """MSL 2048, 576 slots: a ~1570-token text-only conversation is dropped (too_long) when text-only
+    samples carry masked slots (1570 + 576 > 2048), and kept whole without them; it trains packed."""
+    from mmloom.data.collate import PackedCollator, TrainCollator
+
+    story = " ".join(["the red square is left of the blue circle"] * 99)
+    long_text = rec(None, ("human", "Tell me a long story."), ("gpt", story))
+    seed_layout = build(root, "long_slots", root / "tok", [FIRST, long_text], "vicuna_v1", 2048, num_patches=576)
+    assert seed_layout["post-process"]["skipped"] == {"too_long": 1}
+    llava_layout = build(root, "long_noslots", root / "tok", [FIRST, long_text], "vicuna_v1", 2048, num_patches=576,
+                         text_only_slots=False)
+    assert llava_layout["post-process"]["skipped"] == {}
+    ds = HDF5LlavaDataset(root / "long_noslots_h5", root / "images", ImageTransform(image_size=32))
+    n = int(ds[1]["key_padding_mask"].eq(0).sum())
+    assert 2048 - 576 < n <= 2048 and 1500 < n < 1650  # kept whole: it fits only without the slots
+    packed = PackedCollator(TrainCollator(IMG, PAD, 576))([ds[1]])
+    assert packed["num_attended_tokens"] == n and packed["input_ids"].shape == (1, n + 576)  # + the dummy image
+    assert packed["num_loss_tokens"] == int(ds[1]["loss_mask"].sum())
+
+
 def test_bom_and_non_utf8_lines(root):
     lines = [json.dumps(FIRST), json.dumps(TEXT), json.dumps(FIRST)]
     src = root / "enc_in"

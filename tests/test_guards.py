@@ -11,20 +11,25 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.model.loss import supervised_token_stats
 from mmloom.training.builder import _check_inline_matches, frozen_fingerprint
 from mmloom.training.distributed import DistContext
 from mmloom.training.evaluate import evaluate
 
 
 class FixedLogits(nn.Module):
-    """Returns the same logits (B, T, V) whatever the input."""
+    """Has the same logits (B, T, V) whatever the input: its final states are the logits and its
+    LM head is the identity, evaluated at the supervised positions as the composite model does
+    (`forward(..., labels, compute_logits=False, token_stats=True)`)."""
 
     def __init__(self, logits: torch.Tensor):
         super().__init__()
         self.logits = logits
         self.anchor = nn.Parameter(torch.zeros(1))
 
-    def forward(self, **inputs):
+    def forward(self, labels=None, compute_logits=True, token_stats=False, **inputs):
+        if token_stats:
+            return supervised_token_stats(self.logits, labels, nn.Identity())
         return SimpleNamespace(logits=self.logits)
 
 

@@ -102,7 +102,7 @@ def test_full_logits_count_the_head_at_every_real_position():
 
 
 def test_packed_batch_runs_no_dummy_image():
-    packed = PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG), 64)(ITEMS)
+    packed = PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG))(ITEMS)
     work = batch_work(packed)
     # Same samples: same tokens and per-sample triangles (not one 34-token triangle), same
     # supervised positions; the micro-batch has a real image, so no dummy one runs.

@@ -1,5 +1,7 @@
-"""Sequence packing and length-grouped batching: exact parity with unpacked batches (per-sample
-losses, gradients, trainer losses), pack_samples invariants, exact resume of grouped batches."""
+"""Sequence packing and length grouping: packed rows computed per sample (exact parity with
+unpacked batches: per-sample losses, gradients, trainer losses; no attention across samples, no
+(T, T) mask), the boundaries the flash varlen path gets, the step-level micro-batch algorithms,
+the samplers' balance and exact resume."""
 
 from __future__ import annotations
 
@@ -17,19 +19,31 @@ from PIL import Image
 from helpers import IMAGE_ID, vlm
 from mmloom.cli.main import main
 from mmloom.data.collate import PackedCollator, TrainCollator
-from mmloom.data.packing import block_causal_mask, pack_samples
-from mmloom.data.sampling import LengthGroupedStepSampler, StepBatchSampler, sample_lengths
+from mmloom.data.packing import balance_tokens, deal_to_ranks, group_by_cost
+from mmloom.data.sampling import (
+    PAD_INDEX,
+    LengthGroupedStepSampler,
+    PackedStepSampler,
+    StepBatchSampler,
+    sample_lengths,
+)
+from mmloom.errors import MmloomError
+from mmloom.model import attention
+from mmloom.model.attention import VARLEN_ATTENTION, use_packed_attention
+from mmloom.training.evaluate import model_inputs
 
 PAD, N_IMG, MSL = 3, 16, 64
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
 
 
-def make_item(prefix: int, answer: int, has_image: bool, seed: int, msl: int = MSL) -> dict:
-    """A HDF5LlavaDataset-like item: BOS, prompt, 16 slots (masked for text-only), supervised answer."""
+def make_item(prefix: int, answer: int, has_image: bool, seed: int, msl: int = MSL, slots: bool = True) -> dict:
+    """A HDF5LlavaDataset-like item: BOS, prompt, 16 slots (masked for text-only ones in the seed's
+    layout; none at all with `slots=False`, LLaVA's layout), supervised answer."""
     g = torch.Generator().manual_seed(seed)
     words = lambda n: torch.randint(10, 390, (n,), generator=g).tolist()  # noqa: E731
-    ids = [0, *words(prefix), *([PAD] * N_IMG), *words(3), *words(answer)]
+    n_slots = N_IMG if (has_image or slots) else 0
+    ids = [0, *words(prefix), *([PAD] * n_slots), *words(3), *words(answer)]
     n = len(ids)
     s = 1 + prefix
     kpm = [0] * n + [1] * (msl - n)
@@ -37,7 +51,7 @@ def make_item(prefix: int, answer: int, has_image: bool, seed: int, msl: int = M
     for t in range(n - answer - 1, n - 1):  # loss_mask[t] = 1: token t+1 is supervised
         loss[t] = 1
     if not has_image:
-        kpm[s : s + N_IMG] = [1] * N_IMG
+        kpm[s : s + n_slots] = [1] * n_slots
     image = torch.rand(3, 32, 32, generator=g) if has_image else torch.zeros(3, 32, 32)
     return {
         "text_input_ids": torch.tensor(ids + [PAD] * (msl - n), dtype=torch.int32),
@@ -46,14 +60,21 @@ def make_item(prefix: int, answer: int, has_image: bool, seed: int, msl: int = M
         "labels": torch.zeros(msl, dtype=torch.int32),
         "image_data": image,
         "has_image": has_image,
-        "image_start_idx": s,
+        "image_start_idx": s if n_slots else -1,
         "index": seed,
     }
 
 
 def items_mixed() -> list[dict]:
-    spec = [(3, 9, True), (10, 20, False), (2, 4, True), (5, 30, True), (1, 2, False), (4, 12, True)]
-    return [make_item(p, a, h, seed=i) for i, (p, a, h) in enumerate(spec)]
+    """Image samples, text-only samples with masked slots (seed layout) and without (LLaVA layout)."""
+    spec = [(3, 9, True, True), (10, 20, False, True), (2, 4, True, True), (5, 30, True, True),
+            (1, 2, False, True), (4, 12, True, True), (6, 25, False, False)]
+    return [make_item(p, a, h, seed=i, slots=sl) for i, (p, a, h, sl) in enumerate(spec)]
+
+
+def row_spans(batch) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each sample of a padded batch."""
+    return [(i, 0, int(batch["attention_mask"][i].nonzero().max()) + 1) for i in range(batch["input_ids"].shape[0])]
 
 
 def sample_loss_sums(logits: torch.Tensor, labels: torch.Tensor, spans) -> list[float]:
@@ -66,40 +87,58 @@ def sample_loss_sums(logits: torch.Tensor, labels: torch.Tensor, spans) -> list[
 
 
 def run(model, batch, **kw):
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "pixel_values": batch["pixel_values"], "labels": batch["labels"]}
-    if "position_ids" in batch:
-        inputs["position_ids"] = batch["position_ids"]
-    return model(**inputs, **kw)
+    return model(**model_inputs(batch), labels=batch["labels"], **kw)
 
 
 def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+class SegmentCalls:
+    """Records the query length and window of every per-segment attention of the varlen path."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = attention._segment_attention
+
+        def spy(q, k, v, scaling, dropout, window):
+            self.calls.append((q.shape[2], window))
+            return real(q, k, v, scaling, dropout, window)
+
+        monkeypatch.setattr(attention, "_segment_attention", spy)
+
+
 # ----------------------------------------------------------------------- (a) exact parity
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_equals_unpacked(attn):
+def test_packed_equals_unpacked(attn, monkeypatch):
+    """A packed row (one row, no padding, no mask) computes what the padded batch computes, per
+    sample; its attention runs per sample (causal SDPA calls no longer than a sample, no mask)."""
     torch.set_num_threads(1)
     model = vlm(attn_implementation=attn).float()
     items = items_mixed()
     collator = TrainCollator(IMAGE_ID, PAD, N_IMG)
     plain = collator(items)
-    packed = PackedCollator(collator, max_length=MSL, attention=attn)(items)
-    assert packed["num_rows"] < len(items)
+    packed = PackedCollator(collator)(items)
+    assert packed["attention_mask"] is None and packed["input_ids"].shape == (1, packed["num_attended_tokens"])
     assert packed["num_loss_tokens"] == plain["num_loss_tokens"]
     assert packed["num_attended_tokens"] == plain["num_attended_tokens"]
     assert packed["pixel_values"].shape[0] == 4  # the real images only (no dummies needed)
+    with pytest.raises(MmloomError, match="needs the language model's attention to take packed rows"):
+        run(model, packed)
+    assert use_packed_attention(model.language_model) == VARLEN_ATTENTION
 
     # per-sample losses from full logits
+    calls = SegmentCalls(monkeypatch)
     with torch.no_grad():
         lp = run(model, plain).logits
+        assert not calls.calls  # unpacked batches: transformers' sdpa path, as before the switch
         lk = run(model, packed).logits
-    spans_plain = [(i, 0, int(plain["attention_mask"][i].nonzero().max()) + 1) for i in range(len(items))]
-    a = sample_loss_sums(lp, plain["labels"], spans_plain)
+    longest = max(b - a for _, a, b in packed["spans"])
+    assert calls.calls and all(n <= longest and window is None for n, window in calls.calls)
+    assert len(calls.calls) == 2 * len(items)  # 2 layers x one call per sample
+    a = sample_loss_sums(lp, plain["labels"], row_spans(plain))
     b = sample_loss_sums(lk, packed["labels"], packed["spans"])
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    assert all(np.isfinite(lk.numpy()).flat)  # padding rows did not produce NaN
 
     # total loss and gradients through the fast (supervised-only) path
     denom = torch.tensor(float(plain["num_loss_tokens"]))
@@ -118,110 +157,250 @@ def test_packed_equals_unpacked(attn):
         torch.testing.assert_close(gb[name], ga[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_flash_layout_and_dummy_image():
-    """flash: one padding-free row, no mask; the segments are where position_ids restart.
-    Checked by running that layout with the equivalent block mask. Text-only micro-batches get
-    one dummy image as an unsupervised segment of its own."""
+def test_packed_rows_with_gradient_checkpointing_and_cached_features():
+    """Recomputed layers (gradient checkpointing) get the same boundaries: same loss and gradients;
+    packed batches of cached encoder features carry the features, dummy included."""
+    from mmloom.data.collate import FeatureCollator
+
     torch.set_num_threads(1)
     model = vlm().float()
-    items = [make_item(10, 20, False, 1), make_item(1, 2, False, 2), make_item(4, 6, False, 3)]
-    collator = TrainCollator(IMAGE_ID, PAD, N_IMG)
-    flat = PackedCollator(collator, max_length=MSL, attention="flash")(items)
-    assert flat["attention_mask"] is None and flat["input_ids"].shape[0] == 1
-    assert flat["pixel_values"].shape[0] == 1 and not flat["pixel_values"].any()  # one dummy
-    assert int((flat["input_ids"] == IMAGE_ID).sum()) == N_IMG
-    assert flat["num_images"] == 0 and flat["num_samples"] == 3
-    pos = flat["position_ids"][0]
-    segments = (pos == 0).long().cumsum(0)[None] - 1
-    emulated = {**flat, "attention_mask": block_causal_mask(segments)}
-    plain = collator(items)
-    with torch.no_grad():
-        lp = run(model, plain).logits
-        lk = run(model, emulated).logits
-    spans_plain = [(i, 0, int(plain["attention_mask"][i].nonzero().max()) + 1) for i in range(len(items))]
-    np.testing.assert_allclose(sample_loss_sums(lp, plain["labels"], spans_plain),
-                               sample_loss_sums(lk, flat["labels"], flat["spans"]), rtol=1e-5, atol=1e-5)
-    # without dummy images: no image at all
-    nodummy = PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG, dummy_images=False), MSL)(items)
-    assert nodummy["pixel_values"] is None and not (nodummy["input_ids"] == IMAGE_ID).any()
-
-
-# --------------------------------------------------------------------- (b) pack_samples
-def test_pack_samples_invariants():
-    rng = random.Random(0)
-    for _ in range(50):
-        max_length = rng.choice([16, 64, 100])
-        lengths = [rng.randint(1, max_length) for _ in range(rng.randint(0, 40))]
-        rows = pack_samples(lengths, max_length)
-        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # each sample once, whole
-        assert all(sum(lengths[i] for i in row) <= max_length for row in rows)
-        assert all(row == sorted(row) and row for row in rows)
-        assert len(rows) >= -(-sum(lengths) // max_length)
-        assert len(rows) <= max(1, -(-sum(lengths) * 2 // max_length))  # FFD: rows at least half full
-        assert pack_samples(list(lengths), max_length) == rows  # deterministic
-    assert pack_samples([5, 5, 5, 5], 10) == [[0, 1], [2, 3]]
-    assert pack_samples([6, 4, 7, 3], 10) == [[2, 3], [0, 1]]
-    assert pack_samples([], 8) == []
-    with pytest.raises(ValueError):
-        pack_samples([3, 9], 8)
-
-
-# ------------------------------------------------------------ (c) positions, labels, mask
-def test_positions_labels_and_mask():
+    use_packed_attention(model.language_model)
     items = items_mixed()
-    packed = PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG), max_length=MSL)(items)
-    pos, labels, mask = packed["position_ids"], packed["labels"], packed["attention_mask"]
-    R, T = packed["input_ids"].shape
-    assert mask.shape == (R, 1, T, T) and mask.dtype == torch.bool
-    seen = set()
+    packed = PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG))(items)
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.zero_grad()
+        loss = run(model, packed, compute_logits=False).loss
+        loss.backward()
+        results.append((loss.item(), grads(model)))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+    cached = [{**it, "module_features": torch.full((N_IMG, 32), float(it["has_image"]))} for it in items[4:]]
+    for it in cached:
+        del it["image_data"]
+    batch = FeatureCollator(PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG)))(cached)
+    assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]
+    assert batch["module_features"].shape == (1, N_IMG, 32) and "pixel_values" not in batch
+    only_text = FeatureCollator(PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG)))([cached[0], cached[2]])
+    assert only_text["module_features"].shape == (1, N_IMG, 32) and not only_text["module_features"].any()
+
+
+def test_varlen_attention_sliding_window_gqa_and_unpacked_batches():
+    """Mistral (GQA, sliding window 5): packed samples longer than the window compute what
+    transformers' sdpa computes for each sample alone; padded batches and generation are sdpa's."""
+    torch.set_num_threads(1)
+    model = vlm("mistral", sliding_window=5).float().eval()
+    items = [make_item(3, 9, True, 0), make_item(6, 4, False, 1, slots=False), make_item(1, 2, True, 2)]
+    collator = TrainCollator(IMAGE_ID, PAD, N_IMG)
+    plain, packed = collator(items), PackedCollator(collator)(items)
+    with torch.no_grad():
+        ref_logits = run(model, plain).logits
+        ref_loss = run(model, plain, compute_logits=False).loss
+        ids = torch.randint(10, 390, (2, 12), generator=torch.Generator().manual_seed(0))  # longer than the window
+        ref_gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                 do_sample=False, pad_token_id=PAD)
+        use_packed_attention(model.language_model)
+        np.testing.assert_allclose(sample_loss_sums(ref_logits, plain["labels"], row_spans(plain)),
+                                   sample_loss_sums(run(model, packed).logits, packed["labels"], packed["spans"]),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run(model, plain, compute_logits=False).loss, ref_loss, rtol=0, atol=1e-6)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                             do_sample=False, pad_token_id=PAD)
+    assert torch.equal(gen, ref_gen)
+
+
+def test_flash_varlen_path_gets_the_boundaries_once(monkeypatch):
+    """flash_attention_2 (not installed here: its attention function is replaced by a recorder that
+    computes with the varlen SDPA): every layer gets the batch's own boundary tensors and ints,
+    no mask, and the loss is the unpacked one. What flash_attn itself does with them is not run."""
+    from transformers.modeling_utils import AttentionInterface
+
+    torch.set_num_threads(1)
+    model = vlm().float()
+    items = items_mixed()[:4]
+    collator = TrainCollator(IMAGE_ID, PAD, N_IMG)
+    plain, packed = collator(items), PackedCollator(collator)(items)
+    with torch.no_grad():
+        ref = run(model, plain, compute_logits=False).loss
+    seen = []
+
+    def flash_recorder(module, q, k, v, mask, **kw):
+        seen.append((mask, kw["cu_seq_lens_q"], kw["cu_seq_lens_k"], kw["max_length_q"], kw["max_length_k"]))
+        return attention.sdpa_varlen_attention(module, q, k, v, mask, **kw)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", flash_recorder)
+    model.language_model.config._attn_implementation = "flash_attention_2"
+    assert use_packed_attention(model.language_model) == "flash_attention_2"  # kept as it is
+    with torch.no_grad():
+        loss = run(model, packed, compute_logits=False).loss
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert len(seen) == 2  # one call per layer
+    for mask, cu_q, cu_k, max_q, max_k in seen:
+        assert mask is None and cu_q is packed["cu_seq_lens_q"] and cu_k is packed["cu_seq_lens_k"]
+        assert type(max_q) is int and max_q == max_k == packed["max_length_q"]
+
+
+def test_packed_layout_boundaries_and_dummy_image():
+    """The boundary tensors (int32 cumulative lengths, the longest segment), restarting positions,
+    masked slots dropped with the positions after them kept; an image-less micro-batch gets one
+    dummy image as an unsupervised segment of its own (counted in no counter)."""
+    items = items_mixed()
+    packed = PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG))(items)
+    cu, pos, labels = packed["cu_seq_lens_q"], packed["position_ids"][0], packed["labels"][0]
+    assert cu.dtype == torch.int32 and cu is packed["cu_seq_lens_k"]
+    lengths = [b - a for _, a, b in packed["spans"]]
+    assert cu.tolist() == [0, *np.cumsum(lengths).tolist()] and packed["max_length_q"] == max(lengths)
     for k, (r, a, b) in enumerate(packed["spans"]):
-        assert pos[r, a] == 0 and labels[r, a] == -100
-        assert bool((pos[r, a:b].diff() > 0).all())
-        if items[k]["has_image"]:  # image samples keep every token: 0, 1, 2, ...
-            assert torch.equal(pos[r, a:b], torch.arange(b - a))
-        else:  # text-only: the masked slots are dropped, the positions after them kept
-            assert int(pos[r, b - 1]) == b - a - 1 + N_IMG
-        block = mask[r, 0, a:b, a:b]
-        assert torch.equal(block, torch.ones(b - a, b - a, dtype=torch.bool).tril())
-        assert not mask[r, 0, a:b, :a].any() and not mask[r, 0, a:b, b:].any()
-        seen |= {(r, t) for t in range(a, b)}
-    for r in range(R):
-        for t in range(T):
-            if (r, t) not in seen:  # padding: attends to itself only
-                assert packed["input_ids"][r, t] == PAD and labels[r, t] == -100
-                assert mask[r, 0, t].nonzero().flatten().tolist() == [t]
-    # the image order matches the placeholder order
-    order = [k for r in range(R) for k, s in sorted(enumerate(packed["spans"]), key=lambda x: x[1][1])
-             if s[0] == r and items[k]["has_image"]]
-    expected = torch.stack([items[k]["image_data"] for k in order])
-    assert torch.equal(packed["pixel_values"], expected)
+        assert r == 0 and pos[a] == 0 and labels[a] == -100 and bool((pos[a:b].diff() > 0).all())
+        seed_text_only = not items[k]["has_image"] and items[k]["image_start_idx"] >= 0
+        if seed_text_only:  # the masked slots are dropped, the positions after them kept
+            assert int(pos[b - 1]) == b - a - 1 + N_IMG
+        else:
+            assert torch.equal(pos[a:b], torch.arange(b - a))
+    order = [k for k in range(len(items)) if items[k]["has_image"]]  # images in placeholder order
+    assert torch.equal(packed["pixel_values"], torch.stack([items[k]["image_data"] for k in order]))
+
+    text_only = [make_item(10, 20, False, 1), make_item(1, 2, False, 2, slots=False)]
+    flat = PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG))(text_only)
+    n_real = flat["num_attended_tokens"]
+    assert flat["input_ids"].shape == (1, n_real + N_IMG) and flat["cu_seq_lens_q"][-2] == n_real
+    assert (flat["input_ids"][0, n_real:] == IMAGE_ID).all() and (flat["labels"][0, n_real:] == -100).all()
+    assert flat["pixel_values"].shape[0] == 1 and not flat["pixel_values"].any()
+    assert flat["num_images"] == 0 and flat["num_samples"] == 2 and len(flat["spans"]) == 2
+    nodummy = PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG, dummy_images=False))(text_only)
+    assert nodummy["pixel_values"] is None and not (nodummy["input_ids"] == IMAGE_ID).any()
+    model = vlm().float()
+    use_packed_attention(model.language_model)
+    plain = TrainCollator(IMAGE_ID, PAD, N_IMG)(text_only)
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, flat, compute_logits=False).loss,
+                                   run(model, plain, compute_logits=False).loss, rtol=0, atol=1e-5)
 
 
-# --------------------------------------------------------- (e) length-grouped batching
-def test_length_grouped_sampler_groups_and_resumes():
+# ------------------------------------------------------------ (b) micro-batch algorithms
+def test_balance_tokens_invariants():
+    rng = random.Random(0)
+    for _ in range(200):
+        bins = rng.randint(1, 8)
+        lengths = [rng.randint(1, 100) for _ in range(rng.randint(bins, 60))]
+        capacity = rng.choice([10**9, max(lengths) * (len(lengths) // bins + 1)])
+        groups = balance_tokens(lengths, bins, capacity)
+        if groups is None:
+            continue
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each sample once, whole
+        assert len(groups) == bins and all(groups) and all(g == sorted(g) for g in groups)
+        loads = [sum(lengths[i] for i in g) for g in groups]
+        assert max(loads) <= capacity
+        if capacity == 10**9:  # LPT: no group exceeds the lightest by more than the longest sample
+            assert max(loads) - min(loads) <= max(lengths)
+        assert balance_tokens(list(lengths), bins, capacity) == groups  # deterministic
+    assert balance_tokens([5, 1, 4, 2, 3, 3], 2, 100) == [[0, 1, 5], [2, 3, 4]]  # 5+1+3 | 4+3+2
+    assert balance_tokens([10, 10, 10], 2, 15) is None  # no room for the third sample
+    with pytest.raises(ValueError):
+        balance_tokens([3], 2, 10)
+
+
+def test_group_by_cost_invariants():
+    rng = random.Random(1)
+    for _ in range(200):
+        bins = rng.randint(1, 8)
+        micro = rng.randint(1, 6)
+        lengths = [rng.randint(1, 300) for _ in range(bins * micro)]
+        capacity = micro * max(lengths)
+        groups = group_by_cost(lengths, bins, capacity)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert len(groups) == bins and all(groups)
+        flat = [i for g in groups for i in g]
+        assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # consecutive in length order
+        costs = [len(g) * max(lengths[i] for i in g) for g in groups]
+        assert max(costs) <= capacity
+        fixed = sorted(lengths, reverse=True)
+        plain = max(micro * fixed[k * micro] for k in range(bins))  # equal-count groups of the sorted step
+        assert max(costs) <= plain
+    # one long sample among short ones: it travels alone, the short ones in larger groups
+    assert group_by_cost([100, 10, 10, 10, 10, 10, 10, 10], 2, 400) == [[0], [1, 2, 3, 4, 5, 6, 7]]
+
+
+def test_deal_to_ranks():
+    assert deal_to_ranks([9, 1, 8, 2], 2) == [[0, 1], [2, 3]]
+    assert deal_to_ranks([5, 5, 5], 3) == [[0], [1], [2]]
+    with pytest.raises(ValueError):
+        deal_to_ranks([1, 2, 3], 2)
+
+
+# ---------------------------------------------------------------------- (c) step samplers
+def test_packed_step_sampler_balances_and_resumes():
     rng = np.random.default_rng(0)
     lengths = rng.integers(10, 500, size=96)
     args = dict(n=96, global_batch=16, micro_batch=2, seed=3, shuffle=True, total_steps=15)
-    for world, rank in ((1, 0), (2, 0), (2, 1)):
-        grouped = LengthGroupedStepSampler(lengths, world_size=world, rank=rank, start_step=0, **args)
-        plain = StepBatchSampler(world_size=world, rank=rank, start_step=0, **args)
-        full = list(grouped)
-        assert len(full) == len(grouped) == len(plain)
-        per_step = len(full) // 15
+    for world in (1, 2, 4):
+        plain = StepBatchSampler(world_size=1, rank=0, start_step=0, **args)
+        samplers = [PackedStepSampler(lengths, 500, world_size=world, rank=r, start_step=0, **args)
+                    for r in range(world)]
         for s in range(15):
-            batches = full[s * per_step : (s + 1) * per_step]
-            glob = sorted(plain.global_indices(s), key=lambda i: -lengths[i])
-            chunks = [glob[i : i + 2] for i in range(0, 16, 2)]
-            assert batches == chunks[rank::world]  # similar lengths together, dealt to ranks in turn
-        # exact resume at any step; deterministic
-        for start in (0, 4, 11):
-            tail = list(LengthGroupedStepSampler(lengths, world_size=world, rank=rank, start_step=start, **args))
-            assert tail == full[start * per_step :]
-    # every rank together: the same samples per step as without grouping
-    for s in range(15):
-        both = [i for r in (0, 1) for i in LengthGroupedStepSampler(lengths, world_size=2, rank=r, start_step=0,
-                                                                     **args).step_indices(s)]
-        assert sorted(both) == sorted(StepBatchSampler(world_size=1, rank=0, start_step=0, **args).step_indices(s))
+            shares = [sp.step_micro_batches(s) for sp in samplers]
+            assert all(len(mbs) == 16 // (2 * world) for mbs in shares)  # accumulation steps per rank
+            flat = [i for mbs in shares for mb in mbs for i in mb]
+            assert sorted(flat) == sorted(plain.step_indices(s))  # the step's samples, each once
+            tokens = [sum(int(lengths[i]) for i in mb) for mbs in shares for mb in mbs]
+            assert max(tokens) <= 2 * 500 and max(tokens) - min(tokens) <= max(lengths)
+            rank_tokens = [sum(int(lengths[i]) for mb in mbs for i in mb) for mbs in shares]
+            assert max(rank_tokens) - min(rank_tokens) <= max(lengths)
+        for r, sp in enumerate(samplers):  # exact resume at any step; deterministic
+            full = list(sp)
+            assert len(full) == len(sp) == 15 * 16 // (2 * world)
+            per_step = len(full) // 15
+            for start in (0, 4, 11):
+                again = PackedStepSampler(lengths, 500, world_size=world, rank=r, start_step=start, **args)
+                assert list(again) == full[start * per_step :]
+    # a token bound no balanced split keeps (samples longer than max_length, which valid data never
+    # has: with samples of at most max_length, LPT always fits): the step keeps its plain split
+    tight = PackedStepSampler([9] * 8, 5, 8, 8, 1, 0, 2, seed=0, shuffle=False, start_step=0, total_steps=1)
+    assert tight.step_micro_batches(0) == tight.plain_micro_batches(0) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    # the padding samples of a last, partial step count as sample 0
+    padded = PackedStepSampler([7, 1, 1, 1, 1], 8, 5, 4, 1, 0, 2, seed=0, shuffle=False, start_step=1,
+                               total_steps=2, drop_last=False)
+    assert sorted(padded.step_indices(1)) == [PAD_INDEX, PAD_INDEX, PAD_INDEX, 4]
+
+
+def test_length_grouped_sampler_balances_ranks_and_resumes():
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(500, 700, size=80), rng.integers(1500, 2000, size=16)])
+    rng.shuffle(lengths)
+    args = dict(n=96, global_batch=32, micro_batch=4, seed=3, shuffle=True, total_steps=3)
+
+    def rank_costs(world, step):
+        out = []
+        for r in range(world):
+            mbs = LengthGroupedStepSampler(lengths, world_size=world, rank=r, start_step=0, **args).step_micro_batches(step)
+            out.append(sum(len(mb) * max(int(lengths[i]) for i in mb) for mb in mbs))
+        return out
+
+    for world in (1, 2, 8):
+        plain = StepBatchSampler(world_size=1, rank=0, start_step=0, **args)
+        for s in range(3):
+            shares = [LengthGroupedStepSampler(lengths, world_size=world, rank=r, start_step=0,
+                                               **args).step_micro_batches(s) for r in range(world)]
+            assert all(len(mbs) == 32 // (4 * world) for mbs in shares)
+            assert sorted(i for mbs in shares for mb in mbs for i in mb) == sorted(plain.step_indices(s))
+            longest = max(int(lengths[i]) for i in plain.step_indices(s))
+            assert all(len(mb) * max(int(lengths[i]) for i in mb) <= 4 * longest for mbs in shares for mb in mbs)
+    # 8 ranks without accumulation: sorting and cutting in fours gives one rank the four longest
+    # samples and the others far less; the even-cost cut evens the ranks out
+    for s in range(3):
+        glob = sorted(StepBatchSampler(world_size=1, rank=0, start_step=0, **args).global_indices(s),
+                      key=lambda i: -lengths[i])
+        old = [4 * int(lengths[glob[4 * k]]) for k in range(8)]
+        new = rank_costs(8, s)
+        assert max(new) < 0.8 * max(old) and sum(new) <= 1.05 * sum(old)
+    # exact resume
+    full = list(LengthGroupedStepSampler(lengths, world_size=2, rank=1, start_step=0, **args))
+    again = list(LengthGroupedStepSampler(lengths, world_size=2, rank=1, start_step=2, **args))
+    assert again == full[2 * len(full) // 3 :]
+
     # grouping cuts the padded width of the micro-batches
     def width(sampler):
         return sum(max(lengths[i] for i in b) * len(b) for b in sampler)
@@ -293,7 +472,7 @@ def test_trainer_packing_and_grouping_match_plain(data, tmp_path, monkeypatch):
     def spy(kind, call):
         def wrapped(self, items):
             out = call(self, items)
-            shapes[kind].append((len(items), *out["input_ids"].shape))
+            shapes[kind].append((len(items), *out["input_ids"].shape, out["num_attended_tokens"]))
             return out
         return wrapped
 
@@ -306,14 +485,18 @@ def test_trainer_packing_and_grouping_match_plain(data, tmp_path, monkeypatch):
     packed = train(data, tmp_path / "packed", "train_input.packing=true")
     grouped = train(data, tmp_path / "grouped", "train_input.group_by_length=true")
     assert sorted(plain) == sorted(packed) == sorted(grouped) == [1, 2, 3, 4]
-    # the packed run packed (4 samples per micro-batch into fewer rows); grouping trimmed columns
-    assert len(shapes["packed"]) == 8 and all(n == 4 for n, _, _ in shapes["packed"])
-    assert sum(r for _, r, _ in shapes["packed"]) < 0.8 * 32
     plain_shapes, grouped_shapes = shapes["plain"][:8], shapes["plain"][8:]
+    # packing: each micro-batch is one padding-free row; each step's 8 samples are split over its two
+    # micro-batches at even token counts (not 4 + 4), computing far fewer positions than padded rows
+    assert len(shapes["packed"]) == 8 and all(r == 1 for _, r, _, _ in shapes["packed"])
+    assert [a[0] + b[0] for a, b in zip(shapes["packed"][::2], shapes["packed"][1::2], strict=True)] == [8] * 4
+    assert all(t - real in (0, 16) for _, _, t, real in shapes["packed"])  # no padding (a dummy image at most)
+    assert sum(t for _, _, t, _ in shapes["packed"]) < sum(r * t for _, r, t, _ in plain_shapes)
     # plain rows are trimmed to each micro-batch's longest sample; grouping makes them narrower still
-    assert all(t <= 256 for _, _, t in plain_shapes)
-    assert sum(t for _, _, t in grouped_shapes) < sum(t for _, _, t in plain_shapes)
-    print("packed rows", [r for _, r, _ in shapes["packed"]], "grouped widths", [t for *_, t in grouped_shapes])
+    assert all(t <= 256 for _, _, t, _ in plain_shapes)
+    assert sum(t for _, _, t, _ in grouped_shapes) < sum(t for _, _, t, _ in plain_shapes)
+    print("packed (samples, tokens)", [(n, t) for n, _, t, _ in shapes["packed"]], "grouped widths",
+          [t for _, _, t, _ in grouped_shapes])
     print("loss diffs", [abs(o[s]["loss"] - plain[s]["loss"]) for o in (packed, grouped) for s in plain])
     for s in plain:
         for other in (packed, grouped):

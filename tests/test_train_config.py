@@ -52,6 +52,9 @@ def test_llava_v1p5_hyperparameters(size, layers, hidden, ffn, heads):
         v = cfg.model.image_model
         assert (v["image_size"], v["patch_size"], v["hidden_size"], v["num_hidden_layers"]) == (336, 14, 1024, 24)
         assert cfg.model.image_feature_select_layer_idx == -2 and cfg.model.image_feature_select_mode == "patch"
+        # the fastest exact setting measured (benchmarks/README.md): packed rows, per-sample attention
+        assert cfg.train_input.packing and not cfg.train_input.group_by_length
+        assert cfg.model.attn_implementation == "sdpa" and cfg.model.loss_on_supervised_only
 
 
 def test_llava_7b_parameter_count_on_meta():

@@ -6,6 +6,11 @@ import importlib
 
 __version__ = "0.1.0"
 
+# A dependency outside the declared range fails here, with one clear message (mmloom.dependencies).
+from mmloom.dependencies import check_installed  # noqa: E402
+
+check_installed()
+
 # Public names, imported lazily so that `mmloom --help` does not pay for torch/transformers.
 _EXPORTS = {
     "MultimodalModel": "mmloom.model.multimodal",
@@ -15,6 +20,7 @@ _EXPORTS = {
     "MultimodalProjectorConfig": "mmloom.model.projector",
     "FeatureSelect": "mmloom.model.callbacks",
     "AnyresPack": "mmloom.model.callbacks",
+    "AudioPool": "mmloom.model.callbacks",
     "MultimodalProcessor": "mmloom.processing.processor",
     "get_template": "mmloom.processing.templates",
 }

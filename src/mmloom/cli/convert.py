@@ -19,6 +19,10 @@ def _add_compose_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-model", metavar="DIR", help="CLIP/SigLIP folder (CLIPVisionModel or CLIPModel)")
     group.add_argument("--text-model", metavar="DIR", help="causal LM folder with its tokenizer")
     group.add_argument("--audio-model", metavar="DIR", help="Whisper folder (its encoder is used)")
+    group.add_argument("--audio-stride", type=int, default=1, metavar="N",
+                       help="audio: encoder positions per LLM token (AudioPool; Whisper gives 50 per second)")
+    group.add_argument("--audio-pool-mode", choices=["mean", "stack"], default="mean",
+                       help="audio: average (mean) or concatenate (stack) each group of --audio-stride positions")
     group.add_argument("--projector", default="mlp2x_gelu", help="projector type: linear, mlp, mlp{N}x_{act} (default mlp2x_gelu)")
     group.add_argument("--activation", default="gelu", help="activation of an 'mlp' projector (default gelu)")
     group.add_argument("--feature-layer", type=_layer, default=-2, help="vision hidden layer(s) to use (default -2)")
@@ -47,9 +51,12 @@ def register(subparsers) -> None:
     convert.add_argument("--list", action="store_true", help="list formats and supported conversions")
     convert.add_argument("--base", metavar="DIR", help="llava-projector: the mmloom model to import into (default DST)")
     convert.add_argument("--mm-vision-tower", metavar="PATH",
-                         help="llava: value written as mm_vision_tower (default: absolute path of DST/image_model)")
-    convert.add_argument("--text-folder", default="text_model_llava",
-                         help="llava: name of the LLM folder (must contain 'llava')")
+                         help="llava: value written as mm_vision_tower (default: absolute path of DST/image_model; "
+                         "the original code resolves a relative PATH against its working directory, e.g. "
+                         "'image_model' when run in DST)")
+    convert.add_argument("--text-folder", default=None,
+                         help="llava: name of the LLM folder (must contain 'llava'; default text_model_llava, "
+                         "text_model_llava_mistral for a Mistral LLM)")
     _add_compose_options(convert)
     convert.set_defaults(func=run_convert)
 
@@ -64,7 +71,7 @@ def register(subparsers) -> None:
 
 
 def _options(args) -> dict:
-    keys = ("image_model", "text_model", "audio_model", "projector", "activation", "feature_layer",
+    keys = ("image_model", "text_model", "audio_model", "audio_stride", "audio_pool_mode", "projector", "activation", "feature_layer",
             "feature_strategy", "pad_to_multiple_of", "template", "dtype", "base", "mm_vision_tower", "text_folder")
     return {k: getattr(args, k) for k in keys if hasattr(args, k)}
 

@@ -13,11 +13,13 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     chat = subparsers.add_parser(
-        "chat", help="chat with a saved model about an image",
-        description="One answer with --prompt, else an interactive session (/image PATH, /reset, /quit).",
+        "chat", help="chat with a saved model about an image and/or an audio clip",
+        description="One answer with --prompt, else an interactive session (/image PATH, /audio PATH, /reset, /quit).",
     )
     chat.add_argument("model_dir", metavar="MODEL_DIR", help="mmloom model folder (with its processor)")
     chat.add_argument("--image", metavar="PATH", help="the image to talk about")
+    chat.add_argument("--audio", metavar="PATH",
+                      help="the audio clip to talk about (WAV/FLAC/MP3/OGG, resampled to the model's rate)")
     chat.add_argument("--prompt", help="ask one question and exit")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -27,13 +29,14 @@ def register(subparsers) -> None:
 
     gen = subparsers.add_parser(
         "generate", help="answer a LLaVA-style question file (batched, resumable)",
-        description="Answers QUESTIONS.jsonl (question_id, image, text) into --output, greedy by default; "
-        "question ids already in the output are skipped.",
+        description="Answers QUESTIONS.jsonl (question_id, text, optional image and audio: a path or a list) into "
+        "--output, greedy by default; question ids already in the output are skipped.",
     )
     gen.add_argument("model_dir", metavar="MODEL_DIR")
     gen.add_argument("questions", metavar="QUESTIONS.jsonl")
     gen.add_argument("--output", required=True, metavar="ANSWERS.jsonl")
     gen.add_argument("--image-dir", metavar="DIR", help="root of the question images (default: the file's folder)")
+    gen.add_argument("--audio-dir", metavar="DIR", help="root of the question audio (default: the file's folder)")
     gen.add_argument("--batch-size", type=int, default=8)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -41,6 +44,8 @@ def register(subparsers) -> None:
                      help="answer-format instruction appended to each question")
     gen.add_argument("--blank-images", action="store_true",
                      help="replace every image by its mean colour (checks that answers come from the image)")
+    gen.add_argument("--silence-audio", action="store_true",
+                     help="replace every audio clip by silence of the same length (checks that answers come from the audio)")
     gen.add_argument("--model-id", default=None, help="model_id written with each answer (default: folder name)")
     _model_options(gen)
     gen.set_defaults(func=run_generate)
@@ -85,7 +90,8 @@ def run_chat(args) -> int:
     from mmloom.inference.chat import chat
 
     return chat(args.model_dir, image=args.image, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, dtype=args.dtype, device=args.device, system=args.system)
+                temperature=args.temperature, dtype=args.dtype, device=args.device, system=args.system,
+                audio=args.audio)
 
 
 def run_generate(args) -> int:
@@ -100,6 +106,7 @@ def run_generate(args) -> int:
         model, processor, args.questions, args.output, image_dir=args.image_dir, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, suffix=args.suffix, blank_images=args.blank_images,
         temperature=args.temperature, model_id=args.model_id or Path(args.model_dir).resolve().name,
+        audio_dir=args.audio_dir, silence_audio=args.silence_audio,
     )
     Console(stderr=True).print(
         f"{counts['answered']} answered, {counts['skipped']} already in {args.output} ({counts['total']} questions)"

@@ -24,9 +24,11 @@ import numpy as np
 from mmloom.data.build_config import BuildConfig, template_spec
 from mmloom.data.encode import (
     SKIP_REASONS,
+    audio_file,
     encode_record,
     image_file,
     parse_record_line,
+    record_audio,
     record_images,
     to_h5_rows,
 )
@@ -34,6 +36,14 @@ from mmloom.data.h5_format import H5_NAME, PARAMS_NAME, encode_img_path, write_h
 from mmloom.data.records_io import SkipRecord, iter_jsonl_lines
 from mmloom.errors import MmloomError
 from mmloom.files import free_bytes, is_disk_full, mib, write_json
+from mmloom.model.feature_count import counts_from_inputs
+from mmloom.processing.audio import (
+    AudioLoadError,
+    extract_features,
+    feature_extractor_from_spec,
+    load_audio,
+    max_seconds_of,
+)
 from mmloom.processing.image import ImageLoadError, load_image
 from mmloom.processing.templates import get_template
 from mmloom.processing.tokenizer import load_tokenizer, token_id
@@ -57,34 +67,45 @@ def list_input_files(input_dir: str) -> list[Path]:
     return files
 
 
-def special_ids(tokenizer, image_token: str) -> dict[str, int]:
-    """eos / pad / image ids; pad falls back to unk then eos when the tokenizer has none.
+def special_ids(tokenizer, image_token: str, audio_token: str | None = None) -> dict[str, int]:
+    """eos / pad / image (and audio) ids; pad falls back to unk then eos when the tokenizer has none.
 
     When the tokenizer lacks `image_token` (e.g. the stock Vicuna tokenizer) it is added to this
     in-memory tokenizer as a special token: it only marks where the slots go and never appears in
-    the output (the slots hold pad ids). `vocab_size` is the size before that addition.
+    the output (the slots hold pad ids). `audio_token` likewise, after it (ids vocab_size and
+    vocab_size + 1 for a tokenizer that has neither). `vocab_size` is the size before that.
     """
     vocab_size = len(tokenizer)
-    image_id = token_id(tokenizer, image_token)
-    added = image_id is None
-    if added:
-        tokenizer.add_tokens([image_token], special_tokens=True)
-        image_id = token_id(tokenizer, image_token)
-        if image_id is None:
-            raise MmloomError(f"cannot make '{image_token}' a single token of the tokenizer")
+    image_id, added = _placeholder_id(tokenizer, image_token)
+    audio_id = _placeholder_id(tokenizer, audio_token)[0] if audio_token else None
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else eos
     if pad is None:
         raise MmloomError("the tokenizer has neither a pad, unk nor eos token")
-    return {
+    ids = {
         "eos_id": eos,
         "pad_id": pad,
         "image_token_id": image_id,
         "vocab_size": vocab_size,
         "image_token_added": added,
     }
+    if audio_token:
+        ids["audio_token_id"] = audio_id
+    return ids
+
+
+def _placeholder_id(tokenizer, token: str) -> tuple[int, bool]:
+    """(id of `token`, whether it had to be added to the in-memory tokenizer as a special token)."""
+    tid = token_id(tokenizer, token)
+    if tid is not None:
+        return tid, False
+    tokenizer.add_tokens([token], special_tokens=True)
+    tid = token_id(tokenizer, token)
+    if tid is None:
+        raise MmloomError(f"cannot make '{token}' a single token of the tokenizer")
+    return tid, True
 
 
 def make_template(cfg: BuildConfig, tokenizer=None):
@@ -105,9 +126,12 @@ def _init_worker(cfg_dict: dict) -> None:
     cfg = BuildConfig.model_validate(cfg_dict)
     tokenizer = load_tokenizer(cfg.processor.tokenizer_type, what="processor.tokenizer_type")
     _STATE.clear()
-    ids = special_ids(tokenizer, cfg.dataset.image_token)
+    audio = cfg.dataset.audio
+    ids = special_ids(tokenizer, cfg.dataset.image_token, audio.audio_token if audio else None)
+    extractor = feature_extractor_from_spec(audio.feature_extractor) if audio else None
     _STATE.update(
-        cfg_dict=cfg_dict, cfg=cfg, tokenizer=tokenizer, template=make_template(cfg, tokenizer), **ids
+        cfg_dict=cfg_dict, cfg=cfg, tokenizer=tokenizer, template=make_template(cfg, tokenizer),
+        extractor=extractor, **ids
     )
 
 
@@ -121,12 +145,32 @@ def check_image(path: Path) -> None:
         raise SkipRecord("bad_image", str(exc)) from None
 
 
+def audio_limit(audio_cfg, extractor) -> float | None:
+    """The longest clip a build keeps: `max_seconds`, never more than the extractor's window."""
+    window = max_seconds_of(extractor)
+    given = audio_cfg.max_seconds
+    return window if given is None else given if window is None else min(given, window)
+
+
+def count_audio_tokens(path: Path, audio_cfg, extractor) -> tuple[int, float]:
+    """(feature tokens, seconds) of one clip: decoded, resampled and run through the extractor, its
+    frame mask counted as the model counts it. Raises SkipRecord with the audio reason."""
+    try:
+        waveform = load_audio(path, extractor.sampling_rate, audio_limit(audio_cfg, extractor))
+    except AudioLoadError as exc:
+        raise SkipRecord(exc.reason, f"{exc.path}: {exc.detail}") from None
+    inputs = extract_features(extractor, [waveform])
+    (tokens,) = counts_from_inputs(audio_cfg.token_count(), inputs)
+    return tokens, len(waveform) / extractor.sampling_rate
+
+
 @dataclass
 class ChunkResult:
     n_read: int = 0
     rows: list[np.ndarray] = field(default_factory=list)
     img_paths: list[bytes] = field(default_factory=list)
     image_starts: list[int] = field(default_factory=list)
+    audio: list[tuple[list[str], list[tuple[int, int]]]] = field(default_factory=list)  # (paths, spans) per sample
     kept_per_file: collections.Counter = field(default_factory=collections.Counter)
     skips: list[tuple[int, int, str, str]] = field(default_factory=list)  # (file index, line, reason, detail)
     starts: collections.Counter = field(default_factory=collections.Counter)  # first-turn images
@@ -139,15 +183,23 @@ def _encode_line(line: str):
     ds = cfg.dataset
     record = parse_record_line(line)
     images = record_images(record, ds.image_key)
+    if images and ds.num_patches is None:
+        raise SkipRecord("bad_record", f"'{ds.image_key}' in a build without images (dataset.num_patches unset)")
     if len(images) > 1:
         raise SkipRecord(
             "multiple_images", f"{len(images)} images; the HDF5 layout holds one image per sample"
         )
+    audio = None
+    if ds.audio is not None:
+        clips = record_audio(record, ds.audio.audio_key)
+        files = [audio_file(ds.audio.audio_dir, clip) for clip in clips]
+        counts = [count_audio_tokens(path, ds.audio, _STATE["extractor"])[0] for path in files]
+        audio = (ds.audio.audio_token, _STATE["audio_token_id"], clips, counts)
     sample = encode_record(
         record,
         tokenizer=_STATE["tokenizer"],
         template=_STATE["template"],
-        num_feature_tokens=ds.num_patches,
+        num_feature_tokens=ds.num_patches or 0,
         slot_fill_id=_STATE["pad_id"],
         image_token=ds.image_token,
         image_token_id=_STATE["image_token_id"],
@@ -155,7 +207,8 @@ def _encode_line(line: str):
         conversation_key=ds.conversation_key,
         content_key=ds.content_key,
         max_length=cfg.processor.max_sequence_length,
-        text_only_slots=ds.text_only_slots,
+        text_only_slots=ds.text_only_slots and ds.num_patches is not None,
+        audio=audio,
     )
     if sample.image_turn > 0 and ds.image_in_later_turn == "skip":
         raise SkipRecord(
@@ -185,6 +238,7 @@ def _process_chunk(chunk: list[tuple[int, int, str | SkipRecord]]) -> ChunkResul
         out.rows.append(rows)
         out.img_paths.append(encode_img_path(sample.image))
         out.image_starts.append(sample.image_start)
+        out.audio.append((sample.audio, sample.audio_spans))
         out.kept_per_file[file_idx] += 1
         if sample.image_turn > 0:
             out.later_starts[sample.image_start] += 1
@@ -200,7 +254,10 @@ def _process_chunk(chunk: list[tuple[int, int, str | SkipRecord]]) -> ChunkResul
         st["loss_valid_tokens"] += int(rows[1].sum())
         st["detokenized_chars"] += len(text)
         st["detokenized_bytes"] += len(text.encode("utf-8"))
-        st["text_only"] += int(not sample.has_image)
+        st["text_only"] += int(not sample.has_image and not sample.audio)
+        st["with_audio"] += int(bool(sample.audio))
+        st["audio_clips"] += len(sample.audio)
+        st["audio_tokens"] += sum(n for _, n in sample.audio_spans)
     return out
 
 
@@ -220,35 +277,40 @@ class _Writer:
     """Collects encoded samples and writes them `samples_per_file` at a time (`data-0000k.h5`);
     raises DiskFullError when the disk cannot take the next file."""
 
-    def __init__(self, out_dir: Path, samples_per_file: int):
+    def __init__(self, out_dir: Path, samples_per_file: int, with_audio: bool = False):
         self.out_dir = out_dir
         self.per_file = samples_per_file
+        self.with_audio = with_audio
         self.rows: list[np.ndarray] = []
         self.paths: list[bytes] = []
         self.starts: list[int] = []
+        self.audio: list = []
         self.files: list[str] = []
 
-    def add(self, rows: list[np.ndarray], paths: list[bytes], starts: list[int]) -> None:
+    def add(self, rows: list[np.ndarray], paths: list[bytes], starts: list[int], audio: list | None = None) -> None:
         self.rows.extend(rows)
         self.paths.extend(paths)
         self.starts.extend(starts)
+        self.audio.extend(audio if audio is not None else [([], [])] * len(rows))
         while len(self.rows) >= self.per_file:
             self._flush(self.per_file)
 
     def _flush(self, n: int) -> None:
         name = H5_NAME.format(len(self.files))
         rows = np.stack(self.rows[:n])
-        needed = rows.nbytes + sum(map(len, self.paths[:n])) + 2**16  # uncompressed: an upper bound
+        audio = self.audio[:n] if self.with_audio else None
+        audio_bytes = sum(getattr(a, "nbytes", 0) for item in (audio or []) for part in item for a in part)
+        needed = rows.nbytes + audio_bytes + sum(map(len, self.paths[:n])) + 2**16  # uncompressed: an upper bound
         free = free_bytes(self.out_dir)
         if 0 <= free < needed:
             raise DiskFullError(self.out_dir / name, needed, free, needed / n)
         try:
-            write_h5(self.out_dir / name, rows, self.paths[:n], self.starts[:n])
+            write_h5(self.out_dir / name, rows, self.paths[:n], self.starts[:n], audio)
         except OSError as err:
             if is_disk_full(err):
                 raise DiskFullError(self.out_dir / name, needed, free_bytes(self.out_dir), needed / n) from None
             raise
-        del self.rows[:n], self.paths[:n], self.starts[:n]
+        del self.rows[:n], self.paths[:n], self.starts[:n], self.audio[:n]
         self.files.append(name)
 
     def remove_output(self) -> None:
@@ -342,9 +404,13 @@ def build(
     files = list_input_files(cfg.setup.input_dir)
     tokenizer = load_tokenizer(cfg.processor.tokenizer_type, what="processor.tokenizer_type")
     make_template(cfg, tokenizer)  # unknown template name -> MmloomError before any work
-    ids = special_ids(tokenizer, cfg.dataset.image_token)
+    audio_cfg = cfg.dataset.audio
+    ids = special_ids(tokenizer, cfg.dataset.image_token, audio_cfg.audio_token if audio_cfg else None)
+    extractor = feature_extractor_from_spec(audio_cfg.feature_extractor) if audio_cfg else None
+    if audio_cfg is not None and audio_cfg.audio_dir is not None and not Path(audio_cfg.audio_dir).is_dir():
+        raise MmloomError(f"dataset.audio.audio_dir not found: {audio_cfg.audio_dir}")
     msl, num_feature_tokens = cfg.processor.max_sequence_length, cfg.dataset.num_patches
-    if num_feature_tokens + 2 > msl:
+    if num_feature_tokens is not None and num_feature_tokens + 2 > msl:
         raise MmloomError(
             f"dataset.num_patches ({num_feature_tokens}) leaves no room for text in max_sequence_length {msl}"
         )
@@ -366,7 +432,7 @@ def build(
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     total = _count_lines(files)
     show = (sys.stdout.isatty() and not quiet) if progress is None else progress
-    writer = _Writer(out_dir, cfg.setup.samples_per_file)
+    writer = _Writer(out_dir, cfg.setup.samples_per_file, with_audio=audio_cfg is not None)
     n_read = 0
     skipped: collections.Counter = collections.Counter()
     kept_per_file: collections.Counter = collections.Counter()
@@ -392,7 +458,7 @@ def build(
                     starts.update(res.starts)
                     later_starts.update(res.later_starts)
                     stats.update(res.stats)
-                    writer.add(res.rows, res.img_paths, res.image_starts)
+                    writer.add(res.rows, res.img_paths, res.image_starts, res.audio)
                     bar.advance(task, res.n_read)
         writer.close()
     except DiskFullError as err:
@@ -445,6 +511,8 @@ def build(
         },
         "image_patch_info": patch_info,
     }
+    if audio_cfg is not None:
+        params["modalities"] = {"audio": audio_params(audio_cfg, extractor, ids, stats)}
     try:
         write_json(out_dir / PARAMS_NAME, params)
     except OSError as err:
@@ -462,6 +530,22 @@ def build(
             "(--strict stops at the first bad record with its file and line)"
         )
     return params
+
+
+def audio_params(audio_cfg, extractor, ids: dict, stats) -> dict[str, Any]:
+    """`modalities.audio` of data_params.json: what the trainer needs to read the clips exactly as
+    the build counted them (placeholder, count rule, the extractor's settings) and the counts."""
+    settings = {k: v for k, v in extractor.to_dict().items() if k not in ("mel_filters", "window")}
+    return {
+        "placeholder": audio_cfg.audio_token,
+        "token_id": ids["audio_token_id"],
+        "token_count": audio_cfg.token_count(),
+        "feature_extractor": settings,
+        "max_seconds": audio_limit(audio_cfg, extractor),
+        "samples_with_audio": stats["with_audio"],
+        "clips": stats["audio_clips"],
+        "audio_tokens": stats["audio_tokens"],
+    }
 
 
 def _reason_order(reason: str) -> tuple[int, str]:
@@ -484,13 +568,15 @@ def print_summary(params: dict, elapsed: float) -> None:
     if samples.get("image_in_later_turn"):
         where = ", ".join(f"{c:,} at {k}" for k, c in info["image_in_later_turn_start_idx_counts"].items())
         table.add_row(f"  image in a later turn (slots start: {where})", f"{samples['image_in_later_turn']:,}")
+    audio = (params.get("modalities") or {}).get("audio")
+    if audio is not None:
+        table.add_row(f"  with audio ({audio['clips']:,} clips, {audio['audio_tokens']:,} audio tokens)",
+                      f"{audio['samples_with_audio']:,}")
     table.add_row("  text-only", f"{samples.get('text_only', 0):,}")
     for reason, count in pp["skipped"].items():
         table.add_row(f"skipped: {reason}", f"{count:,}")
     console = Console()
     console.print(table)
     rate = pp["processed_files"] / elapsed if elapsed > 0 else 0.0
-    console.print(
-        f"{len(pp['output_files'])} .h5 files, image_patch_start_idx="
-        f"{info['image_patch_start_idx']}, {elapsed:.1f} s ({rate:,.0f} samples/s)"
-    )
+    start = "" if info["image_patch_start_idx"] is None else f", image_patch_start_idx={info['image_patch_start_idx']}"
+    console.print(f"{len(pp['output_files'])} .h5 files{start}, {elapsed:.1f} s ({rate:,.0f} samples/s)")

@@ -3,7 +3,8 @@
 ```yaml
 setup:     {input_dir: ..., output_dir: ..., processes: 4, samples_per_file: 2000}
 processor: {tokenizer_type: path/to/hf_tokenizer_folder, max_sequence_length: 2048}
-dataset:   {num_patches: 576, image_dir: ..., system_prompt_style: vicuna_v1}
+dataset:   {num_patches: 576, image_dir: ..., system_prompt_style: vicuna_v1,
+            audio: {feature_extractor: ..., audio_dir: ..., stride: 4}}   # audio: optional
 ```
 
 Relative paths are taken relative to the current working directory (like the seed's tool).
@@ -14,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmloom.config_io import apply_overrides, load_yaml_mapping, validate
 
@@ -24,6 +25,8 @@ class _Section(BaseModel):
 
 
 class SetupConfig(_Section):
+    """`setup`: where the records are read and the .h5 files written (the seed's keys)."""
+
     input_dir: str = Field(description="folder of .jsonl files (sorted, not recursive) or one .jsonl file")
     output_dir: str = Field(description="where the .h5 files and data_params.json go")
     processes: int = Field(1, ge=1, description="worker processes; the output does not depend on it")
@@ -33,6 +36,8 @@ class SetupConfig(_Section):
 
 
 class ProcessorConfig(_Section):
+    """`processor`: the tokenizer and the max sequence length (MSL, image slots included)."""
+
     tokenizer_type: str = Field(
         description="tokenizer folder (e.g. the stock vicuna-7b-v1.5 folder; mmloom.processing.tokenizer."
         "load_tokenizer, no remote code)"
@@ -40,9 +45,35 @@ class ProcessorConfig(_Section):
     max_sequence_length: int = Field(ge=2, description="MSL, image slots included")
 
 
+class AudioDataConfig(_Section):
+    """How the records' audio clips are read and counted (mmloom's extension; see `h5_format`)."""
+
+    feature_extractor: str | dict[str, Any] = Field(
+        description="the audio encoder's HF feature extractor: a folder (preprocessor_config.json, e.g. a Whisper "
+        "checkpoint) or its settings inline ({feature_size: 80, sampling_rate: 16000, ...}; "
+        "feature_extractor_type defaults to WhisperFeatureExtractor)"
+    )
+    audio_dir: str | None = Field(None, description="root folder of the records' relative audio paths")
+    audio_key: str = "audio"
+    audio_token: str = "<audio>"
+    downsample: int = Field(2, ge=1, description="feature frames per encoder position (Whisper: 2)")
+    stride: int = Field(1, ge=1, description="encoder positions per LLM token: the model's AudioPool stride")
+    max_seconds: float | None = Field(
+        None, gt=0, description="longer clips are skipped (audio_too_long); default and upper bound: the "
+        "extractor's window (Whisper: 30 s)"
+    )
+
+    def token_count(self) -> dict[str, Any]:
+        """The per-clip count rule (`mmloom.model.feature_count`), compared with the model's at training."""
+        return {"type": "audio_frames", "downsample": self.downsample, "stride": self.stride}
+
+
 class DatasetConfig(_Section):
-    num_patches: int = Field(
-        ge=1, description="image slots per sample: (image_size // patch_size)^2 (+1 with CLS)"
+    """`dataset`: image slots, image folder, template and record keys (the seed's, plus mmloom's options)."""
+
+    num_patches: int | None = Field(
+        None, ge=1, description="image slots per sample: (image_size // patch_size)^2 (+1 with CLS); "
+        "unset: the data has no images (audio-only data)"
     )
     image_dir: str | None = Field(None, description="root folder of the records' relative image paths")
     system_prompt_style: str = Field(
@@ -68,6 +99,15 @@ class DatasetConfig(_Section):
         "sample's slot position) or skip (reason image_in_later_turn) for Cerebras-compatible output, whose "
         "model puts every image at the one image_start_idx",
     )
+    audio: AudioDataConfig | None = Field(
+        None, description="records carry audio clips (`audio` field, `<audio>` placeholders): how to read them"
+    )
+
+    @model_validator(mode="after")
+    def _some_modality(self):
+        if self.num_patches is None and self.audio is None:
+            raise ValueError("set dataset.num_patches (images) and/or dataset.audio (audio clips)")
+        return self
 
 
 def template_spec(dataset: DatasetConfig, tokenizer=None) -> tuple[str, dict[str, Any]]:
@@ -83,6 +123,8 @@ def template_spec(dataset: DatasetConfig, tokenizer=None) -> tuple[str, dict[str
 
 
 class BuildConfig(_Section):
+    """A whole `mmloom data build` config; unknown keys are errors naming the closest valid key."""
+
     setup: SetupConfig
     processor: ProcessorConfig
     dataset: DatasetConfig
@@ -92,8 +134,10 @@ SECTIONS = "setup/processor/dataset"
 
 
 def parse_build_config(data: Any, source: str = "config") -> BuildConfig:
+    """Validate a build config mapping; raises MmloomError naming `source` and the bad key."""
     return validate(BuildConfig, data, source, SECTIONS)
 
 
 def load_build_config(path: str | Path, overrides: list[str] | None = None) -> BuildConfig:
+    """Read a build config YAML, apply `--set KEY=VALUE` overrides, validate (raises MmloomError)."""
     return parse_build_config(apply_overrides(load_yaml_mapping(path, SECTIONS), overrides), source=str(path))

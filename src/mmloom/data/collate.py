@@ -2,7 +2,7 @@
 
 - `LlavaCollator`: `HDF5LlavaDataset` items (the Cerebras layout) -> HF-style padded rows;
 - `TrainCollator`: the same, plus a dummy image in the masked slots of text-only samples;
-- `PackedCollator`: whole samples packed into rows (see `mmloom.data.packing`);
+- `PackedCollator`: whole samples packed into one padding-free row (see `mmloom.data.packing`);
 - `FeatureCollator`: items with cached encoder features instead of images;
 - `collate_jsonl`: `JsonlLlavaDataset` items (HF style, no slots for text-only samples).
 """
@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from mmloom.data.packing import block_causal_mask, pack_samples
 from mmloom.errors import MmloomError
+from mmloom.model.attention import varlen_kwargs
 from mmloom.model.merge import IGNORE_INDEX
 from mmloom.processing.processor import pad_rows
-
-ATTENTION_MODES = ("sdpa", "eager", "flash")
 
 
 def check_slots(item: dict, num_feature_tokens: int) -> tuple[int, int] | None:
@@ -170,28 +168,34 @@ class TrainCollator:
 
 
 class PackedCollator:
-    """Pack a micro-batch of `HDF5LlavaDataset` items into rows (see the module docstring).
+    """Pack a micro-batch of `HDF5LlavaDataset` items, whole, into one padding-free row.
+
+    Each sample keeps its real tokens only (the masked image slots of a text-only sample in the
+    seed's layout are dropped; the tokens after them keep their original positions, so the sample
+    computes exactly what it computes unpacked), its own `position_ids` (0, 1, ... as if it ran
+    alone) and -100 as the label of its first token (no token predicts across a boundary). The
+    sample boundaries go with the batch (`mmloom.model.attention.varlen_kwargs`), for attention
+    that never crosses them and never builds a (T, T) mask: `mmloom_sdpa_varlen` (SDPA per
+    sample) or flash_attention_2/3 (varlen). Which samples share a micro-batch (at even token
+    counts over the step) is `mmloom.data.sampling.PackedStepSampler`'s business.
 
     `collator` is the run's `TrainCollator`: its `LlavaCollator` does the per-sample work (labels,
-    image slots), its `dummy_images`/`num_feature_tokens`/`image_token_id` are honoured.
-    `attention`: "sdpa" (a 4D block-diagonal causal bool mask), "eager" (the same mask, additive
-    float32) or "flash" (flash_attention_2: one padding-free row, `attention_mask=None`,
-    restarting `position_ids`; transformers runs varlen flash attention only for batch size 1).
+    image slots), its `dummy_images` / `num_feature_tokens` / `image_token_id` are honoured: a
+    micro-batch without any real image gets one dummy (zero) image as an unsupervised segment of
+    its own (no sample attends to it), so the vision encoder and projector run on every
+    micro-batch (DDP / FSDP).
 
-    Returns `input_ids`, `labels` (HF convention, -100 at every sample's first token),
-    `position_ids` (restarting at 0 per sample), `attention_mask`, `pixel_values` (row order,
-    matching the placeholder order) and the counters `TrainCollator` gives (`num_loss_tokens`,
-    `num_attended_tokens` = real tokens, `num_samples`, `num_images` = real images, `has_image`),
-    plus `num_rows` and `spans`: per input sample `(row, start, end)` in the packed rows.
+    Returns `input_ids`, `labels` (HF convention), `position_ids`, all (1, N) with N the tokens of
+    all segments; `attention_mask` None; `cu_seq_lens_q` / `cu_seq_lens_k` (S + 1,) int32 and
+    `max_length_q` / `max_length_k` int over the S segments (the samples in order, then the dummy
+    segment if any); `pixel_values` (segment order, matching the placeholder order); the
+    counters `TrainCollator` gives (`num_loss_tokens`, `num_attended_tokens` = real tokens of the
+    samples, `num_samples`, `num_images` = real images, `has_image`); and `spans`: per input
+    sample `(0, start, end)` in the row.
     """
 
-    def __init__(self, collator, max_length: int, attention: str = "sdpa", pad_to_multiple_of: int = 1):
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    def __init__(self, collator):
         self.collator = collator
-        self.max_length = int(max_length)
-        self.attention = attention
-        self.pad_to_multiple_of = max(1, int(pad_to_multiple_of))
 
     def segments(self, items: list[dict]) -> tuple[list[dict], dict]:
         """Per sample: its real tokens (`ids`, `labels`, `pos`) and its image (or None)."""
@@ -201,12 +205,13 @@ class PackedCollator:
         out = []
         for i in range(len(items)):
             keep = batch["attention_mask"][i].nonzero().flatten()
+            if not keep.numel():
+                raise MmloomError(f"sample {items[i].get('index', '?')} has no attended token: nothing to pack")
             labels = batch["labels"][i, keep].clone()
-            if keep.numel():
-                labels[0] = IGNORE_INDEX  # the previous segment's last token must not predict this one
-                gap = torch.ones_like(keep, dtype=torch.bool)
-                gap[1:] = keep[1:] - keep[:-1] != 1
-                labels[gap] = IGNORE_INDEX  # a token whose predecessor was dropped (masked slots)
+            labels[0] = IGNORE_INDEX  # the previous segment's last token must not predict this one
+            gap = torch.ones_like(keep, dtype=torch.bool)
+            gap[1:] = keep[1:] - keep[:-1] != 1
+            labels[gap] = IGNORE_INDEX  # a token whose predecessor was dropped (masked slots)
             image = next(images) if bool(batch["has_image"][i]) else None
             out.append({"ids": batch["input_ids"][i, keep], "labels": labels, "pos": keep, "image": image})
         return out, batch
@@ -214,7 +219,6 @@ class PackedCollator:
     def __call__(self, items: list[dict]) -> dict:
         segs, batch = self.segments(items)
         n_real = len(segs)
-        num_tokens = sum(int(s["ids"].numel()) for s in segs)
         has_image = batch["has_image"]
         c = self.collator
         if getattr(c, "dummy_images", False) and not bool(has_image.any()) and items:
@@ -226,50 +230,24 @@ class PackedCollator:
                 "image": torch.zeros_like(items[0]["image_data"]),
             })
         lengths = [int(s["ids"].numel()) for s in segs]
-        if self.attention == "flash":
-            rows = [list(range(len(segs)))]  # one padding-free row: varlen flash needs batch size 1
-        else:
-            rows = pack_samples(lengths, self.max_length)
-        width = max([1, *(sum(lengths[i] for i in row) for row in rows)])
-        m = self.pad_to_multiple_of
-        width = -(-width // m) * m
-        R = len(rows)
-        pad = int(c.base.pad_token_id)
-        input_ids = torch.full((R, width), pad, dtype=torch.long)
-        labels = torch.full((R, width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((R, width), dtype=torch.long)
-        seg_ids = torch.full((R, width), -1, dtype=torch.long)
-        pixel_values, spans = [], [None] * n_real
-        for r, row in enumerate(rows):
-            at = 0
-            for k in row:
-                s, n = segs[k], lengths[k]
-                input_ids[r, at : at + n] = s["ids"]
-                labels[r, at : at + n] = s["labels"]
-                position_ids[r, at : at + n] = s["pos"]
-                seg_ids[r, at : at + n] = k
-                if s["image"] is not None:
-                    pixel_values.append(s["image"])
-                if k < n_real:
-                    spans[k] = (r, at, at + n)
-                at += n
-            position_ids[r, at:] = torch.arange(width - at)  # padding tail: a segment of its own
-        out = {
-            "input_ids": input_ids,
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        spans = [(0, end - n, end) for n, end in zip(lengths[:n_real], ends, strict=False)]
+        images = [s["image"] for s in segs if s["image"] is not None]
+        labels = torch.cat([s["labels"] for s in segs])[None]
+        return {
+            "input_ids": torch.cat([s["ids"] for s in segs])[None],
             "labels": labels,
-            "position_ids": position_ids,
-            "attention_mask": None if self.attention == "flash" else block_causal_mask(
-                seg_ids, additive=self.attention == "eager"),
-            "pixel_values": torch.stack(pixel_values) if pixel_values else None,
+            "position_ids": torch.cat([s["pos"] for s in segs])[None],
+            "attention_mask": None,
+            **varlen_kwargs(lengths),
+            "pixel_values": torch.stack(images) if images else None,
             "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
-            "num_attended_tokens": num_tokens,
+            "num_attended_tokens": sum(lengths[:n_real]),
             "num_samples": n_real,
             "num_images": int(has_image.sum()),
             "has_image": has_image,
-            "num_rows": R,
             "spans": spans,
         }
-        return out
 
 
 class FeatureCollator:

@@ -12,7 +12,7 @@ and the positions of the slots, which every later stage reads instead of looking
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,13 @@ SKIP_REASONS = (
     "image_token_mismatch",
     "multiple_images",
     "image_in_later_turn",
+    "bad_audio_path",
+    "missing_audio",
+    "bad_audio",
+    "empty_audio",
+    "audio_too_long",
+    "bad_sample_rate",
+    "audio_token_mismatch",
     "too_long",
 )
 
@@ -62,13 +69,17 @@ class EncodedSample:
     image_turn: int  # index of the user turn holding the first image (-1: no image)
     raw_chars: int  # characters / UTF-8 bytes of the record's turn texts
     raw_bytes: int
+    audio: list[str] = field(default_factory=list)  # relative audio paths, in placeholder order
+    audio_spans: list[tuple[int, int]] = field(default_factory=list)  # (first slot, slots) per clip
 
     @property
     def has_image(self) -> bool:
+        """Whether the sample has at least one image."""
         return bool(self.images)
 
     @property
     def image(self) -> str | None:
+        """The first image's relative path, None for text-only."""
         return self.images[0] if self.images else None
 
     @property
@@ -112,6 +123,23 @@ def record_images(record: dict, image_key: str = "image") -> list[str]:
     return list(images)
 
 
+def record_audio(record: dict, audio_key: str = "audio") -> list[str]:
+    """The record's relative audio paths ([] for none): a string or a list of strings."""
+    audio = record.get(audio_key)
+    if audio is None or audio == "" or audio == []:
+        return []
+    clips = audio if isinstance(audio, list) else [audio]
+    if not all(isinstance(p, str) and p for p in clips):
+        raise SkipRecord("bad_record", f"'{audio_key}' must be a path or a list of paths")
+    return list(clips)
+
+
+def audio_file(audio_dir: str | Path | None, relative: str) -> Path:
+    """The file of a record's audio path under `audio_dir`; SkipRecord('bad_audio_path') for a
+    path that leaves it (absolute, a drive letter, or `..` parts)."""
+    return Path(audio_dir or ".") / relative_image_path(relative, "audio", reason="bad_audio_path")
+
+
 def image_file(image_dir: str | Path | None, relative: str) -> Path:
     """The file of a record's image path under `image_dir`; SkipRecord('bad_image_path') for a
     path that leaves it (absolute, a drive letter, or `..` parts: `relative_image_path`)."""
@@ -141,6 +169,7 @@ def encode_record(
     content_key: str = "value",
     max_length: int | None = None,
     text_only_slots: bool = False,
+    audio: tuple[str, int, list[str], list[int]] | None = None,
 ) -> EncodedSample:
     """Encode one LLaVA record; raises `SkipRecord` with a reason for bad records.
 
@@ -155,6 +184,9 @@ def encode_record(
       image; the slots go where an image sample's slots would go: the tokens the image variant has
       between the common prefix and its slots (e.g. Llama's `▁` after `USER:`) are inserted as
       masked filler, so the run starts at the dataset's image start index and never splits a word;
+    - `audio = (placeholder, placeholder_id, clips, tokens per clip)`: each of the record's
+      audio placeholders (as many as clips, else `audio_token_mismatch`) becomes its clip's
+      number of slots (attended, labels -100), recorded in `audio_spans`;
     - samples longer than `max_length` raise `too_long` (never truncated).
     """
     if image_token_id is None:
@@ -168,10 +200,18 @@ def encode_record(
         )
     if any(image_token in t["value"] for t in turns if t["from"] not in ("human", "user")):
         raise SkipRecord("image_token_mismatch", f"'{image_token}' in a non-human turn")
+    audio_token, audio_id, clips, clip_tokens = audio if audio is not None else ("", None, [], [])
+    if audio is not None:
+        n_audio = sum(t["value"].count(audio_token) for t in turns)
+        if n_audio != len(clips) or len(clip_tokens) != len(clips):
+            raise SkipRecord("audio_token_mismatch", f"{n_audio} '{audio_token}' in the turns for {len(clips)} clip(s)")
+        if any(audio_token in t["value"] for t in turns if t["from"] not in ("human", "user")):
+            raise SkipRecord("audio_token_mismatch", f"'{audio_token}' in a non-human turn")
     raw_chars = sum(len(t["value"]) for t in turns)
     raw_bytes = sum(len(t["value"].encode("utf-8")) for t in turns)
+    placeholders = (image_token, audio_token) if audio is not None else image_token
     try:
-        messages = messages_from_llava(turns, move_image_to_front=True, placeholder=image_token)
+        messages = messages_from_llava(turns, move_image_to_front=True, placeholder=placeholders)
     except ConversationError as exc:
         raise SkipRecord(getattr(exc, "reason", "bad_record"), str(exc)) from None
 
@@ -187,20 +227,29 @@ def encode_record(
         ids, labels, attention, positions = _with_masked_slot_marker(
             tokenizer, template, messages, ids, labels, image_token, image_token_id
         )
+    audio_positions = [i for i, t in enumerate(ids) if audio_id is not None and t == audio_id]
+    if len(audio_positions) != len(clips):
+        raise SkipRecord("audio_token_mismatch", f"{len(audio_positions)} audio tokens after templating")
     masked = not images
     out_ids: list[int] = []
     out_labels: list[int] = []
     out_attention: list[int] = []
     starts: list[int] = []
+    spans: list[tuple[int, int]] = []
+    runs = sorted([(p, num_feature_tokens, False) for p in positions] +
+                  [(p, n, True) for p, n in zip(audio_positions, clip_tokens, strict=True)])
     prev = 0
-    for p in positions:
+    for p, n, is_audio in runs:
         out_ids += ids[prev:p]
         out_labels += labels[prev:p]
         out_attention += attention[prev:p]
-        starts.append(len(out_ids))
-        out_ids += [slot_fill_id] * num_feature_tokens
-        out_labels += [IGNORE_INDEX] * num_feature_tokens
-        out_attention += [0 if masked else 1] * num_feature_tokens
+        if is_audio:
+            spans.append((len(out_ids), n))
+        else:
+            starts.append(len(out_ids))
+        out_ids += [slot_fill_id] * n
+        out_labels += [IGNORE_INDEX] * n
+        out_attention += [0 if masked and not is_audio else 1] * n
         prev = p + 1
     out_ids += ids[prev:]
     out_labels += labels[prev:]
@@ -215,7 +264,7 @@ def encode_record(
         image_turn = next(k for k, text in enumerate(user_turns) if image_token in text)
     return EncodedSample(
         out_ids, out_labels, out_attention, starts, num_feature_tokens if starts else 0, images, image_turn,
-        raw_chars, raw_bytes,
+        raw_chars, raw_bytes, list(clips), spans,
     )
 
 

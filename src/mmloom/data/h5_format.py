@@ -15,6 +15,19 @@ Each `data-NNNNN.h5` file written by `mmloom data build` holds
 Files without `image_start_idx` (Cerebras' own) put every sample's slots at the dataset's one
 `image_patch_info.image_patch_start_idx` of `data_params.json`, as Cerebras' model does.
 `data_params.json` sits next to the files (see `mmloom.data.build`).
+
+Audio (mmloom's extension, written only by builds with `dataset.audio`; image-only files are
+exactly as above). A sample may hold any number of clips, each a run of slots in `data` (row 0:
+the pad id, row 3: attended, no loss) whose length is the clip's feature-token count. Per file,
+with m the number of clips of all its samples, in sample order then placeholder order:
+
+- `audio_path` bytes `[m]`: each clip's path relative to the audio folder;
+- `audio_span` int32 `[m, 2]`: each clip's (first slot, number of slots) in its sample's row;
+- `audio_offset` int64 `[n + 1]`: sample i's clips are `audio_offset[i]:audio_offset[i + 1]`.
+
+`data_params.json` records the extractor and count rule under `modalities.audio`. Cerebras' reader
+ignores these datasets (its model would see the audio slots as pad tokens); mmloom's trainer
+writes the `<audio>` id into every span and feeds the clips' features there.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from mmloom.files import atomic_file, read_json
 H5_NAME = "data-{:05d}.h5"
 PARAMS_NAME = "data_params.json"
 IMAGE_START = "image_start_idx"
+AUDIO_PATH, AUDIO_SPAN, AUDIO_OFFSET = "audio_path", "audio_span", "audio_offset"
 NO_IMAGE = b"None"
 GZIP_LEVEL = 4
 
@@ -46,6 +60,7 @@ class LazyH5Files:
 
     @property
     def opened(self) -> bool:
+        """Whether this process holds open handles."""
         return self._handles is not None
 
     def __getitem__(self, i: int):
@@ -60,6 +75,7 @@ class LazyH5Files:
         return {"paths": self.paths, "_handles": None, "_pid": None}
 
     def close(self) -> None:
+        """Close the handles (they reopen on the next access)."""
         for h in self._handles or []:
             with contextlib.suppress(Exception):
                 h.close()
@@ -82,9 +98,11 @@ def decode_img_path(value) -> str | None:
     return None if value in ("", "None") else value
 
 
-def write_h5(path: Path, rows: np.ndarray, img_paths: list[bytes], image_starts: list[int]) -> None:
+def write_h5(path: Path, rows: np.ndarray, img_paths: list[bytes], image_starts: list[int],
+             audio: list[tuple[list[str], list[tuple[int, int]]]] | None = None) -> None:
     """Write one file atomically (temp name + os.replace); no timestamps, fixed gzip level, so the
-    bytes depend on the samples only."""
+    bytes depend on the samples only. `audio` (one `(paths, spans)` per sample) adds the audio
+    datasets of the module docstring; None writes none (image-only data)."""
     import h5py
 
     n, _, msl = rows.shape
@@ -97,6 +115,42 @@ def write_h5(path: Path, rows: np.ndarray, img_paths: list[bytes], image_starts:
         )
         f.create_dataset("img_path", data=np.array(img_paths, dtype=f"S{width}").reshape(n, 1), track_times=False)
         f.create_dataset(IMAGE_START, data=np.asarray(image_starts, dtype=np.int32), track_times=False)
+        if audio is not None:
+            write_audio_items(f, audio)
+
+
+def write_audio_items(f, audio: list[tuple[list[str], list[tuple[int, int]]]]) -> None:
+    """The `audio_path` / `audio_span` / `audio_offset` datasets of an open file (one entry per sample)."""
+    paths = [p.encode("utf-8") for clips, _ in audio for p in clips]
+    spans = np.asarray([span for _, sample_spans in audio for span in sample_spans], dtype=np.int32).reshape(-1, 2)
+    offsets = np.cumsum([0, *(len(clips) for clips, _ in audio)]).astype(np.int64)
+    width = max([1, *(len(p) for p in paths)])
+    f.create_dataset(AUDIO_PATH, data=np.array(paths, dtype=f"S{width}").reshape(-1), track_times=False)
+    f.create_dataset(AUDIO_SPAN, data=spans, track_times=False)
+    f.create_dataset(AUDIO_OFFSET, data=offsets, track_times=False)
+
+
+def read_audio_items(h5file, path: str | Path = "") -> tuple[np.ndarray, np.ndarray] | None:
+    """(`audio_offset` [n + 1], `audio_span` [m, 2]) of an open data file, None when it has no audio.
+
+    Raises MmloomError when the datasets disagree with each other or with `n_examples`."""
+    if AUDIO_OFFSET not in h5file:
+        return None
+    n = int(h5file.attrs["n_examples"])
+    offsets = np.asarray(h5file[AUDIO_OFFSET][:], dtype=np.int64)
+    spans = np.asarray(h5file[AUDIO_SPAN][:], dtype=np.int64).reshape(-1, 2)
+    m = int(h5file[AUDIO_PATH].shape[0])
+    if offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != m or spans.shape[0] != m \
+            or bool((np.diff(offsets) < 0).any()):
+        raise MmloomError(
+            f"{path}: the audio datasets disagree ({AUDIO_OFFSET} {offsets.shape}, {AUDIO_SPAN} {spans.shape}, "
+            f"{AUDIO_PATH} ({m},), {n} samples)"
+        )
+    return offsets, spans
+
+
+def decode_audio_path(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def read_data_params(data_dir: str | Path, required: bool = True) -> dict:

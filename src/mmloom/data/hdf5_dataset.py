@@ -7,7 +7,12 @@ Each item holds the seed's five tensors plus where its image slots are:
 - `has_image` bool (`img_path` is not `b"None"` / empty),
 - `image_start_idx` int: the first of the sample's `num_patches` slots, -1 = none (the file's
   `image_start_idx`, or the dataset's one start index for Cerebras files: `mmloom.data.h5_format`),
-- `index` int: the sample's index in the dataset (for error messages).
+- `index` int: the sample's index in the dataset (for error messages),
+- with an `audio_reader` (data built with `dataset.audio`): `audio`, the sample's clips in
+  placeholder order, each `{"input_features", "feature_attention_mask", "span": (start, length)}`
+  (`mmloom.data.audio_items.AudioClipReader`).
+
+Without an image transform (`image_transform=None`, data without images), `image_data` is None.
 
 The h5py handles are opened lazily, once per process (they are None after construction and
 after pickling), so the dataset works with `DataLoader(num_workers > 0)`.
@@ -23,8 +28,11 @@ import torch
 from torch.utils.data import Dataset
 
 from mmloom.data.h5_format import (
+    AUDIO_PATH,
     LazyH5Files,
+    decode_audio_path,
     decode_img_path,
+    read_audio_items,
     read_data_params,
     read_image_starts,
     slot_layout,
@@ -43,13 +51,15 @@ class HDF5LlavaDataset(Dataset):
 
     h5: LazyH5Files | None = None  # class default: __del__ works even if __init__ failed early
 
-    def __init__(self, data_dir, img_data_dir, image_transform, dtype: torch.dtype = torch.float32):
+    def __init__(self, data_dir, img_data_dir, image_transform, dtype: torch.dtype = torch.float32,
+                 audio_reader=None):
         import h5py
 
         self.data_dir = Path(data_dir)
         self.img_data_dir = Path(img_data_dir) if img_data_dir is not None else None
         self.image_transform = image_transform
         self.dtype = dtype
+        self.audio_reader = audio_reader
         if not self.data_dir.is_dir():
             raise MmloomError(f"HDF5 data folder not found: {self.data_dir}")
         self.files = sorted(p for p in self.data_dir.iterdir() if p.suffix == ".h5" and p.is_file())
@@ -58,12 +68,14 @@ class HDF5LlavaDataset(Dataset):
         self.params = read_data_params(self.data_dir, required=False)
         self.num_patches = slot_layout(self.params)[1]
         counts, starts = [], []
+        self.audio_items: list[tuple[np.ndarray, np.ndarray] | None] = []  # per file: (offsets, spans)
         for path in self.files:
             try:
                 with h5py.File(path, "r") as f:
                     counts.append(int(f.attrs["n_examples"]))
                     self.max_sequence_length = int(f["data"].shape[-1])
                     starts.append(read_image_starts(f, self.params, path))
+                    self.audio_items.append(read_audio_items(f, path))
             except (OSError, KeyError) as exc:
                 raise MmloomError(f"{path}: not an HDF5 LLaVA data file ({exc})") from None
         self.counts = counts
@@ -72,6 +84,7 @@ class HDF5LlavaDataset(Dataset):
         self.h5 = LazyH5Files(self.files)
 
     def close(self) -> None:
+        """Close the open .h5 handles (they reopen on the next item)."""
         if self.h5 is not None:
             self.h5.close()
 
@@ -83,6 +96,8 @@ class HDF5LlavaDataset(Dataset):
         return self.offsets[-1]
 
     def locate(self, index: int) -> tuple[int, int]:
+        """(file index, row in that file) of dataset `index` (negative counts from the end);
+        raises IndexError outside the dataset."""
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
@@ -90,7 +105,11 @@ class HDF5LlavaDataset(Dataset):
         file_idx = bisect.bisect_right(self.offsets, index) - 1
         return file_idx, index - self.offsets[file_idx]
 
-    def _image(self, rel: str | None, index: int) -> torch.Tensor:
+    def _image(self, rel: str | None, index: int) -> torch.Tensor | None:
+        if self.image_transform is None:
+            if rel is not None:
+                raise MmloomError(f"sample {index} has an image but this dataset was opened without an image transform")
+            return None
         size = int(getattr(self.image_transform, "image_size", 0) or 0)
         if rel is None:
             if size <= 0:
@@ -111,6 +130,14 @@ class HDF5LlavaDataset(Dataset):
         h = self.h5[file_idx]
         rows = np.asarray(h["data"][local], dtype=np.int32)
         rel = decode_img_path(h["img_path"][local])
+        extra = {}
+        audio = self.audio_items[file_idx]
+        if self.audio_reader is not None and audio is not None:
+            offsets, spans = audio
+            first, last = int(offsets[local]), int(offsets[local + 1])
+            paths = h[AUDIO_PATH][first:last] if last > first else []
+            extra["audio"] = [self.audio_reader.clip(decode_audio_path(p), spans[first + k], int(index))
+                              for k, p in enumerate(paths)]
         return {
             "image_data": self._image(rel, int(index)),
             "labels": torch.from_numpy(rows[2].copy()),
@@ -120,4 +147,5 @@ class HDF5LlavaDataset(Dataset):
             "has_image": rel is not None,
             "image_start_idx": int(self.image_starts[index]),
             "index": int(index),
+            **extra,
         }

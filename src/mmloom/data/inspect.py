@@ -14,6 +14,8 @@ from mmloom.processing.tokenizer import load_tokenizer
 
 @dataclass
 class Segment:
+    """A run of a sample's tokens shown one way: text, supervised text, or image slots."""
+
     kind: str  # "text" | "supervised" | "image"
     text: str
     start: int = 0
@@ -43,6 +45,7 @@ def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str | None, i
 
 
 def tokenizer_for(path: Path, tokenizer_path: str | None):
+    """The tokenizer to decode `path` with: `tokenizer_path`, else the data_params.json's one."""
     if tokenizer_path is None:
         params = read_data_params(path.parent, required=False)
         if not params:

@@ -304,11 +304,11 @@ def iter_records(path: Path, fmt: Literal["auto", "json", "jsonl"] = "auto") -> 
     yield from iter_jsonl(path)
 
 
-def relative_image_path(value: Any, field: str = "image") -> str:
-    """A record's image path as a relative POSIX path that stays under the image root.
+def relative_image_path(value: Any, field: str = "image", reason: str = "bad_image_path") -> str:
+    """A record's image (or audio) path as a relative POSIX path that stays under its root folder.
 
     Backslashes count as separators. Raises SkipRecord ``missing_field`` (empty), ``bad_field``
-    (not a string) or ``bad_image_path`` (absolute, a drive letter, or a ``..`` part).
+    (not a string) or `reason` (absolute, a drive letter, or a ``..`` part).
     """
     if value is None or value == "":
         raise SkipRecord("missing_field", f"{field} is empty")
@@ -317,7 +317,7 @@ def relative_image_path(value: Any, field: str = "image") -> str:
     posix = value.replace("\\", "/")
     parts = PurePosixPath(posix).parts
     if posix.startswith("/") or _DRIVE.match(posix) or ".." in parts:
-        raise SkipRecord("bad_image_path", f"{field} {value!r} leaves the image root (absolute or '..')")
+        raise SkipRecord(reason, f"{field} {value!r} leaves the {field} root (absolute or '..')")
     name = "/".join(p for p in parts if p != ".")
     if not name:
         raise SkipRecord("missing_field", f"{field} {value!r} names no file")

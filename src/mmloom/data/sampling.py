@@ -1,10 +1,13 @@
 """Which samples each step and each rank reads: deterministic, resumable batch samplers.
 
 Step `s` uses global batch `k = s % steps_per_epoch` of epoch `s // steps_per_epoch` (a seeded
-permutation per epoch when shuffling). Rank `r` takes its contiguous share of that global batch
-and splits it into micro-batches, so the position of a run is just its step count.
-`LengthGroupedStepSampler` reorders each step's global batch by length (same samples per step);
-`EvalSampler` strides all samples over the ranks, padded with index -1 (`PaddedDataset`).
+permutation per epoch when shuffling). `StepBatchSampler`: rank `r` takes its contiguous share of
+that global batch and splits it into micro-batches of `micro_batch` samples.
+`LengthGroupedStepSampler` and `PackedStepSampler` split the same global batch (same samples per
+step) into micro-batches of even cost and deal them evenly to the ranks (see
+`mmloom.data.packing`). Every sampler is a pure function of the step, so the position of a run is
+just its step count. `EvalSampler` strides all samples over the ranks, padded with index -1
+(`PaddedDataset`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from mmloom.data.packing import balance_tokens, deal_to_ranks, group_by_cost
 from mmloom.errors import MmloomError
 
 PAD_INDEX = -1  # a padding sample: `PaddedDataset` gives sample 0 with no supervised token
@@ -56,29 +60,46 @@ class StepBatchSampler(Sampler[list[int]]):
         batch = order[k * self.global_batch : (k + 1) * self.global_batch]
         return batch + [PAD_INDEX] * (self.global_batch - len(batch))
 
-    def step_indices(self, step: int) -> list[int]:
-        """This rank's indices for optimizer step `step` (0-based)."""
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per rank and step."""
+        return self.per_rank // self.micro_batch
+
+    def plain_micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's contiguous share of the step's global batch, in micro-batches of `micro_batch`."""
         batch = self.global_indices(step)
-        return batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        mine = batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        return [mine[i : i + self.micro_batch] for i in range(0, len(mine), self.micro_batch)]
+
+    def step_micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of indices) for optimizer step `step` (0-based): always
+        `accumulation` of them."""
+        return self.plain_micro_batches(step)
+
+    def step_indices(self, step: int) -> list[int]:
+        """This rank's indices for optimizer step `step` (0-based), micro-batch after micro-batch."""
+        return [i for mb in self.step_micro_batches(step) for i in mb]
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.total_steps):
-            indices = self.step_indices(step)
-            for i in range(0, len(indices), self.micro_batch):
-                yield indices[i : i + self.micro_batch]
+            yield from self.step_micro_batches(step)
 
     def __len__(self) -> int:
-        return (self.total_steps - self.start_step) * (self.per_rank // self.micro_batch)
+        return (self.total_steps - self.start_step) * self.accumulation
 
 
-def sample_lengths(dataset) -> np.ndarray:
-    """Per sample: the last attended position + 1 (what a trimmed row needs), as int64.
+def sample_lengths(dataset, attended_only: bool = False) -> np.ndarray:
+    """Per sample, as int64: the last attended position + 1 (what a trimmed padded row needs), or
+    with `attended_only` the number of attended tokens (what a packed row holds: the masked image
+    slots of text-only samples in the seed's layout are not counted).
 
-    Reads the `key_padding_mask` rows of `HDF5LlavaDataset` files directly (no image decoding);
-    other datasets may provide `sample_lengths()`, else every item is loaded once.
+    Reads the `key_padding_mask` rows of `HDF5LlavaDataset` files directly (no image decoding;
+    the rows are stored gzip-compressed per sample, so this reads the whole files once); other
+    datasets may provide `sample_lengths(attended_only)`, else every item is loaded once.
     """
     if hasattr(dataset, "sample_lengths"):
-        return np.asarray(dataset.sample_lengths(), dtype=np.int64)
+        return np.asarray(dataset.sample_lengths(attended_only), dtype=np.int64)
+    measure = _attended if attended_only else _span
     files = getattr(dataset, "files", None)
     if files is not None and hasattr(dataset, "counts"):
         import h5py
@@ -89,9 +110,9 @@ def sample_lengths(dataset) -> np.ndarray:
                 data = f["data"]
                 for a in range(0, data.shape[0], 4096):
                     kpm = np.asarray(data[a : a + 4096, 3, :])
-                    out.append(_span(kpm))
+                    out.append(measure(kpm))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-    return np.concatenate([_span(dataset[i]["key_padding_mask"].numpy()[None]) for i in range(len(dataset))])
+    return np.concatenate([measure(dataset[i]["key_padding_mask"].numpy()[None]) for i in range(len(dataset))])
 
 
 def _span(kpm: np.ndarray) -> np.ndarray:
@@ -100,15 +121,13 @@ def _span(kpm: np.ndarray) -> np.ndarray:
     return np.where(attended.any(axis=1), last + 1, 0).astype(np.int64)
 
 
-class LengthGroupedStepSampler(StepBatchSampler):
-    """`StepBatchSampler` whose micro-batches hold samples of similar length.
+def _attended(kpm: np.ndarray) -> np.ndarray:
+    return (kpm == 0).sum(axis=1).astype(np.int64)
 
-    Each step's global batch is the same as without grouping (same samples per step, so the
-    same loss, epoch and schedule); it is sorted by length (longest first, ties by position),
-    cut into micro-batches, and the micro-batches are dealt to the ranks in turn (rank r gets
-    micro-batches r, r + W, ...), which keeps the ranks' work balanced. A pure function of the
-    step, so resuming at any step is exact.
-    """
+
+class _LengthAwareSampler(StepBatchSampler):
+    """A `StepBatchSampler` that knows every sample's length (`PAD_INDEX` counts as sample 0,
+    which `PaddedDataset` gives in its place)."""
 
     def __init__(self, lengths, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -116,12 +135,62 @@ class LengthGroupedStepSampler(StepBatchSampler):
         if len(self.lengths) != self.n:
             raise ValueError(f"{len(self.lengths)} lengths for {self.n} samples")
 
-    def step_indices(self, step: int) -> list[int]:
+    def length(self, index: int) -> int:
+        return int(self.lengths[0 if index == PAD_INDEX else index])
+
+    def _dealt(self, batch: list[int], groups: list[list[int]], costs: list[int]) -> list[list[int]]:
+        """This rank's share of the step's micro-batches (`groups` index into `batch`)."""
+        mine = deal_to_ranks(costs, self.world_size)[self.rank]
+        return [[batch[j] for j in groups[k]] for k in mine]
+
+
+class LengthGroupedStepSampler(_LengthAwareSampler):
+    """`StepBatchSampler` whose micro-batches hold samples of similar length, at even cost.
+
+    Each step's global batch is the same as without grouping (same samples per step, so the
+    same loss, epoch and schedule). It is sorted by length (longest first) and cut into
+    ranks x accumulation micro-batches whose padded cost (samples x longest) is as even as
+    possible (`mmloom.data.packing.group_by_cost`: long samples in smaller micro-batches, short
+    ones in larger ones; no micro-batch costs more than `micro_batch` x the step's longest
+    sample, what the first micro-batch of a length-sorted step costs); the micro-batches are
+    dealt so that every rank gets the same number and about the same total cost
+    (`deal_to_ranks`). `lengths`: each sample's padded width (`sample_lengths`). A pure function
+    of the step, so resuming at any step is exact.
+    """
+
+    def step_micro_batches(self, step: int) -> list[list[int]]:
         batch = self.global_indices(step)
-        length = [0 if i == PAD_INDEX else int(self.lengths[i]) for i in batch]
-        batch = [batch[j] for j in sorted(range(len(batch)), key=lambda j: (-length[j], j))]
-        chunks = [batch[i : i + self.micro_batch] for i in range(0, len(batch), self.micro_batch)]
-        return [i for chunk in chunks[self.rank :: self.world_size] for i in chunk]
+        length = [self.length(i) for i in batch]
+        groups = group_by_cost(length, self.world_size * self.accumulation, self.micro_batch * max(length))
+        costs = [len(g) * max(length[j] for j in g) for g in groups]
+        return self._dealt(batch, groups, costs)
+
+
+class PackedStepSampler(_LengthAwareSampler):
+    """`StepBatchSampler` for packed micro-batches (`PackedCollator`: one padding-free row each).
+
+    Each step's global batch is the same as without packing; its samples are split into
+    ranks x accumulation micro-batches of nearly equal token counts
+    (`mmloom.data.packing.balance_tokens`, at most `micro_batch` x `max_length` tokens each: what
+    a padded micro-batch of `micro_batch` samples of `max_length` holds), which are dealt so that
+    every rank gets the same number and about the same tokens (`deal_to_ranks`). A micro-batch
+    may hold more or fewer than `micro_batch` samples. If the balanced split cannot respect the
+    token bound, the step keeps the plain split (`plain_micro_batches`). `lengths`: each sample's
+    attended tokens (`sample_lengths(dataset, attended_only=True)`). A pure function of the step,
+    so resuming at any step is exact.
+    """
+
+    def __init__(self, lengths, max_length: int, *args, **kwargs):
+        super().__init__(lengths, *args, **kwargs)
+        self.max_length = int(max_length)
+
+    def step_micro_batches(self, step: int) -> list[list[int]]:
+        batch = self.global_indices(step)
+        length = [self.length(i) for i in batch]
+        groups = balance_tokens(length, self.world_size * self.accumulation, self.micro_batch * self.max_length)
+        if groups is None:
+            return self.plain_micro_batches(step)
+        return self._dealt(batch, groups, [sum(length[j] for j in g) for g in groups])
 
 
 class EvalSampler(Sampler[list[int]]):

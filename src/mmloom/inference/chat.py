@@ -1,7 +1,7 @@
 """Chat with a saved model: one answer, or an interactive session that keeps the conversation.
 
-Interactive commands: `/image PATH` (new image, new conversation), `/reset`, `/quit` (or EOF).
-Answers stream to stdout token by token.
+Interactive commands: `/image PATH` (new image, new conversation), `/audio PATH` (new audio clip,
+new conversation), `/reset`, `/quit` (or EOF). Answers stream to stdout token by token.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any, TextIO
 
 from mmloom.errors import MmloomError
 from mmloom.inference.generate import answer_batch, generation_kwargs, load_model_and_processor
+from mmloom.processing.audio import load_audio
 from mmloom.processing.image import load_image
 
-HELP = "commands: /image PATH (new image, new conversation), /reset, /quit"
+HELP = "commands: /image PATH (new image, new conversation), /audio PATH (new audio clip, new conversation), /reset, /quit"
 
 
 def make_streamer(tokenizer, stream: TextIO | None = None):
@@ -32,19 +33,32 @@ def make_streamer(tokenizer, stream: TextIO | None = None):
 
 
 class ChatSession:
-    """A conversation about (at most) one image; the image goes with the first user turn."""
+    """A conversation about (at most) one image and one audio clip; they go with the first user
+    turn (`<image>\\n<audio>\\n` + text)."""
 
     def __init__(self, model, processor, image=None, max_new_tokens: int = 256, temperature: float = 0.0,
-                 system: str | None = None, stream: bool = True, out: TextIO | None = None):
+                 system: str | None = None, stream: bool = True, out: TextIO | None = None, audio=None):
         self.model, self.processor = model, processor
         self.gen_kwargs = generation_kwargs(processor, max_new_tokens, temperature)
         self.system = system
         self.stream, self.out = stream, out
         self.placeholder = processor.placeholders.get("vision", "<image>")
+        self.audio_placeholder = processor.placeholders.get("audio", "<audio>")
         self.image = None
+        self.audio = None
         self.messages: list[dict[str, str]] = []
         if image is not None:
             self.set_image(image)
+        if audio is not None:
+            self.set_audio(audio)
+
+    def set_audio(self, audio) -> None:
+        """Use a new audio clip (a path, or a waveform at the extractor's rate); starts a new conversation."""
+        extractor = self.processor.encoder_processors.get("audio")
+        if "audio" not in self.model.encoder_names or extractor is None:
+            raise MmloomError("this model has no audio encoder; chat without audio")
+        self.audio = load_audio(audio, extractor.sampling_rate) if isinstance(audio, (str, Path)) else audio
+        self.reset()
 
     def set_image(self, image) -> None:
         """Use a new image (a PIL image or a path); starts a new conversation."""
@@ -60,12 +74,16 @@ class ChatSession:
         """Add a user turn, generate (streaming if asked) and keep the answer in the conversation."""
         first = not any(m["role"] == "user" for m in self.messages)
         content = text.strip()
+        if first and self.audio is not None and self.audio_placeholder not in content:
+            content = f"{self.audio_placeholder}\n{content}"
         if first and self.image is not None and self.placeholder not in content:
             content = f"{self.placeholder}\n{content}"
         conversation = [*self.messages, {"role": "user", "content": content}]
         images = [self.image] if self.image is not None else [None]
+        audio = [self.audio] if self.audio is not None else None
         streamer = make_streamer(self.processor.tokenizer, self.out) if self.stream else None
-        answer = answer_batch(self.model, self.processor, [conversation], images, self.gen_kwargs, streamer)[0]
+        answer = answer_batch(self.model, self.processor, [conversation], images, self.gen_kwargs, streamer,
+                              audio=audio)[0]
         self.messages = [*conversation, {"role": "assistant", "content": answer}]
         return answer
 
@@ -90,17 +108,18 @@ def interactive(session: ChatSession, read_line: Callable[[str], str] = input, o
             session.reset()
             print("(conversation reset)", file=out, flush=True)
             continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
+        if line.startswith("/image") or line.startswith("/audio"):
+            kind = "image" if line.startswith("/image") else "audio"
+            path = line[len(kind) + 1:].strip()
             if not path:
-                print("usage: /image PATH", file=out, flush=True)
+                print(f"usage: /{kind} PATH", file=out, flush=True)
                 continue
             try:
-                session.set_image(path)
+                (session.set_image if kind == "image" else session.set_audio)(path)
             except MmloomError as err:
                 print(f"error: {err}", file=out, flush=True)
                 continue
-            print(f"(new image {path}; conversation reset)", file=out, flush=True)
+            print(f"(new {kind} {path}; conversation reset)", file=out, flush=True)
             continue
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]!r}; {HELP}", file=out, flush=True)
@@ -115,10 +134,10 @@ def interactive(session: ChatSession, read_line: Callable[[str], str] = input, o
 
 def chat(model_dir: str | Path, image: str | Path | None = None, prompt: str | None = None,
          max_new_tokens: int = 256, temperature: float = 0.0, dtype: str | None = None, device: str | None = None,
-         system: str | None = None, **_: Any) -> int:
+         system: str | None = None, audio: str | Path | None = None, **_: Any) -> int:
     model, processor = load_model_and_processor(model_dir, dtype, device)
     session = ChatSession(model, processor, image=image, max_new_tokens=max_new_tokens,
-                          temperature=temperature, system=system)
+                          temperature=temperature, system=system, audio=audio)
     if prompt is not None:
         session.ask(prompt)
         return 0

@@ -1,8 +1,9 @@
 """Batched, resumable generation over LLaVA-style question files.
 
 Questions: jsonl records with `question_id`, `text` and optionally `image` (relative to
-`image_dir`). Each prompt is the template's generation prompt for one user turn
-`"<image>\\n" + question (+ "\\n" + suffix)`; decoding is greedy unless a temperature is given.
+`image_dir`) and `audio` (a path or a list of paths, relative to `audio_dir`). Each prompt is the
+template's generation prompt for one user turn `"<image>\\n<audio>\\n" + question (+ "\\n" +
+suffix)` (the placeholders of the items it has); decoding is greedy unless a temperature is given.
 Answers: jsonl records `{"question_id", "prompt", "text", "model_id"}`, appended and flushed per
 batch; question ids already in the output are skipped, so a killed run resumes where it stopped.
 """
@@ -15,15 +16,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageStat
 
 from mmloom.data.records_io import read_jsonl_objects
 from mmloom.errors import MmloomError
 from mmloom.interop.common import torch_dtype
-from mmloom.model.multimodal import MultimodalModel
+from mmloom.processing.audio import load_audio
 from mmloom.processing.image import load_image
 from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
+from mmloom.training.checkpoint import load_saved_model
 
 SUFFIXES = {
     "none": "",
@@ -38,14 +41,14 @@ def default_device() -> str:
 
 
 def load_model_and_processor(model_dir: str | Path, dtype: str | None = None, device: str | None = None):
-    """A saved mmloom model (eval mode) and the MultimodalProcessor saved with it."""
+    """A saved mmloom model or `checkpoint-N` folder (eval mode) and the MultimodalProcessor saved with it."""
     model_dir = Path(model_dir)
     if not (model_dir / PROCESSOR_CONFIG).exists():
         raise MmloomError(
             f"{model_dir} has no {PROCESSOR_CONFIG}: save the processor with the model "
             "(MultimodalProcessor.save_pretrained) or create the folder with `mmloom convert` / `mmloom init`"
         )
-    model = MultimodalModel.from_pretrained(model_dir, torch_dtype=torch_dtype(dtype), device=device or default_device())
+    model = load_saved_model(model_dir, torch_dtype=torch_dtype(dtype), device=device or default_device())
     return model.eval(), MultimodalProcessor.from_pretrained(model_dir)
 
 
@@ -96,9 +99,10 @@ def decode_new_tokens(processor, sequences: torch.Tensor, prompt_length: int, st
 
 @torch.no_grad()
 def answer_batch(model, processor, conversations: list[list[dict]], images: list, gen_kwargs: dict,
-                 streamer=None) -> list[str]:
-    """Generate one assistant turn for each conversation (left-padded batch)."""
-    batch = processor(conversations=conversations, images=images, add_generation_prompt=True,
+                 streamer=None, audio: list | None = None) -> list[str]:
+    """Generate one assistant turn for each conversation (left-padded batch); `images` / `audio`
+    hold each conversation's items (None, one, or a list)."""
+    batch = processor(conversations=conversations, images=images, audio=audio, add_generation_prompt=True,
                       padding_side="left", return_labels=False)
     inputs = model_inputs(batch, model.device)
     input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
@@ -144,14 +148,32 @@ def blank_like(image: Image.Image) -> Image.Image:
     return Image.new("RGB", image.size, mean)
 
 
-def question_content(text: str, has_image: bool, suffix: str, placeholder: str = "<image>") -> tuple[str, str]:
-    """(user turn content, prompt recorded in the answer) for one question."""
+def question_content(text: str, has_image: bool, suffix: str, placeholder: str = "<image>",
+                     audio: int = 0, audio_placeholder: str = "<audio>") -> tuple[str, str]:
+    """(user turn content, prompt recorded in the answer) for one question with an image (or not)
+    and `audio` clips: the placeholders first (`<image>\\n`, one `<audio>\\n` per clip), then the
+    question without any placeholder it carried."""
     prompt = text.strip()
     if suffix and not prompt.endswith(suffix):
         prompt = f"{prompt}\n{suffix}"
-    question = prompt.replace(placeholder, "").strip() if has_image else prompt
-    content = f"{placeholder}\n{question}" if has_image else prompt
-    return content, prompt
+    markers = ([placeholder] if has_image else []) + [audio_placeholder] * audio
+    if not markers:
+        return prompt, prompt
+    question = prompt
+    for marker in set(markers):
+        question = question.replace(marker, "")
+    return "".join(f"{m}\n" for m in markers) + question.strip(), prompt
+
+
+def question_audio(record: dict, audio_root: Path, sampling_rate: int, silence: bool = False) -> list:
+    """The waveforms of a question's `audio` field (a path or a list), at `sampling_rate`; with
+    `silence`, zeros of the same lengths (the silenced-audio baseline)."""
+    paths = record.get("audio") or []
+    clips = []
+    for path in paths if isinstance(paths, list) else [paths]:
+        waveform = load_audio(audio_root / path, sampling_rate)
+        clips.append(np.zeros_like(waveform) if silence else waveform)
+    return clips
 
 
 def generate_answers(
@@ -167,8 +189,13 @@ def generate_answers(
     temperature: float = 0.0,
     model_id: str | None = None,
     progress: bool = True,
+    audio_dir: str | Path | None = None,
+    silence_audio: bool = False,
 ) -> dict[str, int]:
-    """Answer every question not yet in `output`; returns counts (total, skipped, answered)."""
+    """Answer every question not yet in `output`; returns counts (total, skipped, answered).
+
+    Raises MmloomError for questions with audio when the model's processor has no audio
+    extractor, and (from `load_audio`) for clips that cannot be used."""
     if suffix not in SUFFIXES:
         raise MmloomError(f"unknown suffix {suffix!r}; use one of {', '.join(SUFFIXES)}")
     if batch_size < 1:
@@ -190,26 +217,36 @@ def generate_answers(
         if key not in done:
             pending.append(record)
     placeholder = processor.placeholders.get("vision", "<image>")
+    audio_placeholder = processor.placeholders.get("audio", "<audio>")
+    extractor = processor.encoder_processors.get("audio")
+    if extractor is None and any(record.get("audio") for record in pending):
+        raise MmloomError(f"{questions} has questions with audio but the model has no audio encoder/processor")
     gen_kwargs = generation_kwargs(processor, max_new_tokens, temperature)
     model_id = model_id or "mmloom"
     image_root = Path(image_dir) if image_dir is not None else Path(questions).parent
+    audio_root = Path(audio_dir) if audio_dir is not None else Path(questions).parent
 
     def run(advance):
         with output.open("a", encoding="utf-8") as sink:
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start:start + batch_size]
-                conversations, images, prompts = [], [], []
+                conversations, images, clips, prompts = [], [], [], []
                 for record in chunk:
                     image = None
                     if record.get("image"):
                         image = load_image(image_root / record["image"])
                         if blank_images:
                             image = blank_like(image)
-                    content, prompt = question_content(record["text"], image is not None, SUFFIXES[suffix], placeholder)
+                    audio = question_audio(record, audio_root, extractor.sampling_rate, silence_audio) \
+                        if record.get("audio") else []
+                    content, prompt = question_content(record["text"], image is not None, SUFFIXES[suffix], placeholder,
+                                                       len(audio), audio_placeholder)
                     conversations.append([{"role": "user", "content": content}])
                     images.append(image)
+                    clips.append(audio or None)
                     prompts.append(prompt)
-                answers = answer_batch(model, processor, conversations, images, gen_kwargs)
+                audio_items = clips if any(c is not None for c in clips) else None
+                answers = answer_batch(model, processor, conversations, images, gen_kwargs, audio=audio_items)
                 for record, prompt, answer in zip(chunk, prompts, answers, strict=True):
                     sink.write(json.dumps({"question_id": record["question_id"], "prompt": prompt, "text": answer,
                                            "model_id": model_id}, ensure_ascii=False) + "\n")
@@ -218,11 +255,9 @@ def generate_answers(
                 advance(len(chunk))
 
     if progress and pending:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from mmloom.progress import rate_progress
 
-        with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=Console(stderr=True)) as bar:
+        with rate_progress("generating", "questions", decimals=1, remaining=True, stderr=True) as bar:
             task = bar.add_task("generate", total=len(pending))
             run(lambda n: bar.advance(task, n))
     else:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.interop.tokenizer_files import save_tokenizer
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import CALLBACK_SLOTS, base_module
 from mmloom.model.multimodal import MultimodalModel
@@ -34,6 +35,7 @@ class Bundle:
     template: str = DEFAULT_TEMPLATE
     template_options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    source: Path | None = None  # the folder read (its tokenizer.model is copied into exports)
 
 
 def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -61,8 +63,12 @@ def has_tokenizer(directory: Path) -> bool:
 
 
 def load_tokenizer(directory: Path, required: bool = False):
-    from transformers import AutoTokenizer
+    """The tokenizer of a model folder through mmloom's one loader
+    (:func:`mmloom.processing.tokenizer.load_tokenizer`: SentencePiece Llama folders tokenize as
+    the original code does); None without tokenizer files, or MmloomError when `required`."""
     from transformers.utils import logging as hf_logging
+
+    from mmloom.processing.tokenizer import load_tokenizer as load
 
     if not has_tokenizer(directory):
         if required:
@@ -71,7 +77,7 @@ def load_tokenizer(directory: Path, required: bool = False):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a LLaVA config.json (model_type llava_llama) is unknown to AutoConfig
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return load(directory, what=f"tokenizer of {directory}")
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -98,7 +104,8 @@ def default_image_processor(vision_config):
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def copy_modules_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+def cast_in_place(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Cast every parameter and buffer of `model` to `dtype` in place (None: leave it as it is)."""
     if dtype is not None:
         model.to(dtype)
 
@@ -140,7 +147,8 @@ def vision_parts(model: MultimodalModel, fmt: str) -> VisionParts:
     if model.encoder_names != ["vision"]:
         raise MmloomError(
             f"format {fmt!r} holds exactly one encoder named 'vision'; this model has encoders "
-            f"{model.encoder_names} (audio or other encoders cannot be represented)"
+            f"{model.encoder_names} (audio or other encoders cannot be represented); keep such composites in "
+            "the mmloom format (--to mmloom), which mmloom chat/generate and MultimodalModel.from_pretrained read"
         )
     encoder = model.vision_encoder
     tower = base_module(encoder.module)
@@ -183,12 +191,17 @@ def vision_parts(model: MultimodalModel, fmt: str) -> VisionParts:
 
 
 # ---------------------------------------------------------------------------------- mmloom folder
-def read_mmloom(src: str | Path, dtype: str | None = None, **_: Any) -> Bundle:
-    """An mmloom folder: the composite, plus its processor (or bare tokenizer / image processor)."""
-    from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
+def read_mmloom(src: str | Path, dtype: str | None = None, base: str | Path | None = None, **_: Any) -> Bundle:
+    """An mmloom folder: the composite, plus its processor (or bare tokenizer / image processor).
 
-    src = check_dir(src, "mmloom model folder")
-    model = MultimodalModel.from_pretrained(src, torch_dtype=torch_dtype(dtype))
+    A training checkpoint works too: a trainable-only one loads on `base`, else on the starting model
+    its run config describes (:func:`mmloom.training.checkpoint.load_saved_model`)."""
+    from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
+    from mmloom.training.builder import resolve_weights_folder
+    from mmloom.training.checkpoint import load_saved_model
+
+    src = resolve_weights_folder(check_dir(src, "mmloom model folder"))
+    model = load_saved_model(src, base=base, torch_dtype=torch_dtype(dtype))
     if (src / PROCESSOR_CONFIG).exists():
         processor = MultimodalProcessor.from_pretrained(src)
         return Bundle(
@@ -197,6 +210,7 @@ def read_mmloom(src: str | Path, dtype: str | None = None, **_: Any) -> Bundle:
             dict(processor.encoder_processors),
             processor.template.name,
             dict(processor.template_options),
+            source=src,
         )
     processors = {}
     for name in model.encoder_names:
@@ -205,7 +219,7 @@ def read_mmloom(src: str | Path, dtype: str | None = None, **_: Any) -> Bundle:
             found = load_image_processor(src)
         if found is not None:
             processors[name] = found
-    return Bundle(model, load_tokenizer(src), processors)
+    return Bundle(model, load_tokenizer(src), processors, source=src)
 
 
 def save_processor(bundle: Bundle, directory: Path) -> None:
@@ -221,7 +235,7 @@ def save_processor(bundle: Bundle, directory: Path) -> None:
             f"no processor for encoder(s) {missing}: only the tokenizer is saved (no mmloom_processor.json)",
             stacklevel=2,
         )
-        bundle.tokenizer.save_pretrained(directory)
+        save_tokenizer(bundle.tokenizer, directory, search=[bundle.source] if bundle.source else ())
         return
     processor = MultimodalProcessor.from_model(
         bundle.model,
@@ -234,7 +248,7 @@ def save_processor(bundle: Bundle, directory: Path) -> None:
 
 
 def write_mmloom(bundle: Bundle, dst: str | Path, dtype: str | None = None, **_: Any) -> None:
-    copy_modules_dtype(bundle.model, torch_dtype(dtype))
+    cast_in_place(bundle.model, torch_dtype(dtype))
     with atomic_directory(dst) as tmp:
         bundle.model.save_pretrained(tmp)
         save_processor(bundle, tmp)

@@ -22,7 +22,7 @@ class Format:
     description: str
     reader: str | None = None  # "module:function"
     writer: str | None = None
-    src_is_file: bool = False
+    src_is_file: bool = False  # SRC is one file (a projector), not a folder
     needs_src: bool = True
 
 
@@ -75,6 +75,11 @@ def read(fmt: str, src: str | Path | None, **options: Any):
         raise MmloomError(f"format {fmt!r} cannot be read; readable: {[f.name for f in FORMATS.values() if f.reader]}")
     if spec.needs_src and src is None:
         raise MmloomError(f"--from {fmt} needs a SRC path")
+    if spec.needs_src:
+        kind, present = ("file", Path(src).is_file()) if spec.src_is_file else ("folder", Path(src).is_dir())
+        if not present:
+            what = "not found" if not Path(src).exists() else f"is not a {kind}"
+            raise MmloomError(f"--from {fmt} reads a {kind}: {src} {what}")
     return _resolve(spec.reader)(src, **options)
 
 
@@ -93,9 +98,33 @@ def convert(src_format: str, dst_format: str, src: str | Path | None, dst: str |
         )
     if src is not None and dst is not None and Path(src).resolve() == Path(dst).resolve() and src_format != "llava-projector":
         raise MmloomError("SRC and DST are the same path; write the conversion to a new folder")
-    bundle = read(src_format, src, **options)
-    write(dst_format, bundle, dst, **options)
+    bundle = _without_traceback(f"reading {src or ''} as {src_format!r}", read, src_format, src, **options)
+    _without_traceback(f"writing {dst} as {dst_format!r}", write, dst_format, bundle, dst, **options)
     return bundle
+
+
+# What transformers, safetensors, PEFT and torch raise on files they cannot use (a config of the wrong
+# kind, a truncated or foreign weights file, shapes that do not fit): reported as one MmloomError line.
+LIBRARY_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, RuntimeError, TypeError, AttributeError,
+                                                   IndexError, ImportError, EOFError)
+
+
+def _without_traceback(what: str, function: Callable, *args: Any, **kwargs: Any):
+    """`function(*args, **kwargs)`; a library error becomes MmloomError naming `what` (OSError passes:
+    the CLI reports it as one line itself)."""
+    try:
+        from safetensors import SafetensorError
+
+        errors = (*LIBRARY_ERRORS, SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        errors = LIBRARY_ERRORS
+    try:
+        return function(*args, **kwargs)
+    except MmloomError:
+        raise
+    except errors as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise MmloomError(f"{what}: {type(err).__name__}: {message[:300]}") from err
 
 
 def _format(name: str) -> Format:

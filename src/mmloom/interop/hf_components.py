@@ -16,7 +16,7 @@ from mmloom.interop.common import (
     load_tokenizer,
 )
 from mmloom.interop.tokens import prepare_tokenizer_and_vocab
-from mmloom.model.callbacks import FeatureSelect
+from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalModel
 
@@ -77,10 +77,13 @@ def read_hf_components(
     pad_to_multiple_of: int | None = None,
     template: str | None = None,
     dtype: str | None = None,
+    audio_stride: int = 1,
+    audio_pool_mode: str = "mean",
     **_: Any,
 ) -> Bundle:
     """Compose a new model: fresh projector(s), `<image>` (and `<audio>`) added to the tokenizer,
-    embeddings resized to cover it (rounded up to `pad_to_multiple_of`)."""
+    embeddings resized to cover it (rounded up to `pad_to_multiple_of`). The audio encoder keeps
+    each clip's real-length positions, pooled by `audio_stride` (`AudioPool`)."""
     if src is not None:
         raise MmloomError("hf-components takes no SRC: give --image-model DIR --text-model DIR")
     if text_model is None or (image_model is None and audio_model is None):
@@ -96,7 +99,8 @@ def read_hf_components(
         placeholders["vision"] = "<image>"
     if audio_model is not None:
         whisper, extractor = load_audio_encoder(audio_model, dtype)
-        encoders["audio"] = ModalEncoderModule(whisper)
+        encoders["audio"] = ModalEncoderModule(
+            whisper, postprocess_module_callback=AudioPool(audio_stride or 1, audio_pool_mode))
         processors["audio"] = extractor
         placeholders["audio"] = "<audio>"
     ids = prepare_tokenizer_and_vocab(tokenizer, llm, list(placeholders.values()), pad_to_multiple_of)

@@ -4,11 +4,30 @@ Mapping: FeatureSelect(layer, patch|cls_patch) <-> `vision_feature_layer` /
 `vision_feature_select_strategy` (default|full); the vision placeholder id <-> `image_token_index`;
 an `mlp2x_{act}` projector <-> `multi_modal_projector.linear_1/linear_2` + `projector_hidden_act`;
 `image_seq_length` = feature tokens per image.
+
+The folder is written in the layout of the llava-hf releases, which transformers 4.x (from 4.46, e.g.
+the 4.4x releases serving and evaluation tools pin) and 5.x both load:
+
+* weights under the 4.x names: ``language_model.model.*``, ``language_model.lm_head.weight``,
+  ``vision_tower.vision_model.*``, ``multi_modal_projector.*`` (transformers 5 maps them on load);
+* config.json with both RoPE forms and ``torch_dtype`` (:mod:`mmloom.interop.hf4`);
+* the processor as separate files: ``preprocessor_config.json`` (the image processor: mmloom's
+  ``ImageTransform`` becomes an equivalent ``CLIPImageProcessor`` / ``LlavaImageProcessor(do_pad=True)``),
+  ``processor_config.json``, ``chat_template.json`` and the tokenizer in the 4.x form;
+* a ``<pad>`` token when the tokenizer has none (``LlavaProcessor(padding=True)`` needs one), embeddings
+  resized to cover it and padded to a multiple of 64 (or ``--pad-to-multiple-of``), as the official
+  llava-hf conversion did.
+
+The chat template (vicuna_v1) writes the text after each image so that ``LlavaProcessor`` gives the ids
+mmloom's own processor gives (for SentencePiece tokenizers the ``▁`` that LLaVA's
+``tokenizer_image_token`` puts after the image span comes from a space before the newline); the writer
+checks this on a probe conversation and says so in its notes when no template text reproduces the ids.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +36,8 @@ import torch
 from mmloom.errors import MmloomError
 from mmloom.interop.common import (
     Bundle,
+    cast_in_place,
     check_dir,
-    copy_modules_dtype,
     default_image_processor,
     hf_dtype,
     load_image_processor,
@@ -28,35 +47,46 @@ from mmloom.interop.common import (
     torch_dtype,
     vision_parts,
 )
-from mmloom.interop.tokens import resize_to_cover, token_id
+from mmloom.interop.hf4 import hf4_config_dict, hf4_vision_state, weights_dtype, write_json
+from mmloom.interop.image_processors import hf_image_processor
+from mmloom.interop.tokenizer_files import save_hf4_tokenizer
+from mmloom.interop.tokens import ensure_special_token, resize_to_cover, token_id
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
-from mmloom.model.serialization import atomic_directory
+from mmloom.model.serialization import atomic_directory, dedupe_shared_tensors, save_state_dict
 
 FORMAT = "hf-llava"
+PAD_MULTIPLE = 64  # the official llava-hf conversion padded the vocabulary to a multiple of 64
+IMAGE_TEXTS = ("<image>\n", "<image> \n")  # what follows an image part in the chat template
 
-# vicuna_v1 for HF's chat API (content lists with {"type": "image"} / {"type": "text"} parts).
-VICUNA_CHAT_TEMPLATE = (
-    "{% set ns = namespace(system='A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user\\'s questions.') %}"
-    "{% if messages[0]['role'] == 'system' %}{% set ns.system = messages[0]['content'] if messages[0]['content'] "
-    "is string else messages[0]['content'][0]['text'] %}{% endif %}"
-    "{% if ns.system %}{{ ns.system + ' ' }}{% endif %}"
-    "{% for message in messages if message['role'] != 'system' %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\\n' }}{% endfor %}"
-    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
-    "{% endif %}{{ ' ' }}"
-    "{% else %}{{ 'ASSISTANT: ' }}"
-    "{% if message['content'] is string %}{% generation %}{{ message['content'] + '</s>' }}{% endgeneration %}"
-    "{% else %}{% generation %}{% for part in message['content'] if part['type'] == 'text' %}"
-    "{{ part['text'] }}{% endfor %}{{ '</s>' }}{% endgeneration %}{% endif %}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+
+def vicuna_chat_template(image_text: str = "<image>\n") -> str:
+    """vicuna_v1 for HF's chat API (content lists with {"type": "image"} / {"type": "text"} parts)."""
+    image = json.dumps(image_text)[1:-1].replace("'", "\\'")
+    return (
+        "{% set ns = namespace(system='A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user\\'s questions.') %}"
+        "{% if messages[0]['role'] == 'system' %}{% set ns.system = messages[0]['content'] if messages[0]['content'] "
+        "is string else messages[0]['content'][0]['text'] %}{% endif %}"
+        "{% if ns.system %}{{ ns.system + ' ' }}{% endif %}"
+        "{% for message in messages if message['role'] != 'system' %}"
+        "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] if part['type'] == 'image' %}{{ '" + image + "' }}{% endfor %}"
+        "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
+        "{% endif %}{{ ' ' }}"
+        "{% else %}{{ 'ASSISTANT: ' }}"
+        "{% if message['content'] is string %}{% generation %}{{ message['content'] + '</s>' }}{% endgeneration %}"
+        "{% else %}{% generation %}{% for part in message['content'] if part['type'] == 'text' %}"
+        "{{ part['text'] }}{% endfor %}{{ '</s>' }}{% endgeneration %}{% endif %}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
+
+
+VICUNA_CHAT_TEMPLATE = vicuna_chat_template()
 
 
 def _check_same_class(module, config, what: str) -> None:
@@ -71,12 +101,72 @@ def _check_same_class(module, config, what: str) -> None:
 
 
 # --------------------------------------------------------------------------------------- writing
+def add_pad_token(tokenizer, language_model, pad_to_multiple_of: int | None) -> str | None:
+    """Give a tokenizer without a pad token a new ``<pad>`` (as the llava-hf conversion did) and grow the
+    embeddings to cover it, rounded up to `pad_to_multiple_of` (default 64). Returns a note, or None."""
+    if tokenizer is None or tokenizer.pad_token is not None:
+        return None
+    pad_id, _ = ensure_special_token(tokenizer, "<pad>")
+    tokenizer.pad_token = "<pad>"
+    _, rows = resize_to_cover(language_model, len(tokenizer), pad_to_multiple_of or PAD_MULTIPLE)
+    return f"added <pad> (id {pad_id}) to the tokenizer, which had no pad token; vocabulary {rows} rows"
+
+
+def hf4_llava_state(parts, llm, base_llm) -> dict[str, torch.Tensor]:
+    """The Llava weights under the llava-hf (transformers 4.x) names."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in hf4_vision_state(parts.tower).items():
+        state[f"vision_tower.{name}"] = tensor
+    for index, layer in (("1", parts.projection[0]), ("2", parts.projection[2])):
+        for name, tensor in layer.state_dict().items():
+            state[f"multi_modal_projector.linear_{index}.{name}"] = tensor.detach().contiguous()
+    llm_state = {f"language_model.model.{k}": v for k, v in base_llm.state_dict().items()}
+    if not getattr(llm.config, "tie_word_embeddings", False):
+        llm_state["language_model.lm_head.weight"] = llm.lm_head.weight
+    llm_state, _ = dedupe_shared_tensors(llm_state)
+    state.update(llm_state)
+    return state
+
+
+def _mmloom_prompt_ids(bundle: Bundle, image_processor) -> list[int] | None:
+    """mmloom's processor ids of a probe user turn with one image (one slot), generation prompt on."""
+    from mmloom.processing.processor import MultimodalProcessor
+
+    try:
+        processor = MultimodalProcessor.from_model(
+            bundle.model, bundle.tokenizer, {"vision": image_processor}, template=bundle.template,
+            template_options=bundle.template_options)
+        messages = [{"role": "user", "content": "<image>\nWhat is shown here?"}]
+        ids, _ = processor.encode_messages(messages, {"vision": [1]}, add_generation_prompt=True)
+        return ids
+    except MmloomError:
+        return None
+
+
+def chat_template_for(bundle: Bundle, image_processor, notes: list[str]) -> str | None:
+    """The vicuna_v1 chat template whose text after an image makes transformers' tokenization equal
+    mmloom's processor ids (checked on a probe conversation); None for other templates."""
+    if bundle.template != "vicuna_v1" or bundle.tokenizer is None:
+        return None
+    want = _mmloom_prompt_ids(bundle, image_processor)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown here?"}]}]
+    for image_text in IMAGE_TEXTS:
+        template = vicuna_chat_template(image_text)
+        text = bundle.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                    add_generation_prompt=True)
+        if want is None or bundle.tokenizer(text)["input_ids"] == want:
+            return template
+    notes.append("no chat template text reproduces mmloom's token ids around the image for this tokenizer; "
+                 "the exported template writes '<image>\\n'")
+    return VICUNA_CHAT_TEMPLATE
+
+
 def write_hf_llava(
     bundle: Bundle, dst: str | Path, dtype: str | None = None, pad_to_multiple_of: int | None = None, **_: Any
 ) -> None:
-    """Write a folder that `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor` load."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-    from transformers.activations import ACT2FN
+    """Write a folder that `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor` load in
+    transformers 4.x (>= 4.46) and 5.x (see the module docstring)."""
+    from transformers import LlavaConfig
 
     model = bundle.model
     merged = merge_adapters(model)
@@ -92,11 +182,18 @@ def write_hf_llava(
     base_llm = getattr(llm, llm.base_model_prefix)
     _check_same_class(parts.tower, parts.tower.config, "vision tower")
     _check_same_class(base_llm, llm.config, "language model")
-    copy_modules_dtype(model, torch_dtype(dtype))
-    # transformers looks the image token up in the embeddings: it must lie inside the vocabulary.
-    resize_to_cover(llm, parts.placeholder_id + 1, pad_to_multiple_of)
-
+    image_processor, _ = hf_image_processor(
+        bundle.encoder_processors.get("vision") or default_image_processor(parts.tower.config))
+    cast_in_place(model, torch_dtype(dtype))
     tokenizer = bundle.tokenizer
+    notes: list[str] = []
+    note = add_pad_token(tokenizer, llm, pad_to_multiple_of)
+    if note:
+        notes.append(note)
+    # transformers looks every id up in the embeddings: the image token and the whole tokenizer must fit.
+    resize_to_cover(llm, max(parts.placeholder_id + 1, len(tokenizer) if tokenizer is not None else 0),
+                    pad_to_multiple_of)
+
     config = LlavaConfig(
         vision_config=parts.tower.config.to_dict(),
         text_config=llm.config.to_dict(),
@@ -110,51 +207,59 @@ def write_hf_llava(
     )
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         config.pad_token_id = tokenizer.pad_token_id
-    with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
-    # Share the modules (no copy): the composite is discarded after the conversion.
-    hf.model.vision_tower = parts.tower
-    hf.model.multi_modal_projector.linear_1 = parts.projection[0]
-    hf.model.multi_modal_projector.linear_2 = parts.projection[2]
-    hf.model.multi_modal_projector.act = ACT2FN[parts.activation]
-    hf.model.language_model = base_llm
-    hf.lm_head = llm.lm_head
-    if getattr(llm, "generation_config", None) is not None:
-        hf.generation_config = copy.deepcopy(llm.generation_config)
-    left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.device.type == "meta"]
-    if left:
-        raise MmloomError(f"internal error: weights not transferred to the Llava model: {left[:5]}")
-
+        config.text_config.pad_token_id = tokenizer.pad_token_id
+    config_dict = hf4_config_dict(config, notes)
+    config_dict["architectures"] = ["LlavaForConditionalGeneration"]
+    config_dict["torch_dtype"] = config_dict["dtype"] = weights_dtype(llm)
+    state = hf4_llava_state(parts, llm, base_llm)
     with atomic_directory(dst) as tmp:
-        hf.save_pretrained(tmp)
+        save_state_dict(state, tmp)
+        write_json(tmp / "config.json", config_dict)
+        if getattr(llm, "generation_config", None) is not None:
+            generation = copy.deepcopy(llm.generation_config)
+            if tokenizer is not None and tokenizer.pad_token_id is not None:
+                generation.pad_token_id = tokenizer.pad_token_id
+            generation.save_pretrained(tmp)
         if tokenizer is not None:
-            _save_llava_processor(bundle, parts, tmp)
+            _save_llava_processor(bundle, parts, image_processor, tmp, notes)
+        else:
+            notes.append("no tokenizer: the folder has no processor")
+    bundle.notes += notes
     if merged:
         bundle.notes.append(f"merged LoRA adapters of: {', '.join(merged)}")
 
 
-def _save_llava_processor(bundle: Bundle, parts, directory: Path) -> None:
-    from transformers import LlavaProcessor
-
+def _save_llava_processor(bundle: Bundle, parts, image_processor, directory: Path, notes: list[str]) -> None:
+    """LlavaProcessor files in the layout transformers 4.x and 5.x read: preprocessor_config.json,
+    processor_config.json, chat_template.json and the tokenizer (4.x form)."""
     tokenizer = bundle.tokenizer
     if token_id(tokenizer, "<image>") != parts.placeholder_id:
         raise MmloomError(
             f"the tokenizer's <image> id ({token_id(tokenizer, '<image>')}) differs from the model's vision "
             f"placeholder id {parts.placeholder_id}: LlavaProcessor would insert the wrong token"
         )
-    image_processor = bundle.encoder_processors.get("vision") or default_image_processor(parts.tower.config)
     patch = parts.tower.config.patch_size
     has_cls = getattr(parts.tower.config, "model_type", "") == "clip_vision_model"
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch if isinstance(patch, int) else patch[0],
-        vision_feature_select_strategy="default" if parts.drops_cls else "full",
-        num_additional_image_tokens=1 if has_cls else 0,
-        image_token="<image>",
-        chat_template=VICUNA_CHAT_TEMPLATE if bundle.template == "vicuna_v1" else None,
-    )
-    processor.save_pretrained(directory)
+    image_config = image_processor.to_dict()
+    image_config.pop("_processor_class", None)
+    image_config["processor_class"] = "LlavaProcessor"
+    write_json(directory / "preprocessor_config.json", image_config)
+    write_json(directory / "processor_config.json", {
+        "image_token": "<image>",
+        "num_additional_image_tokens": 1 if has_cls else 0,
+        "patch_size": patch if isinstance(patch, int) else patch[0],
+        "processor_class": "LlavaProcessor",
+        "vision_feature_select_strategy": "default" if parts.drops_cls else "full",
+    })
+    template = chat_template_for(bundle, image_processor, notes)
+    if template is not None:
+        write_json(directory / "chat_template.json", {"chat_template": template})
+    save_hf4_tokenizer(tokenizer, directory, search=[bundle.source] if bundle.source else (),
+                       json_always=True)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["processor_class"] = "LlavaProcessor"
+    write_json(config_path, config)
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -215,4 +320,5 @@ def read_hf_llava(src: str | Path, dtype: str | None = None, template: str | Non
             f"image_token_index {cfg.image_token_index}"
         )
     image_processor = load_image_processor(src) or default_image_processor(tower.config)
-    return Bundle(model.eval(), tokenizer, {"vision": image_processor}, template or "vicuna_v1", notes=notes)
+    return Bundle(model.eval(), tokenizer, {"vision": image_processor}, template or "vicuna_v1", notes=notes,
+                  source=src)

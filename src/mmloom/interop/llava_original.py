@@ -1,17 +1,41 @@
-"""The original LLaVA layout (`LlavaLlamaForCausalLM`), as the Cerebras pair of folders.
+"""The original LLaVA layout (`LlavaLlamaForCausalLM` / `LlavaMistralForCausalLM` of haotian-liu/LLaVA,
+PyPI ``llava-torch``), as the Cerebras pair of folders, written for the transformers 4.x that code pins.
 
-    DST/image_model/        CLIP vision tower (config, weights, preprocessor_config.json)
-    DST/text_model_llava/   LLM weights + `model.mm_projector.{0,2}.*`, LLaVA config.json with the
-                            mm_* keys (`mm_vision_tower` -> DST/image_model), the LLM's own config
-                            as config_lmsys.json, tokenizer, generation_config.json
+    DST/image_model/            CLIP vision tower for transformers 4.x ``CLIPVisionModel.from_pretrained``:
+                                config.json, model.safetensors (``vision_model.*`` names),
+                                preprocessor_config.json (``CLIPImageProcessor``)
+    DST/text_model_llava/       the LLM + projector (``LlavaLlamaForCausalLM``; for a Mistral LLM the
+                                folder is ``text_model_llava_mistral``: the original builder picks
+                                ``LlavaMistralForCausalLM`` only when the folder name holds "mistral"):
+        model.safetensors       LLM weights (``model.*``, ``lm_head.weight`` unless tied) and the projector:
+                                ``model.mm_projector.weight/bias`` (``linear``, one ``nn.Linear``) or
+                                ``model.mm_projector.{0,2,...}.*`` (``mlpNx_gelu``, a Sequential)
+        config.json             the LLM config in the 4.x form (top-level ``rope_theta`` / ``rope_scaling``,
+                                ``torch_dtype``) + ``mm_*`` keys: ``mm_vision_tower`` (see below),
+                                ``mm_projector_type``, ``mm_hidden_size``, ``mm_vision_select_layer``,
+                                ``mm_vision_select_feature``, ``image_aspect_ratio`` (``pad`` when the model's
+                                image processor pads to a square, else ``square``), ...
+        config_lmsys.json       the LLM's own config, 4.x form (Cerebras)
+        tokenizer files         as Vicuna / LLaVA-1.5 ship them: ``tokenizer.model`` (SentencePiece
+                                tokenizers), ``tokenizer_config.json`` with ``legacy`` / ``add_bos_token``,
+                                ``special_tokens_map.json``; the pad token is ``<unk>`` when the tokenizer has
+                                none (LLaVA's training script sets it so). The builder opens Llama tokenizers
+                                with ``use_fast=False`` (``tokenizer.model``) and Mistral ones fast: for those a
+                                ``tokenizer.json`` in the form tokenizers 0.15 reads is added (without it,
+                                transformers 4.37 converts tokenizer.model ignoring ``legacy: false``)
+        generation_config.json
+
+``mm_vision_tower`` is the absolute path of DST/image_model unless ``--mm-vision-tower PATH`` is given;
+the original code resolves a relative path against its working directory (e.g. ``image_model`` when
+it runs in DST). mmloom's reader also tries it relative to the text folder and its parent, then the
+sibling ``image_model/``, so a moved pair of folders still imports.
 
 The original loader only recognises a LLaVA model when its folder path contains "llava".
-Also: a phase-1 `mm_projector.bin` imported into an existing mmloom model.
+Also: a phase-1 ``mm_projector.bin`` imported into an existing mmloom model (``llava-projector``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +44,8 @@ import torch
 from mmloom.errors import MmloomError
 from mmloom.interop.common import (
     Bundle,
+    cast_in_place,
     check_dir,
-    copy_modules_dtype,
     default_image_processor,
     load_image_processor,
     load_tokenizer,
@@ -32,11 +56,20 @@ from mmloom.interop.common import (
     torch_dtype,
     vision_parts,
 )
-from mmloom.interop.tokens import prepare_tokenizer_and_vocab
+from mmloom.interop.hf4 import (
+    check_head_dim,
+    hf4_config_dict,
+    save_hf4_vision_tower,
+    weights_dtype,
+    write_json,
+)
+from mmloom.interop.image_processors import hf_image_processor, transform_from_hf
+from mmloom.interop.tokenizer_files import save_hf4_tokenizer
+from mmloom.interop.tokens import ensure_pad_token, prepare_tokenizer_and_vocab, resize_to_cover
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalModel
-from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
+from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig, parse_projector_type
 from mmloom.model.serialization import atomic_directory, dedupe_shared_tensors, save_state_dict
 
 FORMAT = "llava"
@@ -44,11 +77,13 @@ IMAGE_FOLDER = "image_model"
 TEXT_FOLDER = "text_model_llava"
 PROJECTOR_PREFIX = "model.mm_projector."
 TOWER_PREFIX = "model.vision_tower."
-# LLM model_type -> (LLaVA model_type, LLaVA architecture) known to the original code base.
+# LLM model_type -> (LLaVA model_type, LLaVA architecture, word the folder name must hold, default folder)
 LLAVA_FAMILIES = {
-    "llama": ("llava_llama", "LlavaLlamaForCausalLM"),
-    "mistral": ("llava_mistral", "LlavaMistralForCausalLM"),
+    "llama": ("llava_llama", "LlavaLlamaForCausalLM", None, TEXT_FOLDER),
+    "mistral": ("llava_mistral", "LlavaMistralForCausalLM", "mistral", "text_model_llava_mistral"),
 }
+# words in the folder name that make the original builder pick another class than LlavaLlamaForCausalLM
+OTHER_BUILDER_WORDS = ("mistral", "mpt")
 LLAVA_KEYS = {
     "mm_vision_tower", "mm_projector_type", "mm_hidden_size", "mm_vision_select_layer",
     "mm_vision_select_feature", "mm_use_im_start_end", "mm_use_im_patch_token", "image_aspect_ratio",
@@ -58,25 +93,78 @@ LLAVA_KEYS = {
 }
 
 
+# ------------------------------------------------------------------------------ projector weights
+def projector_to_llava(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """mmloom's projection (a Sequential: ``0.*``, ``2.*``...) under the original module's names:
+    ``nn.Linear`` keys ``weight`` / ``bias`` for a linear projector, the Sequential's otherwise."""
+    if depth == 1:
+        return {k.removeprefix("0."): v for k, v in state.items()}
+    return dict(state)
+
+
+def projector_from_llava(state: dict[str, torch.Tensor], depth: int, source: str) -> dict[str, torch.Tensor]:
+    """The original projector weights (keys without the ``model.mm_projector.`` prefix) under mmloom's
+    Sequential names; raises MmloomError naming `source` when they are not a `depth`-layer projector."""
+    if depth == 1 and set(state) <= {"weight", "bias"}:
+        state = {f"0.{k}": v for k, v in state.items()}
+    renamed = {}
+    for key, value in state.items():  # transformers' Llava names: linear_1 / linear_2
+        head, _, tail = key.partition(".")
+        index = int(head.removeprefix("linear_")) if head.startswith("linear_") and head[7:].isdigit() else None
+        renamed[f"{2 * (index - 1)}.{tail}" if index else key] = value
+    state = renamed
+    want = {f"{2 * i}.{kind}" for i in range(depth) for kind in ("weight", "bias")}
+    if not set(state) <= want or not any(k.endswith("weight") for k in state):
+        kind = "linear" if depth == 1 else f"mlp{depth}x"
+        raise MmloomError(
+            f"{source}: projector weights {sorted(state)} are not a {kind} projector "
+            f"(expected {'weight, bias' if depth == 1 else ', '.join(sorted(want))})"
+        )
+    return state
+
+
 # --------------------------------------------------------------------------------------- writing
+def text_folder_for(model_type: str, text_folder: str | None) -> str:
+    """The LLM folder name: it must hold "llava" (the original loader) and its family's word."""
+    family = LLAVA_FAMILIES[model_type]
+    name = text_folder or family[3]
+    lowered = name.lower()
+    if "llava" not in lowered:
+        raise MmloomError(f"the text folder name must contain 'llava' (the original loader checks it): {name!r}")
+    if family[2] is not None and family[2] not in lowered:
+        raise MmloomError(
+            f"the text folder of a {model_type} model must contain {family[2]!r}: the original builder picks "
+            f"{family[1]} only then (got {name!r})"
+        )
+    wrong = [w for w in OTHER_BUILDER_WORDS if w in lowered and w != family[2]]
+    if wrong:
+        raise MmloomError(
+            f"the text folder name {name!r} contains {wrong[0]!r}: the original builder would load this "
+            f"{model_type} model with another class"
+        )
+    return name
+
+
 def write_llava(
     bundle: Bundle,
     dst: str | Path,
     dtype: str | None = None,
     mm_vision_tower: str | None = None,
-    text_folder: str = TEXT_FOLDER,
+    text_folder: str | None = None,
     **_: Any,
 ) -> None:
+    """Write DST/image_model + DST/text_model_llava (see the module docstring) for the original code."""
     model = bundle.model
-    merge_adapters(model)
+    merged = merge_adapters(model)
     parts = vision_parts(model, FORMAT)
     llm, tower = parts.language_model, parts.tower
-    family = LLAVA_FAMILIES.get(getattr(llm.config, "model_type", None))
-    if family is None:
+    model_type = getattr(llm.config, "model_type", None)
+    if model_type not in LLAVA_FAMILIES:
         raise MmloomError(
             f"format {FORMAT!r} (original LLaVA) supports Llama-family language models "
-            f"({', '.join(LLAVA_FAMILIES)}); this model's is {llm.config.model_type!r}"
+            f"({', '.join(LLAVA_FAMILIES)}); this model's is {model_type!r}"
         )
+    family = LLAVA_FAMILIES[model_type]
     if getattr(tower.config, "model_type", "") != "clip_vision_model":
         raise MmloomError(
             f"format {FORMAT!r} loads its vision tower with CLIPVisionModel; this model's tower is "
@@ -89,20 +177,34 @@ def write_llava(
             f"format {FORMAT!r} supports 'linear' and 'mlp{{N}}x_gelu' projectors with bias; this model's is "
             f"{parts.projector_type!r} (activation {parts.activation}, bias {parts.bias})"
         )
-    if "llava" not in text_folder:
-        raise MmloomError(f"the text folder name must contain 'llava' (the original loader checks it): {text_folder!r}")
-    copy_modules_dtype(model, torch_dtype(dtype))
+    folder_name = text_folder_for(model_type, text_folder)
+    check_head_dim(llm.config, f"format {FORMAT!r}")
+    image_processor, pads = hf_image_processor(
+        bundle.encoder_processors.get("vision") or default_image_processor(tower.config), "CLIPImageProcessor"
+    )
+    crop = (image_processor.crop_size or {}).get("height") if image_processor.do_center_crop else None
+    if crop is not None and crop != tower.config.image_size:
+        raise MmloomError(
+            f"the image processor crops to {crop} px but the vision tower takes {tower.config.image_size} px"
+        )
+    cast_in_place(model, torch_dtype(dtype))
     projector_type = "linear" if parts.depth == 1 else f"mlp{parts.depth}x_gelu"
     dst = Path(dst)
     vision_path = mm_vision_tower or str((dst / IMAGE_FOLDER).resolve())
     tokenizer = bundle.tokenizer
+    if tokenizer is not None and ensure_pad_token(tokenizer):  # <unk> as LLaVA sets it, else a new <pad>
+        resize_to_cover(llm, len(tokenizer))
 
     state, _ = dedupe_shared_tensors(llm.state_dict())
     if getattr(llm.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    for name, tensor in parts.projection.state_dict().items():
-        state[PROJECTOR_PREFIX + name] = tensor.detach().contiguous()
-    llm_config = llm.config.to_dict()
+    projection = {k: v.detach().contiguous() for k, v in parts.projection.state_dict().items()}
+    for name, tensor in projector_to_llava(projection, parts.depth).items():
+        state[PROJECTOR_PREFIX + name] = tensor
+    notes: list[str] = []
+    llm_config = hf4_config_dict(llm.config, notes)
+    llm_config["architectures"] = [type(llm).__name__]
+    llm_config["torch_dtype"] = llm_config["dtype"] = weights_dtype(llm)
     config = dict(llm_config)
     max_length = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
     config.update(
@@ -115,7 +217,7 @@ def write_llava(
         mm_vision_select_feature="patch" if parts.drops_cls else "cls_patch",
         mm_use_im_start_end=False,
         mm_use_im_patch_token=False,
-        image_aspect_ratio="pad",
+        image_aspect_ratio="pad" if pads else "square",
         mm_patch_merge_type="flat",
         tokenizer_model_max_length=max_length if max_length and max_length < 10**9 else 2048,
         tokenizer_padding_side="right",
@@ -123,19 +225,30 @@ def write_llava(
         freeze_mm_mlp_adapter=False,
         tune_mm_mlp_adapter=False,
     )
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        config["pad_token_id"] = llm_config["pad_token_id"] = tokenizer.pad_token_id
     with atomic_directory(dst) as tmp:
-        tower.save_pretrained(tmp / IMAGE_FOLDER)
-        image_processor = bundle.encoder_processors.get("vision") or default_image_processor(tower.config)
+        save_hf4_vision_tower(tower, tmp / IMAGE_FOLDER, notes)
         image_processor.save_pretrained(tmp / IMAGE_FOLDER)
-        text = tmp / text_folder
+        text = tmp / folder_name
         text.mkdir()
         save_state_dict(state, text)
-        (text / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        (text / "config_lmsys.json").write_text(json.dumps(llm_config, indent=2, sort_keys=True, default=str))
+        write_json(text / "config.json", config)
+        write_json(text / "config_lmsys.json", llm_config)
         if getattr(llm, "generation_config", None) is not None:
             llm.generation_config.save_pretrained(text)
         if tokenizer is not None:
-            tokenizer.save_pretrained(text)
+            # the original builder opens Llama tokenizers slow (tokenizer.model), Mistral ones fast (tokenizer.json)
+            spm = save_hf4_tokenizer(tokenizer, text, search=[bundle.source] if bundle.source else (),
+                                     json_form="tokenizers-0.15", json_always=model_type == "mistral")
+            if spm is None and model_type == "llama":
+                notes.append("the tokenizer has no SentencePiece tokenizer.model: the original loader opens Llama "
+                             "tokenizers with use_fast=False, which needs it (load this one with use_fast=True)")
+        else:
+            notes.append("no tokenizer saved: the original loader needs one in the text folder")
+    bundle.notes += notes + [f"image_aspect_ratio {config['image_aspect_ratio']}; mm_vision_tower {vision_path}"]
+    if merged:
+        bundle.notes.append(f"merged LoRA adapters of: {', '.join(merged)}")
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -182,6 +295,9 @@ def read_llava(
     template: str | None = None,
     **_: Any,
 ) -> Bundle:
+    """An original-LLaVA model folder (or a parent holding one) -> a composite, with a processor that
+    reproduces the original preprocessing (``image_aspect_ratio: pad`` -> LLaVA's ``expand2square`` with
+    the ``int(image_mean * 255)`` background, as an mmloom :class:`ImageTransform`)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -203,6 +319,14 @@ def read_llava(
     strategy = config.get("mm_vision_select_feature", "patch")
     if strategy not in ("patch", "cls_patch"):
         raise MmloomError(f"{text}: unknown mm_vision_select_feature {strategy!r}")
+    projector_type = config.get("mm_projector_type", "linear")
+    if projector_type == "identity":
+        raise MmloomError(f"{text}: the 'identity' projector (no weights) is not supported; mmloom projectors are "
+                          "linear or mlpNx_act")
+    try:
+        depth, activation = parse_projector_type(projector_type, "gelu")
+    except MmloomError as err:
+        raise MmloomError(f"{text}: mm_projector_type: {err}") from None
 
     llm_config = {k: v for k, v in config.items() if k not in LLAVA_KEYS and not k.startswith("mm_")}
     llm_config.update(model_type=base_type, architectures=[MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_type]])
@@ -218,6 +342,7 @@ def read_llava(
                      "mm_vision_tower / --image-model")
     if not projector_state:
         raise MmloomError(f"{text}: no {PROJECTOR_PREFIX}* weights")
+    projector_state = projector_from_llava(projector_state, depth, str(text))
     with no_init_weights():
         llm = AutoModelForCausalLM.from_config(hf_config)
     tied = getattr(hf_config, "tie_word_embeddings", False)
@@ -237,11 +362,11 @@ def read_llava(
     tower_path = resolve_vision_tower(config, text, image_model)
     tower = load_vision_tower(tower_path, dtype).eval()
 
-    projector_type = config.get("mm_projector_type", "linear")
     in_features = projector_state["0.weight"].shape[1]
     projector = MultimodalProjector(
         MultimodalProjectorConfig(in_features=in_features, out_features=hf_config.hidden_size,
-                                  projector_type=projector_type, activation="gelu")
+                                  projector_type=projector_type, activation=activation,
+                                  bias="0.bias" in projector_state)
     )
     _load_projection(projector, projector_state, str(text))
     tokenizer = load_tokenizer(text, required=True)
@@ -255,7 +380,13 @@ def read_llava(
     target = torch_dtype(dtype) or next(llm.parameters()).dtype
     model.to(target)
     image_processor = load_image_processor(tower_path) or default_image_processor(tower.config)
-    return Bundle(model.eval(), tokenizer, {"vision": image_processor}, template or "vicuna_v1", notes=notes)
+    aspect = config.get("image_aspect_ratio")
+    if aspect == "pad":  # the original process_images: expand2square(int(image_mean * 255)), then the processor
+        image_processor = transform_from_hf(image_processor, pad_to_square=True)
+    notes.append(f"image_aspect_ratio {aspect!r}: {'pad to square, then ' if aspect == 'pad' else ''}"
+                 f"{type(image_processor).__name__}")
+    return Bundle(model.eval(), tokenizer, {"vision": image_processor}, template or "vicuna_v1", notes=notes,
+                  source=text)
 
 
 def _load_projection(projector: MultimodalProjector, state: dict[str, torch.Tensor], source: str) -> None:
@@ -274,7 +405,8 @@ def _load_projection(projector: MultimodalProjector, state: dict[str, torch.Tens
 # ------------------------------------------------------------------------ phase-1 projector import
 def read_llava_projector(src: str | Path, base: str | Path | None = None, dtype: str | None = None,
                          **_: Any) -> Bundle:
-    """An existing mmloom model (`base`) with its vision projector replaced by `mm_projector.bin`."""
+    """An existing mmloom model (`base`) with its vision projector replaced by a phase-1 ``mm_projector.bin``
+    (``model.mm_projector.*``: ``weight``/``bias`` for a linear projector, ``0.*``, ``2.*`` for mlp2x_gelu)."""
     from safetensors.torch import load_file
 
     src = Path(src)
@@ -282,15 +414,15 @@ def read_llava_projector(src: str | Path, base: str | Path | None = None, dtype:
         raise MmloomError(f"projector file {str(src)!r} not found")
     if base is None:
         raise MmloomError("llava-projector needs the mmloom model to import into: --base MODEL_DIR")
-    if src.suffix == ".safetensors":
-        raw = load_file(str(src))
-    else:
-        try:
+    try:
+        if src.suffix == ".safetensors":
+            raw = load_file(str(src))
+        else:
             raw = torch.load(src, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickles with code, corrupt files
-            raise MmloomError(f"cannot load {src} as a weights-only PyTorch file: {err}") from None
-    if not isinstance(raw, dict):
-        raise MmloomError(f"{src} does not hold a state dict")
+    except Exception as err:  # pickles with code, corrupt files
+        raise MmloomError(f"cannot load {src} as a weights-only PyTorch / safetensors file: {err}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise MmloomError(f"{src} does not hold a state dict of tensors")
     state = {}
     for key, tensor in raw.items():
         for prefix in (PROJECTOR_PREFIX, "mm_projector.", "model.multi_modal_projector."):
@@ -305,7 +437,7 @@ def read_llava_projector(src: str | Path, base: str | Path | None = None, dtype:
     projector = bundle.model.vision_encoder.projector
     if projector.config.projector_type == "custom":
         raise MmloomError(f"{base}: the vision projector is a custom module; cannot import LLaVA projector weights")
-    _load_projection(projector, state, str(src))
+    depth, _ = parse_projector_type(projector.config.projector_type, projector.config.activation)
+    _load_projection(projector, projector_from_llava(state, depth, str(src)), str(src))
     bundle.notes.append(f"vision projector weights from {src} ({len(state)} tensors)")
     return bundle
-

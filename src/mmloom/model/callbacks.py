@@ -174,3 +174,94 @@ class AnyresPack(nn.Module, SerializableCallback):
             grid = torch.cat([grid, newline], dim=-1).flatten(1).transpose(0, 1)  # (rows*(cols+1), D)
             packed.append(torch.cat([base, grid], dim=0))
         return replace_features(output, packed)
+
+
+def audio_positions(frames: int, downsample: int) -> int:
+    """Encoder positions of `frames` real feature frames: Whisper's convolutions (kernel 3,
+    padding 1, strides 1 then 2) give ceil(frames / 2); at least 1."""
+    return max(1, -(-int(frames) // int(downsample)))
+
+
+def audio_token_count(frames: int, downsample: int, stride: int) -> int:
+    """Feature tokens of one clip with `frames` real feature frames: its encoder positions
+    (`audio_positions`), then groups of `stride` positions (the last group may be partial)."""
+    return -(-audio_positions(frames, downsample) // int(stride))
+
+
+@register_callback
+class AudioPool(SerializableCallback):
+    """Keep each clip's real (unpadded) encoder positions, then pool or stack them (a module callback).
+
+    Whisper's encoder always takes 30 s of log-mel frames and gives `max_source_positions` (1500)
+    positions. Per clip, this callback keeps the first `ceil(frames / downsample)` positions,
+    where `frames` is the number of real frames in the feature extractor's mask
+    (`feature_attention_mask`, (N, F) with 1 = real audio) and `downsample` the encoder's frame ->
+    position ratio (2 for Whisper), then cuts them into groups of `stride` positions:
+    `mode="mean"` averages each group (width D), `mode="stack"` concatenates it (width
+    stride * D; the last group is zero-padded), as frame-stacking audio LLMs do. 10 s of audio at
+    stride 4 are 125 tokens instead of 1500. `layer` picks a hidden layer instead of the final
+    output (None: `last_hidden_state`).
+
+    Returns a list of per-clip `(ceil(positions / stride), D')` tensors; the counts follow
+    `audio_token_count`, the rule the processor and `mmloom data build` use.
+    """
+
+    callback_type = "audio_pool"
+    input_names = ("feature_attention_mask",)
+    MODES = ("mean", "stack")
+
+    def __init__(self, stride: int = 1, mode: str = "mean", downsample: int = 2, layer: int | None = None):
+        if mode not in self.MODES:
+            raise MmloomError(f"unknown audio pooling mode {mode!r}; use one of {list(self.MODES)}")
+        if int(stride) < 1 or int(downsample) < 1:
+            raise MmloomError(f"audio pooling stride and downsample must be >= 1, got {stride} and {downsample}")
+        self.stride, self.mode, self.downsample = int(stride), mode, int(downsample)
+        self.layer = None if layer is None else int(layer)
+        self.module_kwargs = {} if self.layer is None else {"output_hidden_states": True}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stride": self.stride, "mode": self.mode, "downsample": self.downsample, "layer": self.layer}
+
+    def output_dim(self, hidden_size: int) -> int:
+        return hidden_size * (self.stride if self.mode == "stack" else 1)
+
+    def frame_counts(self, inputs: dict) -> list[int] | None:
+        """Real frames per clip from `feature_attention_mask` (None when the inputs lack it)."""
+        mask = inputs.get("feature_attention_mask")
+        return None if mask is None else [int(n) for n in torch.as_tensor(mask).reshape(len(mask), -1).sum(-1).tolist()]
+
+    def item_counts(self, inputs: dict) -> list[int] | None:
+        """Feature tokens per clip of a batch of encoder inputs (None without the frame mask)."""
+        frames = self.frame_counts(inputs)
+        return None if frames is None else [audio_token_count(f, self.downsample, self.stride) for f in frames]
+
+    def __call__(self, inputs: dict, output: ModelOutput | tuple) -> list[torch.Tensor]:
+        if self.layer is None:
+            features = output_features(output)  # (N, P, D)
+        else:
+            hidden_states = output.hidden_states if isinstance(output, ModelOutput) else output[-1]
+            features = hidden_states[self.layer]
+        frames = self.frame_counts(inputs)
+        n, positions = features.shape[:2]
+        if frames is None:
+            frames = [positions * self.downsample] * n
+        if len(frames) != n:
+            raise MmloomError(f"feature_attention_mask has {len(frames)} rows for {n} audio items")
+        pooled = []
+        for item, count in zip(features, frames, strict=True):
+            keep = min(audio_positions(count, self.downsample), positions)
+            groups = -(-keep // self.stride)
+            item = item[:keep]
+            if self.mode == "mean":
+                pad = groups * self.stride - keep
+                summed = torch.nn.functional.pad(item, (0, 0, 0, pad)).view(groups, self.stride, -1).sum(1)
+                sizes = torch.full((groups, 1), float(self.stride), dtype=item.dtype, device=item.device)
+                sizes[-1] = float(keep - (groups - 1) * self.stride)
+                pooled.append(summed / sizes)  # (groups, D)
+            else:
+                pad = groups * self.stride - keep
+                pooled.append(torch.nn.functional.pad(item, (0, 0, 0, pad)).reshape(groups, -1))  # (groups, stride*D)
+        return pooled
+
+    def __repr__(self) -> str:
+        return f"AudioPool(stride={self.stride}, mode={self.mode!r}, downsample={self.downsample}, layer={self.layer})"

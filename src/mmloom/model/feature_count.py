@@ -11,6 +11,10 @@ Variable-resolution encoders (the count depends on each item), from the processo
     (PixtralVisionModel crops each image's patch grid to its size);
   - Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision: `image_grid_thw` (N, 3) -> t * h * w / merge**2
     (the merger output, as in transformers' Qwen2-VL `get_image_features`).
+Audio encoders with an `AudioPool` callback (the count depends on each clip's length), from the
+feature extractor's frame mask (`feature_attention_mask`, the extractor's `attention_mask`):
+ceil(ceil(frames / downsample) / stride) per clip (`callbacks.audio_token_count`), as
+Qwen2-Audio's processor counts its audio tokens from the same mask.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 
 from mmloom.errors import MmloomError
-from mmloom.model.callbacks import AnyresPack, FeatureSelect
+from mmloom.model.callbacks import AnyresPack, AudioPool, FeatureSelect, audio_token_count
 
 # Vision encoders whose sequence starts with a CLS token.
 CLS_MODEL_TYPES = {"clip_vision_model", "clip", "vit", "deit", "dinov2", "beit", "data2vec-vision", "vit_msn"}
@@ -35,7 +39,9 @@ VARIABLE_RESOLUTION = {
     "qwen3_vl_vision": MERGED_GRID,
 }
 # Input names under which the processors return the per-item sizes (first found wins).
-_SIZE_INPUTS = {PATCH_GRID: ("image_sizes",), MERGED_GRID: ("image_grid_thw", "grid_thw")}
+AUDIO_FRAMES = "audio_frames"  # AudioPool: per-clip real frames of the extractor's mask
+_SIZE_INPUTS = {PATCH_GRID: ("image_sizes",), MERGED_GRID: ("image_grid_thw", "grid_thw"),
+                AUDIO_FRAMES: ("feature_attention_mask", "attention_mask")}
 
 
 def _side(value) -> int:
@@ -77,11 +83,24 @@ def encoder_positions(config) -> int:
     )
 
 
-def feature_tokens_per_item(config, callbacks: dict, image_size_hw=None) -> int:
+def audio_token_spec(callbacks: dict) -> dict[str, Any] | None:
+    """The count rule of an audio encoder whose module callback is an `AudioPool` (None otherwise)."""
+    pool = callbacks.get("postprocess_module_callback")
+    if isinstance(pool, AudioPool):
+        return {"type": AUDIO_FRAMES, "downsample": pool.downsample, "stride": pool.stride}
+    return None
+
+
+def num_feature_tokens(config, callbacks: dict, image_size_hw=None) -> int:
     """Feature tokens for one item: encoder positions, after feature selection and packing.
 
     Raises MmloomError where one number cannot tell (anyres without the image size,
-    variable-resolution encoders: see `item_token_counts`)."""
+    variable-resolution encoders and pooled audio: see `item_token_counts`)."""
+    if audio_token_spec(callbacks) is not None:
+        raise MmloomError(
+            "audio pooled with AudioPool has one feature-token count per clip (from its length): use "
+            "item_token_counts(...) with the feature extractor's outputs"
+        )
     projector_cb = callbacks.get("postprocess_projector_callback")
     if isinstance(projector_cb, AnyresPack):
         if image_size_hw is None:
@@ -97,8 +116,8 @@ def feature_tokens_per_item(config, callbacks: dict, image_size_hw=None) -> int:
 def token_count_spec(config, callbacks: dict) -> int | dict[str, Any]:
     """What a processor stores per modality: one count per item for fixed-size encoders, or the
     rule (`variable_token_spec`) that reads per-item counts from the encoder processor's outputs."""
-    spec = variable_token_spec(config)
-    return spec if spec is not None else feature_tokens_per_item(config, callbacks)
+    spec = audio_token_spec(callbacks) or variable_token_spec(config)
+    return spec if spec is not None else num_feature_tokens(config, callbacks)
 
 
 def counts_from_inputs(spec: dict[str, Any], inputs: dict[str, Any]) -> list[int] | None:
@@ -107,6 +126,10 @@ def counts_from_inputs(spec: dict[str, Any], inputs: dict[str, Any]) -> list[int
     sizes = next((inputs[name] for name in _SIZE_INPUTS[spec["type"]] if inputs.get(name) is not None), None)
     if sizes is None:
         return None
+    if spec["type"] == AUDIO_FRAMES:
+        mask = torch.as_tensor(sizes)
+        frames = mask.reshape(mask.shape[0], -1).sum(-1).tolist() if mask.dim() else []
+        return [audio_token_count(int(f), spec["downsample"], spec["stride"]) for f in frames]
     rows = torch.as_tensor(sizes).reshape(-1, 3 if spec["type"] == MERGED_GRID else 2).tolist()
     if spec["type"] == PATCH_GRID:
         patch = spec["patch_size"]
@@ -118,14 +141,19 @@ def counts_from_inputs(spec: dict[str, Any], inputs: dict[str, Any]) -> list[int
 def item_token_counts(spec: int | dict[str, Any], items: list[Any], encoder_processor=None) -> list[int]:
     """Feature tokens of each item: `spec` items of a fixed count, or (variable resolution) the
     counts read from what `encoder_processor` returns for the items (e.g. Pixtral's
-    `image_sizes`, Qwen2-VL's `image_grid_thw`)."""
+    `image_sizes`, Qwen2-VL's `image_grid_thw`, an audio feature extractor's frame mask; audio
+    items are waveforms at the extractor's rate)."""
     if isinstance(spec, int):
         return [spec] * len(items)
     if not items:
         return []
     if encoder_processor is None:
         raise MmloomError(f"counting {spec['type']} feature tokens needs the encoder's own processor")
-    counts = counts_from_inputs(spec, dict(encoder_processor(items, return_tensors="pt")))
+    if spec["type"] == AUDIO_FRAMES:
+        kwargs = {"return_attention_mask": True, "sampling_rate": getattr(encoder_processor, "sampling_rate", None)}
+    else:
+        kwargs = {}
+    counts = counts_from_inputs(spec, dict(encoder_processor(items, return_tensors="pt", **kwargs)))
     if counts is None or len(counts) != len(items):
         raise MmloomError(
             f"the {type(encoder_processor).__name__} outputs do not give one size per item "
@@ -137,6 +165,9 @@ def item_token_counts(spec: int | dict[str, Any], items: list[Any], encoder_proc
 def encoder_item_counts(config, callbacks: dict, inputs: dict[str, Any], num_items: int | None) -> list[int] | None:
     """Per-item feature counts the model expects for a batch of encoder `inputs`, or None when
     they cannot be derived (e.g. an arbitrary callable reshapes the features)."""
+    pool = callbacks.get("postprocess_module_callback")
+    if isinstance(pool, AudioPool):
+        return pool.item_counts(inputs)
     spec = variable_token_spec(config)
     if spec is not None:
         return counts_from_inputs(spec, inputs)
@@ -147,6 +178,6 @@ def encoder_item_counts(config, callbacks: dict, inputs: dict[str, Any], num_ite
     if num_items is None:
         return None
     try:
-        return [feature_tokens_per_item(config, callbacks)] * num_items
+        return [num_feature_tokens(config, callbacks)] * num_items
     except MmloomError:
         return None

@@ -22,6 +22,8 @@ PATTERN_ALIASES = {
     "projector_image_model": r"vision_encoder\.projector",
     "mm_projector": r"vision_encoder\.projector",
     "text_model": r"language_model",
+    "audio_model": r"audio_encoder\.module",
+    "projector_audio_model": r"audio_encoder\.projector",
 }
 _ALIAS_RE = re.compile(r"^(\^?)(" + "|".join(sorted(PATTERN_ALIASES, key=len, reverse=True)) + r")(?![A-Za-z0-9_])")
 

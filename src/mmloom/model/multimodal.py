@@ -17,7 +17,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import mmloom
 from mmloom.errors import MmloomError
+from mmloom.files import read_json, write_json
 from mmloom.model import serialization as ser
+from mmloom.model.attention import check_packed_attention
 from mmloom.model.callbacks import callback_from_dict, callback_to_dict
 from mmloom.model.checkpointing import disable_checkpointing, enable_checkpointing, sync_frozen_checkpointing
 from mmloom.model.encoder import (
@@ -28,14 +30,14 @@ from mmloom.model.encoder import (
     forward_takes_kwargs,
     output_width_from_structure,
 )
-from mmloom.model.feature_count import feature_tokens_per_item
+from mmloom.model.feature_count import num_feature_tokens
 from mmloom.model.freezing import (
     apply_eval_to_frozen,
     set_part_trainable,
     set_requires_grad_by_patterns,
     trainable_table,
 )
-from mmloom.model.loss import supervised_loss
+from mmloom.model.loss import SupervisedTokenStats, supervised_loss, supervised_token_stats
 from mmloom.model.merge import IGNORE_INDEX, merge_features
 from mmloom.model.outputs import Features
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
@@ -57,27 +59,32 @@ class MultimodalConfig:
     mmloom_version: str = mmloom.__version__
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (what config.json holds)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MultimodalConfig:
+        """A config from `to_dict()` output; unknown keys (newer releases) are ignored."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        """Write `config.json` into `directory` (atomically)."""
+        write_json(Path(directory) / CONFIG_NAME, self.to_dict(), sort_keys=True)
 
     @classmethod
     def load(cls, directory: str | Path) -> MultimodalConfig:
+        """The config of an mmloom model folder; raises MmloomError when `directory` is not one."""
         path = Path(directory) / CONFIG_NAME
         if not path.exists():
             raise MmloomError(f"{path} not found: not an mmloom model folder")
-        data = json.loads(path.read_text())
+        data = read_json(path)
         if data.get("architecture") != "MultimodalModel":
             raise MmloomError(f"{path} is not an mmloom MultimodalModel config")
         return cls.from_dict(data)
 
     def encoder_hf_config(self, name: str):
+        """The HF config of encoder `name`, rebuilt from the saved spec (no weights loaded)."""
         spec = self.encoders[name]["module"]
         return ser.resolve_class(spec["class"]).config_class.from_dict(spec["config"])
 
@@ -184,6 +191,7 @@ class MultimodalModel(nn.Module):
     # ----------------------------------------------------------------- structure
     @property
     def encoders(self) -> dict[str, ModalEncoderModule]:
+        """The encoders by modality name (attributes `{name}_encoder`), in composition order."""
         return {name: getattr(self, f"{name}_encoder") for name in self.encoder_names}
 
     @property
@@ -196,10 +204,12 @@ class MultimodalModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the first parameter."""
         return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the first parameter."""
         return next(self.parameters()).dtype
 
     def _connect_projector(self, name: str, encoder: ModalEncoderModule, projector_type: str, activation: str):
@@ -255,7 +265,7 @@ class MultimodalModel(nn.Module):
     def num_feature_tokens(self, modality: str, image_size_hw=None) -> int:
         """Feature tokens one item of `modality` turns into (what each placeholder expands to)."""
         encoder = self.encoders[modality]
-        return feature_tokens_per_item(encoder.config, encoder.callbacks, image_size_hw)
+        return num_feature_tokens(encoder.config, encoder.callbacks, image_size_hw)
 
     # ------------------------------------------------------------------- inputs
     def _route_inputs(self, kwargs: dict[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
@@ -322,18 +332,36 @@ class MultimodalModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # (B, T, D), skips encoders when given
         use_cache: bool | None = None,
         compute_logits: bool = True,
+        token_stats: bool = False,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """Run the encoders, merge their features and the language model.
+    ) -> CausalLMOutputWithPast | SupervisedTokenStats:
+        """Run the encoders, merge their features at the placeholder positions and run the LLM.
 
-        With labels and `compute_logits=False`, the LM head runs only at supervised positions
-        (chunked) and the output carries the loss without logits: the fast path for training.
-        Extra keyword arguments that no encoder takes (e.g. `num_items_in_batch`) go to the LLM.
+        Encoder inputs come per encoder (`vision={"pixel_values": (N, 3, H, W)}`,
+        `audio={"input_features": ...}`) or flat when only one encoder takes the name. Returns the
+        LLM's `CausalLMOutputWithPast`: `logits` (B, T, V) float, and with `labels` the loss — the
+        mean next-token cross-entropy over the supervised positions of the whole batch (labels
+        shifted inside: position t predicts labels[t+1]; -100 ignored; placeholder positions never
+        supervised), or its sum divided by `num_items_in_batch` when given (exact normalisation over
+        micro-batches and ranks). With labels and `compute_logits=False`, the LM head runs only at
+        supervised positions (chunked) and the output carries the loss without logits (`logits`
+        None): the fast path for training; with `token_stats=True` as well, the output is a
+        `SupervisedTokenStats` (loss sum, supervised tokens, argmax-correct tokens; no gradient): the
+        evaluation path. Packed rows (`mmloom.data.collate.PackedCollator`) pass their sample
+        boundaries as `cu_seq_lens_q` / `cu_seq_lens_k` / `max_length_q` / `max_length_k` (see
+        `mmloom.model.attention`); MmloomError when the language model's attention cannot take them.
+        Extra keyword arguments that no encoder takes go to the LLM. Raises
+        `PlaceholderMismatchError` (an MmloomError) when a sample's placeholder count and its items'
+        feature counts differ, naming the sample.
         """
         encoder_inputs, llm_kwargs = self._route_inputs(kwargs)
         llm_kwargs.pop("return_dict", None)
-        if use_cache is None and labels is not None:
+        if use_cache is None and (labels is not None or self.training):
             use_cache = False  # a training/loss forward builds no KV cache (nor checkpointing warnings)
+        if llm_kwargs.get("cu_seq_lens_q") is not None:
+            check_packed_attention(self.language_model)
+        if token_stats and (labels is None or compute_logits):
+            raise MmloomError("token_stats=True needs labels and compute_logits=False")
         if inputs_embeds is None:
             if input_ids is None:
                 raise MmloomError("forward needs input_ids or inputs_embeds")
@@ -341,7 +369,7 @@ class MultimodalModel(nn.Module):
             if labels is not None:
                 labels = self.mask_placeholder_labels(input_ids, labels)
         if labels is not None and not compute_logits:
-            return self._supervised_only(inputs_embeds, attention_mask, position_ids, labels, llm_kwargs)
+            return self._supervised_only(inputs_embeds, attention_mask, position_ids, labels, llm_kwargs, token_stats)
         return self.language_model(**language_model_kwargs(
             self.language_model,
             inputs_embeds=inputs_embeds,
@@ -354,7 +382,7 @@ class MultimodalModel(nn.Module):
             **llm_kwargs,
         ))
 
-    def _supervised_only(self, inputs_embeds, attention_mask, position_ids, labels, llm_kwargs):
+    def _supervised_only(self, inputs_embeds, attention_mask, position_ids, labels, llm_kwargs, token_stats=False):
         llm = base_module(self.language_model)
         num_items = llm_kwargs.pop("num_items_in_batch", None)
         decoder = llm.get_decoder()
@@ -363,11 +391,11 @@ class MultimodalModel(nn.Module):
             use_cache=False, return_dict=True, **llm_kwargs,
         )).last_hidden_state  # (B, T, D)
         config = llm.config
-        loss = supervised_loss(
-            hidden, labels, llm.get_output_embeddings(), num_items,
-            softcap=getattr(config, "final_logit_softcapping", None),
-            logit_scale=getattr(config, "logit_scale", None),
-        )
+        head_options = {"softcap": getattr(config, "final_logit_softcapping", None),
+                        "logit_scale": getattr(config, "logit_scale", None)}
+        if token_stats:
+            return supervised_token_stats(hidden, labels, llm.get_output_embeddings(), **head_options)
+        loss = supervised_loss(hidden, labels, llm.get_output_embeddings(), num_items, **head_options)
         return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()
@@ -614,6 +642,7 @@ class MultimodalModel(nn.Module):
             model = base if isinstance(base, MultimodalModel) else cls.from_pretrained(
                 base, callbacks=callbacks, projections=projections
             )
+            ser.apply_peft_specs(model, config)  # a PEFT run's checkpoint: adapters on the plain base
         else:
             model = cls.from_config(config, callbacks=callbacks, projections=projections)
         model.load_weights(state, tied_weights=config.tied_weights, strict=not config.trainable_only)

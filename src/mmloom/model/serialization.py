@@ -8,7 +8,6 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +102,28 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # truncated or corrupt files: safetensors' own error types
             raise MmloomError(f"{path}: not a readable safetensors file ({err})") from None
     return state
+
+
+def apply_peft_specs(model, config) -> list[str]:
+    """Wrap the parts of `model` that `config` (a MultimodalConfig) records as PEFT-wrapped, and that are
+    not wrapped yet, with the recorded PEFT spec (LoRA ...), so that a trainable-only save of a PEFT run
+    (adapter weights + the spec) loads on a base model without adapters. Returns the parts wrapped."""
+    specs = [("language model", config.language_model, model, "language_model")]
+    specs += [(f"{name} encoder", spec.get("module", {}), model.encoders[name], "module")
+              for name, spec in config.encoders.items() if name in model.encoders]
+    wrapped = []
+    for what, spec, owner, attribute in specs:
+        peft_spec = (spec or {}).get("peft")
+        if not peft_spec or hasattr(getattr(owner, attribute), "peft_config"):
+            continue
+        from peft import get_peft_config, get_peft_model
+
+        try:
+            setattr(owner, attribute, get_peft_model(getattr(owner, attribute), get_peft_config(peft_spec)))
+        except (ValueError, KeyError, TypeError) as err:
+            raise MmloomError(f"the recorded PEFT spec of the {what} does not apply to the base model: {err}") from None
+        wrapped.append(what)
+    return wrapped
 
 
 # ----------------------------------------------------------------------- streamed safetensors
@@ -256,15 +277,4 @@ def file_sha256(path: str | os.PathLike, chunk: int = 2**20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def iter_slices(path: str | os.PathLike, requests: Iterable[tuple[str, tuple[slice, ...]]]):
-    """Yield (name, tensor) for each (name, index) of `requests`, read from a safetensors file: only
-    the requested part of each tensor is read (a rank's shard of a weight)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        for name, index in requests:
-            yield name, f.get_slice(name)[index] if index else f.get_tensor(name)
-
 

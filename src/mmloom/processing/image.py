@@ -13,7 +13,27 @@ center crop, rescale to [0, 1], normalize), matching LLaVA-1.5 / HF ``CLIPImageP
   another factor).
 * ``normalize``: ``(x - mean) / std`` per channel.
 
-The input is converted to RGB first; the output is a ``(3, H, W)`` float32 array.
+The input is converted to 8-bit RGB first (:func:`to_rgb`); the output is a ``(3, H, W)`` float32
+array.
+
+Decoding rules (:func:`to_rgb`, used by :func:`load_image` and :class:`ImageTransform`, so by training,
+``mmloom chat``/``generate``, feature caching and the data build):
+
+* 16-bit and 32-bit integer images (PIL modes ``I;16``, ``I;16B``, ``I;16L``, ``I``) are scaled to 8 bit as
+  16-bit data: ``round(v / 257)`` (65535 -> 255, ``257 * k`` -> ``k``). ``I`` data outside 0..65535 is
+  stretched from its own minimum and maximum to 0..255.
+* Float images (mode ``F``, e.g. float TIFF) in [0, 1] are scaled by 255, values already in [0, 255] are
+  kept, anything else is stretched from its minimum and maximum to 0..255.
+  (PIL's own ``convert("RGB")`` clips every value above 255, which turns such pictures white.)
+* Transparent images (an alpha band: ``RGBA``, ``LA``, ``PA``; or a ``transparency`` entry: palette
+  or colour-key PNGs) are composited onto :data:`TRANSPARENT_BACKGROUND`, white, the same test and the same
+  colour as transformers 5's image processors (``convert_to_rgb``), so the training transform and every
+  exported HF image processor see the same pixels. transformers 4.x processors and the original LLaVA
+  code (``Image.open(...).convert("RGB")``) drop the alpha channel instead: give them images already
+  converted with :func:`load_image` / :func:`to_rgb`.
+
+Arithmetic is float32 throughout (HF rescales in float64 and casts: the values differ by at most
+one float32 ulp, and float64 made these two steps about 3x slower).
 """
 
 from __future__ import annotations
@@ -31,6 +51,10 @@ from mmloom.errors import MmloomError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_BACKGROUND = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as LLaVA computes it
+# Transparent pixels are composited onto white: transformers 5 `convert_to_rgb` does the same, so
+# training (this module) and exported HF image processors agree.
+TRANSPARENT_BACKGROUND = (255, 255, 255)
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -56,6 +80,9 @@ _TRUNCATED_LOCK = threading.Lock()
 
 def load_image(path: str | os.PathLike, convert: str | None = "RGB") -> Image.Image:
     """Open and fully decode an image (``img.load()``), converted to ``convert`` (None keeps the mode).
+
+    ``convert="RGB"`` (the default) goes through :func:`to_rgb`: 16-bit and float pictures are scaled
+    to 8 bit (never clipped to white) and transparent ones composited onto white.
 
     Truncated files raise :class:`ImageLoadError` even when ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
     was switched on elsewhere (it is switched off while this image decodes).
@@ -89,20 +116,68 @@ def load_image(path: str | os.PathLike, convert: str | None = "RGB") -> Image.Im
             else "corrupt image data"
         )
         raise ImageLoadError(p, f"{reason} ({msg})") from None
+    if convert == "RGB":
+        return to_rgb(img)
     if convert is not None and img.mode != convert:
         img = img.convert(convert)
     return img
 
 
+def _stretch(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float64)
+    return (values - low) * (255.0 / (high - low))
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A high-bit-depth image (modes ``I;16*``, ``I``, ``F``) as an 8-bit ``L`` image; others unchanged.
+
+    16-bit data is divided by 257 (rounded), float data in [0, 1] multiplied by 255; data outside
+    those ranges is stretched from its minimum and maximum to 0..255 (see the module docstring).
+    """
+    if image.mode not in HIGH_BIT_DEPTH_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if values.size == 0:
+        return Image.new("L", image.size)
+    if image.mode == "F":
+        finite = values[np.isfinite(values)]
+        values = np.nan_to_num(values, nan=0.0, posinf=finite.max() if finite.size else 0.0,
+                               neginf=finite.min() if finite.size else 0.0)
+        low, high = float(values.min()), float(values.max())
+        if low >= 0.0 and high <= 1.0:
+            values = values * 255.0
+        elif not (low >= 0.0 and high <= 255.0):
+            values = _stretch(values)
+    else:
+        low, high = float(values.min()), float(values.max())
+        values = values / 257.0 if low >= 0 and high <= 65535 else _stretch(values)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """An alpha band or a transparent palette index / colour key (transformers 5's test)."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = TRANSPARENT_BACKGROUND) -> Image.Image:
+    """Any PIL image as 8-bit RGB: high bit depths scaled (:func:`to_8bit`), transparency composited
+    onto `background` (white by default, as transformers 5's image processors do).
+
+    Raises :class:`~mmloom.errors.MmloomError` when `image` is not a PIL image."""
+    if not isinstance(image, Image.Image):
+        raise MmloomError(f"expected a PIL image, got {type(image).__name__}")
+    if has_transparency(image):
+        rgba = to_8bit(image).convert("RGBA") if image.mode in HIGH_BIT_DEPTH_MODES else image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image if image.mode == "RGB" else to_8bit(image).convert("RGB")
+
+
 # --------------------------------------------------------------------------------------------
 # steps
 # --------------------------------------------------------------------------------------------
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if not isinstance(image, Image.Image):
-        raise MmloomError(f"ImageTransform expects a PIL image, got {type(image).__name__}")
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _size_pair(size: Any, step: str) -> tuple[int, int] | int:
@@ -224,7 +299,8 @@ class CenterCrop(Step):
 
 
 class ToTensor(Step):
-    """uint8 HWC PIL image -> float32 CHW array times ``factor`` (1/255)."""
+    """uint8 HWC PIL image -> float32 CHW array times ``factor`` (1/255), computed in float32
+    (within 1 ulp of HF's float64 rescale; float64 arithmetic here cost twice the time)."""
 
     name = "to_tensor"
     keys = ("factor",)
@@ -233,8 +309,9 @@ class ToTensor(Step):
         self.factor = float(factor)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        arr = np.asarray(image, dtype=np.float64).transpose(2, 0, 1) * self.factor
-        return arr.astype(np.float32)
+        arr = np.array(image, dtype=np.float32).transpose(2, 0, 1)  # a new float32 array (never the input)
+        arr *= np.float32(self.factor)
+        return arr
 
 
 class Rescale(ToTensor):
@@ -258,7 +335,9 @@ class Normalize(Step):
     def __call__(self, image: np.ndarray) -> np.ndarray:
         mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
         std = np.asarray(self.std, dtype=np.float32)[:, None, None]
-        return ((image - mean) / std).astype(np.float32)
+        out = np.subtract(image, mean, dtype=np.float32)  # float32 throughout, one new array
+        out /= std
+        return out
 
 
 STEPS: dict[str, type[Step]] = {
@@ -351,7 +430,9 @@ class ImageTransform:
         return cls.from_steps([build_step(t, image_size) for t in transforms], image_size)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        x = _to_rgb(image)
+        if not isinstance(image, Image.Image):
+            raise MmloomError(f"ImageTransform expects a PIL image, got {type(image).__name__}")
+        x = to_rgb(image)
         for step in self.steps:
             x = step(x)
         if isinstance(x, Image.Image):
@@ -379,9 +460,13 @@ __all__ = [
     "CLIP_BACKGROUND",
     "CLIP_MEAN",
     "CLIP_STD",
+    "TRANSPARENT_BACKGROUND",
     "ImageLoadError",
     "ImageTransform",
     "STEPS",
     "build_step",
+    "has_transparency",
     "load_image",
+    "to_8bit",
+    "to_rgb",
 ]

@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, AutoProcessor, BatchFeature
+from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, BatchFeature
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from mmloom.errors import MmloomError
 from mmloom.files import read_json, write_json
 from mmloom.model.callbacks import AnyresPack, anyres_num_tokens
-from mmloom.model.feature_count import item_token_counts, token_count_spec
+from mmloom.model.feature_count import AUDIO_FRAMES, counts_from_inputs, item_token_counts, token_count_spec
 from mmloom.model.merge import IGNORE_INDEX
+from mmloom.processing.audio import extract_features, load_audio
 from mmloom.processing.image import ImageTransform
 from mmloom.processing.templates import (
     ConversationTemplate,
@@ -51,6 +52,12 @@ def _as_item_lists(items, batch_size: int, what: str) -> list[list[Any]]:
     if len(items) != batch_size:
         raise MmloomError(f"got {len(items)} {what} entries for {batch_size} samples (use None for no {what})")
     return [[] if x is None else list(x) if isinstance(x, (list, tuple)) else [x] for x in items]
+
+
+def is_audio_processor(processor) -> bool:
+    """An HF audio feature extractor (it has a sampling rate and turns waveforms into features)."""
+    return hasattr(processor, "sampling_rate") and hasattr(processor, "model_input_names") and \
+        "input_features" in getattr(processor, "model_input_names", ())
 
 
 def pad_rows(rows, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -143,7 +150,7 @@ class MultimodalProcessor:
         if isinstance(sample, dict):
             sample = sample.get("conversations", sample.get("messages"))
         if sample and isinstance(sample[0], dict) and "from" in sample[0]:
-            return messages_from_llava(sample, placeholder=self.placeholders.get("vision", "<image>"))
+            return messages_from_llava(sample, placeholder=tuple(self.placeholders.values()))
         return list(sample)
 
     def item_tokens(self, modality: str, items: list[Any]) -> list[int]:
@@ -152,6 +159,9 @@ class MultimodalProcessor:
             return [anyres_num_tokens(_height_width(item), **self.anyres[modality]) for item in items]
         if modality not in self.num_tokens:
             raise MmloomError(f"no feature-token count for {modality}: build the processor with from_model()")
+        processor = self.encoder_processors.get(modality)
+        if is_audio_processor(processor):
+            items = [self._waveform(processor, item) for item in items]
         return item_token_counts(self.num_tokens[modality], items, self.encoder_processors.get(modality))
 
     def encode_messages(
@@ -195,12 +205,27 @@ class MultimodalProcessor:
         processor = self.encoder_processors.get(name)
         if processor is None:
             raise MmloomError(f"no processor for {name} inputs; this processor has {sorted(self.encoder_processors)}")
+        if is_audio_processor(processor):  # waveforms (or audio files) -> features + frame mask
+            rate = kwargs.get("sampling_rate", processor.sampling_rate)
+            if rate != processor.sampling_rate:
+                raise MmloomError(
+                    f"{name} waveforms given at {rate} Hz but the feature extractor takes {processor.sampling_rate} Hz; "
+                    "resample them (mmloom.processing.audio.resample) or pass file paths"
+                )
+            return extract_features(processor, [self._waveform(processor, item) for item in items])
         if hasattr(processor, "model_input_names"):  # a HF image processor / feature extractor
             inputs = dict(processor(items, return_tensors="pt", **kwargs))
             if name in self.anyres:
                 inputs["pixel_values"] = self._anyres_views(name, inputs)
             return inputs
         return {"pixel_values": torch.stack([torch.as_tensor(processor(item)) for item in items])}
+
+    @staticmethod
+    def _waveform(processor, item):
+        """An audio item as a waveform at the extractor's rate: arrays as given, paths decoded."""
+        if isinstance(item, (str, Path)):
+            return load_audio(item, processor.sampling_rate)
+        return item
 
     def _anyres_views(self, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """LLaVA-NeXT processors pad every image to the same number of views, (N, P, C, H, W);
@@ -235,9 +260,20 @@ class MultimodalProcessor:
         samples = list(conversations if conversations is not None else text)
         items = {"vision": _as_item_lists(images, len(samples), "images"),
                  "audio": _as_item_lists(audio, len(samples), "audio")}
+        encoded, counted = {}, {}
+        for name in self.placeholder_ids:
+            flat = [item for per_sample in items.get(name, []) for item in per_sample]
+            if flat:
+                encoded[name] = self._run_encoder_processor(name, flat, (processor_kwargs or {}).get(name, {}))
+            spec = self.num_tokens.get(name)
+            if flat and isinstance(spec, dict) and spec.get("type") == AUDIO_FRAMES:
+                # one count per clip, from the frame mask of the features the model will get
+                flat_counts = iter(counts_from_inputs(spec, encoded[name]))
+                counted[name] = [[next(flat_counts) for _ in per_sample] for per_sample in items[name]]
         rows = []
         for index, sample in enumerate(samples):
-            tokens = {name: self.item_tokens(name, items[name][index] if name in items else [])
+            tokens = {name: counted[name][index] if name in counted else
+                      self.item_tokens(name, items[name][index] if name in items else [])
                       for name in self.placeholder_ids}
             if text is not None:  # LLaVA's tokenizer_image_token layout
                 ids = tokenize_prompt(self.tokenizer, sample, tuple(self.placeholders.values()))
@@ -247,10 +283,7 @@ class MultimodalProcessor:
         batch = self.pad(rows, padding_side)
         if not return_labels:
             batch.pop("labels")
-        for name in self.placeholder_ids:
-            flat = [item for per_sample in items.get(name, []) for item in per_sample]
-            if flat:
-                batch[name] = self._run_encoder_processor(name, flat, (processor_kwargs or {}).get(name, {}))
+        batch.update(encoded)
         return BatchFeature(batch)
 
     def pad(self, rows: list[tuple[list[int], list[int]]], padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -259,10 +292,12 @@ class MultimodalProcessor:
         return pad_rows(rows, pad_id, padding_side)
 
     def batch_decode(self, ids, **kwargs) -> list[str]:
+        """The tokenizer's `batch_decode` (ids (B, T) -> B strings)."""
         return self.tokenizer.batch_decode(ids, **kwargs)
 
     # ------------------------------------------------------------ save and load
     def to_dict(self) -> dict[str, Any]:
+        """The settings saved in `mmloom_processor.json` (template, placeholders, token counts...)."""
         return {
             "template": self.template.name,
             "template_options": self.template_options,
@@ -277,7 +312,9 @@ class MultimodalProcessor:
         """Save the tokenizer, each modality's processor (`{name}_processor/`) and the settings."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(directory)
+        from mmloom.interop.tokenizer_files import save_tokenizer  # + tokenizer.model, legacy flag
+
+        save_tokenizer(self.tokenizer, directory)
         for name, processor in self.encoder_processors.items():
             if isinstance(processor, ImageTransform):
                 spec = {"image_size": processor.image_size, "transforms": processor.to_config()}
@@ -293,6 +330,9 @@ class MultimodalProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> MultimodalProcessor:
+        """Load a processor saved by `save_pretrained` (tokenizer through `load_tokenizer`, each
+        modality's processor); `overrides` replace saved settings. Raises MmloomError when the
+        folder has no `mmloom_processor.json`."""
         directory = Path(directory)
         path = directory / PROCESSOR_CONFIG
         if not path.exists():
@@ -305,7 +345,7 @@ class MultimodalProcessor:
                 spec = read_json(transform)
                 processors[name] = ImageTransform.from_config(spec["transforms"], spec["image_size"])
                 continue
-            loader = AutoImageProcessor if name == "vision" else AutoProcessor
+            loader = AutoImageProcessor if name == "vision" else AutoFeatureExtractor if name == "audio" else AutoProcessor
             processors[name] = loader.from_pretrained(directory / f"{name}_processor")
         tokenizer = load_tokenizer(directory)
         return cls(processors, tokenizer, **{**settings, **overrides})

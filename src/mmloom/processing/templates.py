@@ -73,6 +73,8 @@ class ConversationError(MmloomError):
 
 @dataclass
 class TokenizedConversation:
+    """A conversation's ids and labels (LLaVA's layout, see the module docstring)."""
+
     input_ids: list[int]
     labels: list[int]  # same length; -100 where not supervised, else == input_ids
     text: str  # the text that input_ids decode to (rendered text, with the BOS string if one was prepended)
@@ -86,7 +88,7 @@ _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 
 
 def messages_from_llava(
-    conversations: list[dict], *, move_image_to_front: bool = True, placeholder: str = "<image>"
+    conversations: list[dict], *, move_image_to_front: bool = True, placeholder: str | tuple[str, ...] = "<image>"
 ) -> list[dict]:
     """Map LLaVA ``{"from": "human"|"gpt", "value": str}`` turns to chat messages.
 
@@ -95,8 +97,10 @@ def messages_from_llava(
     ``move_image_to_front``, a record with exactly one ``placeholder`` has its turn rewritten to
     ``placeholder + "\\n" + text_without_placeholder.strip()`` (then stripped), exactly like
     LLaVA's ``preprocess_multimodal``; records with several placeholders (interleaved,
-    LLaVA-OneVision style) keep every placeholder where it is. A trailing unanswered human turn is
-    kept.
+    LLaVA-OneVision style) keep every placeholder where it is. A tuple of placeholders (e.g.
+    ``("<image>", "<audio>")``) applies the rule to each one: those found exactly once are moved
+    to the front of their turn in the tuple's order (``<image>\\n<audio>\\ntext``). A trailing
+    unanswered human turn is kept.
     Raises :class:`ConversationError` with ``reason`` in ``ConversationError.REASONS``.
     """
     if not isinstance(conversations, (list, tuple)):
@@ -111,9 +115,12 @@ def messages_from_llava(
             "no_human_turn",
             "conversation has no human turn (it is empty after skipping a leading non-human turn)",
         )
-    if move_image_to_front and placeholder:
-        count = sum(str(t.get("value") or "").count(placeholder) for t in turns if isinstance(t, dict))
-        move_image_to_front = count == 1
+    candidates = (placeholder,) if isinstance(placeholder, str) else tuple(placeholder)
+    movable = [
+        p for p in candidates
+        if move_image_to_front and p
+        and sum(str(t.get("value") or "").count(p) for t in turns if isinstance(t, dict)) == 1
+    ]
     messages: list[dict] = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -140,8 +147,11 @@ def messages_from_llava(
             value = str(value)
         if role == "assistant" and not value.strip():
             raise ConversationError("empty_answer", f"turn {i} (gpt) has an empty answer")
-        if move_image_to_front and placeholder and placeholder in value:
-            value = (placeholder + "\n" + value.replace(placeholder, "").strip()).strip()
+        moved = [p for p in movable if p in value]
+        if moved:
+            for p in moved:
+                value = value.replace(p, "")
+            value = ("".join(p + "\n" for p in moved) + value.strip()).strip()
         messages.append({"role": role, "content": value})
     return messages
 
@@ -360,6 +370,7 @@ class ConversationTemplate:
 
     @classmethod
     def valid_options(cls) -> tuple[str, ...]:
+        """The constructor options this template accepts."""
         return ("system", "add_bos")
 
     # -- to implement ------------------------------------------------------------------------
@@ -370,6 +381,10 @@ class ConversationTemplate:
         system: str | None = None,
         tokenizer=None,
     ) -> list[tuple[str, bool]]:
+        """The rendered conversation as `(text, supervised)` segments, in order (their texts joined
+        are `render(...)`). Raises ConversationError (reason `no_human_turn`, `roles_not_alternating`,
+        `unknown_role`) for messages the template cannot render, MmloomError for
+        `add_generation_prompt` after an assistant message."""
         raise NotImplementedError
 
     # -- public API --------------------------------------------------------------------------
@@ -398,6 +413,7 @@ class ConversationTemplate:
 
     @property
     def stop_strings(self) -> list[str]:
+        """Strings that end an assistant turn in generation (the template's end token)."""
         return [self.end] if self.end else []
 
     def stop_token_ids(self, tokenizer) -> list[int]:
@@ -522,6 +538,7 @@ class RoleBlockTemplate(ConversationTemplate):
     separator = ""  # text after each block's end token
 
     def header(self, role: str) -> str:
+        """The text that opens a block of `role` ("system", "user" or "assistant")."""
         raise NotImplementedError
 
     def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):

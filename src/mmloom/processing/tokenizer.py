@@ -166,6 +166,7 @@ class SentencePieceLlamaTokenizer(_sentencepiece_backend()):
         return tokens
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        """BOS (`add_bos_token`) + ids + EOS (`add_eos_token`), per sequence."""
         bos = [self.bos_token_id] if self.add_bos_token and self.bos_token_id is not None else []
         eos = [self.eos_token_id] if self.add_eos_token and self.eos_token_id is not None else []
         out = bos + list(token_ids_0) + eos
@@ -174,6 +175,7 @@ class SentencePieceLlamaTokenizer(_sentencepiece_backend()):
         return out
 
     def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        """1 where `build_inputs_with_special_tokens` adds a special token, else 0."""
         if already_has_special_tokens:
             return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
         bos = [1] if self.add_bos_token and self.bos_token_id is not None else []

@@ -12,9 +12,10 @@ from torch import nn
 from mmloom.errors import MmloomError
 from mmloom.files import read_json
 from mmloom.model import serialization as ser
-from mmloom.model.callbacks import FeatureSelect
+from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
+from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
 from mmloom.training.config import ModelSection, TrainConfig
 
 # Vision model classes when a folder holds a full dual-tower model (e.g. openai/clip-vit-*).
@@ -76,42 +77,121 @@ def build_text_model(spec: str | dict[str, Any], attn_implementation: str | None
     return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, **kwargs)
 
 
+AUDIO_MODEL_TYPES = {"whisper"}  # HF model types whose encoder takes log-mel input_features
+
+
+def _model_type(spec: str | dict[str, Any]) -> str:
+    if isinstance(spec, dict) and spec.get("pretrained") is None:
+        return str(spec["model_type"])
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(spec if isinstance(spec, str) else spec["pretrained"]).model_type
+
+
+def build_audio_model(spec: str | dict[str, Any], attn_implementation: str | None) -> nn.Module:
+    """The encoder of a Whisper model: from an inline config (random weights) or a Whisper folder
+    (WhisperModel or WhisperForConditionalGeneration weights)."""
+    from transformers import AutoConfig, WhisperModel
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if isinstance(spec, dict) and spec.get("pretrained") is None:
+        config = _inline_config(spec, "encoders.audio.model")
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        return WhisperEncoder(config)
+    path = spec if isinstance(spec, str) else spec["pretrained"]
+    if isinstance(spec, dict):
+        _check_inline_matches(spec, AutoConfig.from_pretrained(path).to_dict(), "encoders.audio.model")
+    return WhisperModel.from_pretrained(path, torch_dtype=torch.float32, **kwargs).get_encoder()
+
+
+def encoder_settings(m: ModelSection) -> dict[str, Any]:
+    """Every encoder a model section describes: `image_model` (the seed's keys) as `vision`, then
+    `model.encoders` in order; EncoderSettings-like objects keyed by modality name."""
+    from mmloom.training.config import EncoderSettings
+
+    out: dict[str, Any] = {}
+    if m.image_model is not None:
+        out["vision"] = EncoderSettings(model=m.image_model, feature_layer=m.image_feature_select_layer_idx,
+                                        feature_mode=m.image_feature_select_mode, token_id=m.image_token_id)
+    out.update(m.encoders)
+    return out
+
+
+def default_token_id(name: str, vocab_size: int, index: int) -> int:
+    """Placeholder ids when a config gives none: those `mmloom data build` adds to a tokenizer that
+    lacks them (`<image>` = vocab_size, `<audio>` = vocab_size + 1), others after them."""
+    return vocab_size + {"vision": 0, "audio": 1}.get(name, 2 + index)
+
+
+def build_encoder(name: str, settings, m: ModelSection) -> ModalEncoderModule:
+    """One encoder of the composite: the module, its feature selection / pooling callback and a
+    lazy projector of its own type (default `model.projector`)."""
+    projector = MultimodalProjector(MultimodalProjectorConfig(projector_type=settings.projector or m.projector))
+    if _model_type(settings.model) in AUDIO_MODEL_TYPES:
+        pooling = settings.pooling
+        pool = AudioPool(stride=pooling.stride if pooling else 1, mode=pooling.mode if pooling else "mean",
+                         downsample=2, layer=settings.feature_layer)
+        return ModalEncoderModule(build_audio_model(settings.model, m.attn_implementation), projector=projector,
+                                  postprocess_module_callback=pool)
+    if settings.pooling is not None:
+        raise MmloomError(f"model.encoders.{name}.pooling applies to audio encoders only")
+    layer = -2 if settings.feature_layer is None else settings.feature_layer
+    return ModalEncoderModule(build_vision_model(settings.model, m.attn_implementation), projector=projector,
+                              postprocess_module_callback=FeatureSelect(layer, settings.feature_mode))
+
+
 def build_model(cfg: TrainConfig | ModelSection, seed: int = 0):
-    """The composite model in float32 (random parts are initialised from `seed`, deterministically)."""
+    """The composite model in float32 (random parts are initialised from `seed`, deterministically):
+    the seed's `image_model` as the `vision` encoder and/or `model.encoders`, and `text_model`."""
     m = cfg.model if isinstance(cfg, TrainConfig) else cfg
     torch.manual_seed(seed)
     if m.init_from is not None:
         model = MultimodalModel.from_pretrained(m.init_from, torch_dtype=torch.float32)
         return model.train()
-    vision = build_vision_model(m.image_model, m.attn_implementation)
+    settings = encoder_settings(m)
+    encoders = {name: build_encoder(name, s, m) for name, s in settings.items()}
     llm = build_text_model(m.text_model, m.attn_implementation)
-    image_token_id = m.image_token_id if m.image_token_id is not None else llm.config.vocab_size
-    encoder = ModalEncoderModule(
-        vision, postprocess_module_callback=FeatureSelect(m.image_feature_select_layer_idx, m.image_feature_select_mode)
-    )
-    model = MultimodalModel(
-        {"vision": encoder},
-        llm,
-        init_projector_type=m.projector,
-        placeholder_token_ids={"vision": image_token_id},
-    )
+    vocab = llm.config.vocab_size
+    token_ids = {name: s.token_id if s.token_id is not None else default_token_id(name, vocab, k)
+                 for k, (name, s) in enumerate(settings.items())}
+    model = MultimodalModel(encoders, llm, init_projector_type=m.projector, placeholder_token_ids=token_ids)
     return model.float().train()
 
 
+def lora_part(model, name: str) -> tuple[Any, str]:
+    """(owner module, attribute) of a `lora.parts` entry: language_model / text_model, or an encoder
+    by modality name, `{name}_encoder` or the Cerebras-style `image_model` / `audio_model`."""
+    if name in ("language_model", "text_model"):
+        return model, "language_model"
+    aliases = {"image_model": "vision", "audio_model": "audio"}
+    modality = aliases.get(name, name.removesuffix("_encoder").removesuffix(".module"))
+    if modality not in model.encoder_names:
+        raise MmloomError(
+            f"model.lora.parts: unknown part {name!r}; use language_model or an encoder of {model.encoder_names}"
+        )
+    return model.encoders[modality], "module"
+
+
 def apply_lora(model, settings) -> None:
-    """Wrap the language model with PEFT LoRA adapters (only the adapters train)."""
+    """Wrap each part of `settings.parts` (default the language model) with its own PEFT LoRA
+    adapters (only the adapters train)."""
     from peft import LoraConfig, get_peft_model
 
-    if hasattr(model.language_model, "peft_config"):
-        return
     target = settings.target_modules
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=target if isinstance(target, str) else list(target),
-    )
-    model.language_model = get_peft_model(model.language_model, config)
+    for name in getattr(settings, "parts", ["language_model"]):
+        owner, attribute = lora_part(model, name)
+        module = getattr(owner, attribute)
+        if hasattr(module, "peft_config"):
+            continue
+        config = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=target if isinstance(target, str) else list(target),
+        )
+        setattr(owner, attribute, get_peft_model(module, config))
 
 
 # ------------------------------------------------------------------------------- weights
@@ -150,7 +230,9 @@ def folder_has_peft(folder: Path) -> bool:
         data = read_json(Path(folder) / "config.json")
     except MmloomError:
         return False
-    return bool((data.get("language_model") or {}).get("peft"))
+    if (data.get("language_model") or {}).get("peft"):
+        return True
+    return any(((spec or {}).get("module") or {}).get("peft") for spec in (data.get("encoders") or {}).values())
 
 
 def load_model_weights(model, folder: str | Path) -> int:

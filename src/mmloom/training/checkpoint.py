@@ -5,6 +5,9 @@
   `model-0000k-of-0000K.safetensors` files + `model.safetensors.index.json` with several ranks or
   over 5 GB). The weights are streamed tensor by tensor: under FSDP each tensor is all-gathered in
   turn and written by the rank that owns its file, so no rank ever holds the whole model;
+- the processor files (`mmloom_processor.json`, tokenizer, image transform), as with final_model;
+- `run_config.yaml`: the run's resolved training config (trainable-only checkpoints), from which
+  :func:`load_saved_model` rebuilds the frozen weights when no base model is given;
 - `optimizer/`: the optimizer state (AdamW moments and steps) written with
   `torch.distributed.checkpoint` in safetensors files (`HuggingFaceStorageWriter`): each rank writes
   its own shard, and the state loads on any number of ranks (resharded on load);
@@ -24,6 +27,10 @@ At resume, `choose_resume_checkpoint` verifies the checkpoints newest first (man
 hashes, safetensors headers, readable JSON) and takes the newest complete one, naming what it
 skipped; a checkpoint whose optimizer or RNG state is missing is refused unless
 `runconfig.resume_weights_only` asks for its weights alone.
+
+:func:`load_saved_model` loads any of them for inference, conversion or merging: a full save as it
+is; a trainable-only checkpoint on `base` (PEFT adapters applied as recorded), or, without `base`, on
+the starting model its run config describes (checked against the recorded frozen-weight fingerprint).
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ LEGACY_OPTIMIZER = "optimizer.pt"  # format 1
 HASH_LIMIT = 64 * 2**20  # files up to this size get a SHA-256 in the manifest
 OPTIMIZER_FILE_BYTES = 2**30  # optimizer state per file (full size; each rank writes its part)
 PARTIAL = ".tmp-partial"
+RUN_CONFIG = "run_config.yaml"
+RESOLVED_CONFIG = "resolved_config.yaml"  # written by the trainer into MODEL_DIR
 
 
 def rng_file(rank: int) -> str:
@@ -454,9 +463,12 @@ def save_checkpoint(
     ctx: DistContext,
     trainable_only: bool = True,
     keep_last: int | None = None,
+    processor=None,
 ) -> Path:
     """Save `checkpoint-{step}` (format 2, see the module docstring). Collective: every rank calls it.
-    Raises CheckpointWriteError on every rank when any write fails (nothing of it is kept)."""
+    `processor` (a MultimodalProcessor, on rank 0) is saved with it so that chat / generate / convert
+    can use the folder. Raises CheckpointWriteError on every rank when any write fails (nothing of it
+    is kept)."""
     target = Path(model_dir) / f"checkpoint-{step}"
     tensors, _ = model_tensors(model, trainable_only)
     flat = optimizer_tensors(model, optimizer)
@@ -469,7 +481,7 @@ def save_checkpoint(
     saved = sorted({key.rpartition(".")[0] for key in flat})
     state = {**trainer_state, "format": FORMAT, "optimizer": {"params_with_state": saved}}
     if ctx.is_main:
-        save.step((save.tmp / TRAINER_STATE).write_text, json.dumps(state, indent=2, sort_keys=True))
+        save.step(_write_rank0_files, save.tmp, Path(model_dir), state, trainable_only, processor)
     else:
         save.step(lambda: None)
     save.finish()
@@ -478,6 +490,15 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
     return target
+
+
+def _write_rank0_files(tmp: Path, model_dir: Path, state: dict, trainable_only: bool, processor) -> None:
+    """trainer_state.json, the processor files and (trainable-only) run_config.yaml of a checkpoint."""
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    if trainable_only and (model_dir / RESOLVED_CONFIG).exists():
+        shutil.copyfile(model_dir / RESOLVED_CONFIG, tmp / RUN_CONFIG)
 
 
 def save_model(target: Path, model: nn.Module, ctx: DistContext, extra=None) -> None:
@@ -504,11 +525,10 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
     return read_json(path, hint="the checkpoint is damaged")
 
 
-WEIGHT_FILES = ("config.json", ser.WEIGHTS_NAME, ser.WEIGHTS_INDEX_NAME, TRAINER_STATE)
-
-
-def _is_weights_file(rel: str) -> bool:
-    return rel in WEIGHT_FILES or (rel.startswith("model-") and rel.endswith(".safetensors"))
+def _is_state_file(rel: str) -> bool:
+    """The optimizer and RNG state (a checkpoint without them resumes with `resume_weights_only`);
+    every other file (weights, config, trainer state, processor) is needed to resume at all."""
+    return rel.startswith((f"{OPTIMIZER_DIR}/", "rng_state_", LEGACY_OPTIMIZER))
 
 
 @dataclass
@@ -535,7 +555,7 @@ def verify_checkpoint(folder: Path) -> CheckpointCheck:
     check = CheckpointCheck(folder)
 
     def report(rel: str, problem: str) -> None:
-        (check.weights if _is_weights_file(rel) else check.state).append(problem)
+        (check.state if _is_state_file(rel) else check.weights).append(problem)
 
     try:
         state = read_trainer_state(folder)
@@ -636,3 +656,53 @@ def load_training_state(folder: Path, model: nn.Module, optimizer, ctx: DistCont
         notes.append(f"{folder.name} was written by {state.get('world_size')} rank(s): rank {ctx.rank} starts "
                      "from the seeded RNG state")
     return state, notes
+
+
+def _run_config_path(folder: Path) -> Path | None:
+    for path in (folder / RUN_CONFIG, folder.parent / RESOLVED_CONFIG):
+        if path.exists():
+            return path
+    return None
+
+
+def load_saved_model(folder: str | Path, base=None, torch_dtype=None, device=None):
+    """A saved mmloom model (eval mode) from a model folder, a checkpoint or a run folder (its
+    final_model, else its latest checkpoint), for chat, generate, convert and merge-lora.
+
+    A trainable-only checkpoint loads on `base` (a full model folder or a MultimodalModel; PEFT specs
+    recorded in the checkpoint are applied to it); without `base`, on the starting model rebuilt from
+    the checkpoint's run config (`run_config.yaml`, else the run folder's resolved config), which must
+    give the frozen-weight fingerprint the run recorded. Raises MmloomError otherwise."""
+    from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
+    from mmloom.training import builder
+    from mmloom.training.config import load_train_config
+
+    folder = builder.resolve_weights_folder(folder)
+    config = MultimodalConfig.load(folder)
+    if not config.trainable_only or base is not None:
+        return MultimodalModel.from_pretrained(folder, torch_dtype=torch_dtype, base=base, device=device)
+    run_config = _run_config_path(folder)
+    if run_config is None:
+        raise MmloomError(
+            f"{folder} holds trainable weights only and no run config to rebuild the others from; "
+            "give the full model it was trained on as the base (e.g. --base DIR)"
+        )
+    cfg = load_train_config(run_config)
+    start = None
+    if cfg.runconfig.checkpoint_path is not None:
+        start = builder.resolve_weights_folder(cfg.runconfig.checkpoint_path)
+        if start.resolve() == folder.resolve():
+            raise MmloomError(f"{folder}: its run config names the checkpoint itself as the starting model")
+    model = builder.build_starting_model(cfg, start)
+    recorded = read_trainer_state(folder).get("frozen_fingerprint") if (folder / TRAINER_STATE).exists() else None
+    if recorded and recorded != builder.frozen_fingerprint(model):
+        raise MmloomError(
+            f"{folder} holds trainable weights only, and the frozen weights rebuilt from {run_config} differ from "
+            "those the run trained with (changed model folders or config?); give the right base model (--base DIR)"
+        )
+    model.load_weights(ser.load_state_dict(folder), tied_weights=config.tied_weights, strict=False)
+    dtype = config.torch_dtype if torch_dtype is None else torch_dtype
+    model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval()

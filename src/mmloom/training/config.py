@@ -4,7 +4,7 @@
 train_input: {data_dir, img_data_dir, image_size, transforms, batch_size, micro_batch_size, shuffle, num_workers,
               packing, group_by_length}
 eval_input:  {... same keys ...}
-model:       {image_model, text_model, projector, freeze, image_feature_select_layer_idx,
+model:       {image_model, encoders, text_model, projector, freeze, image_feature_select_layer_idx,
               image_feature_select_mode, image_start_idx, image_token_id, loss_scaling, precision,
               attn_implementation, gradient_checkpointing, lora, init_from}
 optimizer:   {optimizer_type, lr, betas, eps, weight_decay, max_gradient_norm, projector_lr}
@@ -38,6 +38,10 @@ class _Section(BaseModel):
 class InputConfig(_Section):
     data_dir: str = Field(description="folder of .h5 files written by `mmloom data build`")
     img_data_dir: str | None = Field(None, description="root folder of the samples' relative image paths")
+    audio_data_dir: str | None = Field(
+        None, description="root folder of the samples' relative audio paths (data built with dataset.audio); "
+        "default: the data's dataset.audio.audio_dir"
+    )
     image_size: int | None = Field(None, ge=1, description="image side; default: the vision model's image_size")
     transforms: list[dict[str, Any]] | None = Field(None, description="ImageTransform steps ([{name: ...}])")
     batch_size: int = Field(ge=1, description="global batch size: all ranks and micro-batches of one step")
@@ -58,17 +62,27 @@ class InputConfig(_Section):
     )
     packing: bool = Field(
         False,
-        description="train_input only: pack each micro-batch's samples, whole, into as few rows of at most MSL "
-        "tokens as fit (block-diagonal causal attention, restarting position ids; same samples, loss and "
-        "schedule per step, fewer padded tokens; raise micro_batch_size to profit). Off by default: it "
-        "changes the rows per micro-batch (memory) and, with sdpa/eager, needs a (rows, 1, T, T) mask",
+        description="train_input only: each micro-batch is one padding-free row of whole samples, each sample "
+        "attending to itself only (per-sample SDPA: sdpa/eager attention becomes mmloom_sdpa_varlen; or varlen "
+        "flash_attention_2/3), no (T, T) mask; the step's samples are split over the micro-batches and ranks at "
+        "even token counts (at most micro_batch_size x MSL tokens each). Same samples, loss and schedule per "
+        "step; nothing computed for padding. Off by default (the Cerebras/seed behaviour); the shipped "
+        "LLaVA-1.5 configs turn it on",
     )
     group_by_length: bool = Field(
         False,
-        description="train_input only: sort each step's samples by length before cutting them into "
-        "micro-batches, and drop the all-padding tail columns (same samples and loss per step). Off by "
-        "default: it scans every sample's length at start and gives variable batch shapes",
+        description="train_input only: sort each step's samples by length and cut them into micro-batches "
+        "of even padded cost (samples x longest; short samples in larger micro-batches), dealt evenly to "
+        "the ranks, rows trimmed to their longest sample (same samples and loss per step). Off by default: "
+        "it scans every sample's length at start and gives variable batch shapes. Not with packing",
     )
+
+    @model_validator(mode="after")
+    def _one_batching(self):
+        if self.packing and self.group_by_length:
+            raise ValueError("packing and group_by_length exclude each other: packing already groups the step's "
+                             "samples at even cost, without padding")
+        return self
 
 
 class LoraSettings(_Section):
@@ -76,6 +90,45 @@ class LoraSettings(_Section):
     alpha: float = 256
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
+    parts: list[str] = Field(
+        default_factory=lambda: ["language_model"],
+        description="parts that get adapters: language_model (text_model) and/or encoders by name (audio, "
+        "audio_encoder, vision, image_model); each is wrapped with its own LoRA",
+    )
+
+
+class PoolingSettings(_Section):
+    stride: int = Field(1, ge=1, description="encoder positions per LLM token (Whisper: 1500 positions per 30 s)")
+    mode: Literal["mean", "stack"] = Field("mean", description="mean: average each group; stack: concatenate it")
+
+
+class EncoderSettings(_Section):
+    """One encoder of `model.encoders` (modality name -> encoder)."""
+
+    model: str | dict[str, Any] = Field(
+        description="HF folder (a Whisper folder gives its encoder), or an inline HF config dict with model_type "
+        "(e.g. whisper, clip_vision_model) + optional 'pretrained' folder"
+    )
+    projector: str | None = Field(None, description="projector type; default model.projector")
+    feature_layer: int | None = Field(
+        None, description="hidden layer fed to the projector; default -2 for vision, the final output for audio"
+    )
+    feature_mode: Literal["patch", "cls_patch"] = Field("patch", description="vision: drop (patch) or keep the CLS")
+    placeholder: str | None = Field(None, description="placeholder token; default <image> / <audio> / <NAME>")
+    token_id: int | None = Field(
+        None, description="placeholder id; default the LLM's vocab_size for vision, vocab_size + 1 for audio (the ids "
+        "`mmloom data build` gives <image> and <audio> when the tokenizer lacks them)"
+    )
+    pooling: PoolingSettings | None = Field(
+        None, description="audio: real-length positions, then groups of `stride` (default stride 1, mean)"
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_type(cls, value):
+        if isinstance(value, dict) and "model_type" not in value:
+            raise ValueError("an inline HF config needs a 'model_type' key (or give an HF folder path)")
+        return value
 
 
 class ModelSection(_Section):
@@ -84,6 +137,10 @@ class ModelSection(_Section):
     )
     text_model: str | dict[str, Any] | None = Field(
         None, description="HF folder, or an inline HF config dict with model_type (+ optional 'pretrained' folder)"
+    )
+    encoders: dict[str, EncoderSettings] = Field(
+        default_factory=dict,
+        description="modality name -> encoder (audio, vision, ...), next to or instead of image_model (= 'vision')",
     )
     init_from: str | None = Field(None, description="an mmloom model folder to start from (instead of the parts)")
     projector: str = "mlp2x_gelu"
@@ -94,7 +151,10 @@ class ModelSection(_Section):
     image_token_id: int | None = Field(None, description="placeholder id; default: the LLM's vocab_size")
     pad_token_id: int | None = Field(None, description="default: data_params.json pad_id, else the LLM's")
     loss_scaling: Literal["num_tokens", "batch_size"] = "num_tokens"
-    precision: Literal["float32", "bfloat16"] = "float32"
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16 = mixed precision: bf16 autocast over float32 master weights and optimizer "
+        "state (the weights are not stored in bf16)"
+    )
     attn_implementation: str | None = "sdpa"
     gradient_checkpointing: bool = False
     loss_on_supervised_only: bool = Field(
@@ -116,8 +176,12 @@ class ModelSection(_Section):
 
     @model_validator(mode="after")
     def _parts_or_init(self):
+        if self.image_model is not None and "vision" in self.encoders:
+            raise ValueError("model.image_model and model.encoders.vision both define the vision encoder: keep one")
         if self.init_from is None:
             missing = [k for k in ("image_model", "text_model") if getattr(self, k) is None]
+            if self.encoders and "image_model" in missing:
+                missing.remove("image_model")
             if missing:
                 raise ValueError(f"set model.{' and model.'.join(missing)} (or model.init_from)")
         return self
@@ -226,6 +290,7 @@ def check_config_paths(cfg: TrainConfig, mode: str = "train", resuming: bool = F
         _check_dir(section.data_dir, f"{name}.data_dir")
         if not section.use_cached_features:  # cached features need no image
             _check_dir(section.img_data_dir, f"{name}.img_data_dir")
+        _check_dir(section.audio_data_dir, f"{name}.audio_data_dir")
     m = cfg.model
     if m.init_from is not None:
         _check_dir(m.init_from, "model.init_from")
@@ -236,6 +301,11 @@ def check_config_paths(cfg: TrainConfig, mode: str = "train", resuming: bool = F
                 _check_dir(value, f"model.{key}")
             elif isinstance(value, dict) and value.get("pretrained") is not None:
                 _check_dir(value["pretrained"], f"model.{key}.pretrained")
+        for name, encoder in m.encoders.items():
+            if isinstance(encoder.model, str):
+                _check_dir(encoder.model, f"model.encoders.{name}.model")
+            elif encoder.model.get("pretrained") is not None:
+                _check_dir(encoder.model["pretrained"], f"model.encoders.{name}.model.pretrained")
     if not resuming:
         _check_dir(cfg.runconfig.checkpoint_path, "runconfig.checkpoint_path")
 

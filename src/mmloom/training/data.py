@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -24,25 +25,36 @@ from mmloom.data.feature_cache import (
 )
 from mmloom.data.h5_format import read_data_params
 from mmloom.data.hdf5_dataset import HDF5LlavaDataset
-from mmloom.data.sampling import LengthGroupedStepSampler, StepBatchSampler
+from mmloom.data.sampling import LengthGroupedStepSampler, PackedStepSampler, StepBatchSampler, sample_lengths
 from mmloom.errors import MmloomError
+from mmloom.model.attention import use_packed_attention
 from mmloom.processing.image import ImageTransform
 from mmloom.processing.processor import MultimodalProcessor
 from mmloom.processing.tokenizer import load_tokenizer
 from mmloom.training import builder
 from mmloom.training.config import InputConfig, check_config_paths
+from mmloom.training.modalities import audio_processor, audio_reader
 
 
 def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
     """The dataset of an input section: HDF5 samples with images transformed to `image_size`, or
-    with cached encoder features (`use_cached_features`)."""
+    with cached encoder features (`use_cached_features`); with their audio clips when the data has
+    some. `image_size` 0 (a model without a vision encoder) reads no image."""
     if section.use_cached_features:  # `mmloom data cache-features` output instead of images
         return CachedFeatureDataset(section.data_dir, cache_dir_for(section))
-    transform = ImageTransform.from_config(section.transforms, section.image_size or image_size)
-    return HDF5LlavaDataset(section.data_dir, section.img_data_dir, transform, dtype=dtype)
+    size = section.image_size or image_size
+    transform = ImageTransform.from_config(section.transforms, size) if size else None
+    return HDF5LlavaDataset(section.data_dir, section.img_data_dir, transform, dtype=dtype,
+                            audio_reader=audio_reader(section))
 
 
-def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0) -> DataLoader:
+def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0,
+                pin_memory: bool | None = None) -> DataLoader:
+    """The DataLoader of a sampler of micro-batches. `pin_memory` (None: when CUDA is available, as
+    the trainer then runs there) puts batches in page-locked memory, so that `batch_to_device`'s
+    non-blocking copies overlap with compute."""
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
     # A private generator: creating the iterator must not draw from the global RNG (exact resume).
     return DataLoader(
         dataset,
@@ -51,6 +63,7 @@ def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        pin_memory=bool(pin_memory),
         generator=torch.Generator().manual_seed(seed),
     )
 
@@ -62,29 +75,56 @@ def processor_for(section: InputConfig, image_size: int, model):
         params = read_data_params(section.data_dir)
         dataset = DatasetConfig.model_validate(params["dataset"])
         tokenizer = load_tokenizer(params["processor"]["tokenizer_type"], what="processor.tokenizer_type")
-        special_ids(tokenizer, dataset.image_token)  # the stock tokenizer lacks <image>: added as data build does
-        transform = ImageTransform.from_config(section.transforms, section.image_size or image_size)
+        audio = dataset.audio
+        # the stock tokenizer lacks <image> (and <audio>): added as data build does
+        special_ids(tokenizer, dataset.image_token, audio.audio_token if audio else None)
+        processors = {}
+        if "vision" in model.encoder_names:
+            processors["vision"] = ImageTransform.from_config(section.transforms, section.image_size or image_size)
+        if "audio" in model.encoder_names and audio_processor(section) is not None:
+            processors["audio"] = audio_processor(section)
         style, options = template_spec(dataset, tokenizer)  # the template `mmloom data build` used
-        return MultimodalProcessor.from_model(model, tokenizer, {"vision": transform}, template=style,
-                                              template_options=options), None
+        placeholders = {"audio": audio.audio_token} if audio else {}
+        return MultimodalProcessor.from_model(model, tokenizer, processors, template=style,
+                                              template_options=options, placeholders=placeholders), None
     except (MmloomError, OSError, KeyError, ValueError) as err:
         return None, str(err)
 
 
-def train_collator(collator, section, dataset, attn_implementation: str | None):
-    """The training collator for `train_input` (`packing`, `group_by_length`)."""
+def train_collator(collator, section: InputConfig, model):
+    """The training collator for `train_input`: with `packing`, a `PackedCollator` (one padding-free
+    row per micro-batch), and the model's language model switched to attention that reads packed
+    rows (`mmloom.model.attention.use_packed_attention`: sdpa and eager become
+    `mmloom_sdpa_varlen`, flash_attention_2/3 stay). Otherwise the collator as it is (rows
+    trimmed to the micro-batch's longest sample). Raises MmloomError when the language model
+    cannot take packed rows."""
     if section.packing:
-        impl = str(attn_implementation or "sdpa")
-        attention = "flash" if "flash" in impl else "eager" if impl == "eager" else "sdpa"
-        return PackedCollator(collator, dataset.max_sequence_length, attention=attention)
-    return collator  # rows are already trimmed to the batch's longest sample
+        use_packed_attention(model.language_model)
+        return PackedCollator(collator)
+    return collator
 
 
-def step_sampler(lengths, *args, **kwargs) -> StepBatchSampler:
-    """`StepBatchSampler(*args)`, length-grouped when `lengths` is given."""
-    if lengths is None:
-        return StepBatchSampler(*args, **kwargs)
-    return LengthGroupedStepSampler(lengths, *args, **kwargs)
+def train_lengths(section: InputConfig, dataset) -> np.ndarray | None:
+    """What the sampler of `train_input` needs to know of every sample: attended tokens with
+    `packing`, the padded width with `group_by_length`, nothing otherwise (one pass over the
+    data files at start; see `mmloom.data.sampling.sample_lengths`)."""
+    if section.packing:
+        return sample_lengths(dataset, attended_only=True)
+    if section.group_by_length:
+        return sample_lengths(dataset)
+    return None
+
+
+def step_sampler(section: InputConfig, dataset, lengths, *args, **kwargs) -> StepBatchSampler:
+    """The step sampler of `train_input` (`StepBatchSampler(*args, **kwargs)` arguments):
+    `PackedStepSampler` with `packing` (micro-batches of even token counts, at most
+    micro_batch_size x the data's MSL tokens each), `LengthGroupedStepSampler` with
+    `group_by_length`, else `StepBatchSampler`; `lengths` from `train_lengths`."""
+    if section.packing:
+        return PackedStepSampler(lengths, dataset.max_sequence_length, *args, **kwargs)
+    if section.group_by_length:
+        return LengthGroupedStepSampler(lengths, *args, **kwargs)
+    return StepBatchSampler(*args, **kwargs)
 
 
 def check_cached_features(cfg, model, mode: str) -> None:
@@ -99,6 +139,9 @@ def check_cached_features(cfg, model, mode: str) -> None:
         section = getattr(cfg, name)
         if section is None or not section.use_cached_features or mode not in modes:
             continue
+        if "vision" not in model.encoder_names:
+            raise MmloomError(f"{name}.use_cached_features caches the vision encoder's features; this model has "
+                              f"none (encoders: {model.encoder_names})")
         check_cacheable(model, allow_trainable=mode == "eval", setting=f"{name}.use_cached_features")
         encoder = model.encoders["vision"]
         shape = (model.num_feature_tokens("vision"), encoder.feature_dim())

@@ -6,47 +6,65 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 
+from mmloom.model.attention import VARLEN_KWARGS
 from mmloom.model.merge import IGNORE_INDEX
 from mmloom.training.distributed import DistContext
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    """Tensors of a batch (also inside dicts, e.g. `encoder_inputs`) moved to `device`."""
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        return {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
+    return {k: move(v) for k, v in batch.items()}
 
 
 def model_inputs(batch: dict) -> dict:
-    """What the model takes from a collated batch: ids, attention, packed positions, and the
-    vision inputs (images, or cached encoder features with `use_cached_features`)."""
+    """What the model takes from a collated batch: ids, attention, packed positions and sample
+    boundaries, the vision inputs (images, or cached encoder features with `use_cached_features`)
+    and the inputs of other encoders (`encoder_inputs`, e.g. audio features)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if batch.get("position_ids") is not None:  # packed rows: positions restart per sample
         inputs["position_ids"] = batch["position_ids"]
+    for key in VARLEN_KWARGS:  # packed rows: the sample boundaries, once per batch
+        if batch.get(key) is not None:
+            inputs[key] = batch[key]
     if batch.get("module_features") is not None:
         inputs["vision"] = {"module_features": batch["module_features"]}
     elif batch.get("pixel_values") is not None:
         inputs["vision"] = {"pixel_values": batch["pixel_values"]}
+    for name, encoder_inputs in (batch.get("encoder_inputs") or {}).items():  # other modalities (audio)
+        inputs[name] = encoder_inputs
     return inputs
+
+
+def supervised_samples(batch: dict) -> int:
+    """Samples of a batch with at least one supervised token: rows of a padded batch, `spans` of a
+    packed one."""
+    supervised = batch["labels"] != IGNORE_INDEX  # (B, T); a sample's first label is never supervised
+    if batch.get("spans") is not None:
+        return sum(bool(supervised[row, start:end].any()) for row, start, end in batch["spans"])
+    return int((supervised[:, 1:].sum(dim=1) > 0).sum())
 
 
 @torch.no_grad()
 def evaluate(model, loader, ctx: DistContext, autocast=contextlib.nullcontext) -> dict:
-    """Sums over every rank's batches: loss sum, supervised tokens, correct argmax predictions."""
+    """Eval loss (mean over supervised tokens), perplexity and next-token accuracy (argmax at
+    supervised positions), summed over every rank's batches. The model computes them at the
+    supervised positions only (`token_stats=True`: no full-vocabulary logits)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, correct, samples
     for batch in loader:
         batch = batch_to_device(batch, ctx.device)
         with autocast():
-            out = model(**model_inputs(batch))
-        logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        if mask.any():
-            loss_sum = F.cross_entropy(logits[mask], labels[mask], reduction="sum")
-            correct = (logits.argmax(-1)[mask] == labels[mask]).sum()
-            totals += torch.tensor([float(loss_sum), float(mask.sum()), float(correct), 0.0], dtype=torch.float64)
-        totals[3] += float((mask.sum(dim=1) > 0).sum())
+            out = model(**model_inputs(batch), labels=batch["labels"], compute_logits=False, token_stats=True)
+        totals[0] += float(out.loss_sum)
+        totals[1] += float(out.num_tokens)
+        totals[2] += float(out.num_correct)
+        totals[3] += supervised_samples(batch)
     if was_training:
         model.train()
     totals = ctx.all_reduce_sum(totals)

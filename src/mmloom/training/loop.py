@@ -18,9 +18,8 @@ import torch
 
 from mmloom.data.collate import FeatureCollator, TrainCollator
 from mmloom.data.h5_format import read_data_params
-from mmloom.data.sampling import EvalSampler, PaddedDataset, sample_lengths, steps_per_epoch
+from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
-from mmloom.model.feature_count import encoder_positions
 from mmloom.training import builder
 from mmloom.training.checkpoint import (
     choose_resume_checkpoint,
@@ -37,6 +36,7 @@ from mmloom.training.data import (
     processor_for,
     step_sampler,
     train_collator,
+    train_lengths,
 )
 from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap_model
 from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
@@ -48,6 +48,7 @@ from mmloom.training.metrics import (
     ThroughputWindow,
     batch_work,
 )
+from mmloom.training.modalities import check_data_modalities, vision_geometry, with_audio
 from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
 from mmloom.training.preemption import StopSignals, TrainingStopped
 
@@ -140,13 +141,8 @@ class Trainer:
             model.gradient_checkpointing_enable()
         model.to(self.device)
         self.base_model = model
-        self.num_feature_tokens = model.num_feature_tokens("vision")
-        vision_cfg = model.encoders["vision"].config
-        self.image_size = int(getattr(vision_cfg, "image_size", 0) or 0)
-        try:  # the encoder's sequence length (a CLS token only where the model has one)
-            self.image_positions = encoder_positions(vision_cfg)
-        except MmloomError:
-            self.image_positions = self.num_feature_tokens
+        # vision encoder geometry ((0, 0, 0) without one: audio-LLMs)
+        self.num_feature_tokens, self.image_size, self.image_positions = vision_geometry(model)
         if for_training or self.ctx.mode == "fsdp":
             self.model = wrap_model(model, self.ctx, run.find_unused_parameters, cfg.model.precision)
         else:
@@ -176,7 +172,9 @@ class Trainer:
             pad = getattr(unwrap(self.base_model).language_model.config, "pad_token_id", None)
         if pad is None:
             raise MmloomError("cannot tell the pad token id: set model.pad_token_id")
-        image_token_id = self.base_model.placeholder_token_ids["vision"]
+        check_data_modalities(self.base_model, data_dir)  # images / audio the model cannot read
+        image_token_id = self.base_model.placeholder_token_ids.get("vision", -1)
+        dummy_images = dummy_images and "vision" in self.base_model.encoder_names
         return TrainCollator(image_token_id, int(pad), self.num_feature_tokens, dummy_images=dummy_images)
 
     def setup_data(self) -> None:
@@ -202,15 +200,16 @@ class Trainer:
         else:
             self.total_steps = max(1, int(math.ceil((run.num_epochs or 1.0) * self.steps_per_epoch)))
         self.train_collate = self._collator(section.data_dir)
-        self.train_collate = train_collator(self.train_collate, section, self.train_set, self.cfg.model.attn_implementation)
+        self.train_collate = train_collator(self.train_collate, section, self.base_model)
         if section.use_cached_features:  # batches carry module_features instead of pixel_values
             self.train_collate = FeatureCollator(self.train_collate)
-        self.train_lengths = sample_lengths(self.train_set) if section.group_by_length else None
+        self.train_collate = with_audio(self.train_collate, self.base_model, getattr(self.train_set, "audio_reader", None))
+        self.train_lengths = train_lengths(section, self.train_set)
 
     def train_loader(self, start_step: int):
         section = self.cfg.train_input
         sampler = step_sampler(
-            getattr(self, "train_lengths", None),
+            section, self.train_set, getattr(self, "train_lengths", None),
             len(self.train_set), self.global_batch, self.ctx.world_size, self.ctx.rank, self.micro_batch,
             self.run.seed, section.shuffle, start_step, self.total_steps, drop_last=section.drop_last,
         )
@@ -224,6 +223,7 @@ class Trainer:
         collate = self._collator(section.data_dir)
         if section.use_cached_features:
             collate = FeatureCollator(collate)
+        collate = with_audio(collate, self.base_model, getattr(dataset, "audio_reader", None), dummy=False)
         return make_loader(dataset, sampler, collate, section.num_workers, self.run.seed)
 
     def setup_optimizer(self) -> None:
@@ -301,10 +301,19 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"),
         }
 
+    def saved_processor(self):
+        """(processor, why not) saved with checkpoints and final_model, built once (rank 0 only)."""
+        if not hasattr(self, "_saved_processor"):
+            self._saved_processor = (
+                processor_for(self.cfg.train_input, self.image_size, self.base_model) if self.ctx.is_main
+                else (None, "not the main process"))
+        return self._saved_processor
+
     def save(self, step: int) -> Path:
         return save_checkpoint(
             self.model_dir, step, self.model, self.optimizer, self.trainer_state(step), self.ctx,
             trainable_only=self.run.save_trainable_only, keep_last=self.run.keep_last,
+            processor=self.saved_processor()[0],
         )
 
     def save_final_model(self) -> None:
@@ -312,7 +321,7 @@ class Trainer:
         processor when the data allows one (so that chat/generate/convert can use the folder as it is)."""
         processor, why_not = None, None
         if self.ctx.is_main:
-            processor, why_not = processor_for(self.cfg.train_input, self.image_size, self.base_model)
+            processor, why_not = self.saved_processor()
         extra = (lambda folder: processor.save_pretrained(folder)) if processor is not None else None
         save_model(self.model_dir / builder.FINAL_MODEL, self.model, self.ctx, extra)
         if self.ctx.is_main and processor is None:

@@ -166,6 +166,8 @@ class FlopsEstimator:
       the same sample, backward 2x the forward when gradients go through the LLM;
     - LM head (the output embedding), at `StepWork.head_positions`.
 
+    Encoders other than the vision encoder (audio) are not counted.
+
     Recomputation (gradient checkpointing, the chunked loss's recomputed logits) and padding
     are not counted: MFU counts the model's FLOPs, not the hardware's.
     """
