@@ -21,8 +21,6 @@ class TrainingStopped(MmloomError):
     """The run stopped on a signal after saving a checkpoint; `exit_code` is 128 + the signal number
     (the shell's convention), so schedulers see that the job did not finish."""
 
-    label = "stopped"
-
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
