@@ -92,6 +92,10 @@ def test_fsdp_checkpoint_resumes_on_another_world_size(data, tmp_path):
     optimizer_files = sorted(p.name for p in (run / "checkpoint-2" / "optimizer").glob("*.safetensors"))
     assert len(optimizer_files) == 2  # each rank wrote its shard
     two_ranks, first = losses(run), weights(run / "final_model")
+    # the final model is streamed: two weight files, each written by one rank, and transformers' index
+    assert sorted(p.name for p in (run / "final_model").glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert (run / "final_model" / "model.safetensors.index.json").exists()
     shutil.rmtree(run / "checkpoint-4")
     shutil.rmtree(run / "final_model")
     assert main(train_args(data, 2, run, *sets)) == 0  # distributed: none

@@ -10,7 +10,7 @@ model:       {image_model, encoders, text_model, projector, freeze, image_featur
 optimizer:   {optimizer_type, lr, betas, eps, weight_decay, max_gradient_norm, projector_lr}
 schedule:    {warmup_steps | warmup_ratio, decay, min_lr}
 runconfig:   {max_steps | num_epochs, checkpoint_steps, keep_last, log_steps, eval_steps, seed,
-              load_checkpoint_states, checkpoint_path, distributed, mfu_peak_flops, ...}
+              load_checkpoint_states, checkpoint_path, distributed, mfu_peak_flops, resume_weights_only, ...}
 ```
 
 `batch_size` is the global batch (all ranks, all micro-batches of one optimizer step).
