@@ -180,20 +180,25 @@ def test_full_disk_during_data_build(data, tmp_path, capsys, monkeypatch, how):
 # ---------------------------------------------------------------------------- preemption
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_checkpoint_at_the_step_boundary_and_resumes_exactly(data, tmp_path, signum):
+    """SIGTERM to the trainer; SIGINT to its whole process group as Ctrl-C sends it, data-loader
+    workers included (they must not die under the trainer)."""
     sets = [*SETS[:2], "runconfig.checkpoint_steps=100", *SETS[3:]]  # only the last step is a checkpoint step
+    if signum == signal.SIGINT:
+        sets.append("train_input.num_workers=2")  # same batches, same losses
     reference = tmp_path / "reference"
     assert main(train_args(data, 2, reference, *sets)) == 0
     run = tmp_path / "stopped"
     env = {**os.environ, "MMLOOM_DEBUG_STEP_SLEEP": "0.3", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "mmloom", *train_args(data, 2, run, *sets)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
     try:
         deadline = time.time() + 120
         while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count('"loss"') >= 1):
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             assert time.time() < deadline
             time.sleep(0.02)
-        proc.send_signal(signum)
+        os.killpg(proc.pid, signum) if signum == signal.SIGINT else proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

@@ -61,3 +61,10 @@ class StopSignals:
     @staticmethod
     def name(signum: int) -> str:
         return signal.Signals(signum).name
+
+
+def ignore_stop_signals_in_worker(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: Ctrl-C reaches the whole process group, data-loader workers
+    included; they ignore it (as the trainer only stops at the next step boundary and still needs
+    their batches until then) and end when the trainer shuts its loader down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
