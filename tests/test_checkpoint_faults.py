@@ -72,9 +72,12 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(data, reference, tmp_
     run = copy_checkpoints(reference, tmp_path / "run")
     spoil, words = DAMAGES[damage]
     spoil(run / "checkpoint-4")
+    (run / ".checkpoint-6.tmp-partial" / "optimizer").mkdir(parents=True)  # a save killed midway
+    (run / ".checkpoint-6.tmp-partial" / "model.safetensors").write_bytes(b"\0" * 100)
     capsys.readouterr()
     assert main(train_args(data, 2, run, *SETS)) == 0
     out = capsys.readouterr().out
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
     assert "skipped checkpoint-4" in out and words in out, out
     assert "resuming from" in out and "checkpoint-2 (step 2)" in out
     assert_same_run(run, reference)  # steps 3-6 redone exactly from checkpoint-2

@@ -10,9 +10,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="train / evaluate a LLaVA-style model from a YAML config (torchrun for several processes)",
-        description="Train or evaluate from a YAML config. Resumes automatically from the latest "
-        "checkpoint in --model-dir. Distributed: torchrun --nproc_per_node=N -m mmloom train ... "
-        "with runconfig.distributed: ddp|fsdp.",
+        description="Train or evaluate from a YAML config. Resumes automatically from the newest complete "
+        "checkpoint in --model-dir (damaged ones are skipped with a note; runconfig.resume_weights_only: true "
+        "continues from a checkpoint whose optimizer/RNG state is missing). SIGTERM or Ctrl-C: a checkpoint at "
+        "the next step boundary, then exit code 128 + the signal number (143, 130). Distributed: torchrun "
+        "--nproc_per_node=N -m mmloom train ... with runconfig.distributed: ddp|fsdp.",
     )
     p.add_argument("config", help="training YAML (train_input, eval_input, model, optimizer, schedule, runconfig)")
     p.add_argument("--model-dir", required=True, help="run folder: checkpoints, metrics, final_model")
