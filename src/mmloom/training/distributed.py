@@ -132,7 +132,7 @@ def mixed_precision(precision: str):
 
 def apply_fsdp(model, precision: str = "float32") -> nn.Module:
     """FSDP2: `fully_shard` every transformer block of every part, then the root (see the module
-    docstring for the bf16 policy). Parameters on the meta device stay there (to be materialised)."""
+    docstring for the bf16 policy)."""
     from torch.distributed.fsdp import fully_shard
 
     policy = mixed_precision(precision)

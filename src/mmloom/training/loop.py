@@ -385,54 +385,52 @@ class Trainer:
         if start_step >= self.total_steps:
             progress.message(f"training already finished at step {start_step}")
         loader_iter = iter(self.train_loader(start_step)) if start_step < self.total_steps else None
-        stops = StopSignals()
-        try:
-            stops.__enter__()
-            for step in range(start_step, self.total_steps):
-                t0 = time.perf_counter()
-                micro_batches = [next(loader_iter) for _ in range(self.accum)]
-                t_data = time.perf_counter() - t0
-                lr = self.optimizer.param_groups[0]["lr"]
-                lrs = {g["group_name"]: g["lr"] for g in self.optimizer.param_groups}
-                res = self.optimizer_step(micro_batches, step, last_saved)
-                if debug_sleep:
-                    time.sleep(debug_sleep)
-                done = step + 1
-                dt = time.perf_counter() - t0
-                window.add(dt, t_data, res.tokens, res.samples, flops.flops(res.work))
-                record = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                          "loss_tokens": res.loss_tokens, "epoch": done / self.steps_per_epoch}
-                if len(lrs) > 1 and "projector" in lrs:
-                    record["projector_lr"] = lrs["projector"]
-                if done % run.log_steps == 0 or done == self.total_steps:
-                    record.update(window.summary(run.mfu_peak_flops, ctx.world_size))
-                    window = ThroughputWindow()
-                    progress.log(record)
-                metrics.write(record)
-                progress.update(done, {**record, "tokens_per_s": record.get("tokens_per_s", res.tokens / dt)})
-                result["last_loss"] = res.loss
-                if (run.checkpoint_steps and done % run.checkpoint_steps == 0) or done == self.total_steps:
-                    self.save(done)
-                    last_saved = done
-                if eval_every and (done % eval_every == 0 or done == self.total_steps):
-                    ev = evaluate(self.model, eval_loader, ctx, self.autocast)
-                    metrics.write({"step": done, **ev}, prefix="eval")
-                    progress.log({"step": done, **ev})
-                    result["eval"] = ev
-                signum = stops.agreed(ctx)  # every rank learns of a SIGTERM / Ctrl-C on any rank
-                if signum is not None and done < self.total_steps:
-                    if last_saved != done:
+        with StopSignals() as stops:  # SIGTERM / Ctrl-C: a checkpoint at the next step boundary
+            try:
+                for step in range(start_step, self.total_steps):
+                    t0 = time.perf_counter()
+                    micro_batches = [next(loader_iter) for _ in range(self.accum)]
+                    t_data = time.perf_counter() - t0
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    lrs = {g["group_name"]: g["lr"] for g in self.optimizer.param_groups}
+                    res = self.optimizer_step(micro_batches, step, last_saved)
+                    if debug_sleep:
+                        time.sleep(debug_sleep)
+                    done = step + 1
+                    dt = time.perf_counter() - t0
+                    window.add(dt, t_data, res.tokens, res.samples, flops.flops(res.work))
+                    record = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
+                              "loss_tokens": res.loss_tokens, "epoch": done / self.steps_per_epoch}
+                    if len(lrs) > 1 and "projector" in lrs:
+                        record["projector_lr"] = lrs["projector"]
+                    if done % run.log_steps == 0 or done == self.total_steps:
+                        record.update(window.summary(run.mfu_peak_flops, ctx.world_size))
+                        window = ThroughputWindow()
+                        progress.log(record)
+                    metrics.write(record)
+                    progress.update(done, {**record, "tokens_per_s": record.get("tokens_per_s", res.tokens / dt)})
+                    result["last_loss"] = res.loss
+                    if (run.checkpoint_steps and done % run.checkpoint_steps == 0) or done == self.total_steps:
                         self.save(done)
                         last_saved = done
-                    raise TrainingStopped(
-                        f"stopped by {StopSignals.name(signum)} after step {done} of {self.total_steps}: "
-                        f"saved {self.model_dir / f'checkpoint-{done}'}; run the same command again to resume",
-                        signum,
-                    )
-        finally:
-            stops.__exit__(None, None, None)
-            progress.close()
-            metrics.close()
+                    if eval_every and (done % eval_every == 0 or done == self.total_steps):
+                        ev = evaluate(self.model, eval_loader, ctx, self.autocast)
+                        metrics.write({"step": done, **ev}, prefix="eval")
+                        progress.log({"step": done, **ev})
+                        result["eval"] = ev
+                    signum = stops.agreed(ctx)  # every rank learns of a SIGTERM / Ctrl-C on any rank
+                    if signum is not None and done < self.total_steps:
+                        if last_saved != done:
+                            self.save(done)
+                            last_saved = done
+                        raise TrainingStopped(
+                            f"stopped by {StopSignals.name(signum)} after step {done} of {self.total_steps}: "
+                            f"saved {self.model_dir / f'checkpoint-{done}'}; run the same command again to resume",
+                            signum,
+                        )
+            finally:
+                progress.close()
+                metrics.close()
         if run.save_final_model:
             self.save_final_model()
         result["final_step"] = self.total_steps
