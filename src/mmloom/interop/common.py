@@ -5,7 +5,6 @@ The native `mmloom` folder is read and written here too.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +14,11 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.files import atomic_directory, read_json
 from mmloom.interop.tokenizer_files import save_tokenizer
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import CALLBACK_SLOTS, base_module
 from mmloom.model.multimodal import MultimodalModel
-from mmloom.model.serialization import atomic_directory
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -252,15 +251,6 @@ def write_mmloom(bundle: Bundle, dst: str | Path, dtype: str | None = None, **_:
     with atomic_directory(dst) as tmp:
         bundle.model.save_pretrained(tmp)
         save_processor(bundle, tmp)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MmloomError(f"{path} not found") from None
-    except json.JSONDecodeError as err:
-        raise MmloomError(f"{path} is not valid JSON: {err}") from None
 
 
 def load_weight_files(directory: Path) -> dict[str, torch.Tensor]:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from mmloom.errors import MmloomError
+from mmloom.files import atomic_directory, read_json, write_json
 from mmloom.interop.common import (
     Bundle,
     cast_in_place,
@@ -51,7 +52,6 @@ from mmloom.interop.common import (
     load_tokenizer,
     load_weight_files,
     merge_adapters,
-    read_json,
     read_mmloom,
     torch_dtype,
     vision_parts,
@@ -61,7 +61,6 @@ from mmloom.interop.hf4 import (
     hf4_config_dict,
     save_hf4_vision_tower,
     weights_dtype,
-    write_json,
 )
 from mmloom.interop.image_processors import hf_image_processor, transform_from_hf
 from mmloom.interop.tokenizer_files import save_hf4_tokenizer
@@ -70,7 +69,7 @@ from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig, parse_projector_type
-from mmloom.model.serialization import atomic_directory, dedupe_shared_tensors, save_state_dict
+from mmloom.model.serialization import dedupe_shared_tensors, save_state_dict
 
 FORMAT = "llava"
 IMAGE_FOLDER = "image_model"
@@ -233,8 +232,8 @@ def write_llava(
         text = tmp / folder_name
         text.mkdir()
         save_state_dict(state, text)
-        write_json(text / "config.json", config)
-        write_json(text / "config_lmsys.json", llm_config)
+        write_json(text / "config.json", config, sort_keys=True)
+        write_json(text / "config_lmsys.json", llm_config, sort_keys=True)
         if getattr(llm, "generation_config", None) is not None:
             llm.generation_config.save_pretrained(text)
         if tokenizer is not None:

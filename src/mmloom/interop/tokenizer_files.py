@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mmloom.files import read_json, write_json
+
 SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
@@ -174,10 +176,6 @@ def hf4_tokenizer_config(tokenizer, sentencepiece: bool) -> dict[str, Any]:
     return config
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
 def save_tokenizer(tokenizer, directory: str | Path, search: Iterable[str | Path] = ()) -> None:
     """`tokenizer.save_pretrained(directory)` (transformers 5 form), completed with what a later export
     to a transformers 4.x consumer needs: ``tokenizer.model`` (SentencePiece tokenizers, found by
@@ -189,10 +187,10 @@ def save_tokenizer(tokenizer, directory: str | Path, search: Iterable[str | Path
     if spm_path is not None and spm_path.resolve() != (directory / SENTENCEPIECE_FILE).resolve():
         shutil.copyfile(spm_path, directory / SENTENCEPIECE_FILE)
     path = directory / TOKENIZER_CONFIG
-    config = json.loads(path.read_text()) if path.exists() else {}
+    config = read_json(path) if path.exists() else {}
     config.update(tokenizer_settings(tokenizer))
-    _write_json(path, config)
-    _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
+    write_json(path, config)
+    write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
 
 
 def tokenizers_015_json(tokenizer) -> dict[str, Any] | None:
@@ -237,9 +235,9 @@ def save_hf4_tokenizer(
     if json_always or spm_path is None:
         old = tokenizers_015_json(tokenizer) if json_form == "tokenizers-0.15" else None
         if old is not None:
-            _write_json(directory / "tokenizer.json", old)
+            write_json(directory / "tokenizer.json", old)
         else:
             tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
-    _write_json(directory / TOKENIZER_CONFIG, hf4_tokenizer_config(tokenizer, spm_path is not None))
-    _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
+    write_json(directory / TOKENIZER_CONFIG, hf4_tokenizer_config(tokenizer, spm_path is not None))
+    write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
     return spm_path
