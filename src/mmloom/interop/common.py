@@ -38,6 +38,8 @@ class Bundle:
 
 
 def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from its name (``"float32"``, ``"float16"``, ``"bfloat16"``); a dtype or None is
+    returned as given. Raises MmloomError for any other name."""
     if name is None or isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
@@ -51,6 +53,8 @@ def hf_dtype(name) -> Any:
 
 
 def check_dir(path: str | Path, what: str) -> Path:
+    """`path` as a Path; raises MmloomError naming `what` (e.g. ``"hf-llava folder"``) when it is not a
+    folder."""
     path = Path(path)
     if not path.is_dir():
         raise MmloomError(f"{what} {str(path)!r} is not a folder")
@@ -58,6 +62,8 @@ def check_dir(path: str | Path, what: str) -> Path:
 
 
 def has_tokenizer(directory: Path) -> bool:
+    """Whether `directory` holds tokenizer files (tokenizer_config.json, tokenizer.json or the
+    SentencePiece tokenizer.model)."""
     return any((directory / name).exists() for name in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"))
 
 
@@ -140,7 +146,10 @@ class VisionParts:
 
 
 def vision_parts(model: MultimodalModel, fmt: str) -> VisionParts:
-    """Check that `model` is one vision encoder (feature selection only) + projector + causal LM."""
+    """Check that `model` is one vision encoder (feature selection only) + projector + causal LM.
+    Raises MmloomError naming format `fmt` when the model has other encoders than 'vision', a callback
+    other than FeatureSelect, features that are not a hidden layer of the tower, a custom projector, or no
+    vision placeholder id."""
     from mmloom.model.projector import parse_projector_type
 
     if model.encoder_names != ["vision"]:
@@ -247,6 +256,9 @@ def save_processor(bundle: Bundle, directory: Path) -> None:
 
 
 def write_mmloom(bundle: Bundle, dst: str | Path, dtype: str | None = None, **_: Any) -> None:
+    """Write `bundle` as an mmloom model folder at `dst` (atomically): config.json + safetensors
+    weights (cast to `dtype` first, in place, when given) and its processor (:func:`save_processor`).
+    Raises MmloomError for an unknown `dtype`."""
     cast_in_place(bundle.model, torch_dtype(dtype))
     with atomic_directory(dst) as tmp:
         bundle.model.save_pretrained(tmp)
@@ -254,7 +266,8 @@ def write_mmloom(bundle: Bundle, dst: str | Path, dtype: str | None = None, **_:
 
 
 def load_weight_files(directory: Path) -> dict[str, torch.Tensor]:
-    """All weights of a HF-style folder: safetensors or PyTorch .bin, single or sharded."""
+    """All weights of a HF-style folder: safetensors or PyTorch .bin, single or sharded.
+    Raises MmloomError when the folder holds none of them."""
     from safetensors.torch import load_file
 
     files, loader = [], ""

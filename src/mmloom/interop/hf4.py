@@ -39,7 +39,8 @@ def _as_dict(config: Any) -> dict[str, Any]:
 
 
 def rope_fields(config: Any) -> tuple[float | None, dict[str, Any] | None, list[str]]:
-    """(rope_theta, rope_scaling in 4.x form, notes) of a config or config dict (either version's form)."""
+    """(rope_theta, rope_scaling in 4.x form, notes) of a config or config dict (either version's form).
+    Raises MmloomError for RoPE parameters per layer type (Gemma-3 style), which 4.x cannot hold."""
     data = _as_dict(config)
     notes: list[str] = []
     params = data.get("rope_parameters")

@@ -165,7 +165,10 @@ def write_hf_llava(
     bundle: Bundle, dst: str | Path, dtype: str | None = None, pad_to_multiple_of: int | None = None, **_: Any
 ) -> None:
     """Write a folder that `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor` load in
-    transformers 4.x (>= 4.46) and 5.x (see the module docstring)."""
+    transformers 4.x (>= 4.46) and 5.x (see the module docstring).
+    Raises MmloomError when the model does not fit the format: not one vision encoder
+    (:func:`~mmloom.interop.common.vision_parts`), a projector other than mlp2x_{act}, a language model
+    without `lm_head`, or a tokenizer whose <image> id differs from the model's."""
     from transformers import LlavaConfig
 
     model = bundle.model
@@ -264,7 +267,9 @@ def _save_llava_processor(bundle: Bundle, parts, image_processor, directory: Pat
 
 # --------------------------------------------------------------------------------------- reading
 def read_hf_llava(src: str | Path, dtype: str | None = None, template: str | None = None, **_: Any) -> Bundle:
-    """Load a llava-hf folder into a composite (the same modules, no copies)."""
+    """Load a llava-hf folder into a composite (the same modules, no copies).
+    Raises MmloomError when the folder is not a llava model (LLaVA-NeXT and other variants), has an unknown
+    feature select strategy, or its tokenizer's <image> id differs from `image_token_index`."""
     from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
     src = check_dir(src, "hf-llava folder")

@@ -141,6 +141,8 @@ def special_tokens_map(tokenizer) -> dict[str, Any]:
 
 
 def additional_special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's extra special tokens (``additional_special_tokens``, transformers 5's
+    ``extra_special_tokens``) without bos/eos/unk/pad, as strings in their order."""
     extra = getattr(tokenizer, "additional_special_tokens", None)
     if extra is None:
         extra = getattr(tokenizer, "extra_special_tokens", None) or []

@@ -142,7 +142,9 @@ def item_token_counts(spec: int | dict[str, Any], items: list[Any], encoder_proc
     """Feature tokens of each item: `spec` items of a fixed count, or (variable resolution) the
     counts read from what `encoder_processor` returns for the items (e.g. Pixtral's
     `image_sizes`, Qwen2-VL's `image_grid_thw`, an audio feature extractor's frame mask; audio
-    items are waveforms at the extractor's rate)."""
+    items are waveforms at the extractor's rate).
+    Raises MmloomError when a variable count has no processor, or its outputs do not give one size per
+    item."""
     if isinstance(spec, int):
         return [spec] * len(items)
     if not items:
