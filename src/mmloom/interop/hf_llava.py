@@ -53,6 +53,7 @@ from mmloom.interop.tokenizer_files import save_hf4_tokenizer
 from mmloom.interop.tokens import ensure_special_token, resize_to_cover, token_id
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
+from mmloom.model.feature_count import has_cls_token
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
 from mmloom.model.serialization import dedupe_shared_tensors, save_state_dict
@@ -242,14 +243,13 @@ def _save_llava_processor(bundle: Bundle, parts, image_processor, directory: Pat
             f"placeholder id {parts.placeholder_id}: LlavaProcessor would insert the wrong token"
         )
     patch = parts.tower.config.patch_size
-    has_cls = getattr(parts.tower.config, "model_type", "") == "clip_vision_model"
     image_config = image_processor.to_dict()
     image_config.pop("_processor_class", None)
     image_config["processor_class"] = "LlavaProcessor"
     write_json(directory / "preprocessor_config.json", image_config, sort_keys=True)
     write_json(directory / "processor_config.json", {
         "image_token": "<image>",
-        "num_additional_image_tokens": 1 if has_cls else 0,
+        "num_additional_image_tokens": 1 if has_cls_token(parts.tower.config) else 0,
         "patch_size": patch if isinstance(patch, int) else patch[0],
         "processor_class": "LlavaProcessor",
         "vision_feature_select_strategy": "default" if parts.drops_cls else "full",
