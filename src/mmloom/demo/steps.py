@@ -88,7 +88,7 @@ def prepare_output(out: Path) -> None:
             raise MmloomError(f"{out} is not empty and was not made by `mmloom demo`; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by mmloom demo; safe to delete\n")
+    write_text(out / MARKER, "made by mmloom demo; safe to delete\n")
 
 
 def write_yaml(path: Path, data: dict) -> Path:
@@ -97,18 +97,13 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def read_records(path: Path) -> list[dict]:
-    """The JSON objects of one of the demo's jsonl files, in order."""
-    return [record for _, record in read_jsonl_objects(path, what="demo file")]
-
-
 def train_tokenizer(out: Path, special_tokens: Sequence[str], placeholder: str) -> tuple[int, int]:
     """A byte-level BPE tokenizer (600 tokens + `special_tokens`) trained offline on the demo's own
     text (the vicuna_v1 system prompt and every turn of the two training sets), saved in
     `out/tokenizer`. Returns (vocabulary size, id of `placeholder`)."""
     texts = [VICUNA_SYSTEM, "USER: ASSISTANT:"]
     for name in ("phase1/train.jsonl", "phase2/train.jsonl"):
-        for record in read_records(out / "data" / name):
+        for _, record in read_jsonl_objects(out / "data" / name, what="demo file"):
             texts += [turn["value"] for turn in record["conversations"]]
     tokenizer = train_bpe_tokenizer(texts, vocab_size=600, extra_special_tokens=tuple(special_tokens))
     tokenizer.save_pretrained(out / "tokenizer")
@@ -177,7 +172,7 @@ def evaluate(run: Runner, out: Path, model: Path, name: str, media: Sequence[Any
 def show_examples(run: Runner, out: Path, model: Path, media_key: str) -> None:
     """`mmloom chat` on the first, middle and last held-out questions (their `media_key` item passed
     as `--{media_key}`), then `mmloom plot` of both phases' loss curves."""
-    held_out = read_records(out / "data" / "eval" / "questions.jsonl")
+    held_out = [record for _, record in read_jsonl_objects(out / "data" / "eval" / "questions.jsonl")]
     for example in (held_out[0], held_out[len(held_out) // 2], held_out[-1]):
         run.mmloom("chat", model, f"--{media_key}", out / "data" / example[media_key], "--prompt", example["text"],
                    "--max-new-tokens", 8)
