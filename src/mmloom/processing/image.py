@@ -325,8 +325,8 @@ class ToTensor(Step):
 
 
 class Rescale(ToTensor):
-    """The Cerebras / transformers name of :class:`ToTensor`: the same step (uint8 -> float32 times
-    `factor`)."""
+    """:class:`ToTensor` under the name ``rescale`` (transformers' ``do_rescale`` step): uint8 ->
+    float32 times `factor`."""
 
     name = "rescale"
 
@@ -427,8 +427,8 @@ class ImageTransform:
 
     @classmethod
     def from_steps(cls, steps: list[Step], image_size: int | None = None) -> ImageTransform:
-        """A transform from already built steps (checked in the same order rules as the constructor;
-        MmloomError when they break them)."""
+        """A transform from already built steps; raises MmloomError when their order breaks the
+        constructor's rules (PIL steps before ``to_tensor``, array steps after it, one ``to_tensor``)."""
         self = cls.__new__(cls)
         self._set(steps, image_size)
         return self
