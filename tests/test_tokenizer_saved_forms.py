@@ -4,11 +4,11 @@ and exports write a tokenizer.json that tokenizes as the original when a reader 
 
 import json
 
-from tokenizer_families import llama_sentencepiece_folder
 from transformers import AutoTokenizer
 
 from mmloom.interop.tokenizer_files import fast_backend, save_hf4_tokenizer, save_tokenizer
 from mmloom.processing.tokenizer import load_tokenizer
+from tokenizer_families import llama_sentencepiece_folder
 
 TEXTS = ["A chat between a curious user.", "Hi there.</s>USER: What next?\nASSISTANT: Nothing.</s>",
          "two  spaces and <image>\nafter"]
