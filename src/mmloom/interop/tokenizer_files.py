@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mmloom.files import read_json, write_json
+
 SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
@@ -69,8 +71,27 @@ def sentencepiece_file(tokenizer, search: Iterable[str | Path] = ()) -> Path | N
     return None
 
 
-def _backend_json(tokenizer) -> dict[str, Any]:
+def fast_backend(tokenizer):
+    """The `tokenizers.Tokenizer` behind `tokenizer`, what ``tokenizer.json`` holds. A SentencePiece
+    tokenizer (mmloom's `SentencePieceLlamaTokenizer`) has none: it is saved and reloaded through
+    transformers' own conversion of ``tokenizer.model`` (added tokens kept), which is what a 4.x
+    reader builds from the same folder. None when there is no way to get one."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return getattr(AutoTokenizer.from_pretrained(tmp), "backend_tokenizer", None)
+
+
+def _backend_json(tokenizer) -> dict[str, Any]:
+    if getattr(tokenizer, "backend_tokenizer", None) is None and isinstance(getattr(tokenizer, "legacy", None), bool):
+        return {}  # SentencePiece tokenizers state their settings: no conversion needed to read them
+    backend = fast_backend(tokenizer)
     try:
         return json.loads(backend.to_str()) if backend is not None else {}
     except (AttributeError, ValueError):
@@ -139,6 +160,8 @@ def special_tokens_map(tokenizer) -> dict[str, Any]:
 
 
 def additional_special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's extra special tokens (``additional_special_tokens``, transformers 5's
+    ``extra_special_tokens``) without bos/eos/unk/pad, as strings in their order."""
     extra = getattr(tokenizer, "additional_special_tokens", None)
     if extra is None:
         extra = getattr(tokenizer, "extra_special_tokens", None) or []
@@ -174,10 +197,6 @@ def hf4_tokenizer_config(tokenizer, sentencepiece: bool) -> dict[str, Any]:
     return config
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
 def save_tokenizer(tokenizer, directory: str | Path, search: Iterable[str | Path] = ()) -> None:
     """`tokenizer.save_pretrained(directory)` (transformers 5 form), completed with what a later export
     to a transformers 4.x consumer needs: ``tokenizer.model`` (SentencePiece tokenizers, found by
@@ -189,10 +208,10 @@ def save_tokenizer(tokenizer, directory: str | Path, search: Iterable[str | Path
     if spm_path is not None and spm_path.resolve() != (directory / SENTENCEPIECE_FILE).resolve():
         shutil.copyfile(spm_path, directory / SENTENCEPIECE_FILE)
     path = directory / TOKENIZER_CONFIG
-    config = json.loads(path.read_text()) if path.exists() else {}
+    config = read_json(path) if path.exists() else {}
     config.update(tokenizer_settings(tokenizer))
-    _write_json(path, config)
-    _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
+    write_json(path, config)
+    write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
 
 
 def tokenizers_015_json(tokenizer) -> dict[str, Any] | None:
@@ -202,7 +221,11 @@ def tokenizers_015_json(tokenizer) -> dict[str, Any] | None:
     Newer tokenizers releases write BPE merges as pairs, add ``ignore_merges`` and Metaspace's ``split``;
     0.15 reads merges as ``"a b"`` strings and needs Metaspace's ``add_prefix_space``. (0.15's Metaspace
     always splits on the ``▁``, so runs of spaces are cut differently from SentencePiece.)"""
-    data = _backend_json(tokenizer)
+    backend = fast_backend(tokenizer)
+    try:
+        data = json.loads(backend.to_str()) if backend is not None else {}
+    except (AttributeError, ValueError):
+        data = {}
     model = data.get("model") or {}
     if not data or model.get("ignore_merges"):
         return None
@@ -237,9 +260,9 @@ def save_hf4_tokenizer(
     if json_always or spm_path is None:
         old = tokenizers_015_json(tokenizer) if json_form == "tokenizers-0.15" else None
         if old is not None:
-            _write_json(directory / "tokenizer.json", old)
+            write_json(directory / "tokenizer.json", old)
         else:
-            tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
-    _write_json(directory / TOKENIZER_CONFIG, hf4_tokenizer_config(tokenizer, spm_path is not None))
-    _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
+            fast_backend(tokenizer).save(str(directory / "tokenizer.json"))
+    write_json(directory / TOKENIZER_CONFIG, hf4_tokenizer_config(tokenizer, spm_path is not None))
+    write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
     return spm_path
