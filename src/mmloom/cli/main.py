@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from mmloom import __version__
+from mmloom.cli.options import ArgumentParser, UsageError
 from mmloom.errors import MmloomError
 
 # Each module defines `register(subparsers)`, adding its sub-command(s) with `set_defaults(func=...)`.
@@ -20,7 +21,7 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mmloom",
         description="Build, train and convert multimodal LLMs from HuggingFace parts (LLaVA-1.5 recipe).",
     )
@@ -31,9 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so that the flush at exit cannot fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:  # a bad option value or a missing argument: one line, exit 2
+        print(err, file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -42,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except MmloomError as err:
         print(f"mmloom {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        _silence_stdout()
+        return 0
     except OSError as err:  # unreadable input, unwritable output, full disk: one clear line
         print(f"mmloom {args.command}: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "),
               file=sys.stderr)
