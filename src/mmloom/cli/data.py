@@ -89,7 +89,7 @@ def register_commands(data_subparsers) -> None:
         action="append",
         metavar="KEY=VALUE",
         default=[],
-        help="override a config key, e.g. --set setup.processes=8 (repeatable)",
+        help="override a config key, e.g. --set setup.processes=8 (repeatable; VALUE is YAML, null unsets; default: the config as written)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     p.add_argument(
@@ -136,6 +136,7 @@ def register_commands(data_subparsers) -> None:
                    help="image decoding processes (default: train_input.num_workers)")
     c.add_argument("--overwrite", action="store_true", help="recompute files that are already up to date")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="override a training config key, e.g. --set train_input.data_dir=... (repeatable)")
+                   help="override a training config key, e.g. --set train_input.data_dir=... (repeatable; "
+                   "default: the config as written)")
     c.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     c.set_defaults(func=_run_cache_features)
