@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageStat
 
-from mmloom.data.records_io import read_jsonl_objects
+from mmloom.data.records_io import read_jsonl_objects, unencodable_text
 from mmloom.devices import resolve_device
 from mmloom.errors import MmloomError
 from mmloom.interop.common import torch_dtype
@@ -223,6 +223,12 @@ def generate_answers(
     for number, record in enumerate(records, 1):
         if "question_id" not in record or "text" not in record:
             raise MmloomError(f"{questions}: record {number} lacks 'question_id' or 'text'")
+        if not isinstance(record["text"], str):
+            raise MmloomError(f"{questions}: record {number}: 'text' is not a string")
+        bad = unencodable_text(record["text"])
+        if bad is not None:
+            raise MmloomError(f"{questions}: record {number}: 'text' is {bad}")
+    generation_kwargs(processor, max_new_tokens, temperature)  # refuse bad settings before any work
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = done_question_ids(output)
