@@ -1,4 +1,5 @@
-"""Rich progress bars with a throughput column, shared by the data commands."""
+"""Rich progress bars with a throughput column: the one bar of the data commands and `generate`
+(the trainer's live display is `training.metrics.ProgressDisplay`)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,15 @@ class RateColumn(ProgressColumn):
 
 
 def rate_progress(label: str, unit: str, enabled: bool = True, decimals: int = 0,
-                  remaining: bool = False) -> Progress:
-    """A bar: label, bar, done/total, rate, elapsed (and time remaining); disabled when asked."""
+                  remaining: bool = False, stderr: bool = False) -> Progress:
+    """A bar: label, bar, done/total, rate in `unit`/s, elapsed (and time remaining); disabled when
+    asked; on stderr with `stderr=True` (commands whose stdout is data)."""
     columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), RateColumn(unit, decimals),
                TimeElapsedColumn()]
     if remaining:
         columns.append(TimeRemainingColumn())
+    if stderr:
+        from rich.console import Console
+
+        return Progress(*columns, disable=not enabled, transient=False, console=Console(stderr=True))
     return Progress(*columns, disable=not enabled, transient=False)

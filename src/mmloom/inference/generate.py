@@ -280,11 +280,9 @@ def generate_answers(
                 advance(len(chunk))
 
     if progress and pending:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from mmloom.progress import rate_progress
 
-        with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=Console(stderr=True)) as bar:
+        with rate_progress("generating", "questions", decimals=1, remaining=True, stderr=True) as bar:
             task = bar.add_task("generate", total=len(pending))
             run(lambda n: bar.advance(task, n))
     else:

@@ -63,8 +63,12 @@ def has_tokenizer(directory: Path) -> bool:
 
 
 def load_tokenizer(directory: Path, required: bool = False):
-    from transformers import AutoTokenizer
+    """The tokenizer of a model folder through mmloom's one loader
+    (:func:`mmloom.processing.tokenizer.load_tokenizer`: SentencePiece Llama folders tokenize as
+    the original code does); None without tokenizer files, or MmloomError when `required`."""
     from transformers.utils import logging as hf_logging
+
+    from mmloom.processing.tokenizer import load_tokenizer as load
 
     if not has_tokenizer(directory):
         if required:
@@ -73,7 +77,7 @@ def load_tokenizer(directory: Path, required: bool = False):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a LLaVA config.json (model_type llava_llama) is unknown to AutoConfig
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return load(directory, what=f"tokenizer of {directory}")
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -100,7 +104,8 @@ def default_image_processor(vision_config):
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def copy_modules_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+def cast_in_place(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Cast every parameter and buffer of `model` to `dtype` in place (None: leave it as it is)."""
     if dtype is not None:
         model.to(dtype)
 
@@ -243,7 +248,7 @@ def save_processor(bundle: Bundle, directory: Path) -> None:
 
 
 def write_mmloom(bundle: Bundle, dst: str | Path, dtype: str | None = None, **_: Any) -> None:
-    copy_modules_dtype(bundle.model, torch_dtype(dtype))
+    cast_in_place(bundle.model, torch_dtype(dtype))
     with atomic_directory(dst) as tmp:
         bundle.model.save_pretrained(tmp)
         save_processor(bundle, tmp)

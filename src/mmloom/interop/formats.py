@@ -22,7 +22,7 @@ class Format:
     description: str
     reader: str | None = None  # "module:function"
     writer: str | None = None
-    src_is_file: bool = False
+    src_is_file: bool = False  # SRC is one file (a projector), not a folder
     needs_src: bool = True
 
 
@@ -75,6 +75,11 @@ def read(fmt: str, src: str | Path | None, **options: Any):
         raise MmloomError(f"format {fmt!r} cannot be read; readable: {[f.name for f in FORMATS.values() if f.reader]}")
     if spec.needs_src and src is None:
         raise MmloomError(f"--from {fmt} needs a SRC path")
+    if spec.needs_src:
+        kind, present = ("file", Path(src).is_file()) if spec.src_is_file else ("folder", Path(src).is_dir())
+        if not present:
+            what = "not found" if not Path(src).exists() else f"is not a {kind}"
+            raise MmloomError(f"--from {fmt} reads a {kind}: {src} {what}")
     return _resolve(spec.reader)(src, **options)
 
 

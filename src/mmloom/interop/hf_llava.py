@@ -36,8 +36,8 @@ import torch
 from mmloom.errors import MmloomError
 from mmloom.interop.common import (
     Bundle,
+    cast_in_place,
     check_dir,
-    copy_modules_dtype,
     default_image_processor,
     hf_dtype,
     load_image_processor,
@@ -210,7 +210,7 @@ def write_hf_llava(
     _check_same_class(base_llm, llm.config, "language model")
     image_processor, _ = hf_image_processor(
         bundle.encoder_processors.get("vision") or default_image_processor(parts.tower.config))
-    copy_modules_dtype(model, torch_dtype(dtype))
+    cast_in_place(model, torch_dtype(dtype))
     tokenizer = bundle.tokenizer
     notes: list[str] = []
     image_note = ensure_image_token(tokenizer, parts.placeholder_id, bundle.source)

@@ -44,8 +44,8 @@ import torch
 from mmloom.errors import MmloomError
 from mmloom.interop.common import (
     Bundle,
+    cast_in_place,
     check_dir,
-    copy_modules_dtype,
     default_image_processor,
     load_image_processor,
     load_tokenizer,
@@ -187,7 +187,7 @@ def write_llava(
         raise MmloomError(
             f"the image processor crops to {crop} px but the vision tower takes {tower.config.image_size} px"
         )
-    copy_modules_dtype(model, torch_dtype(dtype))
+    cast_in_place(model, torch_dtype(dtype))
     projector_type = "linear" if parts.depth == 1 else f"mlp{parts.depth}x_gelu"
     dst = Path(dst)
     vision_path = mm_vision_tower or str((dst / IMAGE_FOLDER).resolve())

@@ -150,7 +150,7 @@ def additional_special_tokens(tokenizer) -> list[str]:
 
 def hf4_tokenizer_config(tokenizer, sentencepiece: bool) -> dict[str, Any]:
     """``tokenizer_config.json`` in the transformers 4.x form (4.37 and later; 5.x reads it too)."""
-    name = type(tokenizer).__name__
+    name = getattr(tokenizer, "saved_class_name", None) or type(tokenizer).__name__  # mmloom's SentencePiece Llama
     config: dict[str, Any] = {
         "tokenizer_class": FAST_ONLY_CLASSES.get(name, name),
         "added_tokens_decoder": {

@@ -7,14 +7,9 @@ from torch import nn
 
 from mmloom.errors import MmloomError
 from mmloom.model.encoder import base_module
+from mmloom.processing.tokenizer import token_id  # the one single-token check; re-exported
 
-
-def token_id(tokenizer, token: str) -> int | None:
-    """The single id of `token` in the tokenizer's vocabulary, or None when it is not one token."""
-    tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        return None
-    return int(tid)
+__all__ = ["ensure_pad_token", "ensure_special_token", "prepare_tokenizer_and_vocab", "resize_to_cover", "token_id", "vocab_rows"]
 
 
 def ensure_special_token(tokenizer, token: str) -> tuple[int, bool]:

@@ -91,7 +91,7 @@ def audio_token_spec(callbacks: dict) -> dict[str, Any] | None:
     return None
 
 
-def feature_tokens_per_item(config, callbacks: dict, image_size_hw=None) -> int:
+def num_feature_tokens(config, callbacks: dict, image_size_hw=None) -> int:
     """Feature tokens for one item: encoder positions, after feature selection and packing.
 
     Raises MmloomError where one number cannot tell (anyres without the image size,
@@ -117,7 +117,7 @@ def token_count_spec(config, callbacks: dict) -> int | dict[str, Any]:
     """What a processor stores per modality: one count per item for fixed-size encoders, or the
     rule (`variable_token_spec`) that reads per-item counts from the encoder processor's outputs."""
     spec = audio_token_spec(callbacks) or variable_token_spec(config)
-    return spec if spec is not None else feature_tokens_per_item(config, callbacks)
+    return spec if spec is not None else num_feature_tokens(config, callbacks)
 
 
 def counts_from_inputs(spec: dict[str, Any], inputs: dict[str, Any]) -> list[int] | None:
@@ -178,6 +178,6 @@ def encoder_item_counts(config, callbacks: dict, inputs: dict[str, Any], num_ite
     if num_items is None:
         return None
     try:
-        return [feature_tokens_per_item(config, callbacks)] * num_items
+        return [num_feature_tokens(config, callbacks)] * num_items
     except MmloomError:
         return None

@@ -30,7 +30,7 @@ from mmloom.model.encoder import (
     forward_takes_kwargs,
     output_width_from_structure,
 )
-from mmloom.model.feature_count import feature_tokens_per_item
+from mmloom.model.feature_count import num_feature_tokens
 from mmloom.model.freezing import (
     apply_eval_to_frozen,
     set_part_trainable,
@@ -265,7 +265,7 @@ class MultimodalModel(nn.Module):
     def num_feature_tokens(self, modality: str, image_size_hw=None) -> int:
         """Feature tokens one item of `modality` turns into (what each placeholder expands to)."""
         encoder = self.encoders[modality]
-        return feature_tokens_per_item(encoder.config, encoder.callbacks, image_size_hw)
+        return num_feature_tokens(encoder.config, encoder.callbacks, image_size_hw)
 
     # ------------------------------------------------------------------- inputs
     def _route_inputs(self, kwargs: dict[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:

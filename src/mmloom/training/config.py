@@ -151,7 +151,10 @@ class ModelSection(_Section):
     image_token_id: int | None = Field(None, description="placeholder id; default: the LLM's vocab_size")
     pad_token_id: int | None = Field(None, description="default: data_params.json pad_id, else the LLM's")
     loss_scaling: Literal["num_tokens", "batch_size"] = "num_tokens"
-    precision: Literal["float32", "bfloat16"] = "float32"
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16 = mixed precision: bf16 autocast over float32 master weights and optimizer "
+        "state (the weights are not stored in bf16)"
+    )
     attn_implementation: str | None = "sdpa"
     gradient_checkpointing: bool = False
     loss_on_supervised_only: bool = Field(
