@@ -242,3 +242,41 @@ def test_distributed_without_torchrun_says_so(ws, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("mmloom train: warning: runconfig.distributed is 'fsdp' but this is a single process")
     assert "torchrun --nproc_per_node=N -m mmloom train" in err[0] and err[1].startswith("mmloom train: error:")
+
+
+# ------------------------------------------------------------------------------ noise
+def test_worker_errors_read_as_without_workers(ws, tmp_path, capsys):
+    """An error raised in a data-loader worker (num_workers > 0) is the same one line as with
+    num_workers 0, not torch's 'Caught ... Original Traceback' text."""
+    from mmloom.cli.main import error_text
+
+    data = tmp_path / "data"
+    shutil.copytree(ws / "data", data)
+    (data / "images" / "img3.png").unlink()
+    lines = []
+    for workers in (0, 2):
+        argv = ["train", str(TINY / "phase1.yaml"), "--model-dir", str(tmp_path / f"run{workers}")]
+        for value in [*overrides(data, 1), "runconfig.max_steps=2", f"train_input.num_workers={workers}",
+                      "train_input.shuffle=false"]:
+            argv += ["--set", value]
+        assert main(argv) == 2
+        lines.append(one_line_error(capsys, "train"))
+    assert lines[0] == lines[1] and lines[0].startswith("sample 3: cannot load image ")
+    wrapped = MmloomError("Caught MmloomError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                          "call last):\n  File \"x.py\", line 1, in f\n    g()\nmmloom.errors.MmloomError: bad: thing\n")
+    assert error_text(wrapped) == "bad: thing" and error_text(MmloomError("plain: text")) == "plain: text"
+
+
+def test_reading_a_llava_export_raises_no_warnings(ws, tmp_path, capsys):
+    """The transformers-4 config.json of the original-LLaVA layout (rope_scaling, model_type
+    llava_llama) does not make the tokenizer load warn (it did: a FutureWarning per read)."""
+    import warnings
+
+    assert main(["convert", "--from", "mmloom", "--to", "llava", str(ws / "model"), str(tmp_path / "llava")]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        assert main(["convert", "--from", "llava", "--to", "mmloom", str(tmp_path / "llava"), str(tmp_path / "back")]) == 0
+    err = capsys.readouterr().err
+    assert "Warning" not in err and "llava_llama" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from mmloom import __version__
@@ -32,6 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*: ")
+
+
+def error_text(err: BaseException) -> str:
+    """The message of `err` without the worker traceback that torch's DataLoader wraps around an
+    error raised in a data-loader worker (`num_workers > 0`): `Caught MmloomError in DataLoader worker
+    process 0. Original Traceback ...` becomes the original message, as with `num_workers: 0`."""
+    text = str(err)
+    if _WORKER_TRACEBACK not in text:
+        return text
+    lines = text.rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if _EXCEPTION_LINE.match(lines[i]):
+            return "\n".join([_EXCEPTION_LINE.sub("", lines[i], count=1), *lines[i + 1:]])
+    return lines[-1]
+
+
 def _silence_stdout() -> None:
     """After a broken pipe, point stdout at /dev/null so that the flush at exit cannot fail again."""
     import os
@@ -56,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except MmloomError as err:
-        print(f"mmloom {args.command}: error: {err}", file=sys.stderr)
+        print(f"mmloom {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         _silence_stdout()
         return 0
     except OSError as err:  # unreadable input, unwritable output, full disk: one clear line
-        print(f"mmloom {args.command}: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "),
+        print(f"mmloom {args.command}: error: {err.strerror or error_text(err)}: {err.filename or ''}".rstrip(": "),
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:

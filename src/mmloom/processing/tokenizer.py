@@ -112,9 +112,7 @@ def load_tokenizer(path: str | Path, *, what: str = "tokenizer"):
         if uses_sentencepiece(folder):
             tokenizer = SentencePieceLlamaTokenizer.from_pretrained(str(folder))
         else:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            tokenizer = _auto_tokenizer(folder)
     except MmloomError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader failure is a user-input problem
@@ -125,6 +123,28 @@ def load_tokenizer(path: str | Path, *, what: str = "tokenizer"):
             f"{what}: {folder} gives a tokenizer of {len(tokenizer)} tokens: not a language model's tokenizer folder"
         )
     return tokenizer
+
+
+def _auto_tokenizer(folder: Path):
+    """`AutoTokenizer.from_pretrained(folder)` without the noise of the folder's *model* config:
+    transformers reads config.json to find the tokenizer class and warns about model settings
+    (e.g. a transformers-4 `rope_scaling`, an unknown `llava_llama` type) that do not concern the
+    tokenizer. The warnings raised while reading that config and transformers' log lines below
+    ERROR during the load are dropped; errors still raise."""
+    import warnings
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"transformers\.configuration_utils")
+            warnings.filterwarnings("ignore", module=r"transformers\.models\.auto\.configuration_auto")
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def token_id(tokenizer, token: str) -> int | None:
