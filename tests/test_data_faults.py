@@ -76,3 +76,35 @@ def test_question_file_with_escaped_non_utf8_text_is_refused(tmp_path):
     with pytest.raises(MmloomError, match=r"q.jsonl: record 2: 'text' is not UTF-8 text \(byte 0xe9"):
         generate_answers(model, processor, questions, tmp_path / "a.jsonl")
     assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_chat_refuses_non_utf8_questions(tmp_path):
+    """Bytes that are not UTF-8 typed at the chat prompt (or passed in argv) reach Python as lone
+    surrogates: one error line and the session goes on (it was a tokenizer TypeError traceback)."""
+    import io
+
+    from transformers import CLIPImageProcessor
+
+    from helpers import vlm
+    from mmloom.errors import MmloomError
+    from mmloom.inference.chat import ChatSession, interactive
+    from mmloom.processing.processor import MultimodalProcessor
+    from mmloom.testing import tiny_tokenizer
+
+    clip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model = vlm().eval()
+    session = ChatSession(model, MultimodalProcessor.from_model(model, tiny_tokenizer(), {"vision": clip}),
+                          max_new_tokens=2, stream=False)
+    with pytest.raises(MmloomError, match=r"the question is not UTF-8 text \(byte 0xe9"):
+        session.ask("caf\udce9")
+    lines = iter(["caf\udce9", "What is it?"])
+
+    def read_line(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    assert interactive(session, read_line, out=out) == 1
+    assert "error: the question is not UTF-8 text (byte 0xe9" in out.getvalue()
