@@ -86,6 +86,18 @@ def bad_option_cases(ws: Path) -> list[tuple[list[str], str]]:
     ]
 
 
+def test_wrong_file_types_for_configs(ws, capsys):
+    """An image (or any binary file) or a folder given where a YAML config is expected."""
+    image = ws / "data" / "images" / "img0.png"
+    for argv, command in ((["train", str(image), "--model-dir", str(ws / "r")], "train"),
+                          (["data", "build", str(image)], "data"),
+                          (["data", "cache-features", str(image)], "data")):
+        assert main(argv) == 2
+        assert one_line_error(capsys, command) == f"{image}: not a YAML text file (byte 0x89 at offset 0 is not UTF-8)"
+    assert main(["data", "build", str(ws / "data")]) == 2
+    assert one_line_error(capsys, "data") == f"{ws / 'data'} is a folder, not a YAML config file"
+
+
 def test_bad_option_values_are_one_line_errors(ws, capsys):
     for argv, expected in bad_option_cases(ws):
         assert main(argv) == 2, argv
