@@ -69,8 +69,27 @@ def sentencepiece_file(tokenizer, search: Iterable[str | Path] = ()) -> Path | N
     return None
 
 
-def _backend_json(tokenizer) -> dict[str, Any]:
+def fast_backend(tokenizer):
+    """The `tokenizers.Tokenizer` behind `tokenizer`, what ``tokenizer.json`` holds. A SentencePiece
+    tokenizer (mmloom's `SentencePieceLlamaTokenizer`) has none: it is saved and reloaded through
+    transformers' own conversion of ``tokenizer.model`` (added tokens kept), which is what a 4.x
+    reader builds from the same folder. None when there is no way to get one."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return getattr(AutoTokenizer.from_pretrained(tmp), "backend_tokenizer", None)
+
+
+def _backend_json(tokenizer) -> dict[str, Any]:
+    if getattr(tokenizer, "backend_tokenizer", None) is None and isinstance(getattr(tokenizer, "legacy", None), bool):
+        return {}  # SentencePiece tokenizers state their settings: no conversion needed to read them
+    backend = fast_backend(tokenizer)
     try:
         return json.loads(backend.to_str()) if backend is not None else {}
     except (AttributeError, ValueError):
@@ -202,7 +221,11 @@ def tokenizers_015_json(tokenizer) -> dict[str, Any] | None:
     Newer tokenizers releases write BPE merges as pairs, add ``ignore_merges`` and Metaspace's ``split``;
     0.15 reads merges as ``"a b"`` strings and needs Metaspace's ``add_prefix_space``. (0.15's Metaspace
     always splits on the ``▁``, so runs of spaces are cut differently from SentencePiece.)"""
-    data = _backend_json(tokenizer)
+    backend = fast_backend(tokenizer)
+    try:
+        data = json.loads(backend.to_str()) if backend is not None else {}
+    except (AttributeError, ValueError):
+        data = {}
     model = data.get("model") or {}
     if not data or model.get("ignore_merges"):
         return None
@@ -239,7 +262,7 @@ def save_hf4_tokenizer(
         if old is not None:
             _write_json(directory / "tokenizer.json", old)
         else:
-            tokenizer.backend_tokenizer.save(str(directory / "tokenizer.json"))
+            fast_backend(tokenizer).save(str(directory / "tokenizer.json"))
     _write_json(directory / TOKENIZER_CONFIG, hf4_tokenizer_config(tokenizer, spm_path is not None))
     _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
     return spm_path
