@@ -280,10 +280,8 @@ def _save_llava_processor(bundle: Bundle, parts, image_processor, directory: Pat
     template = chat_template_for(bundle, image_processor, notes)
     if template is not None:
         write_json(directory / "chat_template.json", {"chat_template": template})
-    # tokenizer.json too when the tokenizer is a fast one; a SentencePiece-backed one (the stock Vicuna
-    # folder, as mmloom trains with it) ships tokenizer.model + tokenizer_config.json as Vicuna does
     save_hf4_tokenizer(tokenizer, directory, search=[bundle.source] if bundle.source else (),
-                       json_always=hasattr(tokenizer, "backend_tokenizer"))
+                       json_always=True)
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["processor_class"] = "LlavaProcessor"
