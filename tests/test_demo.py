@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from mmloom.demo.pipeline import MARKER, prepare_output, run_demo
+from mmloom.demo.pipeline import run_demo
+from mmloom.demo.steps import MARKER, prepare_output
 from mmloom.errors import MmloomError
 
 

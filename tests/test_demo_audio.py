@@ -8,10 +8,11 @@ import random
 import numpy as np
 
 from mmloom.cli.main import build_parser
-from mmloom.demo.audio_pipeline import AudioDemoSize, run_audio_demo
+from mmloom.demo.audio_pipeline import run_audio_demo
 from mmloom.demo.sounds import PITCHES, Sound, questions, synthesize
+from mmloom.demo.steps import DemoSize
 
-TEST_SIZE = AudioDemoSize(num_train=500, num_eval=40, phase1_steps=120, phase2_steps=120, batch_size=16)
+TEST_SIZE = DemoSize(num_train=500, num_eval=40, phase1_steps=120, phase2_steps=120, batch_size=16)
 
 
 def test_sounds_have_what_the_answers_say():

@@ -75,6 +75,8 @@ def _seeded(seed: int):
 
 
 def tiny_clip_vision(image_size: int = 32, patch_size: int = 8, hidden_size: int = 32, seed: int = 0):
+    """A 3-layer random `CLIPVisionModel` (eval mode): (N, 3, image_size, image_size) pixels ->
+    1 + (image_size / patch_size)^2 positions of `hidden_size` (CLS first)."""
     _seeded(seed)
     cfg = CLIPVisionConfig(
         image_size=image_size,
@@ -89,6 +91,8 @@ def tiny_clip_vision(image_size: int = 32, patch_size: int = 8, hidden_size: int
 
 
 def tiny_siglip_vision(image_size: int = 32, patch_size: int = 8, hidden_size: int = 32, seed: int = 0):
+    """A 2-layer random `SiglipVisionModel` (eval mode): (N, 3, image_size, image_size) pixels ->
+    (image_size / patch_size)^2 positions of `hidden_size` (no CLS)."""
     _seeded(seed)
     cfg = SiglipVisionConfig(
         image_size=image_size,
@@ -156,6 +160,7 @@ def tiny_llm(kind: str = "llama", vocab_size: int = 400, hidden_size: int = 48, 
 
 
 def tiny_llama(**kw):
+    """``tiny_llm("llama", **kw)``."""
     return tiny_llm("llama", **kw)
 
 
@@ -231,5 +236,6 @@ class TinyConvEncoder(PreTrainedModel):
 
 
 def tiny_conv_encoder(output: str = "tensor", hidden_size: int = 32, seed: int = 0) -> TinyConvEncoder:
+    """A random :class:`TinyConvEncoder` (eval mode) returning its features in the form `output`."""
     _seeded(seed)
     return TinyConvEncoder(TinyConvConfig(hidden_size=hidden_size, output=output)).eval()

@@ -198,7 +198,8 @@ class PackedCollator:
         self.collator = collator
 
     def segments(self, items: list[dict]) -> tuple[list[dict], dict]:
-        """Per sample: its real tokens (`ids`, `labels`, `pos`) and its image (or None)."""
+        """Per sample: its real tokens (`ids`, `labels`, `pos`) and its image (or None).
+        Raises MmloomError naming the sample when one has no attended token."""
         base = self.collator.base
         batch = base(items)
         images = iter(batch["pixel_values"] if batch["pixel_values"] is not None else [])

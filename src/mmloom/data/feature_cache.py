@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from mmloom.data.h5_format import LazyH5Files, decode_img_path
 from mmloom.data.hdf5_dataset import HDF5LlavaDataset
 from mmloom.devices import resolve_device
 from mmloom.errors import MmloomError
-from mmloom.files import write_json
+from mmloom.files import atomic_file, write_json
 from mmloom.model.callbacks import callback_to_dict
 from mmloom.model.encoder import base_module
 from mmloom.processing.image import ImageTransform
@@ -189,6 +188,7 @@ def verify_feature_cache(section, model, precision: str, feature_shape: tuple[in
 
 # ------------------------------------------------------------------------------ the model
 def trainable_encoder_params(model) -> list[str]:
+    """Names of the vision encoder module's parameters that require gradients ([] when frozen)."""
     return [n for n, p in model.encoders["vision"].module.named_parameters() if p.requires_grad]
 
 
@@ -309,38 +309,33 @@ def write_feature_cache(
             bar.update(task, description=data_file.name)
             offset = dataset.offsets[file_idx]
             batches = [[offset + r for r in rows[k : k + batch_size]] for k in range(0, len(rows), batch_size)]
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            try:
-                with h5py.File(tmp, "w") as out:
-                    feats = out.create_dataset(
-                        FEATURES, shape=(ident["n_examples"], L, D), dtype=np.float16,
-                        chunks=(1, L, D), fillvalue=0,
-                    )
-                    if batches:
-                        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_stack_images,
-                                            num_workers=workers)
-                        for indices, pixels in zip(batches, loader, strict=True):
-                            x = encode(pixels)
-                            if tuple(x.shape[1:]) != (L, D):
-                                raise MmloomError(f"{data_file.name}: encoder features {tuple(x.shape)}, expected (N, {L}, {D})")
-                            x16 = x.to(torch.float16)
-                            if not bool(torch.isfinite(x16).all()):
-                                raise MmloomError(
-                                    f"{data_file.name}: the encoder features overflow float16 (max |x| = "
-                                    f"{float(x.abs().max()):.4g}); they cannot be cached in float16"
-                                )
-                            feats[[idx - offset for idx in indices]] = x16.cpu().numpy()
-                            bar.advance(task, len(indices))
-                    out.attrs["format"] = FORMAT
-                    out.attrs["data_file"] = data_file.name
-                    for key, value in {**signature, **ident}.items():
-                        out.attrs[key] = value
-                    out.attrs["n_images"] = len(rows)
-                    out.attrs["feature_shape"] = [L, D]
-                    out.attrs["dtype"] = "float16"
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with atomic_file(target) as tmp, h5py.File(tmp, "w") as out:
+                feats = out.create_dataset(
+                    FEATURES, shape=(ident["n_examples"], L, D), dtype=np.float16,
+                    chunks=(1, L, D), fillvalue=0,
+                )
+                if batches:
+                    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_stack_images,
+                                        num_workers=workers)
+                    for indices, pixels in zip(batches, loader, strict=True):
+                        x = encode(pixels)
+                        if tuple(x.shape[1:]) != (L, D):
+                            raise MmloomError(f"{data_file.name}: encoder features {tuple(x.shape)}, expected (N, {L}, {D})")
+                        x16 = x.to(torch.float16)
+                        if not bool(torch.isfinite(x16).all()):
+                            raise MmloomError(
+                                f"{data_file.name}: the encoder features overflow float16 (max |x| = "
+                                f"{float(x.abs().max()):.4g}); they cannot be cached in float16"
+                            )
+                        feats[[idx - offset for idx in indices]] = x16.cpu().numpy()
+                        bar.advance(task, len(indices))
+                out.attrs["format"] = FORMAT
+                out.attrs["data_file"] = data_file.name
+                for key, value in {**signature, **ident}.items():
+                    out.attrs[key] = value
+                out.attrs["n_images"] = len(rows)
+                out.attrs["feature_shape"] = [L, D]
+                out.attrs["dtype"] = "float16"
     elapsed = time.perf_counter() - t0
     dataset.close()
     summary = {
@@ -368,6 +363,9 @@ class CachedFeatureDataset(HDF5LlavaDataset):
 
     Text-only samples get zeros (the rows `cache-features` never writes), which the collator
     uses as the dummy image's features, like the dummy image of the image path.
+
+    Raises MmloomError when the cache folder lacks the features file of a data file (run `mmloom data cache-
+    features`).
     """
 
     def __init__(self, data_dir, cache_dir):

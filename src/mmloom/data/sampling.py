@@ -40,6 +40,8 @@ class StepBatchSampler(Sampler[list[int]]):
     steps and the last global batch is filled up with `PAD_INDEX` (wrap the dataset in
     `PaddedDataset`: those samples carry no supervised token, so they change neither the loss nor
     the gradients).
+
+    Raises MmloomError when the dataset holds fewer samples than one global batch.
     """
 
     def __init__(self, n: int, global_batch: int, world_size: int, rank: int, micro_batch: int, seed: int,

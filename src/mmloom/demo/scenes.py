@@ -5,12 +5,13 @@ Every answer depends on the image only, so a model that ignores the image falls 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from mmloom.demo.splits import write_splits
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 230), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -20,6 +21,8 @@ ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 
 @dataclass(frozen=True)
 class Item:
+    """One shape of a scene: colour and shape names, grid cell (`row`, `col` in 0..2)."""
+
     colour: str
     shape: str
     row: int
@@ -27,10 +30,12 @@ class Item:
 
     @property
     def name(self) -> str:
+        """``"{colour} {shape}"``, e.g. ``"red circle"``."""
         return f"{self.colour} {self.shape}"
 
 
 def random_scene(rng: random.Random) -> list[Item]:
+    """1-3 shapes of random colour and kind in distinct cells of the 3x3 grid."""
     cells = rng.sample([(r, c) for r in range(3) for c in range(3)], rng.randint(1, 3))
     return [Item(rng.choice(list(COLOURS)), rng.choice(SHAPES), r, c) for r, c in cells]
 
@@ -54,6 +59,7 @@ def render(scene: list[Item], cell: int = 16, background=(250, 250, 250)) -> Ima
 
 
 def caption(scene: list[Item]) -> str:
+    """One sentence naming every shape and its cell, e.g. ``"A red circle at the top left."``."""
     parts = [f"a {item.name} at the {ROWS[item.row]} {COLS[item.col]}" for item in scene]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
@@ -91,43 +97,21 @@ def questions(scene: list[Item], rng: random.Random) -> list[tuple[str, str, str
 
 
 def write_dataset(out_dir: str | Path, num_train: int, num_eval: int, seed: int = 0) -> dict[str, Path]:
-    """Write images, phase-1 captions, phase-2 conversations and held-out questions/references.
+    """Write images, phase-1 captions, phase-2 conversations and held-out questions/references
+    (the layout of :mod:`mmloom.demo.splits`, media key ``image``); the same `seed` gives the same files.
 
-    Layout: images/{split}/NNNNNN.png, phase1/train.jsonl, phase2/train.jsonl,
+    Layout: images/{split}/NNNNNN.png (48x48 RGB), phase1/train.jsonl, phase2/train.jsonl,
     eval/questions.jsonl (question_id, image, text, type), eval/references.jsonl.
     """
     out = Path(out_dir)
     rng = random.Random(seed)
-    paths = {name: out / name for name in ("phase1", "phase2", "eval")}
-    for folder in [*paths.values(), out / "images" / "train", out / "images" / "eval"]:
-        folder.mkdir(parents=True, exist_ok=True)
-    phase1, phase2, held_questions, references = [], [], [], []
-    for split, count in (("train", num_train), ("eval", num_eval)):
-        for index in range(count):
-            scene = random_scene(rng)
-            image_path = f"images/{split}/{index:06d}.png"
-            render(scene).save(out / image_path)
-            qa = questions(scene, rng)
-            if split == "train":
-                phase1.append({"id": f"cap-{index}", "image": image_path, "conversations": [
-                    {"from": "human", "value": "<image>\nDescribe the image."},
-                    {"from": "gpt", "value": caption(scene)}]})
-                turns = []
-                for turn, (_, question, answer) in enumerate(rng.sample(qa, len(qa))):
-                    prefix = "<image>\n" if turn == 0 else ""
-                    turns += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
-                phase2.append({"id": f"qa-{index}", "image": image_path, "conversations": turns})
-            else:
-                for kind, question, answer in qa:
-                    qid = f"{index}-{kind}"
-                    held_questions.append({"question_id": qid, "image": image_path, "text": question, "type": kind})
-                    references.append({"question_id": qid, "answer": answer, "type": kind})
-    _write_jsonl(paths["phase1"] / "train.jsonl", phase1)
-    _write_jsonl(paths["phase2"] / "train.jsonl", phase2)
-    _write_jsonl(paths["eval"] / "questions.jsonl", held_questions)
-    _write_jsonl(paths["eval"] / "references.jsonl", references)
-    return paths
+    for split in ("train", "eval"):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
 
+    def make_item(split: str, index: int) -> tuple[str, str, list[tuple[str, str, str]]]:
+        scene = random_scene(rng)
+        image_path = f"images/{split}/{index:06d}.png"
+        render(scene).save(out / image_path)
+        return image_path, caption(scene), questions(scene, rng)
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return write_splits(out, num_train, num_eval, rng, "image", "Describe the image.", make_item)

@@ -7,12 +7,13 @@ so a model that ignores the audio falls to the majority answer of each question 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from mmloom.demo.splits import write_splits
 
 SAMPLE_RATE = 8000  # Hz
 PITCHES = {"low": 400.0, "middle": 900.0, "high": 2000.0}  # Hz
@@ -23,11 +24,14 @@ KIND_ANSWERS = {"beeps": "Beeps.", "rising": "A rising sweep.", "falling": "A fa
 
 @dataclass
 class Sound:
+    """A synthetic sound: its kind (one of `KINDS`) and, for beeps, each beep's pitch name."""
+
     kind: str
     pitches: list[str] = field(default_factory=list)  # beeps: the pitch name of each beep, in order
 
     @property
     def count(self) -> int:
+        """The number of beeps (0 for sweeps and noise)."""
         return len(self.pitches)
 
 
@@ -76,6 +80,8 @@ def synthesize(sound: Sound, rng: random.Random, rate: int = SAMPLE_RATE) -> np.
 
 
 def caption(sound: Sound) -> str:
+    """The sound described in words: the kind's answer, or for beeps their count and pitches
+    (``"Two beeps: low, high."``)."""
     if sound.kind != "beeps":
         return KIND_ANSWERS[sound.kind]
     word = "beep" if sound.count == 1 else "beeps"
@@ -97,40 +103,23 @@ def questions(sound: Sound, rng: random.Random) -> list[tuple[str, str, str]]:
 
 
 def write_dataset(out_dir: str | Path, num_train: int, num_eval: int, seed: int = 0) -> dict[str, Path]:
-    """Write WAV clips, phase-1 captions, phase-2 conversations and held-out questions/references.
+    """Write WAV clips, phase-1 captions, phase-2 conversations and held-out questions/references
+    (the layout of :mod:`mmloom.demo.splits`, media key ``audio``); the same `seed` gives the same files.
 
-    Layout: audio/{split}/NNNNNN.wav, phase1/train.jsonl, phase2/train.jsonl,
-    eval/questions.jsonl (question_id, audio, text, type), eval/references.jsonl.
+    Layout: audio/{split}/NNNNNN.wav (mono 16-bit PCM at `SAMPLE_RATE` Hz, 1-2 s), phase1/train.jsonl,
+    phase2/train.jsonl, eval/questions.jsonl (question_id, audio, text, type), eval/references.jsonl.
     """
     import soundfile
 
     out = Path(out_dir)
     rng = random.Random(seed)
-    paths = {name: out / name for name in ("phase1", "phase2", "eval")}
-    for folder in [*paths.values(), out / "audio" / "train", out / "audio" / "eval"]:
-        folder.mkdir(parents=True, exist_ok=True)
-    phase1, phase2, held_questions, references = [], [], [], []
-    for split, count in (("train", num_train), ("eval", num_eval)):
-        for index in range(count):
-            sound = random_sound(rng)
-            clip = f"audio/{split}/{index:06d}.wav"
-            soundfile.write(out / clip, synthesize(sound, rng), SAMPLE_RATE, subtype="PCM_16")
-            qa = questions(sound, rng)
-            if split == "train":
-                phase1.append({"id": f"cap-{index}", "audio": clip, "conversations": [
-                    {"from": "human", "value": "<audio>\nDescribe the sound."},
-                    {"from": "gpt", "value": caption(sound)}]})
-                turns = []
-                for turn, (_, question, answer) in enumerate(rng.sample(qa, len(qa))):
-                    prefix = "<audio>\n" if turn == 0 else ""
-                    turns += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
-                phase2.append({"id": f"qa-{index}", "audio": clip, "conversations": turns})
-            else:
-                for kind, question, answer in qa:
-                    qid = f"{index}-{kind}"
-                    held_questions.append({"question_id": qid, "audio": clip, "text": question, "type": kind})
-                    references.append({"question_id": qid, "answer": answer, "type": kind})
-    for name, records in (("phase1/train.jsonl", phase1), ("phase2/train.jsonl", phase2),
-                          ("eval/questions.jsonl", held_questions), ("eval/references.jsonl", references)):
-        (out / name).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return paths
+    for split in ("train", "eval"):
+        (out / "audio" / split).mkdir(parents=True, exist_ok=True)
+
+    def make_item(split: str, index: int) -> tuple[str, str, list[tuple[str, str, str]]]:
+        sound = random_sound(rng)
+        clip = f"audio/{split}/{index:06d}.wav"
+        soundfile.write(out / clip, synthesize(sound, rng), SAMPLE_RATE, subtype="PCM_16")
+        return clip, caption(sound), questions(sound, rng)
+
+    return write_splits(out, num_train, num_eval, rng, "audio", "Describe the sound.", make_item)

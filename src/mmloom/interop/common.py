@@ -5,7 +5,6 @@ The native `mmloom` folder is read and written here too.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +14,11 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.files import atomic_directory, read_json
 from mmloom.interop.tokenizer_files import save_tokenizer
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import CALLBACK_SLOTS, base_module
 from mmloom.model.multimodal import MultimodalModel
-from mmloom.model.serialization import atomic_directory
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,6 +38,8 @@ class Bundle:
 
 
 def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from its name (``"float32"``, ``"float16"``, ``"bfloat16"``); a dtype or None is
+    returned as given. Raises MmloomError for any other name."""
     if name is None or isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
@@ -52,6 +53,8 @@ def hf_dtype(name) -> Any:
 
 
 def check_dir(path: str | Path, what: str) -> Path:
+    """`path` as a Path; raises MmloomError naming `what` (e.g. ``"hf-llava folder"``) when it is not a
+    folder."""
     path = Path(path)
     if not path.is_dir():
         raise MmloomError(f"{what} {str(path)!r} is not a folder")
@@ -59,6 +62,8 @@ def check_dir(path: str | Path, what: str) -> Path:
 
 
 def has_tokenizer(directory: Path) -> bool:
+    """Whether `directory` holds tokenizer files (tokenizer_config.json, tokenizer.json or the
+    SentencePiece tokenizer.model)."""
     return any((directory / name).exists() for name in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"))
 
 
@@ -141,7 +146,10 @@ class VisionParts:
 
 
 def vision_parts(model: MultimodalModel, fmt: str) -> VisionParts:
-    """Check that `model` is one vision encoder (feature selection only) + projector + causal LM."""
+    """Check that `model` is one vision encoder (feature selection only) + projector + causal LM.
+    Raises MmloomError naming format `fmt` when the model has other encoders than 'vision', a callback
+    other than FeatureSelect, features that are not a hidden layer of the tower, a custom projector, or no
+    vision placeholder id."""
     from mmloom.model.projector import parse_projector_type
 
     if model.encoder_names != ["vision"]:
@@ -248,23 +256,18 @@ def save_processor(bundle: Bundle, directory: Path) -> None:
 
 
 def write_mmloom(bundle: Bundle, dst: str | Path, dtype: str | None = None, **_: Any) -> None:
+    """Write `bundle` as an mmloom model folder at `dst` (atomically): config.json + safetensors
+    weights (cast to `dtype` first, in place, when given) and its processor (:func:`save_processor`).
+    Raises MmloomError for an unknown `dtype`."""
     cast_in_place(bundle.model, torch_dtype(dtype))
     with atomic_directory(dst) as tmp:
         bundle.model.save_pretrained(tmp)
         save_processor(bundle, tmp)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MmloomError(f"{path} not found") from None
-    except json.JSONDecodeError as err:
-        raise MmloomError(f"{path} is not valid JSON: {err}") from None
-
-
 def load_weight_files(directory: Path) -> dict[str, torch.Tensor]:
-    """All weights of a HF-style folder: safetensors or PyTorch .bin, single or sharded."""
+    """All weights of a HF-style folder: safetensors or PyTorch .bin, single or sharded.
+    Raises MmloomError when the folder holds none of them."""
     from safetensors.torch import load_file
 
     files, loader = [], ""

@@ -18,6 +18,10 @@ from mmloom.errors import MmloomError
 
 @dataclass(frozen=True)
 class Format:
+    """One `mmloom convert` format: its name, a one-line description, the reader / writer as
+    ``"module:function"`` (None: cannot be read / written), whether SRC is one file rather than a
+    folder, and whether a SRC is needed at all (hf-components takes its folders as options)."""
+
     name: str
     description: str
     reader: str | None = None  # "module:function"
@@ -62,6 +66,8 @@ def supported_pairs() -> list[tuple[str, str]]:
 
 
 def pairs_table() -> str:
+    """The text `mmloom convert --list` prints: every format with its description, then the supported
+    (--from -> --to) pairs."""
     lines = ["formats:"]
     lines += [f"  {f.name:<16} {f.description}" for f in FORMATS.values()]
     lines.append("conversions (--from -> --to):")
@@ -70,6 +76,9 @@ def pairs_table() -> str:
 
 
 def read(fmt: str, src: str | Path | None, **options: Any):
+    """Read `src` in format `fmt` into a :class:`~mmloom.interop.common.Bundle` (`options` go to the
+    reader). Raises MmloomError when the format is unknown or cannot be read, or when SRC is missing
+    or not the file / folder the format reads."""
     spec = _format(fmt)
     if spec.reader is None:
         raise MmloomError(f"format {fmt!r} cannot be read; readable: {[f.name for f in FORMATS.values() if f.reader]}")
@@ -84,6 +93,8 @@ def read(fmt: str, src: str | Path | None, **options: Any):
 
 
 def write(fmt: str, bundle, dst: str | Path, **options: Any) -> None:
+    """Write `bundle` to `dst` in format `fmt` (`options` go to the writer). Raises MmloomError when
+    the format is unknown or cannot be written."""
     spec = _format(fmt)
     if spec.writer is None:
         raise MmloomError(f"format {fmt!r} cannot be written; writable: {[f.name for f in FORMATS.values() if f.writer]}")
@@ -91,7 +102,9 @@ def write(fmt: str, bundle, dst: str | Path, **options: Any) -> None:
 
 
 def convert(src_format: str, dst_format: str, src: str | Path | None, dst: str | Path, **options: Any):
-    """Convert `src` (in `src_format`) to `dst` (in `dst_format`), written atomically; returns the bundle."""
+    """Convert `src` (in `src_format`) to `dst` (in `dst_format`), written atomically; returns the bundle.
+    Raises MmloomError for an unsupported pair, SRC and DST the same path, or what the reader or writer
+    refuses."""
     if (src_format, dst_format) not in supported_pairs():
         raise MmloomError(
             f"no conversion from {src_format!r} to {dst_format!r}; run `mmloom convert --list` for the supported pairs"

@@ -19,7 +19,6 @@ defaults, which changes the model without an error. This module writes the 4.x f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.files import write_json
 
 # transformers 5 classes whose 4.x state dict nests everything under one attribute.
 VISION_PREFIXES = {"CLIPVisionModel": "vision_model.", "SiglipVisionModel": "vision_model."}
@@ -39,7 +39,8 @@ def _as_dict(config: Any) -> dict[str, Any]:
 
 
 def rope_fields(config: Any) -> tuple[float | None, dict[str, Any] | None, list[str]]:
-    """(rope_theta, rope_scaling in 4.x form, notes) of a config or config dict (either version's form)."""
+    """(rope_theta, rope_scaling in 4.x form, notes) of a config or config dict (either version's form).
+    Raises MmloomError for RoPE parameters per layer type (Gemma-3 style), which 4.x cannot hold."""
     data = _as_dict(config)
     notes: list[str] = []
     params = data.get("rope_parameters")
@@ -101,10 +102,6 @@ def weights_dtype(module: nn.Module) -> str:
     return str(tensor.dtype).removeprefix("torch.") if tensor is not None else "float32"
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
 def hf4_vision_state(tower: nn.Module) -> dict[str, torch.Tensor]:
     """The vision tower's weights under transformers 4.x names (``vision_model.`` for CLIP/SigLIP)."""
     prefix = VISION_PREFIXES.get(type(tower).__name__, "")
@@ -124,5 +121,5 @@ def save_hf4_vision_tower(tower: nn.Module, directory: Path, notes: list[str] | 
     config = hf4_config_dict(tower.config, notes)
     config["architectures"] = [type(tower).__name__]
     config["torch_dtype"] = config["dtype"] = weights_dtype(tower)
-    write_json(directory / "config.json", config)
+    write_json(directory / "config.json", config, sort_keys=True)
     save_state_dict(hf4_vision_state(tower), directory)

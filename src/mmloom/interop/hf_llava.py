@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from mmloom.errors import MmloomError
+from mmloom.files import atomic_directory, read_json, write_json
 from mmloom.interop.common import (
     Bundle,
     cast_in_place,
@@ -43,19 +44,19 @@ from mmloom.interop.common import (
     load_image_processor,
     load_tokenizer,
     merge_adapters,
-    read_json,
     torch_dtype,
     vision_parts,
 )
-from mmloom.interop.hf4 import hf4_config_dict, hf4_vision_state, weights_dtype, write_json
+from mmloom.interop.hf4 import hf4_config_dict, hf4_vision_state, weights_dtype
 from mmloom.interop.image_processors import hf_image_processor
 from mmloom.interop.tokenizer_files import save_hf4_tokenizer
 from mmloom.interop.tokens import ensure_special_token, resize_to_cover, token_id
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
+from mmloom.model.feature_count import has_cls_token
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
-from mmloom.model.serialization import atomic_directory, dedupe_shared_tensors, save_state_dict
+from mmloom.model.serialization import dedupe_shared_tensors, save_state_dict
 
 FORMAT = "hf-llava"
 PAD_MULTIPLE = 64  # the official llava-hf conversion padded the vocabulary to a multiple of 64
@@ -191,7 +192,10 @@ def write_hf_llava(
     bundle: Bundle, dst: str | Path, dtype: str | None = None, pad_to_multiple_of: int | None = None, **_: Any
 ) -> None:
     """Write a folder that `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor` load in
-    transformers 4.x (>= 4.46) and 5.x (see the module docstring)."""
+    transformers 4.x (>= 4.46) and 5.x (see the module docstring).
+    Raises MmloomError when the model does not fit the format: not one vision encoder
+    (:func:`~mmloom.interop.common.vision_parts`), a projector other than mlp2x_{act}, a language model
+    without `lm_head`, or a tokenizer whose <image> id differs from the model's."""
     from transformers import LlavaConfig
 
     model = bundle.model
@@ -243,7 +247,7 @@ def write_hf_llava(
     state = hf4_llava_state(parts, llm, base_llm)
     with atomic_directory(dst) as tmp:
         save_state_dict(state, tmp)
-        write_json(tmp / "config.json", config_dict)
+        write_json(tmp / "config.json", config_dict, sort_keys=True)
         if getattr(llm, "generation_config", None) is not None:
             generation = copy.deepcopy(llm.generation_config)
             if tokenizer is not None and tokenizer.pad_token_id is not None:
@@ -265,32 +269,33 @@ def _save_llava_processor(bundle: Bundle, parts, image_processor, directory: Pat
             f"placeholder id {parts.placeholder_id}: LlavaProcessor would insert the wrong token"
         )
     patch = parts.tower.config.patch_size
-    has_cls = getattr(parts.tower.config, "model_type", "") == "clip_vision_model"
     image_config = image_processor.to_dict()
     image_config.pop("_processor_class", None)
     image_config["processor_class"] = "LlavaProcessor"
-    write_json(directory / "preprocessor_config.json", image_config)
+    write_json(directory / "preprocessor_config.json", image_config, sort_keys=True)
     write_json(directory / "processor_config.json", {
         "image_token": "<image>",
-        "num_additional_image_tokens": 1 if has_cls else 0,
+        "num_additional_image_tokens": 1 if has_cls_token(parts.tower.config) else 0,
         "patch_size": patch if isinstance(patch, int) else patch[0],
         "processor_class": "LlavaProcessor",
         "vision_feature_select_strategy": "default" if parts.drops_cls else "full",
-    })
+    }, sort_keys=True)
     template = chat_template_for(bundle, image_processor, notes)
     if template is not None:
-        write_json(directory / "chat_template.json", {"chat_template": template})
+        write_json(directory / "chat_template.json", {"chat_template": template}, sort_keys=True)
     save_hf4_tokenizer(tokenizer, directory, search=[bundle.source] if bundle.source else (),
                        json_always=True)
     config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     config["processor_class"] = "LlavaProcessor"
-    write_json(config_path, config)
+    write_json(config_path, config, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------- reading
 def read_hf_llava(src: str | Path, dtype: str | None = None, template: str | None = None, **_: Any) -> Bundle:
-    """Load a llava-hf folder into a composite (the same modules, no copies)."""
+    """Load a llava-hf folder into a composite (the same modules, no copies).
+    Raises MmloomError when the folder is not a llava model (LLaVA-NeXT and other variants), has an unknown
+    feature select strategy, or its tokenizer's <image> id differs from `image_token_index`."""
     from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
     src = check_dir(src, "hf-llava folder")

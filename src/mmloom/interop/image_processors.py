@@ -118,7 +118,8 @@ def hf_image_processor(processor, pad_class: str = "LlavaImageProcessor"):
     """(a transformers image processor, pads_to_square) for what mmloom keeps as a vision processor:
     an :class:`ImageTransform` (converted by :func:`transform_to_hf`) or a transformers image processor
     (returned as it is; it pads when it has ``do_pad``). For `pad_class` "CLIPImageProcessor" a padding
-    ``LlavaImageProcessor`` becomes a CLIPImageProcessor plus the pad flag."""
+    ``LlavaImageProcessor`` becomes a CLIPImageProcessor plus the pad flag.
+    Raises MmloomError for a processor that is neither."""
     import transformers
 
     if isinstance(processor, ImageTransform):
@@ -138,7 +139,9 @@ def hf_image_processor(processor, pad_class: str = "LlavaImageProcessor"):
 
 def transform_from_hf(image_processor, pad_to_square: bool) -> ImageTransform:
     """The :class:`ImageTransform` that reproduces a CLIP-style transformers image processor, with
-    LLaVA's ``expand2square`` first when `pad_to_square` (``image_aspect_ratio: "pad"``)."""
+    LLaVA's ``expand2square`` first when `pad_to_square` (``image_aspect_ratio: "pad"``).
+    Raises MmloomError when its resample has no PIL equivalent or its size is neither ``shortest_edge`` nor
+    height/width."""
     from mmloom.processing.image import build_step
 
     get = lambda key, default=None: getattr(image_processor, key, default)  # noqa: E731

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from mmloom.errors import MmloomError
+from mmloom.files import atomic_directory, read_json, write_json
 from mmloom.interop.common import (
     Bundle,
     cast_in_place,
@@ -51,7 +52,6 @@ from mmloom.interop.common import (
     load_tokenizer,
     load_weight_files,
     merge_adapters,
-    read_json,
     read_mmloom,
     torch_dtype,
     vision_parts,
@@ -61,7 +61,6 @@ from mmloom.interop.hf4 import (
     hf4_config_dict,
     save_hf4_vision_tower,
     weights_dtype,
-    write_json,
 )
 from mmloom.interop.image_processors import hf_image_processor, transform_from_hf
 from mmloom.interop.tokenizer_files import save_hf4_tokenizer
@@ -70,7 +69,7 @@ from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig, parse_projector_type
-from mmloom.model.serialization import atomic_directory, dedupe_shared_tensors, save_state_dict
+from mmloom.model.serialization import dedupe_shared_tensors, save_state_dict
 
 FORMAT = "llava"
 IMAGE_FOLDER = "image_model"
@@ -125,7 +124,8 @@ def projector_from_llava(state: dict[str, torch.Tensor], depth: int, source: str
 
 # --------------------------------------------------------------------------------------- writing
 def text_folder_for(model_type: str, text_folder: str | None) -> str:
-    """The LLM folder name: it must hold "llava" (the original loader) and its family's word."""
+    """The LLM folder name: it must hold "llava" (the original loader) and its family's word.
+    Raises MmloomError when `name` lacks either word or holds another family's word."""
     family = LLAVA_FAMILIES[model_type]
     name = text_folder or family[3]
     lowered = name.lower()
@@ -153,7 +153,10 @@ def write_llava(
     text_folder: str | None = None,
     **_: Any,
 ) -> None:
-    """Write DST/image_model + DST/text_model_llava (see the module docstring) for the original code."""
+    """Write DST/image_model + DST/text_model_llava (see the module docstring) for the original code.
+    Raises MmloomError when the model does not fit the original code: not a Llama-family LLM, not a CLIP
+    tower, several feature layers, a projector other than linear / mlpNx_gelu with bias, or an image
+    processor whose crop differs from the tower's image size."""
     model = bundle.model
     merged = merge_adapters(model)
     parts = vision_parts(model, FORMAT)
@@ -233,8 +236,8 @@ def write_llava(
         text = tmp / folder_name
         text.mkdir()
         save_state_dict(state, text)
-        write_json(text / "config.json", config)
-        write_json(text / "config_lmsys.json", llm_config)
+        write_json(text / "config.json", config, sort_keys=True)
+        write_json(text / "config_lmsys.json", llm_config, sort_keys=True)
         if getattr(llm, "generation_config", None) is not None:
             llm.generation_config.save_pretrained(text)
         if tokenizer is not None:
@@ -258,7 +261,8 @@ def _is_llava_config(folder: Path) -> bool:
 
 
 def find_text_folder(src: Path) -> Path:
-    """SRC is the LLaVA folder itself (config.json with mm_* keys) or a parent holding one."""
+    """SRC is the LLaVA folder itself (config.json with mm_* keys) or a parent holding one.
+    Raises MmloomError when neither holds one."""
     if _is_llava_config(src):
         return src
     candidates = sorted(p for p in src.iterdir() if p.is_dir() and "llava" in p.name and _is_llava_config(p))
@@ -271,6 +275,10 @@ def find_text_folder(src: Path) -> Path:
 
 
 def resolve_vision_tower(config: dict, text: Path, image_model: str | Path | None) -> Path:
+    """The folder of the vision tower of an original-LLaVA model whose text folder is `text`:
+    `image_model` when given, else the config's ``mm_vision_tower`` (as given, or relative to the
+    text folder or its parent), else the export's sibling ``image_model/``. Raises MmloomError when
+    none of them holds a config.json (hub ids are not downloaded)."""
     if image_model is not None:
         return check_dir(image_model, "--image-model")
     given = config.get("mm_vision_tower") or config.get("vision_tower")
@@ -297,7 +305,10 @@ def read_llava(
 ) -> Bundle:
     """An original-LLaVA model folder (or a parent holding one) -> a composite, with a processor that
     reproduces the original preprocessing (``image_aspect_ratio: pad`` -> LLaVA's ``expand2square`` with
-    the ``int(image_mean * 255)`` background, as an mmloom :class:`ImageTransform`)."""
+    the ``int(image_mean * 255)`` background, as an mmloom :class:`ImageTransform`).
+    Raises MmloomError naming the folder for an unsupported model_type, image start/end or patch tokens,
+    anyres (LLaVA-NeXT), an unknown feature selection or projector, missing projector weights, or weights
+    that do not fit the language model."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -406,7 +417,9 @@ def _load_projection(projector: MultimodalProjector, state: dict[str, torch.Tens
 def read_llava_projector(src: str | Path, base: str | Path | None = None, dtype: str | None = None,
                          **_: Any) -> Bundle:
     """An existing mmloom model (`base`) with its vision projector replaced by a phase-1 ``mm_projector.bin``
-    (``model.mm_projector.*``: ``weight``/``bias`` for a linear projector, ``0.*``, ``2.*`` for mlp2x_gelu)."""
+    (``model.mm_projector.*``: ``weight``/``bias`` for a linear projector, ``0.*``, ``2.*`` for mlp2x_gelu).
+    Raises MmloomError when the file is missing or not a weights-only state dict with
+    ``model.mm_projector.*`` keys, or `base` is missing or has no vision encoder with a standard projector."""
     from safetensors.torch import load_file
 
     src = Path(src)

@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mmloom.files import read_json, write_json
+
 SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
@@ -158,6 +160,8 @@ def special_tokens_map(tokenizer) -> dict[str, Any]:
 
 
 def additional_special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's extra special tokens (``additional_special_tokens``, transformers 5's
+    ``extra_special_tokens``) without bos/eos/unk/pad, as strings in their order."""
     extra = getattr(tokenizer, "additional_special_tokens", None)
     if extra is None:
         extra = getattr(tokenizer, "extra_special_tokens", None) or []
@@ -193,10 +197,6 @@ def hf4_tokenizer_config(tokenizer, sentencepiece: bool) -> dict[str, Any]:
     return config
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
 def save_tokenizer(tokenizer, directory: str | Path, search: Iterable[str | Path] = ()) -> None:
     """`tokenizer.save_pretrained(directory)` (transformers 5 form), completed with what a later export
     to a transformers 4.x consumer needs: ``tokenizer.model`` (SentencePiece tokenizers, found by
@@ -208,10 +208,10 @@ def save_tokenizer(tokenizer, directory: str | Path, search: Iterable[str | Path
     if spm_path is not None and spm_path.resolve() != (directory / SENTENCEPIECE_FILE).resolve():
         shutil.copyfile(spm_path, directory / SENTENCEPIECE_FILE)
     path = directory / TOKENIZER_CONFIG
-    config = json.loads(path.read_text()) if path.exists() else {}
+    config = read_json(path) if path.exists() else {}
     config.update(tokenizer_settings(tokenizer))
-    _write_json(path, config)
-    _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
+    write_json(path, config)
+    write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
 
 
 def tokenizers_015_json(tokenizer) -> dict[str, Any] | None:
@@ -260,9 +260,9 @@ def save_hf4_tokenizer(
     if json_always or spm_path is None:
         old = tokenizers_015_json(tokenizer) if json_form == "tokenizers-0.15" else None
         if old is not None:
-            _write_json(directory / "tokenizer.json", old)
+            write_json(directory / "tokenizer.json", old)
         else:
             fast_backend(tokenizer).save(str(directory / "tokenizer.json"))
-    _write_json(directory / TOKENIZER_CONFIG, hf4_tokenizer_config(tokenizer, spm_path is not None))
-    _write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
+    write_json(directory / TOKENIZER_CONFIG, hf4_tokenizer_config(tokenizer, spm_path is not None))
+    write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
     return spm_path

@@ -13,7 +13,8 @@ __all__ = ["ensure_pad_token", "ensure_special_token", "prepare_tokenizer_and_vo
 
 
 def ensure_special_token(tokenizer, token: str) -> tuple[int, bool]:
-    """Add `token` as a never-split special token unless it already is one; return (id, added)."""
+    """Add `token` as a never-split special token unless it already is one; return (id, added).
+    Raises MmloomError when the tokenizer still does not encode `token` as that one id."""
     existing = token_id(tokenizer, token)
     if existing is not None:
         return existing, False
@@ -38,6 +39,7 @@ def ensure_pad_token(tokenizer) -> bool:
 
 
 def vocab_rows(language_model: nn.Module) -> int:
+    """Rows of the language model's input embedding matrix (its vocabulary size as built)."""
     return language_model.get_input_embeddings().weight.shape[0]
 
 
@@ -45,7 +47,8 @@ def resize_to_cover(
     language_model: nn.Module, size: int, pad_to_multiple_of: int | None = None
 ) -> tuple[int, int]:
     """Grow the input/output embeddings to at least `size` rows (rounded up to a multiple when
-    asked; new rows get the mean of the old ones); never shrinks. Returns (old rows, new rows)."""
+    asked; new rows get the mean of the old ones); never shrinks. Returns (old rows, new rows).
+    Raises MmloomError when `pad_to_multiple_of` is not positive."""
     old = vocab_rows(language_model)
     target = max(old, size)
     if pad_to_multiple_of:

@@ -29,6 +29,8 @@ KEEP_CLS = {"cls_patch", "full"}
 
 
 def register_callback(cls):
+    """Class decorator: register a :class:`SerializableCallback` under its ``callback_type`` so that
+    :func:`callback_from_dict` can rebuild it from a saved config."""
     CALLBACK_REGISTRY[cls.callback_type] = cls
     return cls
 
@@ -43,13 +45,18 @@ class SerializableCallback:
     input_names: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this callback (saved next to ``"type"``)."""
         raise NotImplementedError
 
     def output_dim(self, hidden_size: int) -> int:
+        """Feature width D' the callback gives for `hidden_size`-wide encoder output (default: the same)."""
         return hidden_size
 
 
 def callback_from_dict(spec: dict[str, Any] | None):
+    """Rebuild a callback from its saved form (:func:`callback_to_dict`); None stays None. Raises
+    MmloomError when the type is not registered (an arbitrary callable was saved: pass it again when
+    loading)."""
     if spec is None:
         return None
     spec = dict(spec)
@@ -78,6 +85,9 @@ class FeatureSelect(SerializableCallback):
 
     `layer=-2, strategy="patch"` is LLaVA-1.5's choice; a list of layers concatenates them
     along the feature dimension.
+
+    Raises MmloomError for an unknown strategy (``patch`` / ``cls_patch``, LLaVA's names, or ``default`` /
+    ``full``, transformers').
     """
 
     callback_type = "feature_select"
@@ -93,6 +103,8 @@ class FeatureSelect(SerializableCallback):
 
     @property
     def drops_cls(self) -> bool:
+        """Whether the first (CLS) position is dropped: strategy ``patch`` (LLaVA) / ``default``
+        (transformers)."""
         return self.strategy in DROP_CLS
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,6 +165,8 @@ class AnyresPack(nn.Module, SerializableCallback):
         }
 
     def num_views(self, image_size_hw) -> int:
+        """Views (base view + high-resolution tiles) an image of (height, width) is cut into, as
+        transformers' LLaVA-NeXT ``image_size_to_num_patches`` counts them."""
         return image_size_to_num_patches(image_size_hw, self.image_grid_pinpoints, self.image_size)
 
     def num_tokens(self, image_size_hw) -> int:
@@ -204,6 +218,8 @@ class AudioPool(SerializableCallback):
 
     Returns a list of per-clip `(ceil(positions / stride), D')` tensors; the counts follow
     `audio_token_count`, the rule the processor and `mmloom data build` use.
+
+    Raises MmloomError for an unknown mode or a stride or downsample below 1.
     """
 
     callback_type = "audio_pool"

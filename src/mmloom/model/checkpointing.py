@@ -107,6 +107,7 @@ def enable_checkpointing(module: nn.Module, kwargs: dict) -> None:
 
 
 def disable_checkpointing(module: nn.Module) -> None:
+    """Turn transformers' activation checkpointing off on one HF model (new name, else the old one)."""
     if hasattr(module, "activation_checkpointing_disable"):
         module.activation_checkpointing_disable()
     else:

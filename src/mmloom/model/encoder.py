@@ -149,18 +149,23 @@ class ModalEncoderModule(nn.Module):
 
     @property
     def config(self):
+        """The HF config of the wrapped module (inside a PEFT wrapper too); None for a plain nn.Module."""
         return getattr(base_module(self.module), "config", None)
 
     @property
     def model_type(self) -> str:
+        """The module config's ``model_type`` (``"clip_vision_model"``, ``"whisper"`` ...), "" without one."""
         return getattr(self.config, "model_type", "") or ""
 
     @property
     def callbacks(self) -> dict[str, Any]:
+        """{slot name: callback or None} for the three `CALLBACK_SLOTS`."""
         return {slot: getattr(self, slot) for slot in CALLBACK_SLOTS}
 
     @property
     def input_aliases(self) -> dict[str, str]:
+        """{processor output name: forward argument name} for towers whose processor names an input
+        differently (Qwen2-VL: ``pixel_values`` -> ``hidden_states``); {} for the others."""
         return PROCESSOR_INPUT_ALIASES.get(self.model_type, {})
 
     def accepted_inputs(self) -> set[str]:

@@ -59,6 +59,12 @@ def variable_token_spec(config) -> dict[str, Any] | None:
     return None
 
 
+def has_cls_token(config) -> bool:
+    """Whether a vision encoder's output sequence starts with a CLS token (CLIP, ViT, DINOv2 ...;
+    not SigLIP, Pixtral or Qwen2-VL), from its config's `model_type` (`CLS_MODEL_TYPES`)."""
+    return getattr(config, "model_type", "") in CLS_MODEL_TYPES
+
+
 def encoder_positions(config) -> int:
     """Length of the encoder's output sequence for one item of a fixed-size encoder.
 
@@ -76,7 +82,7 @@ def encoder_positions(config) -> int:
     image_size, patch_size = getattr(config, "image_size", None), getattr(config, "patch_size", None)
     if image_size and patch_size:
         side = _side(image_size) // _side(patch_size)
-        return side * side + (1 if model_type in CLS_MODEL_TYPES else 0)
+        return side * side + (1 if has_cls_token(config) else 0)
     raise MmloomError(
         f"cannot derive the number of feature tokens for encoder type {model_type!r}; "
         "pass num_tokens explicitly to the processor"
@@ -142,7 +148,9 @@ def item_token_counts(spec: int | dict[str, Any], items: list[Any], encoder_proc
     """Feature tokens of each item: `spec` items of a fixed count, or (variable resolution) the
     counts read from what `encoder_processor` returns for the items (e.g. Pixtral's
     `image_sizes`, Qwen2-VL's `image_grid_thw`, an audio feature extractor's frame mask; audio
-    items are waveforms at the extractor's rate)."""
+    items are waveforms at the extractor's rate).
+    Raises MmloomError when a variable count has no processor, or its outputs do not give one size per
+    item."""
     if isinstance(spec, int):
         return [spec] * len(items)
     if not items:

@@ -16,7 +16,9 @@ class PlaceholderMismatchError(MmloomError):
 def check_placeholder_counts(
     counts: list[int], item_lengths: list[int], modality: str, placeholder_id: int
 ) -> None:
-    """Assign items to samples in order and check every sample gets exactly its placeholder count."""
+    """Assign items to samples in order and check every sample gets exactly its placeholder count.
+    Raises PlaceholderMismatchError (an MmloomError) naming the sample whose placeholder count differs from
+    its items' feature tokens, or when items are left over."""
     item = 0
     for sample, need in enumerate(counts):
         got, first = 0, item

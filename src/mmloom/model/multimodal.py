@@ -298,7 +298,9 @@ class MultimodalModel(nn.Module):
         return self.encoders[modality].item_features(**inputs)
 
     def embed_inputs(self, input_ids: torch.Tensor, encoder_inputs: dict[str, dict]) -> torch.Tensor:
-        """Token embeddings with every modality's features merged at its placeholders."""
+        """Token embeddings with every modality's features merged at its placeholders.
+        Raises MmloomError when `input_ids` hold placeholders of a modality without its inputs, or a
+        modality has no placeholder id."""
         placeholder_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         for name, token_id in self.placeholder_token_ids.items():
             is_placeholder = input_ids == token_id
@@ -318,6 +320,8 @@ class MultimodalModel(nn.Module):
         return inputs_embeds
 
     def mask_placeholder_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`labels` (B, T) with -100 (``IGNORE_INDEX``) at every placeholder position of `input_ids` (B, T):
+        feature positions are never supervised."""
         ids = torch.tensor(list(self.placeholder_token_ids.values()), device=input_ids.device)
         return labels.masked_fill(torch.isin(input_ids, ids), IGNORE_INDEX)
 
@@ -422,6 +426,9 @@ class MultimodalModel(nn.Module):
     # ----------------------------------------------------------------- freezing
     @property
     def parts(self) -> dict[str, nn.Module]:
+        """The named parts that freezing patterns match: ``{name}_encoder.module``,
+        ``{name}_encoder.projector``, ``{name}_encoder.{slot}`` (callbacks with parameters) and
+        ``language_model``."""
         parts: dict[str, nn.Module] = {}
         for name, encoder in self.encoders.items():
             parts[f"{name}_encoder.module"] = encoder.module
@@ -535,6 +542,7 @@ class MultimodalModel(nn.Module):
         sync_frozen_checkpointing(self)
 
     def gradient_checkpointing_disable(self) -> None:
+        """Turn activation checkpointing off in every encoder, projector and the language model."""
         for part in [*(e.module for e in self.encoders.values()), self.language_model]:
             base = base_module(part)
             if getattr(base, "supports_gradient_checkpointing", False):
@@ -546,6 +554,8 @@ class MultimodalModel(nn.Module):
     # ------------------------------------------------------------ save and load
     @property
     def config(self) -> MultimodalConfig:
+        """The :class:`MultimodalConfig` describing this composite as it is now (what config.json holds):
+        each part's class and HF config, PEFT specs, projector configs, callbacks, placeholder ids, dtype."""
         encoders = {}
         for name, encoder in self.encoders.items():
             encoders[name] = {
@@ -595,7 +605,8 @@ class MultimodalModel(nn.Module):
         callbacks: dict[str, dict[str, Any]] | None = None,
         projections: dict[str, nn.Module] | None = None,
     ) -> MultimodalModel:
-        """Build the composite (random weights) from a config; see `from_pretrained`."""
+        """Build the composite (random weights) from a config; see `from_pretrained`.
+        Raises MmloomError when a projector wraps a custom module that is not passed in `projections`."""
         callbacks, projections = callbacks or {}, projections or {}
         encoders = {}
         for name, spec in config.encoders.items():
@@ -630,7 +641,9 @@ class MultimodalModel(nn.Module):
         """Rebuild a saved composite, in its saved dtype unless `torch_dtype` says otherwise.
 
         A trainable-only save needs `base`: the full model (or its folder) that supplies the
-        frozen weights."""
+        frozen weights.
+        Raises MmloomError when the folder is not an mmloom model, or holds trainable parameters only and
+        no `base` is given."""
         config = MultimodalConfig.load(directory)
         state = ser.load_state_dict(Path(directory))
         if config.trainable_only:
@@ -654,7 +667,9 @@ class MultimodalModel(nn.Module):
 
     def load_weights(self, state: dict[str, torch.Tensor], tied_weights: dict[str, str] | None = None,
                      strict: bool = True) -> None:
-        """Load a (possibly partial) state dict, re-tying weights that were saved once."""
+        """Load a (possibly partial) state dict, re-tying weights that were saved once.
+        Raises MmloomError when `state` has keys the model lacks, or (with `strict`) misses some of its
+        weights."""
         state = dict(state)
         for dropped, kept in (tied_weights or {}).items():
             if kept in state:

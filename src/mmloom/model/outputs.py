@@ -29,7 +29,8 @@ FEATURE_OUTPUTS: dict[str, tuple[str, str]] = {
 
 def output_features(output) -> Features:
     """The features in an output: `last_hidden_state` of a ModelOutput (else its first field),
-    `output[0]` of a tuple, a bare tensor or a list of per-item tensors as it is."""
+    `output[0]` of a tuple, a bare tensor or a list of per-item tensors as it is.
+    Raises MmloomError for any other output type."""
     if isinstance(output, (torch.Tensor, list)):
         return output
     if isinstance(output, ModelOutput):
@@ -65,7 +66,8 @@ def as_model_output(output):
 
 def select_feature_output(model_type: str, output):
     """For encoders listed in FEATURE_OUTPUTS, move the field the language model should see
-    (e.g. Qwen2-VL's merger output `pooler_output`) to `last_hidden_state`."""
+    (e.g. Qwen2-VL's merger output `pooler_output`) to `last_hidden_state`.
+    Raises MmloomError when the output lacks that field."""
     if model_type not in FEATURE_OUTPUTS or not isinstance(output, ModelOutput):
         return output
     field = FEATURE_OUTPUTS[model_type][0]

@@ -24,7 +24,8 @@ _BASE_CONFIG_KEYS = frozenset(PretrainedConfig().to_dict()) | {
 
 def text_embedding_width(config) -> int:
     """Width of a language model's input embeddings from its config: OPT-style
-    `word_embed_proj_dim` when set, else `hidden_size` (of the text config for composite configs)."""
+    `word_embed_proj_dim` when set, else `hidden_size` (of the text config for composite configs).
+    Raises MmloomError when the config has neither."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     width = getattr(config, "word_embed_proj_dim", None) or getattr(config, "hidden_size", None)
     if not isinstance(width, int):
@@ -96,7 +97,8 @@ class MultimodalProjectorConfig(PretrainedConfig):
 
 
 def parse_projector_type(projector_type: str, activation: str) -> tuple[int, str]:
-    """Return (number of Linear layers, activation name) for a projector type string."""
+    """Return (number of Linear layers, activation name) for a projector type string.
+    Raises MmloomError for an unknown type or activation, or zero layers."""
     if projector_type == "linear":
         return 1, activation
     if projector_type == "mlp":
@@ -117,7 +119,8 @@ def parse_projector_type(projector_type: str, activation: str) -> tuple[int, str
 
 def init_activation(name: str) -> nn.Module:
     """A new activation module for any key of `transformers.activations.ACT2CLS`, including the
-    `(class, kwargs)` entries such as `gelu_10` (built by transformers' own `ACT2FN`)."""
+    `(class, kwargs)` entries such as `gelu_10` (built by transformers' own `ACT2FN`).
+    Raises MmloomError for an unknown name."""
     if name not in ACT2CLS:
         raise MmloomError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACT2CLS))}")
     return ACT2FN[name]
@@ -158,6 +161,7 @@ class MultimodalProjector(PreTrainedModel):
 
     @property
     def is_built(self) -> bool:
+        """Whether the projection module exists (it is built once both widths are known)."""
         return self.projection is not None
 
     def build(self, in_features: int, out_features: int) -> None:
@@ -190,6 +194,9 @@ class MultimodalProjector(PreTrainedModel):
         return feature_width(out)
 
     def forward(self, features: Any) -> Any:  # (N, L, D_enc) | (T, D_enc) | [(L_i, D_enc)] -> same, D_llm
+        """Project encoder features to the LLM's width: (N, L, D_enc) or (T, D_enc) -> the same with
+        D_llm, or a list of per-item (L_i, D_enc) -> a list of (L_i, D_llm). Raises MmloomError when the
+        projection is not built yet or the features' width is not `config.in_features`."""
         if self.projection is None:
             raise MmloomError("projector has no projection module yet: build it inside a MultimodalModel")
         if isinstance(features, (list, tuple)):

@@ -131,7 +131,8 @@ def extract_features(extractor, clips: list[np.ndarray]) -> dict[str, Any]:
 
 def feature_extractor_from_spec(spec: str | dict[str, Any]):
     """An HF audio feature extractor from a folder (preprocessor_config.json) or an inline dict of
-    its settings (`feature_extractor_type`, default WhisperFeatureExtractor, + its arguments)."""
+    its settings (`feature_extractor_type`, default WhisperFeatureExtractor, + its arguments).
+    Raises MmloomError for an unknown type, settings it refuses, or a folder it cannot load."""
     import transformers
     from transformers import AutoFeatureExtractor
 

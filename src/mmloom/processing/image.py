@@ -226,6 +226,9 @@ class Step:
 
 
 class ExpandToSquare(Step):
+    """Pad a PIL image to a square with `background_color` (RGB 0-255), the image centred: LLaVA's
+    ``expand2square`` (``image_aspect_ratio: pad``)."""
+
     name = "expand_to_square"
     keys = ("background_color",)
 
@@ -244,6 +247,10 @@ class ExpandToSquare(Step):
 
 
 class Resize(Step):
+    """Resize a PIL image: an int `size` sets the shorter side in pixels (aspect ratio kept, the
+    longer side truncated to an int), a (height, width) pair sets both; `interpolation` is a
+    `RESAMPLE` name. Raises MmloomError for an unknown interpolation."""
+
     name = "resize"
     keys = ("size", "interpolation")
 
@@ -271,6 +278,9 @@ class Resize(Step):
 
 
 class CenterCrop(Step):
+    """Crop the centre (height, width) of a PIL image or a (..., H, W) array; regions outside the
+    image are zeros (black), as transformers' ``center_crop`` does."""
+
     name = "center_crop"
     keys = ("size",)
     pil = None  # works on both
@@ -315,6 +325,9 @@ class ToTensor(Step):
 
 
 class Rescale(ToTensor):
+    """:class:`ToTensor` under the name ``rescale`` (transformers' ``do_rescale`` step): uint8 ->
+    float32 times `factor`."""
+
     name = "rescale"
 
     def __init__(self, factor: float = 1 / 255):
@@ -322,6 +335,9 @@ class Rescale(ToTensor):
 
 
 class Normalize(Step):
+    """Subtract the per-channel `mean` and divide by `std` of a float (3, H, W) array (CLIP's
+    statistics by default). Raises MmloomError when a std is zero."""
+
     name = "normalize"
     keys = ("mean", "std")
     pil = False
@@ -346,7 +362,8 @@ STEPS: dict[str, type[Step]] = {
 
 
 def build_step(spec: dict, image_size: int) -> Step:
-    """One step from a config entry ``{"name": ..., **params}``."""
+    """One step from a config entry ``{"name": ..., **params}``.
+    Raises MmloomError for an entry without a name, an unknown step or unknown parameters."""
     if not isinstance(spec, dict) or "name" not in spec:
         raise MmloomError(f"each transform must be a mapping with a 'name', got {spec!r}")
     name = spec["name"]
@@ -410,6 +427,8 @@ class ImageTransform:
 
     @classmethod
     def from_steps(cls, steps: list[Step], image_size: int | None = None) -> ImageTransform:
+        """A transform from already built steps; raises MmloomError when their order breaks the
+        constructor's rules (PIL steps before ``to_tensor``, array steps after it, one ``to_tensor``)."""
         self = cls.__new__(cls)
         self._set(steps, image_size)
         return self
@@ -420,6 +439,8 @@ class ImageTransform:
 
         ``None`` gives the default (no padding). ``resize``/``center_crop`` without ``size`` use
         ``image_size``. A pipeline without ``to_tensor`` still returns float32 values in 0..255.
+
+        Raises MmloomError when `transforms` is not a list of such mappings or a step is invalid.
         """
         if transforms is None:
             return cls(image_size=image_size)

@@ -349,6 +349,8 @@ class ConversationTemplate:
     Options common to all templates: ``system`` (default system text; ``None`` keeps the
     template's default, ``""`` removes it where the format allows) and ``add_bos`` (prepend the
     tokenizer's BOS id).
+
+    Unknown options raise MmloomError.
     """
 
     name: str = ""
@@ -710,7 +712,8 @@ TEMPLATE_NAMES: tuple[str, ...] = tuple(_TEMPLATES)
 
 
 def get_template(name: str, **options: Any) -> ConversationTemplate:
-    """A template by name; ``options`` go to its constructor (e.g. ``terminator="newline"``)."""
+    """A template by name; ``options`` go to its constructor (e.g. ``terminator="newline"``).
+    Raises MmloomError for an unknown name or option."""
     cls = _TEMPLATES.get(name)
     if cls is None:
         raise MmloomError(

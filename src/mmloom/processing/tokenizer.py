@@ -188,15 +188,17 @@ class SentencePieceLlamaTokenizer(_sentencepiece_backend()):
         add_bos_token: bool = True,
         add_eos_token: bool = False,
         legacy: bool | None = None,
-        add_prefix_space: bool = True,
+        add_prefix_space: bool | None = True,
         clean_up_tokenization_spaces: bool = False,
         **kwargs,
     ):
         kwargs.pop("tokenizer_class", None)
         kwargs.pop("special_tokens_pattern", None)
+        # transformers 5 saves `add_prefix_space: null` for "unset": the SentencePiece default, a prefix
+        add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
         self.add_bos_token = bool(add_bos_token)
         self.add_eos_token = bool(add_eos_token)
-        self.add_prefix_space = bool(add_prefix_space)
+        self.add_prefix_space = add_prefix_space
         super().__init__(
             vocab_file=vocab_file,
             unk_token=unk_token,
@@ -278,6 +280,7 @@ class SentencePieceLlamaTokenizer(_sentencepiece_backend()):
             tokenizer_class=self.saved_class_name,
             add_bos_token=self.add_bos_token,
             add_eos_token=self.add_eos_token,
+            add_prefix_space=self.add_prefix_space,
             legacy=self.legacy,
         )
         for key in ("special_tokens_pattern", "backend", "is_local", "local_files_only"):

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from mmloom.files import write_text
 from mmloom.model.encoder import base_module
 from mmloom.model.merge import IGNORE_INDEX
 
@@ -48,10 +49,12 @@ class StepWork:
         return StepWork(*(a + b for a, b in zip(self.to_list(), other.to_list(), strict=True)))
 
     def to_list(self) -> list[int]:
+        """The counts as a list of ints in field order (for an all-reduce or a checkpoint)."""
         return [int(getattr(self, f.name)) for f in fields(self)]
 
     @classmethod
     def from_list(cls, values) -> StepWork:
+        """The counts back from :meth:`to_list`'s list."""
         return cls(*(int(v) for v in values))
 
 
@@ -246,6 +249,7 @@ class ThroughputWindow:
     steps: int = 0
 
     def add(self, seconds: float, wait: float, tokens: int, samples: int, flops: float) -> None:
+        """Add one optimizer step: its seconds, seconds spent waiting for data, tokens, samples and FLOPs."""
         self.time += seconds
         self.wait += wait
         self.tokens += tokens
@@ -277,14 +281,8 @@ class MetricsWriter:
             return
         if resume_step and self.path.exists():
             # Drop records of steps after the checkpoint we resume from (they will be redone).
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except ValueError:
-                    continue
-            self.path.write_text("".join(k + "\n" for k in kept))
+            kept = [record for record in read_metrics(model_dir) if record.get("step", 0) <= resume_step]
+            write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -296,6 +294,8 @@ class MetricsWriter:
                 self.tb = None
 
     def write(self, record: dict[str, Any], prefix: str = "train") -> None:
+        """Append `record` as one JSON line to metrics.jsonl and its finite numbers as TensorBoard scalars
+        ``{prefix}/{key}`` at its ``step`` (nothing when disabled)."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
@@ -307,6 +307,7 @@ class MetricsWriter:
                     self.tb.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
@@ -314,6 +315,8 @@ class MetricsWriter:
 
 
 def read_metrics(model_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of MODEL_DIR/metrics.jsonl in order ([] when there is none); a line that is not
+    JSON (the torn last line of a killed run) is passed over."""
     path = Path(model_dir) / METRICS_NAME
     if not path.exists():
         return []
@@ -353,12 +356,14 @@ class ProgressDisplay:
             self.progress.start()
 
     def update(self, step: int, record: dict[str, Any]) -> None:
+        """Move the bar to `step` and show the record's loss, learning rate and tokens/s (tty only)."""
         if self.progress is not None:
             info = (f"loss {_fmt(record.get('loss'))} lr {_fmt(record.get('lr'), '.3g')} "
                     f"{_fmt(record.get('tokens_per_s'), ',.0f')} tok/s")
             self.progress.update(self.task, completed=step, info=info)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Print one log line of the record's figures (``step N | loss ... | mfu ...``), above the bar on a tty."""
         if not self.enabled:
             return
         parts = [f"step {record.get('step')}"]
@@ -374,6 +379,7 @@ class ProgressDisplay:
             print(line, flush=True)
 
     def message(self, text: str) -> None:
+        """Print `text` (above the bar on a tty); nothing when disabled."""
         if not self.enabled:
             return
         if self.progress is not None:
@@ -382,6 +388,7 @@ class ProgressDisplay:
             print(text, flush=True)
 
     def close(self) -> None:
+        """Stop the live bar."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
