@@ -7,7 +7,7 @@ import json
 from transformers import AutoTokenizer
 
 from mmloom.interop.tokenizer_files import fast_backend, save_hf4_tokenizer, save_tokenizer
-from mmloom.processing.tokenizer import load_tokenizer
+from mmloom.processing.tokenizer import load_tokenizer, token_id
 from tokenizer_families import llama_sentencepiece_folder
 
 TEXTS = ["A chat between a curious user.", "Hi there.</s>USER: What next?\nASSISTANT: Nothing.</s>",
@@ -28,6 +28,7 @@ def test_every_saved_form_reloads_with_the_stock_ids(tmp_path):
     for folder in ("from-fast", "from-mmloom"):
         again = load_tokenizer(tmp_path / folder)
         assert [again(t).input_ids for t in TEXTS] == expected, folder
+        assert token_id(again, "<image>") == token_id(stock, "<image>") == len(stock) - 1, folder  # one token
 
     # a reader of tokenizer.json (transformers 4.x fast, Mistral folders) gets transformers' conversion
     save_hf4_tokenizer(stock, tmp_path / "hf4", json_always=True)

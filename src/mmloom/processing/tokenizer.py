@@ -223,9 +223,15 @@ class SentencePieceLlamaTokenizer(_sentencepiece_backend()):
         if self.add_prefix_space:
             text = SPIECE_UNDERLINE + text
         tokens = super().tokenize(text, **kwargs)
-        if len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE and tokens[1] in self.all_special_tokens:
+        if len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE and tokens[1] in self._special_pieces():
             tokens = tokens[1:]  # the dummy prefix alone before a special token is dropped
         return tokens
+
+    def _special_pieces(self) -> set[str]:
+        """Special tokens, including added tokens flagged `special` (a folder saved by transformers 5's
+        fast tokenizer lists a placeholder such as `<image>` only there, not among the special tokens)."""
+        flagged = {str(t) for t in self.added_tokens_decoder.values() if getattr(t, "special", False)}
+        return set(self.all_special_tokens) | flagged
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         """BOS (`add_bos_token`) + ids + EOS (`add_eos_token`), per sequence."""
