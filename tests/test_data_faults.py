@@ -60,13 +60,13 @@ def test_escaped_non_utf8_answer_is_a_counted_skip(tmp_path, tokenizer, family, 
 
 
 def test_question_file_with_escaped_non_utf8_text_is_refused(tmp_path):
+    from transformers import CLIPImageProcessor
+
     from helpers import vlm
     from mmloom.errors import MmloomError
     from mmloom.inference.generate import generate_answers
     from mmloom.processing.processor import MultimodalProcessor
     from mmloom.testing import tiny_tokenizer
-
-    from transformers import CLIPImageProcessor
 
     model = vlm().eval()
     clip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
