@@ -100,4 +100,4 @@ def test_init_with_an_audio_encoder_and_refusals(tmp_path, capsys):
     assert main(["init", "--text-model", str(tmp_path / "llm"), "--out", str(tmp_path / "y")]) == 2
     assert main(["init", "--image-model", str(tmp_path / "nowhere"), "--text-model", str(tmp_path / "llm"),
                  "--out", str(tmp_path / "y")]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "argument --image-model: folder not found" in capsys.readouterr().err

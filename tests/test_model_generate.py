@@ -71,7 +71,7 @@ def test_forward_and_generate_pass_only_what_the_language_model_takes(caplog):
         model(input_ids=ids, labels=ids, pixel_values=pixels)
         model(input_ids=ids, labels=ids, pixel_values=pixels, compute_logits=False)
         out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
-        step = model(input_ids=torch.tensor([[20]]), past_key_values=out.cache, use_cache=True,
+        step = model(input_ids=torch.tensor([[20]]), past_key_values=_cache_of(out), use_cache=True,
                      attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.long))
         model.generate(ids, pixel_values=pixels, max_new_tokens=2, do_sample=False, pad_token_id=3)
     notes = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
@@ -94,3 +94,9 @@ def test_placeholder_rows_are_re_padded_with_their_features():
                                do_sample=False, pad_token_id=3)
         assert batched[i, ids.shape[1]:].tolist() == alone[0, len(row):].tolist()
     assert (ids == IMAGE_ID).sum() == 32
+
+
+def _cache_of(output):
+    """The KV cache of a model output: `cache` (transformers >= 5.2x) or `past_key_values` (5.21)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

@@ -19,12 +19,20 @@ from mmloom.errors import MmloomError
 
 
 def load_yaml_mapping(path: str | Path, sections: str) -> dict:
-    """A YAML file that must hold a mapping (`sections` names what it should contain, for errors)."""
+    """A YAML file that must hold a mapping (`sections` names what it should contain, for errors).
+
+    Raises MmloomError naming the file when it is missing, a folder, not UTF-8 text (e.g. an image
+    or an .h5 file given by mistake), invalid YAML or not a mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise MmloomError(f"{path} is a folder, not a YAML config file")
     if not path.is_file():
         raise MmloomError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise MmloomError(f"{path}: not a YAML text file (byte 0x{exc.object[exc.start]:02x} at offset {exc.start} "
+                          "is not UTF-8)") from None
     except yaml.YAMLError as exc:
         raise MmloomError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):

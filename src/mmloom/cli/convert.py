@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mmloom.cli.options import existing_dir, positive_int
+
 
 def _layer(value: str):
     """`-2` or `-2,-5` (several layers are concatenated)."""
@@ -16,10 +18,14 @@ def _layer(value: str):
 
 def _add_compose_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("composing from HF folders (hf-components) / locating towers")
-    group.add_argument("--image-model", metavar="DIR", help="CLIP/SigLIP folder (CLIPVisionModel or CLIPModel)")
-    group.add_argument("--text-model", metavar="DIR", help="causal LM folder with its tokenizer")
-    group.add_argument("--audio-model", metavar="DIR", help="Whisper folder (its encoder is used)")
-    group.add_argument("--audio-stride", type=int, default=1, metavar="N",
+    group.add_argument("--image-model", metavar="DIR", type=existing_dir,
+                       help="vision encoder folder: CLIP/SigLIP (CLIPVisionModel or CLIPModel), e.g. "
+                       "pretrained/clip-vit-large-patch14-336 (default: none; init needs it or --audio-model)")
+    group.add_argument("--text-model", metavar="DIR", type=existing_dir,
+                       help="causal LM folder with its tokenizer, e.g. pretrained/vicuna-7b-v1.5 (no default: "
+                       "required by hf-components / init)")
+    group.add_argument("--audio-model", metavar="DIR", type=existing_dir, help="Whisper folder (its encoder is used; default: none)")
+    group.add_argument("--audio-stride", type=positive_int, default=1, metavar="N",
                        help="audio: encoder positions per LLM token (AudioPool; Whisper gives 50 per second)")
     group.add_argument("--audio-pool-mode", choices=["mean", "stack"], default="mean",
                        help="audio: average (mean) or concatenate (stack) each group of --audio-stride positions")
@@ -28,8 +34,9 @@ def _add_compose_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--feature-layer", type=_layer, default=-2, help="vision hidden layer(s) to use (default -2)")
     group.add_argument("--feature-strategy", default="patch", choices=["patch", "cls_patch", "default", "full"],
                        help="drop the CLS token (patch, default) or keep it (cls_patch)")
-    group.add_argument("--pad-to-multiple-of", type=int, default=None, metavar="N",
-                       help="round the vocabulary (embedding rows) up to a multiple of N, e.g. 64")
+    group.add_argument("--pad-to-multiple-of", type=positive_int, default=None, metavar="N",
+                       help="round the vocabulary (embedding rows) up to a multiple of N, e.g. 64 (default: "
+                       "not rounded)")
     group.add_argument("--template", default=None, help="conversation template saved with the processor (default vicuna_v1)")
     group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                        help="dtype of the written weights (default: as loaded)")
@@ -46,10 +53,10 @@ def register(subparsers) -> None:
         "(hf-components takes no SRC: --image-model DIR --text-model DIR). Writes are atomic.",
     )
     convert.add_argument("paths", nargs="*", metavar="SRC DST", help="source and destination (DST only for hf-components)")
-    convert.add_argument("--from", dest="src_format", choices=names, help="format of SRC")
-    convert.add_argument("--to", dest="dst_format", choices=names, help="format of DST")
-    convert.add_argument("--list", action="store_true", help="list formats and supported conversions")
-    convert.add_argument("--base", metavar="DIR", help="llava-projector: the mmloom model to import into (default DST)")
+    convert.add_argument("--from", dest="src_format", choices=names, help="format of SRC (required unless --list; no default)")
+    convert.add_argument("--to", dest="dst_format", choices=names, help="format of DST (required unless --list; no default)")
+    convert.add_argument("--list", action="store_true", help="list formats and supported conversions, and exit")
+    convert.add_argument("--base", metavar="DIR", type=existing_dir, help="llava-projector: the mmloom model to import into (default DST)")
     convert.add_argument("--mm-vision-tower", metavar="PATH",
                          help="llava: value written as mm_vision_tower (default: absolute path of DST/image_model; "
                          "the original code resolves a relative PATH against its working directory, e.g. "

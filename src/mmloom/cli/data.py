@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+from mmloom.cli.options import existing_dir, existing_file, non_negative_int, positive_int
+
 # Modules that add more sub-commands under `mmloom data`; each defines `register(data_subparsers)`.
 DATA_COMMAND_MODULES = [
     "mmloom.data.sources.cli",
@@ -14,7 +16,9 @@ DATA_COMMAND_MODULES = [
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="convert datasets, build and inspect HDF5 training data")
+    parser = subparsers.add_parser("data", help="convert datasets, build and inspect HDF5 training data",
+                                   description="Dataset commands: convert, json2jsonl, build, inspect, cache-features "
+                                   "(mmloom data DATA_COMMAND --help for each).")
     data_sub = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     parser.set_defaults(func=lambda args: parser.print_help())
     register_commands(data_sub)
@@ -75,7 +79,8 @@ def register_commands(data_subparsers) -> None:
         description="Build .h5 training files + data_params.json from LLaVA jsonl records. "
         "Bad records are skipped and counted by reason (or stop the build with --strict).",
     )
-    p.add_argument("config", help="build config YAML (setup / processor / dataset sections)")
+    p.add_argument("config", help="build config YAML (setup / processor / dataset sections; see "
+                   "configs/data/*.yaml); relative paths in it are relative to the current folder")
     p.add_argument(
         "--strict", action="store_true", help="stop at the first bad record (file:line and reason)"
     )
@@ -84,7 +89,7 @@ def register_commands(data_subparsers) -> None:
         action="append",
         metavar="KEY=VALUE",
         default=[],
-        help="override a config key, e.g. --set setup.processes=8 (repeatable)",
+        help="override a config key, e.g. --set setup.processes=8 (repeatable; VALUE is YAML, null unsets; default: the config as written)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     p.add_argument(
@@ -97,11 +102,12 @@ def register_commands(data_subparsers) -> None:
         help="print one sample of an .h5 file: text, supervised spans, image slots",
         description="Decode one sample; supervised tokens are highlighted (or shown as [[...]] when not a TTY).",
     )
-    q.add_argument("file", help="an .h5 file written by `mmloom data build`")
-    q.add_argument("--index", type=int, default=0, help="sample index inside the file (default 0)")
+    q.add_argument("file", type=existing_file, help="an .h5 file written by `mmloom data build`")
+    q.add_argument("--index", type=non_negative_int, default=0, help="sample index inside the file (default 0)")
     q.add_argument(
         "--tokenizer",
         default=None,
+        type=existing_dir,
         help="tokenizer folder (default: processor.tokenizer_type of data_params.json next to the file)",
     )
     q.add_argument("--plain", action="store_true", help="no colours: mark supervised spans with [[...]]")
@@ -121,13 +127,16 @@ def register_commands(data_subparsers) -> None:
     )
     c.add_argument("config", help="training YAML (the one `mmloom train` takes)")
     c.add_argument("--model-dir", default=None,
-                   help="run folder of `mmloom train`: if it holds checkpoints, take the weights a resumed run would")
-    c.add_argument("--batch-size", type=int, default=32, help="images per encoder forward (default 32)")
-    c.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    c.add_argument("--num-workers", type=int, default=None,
+                   help="run folder of `mmloom train`: if it holds checkpoints, take the weights a resumed run would "
+                   "(default: the weights the run starts from)")
+    c.add_argument("--batch-size", type=positive_int, default=32, help="images per encoder forward (default 32)")
+    c.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N (default: cuda if available, "
+                   "else cpu)")
+    c.add_argument("--num-workers", type=non_negative_int, default=None,
                    help="image decoding processes (default: train_input.num_workers)")
     c.add_argument("--overwrite", action="store_true", help="recompute files that are already up to date")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="override a training config key, e.g. --set train_input.data_dir=... (repeatable)")
+                   help="override a training config key, e.g. --set train_input.data_dir=... (repeatable; "
+                   "default: the config as written)")
     c.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     c.set_defaults(func=_run_cache_features)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from mmloom.cli.options import HelpFormatter, existing_dir, existing_file, non_negative_float, positive_int
+
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="load the weights in this dtype (default: as saved)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu); a device this "
+                        "machine lacks is an error")
 
 
 def register(subparsers) -> None:
@@ -16,13 +20,18 @@ def register(subparsers) -> None:
         "chat", help="chat with a saved model about an image and/or an audio clip",
         description="One answer with --prompt, else an interactive session (/image PATH, /audio PATH, /reset, /quit).",
     )
-    chat.add_argument("model_dir", metavar="MODEL_DIR", help="mmloom model folder (with its processor)")
-    chat.add_argument("--image", metavar="PATH", help="the image to talk about")
-    chat.add_argument("--audio", metavar="PATH",
-                      help="the audio clip to talk about (WAV/FLAC/MP3/OGG, resampled to the model's rate)")
-    chat.add_argument("--prompt", help="ask one question and exit")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.add_argument("model_dir", metavar="MODEL_DIR", type=existing_dir,
+                      help="mmloom model folder or checkpoint-N folder (with its processor files)")
+    chat.add_argument("--image", metavar="PATH", type=existing_file,
+                      help="the image to talk about (default: none; /image PATH in the session)")
+    chat.add_argument("--audio", metavar="PATH", type=existing_file,
+                      help="the audio clip to talk about (WAV/FLAC/MP3/OGG, resampled to the model's rate; "
+                      "default: none)")
+    chat.add_argument("--prompt", help="ask one question and exit (default: an interactive session)")
+    chat.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
+                      help="longest answer, in tokens (at least 1)")
+    chat.add_argument("--temperature", type=non_negative_float, default=0.0,
+                      help="sampling temperature; 0 = greedy decoding (default 0)")
     chat.add_argument("--system", default=None, help="system text (default: the template's)")
     _model_options(chat)
     chat.set_defaults(func=run_chat)
@@ -32,14 +41,21 @@ def register(subparsers) -> None:
         description="Answers QUESTIONS.jsonl (question_id, text, optional image and audio: a path or a list) into "
         "--output, greedy by default; question ids already in the output are skipped.",
     )
-    gen.add_argument("model_dir", metavar="MODEL_DIR")
-    gen.add_argument("questions", metavar="QUESTIONS.jsonl")
-    gen.add_argument("--output", required=True, metavar="ANSWERS.jsonl")
-    gen.add_argument("--image-dir", metavar="DIR", help="root of the question images (default: the file's folder)")
-    gen.add_argument("--audio-dir", metavar="DIR", help="root of the question audio (default: the file's folder)")
-    gen.add_argument("--batch-size", type=int, default=8)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("model_dir", metavar="MODEL_DIR", type=existing_dir,
+                     help="mmloom model folder or checkpoint-N folder (with its processor files)")
+    gen.add_argument("questions", metavar="QUESTIONS.jsonl", type=existing_file,
+                     help="one JSON object per line: question_id, text, optional image / audio (a path or a list)")
+    gen.add_argument("--output", required=True, metavar="ANSWERS.jsonl",
+                     help="answers file, appended to (question_id, prompt, text, model_id per line)")
+    gen.add_argument("--image-dir", metavar="DIR", type=existing_dir,
+                     help="root of the question images (default: the questions file's folder)")
+    gen.add_argument("--audio-dir", metavar="DIR", type=existing_dir,
+                     help="root of the question audio (default: the questions file's folder)")
+    gen.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="questions per forward pass")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
+                     help="longest answer, in tokens (at least 1)")
+    gen.add_argument("--temperature", type=non_negative_float, default=0.0,
+                     help="sampling temperature; 0 = greedy decoding (default 0)")
     gen.add_argument("--suffix", choices=["short", "choice", "none"], default="none",
                      help="answer-format instruction appended to each question")
     gen.add_argument("--blank-images", action="store_true",
@@ -52,7 +68,7 @@ def register(subparsers) -> None:
 
     score = subparsers.add_parser(
         "score", help="score answers against references",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="""Score ANSWERS.jsonl (mmloom generate output: one JSON object per line with
 question_id and text) against REFS.jsonl, matched by question_id; an id may
 appear only once per file.

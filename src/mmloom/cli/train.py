@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from mmloom.cli.options import existing_dir
 
 
 def register(subparsers) -> None:
@@ -16,21 +19,30 @@ def register(subparsers) -> None:
         "the next step boundary, then exit code 128 + the signal number (143, 130). Distributed: torchrun "
         "--nproc_per_node=N -m mmloom train ... with runconfig.distributed: ddp|fsdp.",
     )
-    p.add_argument("config", help="training YAML (train_input, eval_input, model, optimizer, schedule, runconfig)")
-    p.add_argument("--model-dir", required=True, help="run folder: checkpoints, metrics, final_model")
-    p.add_argument("--mode", choices=["train", "eval", "train_and_eval"], default="train")
+    p.add_argument("config", help="training YAML (train_input, eval_input, model, optimizer, schedule, runconfig; "
+                   "see configs/llava_v1p5/ and configs/tiny/)")
+    p.add_argument("--model-dir", required=True, help="run folder: checkpoints, metrics, final_model (created; "
+                   "a run resumes from its latest checkpoint)")
+    p.add_argument("--mode", choices=["train", "eval", "train_and_eval"], default="train",
+                   help="train; eval (eval_input loss, perplexity, next-token accuracy of the latest weights); or both")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optimizer.lr=1e-4 (repeatable)")
+                   help="override a config value, e.g. --set optimizer.lr=1e-4 (repeatable); VALUE is YAML, "
+                   "null unsets a key: --set runconfig.num_epochs=null --set runconfig.max_steps=1000 trains "
+                   "by steps instead of epochs (default: the config as written)")
     p.set_defaults(func=_train)
 
-    p = subparsers.add_parser("plot", help="plot loss and learning-rate curves of a run (PNG)")
-    p.add_argument("model_dir")
+    p = subparsers.add_parser("plot", help="plot loss and learning-rate curves of a run (PNG)",
+                              description="Write loss.png and lr.png from MODEL_DIR/metrics.jsonl.")
+    p.add_argument("model_dir", type=existing_dir, help="run folder of `mmloom train` (with metrics.jsonl)")
     p.add_argument("--out", default=None, help="output folder (default: MODEL_DIR)")
     p.set_defaults(func=_plot)
 
-    p = subparsers.add_parser("merge-lora", help="fold LoRA adapters into the LLM: a plain mmloom model folder")
-    p.add_argument("model_dir", help="mmloom model folder or run folder (uses its final_model)")
-    p.add_argument("out_dir")
+    p = subparsers.add_parser("merge-lora", help="fold LoRA adapters into the LLM: a plain mmloom model folder",
+                              description="Fold the LoRA adapters of a trained model into its weights and write "
+                              "a plain mmloom model folder (with the processor files).")
+    p.add_argument("model_dir", type=existing_dir,
+                   help="mmloom model folder, checkpoint-N folder or run folder (uses its final_model)")
+    p.add_argument("out_dir", help="the merged model folder (written atomically)")
     p.set_defaults(func=_merge)
 
 
@@ -41,6 +53,7 @@ def _train(args: argparse.Namespace) -> int:
     from mmloom.training.preemption import TrainingStopped
 
     cfg = load_train_config(args.config, args.overrides)
+    warn_single_process(cfg.runconfig.distributed)
     ctx = init_distributed(cfg.runconfig.distributed)
     try:
         run_training(cfg, args.model_dir, mode=args.mode, ctx=ctx)
@@ -51,6 +64,18 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         ctx.shutdown()
     return 0
+
+
+def warn_single_process(mode: str, environ=os.environ) -> bool:
+    """Say so (one line on stderr) when `runconfig.distributed` asks for ddp/fsdp but the command
+    was not launched by torchrun with several processes: the run then trains as one process on one
+    device (nothing sharded). Returns whether it warned."""
+    if mode in ("ddp", "fsdp") and int(environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        print(f"mmloom train: warning: runconfig.distributed is {mode!r} but this is a single process "
+              "(WORLD_SIZE unset or 1): training runs on one device, nothing is distributed; launch with "
+              "`torchrun --nproc_per_node=N -m mmloom train ...` for several", file=sys.stderr)
+        return True
+    return False
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mmloom.data.records_io import SkipRecord, parse_json_line, relative_image_path
+from mmloom.data.records_io import SkipRecord, parse_json_line, relative_image_path, unencodable_text
 from mmloom.model.merge import IGNORE_INDEX
 from mmloom.processing.templates import ConversationError, messages_from_llava
 from mmloom.processing.tokenizer import token_id
@@ -107,6 +107,9 @@ def _turns(record: dict, conversation_key: str, content_key: str) -> list[dict]:
         value = turn.get(content_key)
         if not isinstance(value, str):
             raise SkipRecord("bad_record", f"turn {i} has no string '{content_key}'")
+        bad = unencodable_text(value)
+        if bad is not None:
+            raise SkipRecord("bad_encoding", f"turn {i}: {bad}")
         role = turn.get("from", turn.get("role"))  # unknown / missing roles: messages_from_llava decides
         turns.append({"from": role, "value": value})
     return turns

@@ -36,6 +36,7 @@ import torch
 
 from mmloom.data.h5_format import LazyH5Files, decode_img_path
 from mmloom.data.hdf5_dataset import HDF5LlavaDataset
+from mmloom.devices import resolve_device
 from mmloom.errors import MmloomError
 from mmloom.files import atomic_file, write_json
 from mmloom.model.callbacks import callback_to_dict
@@ -267,7 +268,7 @@ def write_feature_cache(
 
     if batch_size < 1:
         raise MmloomError(f"--batch-size must be >= 1, got {batch_size}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     check_cacheable(model)
     encoder = model.encoders["vision"]
     signature = encoder_signature(model, section, precision)  # before moving: hashes CPU weights

@@ -71,6 +71,25 @@ def _not_utf8(text: str) -> str | None:
     return f"not UTF-8 text (byte 0x{ord(match.group()) - 0xDC00:02x})"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unencodable_text(text: str) -> str | None:
+    """A description of the first lone surrogate (U+D800..U+DFFF) in `text`, or None.
+
+    JSON may spell them as escapes (`"caf\\udce9"`: what `json.dumps` writes for text read with
+    `surrogateescape`, i.e. bytes that were not UTF-8); they are no characters, cannot be encoded as
+    UTF-8 and no tokenizer can take them, so a record holding one is a `bad_encoding` skip.
+    """
+    match = _SURROGATE.search(text)
+    if match is None:
+        return None
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"not UTF-8 text (byte 0x{code - 0xDC00:02x}, escaped as \\u{code:04x})"
+    return f"not UTF-8 text (lone surrogate \\u{code:04x})"
+
+
 def load_json(path: Path) -> Any:
     """Parse a whole JSON file (`mmloom.files.read_json`, any JSON type).
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from mmloom.data.records_io import unencodable_text
 from mmloom.errors import MmloomError
 from mmloom.inference.generate import answer_batch, generation_kwargs, load_model_and_processor
 from mmloom.processing.audio import load_audio
@@ -71,7 +72,13 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
 
     def ask(self, text: str) -> str:
-        """Add a user turn, generate (streaming if asked) and keep the answer in the conversation."""
+        """Add a user turn, generate (streaming if asked) and keep the answer in the conversation.
+
+        Raises MmloomError for text that is not UTF-8 (bytes a terminal or argv passed through as
+        lone surrogates), before anything is generated."""
+        bad = unencodable_text(text)
+        if bad is not None:
+            raise MmloomError(f"the question is {bad}; type or pass UTF-8 text")
         first = not any(m["role"] == "user" for m in self.messages)
         content = text.strip()
         if first and self.audio is not None and self.audio_placeholder not in content:
@@ -123,6 +130,10 @@ def interactive(session: ChatSession, read_line: Callable[[str], str] = input, o
             continue
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]!r}; {HELP}", file=out, flush=True)
+            continue
+        bad = unencodable_text(line)
+        if bad is not None:
+            print(f"error: the question is {bad}; type UTF-8 text", file=out, flush=True)
             continue
         print("ASSISTANT:", end=" ", file=out, flush=True)
         answer = session.ask(line)

@@ -11,6 +11,7 @@ batch; question ids already in the output are skipped, so a killed run resumes w
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageStat
 
-from mmloom.data.records_io import read_jsonl_objects
+from mmloom.data.records_io import read_jsonl_objects, unencodable_text
+from mmloom.devices import resolve_device
 from mmloom.errors import MmloomError
 from mmloom.interop.common import torch_dtype
 from mmloom.processing.audio import load_audio
@@ -36,31 +38,48 @@ SUFFIXES = {
 
 
 # ------------------------------------------------------------------------------------ model
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_model_and_processor(model_dir: str | Path, dtype: str | None = None, device: str | None = None):
-    """A saved mmloom model or `checkpoint-N` folder (eval mode) and the MultimodalProcessor saved with it."""
+    """A saved mmloom model or `checkpoint-N` folder (eval mode) and the MultimodalProcessor saved with it.
+
+    `device` None: cuda when available, else cpu. Raises MmloomError when the folder is not a saved
+    model with its processor, or `device` is not a device of this machine (`mmloom.devices.resolve_device`).
+    """
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise MmloomError(f"model folder not found: {model_dir}" if not model_dir.exists()
+                          else f"{model_dir} is a file, not a model folder")
+    dev = resolve_device(device)
     if not (model_dir / PROCESSOR_CONFIG).exists():
         raise MmloomError(
             f"{model_dir} has no {PROCESSOR_CONFIG}: save the processor with the model "
             "(MultimodalProcessor.save_pretrained) or create the folder with `mmloom convert` / `mmloom init`"
         )
-    model = load_saved_model(model_dir, torch_dtype=torch_dtype(dtype), device=device or default_device())
+    model = load_saved_model(model_dir, torch_dtype=torch_dtype(dtype), device=str(dev))
     return model.eval(), MultimodalProcessor.from_pretrained(model_dir)
 
 
 def generation_kwargs(processor, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float | None = None,
                       num_beams: int = 1) -> dict[str, Any]:
-    """Greedy unless temperature > 0; stops on the template's end token or EOS."""
+    """`model.generate` settings: greedy when `temperature` is 0, sampling at that temperature
+    (and `top_p`) when it is > 0; stops on the template's end token or EOS.
+
+    Raises MmloomError for `max_new_tokens` < 1, a negative or non-finite `temperature`, `top_p`
+    outside (0, 1] or `num_beams` < 1 (never silently greedy).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise MmloomError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
+    if temperature is None or not math.isfinite(temperature) or temperature < 0:
+        raise MmloomError(f"temperature must be 0 (greedy) or more (sampling), got {temperature!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise MmloomError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise MmloomError(f"num_beams must be an integer of at least 1, got {num_beams!r}")
     tokenizer = processor.tokenizer
     stop = processor.template.stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": stop or None, "pad_token_id": pad,
                               "num_beams": num_beams}
-    if temperature and temperature > 0:
+    if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature)
         if top_p is not None:
             kwargs["top_p"] = top_p
@@ -204,6 +223,12 @@ def generate_answers(
     for number, record in enumerate(records, 1):
         if "question_id" not in record or "text" not in record:
             raise MmloomError(f"{questions}: record {number} lacks 'question_id' or 'text'")
+        if not isinstance(record["text"], str):
+            raise MmloomError(f"{questions}: record {number}: 'text' is not a string")
+        bad = unencodable_text(record["text"])
+        if bad is not None:
+            raise MmloomError(f"{questions}: record {number}: 'text' is {bad}")
+    generation_kwargs(processor, max_new_tokens, temperature)  # refuse bad settings before any work
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = done_question_ids(output)

@@ -13,24 +13,87 @@ from mmloom.interop.common import (
     default_image_processor,
     hf_dtype,
     load_image_processor,
-    load_tokenizer,
 )
 from mmloom.interop.tokens import prepare_tokenizer_and_vocab
 from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalModel
+from mmloom.processing.tokenizer import load_tokenizer
 
 VISION_TYPES = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
                 "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel"}
 
 
-def load_vision_tower(path: str | Path, dtype=None):
-    """A vision tower from a HF folder; a full CLIP/SigLIP folder gives its vision part."""
-    import transformers
+AUDIO_TYPES = {"whisper"}
+
+
+def _is_causal_lm(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def hf_folder_config(path: str | Path, what: str):
+    """The `AutoConfig` of the HF model folder `path`, given as option `what` (e.g. `--text-model`).
+
+    Raises MmloomError (one line naming the option and the folder) when the folder does not exist,
+    holds no `config.json` (an empty folder, or a tokenizer / processor folder alone) or a config
+    that transformers cannot read.
+    """
     from transformers import AutoConfig
 
+    path = check_dir(path, what)
+    if not (path / "config.json").is_file():
+        raise MmloomError(f"{what} {path}: no config.json: not a HF model folder (a folder written by "
+                          "save_pretrained, or the model as downloaded)")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MmloomError(f"{what} {path}: cannot read its config.json: {first[:200]}") from None
+
+
+def vision_config(path: str | Path):
+    """The config of an `--image-model` folder; raises MmloomError when `path` is not a model folder,
+    or holds a causal LM or an audio model (e.g. `--image-model` and `--text-model` swapped)."""
+    config = hf_folder_config(path, "--image-model")
+    if _is_causal_lm(config.model_type):
+        raise MmloomError(f"--image-model {path} is a {config.model_type!r} causal LM, not a vision encoder "
+                          "(--image-model and --text-model swapped?)")
+    if config.model_type in AUDIO_TYPES:
+        raise MmloomError(f"--image-model {path} is a {config.model_type!r} audio model: give it as --audio-model")
+    return config
+
+
+def language_model_config(path: str | Path):
+    """The config of a `--text-model` folder; raises MmloomError when `path` is not a model folder or
+    holds another kind of model than a causal LM (e.g. a CLIP folder: the options swapped)."""
+    config = hf_folder_config(path, "--text-model")
+    if config.model_type in AUDIO_TYPES:
+        raise MmloomError(f"--text-model {path} is a {config.model_type!r} audio model: give it as --audio-model")
+    if not _is_causal_lm(config.model_type):
+        hint = (" (--image-model and --text-model swapped?)" if config.model_type in VISION_TYPES
+                or hasattr(config, "vision_config") or "vision" in config.model_type else "")
+        raise MmloomError(f"--text-model {path} is a {config.model_type!r} model, not a causal language "
+                          f"model{hint}")
+    return config
+
+
+def audio_config(path: str | Path):
+    """The config of an `--audio-model` folder; raises MmloomError unless it is a Whisper model."""
+    config = hf_folder_config(path, "--audio-model")
+    if config.model_type not in AUDIO_TYPES:
+        raise MmloomError(f"--audio-model: only Whisper folders are supported, {path} is {config.model_type!r}")
+    return config
+
+
+def load_vision_tower(path: str | Path, dtype=None):
+    """A vision tower from a HF folder; a full CLIP/SigLIP folder gives its vision part
+    (raises as `vision_config`)."""
+    import transformers
+
     path = check_dir(path, "--image-model")
-    config = AutoConfig.from_pretrained(path)
+    config = vision_config(path)
     class_name = VISION_TYPES.get(config.model_type)
     if class_name is None:
         if hasattr(config, "vision_config") or hasattr(config, "text_config"):
@@ -44,12 +107,10 @@ def load_vision_tower(path: str | Path, dtype=None):
 
 def load_audio_encoder(path: str | Path, dtype=None):
     """The encoder of a Whisper folder (and its feature extractor, when the folder has one)."""
-    from transformers import AutoConfig, AutoFeatureExtractor, WhisperFeatureExtractor, WhisperModel
+    from transformers import AutoFeatureExtractor, WhisperFeatureExtractor, WhisperModel
 
     path = check_dir(path, "--audio-model")
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "whisper":
-        raise MmloomError(f"--audio-model: only Whisper folders are supported, {path} is {config.model_type!r}")
+    config = audio_config(path)
     encoder = WhisperModel.from_pretrained(path, dtype=hf_dtype(dtype)).get_encoder()
     if (path / "preprocessor_config.json").exists():
         extractor = AutoFeatureExtractor.from_pretrained(path)
@@ -59,9 +120,11 @@ def load_audio_encoder(path: str | Path, dtype=None):
 
 
 def load_language_model(path: str | Path, dtype=None):
+    """The causal LM of a HF folder (eval mode); raises as `language_model_config`."""
     from transformers import AutoModelForCausalLM
 
     path = check_dir(path, "--text-model")
+    language_model_config(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=hf_dtype(dtype)).eval()
 
 
@@ -88,8 +151,14 @@ def read_hf_components(
         raise MmloomError("hf-components takes no SRC: give --image-model DIR --text-model DIR")
     if text_model is None or (image_model is None and audio_model is None):
         raise MmloomError("hf-components needs --text-model DIR and --image-model DIR (and/or --audio-model DIR)")
+    # every folder is checked before any weights are read (a 7B LLM takes a while to load)
+    language_model_config(text_model)
+    if image_model is not None:
+        vision_config(image_model)
+    if audio_model is not None:
+        audio_config(audio_model)
+    tokenizer = load_tokenizer(Path(text_model), what="--text-model")
     llm = load_language_model(text_model, dtype)
-    tokenizer = load_tokenizer(Path(text_model), required=True)
     encoders, processors, placeholders = {}, {}, {}
     if image_model is not None:
         tower = load_vision_tower(image_model, dtype).eval()

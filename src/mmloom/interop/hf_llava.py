@@ -102,6 +102,32 @@ def _check_same_class(module, config, what: str) -> None:
 
 
 # --------------------------------------------------------------------------------------- writing
+def ensure_image_token(tokenizer, placeholder_id: int, source=None) -> str | None:
+    """Make `tokenizer` give `<image>` the model's vision placeholder id, as `mmloom data build` does
+    for a stock tokenizer that lacks it (added in memory as a special token, id = its length); the
+    note to report, or None when nothing was added.
+
+    Raises MmloomError, before anything is written, when there is no tokenizer (an hf-llava folder
+    without its LlavaProcessor is of no use to transformers' pipelines) or when adding `<image>`
+    cannot give `placeholder_id`.
+    """
+    if tokenizer is None:
+        where = f"{source} has" if source else "the model has"
+        raise MmloomError(
+            f"{where} no tokenizer: an hf-llava export needs one for its LlavaProcessor; save the processor "
+            "with the model (MultimodalProcessor.save_pretrained; `mmloom train` does when the data's tokenizer "
+            "is known) and convert again"
+        )
+    existing = token_id(tokenizer, "<image>")
+    if existing is not None or placeholder_id != len(tokenizer):
+        return None  # present (a differing id is refused with both ids when the processor is written)
+    added, _ = ensure_special_token(tokenizer, "<image>")
+    if added != placeholder_id:
+        raise MmloomError(f"adding <image> to the tokenizer gives id {added}, not the model's vision placeholder "
+                          f"id {placeholder_id}")
+    return f"added <image> (id {added}) to the tokenizer, which lacked it (as `mmloom data build` does)"
+
+
 def add_pad_token(tokenizer, language_model, pad_to_multiple_of: int | None) -> str | None:
     """Give a tokenizer without a pad token a new ``<pad>`` (as the llava-hf conversion did) and grow the
     embeddings to cover it, rounded up to `pad_to_multiple_of` (default 64). Returns a note, or None."""
@@ -191,6 +217,9 @@ def write_hf_llava(
     cast_in_place(model, torch_dtype(dtype))
     tokenizer = bundle.tokenizer
     notes: list[str] = []
+    image_note = ensure_image_token(tokenizer, parts.placeholder_id, bundle.source)
+    if image_note:
+        notes.append(image_note)
     note = add_pad_token(tokenizer, llm, pad_to_multiple_of)
     if note:
         notes.append(note)
@@ -224,10 +253,7 @@ def write_hf_llava(
             if tokenizer is not None and tokenizer.pad_token_id is not None:
                 generation.pad_token_id = tokenizer.pad_token_id
             generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            _save_llava_processor(bundle, parts, image_processor, tmp, notes)
-        else:
-            notes.append("no tokenizer: the folder has no processor")
+        _save_llava_processor(bundle, parts, image_processor, tmp, notes)
     bundle.notes += notes
     if merged:
         bundle.notes.append(f"merged LoRA adapters of: {', '.join(merged)}")

@@ -52,13 +52,47 @@ def uses_sentencepiece(folder: str | Path) -> bool:
     return config.get("tokenizer_class") in LLAMA_SENTENCEPIECE_CLASSES
 
 
+# transformers' model families whose folders hold a text generator's tokenizer (an LLM or a multimodal LLM)
+_TEXT_GENERATOR_MAPPINGS = (
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+)
+
+
+def _not_a_language_model(folder: Path) -> str | None:
+    """The `model_type` of `folder`'s config.json when transformers knows it as a model that does not
+    generate text (a CLIP / SigLIP / ViT vision encoder, a BERT encoder, ...), else None (an LLM's
+    folder, a tokenizer-only folder, mmloom's own folders, unknown types)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        model_type = read_json(path).get("model_type")
+    except (MmloomError, OSError, AttributeError):
+        return None
+    if not isinstance(model_type, str):
+        return None
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        return None
+    if any(model_type in getattr(modeling_auto, name, {}) for name in _TEXT_GENERATOR_MAPPINGS):
+        return None
+    return model_type
+
+
 def load_tokenizer(path: str | Path, *, what: str = "tokenizer"):
     """The tokenizer saved in folder `path` (see the module docstring for which class).
 
     `what` names the setting or argument the path came from, for error messages
     (e.g. `"processor.tokenizer_type"`). Raises `MmloomError` (one line, naming the folder) when the
-    folder does not exist or holds no loadable tokenizer: a vision-model folder, a missing
-    `tokenizer.model` dependency, a corrupt file.
+    folder does not exist or holds no loadable tokenizer: a vision-model folder (its config.json
+    names a model that generates no text, e.g. `clip`, even when the folder ships CLIP's own text
+    tokenizer), a missing `tokenizer.model` dependency, a corrupt file, or a vocabulary of fewer
+    than 3 tokens.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -68,13 +102,17 @@ def load_tokenizer(path: str | Path, *, what: str = "tokenizer"):
         raise MmloomError(
             f"{what}: {folder} holds no tokenizer (no tokenizer.json, tokenizer.model or tokenizer_config.json)"
         )
+    model_type = _not_a_language_model(folder)
+    if model_type is not None:
+        raise MmloomError(
+            f"{what}: {folder} is a {model_type!r} model folder, not a language model's tokenizer folder "
+            "(give the LLM's folder, e.g. pretrained/vicuna-7b-v1.5)"
+        )
     try:
         if uses_sentencepiece(folder):
             tokenizer = SentencePieceLlamaTokenizer.from_pretrained(str(folder))
         else:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            tokenizer = _auto_tokenizer(folder)
     except MmloomError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader failure is a user-input problem
@@ -85,6 +123,28 @@ def load_tokenizer(path: str | Path, *, what: str = "tokenizer"):
             f"{what}: {folder} gives a tokenizer of {len(tokenizer)} tokens: not a language model's tokenizer folder"
         )
     return tokenizer
+
+
+def _auto_tokenizer(folder: Path):
+    """`AutoTokenizer.from_pretrained(folder)` without the noise of the folder's *model* config:
+    transformers reads config.json to find the tokenizer class and warns about model settings
+    (e.g. a transformers-4 `rope_scaling`, an unknown `llava_llama` type) that do not concern the
+    tokenizer. The warnings raised while reading that config and transformers' log lines below
+    ERROR during the load are dropped; errors still raise."""
+    import warnings
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"transformers\.configuration_utils")
+            warnings.filterwarnings("ignore", module=r"transformers\.models\.auto\.configuration_auto")
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def token_id(tokenizer, token: str) -> int | None:

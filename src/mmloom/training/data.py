@@ -93,6 +93,68 @@ def processor_for(section: InputConfig, image_size: int, model):
         return None, str(err)
 
 
+def max_token_id(data_dir: str | Path, chunk: int = 4096) -> int:
+    """The largest token id at an attended position of the HDF5 samples in `data_dir` (row 0 of
+    `data`, where row 3, the inverted attention mask, is 0); -1 when there is none. Reads the files
+    once (gzip, `chunk` samples at a time)."""
+    import h5py
+
+    files = sorted(Path(data_dir).glob("*.h5"))
+    best = -1
+    for path in files:
+        with h5py.File(path, "r") as f:
+            data = f["data"]
+            for start in range(0, data.shape[0], chunk):
+                rows = np.asarray(data[start : start + chunk])
+                attended = rows[:, 0, :][rows[:, 3, :] == 0]
+                if attended.size:
+                    best = max(best, int(attended.max()))
+    return best
+
+
+def check_token_ids(model, data_dir: str | Path) -> None:
+    """Refuse, at train (or eval) start, data whose token ids the model cannot take, in one line:
+
+    - ids the LLM cannot embed: the data's tokenizer (`post-process.vocab_size` of
+      `data_params.json`, the size before `<image>` / `<audio>` were added; placeholders never
+      appear in the data, its slots hold the pad id) is larger than the LLM's embedding matrix, and
+      the data's largest id really reaches past it (read from the files: named with the LLM's
+      vocabulary size). Without a recorded `vocab_size` (Cerebras' files) the files are read.
+    - a vision placeholder id other than the one the data's tokenizer gives `<image>`
+      (`post-process.image_token_id`): the model would train, but its processor could not be saved
+      with it and `chat` / `generate` / exports would not find the images; a negative id is refused
+      when the data records none.
+
+    Raises MmloomError naming `data_dir`, the ids and the setting to change.
+    """
+    params = read_data_params(data_dir, required=False)
+    post = params.get("post-process") or {}
+    rows = int(model.get_input_embeddings().num_embeddings)
+    data_vocab = post.get("vocab_size")
+    if data_vocab is None or int(data_vocab) > rows:
+        largest = max_token_id(data_dir)
+        if largest >= rows:
+            tokenizer = (params.get("processor") or {}).get("tokenizer_type", "?")
+            raise MmloomError(
+                f"the data in {data_dir} has token ids up to {largest} (tokenizer {tokenizer}, vocab_size "
+                f"{data_vocab if data_vocab is not None else '?'}) but the LLM's vocabulary has {rows} tokens "
+                "(embedding rows): train the LLM the data was tokenized for (model.text_model), or rebuild the "
+                "data with this LLM's tokenizer"
+            )
+    vision_id = model.placeholder_token_ids.get("vision")
+    data_image_id = post.get("image_token_id")
+    if vision_id is None:
+        return
+    if data_image_id is not None and int(vision_id) != int(data_image_id):
+        raise MmloomError(
+            f"model.image_token_id is {vision_id} but the data in {data_dir} was built with '<image>' = "
+            f"{data_image_id} (data_params.json post-process.image_token_id; the LLM has {rows} embedding rows): "
+            f"set model.image_token_id to {data_image_id}"
+        )
+    if int(vision_id) < 0:
+        raise MmloomError(f"model.image_token_id is {vision_id}: a token id is 0 or more")
+
+
 def train_collator(collator, section: InputConfig, model):
     """The training collator for `train_input`: with `packing`, a `PackedCollator` (one padding-free
     row per micro-batch), and the model's language model switched to attention that reads packed

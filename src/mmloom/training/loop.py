@@ -32,6 +32,7 @@ from mmloom.training.config import TrainConfig, check_config_paths, config_to_ya
 from mmloom.training.data import (
     build_dataset,
     check_cached_features,
+    check_token_ids,
     make_loader,
     processor_for,
     step_sampler,
@@ -173,6 +174,7 @@ class Trainer:
         if pad is None:
             raise MmloomError("cannot tell the pad token id: set model.pad_token_id")
         check_data_modalities(self.base_model, data_dir)  # images / audio the model cannot read
+        check_token_ids(self.base_model, data_dir)  # ids the LLM cannot embed, a placeholder id the data lacks
         image_token_id = self.base_model.placeholder_token_ids.get("vision", -1)
         dummy_images = dummy_images and "vision" in self.base_model.encoder_names
         return TrainCollator(image_token_id, int(pad), self.num_feature_tokens, dummy_images=dummy_images)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmloom.cli.options import HelpFormatter
 from mmloom.errors import MmloomError
 
 EPILOG = """\
@@ -74,12 +75,12 @@ def register(data_subparsers) -> None:
     parser = data_subparsers.add_parser(
         "convert", help="convert a public VLM dataset to LLaVA jsonl",
         description="Convert a public VLM dataset into LLaVA json records, one per line.",
-        epilog=EPILOG + sources, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG + sources, formatter_class=HelpFormatter)
     parser.add_argument("source", choices=list(SOURCES), metavar="SOURCE", help="one of: " + ", ".join(SOURCES))
     parser.add_argument("--input", required=True, help="dataset file or folder (see sources below)")
     parser.add_argument("--output", required=True, help="jsonl file to write (replaced atomically)")
-    parser.add_argument("--image-dir", help="image root that output image paths are relative to, also "
-                        "searched for images; arxivcap/synthdog write their images here")
+    parser.add_argument("--image-dir", metavar="DIR", help="image root that output image paths are relative to, also "
+                        "searched for images; arxivcap/synthdog write their images here (default: see 'image paths' below)")
     parser.add_argument("--split", default=None,
                         help="split for chartqa (train/val/test), docvqa/infographicsvqa (train/val/test), dvqa "
                         "(train/val_easy/val_hard), synthdog (train/validation) (default: train)")
@@ -97,6 +98,6 @@ def register(data_subparsers) -> None:
         description="Write each IN_DIR/<name>.json (a JSON list of records) as OUT_DIR/<name>.jsonl. "
         "A record with bytes that are not UTF-8 is skipped and counted; a file that is not a JSON list or "
         "keeps no record is not written, and the command then exits 2 after converting the others.")
-    parser.add_argument("in_dir", metavar="IN_DIR")
-    parser.add_argument("out_dir", metavar="OUT_DIR")
+    parser.add_argument("in_dir", metavar="IN_DIR", help="folder of *.json files (JSON lists of LLaVA records)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the *.jsonl files (created)")
     parser.set_defaults(func=_json2jsonl)
