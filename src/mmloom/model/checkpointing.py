@@ -12,6 +12,10 @@ checkpoint function that sets the layer back to eval for the forward pass and fo
 recomputation in backward alike. Its submodules stay in eval mode throughout. So frozen
 layers keep dropout off, are checkpointed like trainable ones, and give the same gradients.
 Layers that train are untouched (transformers' own behaviour).
+
+The switch is set by a forward pre-hook on each such layer and, for transformers releases that
+test the training flag in `__call__` before a layer's own hooks run (5.21-5.23), by a forward
+pre-hook on the model `sync_frozen_checkpointing` was called on, which runs before any layer.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 _HOOK = "_mmloom_checkpoint_hook"
+_MODEL_HOOK = "_mmloom_frozen_checkpoint_hook"
 
 
 def _checkpointing_layers(model: nn.Module) -> list[nn.Module]:
@@ -42,10 +47,12 @@ def _eval_body(layer: nn.Module, checkpoint_func: Callable, function: Callable, 
     def body(*a, **k):
         was = layer.training
         layer.training = False
+        layer._mmloom_in_body = True  # transformers < 5.24 runs the layer's hooks inside the body
         try:
             return function(*a, **k)
         finally:
             layer.training = was
+            layer._mmloom_in_body = False
 
     return checkpoint_func(body, *args, **kwargs)
 
@@ -53,7 +60,8 @@ def _eval_body(layer: nn.Module, checkpoint_func: Callable, function: Callable, 
 def _grad_mode_pre_hook(layer: nn.Module, args) -> None:
     # Train mode only when there is a backward to checkpoint for; without gradients the layer
     # runs as the frozen (eval) layer it is.
-    layer.training = torch.is_grad_enabled()
+    if not getattr(layer, "_mmloom_in_body", False):
+        layer.training = torch.is_grad_enabled()
 
 
 def _is_wrapped(func) -> bool:
@@ -85,6 +93,7 @@ def sync_frozen_checkpointing(model: nn.Module) -> None:
     """Make gradient checkpointing effective in the frozen layers of `model` (see the module
     docstring); undo it for layers that train again, lose checkpointing, or when `model` is in
     eval mode. Call after any change of requires_grad, train/eval mode or checkpointing."""
+    attached = []
     for layer in _checkpointing_layers(model):
         wanted = (
             model.training
@@ -94,8 +103,19 @@ def sync_frozen_checkpointing(model: nn.Module) -> None:
         )
         if wanted:
             _attach(layer)
+            attached.append(layer)
         elif _detach(layer) and _is_frozen(layer):
             layer.training = False
+    handle = getattr(model, _MODEL_HOOK, None)
+    if handle is not None:
+        handle.remove()
+        setattr(model, _MODEL_HOOK, None)
+    if attached:
+        def set_switches(_module, _args) -> None:
+            for layer in attached:
+                _grad_mode_pre_hook(layer, ())
+
+        setattr(model, _MODEL_HOOK, model.register_forward_pre_hook(set_switches))
 
 
 def enable_checkpointing(module: nn.Module, kwargs: dict) -> None:
