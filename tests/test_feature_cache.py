@@ -150,3 +150,10 @@ def test_eval_from_cached_features_matches_eval_from_images(data, tmp_path, monk
     assert a["num_samples"] == b["num_samples"] > 0
     assert abs(a["eval_loss"] - b["eval_loss"]) < LOSS_ATOL
     assert abs(a["accuracy"] - b["accuracy"]) < 1e-6
+
+
+def test_cached_features_run_resumes_exactly(data, tmp_path):
+    from test_train_resume import resume_matches
+
+    resume_matches(data, tmp_path, "train_input.use_cached_features=true", f"train_input.img_data_dir={tmp_path / 'gone'}",
+                   args=run_args)

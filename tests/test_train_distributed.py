@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,7 @@ def test_ddp_two_processes_match_one(data, reference, tmp_path):
     assert_same_losses(run, reference)
     state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["global_step"] == 4
-    assert (run / "checkpoint-4" / "rng_state_1.pt").exists()
+    assert (run / "checkpoint-4" / "rng_state_1.json").exists()
 
 
 def test_packed_ddp_matches_one_process(data, reference, tmp_path):
@@ -79,3 +81,79 @@ def test_fsdp_two_processes_match_one_and_resume(data, reference, tmp_path):
     for k in expected:
         torch.testing.assert_close(again[k], first[k], rtol=0, atol=1e-6)
         torch.testing.assert_close(again[k], expected[k], rtol=1e-3, atol=1e-5)
+
+
+def test_fsdp_checkpoint_resumes_on_another_world_size(data, tmp_path):
+    """The optimizer state of 2 FSDP ranks (torch.distributed.checkpoint, one shard per rank) loads
+    into 1 process (resharded); steps 3-4 match the 2-rank run."""
+    run = tmp_path / "fsdp_unused"
+    sets = [*SETS, "model.freeze=[]"]
+    torchrun(train_args(data, 2, run, *sets, "runconfig.distributed=fsdp"), tmp_path)
+    optimizer_files = sorted(p.name for p in (run / "checkpoint-2" / "optimizer").glob("*.safetensors"))
+    assert len(optimizer_files) == 2  # each rank wrote its shard
+    two_ranks, first = losses(run), weights(run / "final_model")
+    # the final model is streamed: two weight files, each written by one rank, and transformers' index
+    assert sorted(p.name for p in (run / "final_model").glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert (run / "final_model" / "model.safetensors.index.json").exists()
+    shutil.rmtree(run / "checkpoint-4")
+    shutil.rmtree(run / "final_model")
+    assert main(train_args(data, 2, run, *sets)) == 0  # distributed: none
+    got = losses(run)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(got[step] - two_ranks[step]) < 1e-4 * max(1.0, abs(two_ranks[step]))
+    again = weights(run / "final_model")
+    assert set(again) == set(first)
+    for k in first:
+        torch.testing.assert_close(again[k], first[k], rtol=1e-3, atol=1e-5)
+
+
+def worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process of `rank` (from /proc: its parent and RANK variable)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_sigterm_on_one_rank_stops_all_ranks_and_ddp_resumes(data, tmp_path):
+    """DDP with a trainable encoder whose last layer gets no gradient (no optimizer state for it).
+    SIGTERM reaches rank 1 only: both ranks agree at the next step boundary, save the same
+    checkpoint and exit 143; the relaunch resumes and ends with the losses of an uninterrupted run."""
+    sets = [*SETS[:2], "runconfig.checkpoint_steps=100", *SETS[3:], "model.freeze=[]"]
+    reference = tmp_path / "one_process"
+    assert main(train_args(data, 2, reference, *sets)) == 0
+    run = tmp_path / "preempted"
+    args = train_args(data, 2, run, *sets, "runconfig.distributed=ddp", "runconfig.find_unused_parameters=true")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMLOOM_DEBUG_STEP_SLEEP": "0.5"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmloom", *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not ((run / "metrics.jsonl").exists() and '"loss"' in (run / "metrics.jsonl").read_text()):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        pid = worker_pid(proc.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    saved = [p.name for p in run.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(saved) == 1 and saved[0] != "checkpoint-4", (saved, output[-3000:])
+    step = int(saved[0].split("-")[1])
+    assert f"stopped by SIGTERM after step {step} of 4" in output
+    assert (run / saved[0] / "rng_state_1.json").exists() and not (run / "final_model").exists()
+    torchrun(args, tmp_path)
+    assert_same_losses(run, reference)

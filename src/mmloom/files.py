@@ -8,6 +8,7 @@ half-written one. Every JSON read names the file in its error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -19,6 +20,34 @@ from typing import Any
 from mmloom.errors import MmloomError
 
 BOM = b"\xef\xbb\xbf"
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` is a full disk, an exceeded quota or file-size limit: an OSError with one of
+    those errnos, or a library's error whose text carries it (h5py reports HDF5's `errno = 28`)."""
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+        return True
+    text = str(err)
+    return "No space left on device" in text or "errno = 28" in text or "Disk quota exceeded" in text
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the file system of `path` (or its nearest existing parent); -1 when unknown."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return -1
+
+
+def mib(n: float) -> str:
+    """A byte count as MiB for messages, e.g. "12.5 MiB"."""
+    return f"{n / 2**20:,.1f} MiB"
 
 
 class JsonFileError(MmloomError):

@@ -13,9 +13,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="train / evaluate a LLaVA-style model from a YAML config (torchrun for several processes)",
-        description="Train or evaluate from a YAML config. Resumes automatically from the latest "
-        "checkpoint in --model-dir. Distributed: torchrun --nproc_per_node=N -m mmloom train ... "
-        "with runconfig.distributed: ddp|fsdp.",
+        description="Train or evaluate from a YAML config. Resumes automatically from the newest complete "
+        "checkpoint in --model-dir (damaged ones are skipped with a note; runconfig.resume_weights_only: true "
+        "continues from a checkpoint whose optimizer/RNG state is missing). SIGTERM or Ctrl-C: a checkpoint at "
+        "the next step boundary, then exit code 128 + the signal number (143, 130). Distributed: torchrun "
+        "--nproc_per_node=N -m mmloom train ... with runconfig.distributed: ddp|fsdp.",
     )
     p.add_argument("config", help="training YAML (train_input, eval_input, model, optimizer, schedule, runconfig; "
                    "see configs/llava_v1p5/ and configs/tiny/)")
@@ -48,12 +50,17 @@ def _train(args: argparse.Namespace) -> int:
     from mmloom.training.config import load_train_config
     from mmloom.training.distributed import init_distributed
     from mmloom.training.loop import run_training
+    from mmloom.training.preemption import TrainingStopped
 
     cfg = load_train_config(args.config, args.overrides)
     warn_single_process(cfg.runconfig.distributed)
     ctx = init_distributed(cfg.runconfig.distributed)
     try:
         run_training(cfg, args.model_dir, mode=args.mode, ctx=ctx)
+    except TrainingStopped as stop:  # SIGTERM / Ctrl-C: a checkpoint was saved; 128 + the signal number
+        if ctx.is_main:
+            print(f"mmloom train: {stop}", file=sys.stderr)
+        return stop.exit_code
     finally:
         ctx.shutdown()
     return 0

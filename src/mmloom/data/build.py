@@ -35,7 +35,7 @@ from mmloom.data.encode import (
 from mmloom.data.h5_format import H5_NAME, PARAMS_NAME, encode_img_path, write_h5
 from mmloom.data.records_io import SkipRecord, iter_jsonl_lines
 from mmloom.errors import MmloomError
-from mmloom.files import write_json
+from mmloom.files import free_bytes, is_disk_full, mib, write_json
 from mmloom.model.feature_count import counts_from_inputs
 from mmloom.processing.audio import (
     AudioLoadError,
@@ -264,7 +264,19 @@ def _process_chunk(chunk: list[tuple[int, int, str | SkipRecord]]) -> ChunkResul
 # ----------------------------------------------------------------------------- writing
 
 
+class DiskFullError(MmloomError):
+    """The disk filled up during `data build` (raised by the writer; `build` removes the output)."""
+
+    def __init__(self, path: Path, needed: int, free: int, per_sample: float):
+        super().__init__(f"cannot write {path}: no space left on the device (this file needs up to {mib(needed)}, "
+                         f"{mib(max(free, 0))} free)")
+        self.path, self.needed, self.free, self.per_sample = path, needed, free, per_sample
+
+
 class _Writer:
+    """Collects encoded samples and writes them `samples_per_file` at a time (`data-0000k.h5`);
+    raises DiskFullError when the disk cannot take the next file."""
+
     def __init__(self, out_dir: Path, samples_per_file: int, with_audio: bool = False):
         self.out_dir = out_dir
         self.per_file = samples_per_file
@@ -285,10 +297,29 @@ class _Writer:
 
     def _flush(self, n: int) -> None:
         name = H5_NAME.format(len(self.files))
-        write_h5(self.out_dir / name, np.stack(self.rows[:n]), self.paths[:n], self.starts[:n],
-                 self.audio[:n] if self.with_audio else None)
+        rows = np.stack(self.rows[:n])
+        audio = self.audio[:n] if self.with_audio else None
+        audio_bytes = sum(getattr(a, "nbytes", 0) for item in (audio or []) for part in item for a in part)
+        needed = rows.nbytes + audio_bytes + sum(map(len, self.paths[:n])) + 2**16  # uncompressed: an upper bound
+        free = free_bytes(self.out_dir)
+        if 0 <= free < needed:
+            raise DiskFullError(self.out_dir / name, needed, free, needed / n)
+        try:
+            write_h5(self.out_dir / name, rows, self.paths[:n], self.starts[:n], audio)
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFullError(self.out_dir / name, needed, free_bytes(self.out_dir), needed / n) from None
+            raise
         del self.rows[:n], self.paths[:n], self.starts[:n], self.audio[:n]
         self.files.append(name)
+
+    def remove_output(self) -> None:
+        """Delete the files this build wrote (and temporary files of an interrupted write)."""
+        for name in self.files:
+            (self.out_dir / name).unlink(missing_ok=True)
+        for stale in self.out_dir.glob(".data-*.h5.tmp-*"):
+            stale.unlink(missing_ok=True)
+        self.files.clear()
 
     def close(self) -> None:
         if self.rows:
@@ -409,26 +440,31 @@ def build(
     later_starts: collections.Counter = collections.Counter()
     stats: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
-    with _progress(show) as bar:
-        task = bar.add_task("build", total=total)
-        results = contextlib.closing(_ordered_results(_chunks(files), cfg.setup.processes, cfg_dict))
-        with results as ordered:
-            for res in ordered:
-                if strict and res.skips:
-                    file_idx, lineno, reason, detail = res.skips[0]
-                    raise MmloomError(
-                        f"{files[file_idx]}:{lineno}: {reason}" + (f" ({detail})" if detail else "")
-                    )
-                n_read += res.n_read
-                for _, _, reason, _ in res.skips:
-                    skipped[reason] += 1
-                kept_per_file.update(res.kept_per_file)
-                starts.update(res.starts)
-                later_starts.update(res.later_starts)
-                stats.update(res.stats)
-                writer.add(res.rows, res.img_paths, res.image_starts, res.audio)
-                bar.advance(task, res.n_read)
-    writer.close()
+    try:
+        with _progress(show) as bar:
+            task = bar.add_task("build", total=total)
+            results = contextlib.closing(_ordered_results(_chunks(files), cfg.setup.processes, cfg_dict))
+            with results as ordered:
+                for res in ordered:
+                    if strict and res.skips:
+                        file_idx, lineno, reason, detail = res.skips[0]
+                        raise MmloomError(
+                            f"{files[file_idx]}:{lineno}: {reason}" + (f" ({detail})" if detail else "")
+                        )
+                    n_read += res.n_read
+                    for _, _, reason, _ in res.skips:
+                        skipped[reason] += 1
+                    kept_per_file.update(res.kept_per_file)
+                    starts.update(res.starts)
+                    later_starts.update(res.later_starts)
+                    stats.update(res.stats)
+                    writer.add(res.rows, res.img_paths, res.image_starts, res.audio)
+                    bar.advance(task, res.n_read)
+        writer.close()
+    except DiskFullError as err:
+        writer.remove_output()
+        raise MmloomError(f"{err}; the whole build needs up to {mib(err.per_sample * total)}; nothing of it was kept "
+                          f"in {out_dir}") from None
     elapsed = time.perf_counter() - t0
     kept = sum(kept_per_file.values())
     assert n_read == kept + sum(skipped.values())
@@ -477,7 +513,14 @@ def build(
     }
     if audio_cfg is not None:
         params["modalities"] = {"audio": audio_params(audio_cfg, extractor, ids, stats)}
-    write_json(out_dir / PARAMS_NAME, params)
+    try:
+        write_json(out_dir / PARAMS_NAME, params)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        writer.remove_output()
+        raise MmloomError(f"cannot write {out_dir / PARAMS_NAME}: no space left on the device "
+                          f"({mib(max(free_bytes(out_dir), 0))} free); nothing of the build was kept") from None
     if not quiet:
         print_summary(params, elapsed)
     if kept == 0:

@@ -199,14 +199,15 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FINAL_MODEL = "final_model"
 
 
-def list_checkpoints(model_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (`checkpoint-N` folders with trainer_state.json), oldest first."""
+def list_checkpoints(model_dir: str | Path, complete_only: bool = True) -> list[tuple[int, Path]]:
+    """`checkpoint-N` folders of a run folder, oldest first: those with trainer_state.json, or
+    every one with `complete_only=False` (for `checkpoint.choose_resume_checkpoint` to report)."""
     model_dir = Path(model_dir)
     found = []
     if model_dir.is_dir():
         for p in model_dir.iterdir():
             match = CHECKPOINT_RE.match(p.name)
-            if match and p.is_dir() and (p / "trainer_state.json").exists():
+            if match and p.is_dir() and (not complete_only or (p / "trainer_state.json").exists()):
                 found.append((int(match.group(1)), p))
     return sorted(found)
 

@@ -10,7 +10,7 @@ model:       {image_model, encoders, text_model, projector, freeze, image_featur
 optimizer:   {optimizer_type, lr, betas, eps, weight_decay, max_gradient_norm, projector_lr}
 schedule:    {warmup_steps | warmup_ratio, decay, min_lr}
 runconfig:   {max_steps | num_epochs, checkpoint_steps, keep_last, log_steps, eval_steps, seed,
-              load_checkpoint_states, checkpoint_path, distributed, mfu_peak_flops, ...}
+              load_checkpoint_states, checkpoint_path, distributed, mfu_peak_flops, resume_weights_only, ...}
 ```
 
 `batch_size` is the global batch (all ranks, all micro-batches of one optimizer step).
@@ -225,6 +225,12 @@ class RunSection(_Section):
     save_trainable_only: bool = Field(True, description="checkpoints hold only trainable weights")
     save_final_model: bool = Field(True, description="write MODEL_DIR/final_model (all weights)")
     find_unused_parameters: bool = False
+    resume_weights_only: bool = Field(
+        False,
+        description="resume from the latest checkpoint's weights, step and data position with a fresh optimizer "
+        "state and RNG (for checkpoints whose optimizer or RNG state is missing or damaged; without it such a "
+        "checkpoint is skipped for an older complete one, or refused)",
+    )
 
     @model_validator(mode="after")
     def _one_length(self):
@@ -306,3 +312,45 @@ def check_config_paths(cfg: TrainConfig, mode: str = "train", resuming: bool = F
 
 def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------------ resuming a run
+# Keys a resumed run cannot change: the checkpoint's weights, optimizer state or data position
+# would no longer mean what they meant (every `model.` key except those below, the data order).
+RESUME_FIXED = ("model.", "train_input.data_dir", "train_input.batch_size", "train_input.shuffle",
+                "train_input.drop_last", "runconfig.seed", "optimizer.optimizer_type")
+RESUME_FREE_MODEL = {"model.precision", "model.attn_implementation", "model.gradient_checkpointing",
+                     "model.loss_on_supervised_only", "model.loss_scaling"}
+# Keys a resume does not use: the run continues from its own checkpoint.
+RESUME_IGNORED = {"runconfig.checkpoint_path", "runconfig.load_checkpoint_states"}
+
+
+def flatten_config(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"section.key.sub": value} of a config dict (lists are leaves)."""
+    if not isinstance(data, dict) or not data:
+        return {prefix.rstrip("."): data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten_config(value, f"{prefix}{key}."))
+    return out
+
+
+def resume_changes(saved: dict[str, Any], cfg: TrainConfig) -> tuple[list[str], list[str], list[str]]:
+    """How `cfg` differs from the config a checkpoint was trained with (`saved`, its dump):
+    (refused, applied, ignored) lines "key: old -> new". Refused keys make the resume meaningless;
+    applied ones take effect from the next step (the new value wins); ignored ones are not used."""
+    old = flatten_config(saved)
+    new = flatten_config(cfg.model_dump(mode="json"))
+    refused, applied, ignored = [], [], []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if before == after:
+            continue
+        line = f"{key}: {before!r} -> {after!r}"
+        if key in RESUME_IGNORED:
+            ignored.append(line)
+        elif key.startswith(RESUME_FIXED) and key not in RESUME_FREE_MODEL:
+            refused.append(line)
+        else:
+            applied.append(line)
+    return refused, applied, ignored

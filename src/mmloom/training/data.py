@@ -34,6 +34,7 @@ from mmloom.processing.tokenizer import load_tokenizer
 from mmloom.training import builder
 from mmloom.training.config import InputConfig, check_config_paths
 from mmloom.training.modalities import audio_processor, audio_reader
+from mmloom.training.preemption import ignore_stop_signals_in_worker
 
 
 def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
@@ -65,6 +66,7 @@ def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0
         prefetch_factor=4 if num_workers > 0 else None,
         pin_memory=bool(pin_memory),
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals_in_worker if num_workers > 0 else None,
     )
 
 

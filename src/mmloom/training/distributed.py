@@ -1,4 +1,11 @@
-"""Process groups (torchrun), DDP / FSDP2 wrapping and small collective helpers."""
+"""Process groups (torchrun), DDP / FSDP2 wrapping and small collective helpers.
+
+FSDP2 (`fully_shard` on every transformer block, then the root): with `precision: bfloat16` the
+blocks compute in bf16 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: bf16
+all-gathers, fp32 gradient reduce-scatters and fp32 sharded master weights); gradients are
+reduce-scattered after every micro-batch, so gradient accumulation adds into the sharded fp32
+gradients and no rank keeps a whole model's gradients between micro-batches.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +53,27 @@ class DistContext:
     def comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (small picklable values: paths, messages)."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def on_main(self, fn, *args):
+        """`fn(*args)` run on rank 0 only; its result, or its MmloomError, reaches every rank."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn(*args)
+            except MmloomError as err:
+                error = str(err)
+        result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise MmloomError(error)
+        return result
+
     def gather_objects(self, obj) -> list | None:
         if not self.distributed:
             return [obj]
@@ -92,10 +120,23 @@ def block_classes(model) -> set[str]:
     return names
 
 
-def apply_fsdp(model) -> nn.Module:
-    """FSDP2: `fully_shard` every transformer block of every part, then the root."""
+def mixed_precision(precision: str):
+    """FSDP2's policy for a config's `model.precision`: bf16 compute with fp32 gradient reduction
+    (inputs are not cast: autocast does that, and the loss denominators stay fp32), else None."""
+    if precision != "bfloat16":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def apply_fsdp(model, precision: str = "float32") -> nn.Module:
+    """FSDP2: `fully_shard` every transformer block of every part, then the root (see the module
+    docstring for the bf16 policy)."""
     from torch.distributed.fsdp import fully_shard
 
+    policy = mixed_precision(precision)
+    kwargs = {"mp_policy": policy} if policy is not None else {}
     classes = block_classes(model)
     blocks = [m for m in model.modules() if type(m).__name__ in classes and m is not model]
     # Only the outermost matching modules (a block class may nest another).
@@ -105,8 +146,8 @@ def apply_fsdp(model) -> nn.Module:
         if not any(id(sub) in block_ids for sub in _ancestors(model, b)):
             outer.append(b)
     for block in outer:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
     return model
 
 
@@ -123,7 +164,8 @@ def _ancestors(root: nn.Module, target: nn.Module) -> list[nn.Module]:
     return [m for m in path if m is not root]
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, find_unused_parameters: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, ctx: DistContext, find_unused_parameters: bool = False,
+               precision: str = "float32") -> nn.Module:
     if not ctx.distributed:
         return model
     if ctx.mode == "ddp":
@@ -132,7 +174,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, find_unused_parameters: bool 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
     if ctx.mode == "fsdp":
-        return apply_fsdp(model)
+        return apply_fsdp(model, precision)
     raise MmloomError(f"unknown distributed mode {ctx.mode!r}")
 
 
@@ -142,15 +184,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, ctx: DistContext, sync: bool):
-    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch."""
-    if not ctx.distributed or sync:
-        if ctx.mode == "fsdp" and ctx.distributed:
-            model.set_requires_gradient_sync(True)
-        yield
-        return
-    if ctx.mode == "ddp":
+    """DDP: skip the gradient all-reduce on all but the last micro-batch (DDP keeps whole gradients
+    anyway). FSDP: reduce-scatter every micro-batch (gradients accumulate sharded)."""
+    if ctx.distributed and ctx.mode == "ddp" and not sync:
         with model.no_sync():
             yield
-    else:
-        model.set_requires_gradient_sync(False)
-        yield
+        return
+    yield

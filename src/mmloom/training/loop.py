@@ -20,16 +20,15 @@ from mmloom.data.collate import FeatureCollator, TrainCollator
 from mmloom.data.h5_format import read_data_params
 from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
-from mmloom.model import serialization as ser
 from mmloom.training import builder
 from mmloom.training.checkpoint import (
-    full_model_state,
+    choose_resume_checkpoint,
     load_training_state,
     read_trainer_state,
     save_checkpoint,
-    write_model_folder,
+    save_model,
 )
-from mmloom.training.config import TrainConfig, check_config_paths, config_to_yaml
+from mmloom.training.config import TrainConfig, check_config_paths, config_to_yaml, resume_changes
 from mmloom.training.data import (
     build_dataset,
     check_cached_features,
@@ -51,7 +50,8 @@ from mmloom.training.metrics import (
     batch_work,
 )
 from mmloom.training.modalities import check_data_modalities, vision_geometry, with_audio
-from mmloom.training.optim import build_optimizer, build_scheduler
+from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
+from mmloom.training.preemption import StopSignals, TrainingStopped
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 EVAL_RESULTS = "eval_results.json"
@@ -90,14 +90,25 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _resume_folder(self) -> Path | None:
-        if self.ctx.is_main and self.model_dir.is_dir():
-            # temporary folders of saves that were interrupted (killed runs)
-            for stale in self.model_dir.glob(".*.tmp-*"):
-                if stale.is_dir() and (stale.name.startswith(".checkpoint-") or stale.name.startswith(".final_model")):
-                    shutil.rmtree(stale, ignore_errors=True)
-        self.ctx.barrier()
-        checkpoints = builder.list_checkpoints(self.model_dir)
-        return checkpoints[-1][1] if checkpoints else None
+        """The newest complete checkpoint of the run folder (verified on rank 0, see
+        `checkpoint.choose_resume_checkpoint`), after removing the temporary folders of saves that
+        were interrupted; notes on skipped checkpoints are printed. Raises MmloomError when there are
+        checkpoints but none is usable."""
+
+        def choose() -> tuple[Path | None, list[str]]:
+            if self.model_dir.is_dir():  # `.checkpoint-N.tmp-partial`, `.checkpoint-N.old` of interrupted saves
+                for stale in self.model_dir.glob(".*"):
+                    if (stale.is_dir() and stale.name.startswith((".checkpoint-", ".final_model"))
+                            and (".tmp-" in stale.name or stale.name.endswith(".old"))):
+                        shutil.rmtree(stale, ignore_errors=True)
+            # evaluation needs the weights only
+            return choose_resume_checkpoint(self.model_dir, self.run.resume_weights_only or self.mode == "eval")
+
+        folder, notes = self.ctx.on_main(choose)
+        if self.ctx.is_main:
+            for note in notes:
+                self.console.message(f"note: {note}")
+        return folder
 
     def setup_model(self, for_training: bool = True) -> None:
         """Build the model, load start weights, freeze, add LoRA, resume, wrap for distribution."""
@@ -110,8 +121,10 @@ class Trainer:
         model = builder.build_starting_model(cfg, start_folder)
         self.fingerprint = builder.frozen_fingerprint(model)
         self.start_folder = start_folder
+        self.config_notes: list[str] = []
         if self.resume_from is not None:
             state = read_trainer_state(self.resume_from)
+            self.config_notes = self.config_changes(self.resume_from, state)
             if (
                 state.get("trainable_only")
                 and state.get("frozen_fingerprint")
@@ -132,7 +145,7 @@ class Trainer:
         # vision encoder geometry ((0, 0, 0) without one: audio-LLMs)
         self.num_feature_tokens, self.image_size, self.image_positions = vision_geometry(model)
         if for_training or self.ctx.mode == "fsdp":
-            self.model = wrap_model(model, self.ctx, run.find_unused_parameters)
+            self.model = wrap_model(model, self.ctx, run.find_unused_parameters, cfg.model.precision)
         else:
             self.model = model
 
@@ -287,6 +300,7 @@ class Trainer:
             "frozen_fingerprint": self.fingerprint,
             "total_steps": self.total_steps,
             "seed": self.run.seed,
+            "config": self.cfg.model_dump(mode="json"),
         }
 
     def saved_processor(self):
@@ -305,16 +319,15 @@ class Trainer:
         )
 
     def save_final_model(self) -> None:
-        state = full_model_state(self.model, self.ctx)
+        """MODEL_DIR/final_model: all weights, streamed (see `checkpoint.save_model`), with the
+        processor when the data allows one (so that chat/generate/convert can use the folder as it is)."""
+        processor, why_not = None, None
         if self.ctx.is_main:
             processor, why_not = self.saved_processor()
-            with ser.atomic_directory(self.model_dir / builder.FINAL_MODEL) as tmp:
-                write_model_folder(tmp, self.model, state, trainable_only=False)
-                if processor is not None:  # so that chat/generate/convert can use the folder as it is
-                    processor.save_pretrained(tmp)
-            if processor is None:
-                print(f"note: no processor saved with the final model ({why_not})")
-        self.ctx.barrier()
+        extra = (lambda folder: processor.save_pretrained(folder)) if processor is not None else None
+        save_model(self.model_dir / builder.FINAL_MODEL, self.model, self.ctx, extra)
+        if self.ctx.is_main and processor is None:
+            print(f"note: no processor saved with the final model ({why_not})")
 
     # -------------------------------------------------------------------------- run
     def write_resolved_config(self) -> None:
@@ -357,19 +370,9 @@ class Trainer:
         self.setup_optimizer()
         start_step = 0
         if self.resume_from is not None:
-            state = load_training_state(self.resume_from, self.model, self.optimizer, self.scheduler, ctx)
-            start_step = int(state["global_step"])
-            if state.get("global_batch_size") != self.global_batch:
-                raise MmloomError(
-                    f"{self.resume_from} was written with train_input.batch_size {state.get('global_batch_size')}, "
-                    f"this config has {self.global_batch}: the data position cannot be resumed"
-                )
-            if self.ctx.is_main:
-                self.console.message(f"resuming from {self.resume_from} (step {start_step})")
+            start_step = self.resume_state(self.resume_from, run.resume_weights_only, same_run=True)
         elif run.checkpoint_path is not None and run.load_checkpoint_states == "all":
-            folder = self.start_folder
-            state = load_training_state(folder, self.model, self.optimizer, self.scheduler, ctx)
-            start_step = int(state["global_step"])
+            start_step = self.resume_state(self.start_folder, False, same_run=False)
         if ctx.is_main:
             self.base_model.trainable_summary(print_table=True)
         flops = FlopsEstimator(self.base_model, self.image_positions, self.num_feature_tokens)
@@ -384,45 +387,102 @@ class Trainer:
         if start_step >= self.total_steps:
             progress.message(f"training already finished at step {start_step}")
         loader_iter = iter(self.train_loader(start_step)) if start_step < self.total_steps else None
-        try:
-            for step in range(start_step, self.total_steps):
-                t0 = time.perf_counter()
-                micro_batches = [next(loader_iter) for _ in range(self.accum)]
-                t_data = time.perf_counter() - t0
-                lr = self.optimizer.param_groups[0]["lr"]
-                lrs = {g["group_name"]: g["lr"] for g in self.optimizer.param_groups}
-                res = self.optimizer_step(micro_batches, step, last_saved)
-                if debug_sleep:
-                    time.sleep(debug_sleep)
-                done = step + 1
-                dt = time.perf_counter() - t0
-                window.add(dt, t_data, res.tokens, res.samples, flops.flops(res.work))
-                record = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                          "loss_tokens": res.loss_tokens, "epoch": done / self.steps_per_epoch}
-                if len(lrs) > 1 and "projector" in lrs:
-                    record["projector_lr"] = lrs["projector"]
-                if done % run.log_steps == 0 or done == self.total_steps:
-                    record.update(window.summary(run.mfu_peak_flops, ctx.world_size))
-                    window = ThroughputWindow()
-                    progress.log(record)
-                metrics.write(record)
-                progress.update(done, {**record, "tokens_per_s": record.get("tokens_per_s", res.tokens / dt)})
-                result["last_loss"] = res.loss
-                if (run.checkpoint_steps and done % run.checkpoint_steps == 0) or done == self.total_steps:
-                    self.save(done)
-                    last_saved = done
-                if eval_every and (done % eval_every == 0 or done == self.total_steps):
-                    ev = evaluate(self.model, eval_loader, ctx, self.autocast)
-                    metrics.write({"step": done, **ev}, prefix="eval")
-                    progress.log({"step": done, **ev})
-                    result["eval"] = ev
-        finally:
-            progress.close()
-            metrics.close()
+        with StopSignals() as stops:  # SIGTERM / Ctrl-C: a checkpoint at the next step boundary
+            try:
+                for step in range(start_step, self.total_steps):
+                    t0 = time.perf_counter()
+                    micro_batches = [next(loader_iter) for _ in range(self.accum)]
+                    t_data = time.perf_counter() - t0
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    lrs = {g["group_name"]: g["lr"] for g in self.optimizer.param_groups}
+                    res = self.optimizer_step(micro_batches, step, last_saved)
+                    if debug_sleep:
+                        time.sleep(debug_sleep)
+                    done = step + 1
+                    dt = time.perf_counter() - t0
+                    window.add(dt, t_data, res.tokens, res.samples, flops.flops(res.work))
+                    record = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
+                              "loss_tokens": res.loss_tokens, "epoch": done / self.steps_per_epoch}
+                    if len(lrs) > 1 and "projector" in lrs:
+                        record["projector_lr"] = lrs["projector"]
+                    if done % run.log_steps == 0 or done == self.total_steps:
+                        record.update(window.summary(run.mfu_peak_flops, ctx.world_size))
+                        window = ThroughputWindow()
+                        progress.log(record)
+                    metrics.write(record)
+                    progress.update(done, {**record, "tokens_per_s": record.get("tokens_per_s", res.tokens / dt)})
+                    result["last_loss"] = res.loss
+                    if (run.checkpoint_steps and done % run.checkpoint_steps == 0) or done == self.total_steps:
+                        self.save(done)
+                        last_saved = done
+                    if eval_every and (done % eval_every == 0 or done == self.total_steps):
+                        ev = evaluate(self.model, eval_loader, ctx, self.autocast)
+                        metrics.write({"step": done, **ev}, prefix="eval")
+                        progress.log({"step": done, **ev})
+                        result["eval"] = ev
+                    signum = stops.agreed(ctx)  # every rank learns of a SIGTERM / Ctrl-C on any rank
+                    if signum is not None and done < self.total_steps:
+                        if last_saved != done:
+                            self.save(done)
+                            last_saved = done
+                        raise TrainingStopped(
+                            f"stopped by {StopSignals.name(signum)} after step {done} of {self.total_steps}: "
+                            f"saved {self.model_dir / f'checkpoint-{done}'}; run the same command again to resume",
+                            signum,
+                        )
+            finally:
+                progress.close()
+                metrics.close()
         if run.save_final_model:
             self.save_final_model()
         result["final_step"] = self.total_steps
         return result
+
+    def config_changes(self, folder: Path, state: dict[str, Any]) -> list[str]:
+        """Compare this run's config with the one `folder` was trained with (see
+        `config.resume_changes`): raises MmloomError for changes a resume cannot honour, returns
+        notes on the changes that apply and those that are not used."""
+        if not isinstance(state.get("config"), dict):  # format 1 checkpoints did not record it
+            return []
+        refused, applied, ignored = resume_changes(state["config"], self.cfg)
+        if refused:
+            raise MmloomError(
+                f"cannot resume {folder} with a changed config: {'; '.join(refused)} (these keys must stay as "
+                f"the run started; use a new --model-dir, or runconfig.checkpoint_path={folder} to start a "
+                "new run from its weights)"
+            )
+        step = int(state.get("global_step", 0)) + 1
+        notes = []
+        if applied:
+            notes.append(f"config changed since the checkpoint, the new values apply from step {step}: "
+                         + "; ".join(applied))
+        if ignored:
+            notes.append("config changed but not used when resuming: " + "; ".join(ignored))
+        return notes
+
+    def resume_state(self, folder: Path, weights_only: bool, same_run: bool) -> int:
+        """Continue from `folder` (a checkpoint; its weights are loaded already): optimizer state and
+        RNG (unless `weights_only`), the schedule at its step, and what changed in the config said
+        (or refused, see `config.resume_changes`). Returns the step to start from."""
+        state, notes = load_training_state(folder, self.model, self.optimizer, self.ctx, weights_only=weights_only)
+        start_step = int(state["global_step"])
+        if state.get("global_batch_size") != self.global_batch:
+            raise MmloomError(
+                f"{folder} was written with train_input.batch_size {state.get('global_batch_size')}, "
+                f"this config has {self.global_batch}: the data position cannot be resumed"
+            )
+        if same_run:
+            notes += self.config_notes
+        if state.get("total_steps") not in (None, self.total_steps):
+            notes.append(f"the learning-rate schedule now spans {self.total_steps} steps "
+                         f"(the checkpoint's run planned {state['total_steps']})")
+        set_schedule_step(self.scheduler, start_step)  # the schedule of this run's config, at the step
+        if self.ctx.is_main:
+            how = "; weights only: fresh optimizer and RNG state" if weights_only else ""
+            self.console.message(f"resuming from {folder} (step {start_step}{how})")
+            for note in notes:
+                self.console.message(f"note: {note}")
+        return start_step
 
     def evaluate_only(self) -> dict[str, Any]:
         """--mode eval: weights of the latest checkpoint in MODEL_DIR (else checkpoint_path, else the init)."""

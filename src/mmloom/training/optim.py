@@ -83,3 +83,16 @@ def build_scheduler(optimizer, schedule: ScheduleSection, peak_lr: float, total_
         return lr_factor(step, total_steps, warmup, schedule.decay, min_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_schedule_step(scheduler, step: int) -> list[float]:
+    """Put a scheduler of `build_scheduler` where it is after `step` optimizer steps (as LambdaLR
+    computes it: lr = base_lr x factor(step)), e.g. when a run resumes; returns the learning rates of
+    the next update. The schedule is a function of the config and the step only, so a resumed run
+    follows its current config's schedule."""
+    lrs = [base * factor(step) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)]
+    scheduler.last_epoch = step
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)
+    return lrs
