@@ -28,8 +28,7 @@ from mmloom.data.encode import (
     encode_record,
     image_file,
     parse_record_line,
-    record_audio,
-    record_images,
+    record_paths,
     to_h5_rows,
 )
 from mmloom.data.h5_format import H5_NAME, PARAMS_NAME, encode_img_path, write_h5
@@ -182,7 +181,7 @@ def _encode_line(line: str):
     cfg: BuildConfig = _STATE["cfg"]
     ds = cfg.dataset
     record = parse_record_line(line)
-    images = record_images(record, ds.image_key)
+    images = record_paths(record, ds.image_key)
     if images and ds.num_patches is None:
         raise SkipRecord("bad_record", f"'{ds.image_key}' in a build without images (dataset.num_patches unset)")
     if len(images) > 1:
@@ -191,7 +190,7 @@ def _encode_line(line: str):
         )
     audio = None
     if ds.audio is not None:
-        clips = record_audio(record, ds.audio.audio_key)
+        clips = record_paths(record, ds.audio.audio_key)
         files = [audio_file(ds.audio.audio_dir, clip) for clip in clips]
         counts = [count_audio_tokens(path, ds.audio, _STATE["extractor"])[0] for path in files]
         audio = (ds.audio.audio_token, _STATE["audio_token_id"], clips, counts)

@@ -115,26 +115,16 @@ def _turns(record: dict, conversation_key: str, content_key: str) -> list[dict]:
     return turns
 
 
-def record_images(record: dict, image_key: str = "image") -> list[str]:
-    """The record's relative image paths ([] for text-only): a string or a list of strings."""
-    image = record.get(image_key)
-    if image is None or image == "" or image == []:
+def record_paths(record: dict, key: str) -> list[str]:
+    """The record's relative media paths under `key` (`image`, `audio`; [] when absent): a string or
+    a list of strings (LLaVA's form). Raises SkipRecord("bad_record") for anything else."""
+    value = record.get(key)
+    if value is None or value == "" or value == []:
         return []
-    images = image if isinstance(image, list) else [image]
-    if not all(isinstance(p, str) and p for p in images):
-        raise SkipRecord("bad_record", f"'{image_key}' must be a path or a list of paths")
-    return list(images)
-
-
-def record_audio(record: dict, audio_key: str = "audio") -> list[str]:
-    """The record's relative audio paths ([] for none): a string or a list of strings."""
-    audio = record.get(audio_key)
-    if audio is None or audio == "" or audio == []:
-        return []
-    clips = audio if isinstance(audio, list) else [audio]
-    if not all(isinstance(p, str) and p for p in clips):
-        raise SkipRecord("bad_record", f"'{audio_key}' must be a path or a list of paths")
-    return list(clips)
+    paths = value if isinstance(value, list) else [value]
+    if not all(isinstance(p, str) and p for p in paths):
+        raise SkipRecord("bad_record", f"'{key}' must be a path or a list of paths")
+    return list(paths)
 
 
 def audio_file(audio_dir: str | Path | None, relative: str) -> Path:
@@ -194,7 +184,7 @@ def encode_record(
     """
     if image_token_id is None:
         image_token_id = token_id(tokenizer, image_token)
-    images = record_images(record, image_key)
+    images = record_paths(record, image_key)
     turns = _turns(record, conversation_key, content_key)
     n_placeholders = sum(t["value"].count(image_token) for t in turns)
     if n_placeholders != len(images):
