@@ -214,14 +214,15 @@ def save_tokenizer(tokenizer, directory: str | Path, search: Iterable[str | Path
     write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
 
 
-def tokenizers_015_json(tokenizer) -> dict[str, Any] | None:
+def tokenizers_015_json(tokenizer, backend=None) -> dict[str, Any] | None:
     """The fast tokenizer's ``tokenizer.json`` in the form tokenizers 0.15 (transformers 4.37) parses, or
     None when it holds something that form cannot express.
 
     Newer tokenizers releases write BPE merges as pairs, add ``ignore_merges`` and Metaspace's ``split``;
     0.15 reads merges as ``"a b"`` strings and needs Metaspace's ``add_prefix_space``. (0.15's Metaspace
-    always splits on the ``▁``, so runs of spaces are cut differently from SentencePiece.)"""
-    backend = fast_backend(tokenizer)
+    always splits on the ``▁``, so runs of spaces are cut differently from SentencePiece.)
+    `backend`: the tokenizer's :func:`fast_backend` when the caller has it already."""
+    backend = backend if backend is not None else fast_backend(tokenizer)
     try:
         data = json.loads(backend.to_str()) if backend is not None else {}
     except (AttributeError, ValueError):
@@ -258,11 +259,12 @@ def save_hf4_tokenizer(
     if spm_path is not None:
         shutil.copyfile(spm_path, directory / SENTENCEPIECE_FILE)
     if json_always or spm_path is None:
-        old = tokenizers_015_json(tokenizer) if json_form == "tokenizers-0.15" else None
+        backend = fast_backend(tokenizer)  # a conversion for SentencePiece tokenizers: once
+        old = tokenizers_015_json(tokenizer, backend) if json_form == "tokenizers-0.15" else None
         if old is not None:
             write_json(directory / "tokenizer.json", old)
         else:
-            fast_backend(tokenizer).save(str(directory / "tokenizer.json"))
+            backend.save(str(directory / "tokenizer.json"))
     write_json(directory / TOKENIZER_CONFIG, hf4_tokenizer_config(tokenizer, spm_path is not None))
     write_json(directory / SPECIAL_TOKENS_MAP, special_tokens_map(tokenizer))
     return spm_path
