@@ -35,6 +35,7 @@ def register(subparsers) -> None:
                               description="Write loss.png and lr.png from MODEL_DIR/metrics.jsonl.")
     p.add_argument("model_dir", type=existing_dir, help="run folder of `mmloom train` (with metrics.jsonl)")
     p.add_argument("--out", default=None, help="output folder (default: MODEL_DIR)")
+    p.add_argument("--overwrite", action="store_true", help="replace loss.png / lr.png of an earlier `mmloom plot`")
     p.set_defaults(func=_plot)
 
     p = subparsers.add_parser("merge-lora", help="fold LoRA adapters into the LLM: a plain mmloom model folder",
@@ -42,7 +43,10 @@ def register(subparsers) -> None:
                               "a plain mmloom model folder (with the processor files).")
     p.add_argument("model_dir", type=existing_dir,
                    help="mmloom model folder, checkpoint-N folder or run folder (uses its final_model)")
-    p.add_argument("out_dir", help="the merged model folder (written atomically)")
+    p.add_argument("out_dir", help="the merged model folder: new or empty (written atomically, model and processor "
+                   "together; never inside MODEL_DIR)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR when it is an earlier `mmloom merge-lora` "
+                   "output")
     p.set_defaults(func=_merge)
 
 
@@ -81,7 +85,7 @@ def warn_single_process(mode: str, environ=os.environ) -> bool:
 def _plot(args: argparse.Namespace) -> int:
     from mmloom.training.plot import plot_metrics
 
-    for path in plot_metrics(args.model_dir, args.out):
+    for path in plot_metrics(args.model_dir, args.out, overwrite=args.overwrite):
         print(path)
     return 0
 
@@ -89,6 +93,6 @@ def _plot(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from mmloom.training.lora import merge_lora
 
-    merge_lora(args.model_dir, args.out_dir)
+    merge_lora(args.model_dir, args.out_dir, overwrite=args.overwrite)
     print(f"merged model written to {args.out_dir}")
     return 0

@@ -34,12 +34,13 @@ from typing import Any
 import torch
 
 from mmloom.errors import MmloomError
-from mmloom.files import atomic_directory, read_json, write_json
+from mmloom.files import read_json, write_json
 from mmloom.interop.common import (
     Bundle,
     cast_in_place,
     check_dir,
     default_image_processor,
+    export_folder,
     hf_dtype,
     load_image_processor,
     load_tokenizer,
@@ -245,7 +246,7 @@ def write_hf_llava(
     config_dict["architectures"] = ["LlavaForConditionalGeneration"]
     config_dict["torch_dtype"] = config_dict["dtype"] = weights_dtype(llm)
     state = hf4_llava_state(parts, llm, base_llm)
-    with atomic_directory(dst) as tmp:
+    with export_folder(dst, model) as tmp:
         save_state_dict(state, tmp)
         write_json(tmp / "config.json", config_dict, sort_keys=True)
         if getattr(llm, "generation_config", None) is not None:

@@ -5,7 +5,6 @@ checkpoints, one process or many (DDP / FSDP2 under torchrun)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -20,6 +19,7 @@ from mmloom.data.collate import FeatureCollator, TrainCollator
 from mmloom.data.h5_format import read_data_params
 from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
+from mmloom.files import write_json, write_text
 from mmloom.training import builder
 from mmloom.training.checkpoint import (
     choose_resume_checkpoint,
@@ -52,6 +52,7 @@ from mmloom.training.metrics import (
 from mmloom.training.modalities import check_data_modalities, vision_geometry, with_audio
 from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
 from mmloom.training.preemption import StopSignals, TrainingStopped
+from mmloom.training.run_folder import run_folder_lock
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 EVAL_RESULTS = "eval_results.json"
@@ -96,7 +97,9 @@ class Trainer:
         checkpoints but none is usable."""
 
         def choose() -> tuple[Path | None, list[str]]:
-            if self.model_dir.is_dir():  # `.checkpoint-N.tmp-partial`, `.checkpoint-N.old` of interrupted saves
+            # `.checkpoint-N.tmp-partial`, `.checkpoint-N.old` of interrupted saves (a trainer's own: an
+            # evaluation, which shares the run folder with other readers, leaves them alone)
+            if self.model_dir.is_dir() and self.mode != "eval":
                 for stale in self.model_dir.glob(".*"):
                     if (stale.is_dir() and stale.name.startswith((".checkpoint-", ".final_model"))
                             and (".tmp-" in stale.name or stale.name.endswith(".old"))):
@@ -340,7 +343,7 @@ class Trainer:
                     f"world_size {self.ctx.world_size}, micro_batch_size {self.micro_batch}, "
                     f"accumulation_steps {self.accum}\n" + text
                 )
-            (self.model_dir / RESOLVED_CONFIG).write_text(text)
+            write_text(self.model_dir / RESOLVED_CONFIG, text)
 
     def optimizer_step(self, micro_batches: list[dict], step: int, last_saved: int | None) -> StepResult:
         """Forward/backward every micro-batch, check the loss and gradient norm, clip, step."""
@@ -493,17 +496,23 @@ class Trainer:
         results = {"step": step, "weights": str(source) if source else "initial", **results}
         if self.ctx.is_main:
             self.model_dir.mkdir(parents=True, exist_ok=True)
-            (self.model_dir / EVAL_RESULTS).write_text(json.dumps(results, indent=2))
+            write_json(self.model_dir / EVAL_RESULTS, results)
             self.console.log(results)
         return results
 
 
 def run_training(cfg: TrainConfig, model_dir: str | Path, mode: str = "train", ctx: DistContext | None = None):
+    """Train and/or evaluate (`mode`) into the run folder `model_dir`, holding its lock
+    (`run_folder.run_folder_lock`: exclusive to train, shared to evaluate) throughout."""
     trainer = Trainer(cfg, model_dir, ctx=ctx, mode=mode)
+    with run_folder_lock(model_dir, trainer.ctx, mode):
+        return _run(trainer, model_dir, mode)
+
+
+def _run(trainer: Trainer, model_dir: str | Path, mode: str):
     if mode == "eval":
         return trainer.evaluate_only()
     result = trainer.train()
     if mode == "train_and_eval" and "eval" in result and trainer.ctx.is_main:
-        (Path(model_dir) / EVAL_RESULTS).write_text(json.dumps({"step": result["final_step"], **result["eval"]},
-                                                               indent=2))
+        write_json(Path(model_dir) / EVAL_RESULTS, {"step": result["final_step"], **result["eval"]})
     return result
