@@ -71,8 +71,13 @@ def marker_command(folder: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _contents(folder: Path) -> list[str]:
+    """The names in `folder` other than mmloom's lock file and output marker."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_NAME, MARKER))
+
+
 def _entries(folder: Path, limit: int = 4) -> str:
-    names = sorted(p.name for p in folder.iterdir())
+    names = _contents(folder)
     return ", ".join(names[:limit]) + (f", ... ({len(names)} entries)" if len(names) > limit else "")
 
 
@@ -115,7 +120,7 @@ def check_destination(
         if not dst.is_dir():
             raise DestinationError(f"the destination {dst} is an existing file, not a folder; give a new folder "
                                    "(nothing was written)")
-        if not any(dst.iterdir()):
+        if not _contents(dst):  # empty, or what a command that stopped early left: its lock, its marker
             return False
         own = marker_command(dst) == command or (recognise is not None and recognise(dst))
         if not own:

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmloom.config_io import apply_overrides, load_yaml_mapping, validate
 
+MAX_RECORD_BYTES = 4 * 2**20
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -32,6 +34,10 @@ class SetupConfig(_Section):
     processes: int = Field(1, ge=1, description="worker processes; the output does not depend on it")
     samples_per_file: int = Field(
         2000, ge=1, description="samples per .h5 file (the last file holds the rest)"
+    )
+    max_record_bytes: int = Field(
+        MAX_RECORD_BYTES, ge=1, description="longest jsonl line (bytes) that is read: a longer one is skipped "
+        "(line_too_long) before it is parsed or tokenized; 4 MiB by default, a thousand times a long LLaVA record"
     )
 
 
