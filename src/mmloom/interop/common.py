@@ -20,6 +20,7 @@ from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import CALLBACK_SLOTS, base_module
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.outputs import new_folder
+from mmloom.remote_code import refuse_remote_code
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -94,8 +95,9 @@ def load_image_processor(directory: Path):
 
     if not any((directory / name).exists() for name in ("preprocessor_config.json", "processor_config.json")):
         return None
+    refuse_remote_code(directory, "image processor folder")
     try:
-        return AutoImageProcessor.from_pretrained(directory)
+        return AutoImageProcessor.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError, KeyError):
         return None
 

@@ -356,7 +356,7 @@ def read_llava(
         raise MmloomError(f"{text}: no {PROJECTOR_PREFIX}* weights")
     projector_state = projector_from_llava(projector_state, depth, str(text))
     with no_init_weights():
-        llm = AutoModelForCausalLM.from_config(hf_config)
+        llm = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False)
     tied = getattr(hf_config, "tie_word_embeddings", False)
     result = llm.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
