@@ -148,7 +148,7 @@ def done_question_ids(output: Path) -> set[str]:
         if raw.strip():
             try:
                 question_id = json.loads(raw)["question_id"] if raw.endswith(b"\n") else None
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
                 question_id = None
             if question_id is None:
                 if position + len(raw) == len(data):  # the last line, torn by a killed run

@@ -256,7 +256,7 @@ def check_safetensors_file(path: str | os.PathLike) -> str | None:
             header = json.loads(f.read(length))
     except OSError as err:
         return f"{path.name}: unreadable ({err.strerror or err})"
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return f"{path.name}: damaged header"
     end = 0
     for name, spec in header.items():

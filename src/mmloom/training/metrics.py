@@ -324,7 +324,7 @@ def read_metrics(model_dir: str | Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         try:
             records.append(json.loads(line))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     return records
 
