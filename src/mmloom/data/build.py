@@ -57,7 +57,7 @@ from mmloom.processing.audio import (
     load_audio,
     max_seconds_of,
 )
-from mmloom.processing.image import ImageLoadError, load_image
+from mmloom.processing.image import ImageLoadError, ImageTooLargeError, load_image
 from mmloom.processing.templates import get_template
 from mmloom.processing.tokenizer import load_tokenizer, token_id
 from mmloom.progress import rate_progress
@@ -148,12 +148,15 @@ def _init_worker(cfg_dict: dict) -> None:
     )
 
 
-def check_image(path: Path) -> None:
-    """Raise SkipRecord('missing_image' | 'bad_image') unless PIL can fully decode the file."""
+def check_image(path: Path, max_pixels: int | None = None) -> None:
+    """Raise SkipRecord('missing_image' | 'image_too_large' | 'bad_image') unless PIL can fully
+    decode the file within the pixel budget `max_pixels` (checked from the header first)."""
     if not path.is_file():
         raise SkipRecord("missing_image", str(path))
     try:
-        load_image(path, convert=None).close()  # full decode: catches truncated files too
+        load_image(path, convert=None, max_pixels=max_pixels).close()  # full decode: catches truncated files too
+    except ImageTooLargeError as exc:
+        raise SkipRecord("image_too_large", str(exc)) from None
     except ImageLoadError as exc:
         raise SkipRecord("bad_image", str(exc)) from None
 
@@ -228,7 +231,7 @@ def _encode_line(line: str):
             "image_in_later_turn", f"the image is in human turn {sample.image_turn + 1}, slots at {sample.image_start}"
         )
     for image in sample.images:
-        check_image(image_file(ds.image_dir, image))
+        check_image(image_file(ds.image_dir, image), ds.max_image_pixels)
     return sample
 
 

@@ -74,6 +74,8 @@ class HDF5LlavaDataset(Dataset):
             raise MmloomError(f"no .h5 files in {self.data_dir}")
         self.params = read_data_params(self.data_dir, required=False)
         self.num_patches = slot_layout(self.params)[1]
+        budget = (self.params.get("dataset") or {}).get("max_image_pixels")  # the build's pixel budget
+        self.max_image_pixels = budget if isinstance(budget, int) and budget > 0 else None
         post = self.params.get("post-process") or {}
         vocab = post.get("vocab_size")
         placeholders = [post.get("image_token_id"), ((self.params.get("modalities") or {}).get("audio") or {}).get("token_id")]
@@ -139,7 +141,7 @@ class HDF5LlavaDataset(Dataset):
             return torch.zeros(3, size, size, dtype=self.dtype)
         path = (self.img_data_dir / rel) if self.img_data_dir is not None else Path(rel)
         try:
-            image = load_image(path)
+            image = load_image(path, max_pixels=self.max_image_pixels)
         except MmloomError as exc:
             raise MmloomError(f"sample {index}: cannot load image {path}: {exc}") from None
         return torch.as_tensor(np.asarray(self.image_transform(image)), dtype=self.dtype)

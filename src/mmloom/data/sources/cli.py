@@ -22,7 +22,8 @@ image paths in the output:
 
 bad records are skipped and counted by reason (missing_field, bad_field,
 bad_label, bad_json, bad_encoding, multi_figure, missing_image, bad_image,
-bad_image_path, duplicate_image); --strict stops at the first one instead.
+image_too_large, bad_image_path, duplicate_image); --strict stops at the first one
+instead.
 A run that keeps no record fails (exit 2) with the reasons and writes nothing.
 
 Images written by arxivcap/synthdog are never overwritten: an identical file is
