@@ -58,16 +58,50 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config, args.overrides)
     warn_single_process(cfg.runconfig.distributed)
-    ctx = init_distributed(cfg.runconfig.distributed)
+    try:
+        ctx = init_distributed(cfg.runconfig.distributed)
+    except RuntimeError as err:  # the process group could not form (port in use, a rank missing, timeout)
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world_size <= 1:
+            raise
+        return distributed_failure(err, int(os.environ.get("RANK", "0") or 0), world_size)
     try:
         run_training(cfg, args.model_dir, mode=args.mode, ctx=ctx)
     except TrainingStopped as stop:  # SIGTERM / Ctrl-C: a checkpoint was saved; 128 + the signal number
         if ctx.is_main:
             print(f"mmloom train: {stop}", file=sys.stderr)
         return stop.exit_code
+    except RuntimeError as err:
+        if ctx.world_size <= 1:
+            raise
+        return distributed_failure(err, ctx.rank, ctx.world_size)
     finally:
         ctx.shutdown()
     return 0
+
+
+# Known distributed failures: (text in torch's message, what it means for the user)
+DISTRIBUTED_HINTS = (
+    ("Expected to have finished reduction", "DDP found trainable parameters that took no part in the loss of a step: "
+     "set runconfig.find_unused_parameters: true"),
+    ("Connection closed by peer", "another rank stopped (see its own error above, or the launcher's)"),
+    ("Connection reset by peer", "another rank stopped (see its own error above, or the launcher's)"),
+    ("Broken pipe", "another rank stopped (see its own error above, or the launcher's)"),
+    ("Timed out", "the ranks waited too long for each other (a rank stalled or stopped)"),
+    ("address already in use", "the rendezvous port is taken: another run uses it (torchrun --master-port=...)"),
+)
+
+
+def distributed_failure(err: BaseException, rank: int, world_size: int) -> int:
+    """Report a failure of a distributed run as one line on this rank's stderr (the launcher reports
+    which ranks failed); returns the exit code, 1. Torch's multi-line messages and tracebacks are cut
+    to their first line, with a hint for the failures users meet."""
+    text = str(err).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    hint = next((meaning for needle, meaning in DISTRIBUTED_HINTS if needle.lower() in text.lower()), None)
+    detail = f"{hint} ({type(err).__name__}: {first[:200]})" if hint else f"{type(err).__name__}: {first[:300]}"
+    print(f"mmloom train: error on rank {rank} of {world_size}: {detail}", file=sys.stderr, flush=True)
+    return 1
 
 
 def warn_single_process(mode: str, environ=os.environ) -> bool:

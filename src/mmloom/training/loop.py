@@ -20,8 +20,10 @@ from mmloom.data.h5_format import read_data_params
 from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
 from mmloom.files import write_json, write_text
+from mmloom.outputs import disk_full_as_error
 from mmloom.training import builder
 from mmloom.training.checkpoint import (
+    CheckpointWriteError,
     choose_resume_checkpoint,
     load_training_state,
     read_trainer_state,
@@ -43,6 +45,7 @@ from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap
 from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
 from mmloom.training.metrics import (
     FlopsEstimator,
+    MetricsWriteError,
     MetricsWriter,
     ProgressDisplay,
     StepWork,
@@ -51,7 +54,7 @@ from mmloom.training.metrics import (
 )
 from mmloom.training.modalities import check_data_modalities, vision_geometry, with_audio
 from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
-from mmloom.training.preemption import StopSignals, TrainingStopped
+from mmloom.training.preemption import StepFailure, StopSignals, TrainingStopped
 from mmloom.training.run_folder import run_folder_lock
 
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -334,6 +337,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------- run
     def write_resolved_config(self) -> None:
+        """MODEL_DIR/resolved_config.yaml (rank 0): the config as the run uses it (atomic; a full disk is
+        one line naming the file and its size)."""
         if self.ctx.is_main:
             self.model_dir.mkdir(parents=True, exist_ok=True)
             text = config_to_yaml(self.cfg)
@@ -343,7 +348,8 @@ class Trainer:
                     f"world_size {self.ctx.world_size}, micro_batch_size {self.micro_batch}, "
                     f"accumulation_steps {self.accum}\n" + text
                 )
-            write_text(self.model_dir / RESOLVED_CONFIG, text)
+            with disk_full_as_error(self.model_dir / RESOLVED_CONFIG, len(text.encode()) + 4096):
+                write_text(self.model_dir / RESOLVED_CONFIG, text)
 
     def optimizer_step(self, micro_batches: list[dict], step: int, last_saved: int | None) -> StepResult:
         """Forward/backward every micro-batch, check the loss and gradient norm, clip, step."""
@@ -412,7 +418,11 @@ class Trainer:
                         record.update(window.summary(run.mfu_peak_flops, ctx.world_size))
                         window = ThroughputWindow()
                         progress.log(record)
-                    metrics.write(record)
+                    write_error = None
+                    try:
+                        metrics.write(record)
+                    except MetricsWriteError as err:  # a full disk: stop at this step boundary (below)
+                        write_error = err
                     progress.update(done, {**record, "tokens_per_s": record.get("tokens_per_s", res.tokens / dt)})
                     result["last_loss"] = res.loss
                     if (run.checkpoint_steps and done % run.checkpoint_steps == 0) or done == self.total_steps:
@@ -420,10 +430,17 @@ class Trainer:
                         last_saved = done
                     if eval_every and (done % eval_every == 0 or done == self.total_steps):
                         ev = evaluate(self.model, eval_loader, ctx, self.autocast)
-                        metrics.write({"step": done, **ev}, prefix="eval")
+                        if write_error is None:
+                            try:
+                                metrics.write({"step": done, **ev}, prefix="eval")
+                            except MetricsWriteError as err:
+                                write_error = err
                         progress.log({"step": done, **ev})
                         result["eval"] = ev
-                    signum = stops.agreed(ctx)  # every rank learns of a SIGTERM / Ctrl-C on any rank
+                    try:  # every rank learns of a SIGTERM / Ctrl-C, or a failed write, on any rank
+                        signum = stops.agreed(ctx, write_error)
+                    except StepFailure as failure:
+                        raise self.stopped_by_failure(failure, done, last_saved) from None
                     if signum is not None and done < self.total_steps:
                         if last_saved != done:
                             self.save(done)
@@ -440,6 +457,20 @@ class Trainer:
             self.save_final_model()
         result["final_step"] = self.total_steps
         return result
+
+    def stopped_by_failure(self, failure: StepFailure, step: int, last_saved: int | None) -> MmloomError:
+        """The one-line error that ends a run whose step `step` could not be recorded (metrics.jsonl
+        on a full disk): a checkpoint of `step` is tried first when the step has none (collective),
+        and the error names what the run can resume from."""
+        if last_saved == step:
+            kept = f"{self.model_dir / f'checkpoint-{step}'} holds it"
+        else:
+            try:
+                kept = f"saved {self.save(step)}"
+            except CheckpointWriteError as err:
+                kept = f"no checkpoint of it could be written either ({err})"
+        return MmloomError(f"{failure}; training stopped after step {step}: {kept}; free some space and run the same "
+                           "command again to resume")
 
     def config_changes(self, folder: Path, state: dict[str, Any]) -> list[str]:
         """Compare this run's config with the one `folder` was trained with (see
@@ -496,7 +527,8 @@ class Trainer:
         results = {"step": step, "weights": str(source) if source else "initial", **results}
         if self.ctx.is_main:
             self.model_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.model_dir / EVAL_RESULTS, results)
+            with disk_full_as_error(self.model_dir / EVAL_RESULTS, 2**16):
+                write_json(self.model_dir / EVAL_RESULTS, results)
             self.console.log(results)
         return results
 
@@ -514,5 +546,6 @@ def _run(trainer: Trainer, model_dir: str | Path, mode: str):
         return trainer.evaluate_only()
     result = trainer.train()
     if mode == "train_and_eval" and "eval" in result and trainer.ctx.is_main:
-        write_json(Path(model_dir) / EVAL_RESULTS, {"step": result["final_step"], **result["eval"]})
+        with disk_full_as_error(Path(model_dir) / EVAL_RESULTS, 2**16):
+            write_json(Path(model_dir) / EVAL_RESULTS, {"step": result["final_step"], **result["eval"]})
     return result
