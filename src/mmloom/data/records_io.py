@@ -365,3 +365,16 @@ def relative_image_path(value: Any, field: str = "image", reason: str = "bad_ima
     if not name:
         raise SkipRecord("missing_field", f"{field} {value!r} names no file")
     return name
+
+
+def is_llava_jsonl(path: str | Path) -> bool:
+    """Whether `path` is a jsonl file of LLaVA records (its first non-blank line a JSON object with a
+    ``conversations`` list): what `mmloom data convert` / `json2jsonl` write, so what `--overwrite` may
+    replace. Reads the first line only (up to 4 MiB)."""
+    try:
+        for _, line in iter_jsonl_lines(Path(path), 4 * 2**20):
+            record = None if isinstance(line, SkipRecord) else parse_json_line(line)
+            return isinstance(record, dict) and isinstance(record.get("conversations"), list)
+    except MmloomError:
+        return False
+    return False
