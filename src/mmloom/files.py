@@ -55,6 +55,20 @@ def folder_mode() -> int:
     return 0o777 & ~process_umask()
 
 
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give `folder` and everything in it the modes the process umask gives new files and folders
+    (executable files stay executable). For a folder mmloom has just written whole: libraries it
+    calls write some files 0600 (safetensors' temporary-file-and-rename, for one)."""
+    mask = process_umask()
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def is_disk_full(err: BaseException) -> bool:
     """Whether `err` is a full disk, an exceeded quota or file-size limit: an OSError with one of
     those errnos, or a library's error whose text carries it (h5py reports HDF5's `errno = 28`)."""
@@ -176,13 +190,17 @@ class atomic_directory:
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        os.chmod(self.tmp, folder_mode())  # mkdtemp's 0700 would survive the rename
-        return self.tmp
+        return self.tmp  # its mode and its files' follow the umask before the rename (`apply_umask`)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        try:
+            apply_umask(self.tmp)
+        except OSError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         old = None
         if self.target.exists():
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
