@@ -253,7 +253,8 @@ def read_data_params(data_dir: str | Path, required: bool = True) -> dict:
     path = Path(data_dir) / PARAMS_NAME
     if not path.is_file() and not required:
         return {}
-    return read_json(path, hint="rebuild the data with `mmloom data build`")
+    return read_json(path, hint="a `mmloom data build` that did not finish, or not a build's folder: build the data "
+                     "with `mmloom data build` (--overwrite over an unfinished build)")
 
 
 def slot_layout(params: dict) -> tuple[int | None, int | None]:

@@ -132,6 +132,8 @@ def load_image(path: str | os.PathLike, convert: str | None = "RGB", max_pixels:
                     img.load()
                 finally:
                     ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    except ImageLoadError:
+        raise
     except UnidentifiedImageError:
         raise ImageLoadError(p, "not a recognised image format (corrupt or not an image)") from None
     except PermissionError as e:
