@@ -86,6 +86,9 @@ class Trainer:
         self.precision = cfg.model.precision
         self.device = self.ctx.device
         self.console = ProgressDisplay(0, 0, enabled=self.ctx.is_main, tty=False)
+        # metrics records a full disk kept out of metrics.jsonl: saved with the checkpoint, written on resume
+        self.unwritten_metrics: list[tuple[str, dict[str, Any]]] = []  # (prefix, record)
+        self.unwritten_saved = 0  # how many of them the last checkpoint holds
 
     # ------------------------------------------------------------------------- setup
     def autocast(self):
@@ -307,6 +310,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "seed": self.run.seed,
             "config": self.cfg.model_dump(mode="json"),
+            **({"unwritten_metrics": self.unwritten_metrics} if self.unwritten_metrics else {}),
         }
 
     def saved_processor(self):
@@ -318,6 +322,7 @@ class Trainer:
         return self._saved_processor
 
     def save(self, step: int) -> Path:
+        self.unwritten_saved = len(self.unwritten_metrics)
         return save_checkpoint(
             self.model_dir, step, self.model, self.optimizer, self.trainer_state(step), self.ctx,
             trainable_only=self.run.save_trainable_only, keep_last=self.run.keep_last,
@@ -386,6 +391,9 @@ class Trainer:
             self.base_model.trainable_summary(print_table=True)
         flops = FlopsEstimator(self.base_model, self.image_positions, self.num_feature_tokens)
         metrics = MetricsWriter(self.model_dir, enabled=ctx.is_main, resume_step=start_step)
+        if self.resume_from is not None:  # records of the checkpoint's steps that a full disk kept out
+            for prefix, record in read_trainer_state(self.resume_from).get("unwritten_metrics", []):
+                metrics.write(record, prefix=prefix)
         progress = ProgressDisplay(self.total_steps, start_step, enabled=ctx.is_main)
         eval_every = run.eval_steps if self.mode == "train_and_eval" else None
         eval_loader = self.eval_loader() if self.mode == "train_and_eval" else None
@@ -423,6 +431,7 @@ class Trainer:
                         metrics.write(record)
                     except MetricsWriteError as err:  # a full disk: stop at this step boundary (below)
                         write_error = err
+                        self.unwritten_metrics.append(("train", record))
                     progress.update(done, {**record, "tokens_per_s": record.get("tokens_per_s", res.tokens / dt)})
                     result["last_loss"] = res.loss
                     if (run.checkpoint_steps and done % run.checkpoint_steps == 0) or done == self.total_steps:
@@ -430,11 +439,13 @@ class Trainer:
                         last_saved = done
                     if eval_every and (done % eval_every == 0 or done == self.total_steps):
                         ev = evaluate(self.model, eval_loader, ctx, self.autocast)
-                        if write_error is None:
-                            try:
-                                metrics.write({"step": done, **ev}, prefix="eval")
-                            except MetricsWriteError as err:
-                                write_error = err
+                        try:
+                            if write_error is not None:
+                                raise write_error
+                            metrics.write({"step": done, **ev}, prefix="eval")
+                        except MetricsWriteError as err:
+                            write_error = err
+                            self.unwritten_metrics.append(("eval", {"step": done, **ev}))
                         progress.log({"step": done, **ev})
                         result["eval"] = ev
                     try:  # every rank learns of a SIGTERM / Ctrl-C, or a failed write, on any rank
@@ -462,7 +473,7 @@ class Trainer:
         """The one-line error that ends a run whose step `step` could not be recorded (metrics.jsonl
         on a full disk): a checkpoint of `step` is tried first when the step has none (collective),
         and the error names what the run can resume from."""
-        if last_saved == step:
+        if last_saved == step and self.unwritten_saved == len(self.unwritten_metrics):
             kept = f"{self.model_dir / f'checkpoint-{step}'} holds it"
         else:
             try:
