@@ -190,6 +190,22 @@ def write_marker(folder: Path, command: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ locking
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_held_in_child() -> None:
+    """A forked child (a build worker, a data-loader worker) does not keep its parent's locks: if
+    it outlived a parent killed with -9, the folder would stay locked."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 class FolderInUse(MmloomError):
     """Another process holds the lock of a folder this command writes."""
 
@@ -243,6 +259,7 @@ class FolderLock:
                 break
             os.close(fd)
         self.fd = fd
+        _HELD.add(fd)
         os.ftruncate(fd, 0)  # what an earlier holder recorded (one killed with -9 leaves the file) is gone
         if not self.shared:
             info = {"command": " ".join(["mmloom", *sys.argv[1:]])[:300], "pid": os.getpid(),
@@ -255,6 +272,7 @@ class FolderLock:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
+        _HELD.discard(fd)
         try:
             last = True
             if self.shared:  # the last reader removes the file; others keep it

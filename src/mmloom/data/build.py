@@ -377,9 +377,12 @@ class WorkerDied(MmloomError):
     """A build worker process ended without returning its chunk (killed, out of memory, crashed)."""
 
 
-def _worker_main(conn, cfg_dict: dict) -> None:
-    """A build worker: chunks in from `conn`, results out, until None or the main process is gone.
-    Ctrl-C is the main process's to handle (it stops the workers)."""
+def _worker_main(conn, cfg_dict: dict, parent_ends: list) -> None:
+    """A build worker: chunks in from `conn`, results out, until None or the main process is gone
+    (the main process's ends of the pipes, inherited by the fork, are closed first, so that its death
+    ends `recv`). Ctrl-C is the main process's to handle (it stops the workers)."""
+    for end in parent_ends:
+        end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker(cfg_dict)
     while True:
@@ -424,7 +427,8 @@ def _ordered_results(chunks, processes: int, cfg_dict: dict, describe=lambda chu
     workers = []
     for _ in range(processes):
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_worker_main, args=(child, cfg_dict), daemon=True)
+        ends = [conn for _, conn in workers] + [parent]
+        process = ctx.Process(target=_worker_main, args=(child, cfg_dict, ends), daemon=True)
         process.start()
         child.close()
         workers.append((process, parent))

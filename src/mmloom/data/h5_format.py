@@ -161,10 +161,11 @@ def decode_audio_path(value) -> str:
 
 def is_build_output(folder: str | Path) -> bool:
     """Whether `folder` is the output of a `mmloom data build`: it holds the build's `data_params.json`
-    (with `setup` and `post-process`), or only `data-NNNNN.h5` files (a build that did not finish),
-    beside hidden files and a `feature_cache` folder."""
+    (with `setup` and `post-process`), or only `data-NNNNN.h5` files and their temporary files (a
+    build that did not finish), beside hidden files and a `feature_cache` folder."""
     folder = Path(folder)
     names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+    partial = [p.name for p in folder.glob(".data-*.h5.tmp-*")]
     params = folder / PARAMS_NAME
     if params.is_file():
         try:
@@ -172,7 +173,8 @@ def is_build_output(folder: str | Path) -> bool:
         except MmloomError:
             return False
         return "setup" in data and "post-process" in data
-    return bool(names) and all(n.startswith("data-") and n.endswith(".h5") or n == "feature_cache" for n in names)
+    return bool(names or partial) and all(n.startswith("data-") and n.endswith(".h5") or n == "feature_cache"
+                                          for n in names)
 
 
 def check_data_files(data_dir: str | Path, params: dict, counts: dict[str, int]) -> None:

@@ -302,17 +302,17 @@ class MetricsWriter:
         self._hook = None
         if not enabled:
             return
-        if resume_step and self.path.exists():
-            # Drop records of steps after the checkpoint we resume from (they will be redone).
+        if self.path.exists():
+            # Drop records of steps after the checkpoint we resume from (they will be redone); at step 0,
+            # those of an earlier attempt killed before its first checkpoint.
             kept = [record for record in read_metrics(model_dir) if record.get("step", 0) <= resume_step]
             write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(
-                    log_dir=str(Path(model_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
-                )
+                events = Path(model_dir) / "tensorboard"
+                self.tb = SummaryWriter(log_dir=str(events), purge_step=resume_step + 1 if events.is_dir() else None)
                 self._hook = threading.excepthook
                 threading.excepthook = _quiet_tensorboard_threads(self._hook)
             except ImportError:  # tensorboard not installed
