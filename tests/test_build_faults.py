@@ -137,6 +137,10 @@ def test_an_overwrite_build_killed_midway_is_refused_by_its_readers(data, tmp_pa
                       f"eval_input.data_dir={tmp_path / 'h5'}")
     assert main(args) == 2
     assert "data_params.json" in one_line(capsys)
+    assert main(["data", "inspect", str(tmp_path / "h5" / "data-00000.h5")]) == 2
+    assert "the build did not finish" in one_line(capsys)
+    with pytest.raises(MmloomError, match="the build did not finish"):
+        HDF5LlavaDataset(tmp_path / "h5", data / "images", None)
     assert main(["data", "build", str(cfg), "--quiet"]) == 2  # an unfinished build: only with --overwrite
     assert "--overwrite" in one_line(capsys)
     assert main(["data", "build", str(cfg), "--quiet", "--overwrite"]) == 0

@@ -177,6 +177,15 @@ def is_build_output(folder: str | Path) -> bool:
                                           for n in names)
 
 
+def unfinished_build(data_dir: str | Path, h5file, params: dict) -> MmloomError | None:
+    """The error for an mmloom-written data file (it has `image_start_idx`) with no data_params.json
+    beside it: the build that wrote it did not finish. None otherwise (Cerebras' files need none)."""
+    if params or IMAGE_START not in h5file:
+        return None
+    return MmloomError(f"{Path(data_dir) / PARAMS_NAME} not found beside files `mmloom data build` wrote: the build "
+                       "did not finish; run it again with --overwrite")
+
+
 def check_data_files(data_dir: str | Path, params: dict, counts: dict[str, int]) -> None:
     """Refuse a data folder whose `.h5` files are not the ones its `data_params.json` (`params`)
     lists: other names, other sample counts (`counts`: {file name: n_examples} as read from the

@@ -38,6 +38,7 @@ from mmloom.data.h5_format import (
     read_data_params,
     read_image_starts,
     slot_layout,
+    unfinished_build,
 )
 from mmloom.errors import MmloomError
 from mmloom.processing.image import load_image
@@ -87,6 +88,8 @@ class HDF5LlavaDataset(Dataset):
         for path in self.files:
             try:
                 with h5py.File(path, "r") as f:
+                    if (unfinished := unfinished_build(self.data_dir, f, self.params)) is not None:
+                        raise unfinished
                     n, msl = check_h5_file(f, path, self.params)
                     counts.append(n)
                     lengths.setdefault(msl, path)

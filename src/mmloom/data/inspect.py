@@ -14,6 +14,7 @@ from mmloom.data.h5_format import (
     read_data_params,
     read_image_starts,
     slot_layout,
+    unfinished_build,
 )
 from mmloom.errors import MmloomError
 from mmloom.processing.tokenizer import load_tokenizer
@@ -44,6 +45,8 @@ def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str | None, i
         counts = {}
         for sibling in sorted(path.parent.glob("*.h5")):
             with h5py.File(sibling, "r") as f:
+                if (unfinished := unfinished_build(path.parent, f, params)) is not None:
+                    raise unfinished
                 counts[sibling.name] = check_h5_file(f, sibling, params)[0]
         check_data_files(path.parent, params, counts)
         with h5py.File(path, "r") as f:
