@@ -187,3 +187,15 @@ def test_a_rank_that_dies_leaves_one_line_on_the_others(data, tmp_path):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("mmloom train: error on rank 0 of 2: another rank stopped"), err
+
+
+def test_torchs_multi_line_distributed_errors_become_one_line_with_a_hint(capsys):
+    from mmloom.cli.train import distributed_failure
+
+    message = ("Expected to have finished reduction in the prior iteration before starting a new one. This error "
+               "indicates that your module has parameters that were not used in producing loss.\nYou can enable "
+               "unused parameter detection by passing the keyword argument `find_unused_parameters=True`")
+    assert distributed_failure(RuntimeError(message), 1, 2) == 1
+    err = one_line(capsys)
+    assert err.startswith("mmloom train: error on rank 1 of 2: DDP found trainable parameters")
+    assert "runconfig.find_unused_parameters: true" in err and "This error" not in err

@@ -99,7 +99,11 @@ def distributed_failure(err: BaseException, rank: int, world_size: int) -> int:
     text = str(err).strip()
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
     hint = next((meaning for needle, meaning in DISTRIBUTED_HINTS if needle.lower() in text.lower()), None)
-    detail = f"{hint} ({type(err).__name__}: {first[:200]})" if hint else f"{type(err).__name__}: {first[:300]}"
+    if hint:
+        sentence = first.split(". ")[0].rstrip(".")
+        detail = f"{hint} ({type(err).__name__}: {sentence[:200]})"
+    else:
+        detail = f"{type(err).__name__}: {first[:300]}"
     print(f"mmloom train: error on rank {rank} of {world_size}: {detail}", file=sys.stderr, flush=True)
     return 1
 
