@@ -53,8 +53,8 @@ def register(subparsers) -> None:
 def _train(args: argparse.Namespace) -> int:
     from mmloom.training.config import load_train_config
     from mmloom.training.distributed import init_distributed
-    from mmloom.training.loop import run_training
     from mmloom.training.preemption import TrainingStopped
+    from mmloom.training.run_folder import run_folder_lock
 
     cfg = load_train_config(args.config, args.overrides)
     warn_single_process(cfg.runconfig.distributed)
@@ -66,7 +66,10 @@ def _train(args: argparse.Namespace) -> int:
             raise
         return distributed_failure(err, int(os.environ.get("RANK", "0") or 0), world_size)
     try:
-        run_training(cfg, args.model_dir, mode=args.mode, ctx=ctx)
+        with run_folder_lock(args.model_dir, ctx, args.mode):  # before the trainer's imports: a refusal is quick
+            from mmloom.training.loop import run_training
+
+            run_training(cfg, args.model_dir, mode=args.mode, ctx=ctx, lock=False)
     except TrainingStopped as stop:  # SIGTERM / Ctrl-C: a checkpoint was saved; 128 + the signal number
         if ctx.is_main:
             print(f"mmloom train: {stop}", file=sys.stderr)

@@ -544,11 +544,13 @@ class Trainer:
         return results
 
 
-def run_training(cfg: TrainConfig, model_dir: str | Path, mode: str = "train", ctx: DistContext | None = None):
+def run_training(cfg: TrainConfig, model_dir: str | Path, mode: str = "train", ctx: DistContext | None = None,
+                 lock: bool = True):
     """Train and/or evaluate (`mode`) into the run folder `model_dir`, holding its lock
-    (`run_folder.run_folder_lock`: exclusive to train, shared to evaluate) throughout."""
+    (`run_folder.run_folder_lock`: exclusive to train, shared to evaluate) throughout; `lock` False
+    when the caller holds it already (`mmloom train` takes it before importing the trainer)."""
     trainer = Trainer(cfg, model_dir, ctx=ctx, mode=mode)
-    with run_folder_lock(model_dir, trainer.ctx, mode):
+    with run_folder_lock(model_dir, trainer.ctx, mode) if lock else contextlib.nullcontext():
         return _run(trainer, model_dir, mode)
 
 
