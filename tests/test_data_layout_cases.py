@@ -102,6 +102,10 @@ def test_cerebras_files_read_and_written(root, tokenizer):
     for f in (root / "cb_h5").glob("data-*.h5"):  # what Cerebras' preprocessing writes: no image_start_idx
         with h5py.File(f, "a") as h:
             del h["image_start_idx"]
+    cerebras = json.loads((root / "cb_h5" / "data_params.json").read_text())  # and no list of its files
+    for key in ("output_files", "output_file_info"):
+        cerebras["post-process"].pop(key)
+    (root / "cb_h5" / "data_params.json").write_text(json.dumps(cerebras))
     ds = HDF5LlavaDataset(root / "cb_h5", root / "images", ImageTransform(image_size=32))
     items = [ds[i] for i in range(3)]
     assert [it["image_start_idx"] for it in items] == [start] * 3

@@ -35,8 +35,12 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+PREVIOUS = json.dumps({"id": "0", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}) + "\n"
+
+
 def convert(source: str, inp: Path, out: Path, *extra: str) -> int:
-    return main(["data", "convert", source, "--input", str(inp), "--output", str(out), *extra])
+    """`mmloom data convert` (replacing `out` when an earlier conversion wrote it: tests convert again and again)."""
+    return main(["data", "convert", source, "--input", str(inp), "--output", str(out), "--overwrite", *extra])
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -336,12 +340,12 @@ def test_malformed_json_names_file(tmp_path, capsys):
     root.mkdir()
     (root / "train_qa.json").write_text('[{"question_id": 1,\n "image": }]', encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    out.write_text("previous\n")
+    out.write_text(PREVIOUS)  # an earlier conversion's output
     assert convert("dvqa", root, out) == 2
     err = capsys.readouterr().err
     assert str(root / "train_qa.json") in err and "malformed JSON at line 2" in err
     assert "Traceback" not in err
-    assert out.read_text() == "previous\n"  # untouched
+    assert out.read_text() == PREVIOUS  # untouched
 
 
 def test_user_errors_exit_2(tmp_path, capsys):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from mmloom.cli.main import main
 from mmloom.data.sources.parquet import BRIEF_DESCRIPTION_PROMPTS, SYNTHDOG_OCR_PROMPTS
-from test_data_sources import convert, make_arxivcap, png, read_jsonl, rec, write_json, write_jsonl
+from test_data_sources import PREVIOUS, convert, make_arxivcap, png, read_jsonl, rec, write_json, write_jsonl
 
 
 def noisy(fmt: str, seed: int = 0, cut: bool = False, mode: str = "RGB") -> bytes:
@@ -86,11 +86,11 @@ def test_docvqa_official_layout_from_the_parent_folder(tmp_path):
 def test_docvqa_without_image_dir_fails_with_the_hint(tmp_path, capsys):
     qas, _, _ = docvqa_official(tmp_path / "DocVQA")
     out = tmp_path / "docvqa.jsonl"
-    out.write_text("previous\n")
+    out.write_text(PREVIOUS)  # an earlier conversion's output
     assert convert("docvqa", qas, out) == 2
     err = capsys.readouterr().err
     assert "0 of 2 records written" in err and "skipped missing_image: 2" in err and "--image-dir" in err
-    assert out.read_text() == "previous\n"  # an earlier output is not replaced by an empty one
+    assert out.read_text() == PREVIOUS  # an earlier output is not replaced by an empty one
 
 
 def test_docvqa_older_release_layout(tmp_path):

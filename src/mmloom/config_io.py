@@ -2,11 +2,17 @@
 
 Shared by `mmloom data build` and `mmloom train`: an unknown or mistyped key is reported with the
 closest valid key, a wrong value with the key and what was given.
+
+A config is bounded before anything reads it: at most `MAX_CONFIG_BYTES` of YAML, and at most
+`MAX_CONFIG_NODES` values once its aliases are expanded (a few lines of nested aliases, a "billion
+laughs", would otherwise expand to gigabytes in the validation or in an error message); values
+quoted in error messages are cut to `MAX_QUOTED` characters.
 """
 
 from __future__ import annotations
 
 import difflib
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -17,24 +23,59 @@ from pydantic import BaseModel, ValidationError
 
 from mmloom.errors import MmloomError
 
+MAX_CONFIG_BYTES = 4 * 2**20
+MAX_CONFIG_NODES = 100_000  # values and containers, aliases expanded; configs hold hundreds
+MAX_QUOTED = 120
+
+
+def check_expanded_size(data: Any, source: str, limit: int = MAX_CONFIG_NODES) -> None:
+    """Raise MmloomError naming `source` when `data` (as YAML loaded it: aliases are shared
+    references) holds more than `limit` values with every alias expanded, or refers to itself.
+    Stops counting at the limit, so its cost is bounded whatever the expansion."""
+    stack, count = [(data, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > limit or depth > 100:
+            raise MmloomError(f"{source}: more than {limit:,} values once its aliases (*name) are expanded, or "
+                              "nested deeper than 100 levels (or referring to itself); a config this large is refused")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for pair in node.items() for v in pair)
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def quoted(value: Any, limit: int = MAX_QUOTED) -> str:
+    """`repr(value)` for an error message: nested containers abbreviated, at most `limit` characters."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict, short.maxlist, short.maxstring, short.maxother = 3, 8, 8, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
 
 def load_yaml_mapping(path: str | Path, sections: str) -> dict:
     """A YAML file that must hold a mapping (`sections` names what it should contain, for errors).
 
-    Raises MmloomError naming the file when it is missing, a folder, not UTF-8 text (e.g. an image
-    or an .h5 file given by mistake), invalid YAML or not a mapping."""
+    Raises MmloomError naming the file when it is missing, a folder, larger than MAX_CONFIG_BYTES,
+    not UTF-8 text (e.g. an image or an .h5 file given by mistake), invalid YAML, larger than
+    MAX_CONFIG_NODES values with its aliases expanded, or not a mapping."""
     path = Path(path)
     if path.is_dir():
         raise MmloomError(f"{path} is a folder, not a YAML config file")
     if not path.is_file():
         raise MmloomError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise MmloomError(f"{path}: {path.stat().st_size:,} bytes, more than a config may hold ({MAX_CONFIG_BYTES:,})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
         raise MmloomError(f"{path}: not a YAML text file (byte 0x{exc.object[exc.start]:02x} at offset {exc.start} "
                           "is not UTF-8)") from None
     except yaml.YAMLError as exc:
-        raise MmloomError(f"{path}: invalid YAML: {exc}") from None
+        raise MmloomError(f"{path}: invalid YAML: {str(exc)[:500]}") from None
+    except RecursionError:
+        raise MmloomError(f"{path}: YAML nested too deeply to read") from None
+    check_expanded_size(data, str(path))
     if not isinstance(data, dict):
         raise MmloomError(f"{path}: expected a mapping with {sections} sections")
     return data
@@ -57,8 +98,9 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
             node = child
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             node[parts[-1]] = raw
+        check_expanded_size(node[parts[-1]], f"--set {key}")
     return data
 
 
@@ -103,7 +145,7 @@ def describe_error(root: type[BaseModel], err: dict) -> str:
         return f"missing required key '{key}'"
     msg = err["msg"].removeprefix("Value error, ")
     if "input" in err and kind != "value_error":
-        return f"'{key}': {msg[:1].lower() + msg[1:]} (got {err['input']!r})"
+        return f"'{key}': {msg[:1].lower() + msg[1:]} (got {quoted(err['input'])})"
     return f"'{key}': {msg}" if key else msg
 
 

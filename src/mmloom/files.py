@@ -2,7 +2,11 @@
 
 Every write goes to a temporary sibling first and is renamed onto its target (`os.replace`,
 atomic on POSIX), so a killed process leaves either the old file/folder or the new one, never a
-half-written one. Every JSON read names the file in its error.
+half-written one. The temporary file or folder gets the mode the process umask gives a new one
+(`mkstemp`'s 0600 and `mkdtemp`'s 0700 would otherwise survive the rename), so a team's other
+accounts read what mmloom writes exactly as they read the user's own files. Every JSON read names
+the file in its error; a JSON file is read only up to `MAX_JSON_BYTES` and a nesting depth Python
+can parse (deeper is a `bad_json` error, not a RecursionError).
 """
 
 from __future__ import annotations
@@ -23,6 +27,46 @@ BOM = b"\xef\xbb\xbf"
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+MAX_JSON_BYTES = 256 * 2**20  # mmloom's own JSON files and users' (configs, params, indexes) are far smaller
+
+
+def process_umask() -> int:
+    """The umask of this process (Linux: read from /proc without changing it; elsewhere set and
+    restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the process umask (0o644 with umask 022)."""
+    return 0o666 & ~process_umask()
+
+
+def folder_mode() -> int:
+    """The mode a new folder gets under the process umask (0o755 with umask 022)."""
+    return 0o777 & ~process_umask()
+
+
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give `folder` and everything in it the modes the process umask gives new files and folders
+    (executable files stay executable). For a folder mmloom has just written whole: libraries it
+    calls write some files 0600 (safetensors' temporary-file-and-rename, for one)."""
+    mask = process_umask()
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -59,16 +103,22 @@ class JsonFileError(MmloomError):
         self.reason = reason
 
 
-def read_json(path: str | os.PathLike, expect: type | None = dict, hint: str = "") -> Any:
+def read_json(path: str | os.PathLike, expect: type | None = dict, hint: str = "",
+              max_bytes: int | None = MAX_JSON_BYTES) -> Any:
     """The JSON document in `path` (a leading UTF-8 BOM is ignored): mmloom's own files and users'.
 
-    Raises MmloomError naming the file when it is missing or unreadable, and JsonFileError when it
-    is not UTF-8 (the first bad byte named), not JSON (line and column named) or not of type
-    `expect` (None: any type); `hint` is appended to the message (what to do about it).
+    Raises MmloomError naming the file when it is missing, unreadable or larger than `max_bytes`
+    (None: no limit), and JsonFileError when it is not UTF-8 (the first bad byte named), not JSON
+    (line and column named), nested deeper than Python's parser goes, or not of type `expect`
+    (None: any type); `hint` is appended to the message (what to do about it).
     """
     path = Path(path)
     suffix = f"; {hint}" if hint else ""
     try:
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes and path.is_file():
+            raise MmloomError(f"{path}: {mib(size)}, more than a JSON file of this kind may hold ({mib(max_bytes)})"
+                              f"{suffix}")
         data = path.read_bytes().removeprefix(BOM)
     except FileNotFoundError:
         raise MmloomError(f"{path} not found{suffix}") from None
@@ -86,6 +136,8 @@ def read_json(path: str | os.PathLike, expect: type | None = dict, hint: str = "
         raise JsonFileError(
             "bad_json", f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}{suffix}"
         ) from None
+    except RecursionError:
+        raise JsonFileError("bad_json", f"{path}: JSON nested too deeply to read{suffix}") from None
     if expect is not None and not isinstance(value, expect):
         raise JsonFileError("bad_json", f"{path}: expected a JSON {expect.__name__}, got {type(value).__name__}{suffix}")
     return value
@@ -97,7 +149,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would survive the rename
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -135,12 +190,17 @@ class atomic_directory:
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
+        return self.tmp  # its mode and its files' follow the umask before the rename (`apply_umask`)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        try:
+            apply_umask(self.tmp)
+        except OSError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         old = None
         if self.target.exists():
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")

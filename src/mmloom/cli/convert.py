@@ -50,12 +50,16 @@ def register(subparsers) -> None:
         "convert",
         help="convert checkpoints between mmloom, hf-llava, original LLaVA and HF component folders",
         description="Convert a checkpoint: mmloom convert --from FORMAT --to FORMAT SRC DST "
-        "(hf-components takes no SRC: --image-model DIR --text-model DIR). Writes are atomic.",
+        "(hf-components takes no SRC: --image-model DIR --text-model DIR). DST must be new or an empty folder: "
+        "an existing one is replaced only when it is an earlier `mmloom convert` output and --overwrite is given, "
+        "never when it holds or lies inside SRC. Writes are atomic: an interrupted conversion leaves DST as it was.",
     )
     convert.add_argument("paths", nargs="*", metavar="SRC DST", help="source and destination (DST only for hf-components)")
     convert.add_argument("--from", dest="src_format", choices=names, help="format of SRC (required unless --list; no default)")
     convert.add_argument("--to", dest="dst_format", choices=names, help="format of DST (required unless --list; no default)")
     convert.add_argument("--list", action="store_true", help="list formats and supported conversions, and exit")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace DST when it is an earlier `mmloom convert` / `mmloom init` output")
     convert.add_argument("--base", metavar="DIR", type=existing_dir, help="llava-projector: the mmloom model to import into (default DST)")
     convert.add_argument("--mm-vision-tower", metavar="PATH",
                          help="llava: value written as mm_vision_tower (default: absolute path of DST/image_model; "
@@ -72,7 +76,10 @@ def register(subparsers) -> None:
         help="compose a new model from HF folders (fresh projector), ready for phase 1",
         description="mmloom init --image-model DIR --text-model DIR [--projector mlp2x_gelu] --out DIR",
     )
-    init.add_argument("--out", required=True, metavar="DIR", help="the new mmloom model folder")
+    init.add_argument("--out", required=True, metavar="DIR",
+                      help="the new mmloom model folder (new or empty; written atomically)")
+    init.add_argument("--overwrite", action="store_true",
+                      help="replace --out when it is an earlier `mmloom init` / `mmloom convert` output")
     _add_compose_options(init)
     init.set_defaults(func=run_init)
 
@@ -115,7 +122,7 @@ def run_convert(args) -> int:
         src, dst = args.paths
     if args.src_format == "llava-projector" and options.get("base") is None:
         options["base"] = dst
-    bundle = convert(args.src_format, args.dst_format, src, dst, **options)
+    bundle = convert(args.src_format, args.dst_format, src, dst, overwrite=args.overwrite, **options)
     _report(bundle, args.src_format, args.dst_format, dst)
     return 0
 
@@ -126,6 +133,6 @@ def run_init(args) -> int:
 
     if not args.image_model and not args.audio_model:
         raise MmloomError("init needs --image-model DIR (and/or --audio-model DIR) and --text-model DIR")
-    bundle = convert("hf-components", "mmloom", None, args.out, **_options(args))
+    bundle = convert("hf-components", "mmloom", None, args.out, overwrite=args.overwrite, **_options(args))
     _report(bundle, "hf-components", "mmloom", args.out)
     return 0

@@ -98,7 +98,9 @@ without an answer are counted and not scored.""",
     score.add_argument("--by", metavar="FIELD",
                        help="also report per value of this reference (or answer) field, e.g. question_type "
                        "(default: overall only)")
-    score.add_argument("--output-json", metavar="PATH", help="also write the scores as JSON (default: not written)")
+    score.add_argument("--output-json", metavar="PATH", help="also write the scores as JSON (default: not written; "
+                       "an existing file is replaced only when it is an earlier score output and --overwrite is given)")
+    score.add_argument("--overwrite", action="store_true", help="replace the --output-json of an earlier `mmloom score`")
     score.set_defaults(func=run_score)
 
 
@@ -136,8 +138,12 @@ def run_score(args) -> int:
     from rich.console import Console
 
     from mmloom.files import atomic_open
-    from mmloom.inference.score import format_table, score_files
+    from mmloom.inference.score import format_table, is_score_output, score_files
+    from mmloom.outputs import check_destination
 
+    if args.output_json:
+        check_destination(args.output_json, "score", overwrite=args.overwrite, kind="file",
+                          recognise=is_score_output, sources=[args.answers, args.references])
     result = score_files(args.answers, args.references, args.metric, by=args.by)
     console = Console()
     console.print(format_table(result))

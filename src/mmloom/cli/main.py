@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+MAX_ERROR_CHARS = 2000  # an error line quoting a huge input is cut here
+
+
+def capped(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*: ")
 
 
@@ -75,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except MmloomError as err:
-        print(f"mmloom {args.command}: error: {error_text(err)}", file=sys.stderr)
+        print(f"mmloom {args.command}: error: {capped(error_text(err))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         _silence_stdout()
         return 0
     except OSError as err:  # unreadable input, unwritable output, full disk: one clear line
-        print(f"mmloom {args.command}: error: {err.strerror or error_text(err)}: {err.filename or ''}".rstrip(": "),
+        print(capped(f"mmloom {args.command}: error: {err.strerror or error_text(err)}: {err.filename or ''}".rstrip(": ")),
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:

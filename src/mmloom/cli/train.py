@@ -35,6 +35,7 @@ def register(subparsers) -> None:
                               description="Write loss.png and lr.png from MODEL_DIR/metrics.jsonl.")
     p.add_argument("model_dir", type=existing_dir, help="run folder of `mmloom train` (with metrics.jsonl)")
     p.add_argument("--out", default=None, help="output folder (default: MODEL_DIR)")
+    p.add_argument("--overwrite", action="store_true", help="replace loss.png / lr.png of an earlier `mmloom plot`")
     p.set_defaults(func=_plot)
 
     p = subparsers.add_parser("merge-lora", help="fold LoRA adapters into the LLM: a plain mmloom model folder",
@@ -42,28 +43,72 @@ def register(subparsers) -> None:
                               "a plain mmloom model folder (with the processor files).")
     p.add_argument("model_dir", type=existing_dir,
                    help="mmloom model folder, checkpoint-N folder or run folder (uses its final_model)")
-    p.add_argument("out_dir", help="the merged model folder (written atomically)")
+    p.add_argument("out_dir", help="the merged model folder: new or empty (written atomically, model and processor "
+                   "together; never inside MODEL_DIR)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR when it is an earlier `mmloom merge-lora` "
+                   "output")
     p.set_defaults(func=_merge)
 
 
 def _train(args: argparse.Namespace) -> int:
     from mmloom.training.config import load_train_config
     from mmloom.training.distributed import init_distributed
-    from mmloom.training.loop import run_training
     from mmloom.training.preemption import TrainingStopped
+    from mmloom.training.run_folder import run_folder_lock
 
     cfg = load_train_config(args.config, args.overrides)
     warn_single_process(cfg.runconfig.distributed)
-    ctx = init_distributed(cfg.runconfig.distributed)
     try:
-        run_training(cfg, args.model_dir, mode=args.mode, ctx=ctx)
+        ctx = init_distributed(cfg.runconfig.distributed)
+    except RuntimeError as err:  # the process group could not form (port in use, a rank missing, timeout)
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world_size <= 1:
+            raise
+        return distributed_failure(err, int(os.environ.get("RANK", "0") or 0), world_size)
+    try:
+        with run_folder_lock(args.model_dir, ctx, args.mode):  # before the trainer's imports: a refusal is quick
+            from mmloom.training.loop import run_training
+
+            run_training(cfg, args.model_dir, mode=args.mode, ctx=ctx, lock=False)
     except TrainingStopped as stop:  # SIGTERM / Ctrl-C: a checkpoint was saved; 128 + the signal number
         if ctx.is_main:
             print(f"mmloom train: {stop}", file=sys.stderr)
         return stop.exit_code
+    except RuntimeError as err:
+        if ctx.world_size <= 1:
+            raise
+        return distributed_failure(err, ctx.rank, ctx.world_size)
     finally:
         ctx.shutdown()
     return 0
+
+
+# Known distributed failures: (text in torch's message, what it means for the user)
+DISTRIBUTED_HINTS = (
+    ("Expected to have finished reduction", "DDP found trainable parameters that took no part in the loss of a step: "
+     "set runconfig.find_unused_parameters: true"),
+    ("Connection closed by peer", "another rank stopped (see its own error above, or the launcher's)"),
+    ("Connection reset by peer", "another rank stopped (see its own error above, or the launcher's)"),
+    ("Broken pipe", "another rank stopped (see its own error above, or the launcher's)"),
+    ("Timed out", "the ranks waited too long for each other (a rank stalled or stopped)"),
+    ("address already in use", "the rendezvous port is taken: another run uses it (torchrun --master-port=...)"),
+)
+
+
+def distributed_failure(err: BaseException, rank: int, world_size: int) -> int:
+    """Report a failure of a distributed run as one line on this rank's stderr (the launcher reports
+    which ranks failed); returns the exit code, 1. Torch's multi-line messages and tracebacks are cut
+    to their first line, with a hint for the failures users meet."""
+    text = str(err).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    hint = next((meaning for needle, meaning in DISTRIBUTED_HINTS if needle.lower() in text.lower()), None)
+    if hint:
+        sentence = first.split(". ")[0].rstrip(".")
+        detail = f"{hint} ({type(err).__name__}: {sentence[:200]})"
+    else:
+        detail = f"{type(err).__name__}: {first[:300]}"
+    print(f"mmloom train: error on rank {rank} of {world_size}: {detail}", file=sys.stderr, flush=True)
+    return 1
 
 
 def warn_single_process(mode: str, environ=os.environ) -> bool:
@@ -81,7 +126,7 @@ def warn_single_process(mode: str, environ=os.environ) -> bool:
 def _plot(args: argparse.Namespace) -> int:
     from mmloom.training.plot import plot_metrics
 
-    for path in plot_metrics(args.model_dir, args.out):
+    for path in plot_metrics(args.model_dir, args.out, overwrite=args.overwrite):
         print(path)
     return 0
 
@@ -89,6 +134,6 @@ def _plot(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from mmloom.training.lora import merge_lora
 
-    merge_lora(args.model_dir, args.out_dir)
+    merge_lora(args.model_dir, args.out_dir, overwrite=args.overwrite)
     print(f"merged model written to {args.out_dir}")
     return 0

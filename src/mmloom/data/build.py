@@ -5,6 +5,17 @@ worker processes (bounded window, results consumed in submission order); each wo
 checks the image, templates, tokenizes and lays the sample out as `[4, MSL]` int32 rows; the
 main process writes `data-NNNNN.h5` files of `samples_per_file` samples. Because chunking is
 fixed and results are consumed in order, the output is byte-identical for any process count.
+
+A line longer than `setup.max_record_bytes` is skipped (`line_too_long`) before it is parsed or
+tokenized. A worker that dies (the OOM killer, `kill -9`) ends the build at once with one line
+naming the file and lines it held (the main process watches every worker's process, so a dead one
+cannot leave the build waiting).
+
+The output folder has one writer (`mmloom.outputs.FolderLock`) and is claimed like every output
+(`mmloom.outputs.check_destination`): new, empty, or with `--overwrite` an earlier build's. A build
+removes `data_params.json` before it changes any `.h5` file and writes it last, with every file's
+name, sample count and size, so a folder whose build did not finish has no `data_params.json`, and
+readers (:func:`mmloom.data.h5_format.check_data_files`) refuse files that are not those it lists.
 """
 
 from __future__ import annotations
@@ -12,7 +23,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,11 +44,12 @@ from mmloom.data.encode import (
     record_paths,
     to_h5_rows,
 )
-from mmloom.data.h5_format import H5_NAME, PARAMS_NAME, encode_img_path, write_h5
+from mmloom.data.h5_format import H5_NAME, PARAMS_NAME, encode_img_path, is_build_output, write_h5
 from mmloom.data.records_io import SkipRecord, iter_jsonl_lines
 from mmloom.errors import MmloomError
 from mmloom.files import free_bytes, is_disk_full, mib, write_json
 from mmloom.model.feature_count import counts_from_inputs
+from mmloom.outputs import FolderLock, check_destination
 from mmloom.processing.audio import (
     AudioLoadError,
     extract_features,
@@ -43,7 +57,7 @@ from mmloom.processing.audio import (
     load_audio,
     max_seconds_of,
 )
-from mmloom.processing.image import ImageLoadError, load_image
+from mmloom.processing.image import ImageLoadError, ImageTooLargeError, load_image
 from mmloom.processing.templates import get_template
 from mmloom.processing.tokenizer import load_tokenizer, token_id
 from mmloom.progress import rate_progress
@@ -134,12 +148,15 @@ def _init_worker(cfg_dict: dict) -> None:
     )
 
 
-def check_image(path: Path) -> None:
-    """Raise SkipRecord('missing_image' | 'bad_image') unless PIL can fully decode the file."""
+def check_image(path: Path, max_pixels: int | None = None) -> None:
+    """Raise SkipRecord('missing_image' | 'image_too_large' | 'bad_image') unless PIL can fully
+    decode the file within the pixel budget `max_pixels` (checked from the header first)."""
     if not path.is_file():
         raise SkipRecord("missing_image", str(path))
     try:
-        load_image(path, convert=None).close()  # full decode: catches truncated files too
+        load_image(path, convert=None, max_pixels=max_pixels).close()  # full decode: catches truncated files too
+    except ImageTooLargeError as exc:
+        raise SkipRecord("image_too_large", str(exc)) from None
     except ImageLoadError as exc:
         raise SkipRecord("bad_image", str(exc)) from None
 
@@ -214,7 +231,7 @@ def _encode_line(line: str):
             "image_in_later_turn", f"the image is in human turn {sample.image_turn + 1}, slots at {sample.image_start}"
         )
     for image in sample.images:
-        check_image(image_file(ds.image_dir, image))
+        check_image(image_file(ds.image_dir, image), ds.max_image_pixels)
     return sample
 
 
@@ -285,6 +302,7 @@ class _Writer:
         self.starts: list[int] = []
         self.audio: list = []
         self.files: list[str] = []
+        self.file_info: dict[str, dict[str, int]] = {}  # name -> {"n_examples", "bytes"}
 
     def add(self, rows: list[np.ndarray], paths: list[bytes], starts: list[int], audio: list | None = None) -> None:
         self.rows.extend(rows)
@@ -311,6 +329,7 @@ class _Writer:
             raise
         del self.rows[:n], self.paths[:n], self.starts[:n], self.audio[:n]
         self.files.append(name)
+        self.file_info[name] = {"n_examples": n, "bytes": (self.out_dir / name).stat().st_size}
 
     def remove_output(self) -> None:
         """Delete the files this build wrote (and temporary files of an interrupted write)."""
@@ -328,10 +347,10 @@ class _Writer:
 # ----------------------------------------------------------------------------- driver
 
 
-def _chunks(files: list[Path]):
+def _chunks(files: list[Path], max_bytes: int | None = None):
     buf: list[tuple[int, int, str | SkipRecord]] = []
     for file_idx, path in enumerate(files):
-        for lineno, line in iter_jsonl_lines(path):
+        for lineno, line in iter_jsonl_lines(path, max_bytes):
             buf.append((file_idx, lineno, line))
             if len(buf) == CHUNK_LINES:
                 yield buf
@@ -341,35 +360,146 @@ def _chunks(files: list[Path]):
 
 
 def _count_lines(files: list[Path]) -> int:
+    """Lines of the input files (for the progress bar and the space estimate), read in blocks so
+    that no line is held whole."""
     total = 0
     for path in files:
+        last = b"\n"
         with open(path, "rb") as fh:
-            total += sum(1 for line in fh if line.strip())
+            while block := fh.read(2**22):
+                total += block.count(b"\n")
+                last = block[-1:]
+        total += last != b"\n"
     return total
 
 
-def _ordered_results(chunks, processes: int, cfg_dict: dict):
-    """Yield chunk results in input order; at most a few chunks per worker in flight."""
+class WorkerDied(MmloomError):
+    """A build worker process ended without returning its chunk (killed, out of memory, crashed)."""
+
+
+def _worker_main(conn, cfg_dict: dict, parent_ends: list) -> None:
+    """A build worker: chunks in from `conn`, results out, until None or the main process is gone
+    (the main process's ends of the pipes, inherited by the fork, are closed first, so that its death
+    ends `recv`). Ctrl-C is the main process's to handle (it stops the workers)."""
+    for end in parent_ends:
+        end.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(cfg_dict)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        index, chunk = task
+        try:
+            result = _process_chunk(chunk)
+        except Exception as err:  # noqa: BLE001 - reported by the main process with the chunk it came from
+            text = str(err).strip().splitlines()
+            result = f"{type(err).__name__}: {text[0][:300] if text else ''}"
+        conn.send((index, result))
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}" + (" (the out-of-memory killer, or kill -9)" if -exitcode == signal.SIGKILL else "")
+    return f"exited with code {exitcode}"
+
+
+def _ordered_results(chunks, processes: int, cfg_dict: dict, describe=lambda chunk: "a chunk"):
+    """Yield chunk results in input order; at most a few chunks per worker in flight.
+
+    With several processes, each worker gets one chunk at a time over its own pipe and the main
+    process waits on the pipes and the processes together: a worker that dies is seen at once and
+    raises WorkerDied naming `describe(chunk)` of the chunk it held; an error inside a worker raises
+    MmloomError naming its chunk."""
     _init_worker(cfg_dict)  # in this process; forked workers inherit it
     if processes <= 1:
         for chunk in chunks:
             yield _process_chunk(chunk)
         return
     ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
-    pool = ctx.Pool(processes, initializer=_init_worker, initargs=(cfg_dict,))
+    workers = []
+    for _ in range(processes):
+        parent, child = ctx.Pipe()
+        ends = [conn for _, conn in workers] + [parent]
+        process = ctx.Process(target=_worker_main, args=(child, cfg_dict, ends), daemon=True)
+        process.start()
+        child.close()
+        workers.append((process, parent))
+    held: dict[int, tuple[int, Any]] = {}  # worker -> (chunk index, chunk)
+    done: dict[int, ChunkResult] = {}
+    idle = list(range(processes))[::-1]
+    source = enumerate(chunks)
+    exhausted, next_out, window = False, 0, processes * 4
     try:
-        pending: collections.deque = collections.deque()
-        window = processes * 4
-        for chunk in chunks:
-            pending.append(pool.apply_async(_process_chunk, (chunk,)))
-            if len(pending) >= window:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-        pool.close()
+        while True:
+            while idle and not exhausted and len(done) + len(held) < window:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                worker = idle.pop()
+                try:
+                    workers[worker][1].send(item)
+                except OSError:  # died while idle
+                    workers[worker][0].join(1)
+                    raise WorkerDied(f"a build worker (PID {workers[worker][0].pid}) "
+                                     f"{_death(workers[worker][0].exitcode)} before {describe(item[1])}") from None
+                held[worker] = item
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+            if not held:
+                if exhausted:
+                    return
+                continue
+            conns = {workers[w][1]: w for w in held}
+            sentinels = {workers[w][0].sentinel: w for w in held}
+            ready = multiprocessing.connection.wait([*conns, *sentinels])
+            for obj in sorted(ready, key=lambda o: o not in conns):  # results before deaths
+                worker = conns.get(obj, sentinels.get(obj))
+                if worker not in held:
+                    continue
+                index, chunk = held[worker]
+                if obj in conns:
+                    try:
+                        got, result = obj.recv()
+                    except (EOFError, OSError):
+                        result = None
+                    if result is not None:
+                        if isinstance(result, str):
+                            raise MmloomError(f"{describe(chunk)}: the build worker failed: {result}")
+                        done[got] = result
+                        del held[worker]
+                        idle.append(worker)
+                        continue
+                process = workers[worker][0]
+                process.join(5)
+                raise WorkerDied(f"a build worker (PID {process.pid}) {_death(process.exitcode)} while it held "
+                                 f"{describe(chunk)}")
     finally:
-        pool.terminate()
-        pool.join()
+        for _process, conn in workers:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            conn.close()
+        for process, _ in workers:
+            process.join(0.5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _describe_chunk(files: list[Path], chunk) -> str:
+    (first_file, first_line, _), (last_file, last_line, _) = chunk[0], chunk[-1]
+    if first_file == last_file:
+        return f"{files[first_file]} lines {first_line}-{last_line}"
+    return f"{files[first_file]} line {first_line} to {files[last_file]} line {last_line}"
 
 
 def _progress(enabled: bool):
@@ -397,8 +527,13 @@ def build(
 ) -> dict:
     """Build the HDF5 dataset described by `cfg`; returns the data_params dict (also written).
 
-    Raises MmloomError for bad settings, for the first bad record with `strict`, and when no
-    record is kept (after writing data_params.json with the skip reasons).
+    `setup.output_dir` is locked for this build and claimed (see the module docstring): with
+    `overwrite`, an earlier build's files there are removed first (data_params.json before the
+    .h5 files). An unfinished build (an error, `strict`, Ctrl-C) removes what it wrote.
+    Raises MmloomError for bad settings, an output folder in use by another build or holding files
+    a build did not write (or an earlier build's without `overwrite`), a dead worker, the first bad
+    record with `strict`, and when no record is kept (after writing data_params.json with the skip
+    reasons).
     """
     files = list_input_files(cfg.setup.input_dir)
     tokenizer = load_tokenizer(cfg.processor.tokenizer_type, what="processor.tokenizer_type")
@@ -417,15 +552,27 @@ def build(
         raise MmloomError(f"dataset.image_dir not found: {cfg.dataset.image_dir}")
 
     out_dir = Path(cfg.setup.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    old = sorted(out_dir.glob("data-*.h5"))
-    if old and not overwrite:
-        raise MmloomError(
-            f"{out_dir} already holds {len(old)} .h5 files; pass --overwrite or pick another setup.output_dir"
-        )
-    for p in old:
-        p.unlink()
+    hint = "wait for that build to finish, or build into another setup.output_dir"
+    with FolderLock(out_dir, what="data folder", hint=hint):
+        if check_destination(out_dir, "data build", overwrite=overwrite, recognise=is_build_output):
+            clear_build_output(out_dir)
+        return _build(cfg, files, out_dir, ids, extractor, strict=strict, quiet=quiet, progress=progress)
 
+
+def clear_build_output(out_dir: Path) -> None:
+    """Remove an earlier build's files from `out_dir`: `data_params.json` first (the folder stops
+    looking complete before any `.h5` file changes), then its `.h5` files and temporary files. Other
+    files in the folder (a feature cache, the user's) stay."""
+    (out_dir / PARAMS_NAME).unlink(missing_ok=True)
+    for path in [*out_dir.glob("data-*.h5"), *out_dir.glob(".data-*.h5.tmp-*")]:
+        path.unlink(missing_ok=True)
+
+
+def _build(cfg: BuildConfig, files: list[Path], out_dir: Path, ids: dict, extractor, *, strict: bool, quiet: bool,
+           progress: bool | None) -> dict:
+    """The build proper, into `out_dir` (locked and claimed by `build`); data_params.json last."""
+    audio_cfg = cfg.dataset.audio
+    msl, num_feature_tokens = cfg.processor.max_sequence_length, cfg.dataset.num_patches
     cfg_dict = cfg.model_dump(mode="json")
     if cfg.setup.processes > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -442,7 +589,9 @@ def build(
     try:
         with _progress(show) as bar:
             task = bar.add_task("build", total=total)
-            results = contextlib.closing(_ordered_results(_chunks(files), cfg.setup.processes, cfg_dict))
+            chunks = _chunks(files, cfg.setup.max_record_bytes)
+            results = contextlib.closing(_ordered_results(chunks, cfg.setup.processes, cfg_dict,
+                                                          lambda chunk: _describe_chunk(files, chunk)))
             with results as ordered:
                 for res in ordered:
                     if strict and res.skips:
@@ -464,6 +613,13 @@ def build(
         writer.remove_output()
         raise MmloomError(f"{err}; the whole build needs up to {mib(err.per_sample * total)}; nothing of it was kept "
                           f"in {out_dir}") from None
+    except WorkerDied as err:
+        writer.remove_output()
+        raise MmloomError(f"{err}; the build stopped and nothing of it was kept in {out_dir} (a line that needs more "
+                          "memory than the machine has? lower setup.max_record_bytes or setup.processes)") from None
+    except BaseException:  # --strict, Ctrl-C, a worker's error: nothing of an unfinished build is kept
+        writer.remove_output()
+        raise
     elapsed = time.perf_counter() - t0
     kept = sum(kept_per_file.values())
     assert n_read == kept + sum(skipped.values())
@@ -497,6 +653,7 @@ def build(
             "image_token_id": ids["image_token_id"],
             "input_files": [str(p) for p in files],
             "output_files": writer.files,
+            "output_file_info": writer.file_info,  # per file: n_examples, bytes (checked by readers)
             "skipped": {r: skipped[r] for r in sorted(skipped, key=_reason_order)},
         },
         "h5_dataset_stats": {  # as Cerebras' collect_stats computes them over row 0 of `data`

@@ -18,6 +18,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmloom.config_io import apply_overrides, load_yaml_mapping, validate
+from mmloom.processing.image import MAX_IMAGE_PIXELS
+
+MAX_RECORD_BYTES = 4 * 2**20
 
 
 class _Section(BaseModel):
@@ -32,6 +35,10 @@ class SetupConfig(_Section):
     processes: int = Field(1, ge=1, description="worker processes; the output does not depend on it")
     samples_per_file: int = Field(
         2000, ge=1, description="samples per .h5 file (the last file holds the rest)"
+    )
+    max_record_bytes: int = Field(
+        MAX_RECORD_BYTES, ge=1, description="longest jsonl line (bytes) that is read: a longer one is skipped "
+        "(line_too_long) before it is parsed or tokenized; 4 MiB by default, a thousand times a long LLaVA record"
     )
 
 
@@ -76,6 +83,11 @@ class DatasetConfig(_Section):
         "unset: the data has no images (audio-only data)"
     )
     image_dir: str | None = Field(None, description="root folder of the records' relative image paths")
+    max_image_pixels: int = Field(
+        default_factory=lambda: MAX_IMAGE_PIXELS, ge=1,
+        description="largest image (width x height) decoded, read from the header first; larger ones are skipped "
+        "(image_too_large). Default 67.1 Mpx (8192 x 8192; MMLOOM_MAX_IMAGE_PIXELS); recorded for training"
+    )
     system_prompt_style: str = Field(
         "vicuna_v1", description="template name: plain (phase 1), vicuna_v1, ..."
     )

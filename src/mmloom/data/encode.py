@@ -27,10 +27,12 @@ from mmloom.processing.tokenizer import token_id
 SKIP_REASONS = (
     "bad_json",
     "bad_encoding",
+    "line_too_long",
     "bad_record",
     "bad_image_path",
     "missing_image",
     "bad_image",
+    "image_too_large",
     "no_human_turn",
     "roles_not_alternating",
     "empty_answer",

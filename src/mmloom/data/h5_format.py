@@ -16,6 +16,12 @@ Files without `image_start_idx` (Cerebras' own) put every sample's slots at the 
 `image_patch_info.image_patch_start_idx` of `data_params.json`, as Cerebras' model does.
 `data_params.json` sits next to the files (see `mmloom.data.build`).
 
+`data_params.json` lists the files of the build (`post-process.output_files`) with each one's sample
+count and size (`post-process.output_file_info`) and the total (`post-process.n_examples`);
+:func:`check_data_files` refuses a folder whose files differ from it (a build that did not finish,
+a file added, removed or replaced), and :func:`check_h5_file` the structure of each file (datasets,
+shapes, dtypes), once, when the data is opened.
+
 Audio (mmloom's extension, written only by builds with `dataset.audio`; image-only files are
 exactly as above). A sample may hold any number of clips, each a run of slots in `data` (row 0:
 the pad id, row 3: attended, no loss) whose length is the clip's feature-token count. Per file,
@@ -153,13 +159,113 @@ def decode_audio_path(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def is_build_output(folder: str | Path) -> bool:
+    """Whether `folder` is the output of a `mmloom data build`: it holds the build's `data_params.json`
+    (with `setup` and `post-process`), or only `data-NNNNN.h5` files and their temporary files (a
+    build that did not finish), beside hidden files and a `feature_cache` folder."""
+    folder = Path(folder)
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+    partial = [p.name for p in folder.glob(".data-*.h5.tmp-*")]
+    params = folder / PARAMS_NAME
+    if params.is_file():
+        try:
+            data = read_json(params, max_bytes=2**26)
+        except MmloomError:
+            return False
+        return "setup" in data and "post-process" in data
+    return bool(names or partial) and all(n.startswith("data-") and n.endswith(".h5") or n == "feature_cache"
+                                          for n in names)
+
+
+def unfinished_build(data_dir: str | Path, h5file, params: dict) -> MmloomError | None:
+    """The error for an mmloom-written data file (it has `image_start_idx`) with no data_params.json
+    beside it: the build that wrote it did not finish. None otherwise (Cerebras' files need none)."""
+    if params or IMAGE_START not in h5file:
+        return None
+    return MmloomError(f"{Path(data_dir) / PARAMS_NAME} not found beside files `mmloom data build` wrote: the build "
+                       "did not finish; run it again with --overwrite")
+
+
+def check_data_files(data_dir: str | Path, params: dict, counts: dict[str, int]) -> None:
+    """Refuse a data folder whose `.h5` files are not the ones its `data_params.json` (`params`)
+    lists: other names, other sample counts (`counts`: {file name: n_examples} as read from the
+    files), other sizes, another total. Recorded fields that are absent (Cerebras' data_params.json,
+    older mmloom builds) are not checked.
+
+    Raises MmloomError naming the folder, the first difference and what to do."""
+    post = params.get("post-process") or {}
+    listed, info = post.get("output_files"), post.get("output_file_info")
+    if not isinstance(listed, list):
+        return
+    path = Path(data_dir) / PARAMS_NAME
+    fix = "rebuild the data with `mmloom data build --overwrite`"
+    names = sorted(counts)
+    if sorted(map(str, listed)) != names:
+        missing = sorted(set(map(str, listed)) - set(names))
+        extra = sorted(set(names) - set(map(str, listed)))
+        what = "; ".join(part for part in (f"missing {', '.join(missing[:3])}" if missing else "",
+                                           f"not listed: {', '.join(extra[:3])}" if extra else "") if part)
+        raise MmloomError(f"{path} does not describe the .h5 files of {data_dir} ({what}): a build that did not "
+                          f"finish, or files changed since; {fix}")
+    if isinstance(info, dict):
+        for name in names:
+            entry = info.get(name) if isinstance(info.get(name), dict) else {}
+            size = (Path(data_dir) / name).stat().st_size
+            if entry.get("n_examples") not in (None, counts[name]) or entry.get("bytes") not in (None, size):
+                raise MmloomError(f"{Path(data_dir) / name} is not the file {path} describes ({counts[name]} samples, "
+                                  f"{size} bytes; recorded: {entry.get('n_examples')} samples, {entry.get('bytes')} "
+                                  f"bytes); {fix}")
+    total = post.get("n_examples")
+    if total is not None and total != sum(counts.values()):
+        raise MmloomError(f"{path} records {total} samples (post-process.n_examples) but the .h5 files of {data_dir} "
+                          f"hold {sum(counts.values())}; {fix}")
+
+
+def check_h5_file(h5file, path: str | Path, params: dict | None = None) -> tuple[int, int]:
+    """(samples, max sequence length) of an open data file, after checking its structure: the
+    `n_examples` attribute, `data` an integer `[n, 4, MSL]` dataset, `img_path` `[n, 1]` (or `[n]`)
+    bytes, `image_start_idx` `[n]` integers within the sequence. Raises MmloomError naming the file
+    and the field."""
+    def bad(field: str, problem: str) -> MmloomError:
+        return MmloomError(f"{path}: {field} {problem}; not an mmloom/Cerebras LLaVA .h5 file, or a damaged one")
+
+    if "n_examples" not in h5file.attrs:
+        raise bad("attribute n_examples", "is missing")
+    try:
+        n = int(np.asarray(h5file.attrs["n_examples"]).reshape(-1)[0])
+    except (TypeError, ValueError, IndexError):
+        raise bad("attribute n_examples", "is not a number") from None
+    for name in ("data", "img_path"):
+        if name not in h5file or not hasattr(h5file[name], "shape"):
+            raise bad(f"dataset '{name}'", "is missing")
+    data, img = h5file["data"], h5file["img_path"]
+    if data.dtype.kind not in "iu":
+        raise bad("dataset 'data'", f"has dtype {data.dtype}, expected integers")
+    if data.ndim != 3 or data.shape[0] != n or data.shape[1] != 4 or data.shape[2] < 2:
+        raise bad("dataset 'data'", f"has shape {tuple(data.shape)}, expected ({n}, 4, MSL) for n_examples {n}")
+    if img.shape not in ((n, 1), (n,)) or img.dtype.kind not in "SOU":
+        raise bad("dataset 'img_path'", f"has shape {tuple(img.shape)} and dtype {img.dtype}, expected ({n}, 1) bytes")
+    if IMAGE_START in h5file:
+        starts = h5file[IMAGE_START]
+        if starts.shape != (n,) or starts.dtype.kind not in "iu":
+            raise bad(f"dataset '{IMAGE_START}'", f"has shape {tuple(starts.shape)} and dtype {starts.dtype}, "
+                      f"expected ({n},) integers")
+        values = np.asarray(starts[:], dtype=np.int64)
+        slots = slot_layout(params or {})[1] or 0
+        if n and (values.min() < -1 or values.max() + slots > data.shape[2]):
+            raise bad(f"dataset '{IMAGE_START}'", f"holds {int(values.min())}..{int(values.max())}: image slots "
+                      f"outside the sequence of {data.shape[2]}")
+    return n, int(data.shape[2])
+
+
 def read_data_params(data_dir: str | Path, required: bool = True) -> dict:
     """`data_params.json` of a data folder. Missing: `{}` unless `required`; unreadable or not a
     JSON object: MmloomError naming the file (a corrupt file must not silently disable checks)."""
     path = Path(data_dir) / PARAMS_NAME
     if not path.is_file() and not required:
         return {}
-    return read_json(path, hint="rebuild the data with `mmloom data build`")
+    return read_json(path, hint="a `mmloom data build` that did not finish, or not a build's folder: build the data "
+                     "with `mmloom data build` (--overwrite over an unfinished build)")
 
 
 def slot_layout(params: dict) -> tuple[int | None, int | None]:

@@ -30,12 +30,15 @@ from torch.utils.data import Dataset
 from mmloom.data.h5_format import (
     AUDIO_PATH,
     LazyH5Files,
+    check_data_files,
+    check_h5_file,
     decode_audio_path,
     decode_img_path,
     read_audio_items,
     read_data_params,
     read_image_starts,
     slot_layout,
+    unfinished_build,
 )
 from mmloom.errors import MmloomError
 from mmloom.processing.image import load_image
@@ -45,8 +48,13 @@ class HDF5LlavaDataset(Dataset):
     """The samples of every `.h5` file of `data_dir` (sorted by name), images read from
     `img_data_dir` and turned into tensors by `image_transform`.
 
-    Raises MmloomError when the folder, its `.h5` files or its `data_params.json` are missing or
-    unreadable (naming the file).
+    The folder is checked once, here: each file's structure (`h5_format.check_h5_file`), one
+    sequence length for all, and the files against `data_params.json` (`h5_format.check_data_files`:
+    a build that did not finish, files added, removed or replaced). Each item's token ids are
+    checked against the data's vocabulary (`post-process.vocab_size`) when it is read.
+
+    Raises MmloomError when the folder, its `.h5` files or its `data_params.json` are missing,
+    unreadable, damaged or do not match (naming the file and the field).
     """
 
     h5: LazyH5Files | None = None  # class default: __del__ works even if __init__ failed early
@@ -67,17 +75,34 @@ class HDF5LlavaDataset(Dataset):
             raise MmloomError(f"no .h5 files in {self.data_dir}")
         self.params = read_data_params(self.data_dir, required=False)
         self.num_patches = slot_layout(self.params)[1]
+        budget = (self.params.get("dataset") or {}).get("max_image_pixels")  # the build's pixel budget
+        self.max_image_pixels = budget if isinstance(budget, int) and budget > 0 else None
+        post = self.params.get("post-process") or {}
+        vocab = post.get("vocab_size")
+        placeholders = [post.get("image_token_id"), ((self.params.get("modalities") or {}).get("audio") or {}).get("token_id")]
+        self.vocab_size = (max([int(vocab), *(int(i) + 1 for i in placeholders if isinstance(i, int))])
+                           if isinstance(vocab, int) and vocab > 0 else None)  # ids must stay below it
         counts, starts = [], []
+        lengths: dict[int, Path] = {}
         self.audio_items: list[tuple[np.ndarray, np.ndarray] | None] = []  # per file: (offsets, spans)
         for path in self.files:
             try:
                 with h5py.File(path, "r") as f:
-                    counts.append(int(f.attrs["n_examples"]))
-                    self.max_sequence_length = int(f["data"].shape[-1])
+                    if (unfinished := unfinished_build(self.data_dir, f, self.params)) is not None:
+                        raise unfinished
+                    n, msl = check_h5_file(f, path, self.params)
+                    counts.append(n)
+                    lengths.setdefault(msl, path)
                     starts.append(read_image_starts(f, self.params, path))
                     self.audio_items.append(read_audio_items(f, path))
             except (OSError, KeyError) as exc:
                 raise MmloomError(f"{path}: not an HDF5 LLaVA data file ({exc})") from None
+        if len(lengths) > 1:
+            (a, first), (b, second) = sorted(lengths.items())[:2]
+            raise MmloomError(f"{self.data_dir}: the files have different sequence lengths ({first.name}: {a}, "
+                              f"{second.name}: {b}); one build writes one max_sequence_length")
+        self.max_sequence_length = next(iter(lengths))
+        check_data_files(self.data_dir, self.params, {p.name: c for p, c in zip(self.files, counts, strict=True)})
         self.counts = counts
         self.offsets = np.cumsum([0, *counts]).tolist()
         self.image_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
@@ -119,16 +144,29 @@ class HDF5LlavaDataset(Dataset):
             return torch.zeros(3, size, size, dtype=self.dtype)
         path = (self.img_data_dir / rel) if self.img_data_dir is not None else Path(rel)
         try:
-            image = load_image(path)
+            image = load_image(path, max_pixels=self.max_image_pixels)
         except MmloomError as exc:
             raise MmloomError(f"sample {index}: cannot load image {path}: {exc}") from None
         return torch.as_tensor(np.asarray(self.image_transform(image)), dtype=self.dtype)
+
+    def _check_ids(self, rows: np.ndarray, file_idx: int, local: int) -> None:
+        """Refuse a sample whose input ids or labels (rows 0 and 2) fall outside the data's vocabulary
+        (a damaged or hand-edited file would otherwise fail deep in the embedding lookup)."""
+        for row, field in ((0, "input ids (data row 0)"), (2, "labels (data row 2)")):
+            low, high = int(rows[row].min()), int(rows[row].max())
+            if low < 0 or high >= self.vocab_size:
+                bad = low if low < 0 else high
+                raise MmloomError(f"{self.files[file_idx]}: sample {local}: {field} holds token id {bad}, outside the "
+                                  f"vocabulary of {self.vocab_size} (data_params.json post-process.vocab_size); the "
+                                  "file is damaged: rebuild the data with `mmloom data build --overwrite`")
 
     def __getitem__(self, index: int) -> dict:
         file_idx, local = self.locate(int(index))
         index = self.offsets[file_idx] + local
         h = self.h5[file_idx]
         rows = np.asarray(h["data"][local], dtype=np.int32)
+        if self.vocab_size is not None:
+            self._check_ids(rows, file_idx, local)
         rel = decode_img_path(h["img_path"][local])
         extra = {}
         audio = self.audio_items[file_idx]

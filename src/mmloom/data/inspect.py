@@ -7,7 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mmloom.data.h5_format import decode_img_path, read_data_params, read_image_starts, slot_layout
+from mmloom.data.h5_format import (
+    check_data_files,
+    check_h5_file,
+    decode_img_path,
+    read_data_params,
+    read_image_starts,
+    slot_layout,
+    unfinished_build,
+)
 from mmloom.errors import MmloomError
 from mmloom.processing.tokenizer import load_tokenizer
 
@@ -23,7 +31,10 @@ class Segment:
 
 
 def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str | None, int, int]:
-    """(rows [4, MSL], image path or None, samples in the file, first image slot or -1)."""
+    """(rows [4, MSL], image path or None, samples in the file, first image slot or -1).
+
+    The file's structure is checked (`h5_format.check_h5_file`), and the folder's files against its
+    `data_params.json` (`h5_format.check_data_files`). Raises MmloomError naming the file and problem."""
     import h5py
 
     path = Path(path)
@@ -31,6 +42,13 @@ def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str | None, i
         raise MmloomError(f"no such file: {path}")
     params = read_data_params(path.parent, required=False)
     try:
+        counts = {}
+        for sibling in sorted(path.parent.glob("*.h5")):
+            with h5py.File(sibling, "r") as f:
+                if (unfinished := unfinished_build(path.parent, f, params)) is not None:
+                    raise unfinished
+                counts[sibling.name] = check_h5_file(f, sibling, params)[0]
+        check_data_files(path.parent, params, counts)
         with h5py.File(path, "r") as f:
             n = int(f.attrs["n_examples"])
             if not -n <= index < n:

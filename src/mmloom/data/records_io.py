@@ -101,16 +101,31 @@ def load_json(path: Path) -> Any:
     return read_json(path, expect=None)
 
 
-def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, str | SkipRecord]]:
+def iter_jsonl_lines(path: Path, max_bytes: int | None = None) -> Iterator[tuple[int, str | SkipRecord]]:
     """Yield (line number, text) per non-blank line of a jsonl file, unparsed (a BOM on the first
-    line is dropped); a line that is not UTF-8 yields a ``SkipRecord("bad_encoding")`` as its text.
+    line is dropped); a line that is not UTF-8 yields a ``SkipRecord("bad_encoding")`` as its text,
+    and a line longer than `max_bytes` (None: no limit) a ``SkipRecord("line_too_long")``: it is
+    passed over in blocks, never held in memory whole.
 
     Raises:
         MmloomError: the file cannot be opened or read.
     """
     try:
         with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
+            lineno = 0
+            while True:
+                raw = fh.readline() if max_bytes is None else fh.readline(max_bytes + 1)
+                if not raw:
+                    break
+                lineno += 1
+                if max_bytes is not None and len(raw) > max_bytes and not raw.endswith(b"\n"):
+                    size = len(raw)
+                    while raw and not raw.endswith(b"\n"):
+                        raw = fh.readline(2**20)
+                        size += len(raw)
+                    yield lineno, SkipRecord("line_too_long", f"a line of {size:,} bytes (the limit is "
+                                                              f"{max_bytes:,}); not read")
+                    continue
                 if lineno == 1:
                     raw = raw.removeprefix(BOM)
                 try:
@@ -152,11 +167,14 @@ def read_jsonl_objects(path: str | Path, what: str = "file") -> list[tuple[int, 
 
 
 def parse_json_line(line: str) -> Any:
-    """One jsonl line's value; raises ``SkipRecord("bad_json")`` naming the column."""
+    """One jsonl line's value; raises ``SkipRecord("bad_json")`` naming the column, or saying the
+    value is nested deeper than Python's JSON parser goes (a RecursionError otherwise)."""
     try:
         return json.loads(line)
     except json.JSONDecodeError as err:
         raise SkipRecord("bad_json", f"malformed JSON at column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise SkipRecord("bad_json", "JSON nested too deeply to read") from None
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -192,6 +210,8 @@ def _list_items(path: Path, text: str, pos: int) -> Iterator[tuple[int, int, int
                 value, end = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as err:
                 raise _malformed(path, err) from None
+            except RecursionError:
+                raise JsonFileError("bad_json", f"{path}: element {index} is JSON nested too deeply to read") from None
             yield index, pos, end, value
             index += 1
             pos = _WS.match(text, end).end()
@@ -224,6 +244,8 @@ def iter_json_list(path: Path, key: str | None = None) -> Iterator[tuple[str, An
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise _malformed(path, err) from None
+        except RecursionError:
+            raise JsonFileError("bad_json", f"{path}: JSON nested too deeply to read") from None
         records = data.get(key) if isinstance(data, dict) else None
         if not isinstance(records, list):
             raise MmloomError(f"{path}: expected a JSON object with a {key!r} list")
@@ -268,6 +290,8 @@ def _first_line_is_json(path: Path) -> bool:
                     json.loads(line)
                 except json.JSONDecodeError:
                     return False
+                except RecursionError:  # one deeply nested record: a line of jsonl, skipped as bad_json
+                    return True
                 return True
     return False
 
@@ -315,7 +339,7 @@ def iter_records(path: Path, fmt: Literal["auto", "json", "jsonl"] = "auto") -> 
         # Possibly one JSON document (an object): a pretty-printed object's first line "{" is not JSON.
         try:
             data = json.loads(_decode(_read_bytes(path)))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             data = None  # not one document: jsonl, with its bad lines counted
         if isinstance(data, dict):
             raise MmloomError(f"{path}: not a JSON list (the file holds one JSON object); "
@@ -341,3 +365,16 @@ def relative_image_path(value: Any, field: str = "image", reason: str = "bad_ima
     if not name:
         raise SkipRecord("missing_field", f"{field} {value!r} names no file")
     return name
+
+
+def is_llava_jsonl(path: str | Path) -> bool:
+    """Whether `path` is a jsonl file of LLaVA records (its first non-blank line a JSON object with a
+    ``conversations`` list): what `mmloom data convert` / `json2jsonl` write, so what `--overwrite` may
+    replace. Reads the first line only (up to 4 MiB)."""
+    try:
+        for _, line in iter_jsonl_lines(Path(path), 4 * 2**20):
+            record = None if isinstance(line, SkipRecord) else parse_json_line(line)
+            return isinstance(record, dict) and isinstance(record.get("conversations"), list)
+    except MmloomError:
+        return False
+    return False

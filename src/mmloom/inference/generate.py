@@ -25,6 +25,7 @@ from mmloom.data.records_io import read_jsonl_objects, unencodable_text
 from mmloom.devices import resolve_device
 from mmloom.errors import MmloomError
 from mmloom.interop.common import torch_dtype
+from mmloom.outputs import disk_full_as_error
 from mmloom.processing.audio import load_audio
 from mmloom.processing.image import load_image
 from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
@@ -148,7 +149,7 @@ def done_question_ids(output: Path) -> set[str]:
         if raw.strip():
             try:
                 question_id = json.loads(raw)["question_id"] if raw.endswith(b"\n") else None
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
                 question_id = None
             if question_id is None:
                 if position + len(raw) == len(data):  # the last line, torn by a killed run
@@ -252,7 +253,8 @@ def generate_answers(
     audio_root = Path(audio_dir) if audio_dir is not None else Path(questions).parent
 
     def run(advance):
-        with output.open("a", encoding="utf-8") as sink:
+        kept = "the answers before it are kept (the same command continues after them)"
+        with disk_full_as_error(output, None, kept), output.open("a", encoding="utf-8") as sink:
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start:start + batch_size]
                 conversations, images, clips, prompts = [], [], [], []

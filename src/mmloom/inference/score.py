@@ -287,6 +287,18 @@ def score_answers(answers: list[dict], references: list[dict], metric: str, by: 
                   [(f"reference {n}", r) for n, r in enumerate(references, 1)], metric, by)
 
 
+def is_score_output(path: str | Path) -> bool:
+    """Whether `path` is a scores JSON written by `mmloom score --output-json` (an object with the
+    metric and the overall scores)."""
+    from mmloom.files import read_json
+
+    try:
+        data = read_json(path, max_bytes=64 * 2**20)
+    except MmloomError:
+        return False
+    return isinstance(data.get("metric"), str) and isinstance(data.get("overall"), dict)
+
+
 def score_files(answers_path: str | Path, references_path: str | Path, metric: str,
                 by: str | None = None) -> dict[str, Any]:
     """`score_answers` on two jsonl files; errors name the file and line ("refs.jsonl:7: ...")."""

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
-from mmloom.files import atomic_directory, read_json
+from mmloom.files import read_json
 from mmloom.interop.tokenizer_files import save_tokenizer
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import CALLBACK_SLOTS, base_module
 from mmloom.model.multimodal import MultimodalModel
+from mmloom.outputs import new_folder
+from mmloom.remote_code import refuse_remote_code
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,8 +95,9 @@ def load_image_processor(directory: Path):
 
     if not any((directory / name).exists() for name in ("preprocessor_config.json", "processor_config.json")):
         return None
+    refuse_remote_code(directory, "image processor folder")
     try:
-        return AutoImageProcessor.from_pretrained(directory)
+        return AutoImageProcessor.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError, KeyError):
         return None
 
@@ -107,6 +110,16 @@ def default_image_processor(vision_config):
     if "siglip" in getattr(vision_config, "model_type", ""):
         return SiglipImageProcessor(size={"height": size, "width": size})
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def export_folder(dst: str | Path, model: nn.Module):
+    """The folder a `convert` writer fills (:func:`mmloom.outputs.new_folder`): a temporary sibling
+    of `dst`, its weight files verified, marked as `mmloom convert` output and swapped into place; a
+    full disk is one line naming `dst` and the bytes the export needs. The destination itself was
+    claimed by :func:`mmloom.interop.formats.convert`."""
+    from mmloom.model.serialization import verify_weight_files, weight_bytes
+
+    return new_folder(dst, "convert", needed=weight_bytes(model) + 2**20, verify=verify_weight_files)
 
 
 def cast_in_place(model: nn.Module, dtype: torch.dtype | None) -> None:
@@ -260,7 +273,7 @@ def write_mmloom(bundle: Bundle, dst: str | Path, dtype: str | None = None, **_:
     weights (cast to `dtype` first, in place, when given) and its processor (:func:`save_processor`).
     Raises MmloomError for an unknown `dtype`."""
     cast_in_place(bundle.model, torch_dtype(dtype))
-    with atomic_directory(dst) as tmp:
+    with export_folder(dst, bundle.model) as tmp:
         bundle.model.save_pretrained(tmp)
         save_processor(bundle, tmp)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmloom.errors import MmloomError
+from mmloom.outputs import check_destination
 
 
 @dataclass(frozen=True)
@@ -101,16 +102,25 @@ def write(fmt: str, bundle, dst: str | Path, **options: Any) -> None:
     _resolve(spec.writer)(bundle, dst, **options)
 
 
-def convert(src_format: str, dst_format: str, src: str | Path | None, dst: str | Path, **options: Any):
+def convert(src_format: str, dst_format: str, src: str | Path | None, dst: str | Path, overwrite: bool = False,
+            **options: Any):
     """Convert `src` (in `src_format`) to `dst` (in `dst_format`), written atomically; returns the bundle.
-    Raises MmloomError for an unsupported pair, SRC and DST the same path, or what the reader or writer
+
+    `dst` is claimed before anything is read (:func:`mmloom.outputs.check_destination`): it must not
+    exist, be an empty folder, or (with `overwrite`) hold an earlier `mmloom convert` / `init` output;
+    it may not be, hold or lie inside a source (SRC, --base, the component folders). The one
+    exception: the projector import updates its --base model folder in place when DST is that folder.
+    Raises MmloomError for an unsupported pair, a refused destination, or what the reader or writer
     refuses."""
     if (src_format, dst_format) not in supported_pairs():
         raise MmloomError(
             f"no conversion from {src_format!r} to {dst_format!r}; run `mmloom convert --list` for the supported pairs"
         )
-    if src is not None and dst is not None and Path(src).resolve() == Path(dst).resolve() and src_format != "llava-projector":
-        raise MmloomError("SRC and DST are the same path; write the conversion to a new folder")
+    base = options.get("base")
+    in_place = src_format == "llava-projector" and base is not None and Path(base).resolve() == Path(dst).resolve()
+    if not in_place:
+        sources = [src, base, *(options.get(k) for k in ("image_model", "text_model", "audio_model"))]
+        check_destination(dst, "convert", overwrite=overwrite, sources=sources)
     bundle = _without_traceback(f"reading {src or ''} as {src_format!r}", read, src_format, src, **options)
     _without_traceback(f"writing {dst} as {dst_format!r}", write, dst_format, bundle, dst, **options)
     return bundle

@@ -19,6 +19,7 @@ from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.processing.tokenizer import load_tokenizer
+from mmloom.remote_code import refuse_remote_code
 
 VISION_TYPES = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
                 "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel"}
@@ -46,8 +47,9 @@ def hf_folder_config(path: str | Path, what: str):
     if not (path / "config.json").is_file():
         raise MmloomError(f"{what} {path}: no config.json: not a HF model folder (a folder written by "
                           "save_pretrained, or the model as downloaded)")
+    refuse_remote_code(path, what)
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MmloomError(f"{what} {path}: cannot read its config.json: {first[:200]}") from None
@@ -102,7 +104,7 @@ def load_vision_tower(path: str | Path, dtype=None):
                 "(CLIP, SigLIP or any AutoModel vision encoder)"
             )
         class_name = "AutoModel"
-    return getattr(transformers, class_name).from_pretrained(path, dtype=hf_dtype(dtype))
+    return getattr(transformers, class_name).from_pretrained(path, dtype=hf_dtype(dtype), trust_remote_code=False)
 
 
 def load_audio_encoder(path: str | Path, dtype=None):
@@ -111,9 +113,9 @@ def load_audio_encoder(path: str | Path, dtype=None):
 
     path = check_dir(path, "--audio-model")
     config = audio_config(path)
-    encoder = WhisperModel.from_pretrained(path, dtype=hf_dtype(dtype)).get_encoder()
+    encoder = WhisperModel.from_pretrained(path, dtype=hf_dtype(dtype), trust_remote_code=False).get_encoder()
     if (path / "preprocessor_config.json").exists():
-        extractor = AutoFeatureExtractor.from_pretrained(path)
+        extractor = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=False)
     else:
         extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
     return encoder.eval(), extractor
@@ -125,7 +127,7 @@ def load_language_model(path: str | Path, dtype=None):
 
     path = check_dir(path, "--text-model")
     language_model_config(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=hf_dtype(dtype)).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=hf_dtype(dtype), trust_remote_code=False).eval()
 
 
 def read_hf_components(

@@ -34,12 +34,13 @@ from typing import Any
 import torch
 
 from mmloom.errors import MmloomError
-from mmloom.files import atomic_directory, read_json, write_json
+from mmloom.files import read_json, write_json
 from mmloom.interop.common import (
     Bundle,
     cast_in_place,
     check_dir,
     default_image_processor,
+    export_folder,
     hf_dtype,
     load_image_processor,
     load_tokenizer,
@@ -57,6 +58,7 @@ from mmloom.model.feature_count import has_cls_token
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
 from mmloom.model.serialization import dedupe_shared_tensors, save_state_dict
+from mmloom.remote_code import refuse_remote_code
 
 FORMAT = "hf-llava"
 PAD_MULTIPLE = 64  # the official llava-hf conversion padded the vocabulary to a multiple of 64
@@ -245,7 +247,7 @@ def write_hf_llava(
     config_dict["architectures"] = ["LlavaForConditionalGeneration"]
     config_dict["torch_dtype"] = config_dict["dtype"] = weights_dtype(llm)
     state = hf4_llava_state(parts, llm, base_llm)
-    with atomic_directory(dst) as tmp:
+    with export_folder(dst, model) as tmp:
         save_state_dict(state, tmp)
         write_json(tmp / "config.json", config_dict, sort_keys=True)
         if getattr(llm, "generation_config", None) is not None:
@@ -305,7 +307,8 @@ def read_hf_llava(src: str | Path, dtype: str | None = None, template: str | Non
             f"{src} is a {raw.get('model_type')!r} model, not 'llava' (LlavaForConditionalGeneration); "
             "LLaVA-NeXT and other variants are not supported"
         )
-    hf = LlavaForConditionalGeneration.from_pretrained(src, dtype=hf_dtype(dtype)).eval()
+    refuse_remote_code(src, "hf-llava folder")
+    hf = LlavaForConditionalGeneration.from_pretrained(src, dtype=hf_dtype(dtype), trust_remote_code=False).eval()
     cfg = hf.config
     strategy = {"default": "patch", "full": "cls_patch"}.get(cfg.vision_feature_select_strategy)
     if strategy is None:
@@ -325,7 +328,7 @@ def read_hf_llava(src: str | Path, dtype: str | None = None, template: str | Non
 
     text_config = cfg.text_config
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(text_config)
+        llm = AutoModelForCausalLM.from_config(text_config, trust_remote_code=False)
     setattr(llm, llm.base_model_prefix, hf.model.language_model)
     llm.lm_head = hf.lm_head
     if getattr(hf, "generation_config", None) is not None:

@@ -42,12 +42,13 @@ from typing import Any
 import torch
 
 from mmloom.errors import MmloomError
-from mmloom.files import atomic_directory, read_json, write_json
+from mmloom.files import read_json, write_json
 from mmloom.interop.common import (
     Bundle,
     cast_in_place,
     check_dir,
     default_image_processor,
+    export_folder,
     load_image_processor,
     load_tokenizer,
     load_weight_files,
@@ -230,7 +231,7 @@ def write_llava(
     )
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         config["pad_token_id"] = llm_config["pad_token_id"] = tokenizer.pad_token_id
-    with atomic_directory(dst) as tmp:
+    with export_folder(dst, model) as tmp:
         save_hf4_vision_tower(tower, tmp / IMAGE_FOLDER, notes)
         image_processor.save_pretrained(tmp / IMAGE_FOLDER)
         text = tmp / folder_name
@@ -355,7 +356,7 @@ def read_llava(
         raise MmloomError(f"{text}: no {PROJECTOR_PREFIX}* weights")
     projector_state = projector_from_llava(projector_state, depth, str(text))
     with no_init_weights():
-        llm = AutoModelForCausalLM.from_config(hf_config)
+        llm = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False)
     tied = getattr(hf_config, "tie_word_embeddings", False)
     result = llm.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]

@@ -85,7 +85,7 @@ def fast_backend(tokenizer):
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return getattr(AutoTokenizer.from_pretrained(tmp), "backend_tokenizer", None)
+        return getattr(AutoTokenizer.from_pretrained(tmp, trust_remote_code=False), "backend_tokenizer", None)
 
 
 def _backend_json(tokenizer) -> dict[str, Any]:

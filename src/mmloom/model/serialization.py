@@ -256,7 +256,7 @@ def check_safetensors_file(path: str | os.PathLike) -> str | None:
             header = json.loads(f.read(length))
     except OSError as err:
         return f"{path.name}: unreadable ({err.strerror or err})"
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return f"{path.name}: damaged header"
     end = 0
     for name, spec in header.items():
@@ -278,3 +278,16 @@ def file_sha256(path: str | os.PathLike, chunk: int = 2**20) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
+def verify_weight_files(folder: str | os.PathLike) -> str | None:
+    """None when every safetensors file under `folder` is structurally sound
+    (:func:`check_safetensors_file`), else the first problem found."""
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        if (problem := check_safetensors_file(path)) is not None:
+            return problem
+    return None
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of `model`'s parameters and buffers in their dtypes: about what a save of it writes."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

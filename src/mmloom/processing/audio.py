@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mmloom.errors import MmloomError
+from mmloom.remote_code import refuse_remote_code
 
 # Input names: the extractor's frame mask is renamed so that it never meets the language
 # model's `attention_mask` (the name Qwen2-Audio uses for the same mask).
@@ -137,8 +138,9 @@ def feature_extractor_from_spec(spec: str | dict[str, Any]):
     from transformers import AutoFeatureExtractor
 
     if isinstance(spec, str):
+        refuse_remote_code(spec, "feature extractor folder")
         try:
-            return AutoFeatureExtractor.from_pretrained(spec)
+            return AutoFeatureExtractor.from_pretrained(spec, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise MmloomError(f"cannot load a feature extractor from {spec}: {exc}") from None
     params = dict(spec)

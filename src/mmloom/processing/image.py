@@ -32,6 +32,12 @@ Decoding rules (:func:`to_rgb`, used by :func:`load_image` and :class:`ImageTran
   code (``Image.open(...).convert("RGB")``) drop the alpha channel instead: give them images already
   converted with :func:`load_image` / :func:`to_rgb`.
 
+Decoded images have a pixel budget (:data:`MAX_IMAGE_PIXELS`, width x height), checked from the
+file's header before any pixel is decoded: a small file can hold a huge picture (a 330 KB PNG of
+13000 x 13000 16-bit pixels decodes to gigabytes), and no processor needs one. Over it,
+:func:`load_image` raises :class:`ImageTooLargeError` (the data build counts it as an
+`image_too_large` skip; chat and generate stop with one line).
+
 Arithmetic is float32 throughout (HF rescales in float64 and casts: the values differ by at most
 one float32 ulp, and float64 made these two steps about 3x slower).
 """
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +62,10 @@ CLIP_BACKGROUND = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), as 
 # training (this module) and exported HF image processors agree.
 TRANSPARENT_BACKGROUND = (255, 255, 255)
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# The largest picture decoded, in pixels (width x height): 8192 x 8192 = 67.1 Mpx, about five times the
+# largest input of today's processors (Qwen2-VL's max_pixels, 12.8 Mpx) and above 48-Mpx phone photos.
+# MMLOOM_MAX_IMAGE_PIXELS changes the default; `data build` takes `dataset.max_image_pixels`.
+MAX_IMAGE_PIXELS = int(os.environ.get("MMLOOM_MAX_IMAGE_PIXELS", "0") or 0) or 8192 * 8192
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -75,17 +86,33 @@ class ImageLoadError(MmloomError):
         self.reason = reason
 
 
+class ImageTooLargeError(ImageLoadError):
+    """An image with more pixels than the budget (read from its header; nothing was decoded)."""
+
+
+def check_pixel_budget(image: Image.Image, path: str | os.PathLike, max_pixels: int | None = None) -> None:
+    """Raise ImageTooLargeError when the opened (not yet decoded) `image` has more than `max_pixels`
+    (default :data:`MAX_IMAGE_PIXELS`) pixels; its size comes from the header."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    width, height = image.size
+    if width * height > limit:
+        raise ImageTooLargeError(path, f"{width} x {height} = {width * height / 1e6:,.1f} Mpx, more than the budget of "
+                                       f"{limit / 1e6:,.1f} Mpx (dataset.max_image_pixels, MMLOOM_MAX_IMAGE_PIXELS)")
+
+
 _TRUNCATED_LOCK = threading.Lock()
 
 
-def load_image(path: str | os.PathLike, convert: str | None = "RGB") -> Image.Image:
+def load_image(path: str | os.PathLike, convert: str | None = "RGB", max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode an image (``img.load()``), converted to ``convert`` (None keeps the mode).
 
     ``convert="RGB"`` (the default) goes through :func:`to_rgb`: 16-bit and float pictures are scaled
     to 8 bit (never clipped to white) and transparent ones composited onto white.
 
-    Truncated files raise :class:`ImageLoadError` even when ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
-    was switched on elsewhere (it is switched off while this image decodes).
+    An image of more than `max_pixels` pixels (default :data:`MAX_IMAGE_PIXELS`) raises
+    :class:`ImageTooLargeError` before it is decoded. Truncated files raise :class:`ImageLoadError`
+    even when ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was switched on elsewhere (it is switched off
+    while this image decodes).
     """
     p = os.fspath(path)
     if not os.path.exists(p):
@@ -94,7 +121,10 @@ def load_image(path: str | os.PathLike, convert: str | None = "RGB") -> Image.Im
         raise ImageLoadError(p, "is a directory, not an image file")
     try:
         with open(p, "rb") as f:
-            img = Image.open(f)
+            with warnings.catch_warnings():  # PIL's own bomb warning: the budget below is the check
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(f)
+            check_pixel_budget(img, p, max_pixels)
             with _TRUNCATED_LOCK:
                 saved = ImageFile.LOAD_TRUNCATED_IMAGES
                 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -102,12 +132,14 @@ def load_image(path: str | os.PathLike, convert: str | None = "RGB") -> Image.Im
                     img.load()
                 finally:
                     ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    except ImageLoadError:
+        raise
     except UnidentifiedImageError:
         raise ImageLoadError(p, "not a recognised image format (corrupt or not an image)") from None
     except PermissionError as e:
         raise ImageLoadError(p, f"permission denied ({e.strerror})") from None
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(p, f"too large ({e})") from None
+        raise ImageTooLargeError(p, f"too large ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e) or type(e).__name__
         reason = (

@@ -30,6 +30,7 @@ from mmloom.processing.templates import (
     tokenize_prompt,
 )
 from mmloom.processing.tokenizer import load_tokenizer, token_id
+from mmloom.remote_code import refuse_remote_code
 
 PROCESSOR_CONFIG = "mmloom_processor.json"
 TRANSFORM_FILE = "{name}_transform.json"  # an mmloom ImageTransform, saved as its steps
@@ -346,6 +347,7 @@ class MultimodalProcessor:
                 processors[name] = ImageTransform.from_config(spec["transforms"], spec["image_size"])
                 continue
             loader = AutoImageProcessor if name == "vision" else AutoFeatureExtractor if name == "audio" else AutoProcessor
-            processors[name] = loader.from_pretrained(directory / f"{name}_processor")
+            refuse_remote_code(directory / f"{name}_processor", f"{name} processor folder")
+            processors[name] = loader.from_pretrained(directory / f"{name}_processor", trust_remote_code=False)
         tokenizer = load_tokenizer(directory)
         return cls(processors, tokenizer, **{**settings, **overrides})

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from mmloom.errors import MmloomError
 from mmloom.files import read_json, write_json
+from mmloom.remote_code import refuse_remote_code
 
 SPIECE_UNDERLINE = "▁"
 SENTENCEPIECE_MODEL = "tokenizer.model"
@@ -102,6 +103,7 @@ def load_tokenizer(path: str | Path, *, what: str = "tokenizer"):
         raise MmloomError(
             f"{what}: {folder} holds no tokenizer (no tokenizer.json, tokenizer.model or tokenizer_config.json)"
         )
+    refuse_remote_code(folder, what)
     model_type = _not_a_language_model(folder)
     if model_type is not None:
         raise MmloomError(
@@ -110,7 +112,7 @@ def load_tokenizer(path: str | Path, *, what: str = "tokenizer"):
         )
     try:
         if uses_sentencepiece(folder):
-            tokenizer = SentencePieceLlamaTokenizer.from_pretrained(str(folder))
+            tokenizer = SentencePieceLlamaTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         else:
             tokenizer = _auto_tokenizer(folder)
     except MmloomError:

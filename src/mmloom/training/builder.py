@@ -16,6 +16,7 @@ from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
+from mmloom.remote_code import refuse_remote_code
 from mmloom.training.config import ModelSection, TrainConfig
 
 # Vision model classes when a folder holds a full dual-tower model (e.g. openai/clip-vit-*).
@@ -55,14 +56,16 @@ def build_vision_model(spec: str | dict[str, Any], attn_implementation: str | No
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if isinstance(spec, dict) and spec.get("pretrained") is None:
-        return AutoModel.from_config(_vision_config(_inline_config(spec, "image_model")), **kwargs)
+        return AutoModel.from_config(_vision_config(_inline_config(spec, "image_model")), trust_remote_code=False,
+                                     **kwargs)
     path = spec if isinstance(spec, str) else spec["pretrained"]
-    config = AutoConfig.from_pretrained(path)
+    refuse_remote_code(path, "model.image_model")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if isinstance(spec, dict):
         _check_inline_matches(spec, _vision_config(config).to_dict(), "image_model")
     cls_name = _VISION_TOWERS.get(config.model_type)
     cls = getattr(transformers, cls_name) if cls_name else AutoModel
-    return cls.from_pretrained(path, **kwargs)
+    return cls.from_pretrained(path, trust_remote_code=False, **kwargs)
 
 
 def build_text_model(spec: str | dict[str, Any], attn_implementation: str | None) -> nn.Module:
@@ -70,11 +73,12 @@ def build_text_model(spec: str | dict[str, Any], attn_implementation: str | None
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if isinstance(spec, dict) and spec.get("pretrained") is None:
-        return AutoModelForCausalLM.from_config(_inline_config(spec, "text_model"), **kwargs)
+        return AutoModelForCausalLM.from_config(_inline_config(spec, "text_model"), trust_remote_code=False, **kwargs)
     path = spec if isinstance(spec, str) else spec["pretrained"]
+    refuse_remote_code(path, "model.text_model")
     if isinstance(spec, dict):
-        _check_inline_matches(spec, AutoConfig.from_pretrained(path).to_dict(), "text_model")
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, **kwargs)
+        _check_inline_matches(spec, AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict(), "text_model")
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False, **kwargs)
 
 
 AUDIO_MODEL_TYPES = {"whisper"}  # HF model types whose encoder takes log-mel input_features
@@ -85,7 +89,9 @@ def _model_type(spec: str | dict[str, Any]) -> str:
         return str(spec["model_type"])
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(spec if isinstance(spec, str) else spec["pretrained"]).model_type
+    path = spec if isinstance(spec, str) else spec["pretrained"]
+    refuse_remote_code(path, "model folder")
+    return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
 
 
 def build_audio_model(spec: str | dict[str, Any], attn_implementation: str | None) -> nn.Module:
@@ -101,9 +107,11 @@ def build_audio_model(spec: str | dict[str, Any], attn_implementation: str | Non
             config._attn_implementation = attn_implementation
         return WhisperEncoder(config)
     path = spec if isinstance(spec, str) else spec["pretrained"]
+    refuse_remote_code(path, "encoders.audio.model")
     if isinstance(spec, dict):
-        _check_inline_matches(spec, AutoConfig.from_pretrained(path).to_dict(), "encoders.audio.model")
-    return WhisperModel.from_pretrained(path, torch_dtype=torch.float32, **kwargs).get_encoder()
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        _check_inline_matches(spec, config.to_dict(), "encoders.audio.model")
+    return WhisperModel.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False, **kwargs).get_encoder()
 
 
 def encoder_settings(m: ModelSection) -> dict[str, Any]:

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
-from mmloom.files import free_bytes, is_disk_full, mib, read_json
+from mmloom.files import apply_umask, free_bytes, is_disk_full, mib, read_json
 from mmloom.model import serialization as ser
 from mmloom.training.builder import list_checkpoints
 from mmloom.training.distributed import DistContext, unwrap
@@ -429,6 +429,7 @@ class _Save:
                         problem = problem or ser.check_safetensors_file(path)
                 if problem is None:
                     write_manifest(self.tmp)
+                    apply_umask(self.tmp)  # safetensors writes 0600 files
                     old = None
                     if self.target.exists():  # an older save of the same step (a damaged one): replaced
                         old = self.target.with_name(f".{self.target.name}.old")

@@ -40,7 +40,9 @@ from mmloom.training.preemption import ignore_stop_signals_in_worker
 def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
     """The dataset of an input section: HDF5 samples with images transformed to `image_size`, or
     with cached encoder features (`use_cached_features`); with their audio clips when the data has
-    some. `image_size` 0 (a model without a vision encoder) reads no image."""
+    some. `image_size` 0 (a model without a vision encoder) reads no image. The folder's
+    data_params.json is required (a build that did not finish has none: refused here, first)."""
+    read_data_params(section.data_dir)
     if section.use_cached_features:  # `mmloom data cache-features` output instead of images
         return CachedFeatureDataset(section.data_dir, cache_dir_for(section))
     size = section.image_size or image_size

@@ -5,7 +5,6 @@ checkpoints, one process or many (DDP / FSDP2 under torchrun)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -20,8 +19,11 @@ from mmloom.data.collate import FeatureCollator, TrainCollator
 from mmloom.data.h5_format import read_data_params
 from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
+from mmloom.files import write_json, write_text
+from mmloom.outputs import disk_full_as_error
 from mmloom.training import builder
 from mmloom.training.checkpoint import (
+    CheckpointWriteError,
     choose_resume_checkpoint,
     load_training_state,
     read_trainer_state,
@@ -43,6 +45,7 @@ from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap
 from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
 from mmloom.training.metrics import (
     FlopsEstimator,
+    MetricsWriteError,
     MetricsWriter,
     ProgressDisplay,
     StepWork,
@@ -51,7 +54,8 @@ from mmloom.training.metrics import (
 )
 from mmloom.training.modalities import check_data_modalities, vision_geometry, with_audio
 from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
-from mmloom.training.preemption import StopSignals, TrainingStopped
+from mmloom.training.preemption import StepFailure, StopSignals, TrainingStopped
+from mmloom.training.run_folder import run_folder_lock
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 EVAL_RESULTS = "eval_results.json"
@@ -82,6 +86,9 @@ class Trainer:
         self.precision = cfg.model.precision
         self.device = self.ctx.device
         self.console = ProgressDisplay(0, 0, enabled=self.ctx.is_main, tty=False)
+        # metrics records a full disk kept out of metrics.jsonl: saved with the checkpoint, written on resume
+        self.unwritten_metrics: list[tuple[str, dict[str, Any]]] = []  # (prefix, record)
+        self.unwritten_saved = 0  # how many of them the last checkpoint holds
 
     # ------------------------------------------------------------------------- setup
     def autocast(self):
@@ -96,7 +103,9 @@ class Trainer:
         checkpoints but none is usable."""
 
         def choose() -> tuple[Path | None, list[str]]:
-            if self.model_dir.is_dir():  # `.checkpoint-N.tmp-partial`, `.checkpoint-N.old` of interrupted saves
+            # `.checkpoint-N.tmp-partial`, `.checkpoint-N.old` of interrupted saves (a trainer's own: an
+            # evaluation, which shares the run folder with other readers, leaves them alone)
+            if self.model_dir.is_dir() and self.mode != "eval":
                 for stale in self.model_dir.glob(".*"):
                     if (stale.is_dir() and stale.name.startswith((".checkpoint-", ".final_model"))
                             and (".tmp-" in stale.name or stale.name.endswith(".old"))):
@@ -301,6 +310,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "seed": self.run.seed,
             "config": self.cfg.model_dump(mode="json"),
+            **({"unwritten_metrics": self.unwritten_metrics} if self.unwritten_metrics else {}),
         }
 
     def saved_processor(self):
@@ -312,6 +322,7 @@ class Trainer:
         return self._saved_processor
 
     def save(self, step: int) -> Path:
+        self.unwritten_saved = len(self.unwritten_metrics)
         return save_checkpoint(
             self.model_dir, step, self.model, self.optimizer, self.trainer_state(step), self.ctx,
             trainable_only=self.run.save_trainable_only, keep_last=self.run.keep_last,
@@ -331,6 +342,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------- run
     def write_resolved_config(self) -> None:
+        """MODEL_DIR/resolved_config.yaml (rank 0): the config as the run uses it (atomic; a full disk is
+        one line naming the file and its size)."""
         if self.ctx.is_main:
             self.model_dir.mkdir(parents=True, exist_ok=True)
             text = config_to_yaml(self.cfg)
@@ -340,7 +353,8 @@ class Trainer:
                     f"world_size {self.ctx.world_size}, micro_batch_size {self.micro_batch}, "
                     f"accumulation_steps {self.accum}\n" + text
                 )
-            (self.model_dir / RESOLVED_CONFIG).write_text(text)
+            with disk_full_as_error(self.model_dir / RESOLVED_CONFIG, len(text.encode()) + 4096):
+                write_text(self.model_dir / RESOLVED_CONFIG, text)
 
     def optimizer_step(self, micro_batches: list[dict], step: int, last_saved: int | None) -> StepResult:
         """Forward/backward every micro-batch, check the loss and gradient norm, clip, step."""
@@ -377,6 +391,9 @@ class Trainer:
             self.base_model.trainable_summary(print_table=True)
         flops = FlopsEstimator(self.base_model, self.image_positions, self.num_feature_tokens)
         metrics = MetricsWriter(self.model_dir, enabled=ctx.is_main, resume_step=start_step)
+        if self.resume_from is not None:  # records of the checkpoint's steps that a full disk kept out
+            for prefix, record in read_trainer_state(self.resume_from).get("unwritten_metrics", []):
+                metrics.write(record, prefix=prefix)
         progress = ProgressDisplay(self.total_steps, start_step, enabled=ctx.is_main)
         eval_every = run.eval_steps if self.mode == "train_and_eval" else None
         eval_loader = self.eval_loader() if self.mode == "train_and_eval" else None
@@ -409,7 +426,12 @@ class Trainer:
                         record.update(window.summary(run.mfu_peak_flops, ctx.world_size))
                         window = ThroughputWindow()
                         progress.log(record)
-                    metrics.write(record)
+                    write_error = None
+                    try:
+                        metrics.write(record)
+                    except MetricsWriteError as err:  # a full disk: stop at this step boundary (below)
+                        write_error = err
+                        self.unwritten_metrics.append(("train", record))
                     progress.update(done, {**record, "tokens_per_s": record.get("tokens_per_s", res.tokens / dt)})
                     result["last_loss"] = res.loss
                     if (run.checkpoint_steps and done % run.checkpoint_steps == 0) or done == self.total_steps:
@@ -417,10 +439,19 @@ class Trainer:
                         last_saved = done
                     if eval_every and (done % eval_every == 0 or done == self.total_steps):
                         ev = evaluate(self.model, eval_loader, ctx, self.autocast)
-                        metrics.write({"step": done, **ev}, prefix="eval")
+                        try:
+                            if write_error is not None:
+                                raise write_error
+                            metrics.write({"step": done, **ev}, prefix="eval")
+                        except MetricsWriteError as err:
+                            write_error = err
+                            self.unwritten_metrics.append(("eval", {"step": done, **ev}))
                         progress.log({"step": done, **ev})
                         result["eval"] = ev
-                    signum = stops.agreed(ctx)  # every rank learns of a SIGTERM / Ctrl-C on any rank
+                    try:  # every rank learns of a SIGTERM / Ctrl-C, or a failed write, on any rank
+                        signum = stops.agreed(ctx, write_error)
+                    except StepFailure as failure:
+                        raise self.stopped_by_failure(failure, done, last_saved) from None
                     if signum is not None and done < self.total_steps:
                         if last_saved != done:
                             self.save(done)
@@ -437,6 +468,20 @@ class Trainer:
             self.save_final_model()
         result["final_step"] = self.total_steps
         return result
+
+    def stopped_by_failure(self, failure: StepFailure, step: int, last_saved: int | None) -> MmloomError:
+        """The one-line error that ends a run whose step `step` could not be recorded (metrics.jsonl
+        on a full disk): a checkpoint of `step` is tried first when the step has none (collective),
+        and the error names what the run can resume from."""
+        if last_saved == step and self.unwritten_saved == len(self.unwritten_metrics):
+            kept = f"{self.model_dir / f'checkpoint-{step}'} holds it"
+        else:
+            try:
+                kept = f"saved {self.save(step)}"
+            except CheckpointWriteError as err:
+                kept = f"no checkpoint of it could be written either ({err})"
+        return MmloomError(f"{failure}; training stopped after step {step}: {kept}; free some space and run the same "
+                           "command again to resume")
 
     def config_changes(self, folder: Path, state: dict[str, Any]) -> list[str]:
         """Compare this run's config with the one `folder` was trained with (see
@@ -493,17 +538,27 @@ class Trainer:
         results = {"step": step, "weights": str(source) if source else "initial", **results}
         if self.ctx.is_main:
             self.model_dir.mkdir(parents=True, exist_ok=True)
-            (self.model_dir / EVAL_RESULTS).write_text(json.dumps(results, indent=2))
+            with disk_full_as_error(self.model_dir / EVAL_RESULTS, 2**16):
+                write_json(self.model_dir / EVAL_RESULTS, results)
             self.console.log(results)
         return results
 
 
-def run_training(cfg: TrainConfig, model_dir: str | Path, mode: str = "train", ctx: DistContext | None = None):
+def run_training(cfg: TrainConfig, model_dir: str | Path, mode: str = "train", ctx: DistContext | None = None,
+                 lock: bool = True):
+    """Train and/or evaluate (`mode`) into the run folder `model_dir`, holding its lock
+    (`run_folder.run_folder_lock`: exclusive to train, shared to evaluate) throughout; `lock` False
+    when the caller holds it already (`mmloom train` takes it before importing the trainer)."""
     trainer = Trainer(cfg, model_dir, ctx=ctx, mode=mode)
+    with run_folder_lock(model_dir, trainer.ctx, mode) if lock else contextlib.nullcontext():
+        return _run(trainer, model_dir, mode)
+
+
+def _run(trainer: Trainer, model_dir: str | Path, mode: str):
     if mode == "eval":
         return trainer.evaluate_only()
     result = trainer.train()
     if mode == "train_and_eval" and "eval" in result and trainer.ctx.is_main:
-        (Path(model_dir) / EVAL_RESULTS).write_text(json.dumps({"step": result["final_step"], **result["eval"]},
-                                                               indent=2))
+        with disk_full_as_error(Path(model_dir) / EVAL_RESULTS, 2**16):
+            write_json(Path(model_dir) / EVAL_RESULTS, {"step": result["final_step"], **result["eval"]})
     return result

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from mmloom.files import write_text
+from mmloom.errors import MmloomError
+from mmloom.files import is_disk_full, write_text
 from mmloom.model.encoder import base_module
 from mmloom.model.merge import IGNORE_INDEX
 
@@ -270,48 +272,113 @@ class ThroughputWindow:
         return record
 
 
+class MetricsWriteError(MmloomError):
+    """metrics.jsonl or the TensorBoard events could not be written (full disk): the trainer stops at
+    the step boundary, after a checkpoint when one can be written."""
+
+
+def _quiet_tensorboard_threads(previous):
+    """A `threading.excepthook` that leaves the error of TensorBoard's event-writer thread to
+    `MetricsWriter` (which reports it in one line when it next writes) and passes the rest on."""
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, Exception):
+            return
+        previous(args)
+
+    return hook
+
+
 class MetricsWriter:
-    """Append records to MODEL_DIR/metrics.jsonl and TensorBoard scalars (rank 0 only)."""
+    """Append records to MODEL_DIR/metrics.jsonl and TensorBoard scalars (rank 0 only).
+
+    A record that cannot be written because the disk is full raises MetricsWriteError naming the file
+    and the bytes it needed (a partial line is cut off again); TensorBoard's own failures other than a
+    full disk only stop the TensorBoard events, with a note."""
 
     def __init__(self, model_dir: Path, enabled: bool, resume_step: int = 0, tensorboard: bool = True):
         self.enabled = enabled
         self.path = Path(model_dir) / METRICS_NAME
         self.tb = None
+        self._hook = None
         if not enabled:
             return
-        if resume_step and self.path.exists():
-            # Drop records of steps after the checkpoint we resume from (they will be redone).
+        if self.path.exists():
+            # Drop records of steps after the checkpoint we resume from (they will be redone); at step 0,
+            # those of an earlier attempt killed before its first checkpoint.
             kept = [record for record in read_metrics(model_dir) if record.get("step", 0) <= resume_step]
             write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(
-                    log_dir=str(Path(model_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
-                )
+                events = Path(model_dir) / "tensorboard"
+                self.tb = SummaryWriter(log_dir=str(events), purge_step=resume_step + 1 if events.is_dir() else None)
+                self._hook = threading.excepthook
+                threading.excepthook = _quiet_tensorboard_threads(self._hook)
             except ImportError:  # tensorboard not installed
                 self.tb = None
 
     def write(self, record: dict[str, Any], prefix: str = "train") -> None:
         """Append `record` as one JSON line to metrics.jsonl and its finite numbers as TensorBoard scalars
-        ``{prefix}/{key}`` at its ``step`` (nothing when disabled)."""
+        ``{prefix}/{key}`` at its ``step`` (nothing when disabled). Raises MetricsWriteError on a full disk."""
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with self.path.open("a") as f:
+                f.write(line)
+        except OSError as err:
+            self._cut(size)
+            raise self._error(self.path, err, len(line.encode())) from None
         if self.tb is not None:
             step = record.get("step", 0)
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+            try:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                        self.tb.add_scalar(f"{prefix}/{key}", value, step)
+            except Exception as err:  # noqa: BLE001 - the event-writer thread's error, raised here
+                self._tensorboard_failed(err)
+
+    def _cut(self, size: int) -> None:
+        """Cut a partly written line off metrics.jsonl (a full disk in the middle of it)."""
+        try:
+            with self.path.open("r+b") as f:
+                f.truncate(size)
+        except OSError:
+            pass  # readers pass over a torn last line
+
+    def _error(self, path: Path, err: BaseException, needed: int) -> MmloomError:
+        from mmloom.outputs import disk_full_error
+
+        if is_disk_full(err):
+            return MetricsWriteError(str(disk_full_error(path, err, needed, "the records before it are kept")))
+        return MetricsWriteError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}")
+
+    def _tensorboard_failed(self, err: BaseException) -> None:
+        folder = self.path.parent / "tensorboard"
+        tb, self.tb = self.tb, None
+        try:
+            tb.close()
+        except Exception:  # noqa: BLE001 - it failed already
+            pass
+        if is_disk_full(err):
+            raise self._error(folder, err, 2**16)
+        print(f"note: TensorBoard events are no longer written to {folder} ({str(err).splitlines()[0][:200]}); "
+              f"{METRICS_NAME} still is", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer."""
+        """Flush and close the TensorBoard writer (a failure then is a note: the records are in metrics.jsonl)."""
         if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
+            try:
+                self.tb.flush()
+                self.tb.close()
+            except Exception as err:  # noqa: BLE001 - the event-writer thread's error
+                print(f"note: the last TensorBoard events may be missing from {self.path.parent / 'tensorboard'} "
+                      f"({str(err).splitlines()[0][:200]})", file=sys.stderr, flush=True)
             self.tb = None
+        if self._hook is not None:
+            threading.excepthook, self._hook = self._hook, None
 
 
 def read_metrics(model_dir: str | Path) -> list[dict[str, Any]]:
@@ -324,7 +391,7 @@ def read_metrics(model_dir: str | Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         try:
             records.append(json.loads(line))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     return records
 

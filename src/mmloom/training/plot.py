@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmloom.errors import MmloomError
+from mmloom.files import atomic_file
+from mmloom.outputs import check_destination
 from mmloom.training.metrics import read_metrics
+
+SOFTWARE = "mmloom plot"  # the PNG `Software` text of the figures, by which a re-plot recognises them
 
 
 def _last_per_step(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -24,8 +28,22 @@ FIGURES = [
 ]
 
 
-def plot_metrics(model_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write loss.png (train and eval loss) and lr.png (lr and projector lr); returns the paths."""
+def is_plot(path: Path) -> bool:
+    """Whether `path` is a PNG figure written by `mmloom plot`."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def plot_metrics(model_dir: str | Path, out_dir: str | Path | None = None, overwrite: bool = False) -> list[Path]:
+    """Write loss.png (train and eval loss) and lr.png (lr and projector lr) into `out_dir` (default
+    `model_dir`), each atomically; returns the paths. Raises MmloomError when there are no metrics,
+    and before writing anything when a figure's path holds a file other than an earlier `mmloom plot`
+    figure, or one without `overwrite`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,6 +54,8 @@ def plot_metrics(model_dir: str | Path, out_dir: str | Path | None = None) -> li
     if not records:
         raise MmloomError(f"no metrics.jsonl records in {model_dir}")
     out = Path(out_dir) if out_dir is not None else model_dir
+    for filename, *_ in FIGURES:
+        check_destination(out / filename, "plot", overwrite=overwrite, kind="file", recognise=is_plot)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for filename, ylabel, title, curves in FIGURES:
@@ -50,7 +70,8 @@ def plot_metrics(model_dir: str | Path, out_dir: str | Path | None = None) -> li
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / filename, dpi=100)
+        with atomic_file(out / filename) as tmp:
+            fig.savefig(tmp, dpi=100, format="png", metadata={"Software": SOFTWARE})
         plt.close(fig)
         written.append(out / filename)
     return written

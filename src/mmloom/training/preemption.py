@@ -4,7 +4,9 @@ since the last one.
 
 The trainer asks `StopSignals.agreed(ctx)` after every optimizer step: every rank learns whether
 any rank received a signal (one all-reduce of a flag), so all ranks save the same checkpoint and
-stop together. A second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint.
+stop together. A second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint. A write
+of the step that failed on one rank (metrics.jsonl on a full disk) is agreed on in the same
+all-reduce: every rank raises `StepFailure` and the trainer stops together, after a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ class TrainingStopped(MmloomError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
+
+
+class StepFailure(MmloomError):
+    """A write of the last step failed on some rank (e.g. metrics.jsonl on a full disk); raised on
+    every rank at the step boundary with that rank's message."""
 
 
 class StopSignals:
@@ -50,11 +57,18 @@ class StopSignals:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.received = signum
 
-    def agreed(self, ctx) -> int | None:
-        """The signal number when this rank or any other received one (collective when distributed), else None."""
+    def agreed(self, ctx, failure: BaseException | None = None) -> int | None:
+        """The signal number when this rank or any other received one (collective when distributed), else None.
+        Raises StepFailure on every rank when any rank passes a `failure` (the first rank's message)."""
         if not ctx.distributed:
+            if failure is not None:
+                raise StepFailure(str(failure))
             return self.received
-        if float(ctx.all_reduce_sum([1.0 if self.received else 0.0])[0]) == 0:
+        flags = ctx.all_reduce_sum([1.0 if self.received else 0.0, 1.0 if failure is not None else 0.0])
+        if float(flags[1]):
+            messages = ctx.gather_objects(None if failure is None else str(failure)) or []
+            raise StepFailure(ctx.broadcast_object(next((m for m in messages if m), "a write failed on another rank")))
+        if float(flags[0]) == 0:
             return None
         return self.received or int(signal.SIGTERM)  # another rank's signal
 

@@ -22,7 +22,8 @@ image paths in the output:
 
 bad records are skipped and counted by reason (missing_field, bad_field,
 bad_label, bad_json, bad_encoding, multi_figure, missing_image, bad_image,
-bad_image_path, duplicate_image); --strict stops at the first one instead.
+image_too_large, bad_image_path, duplicate_image); --strict stops at the first one
+instead.
 A run that keeps no record fails (exit 2) with the reasons and writes nothing.
 
 Images written by arxivcap/synthdog are never overwritten: an identical file is
@@ -36,9 +37,12 @@ sources:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from mmloom.data.records_io import is_llava_jsonl
     from mmloom.data.sources import SOURCES, Context, run_convert
+    from mmloom.outputs import check_destination
 
     source = SOURCES[args.source]
+    check_destination(args.output, "data convert", overwrite=args.overwrite, kind="file", recognise=is_llava_jsonl)
     ctx = Context(input=Path(args.input), output=Path(args.output),
                   image_dir=Path(args.image_dir) if args.image_dir else None,
                   split=args.split, strict=args.strict, options=args.options, prompts=args.prompts, seed=args.seed)
@@ -51,8 +55,13 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _json2jsonl(args: argparse.Namespace) -> int:
+    from mmloom.data.records_io import is_llava_jsonl
     from mmloom.data.sources import json_to_jsonl
+    from mmloom.outputs import check_destination
 
+    for path in sorted(Path(args.in_dir).glob("*.json")):  # every target claimed before any is written
+        check_destination(Path(args.out_dir) / f"{path.stem}.jsonl", "data json2jsonl", overwrite=args.overwrite,
+                          kind="file", recognise=is_llava_jsonl)
     try:
         results = json_to_jsonl(Path(args.in_dir), Path(args.out_dir))
     except OSError as err:
@@ -78,7 +87,10 @@ def register(data_subparsers) -> None:
         epilog=EPILOG + sources, formatter_class=HelpFormatter)
     parser.add_argument("source", choices=list(SOURCES), metavar="SOURCE", help="one of: " + ", ".join(SOURCES))
     parser.add_argument("--input", required=True, help="dataset file or folder (see sources below)")
-    parser.add_argument("--output", required=True, help="jsonl file to write (replaced atomically)")
+    parser.add_argument("--output", required=True, help="jsonl file to write (new; an existing LLaVA jsonl is replaced "
+                        "atomically with --overwrite, any other file never)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output when it is a LLaVA jsonl (an "
+                        "earlier conversion)")
     parser.add_argument("--image-dir", metavar="DIR", help="image root that output image paths are relative to, also "
                         "searched for images; arxivcap/synthdog write their images here (default: see 'image paths' below)")
     parser.add_argument("--split", default=None,
@@ -100,4 +112,6 @@ def register(data_subparsers) -> None:
         "keeps no record is not written, and the command then exits 2 after converting the others.")
     parser.add_argument("in_dir", metavar="IN_DIR", help="folder of *.json files (JSON lists of LLaVA records)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the *.jsonl files (created)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR/<name>.jsonl files that are LLaVA "
+                        "jsonl (an earlier run); other files there are never replaced")
     parser.set_defaults(func=_json2jsonl)

@@ -303,17 +303,24 @@ def decode_image_bytes(data: Any):
     Decoding the whole image (not only ``verify()``) catches files cut short after an intact header.
 
     Raises:
-        SkipRecord: ``missing_image`` (no bytes) or ``bad_image`` (not an image, truncated, corrupt).
+        SkipRecord: ``missing_image`` (no bytes), ``image_too_large`` (more pixels than the budget,
+            `mmloom.processing.image.MAX_IMAGE_PIXELS`, read from the header before decoding) or
+            ``bad_image`` (not an image, truncated, corrupt).
     """
     from PIL import Image
+
+    from mmloom.processing.image import ImageTooLargeError, check_pixel_budget
 
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise SkipRecord("missing_image", "no image bytes")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            check_pixel_budget(img, "image bytes")
             img.verify()
         img = Image.open(io.BytesIO(data))
         img.load()
+    except ImageTooLargeError as err:
+        raise SkipRecord("image_too_large", err.reason) from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
         raise SkipRecord("bad_image", f"image bytes cannot be decoded ({err or type(err).__name__})") from None
     return img

@@ -161,6 +161,8 @@ def _synthdog_convert(ctx: Context, raw: tuple[Path, int, dict]) -> dict:
             truth = json.loads(truth)
         except json.JSONDecodeError as err:
             raise SkipRecord("bad_field", f"ground_truth is not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise SkipRecord("bad_field", "ground_truth is JSON nested too deeply to read") from None
     answer = text(truth["gt_parse"], "text_sequence")
     record_id = f"{path.stem}/{row:07d}"  # unique across the shards of a dataset and across runs
     ref = ctx.save_image(f"{record_id}.png", _as_png((item["image"] or {}).get("bytes")))
