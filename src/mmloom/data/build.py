@@ -44,7 +44,7 @@ from mmloom.processing.audio import (
     max_seconds_of,
 )
 from mmloom.processing.image import ImageLoadError, load_image
-from mmloom.processing.templates import get_template
+from mmloom.processing.templates import get_template, template_choice
 from mmloom.processing.tokenizer import load_tokenizer, token_id
 from mmloom.progress import rate_progress
 
@@ -105,6 +105,15 @@ def _placeholder_id(tokenizer, token: str) -> tuple[int, bool]:
     if tid is None:
         raise MmloomError(f"cannot make '{token}' a single token of the tokenizer")
     return tid, True
+
+
+def resolve_template(cfg: BuildConfig, tokenizer) -> tuple[BuildConfig, str]:
+    """`cfg` with `dataset.system_prompt_style` set (unset: the tokenizer's chat template when it has one,
+    else vicuna_v1), so that the workers and data_params.json use and record the one template; and the
+    line the summary prints about it."""
+    name, why = template_choice(cfg.dataset.system_prompt_style, tokenizer)
+    dataset = cfg.dataset.model_copy(update={"system_prompt_style": name})
+    return cfg.model_copy(update={"dataset": dataset}), why
 
 
 def make_template(cfg: BuildConfig, tokenizer=None):
@@ -402,6 +411,7 @@ def build(
     """
     files = list_input_files(cfg.setup.input_dir)
     tokenizer = load_tokenizer(cfg.processor.tokenizer_type, what="processor.tokenizer_type")
+    cfg, template_note = resolve_template(cfg, tokenizer)
     make_template(cfg, tokenizer)  # unknown template name -> MmloomError before any work
     audio_cfg = cfg.dataset.audio
     ids = special_ids(tokenizer, cfg.dataset.image_token, audio_cfg.audio_token if audio_cfg else None)
@@ -521,7 +531,7 @@ def build(
         raise MmloomError(f"cannot write {out_dir / PARAMS_NAME}: no space left on the device "
                           f"({mib(max(free_bytes(out_dir), 0))} free); nothing of the build was kept") from None
     if not quiet:
-        print_summary(params, elapsed)
+        print_summary(params, elapsed, template_note)
     if kept == 0:
         reasons = ", ".join(f"{r}: {c}" for r, c in params["post-process"]["skipped"].items()) or "no input records"
         raise MmloomError(
@@ -551,7 +561,7 @@ def _reason_order(reason: str) -> tuple[int, str]:
     return (SKIP_REASONS.index(reason) if reason in SKIP_REASONS else len(SKIP_REASONS), reason)
 
 
-def print_summary(params: dict, elapsed: float) -> None:
+def print_summary(params: dict, elapsed: float, template_note: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -579,3 +589,5 @@ def print_summary(params: dict, elapsed: float) -> None:
     rate = pp["processed_files"] / elapsed if elapsed > 0 else 0.0
     start = "" if info["image_patch_start_idx"] is None else f", image_patch_start_idx={info['image_patch_start_idx']}"
     console.print(f"{len(pp['output_files'])} .h5 files{start}, {elapsed:.1f} s ({rate:,.0f} samples/s)")
+    if template_note:
+        console.print(template_note, markup=False, highlight=False)

@@ -18,6 +18,7 @@ from mmloom.interop.tokens import prepare_tokenizer_and_vocab
 from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalModel
+from mmloom.processing.templates import TEMPLATE_NAMES, get_template, template_choice
 from mmloom.processing.tokenizer import load_tokenizer
 
 VISION_TYPES = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
@@ -146,7 +147,8 @@ def read_hf_components(
 ) -> Bundle:
     """Compose a new model: fresh projector(s), `<image>` (and `<audio>`) added to the tokenizer,
     embeddings resized to cover it (rounded up to `pad_to_multiple_of`). The audio encoder keeps
-    each clip's real-length positions, pooled by `audio_stride` (`AudioPool`)."""
+    each clip's real-length positions, pooled by `audio_stride` (`AudioPool`). `template` None: the
+    LLM tokenizer's chat template when it has one, else vicuna_v1 (:func:`choose_template`)."""
     if src is not None:
         raise MmloomError("hf-components takes no SRC: give --image-model DIR --text-model DIR")
     if text_model is None or (image_model is None and audio_model is None):
@@ -158,6 +160,7 @@ def read_hf_components(
     if audio_model is not None:
         audio_config(audio_model)
     tokenizer = load_tokenizer(Path(text_model), what="--text-model")
+    template, why = choose_template(template, tokenizer)
     llm = load_language_model(text_model, dtype)
     encoders, processors, placeholders = {}, {}, {}
     if image_model is not None:
@@ -182,5 +185,22 @@ def read_hf_components(
     )
     model.to(llm.dtype)  # fresh projectors in the checkpoint's dtype
     notes = [f"new projector(s): {projector}; placeholder ids {model.placeholder_token_ids}; "
-             f"vocabulary {llm.get_input_embeddings().weight.shape[0]} rows"]
-    return Bundle(model.eval(), tokenizer, processors, template or "vicuna_v1", notes=notes)
+             f"vocabulary {llm.get_input_embeddings().weight.shape[0]} rows", why]
+    return Bundle(model.eval(), tokenizer, processors, template, notes=notes)
+
+
+def choose_template(template: str | None, tokenizer) -> tuple[str, str]:
+    """(template name, the line saying why) for `--template` (None: the tokenizer's chat template when it
+    has one, else vicuna_v1; :func:`mmloom.processing.templates.template_choice`). Raises MmloomError,
+    naming the choices, for an unknown name or a tokenizer chat template that cannot render a
+    system + two-turn conversation with an image (mmloom must locate every answer in it)."""
+    name, why = template_choice(template, tokenizer)
+    try:
+        probe = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A square."},
+                 {"role": "user", "content": "And its colour?"}, {"role": "assistant", "content": "Red."}]
+        get_template(name).tokenize(tokenizer, probe)
+    except MmloomError as err:
+        if template is not None:
+            raise
+        raise MmloomError(f"{err}; give --template NAME, one of {', '.join(TEMPLATE_NAMES)}") from None
+    return name, why
