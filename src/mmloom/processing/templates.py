@@ -722,7 +722,7 @@ class TokenizerTemplate(ConversationTemplate):
         if at < 0:
             return []
         ids = list(tok(text[at + len(probe):].strip(), add_special_tokens=False)["input_ids"])
-        specials = set(getattr(tok, "all_special_ids", []) or []) | set((getattr(tok, "added_tokens_decoder", {}) or {}))
+        specials = set(getattr(tok, "all_special_ids", []) or []) | set(getattr(tok, "added_tokens_decoder", {}) or {})
         out: list[str] = []
         for tid in ids:  # the special tokens that open the tail: the end-of-turn marker(s)
             if tid not in specials:

@@ -192,6 +192,9 @@ def apply_lora(model, settings) -> None:
             target_modules=target if isinstance(target, str) else list(target),
         )
         setattr(owner, attribute, get_peft_model(module, config))
+    from mmloom.training.lora import check_mergeable
+
+    check_mergeable(model)  # an adapter no merge can fold in exactly is refused before training
 
 
 # ------------------------------------------------------------------------------- weights
