@@ -43,8 +43,10 @@ def _add_compose_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--projector", default="mlp2x_gelu", help="projector type: linear, mlp, mlp{N}x_{act} (default mlp2x_gelu)")
     group.add_argument("--activation", default="gelu", help="activation of an 'mlp' projector (default gelu)")
     group.add_argument("--feature-layer", type=_layer, default=-2, help="vision hidden layer(s) to use (default -2)")
-    group.add_argument("--feature-strategy", default="patch", choices=["patch", "cls_patch", "default", "full"],
-                       help="drop the CLS token (patch, default) or keep it (cls_patch)")
+    group.add_argument("--feature-strategy", default=None, choices=["patch", "cls_patch", "default", "full"],
+                       help="drop the first (CLS) position (patch = transformers' default) or keep every position "
+                       "(cls_patch = full); default: patch for towers with a CLS token (CLIP), full for those "
+                       "without (SigLIP), where patch is refused (it would drop a real patch)")
     group.add_argument("--pad-to-multiple-of", type=positive_int, default=None, metavar="N",
                        help="round the vocabulary (embedding rows) up to a multiple of N, e.g. 64 (default: "
                        "not rounded)")

@@ -17,6 +17,7 @@ from mmloom.interop.common import (
 from mmloom.interop.tokens import prepare_tokenizer_and_vocab
 from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
+from mmloom.model.feature_count import check_feature_strategy, default_feature_strategy
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.processing.templates import TEMPLATE_NAMES, get_template, template_choice
 from mmloom.processing.tokenizer import load_tokenizer
@@ -137,7 +138,7 @@ def read_hf_components(
     projector: str = "mlp2x_gelu",
     activation: str = "gelu",
     feature_layer: int | list[int] = -2,
-    feature_strategy: str = "patch",
+    feature_strategy: str | None = None,
     pad_to_multiple_of: int | None = None,
     template: str | None = None,
     dtype: str | None = None,
@@ -165,7 +166,9 @@ def read_hf_components(
     encoders, processors, placeholders = {}, {}, {}
     if image_model is not None:
         tower = load_vision_tower(image_model, dtype).eval()
-        select = FeatureSelect(feature_layer, feature_strategy)
+        strategy = feature_strategy or default_feature_strategy(tower.config)
+        check_feature_strategy(tower.config, strategy, "--feature-strategy")
+        select = FeatureSelect(feature_layer, strategy)
         encoders["vision"] = ModalEncoderModule(tower, postprocess_module_callback=select)
         processors["vision"] = load_image_processor(Path(image_model)) or default_image_processor(tower.config)
         placeholders["vision"] = "<image>"

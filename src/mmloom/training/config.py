@@ -113,7 +113,9 @@ class EncoderSettings(_Section):
     feature_layer: int | None = Field(
         None, description="hidden layer fed to the projector; default -2 for vision, the final output for audio"
     )
-    feature_mode: Literal["patch", "cls_patch"] = Field("patch", description="vision: drop (patch) or keep the CLS")
+    feature_mode: Literal["patch", "cls_patch", "full"] | None = Field(
+        None, description="vision: drop the first (CLS) position (patch) or keep every position (cls_patch / full); "
+        "default: patch for towers with a CLS token (CLIP), full for those without (SigLIP)")
     placeholder: str | None = Field(None, description="placeholder token; default <image> / <audio> / <NAME>")
     token_id: int | None = Field(
         None, description="placeholder id; default the LLM's vocab_size for vision, vocab_size + 1 for audio (the ids "
@@ -146,7 +148,9 @@ class ModelSection(_Section):
     projector: str = "mlp2x_gelu"
     freeze: list[str] = Field(default_factory=list, description="regexes over parameter names (Cerebras names ok)")
     image_feature_select_layer_idx: int = -2
-    image_feature_select_mode: Literal["patch", "cls_patch"] = "patch"
+    image_feature_select_mode: Literal["patch", "cls_patch", "full"] | None = Field(
+        None, description="drop the first (CLS) position (patch, LLaVA-1.5) or keep every position (cls_patch / "
+        "full); default: patch for towers with a CLS token (CLIP), full for those without (SigLIP)")
     image_start_idx: int | None = Field(None, ge=0, description="checked against the data's data_params.json")
     image_token_id: int | None = Field(None, description="placeholder id; default: the LLM's vocab_size")
     pad_token_id: int | None = Field(None, description="default: data_params.json pad_id, else the LLM's")
