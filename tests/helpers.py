@@ -63,10 +63,9 @@ def sp_vlm(folder, llm_kind="llama", projector="mlp2x_gelu", **llm_overrides):
     """(model, tokenizer): `vlm()` with a Llama-2-style SentencePiece tokenizer (tokenizer.model, trained
     offline in `folder`; `<image>` added after its 500 pieces), what the original LLaVA code can load
     (it opens Llama tokenizers with use_fast=False)."""
-    from tokenizer_families import llama_sentencepiece_folder
-
     from mmloom.interop.tokens import prepare_tokenizer_and_vocab
     from mmloom.processing.tokenizer import load_tokenizer
+    from tokenizer_families import llama_sentencepiece_folder
 
     tokenizer = load_tokenizer(llama_sentencepiece_folder(folder))
     llm = tiny_llm(llm_kind, vocab_size=len(tokenizer), **{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
