@@ -228,7 +228,12 @@ class RunSection(_Section):
     mfu_peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of one device, for the MFU estimate")
     save_trainable_only: bool = Field(True, description="checkpoints hold only trainable weights")
     save_final_model: bool = Field(True, description="write MODEL_DIR/final_model (all weights)")
-    find_unused_parameters: bool = False
+    find_unused_parameters: bool = Field(
+        False, description="DDP: look for parameters unused by each micro-batch (not needed for mmloom's models: those "
+        "that never get a gradient are found and left out by themselves)")
+    resume_allow_changed: list[Literal["data", "tokenizer", "start_model"]] = Field(
+        default_factory=list, description="resume although these changed since the checkpoint was written (the "
+        "training data's files, the data's tokenizer, the starting model's files); default: refused")
     resume_weights_only: bool = Field(
         False,
         description="resume from the latest checkpoint's weights, step and data position with a fresh optimizer "

@@ -58,6 +58,7 @@ from mmloom.training.metrics import (
 from mmloom.training.modalities import check_data_modalities, vision_geometry, with_audio
 from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
 from mmloom.training.preemption import StopSignals, TrainingStopped
+from mmloom.training.resume_checks import check_resume_dependencies, run_dependencies
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 EVAL_RESULTS = "eval_results.json"
@@ -328,6 +329,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "seed": self.run.seed,
             "config": self.cfg.model_dump(mode="json"),
+            "depends_on": self.dependencies,
         }
 
     def saved_processor(self):
@@ -394,6 +396,8 @@ class Trainer:
         self.setup_model()
         self.setup_data()
         self.wrap_ddp()
+        samples = len(getattr(self.train_set, "dataset", self.train_set))  # PaddedDataset: the real samples
+        self.dependencies = ctx.on_main(run_dependencies, self.cfg, samples, self.start_folder)
         self.write_resolved_config()
         self.setup_optimizer()
         start_step = 0
@@ -501,6 +505,8 @@ class Trainer:
             )
         if same_run:
             notes += self.config_notes
+            notes += check_resume_dependencies(folder, state.get("depends_on"), self.dependencies,
+                                               self.run.resume_allow_changed)
         if state.get("total_steps") not in (None, self.total_steps):
             notes.append(f"the learning-rate schedule now spans {self.total_steps} steps "
                          f"(the checkpoint's run planned {state['total_steps']})")
