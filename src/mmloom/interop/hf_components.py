@@ -157,7 +157,9 @@ def read_hf_components(
     # every folder is checked before any weights are read (a 7B LLM takes a while to load)
     language_model_config(text_model)
     if image_model is not None:
-        vision_config(image_model)
+        tower_config = vision_config(image_model)
+        feature_strategy = feature_strategy or default_feature_strategy(tower_config)  # no CLS (SigLIP): full
+        check_feature_strategy(tower_config, feature_strategy, "--feature-strategy")
     if audio_model is not None:
         audio_config(audio_model)
     tokenizer = load_tokenizer(Path(text_model), what="--text-model")
@@ -166,9 +168,7 @@ def read_hf_components(
     encoders, processors, placeholders = {}, {}, {}
     if image_model is not None:
         tower = load_vision_tower(image_model, dtype).eval()
-        strategy = feature_strategy or default_feature_strategy(tower.config)
-        check_feature_strategy(tower.config, strategy, "--feature-strategy")
-        select = FeatureSelect(feature_layer, strategy)
+        select = FeatureSelect(feature_layer, feature_strategy)
         encoders["vision"] = ModalEncoderModule(tower, postprocess_module_callback=select)
         processors["vision"] = load_image_processor(Path(image_model)) or default_image_processor(tower.config)
         placeholders["vision"] = "<image>"

@@ -167,11 +167,13 @@ def hf_prompt_ids(tokenizer, chat_template: str, messages: list[dict]) -> list[i
 
 
 def _same_ids(bundle: Bundle, image_processor, template: str) -> bool:
-    """Whether `template` gives mmloom's processor ids on every probe that either side can render (a
-    probe that both refuse, e.g. a system turn for a template without one, is left out)."""
+    """Whether `template` gives mmloom's processor ids on every probe that mmloom's processor can encode
+    (a probe it refuses, e.g. a second question without an image for `plain`, is left out)."""
     checked = 0
     for hf, ours in PROBES:
         want = _mmloom_prompt_ids(bundle, image_processor, ours)
+        if want is None:  # a conversation the template cannot hold (plain: one image per question)
+            continue
         try:
             got = hf_prompt_ids(bundle.tokenizer, template, hf)
         except Exception:  # jinja errors, raise_exception() in a tokenizer's own template
