@@ -431,3 +431,20 @@ def test_a_tower_without_cls_gets_full_features(tmp_path, capsys):
     assert main([*common, "--feature-strategy", "patch", "--out", str(tmp_path / "dropped")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no CLS token" in err and not (tmp_path / "dropped").exists()
+
+
+def test_a_training_config_gives_a_tower_without_cls_full_features():
+    from mmloom.training.builder import build_model
+    from mmloom.training.config import ModelSection
+
+    siglip = {"model_type": "siglip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    llm = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
+    model = build_model(ModelSection(image_model=siglip, text_model=llm))
+    assert model.vision_encoder.postprocess_module_callback.strategy == "full"
+    assert model.num_feature_tokens("vision") == 16
+    clip = {**siglip, "model_type": "clip_vision_model"}
+    assert build_model(ModelSection(image_model=clip, text_model=llm)).num_feature_tokens("vision") == 16  # CLS dropped
+    with pytest.raises(MmloomError, match="model.image_feature_select_mode 'patch' drops the first position"):
+        build_model(ModelSection(image_model=siglip, text_model=llm, image_feature_select_mode="patch"))
