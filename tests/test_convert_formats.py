@@ -19,6 +19,7 @@ from transformers import (
 from helpers import IMAGE_ID, pad_batch, sample_ids, sp_vlm, vlm
 from mmloom import MultimodalModel, MultimodalProcessor
 from mmloom.cli.main import main
+from mmloom.errors import MmloomError
 from mmloom.interop.common import Bundle, write_mmloom
 from mmloom.interop.formats import supported_pairs
 from mmloom.testing import tiny_tokenizer
@@ -213,7 +214,6 @@ def test_refuses_what_a_format_cannot_hold(tmp_path, capsys):
     cases = [("audio", "hf-llava", "exactly one encoder named 'vision'"),
              ("qwen", "llava", "supports Llama-family language models"),
              ("linear", "hf-llava", "2-layer MLP projector"),
-             ("bpe", "llava", "no SentencePiece tokenizer.model"),
              ("chatml", "llava", "no conversation template for this model's template 'chatml'")]
     for name, fmt, message in cases:
         capsys.readouterr()
@@ -221,6 +221,15 @@ def test_refuses_what_a_format_cannot_hold(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / f"{name}-out").exists()  # nothing half-written
+    # a byte-level tokenizer is written as PreTrainedTokenizerFast, which the original builder loads even with
+    # use_fast=False (checked in transformers 4.37.2); a slow Llama class without its tokenizer.model is refused
+    assert main(["convert", "--from", "mmloom", "--to", "llava", str(tmp_path / "bpe"), str(tmp_path / "b")]) == 0
+    from mmloom.interop.llava_original import check_servable
+
+    slow = tiny_tokenizer()
+    slow.saved_class_name = "LlamaTokenizer"
+    with pytest.raises(MmloomError, match=r"\(LlamaTokenizer\) has no SentencePiece tokenizer.model"):
+        check_servable(Bundle(vlm(), slow, {"vision": CLIP_PROC}), "llama")
     # qwen2 is fine for transformers' Llava; a linear projector for the original LLaVA
     assert main(["convert", "--from", "mmloom", "--to", "hf-llava", str(tmp_path / "qwen"), str(tmp_path / "q")]) == 0
     assert main(["convert", "--from", "mmloom", "--to", "llava", str(tmp_path / "linear"), str(tmp_path / "l")]) == 0

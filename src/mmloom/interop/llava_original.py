@@ -62,7 +62,7 @@ from mmloom.interop.hf4 import (
     weights_dtype,
 )
 from mmloom.interop.image_processors import hf_image_processor, transform_from_hf
-from mmloom.interop.tokenizer_files import save_hf4_tokenizer, sentencepiece_file
+from mmloom.interop.tokenizer_files import hf4_tokenizer_class, save_hf4_tokenizer, sentencepiece_file
 from mmloom.interop.tokens import ensure_pad_token, prepare_tokenizer_and_vocab, resize_to_cover
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
@@ -260,18 +260,20 @@ def write_llava(
 
 def check_servable(bundle: Bundle, model_type: str) -> str:
     """The original code's --conv-mode for the bundle's template; raises MmloomError (one line, before
-    anything is written) for what the original code cannot load or prompt: no tokenizer, a Llama tokenizer
-    without its SentencePiece ``tokenizer.model`` (the builder opens it with ``use_fast=False``), or a
-    template (or a changed default system text) that none of its conversation templates reproduces."""
+    anything is written) for what the original code cannot load or prompt: no tokenizer, a slow Llama
+    tokenizer class without its SentencePiece ``tokenizer.model`` (the builder opens Llama tokenizers with
+    ``use_fast=False``; a ``PreTrainedTokenizerFast`` folder loads from ``tokenizer.json``), or a template (or
+    a changed default system text) that none of its conversation templates reproduces."""
     if bundle.tokenizer is None:
         raise MmloomError(f"format {FORMAT!r}: the model has no tokenizer, and the original loader needs one in "
                           "the text folder; save the processor with the model and convert again")
     search = [bundle.source] if bundle.source else ()
-    if model_type == "llama" and sentencepiece_file(bundle.tokenizer, search) is None:
+    written = hf4_tokenizer_class(bundle.tokenizer)
+    if model_type == "llama" and not written.endswith("Fast") and sentencepiece_file(bundle.tokenizer, search) is None:
         raise MmloomError(
-            f"format {FORMAT!r}: the tokenizer has no SentencePiece tokenizer.model, and the original builder "
-            "opens Llama tokenizers with use_fast=False, which needs it; export with --to hf-llava (transformers) "
-            "or keep the model in mmloom's format")
+            f"format {FORMAT!r}: the tokenizer ({written}) has no SentencePiece tokenizer.model, and the original "
+            "builder opens Llama tokenizers with use_fast=False, which needs it for that class; export with --to "
+            "hf-llava (transformers) or keep the model in mmloom's format")
     conv_mode = CONV_MODES.get(bundle.template)
     if conv_mode is None or "system" in bundle.template_options:
         what = (f"template {bundle.template!r}" if conv_mode is None
