@@ -57,3 +57,21 @@ class LlavaNextStub:
         self.config = SimpleNamespace(image_grid_pinpoints=pinpoints,
                                       vision_config=SimpleNamespace(image_size=32, patch_size=8))
         self.image_newline = newline
+
+
+def sp_vlm(folder, llm_kind="llama", projector="mlp2x_gelu", **llm_overrides):
+    """(model, tokenizer): `vlm()` with a Llama-2-style SentencePiece tokenizer (tokenizer.model, trained
+    offline in `folder`; `<image>` added after its 500 pieces), what the original LLaVA code can load
+    (it opens Llama tokenizers with use_fast=False)."""
+    from mmloom.interop.tokens import prepare_tokenizer_and_vocab
+    from mmloom.processing.tokenizer import load_tokenizer
+    from tokenizer_families import llama_sentencepiece_folder
+
+    tokenizer = load_tokenizer(llama_sentencepiece_folder(folder))
+    llm = tiny_llm(llm_kind, vocab_size=len(tokenizer), **{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                                                            **llm_overrides})
+    ids = prepare_tokenizer_and_vocab(tokenizer, llm, ["<image>"])
+    encoder = ModalEncoderModule(tiny_clip_vision(), postprocess_module_callback=FeatureSelect(-2, "patch"))
+    model = MultimodalModel({"vision": encoder}, llm, init_projector_type=projector,
+                            placeholder_token_ids={"vision": ids["<image>"]})
+    return model.eval(), tokenizer

@@ -284,7 +284,11 @@ def test_reading_a_llava_export_raises_no_warnings(ws, tmp_path, capsys):
     llava_llama) does not make the tokenizer load warn (it did: a FutureWarning per read)."""
     import warnings
 
-    assert main(["convert", "--from", "mmloom", "--to", "llava", str(ws / "model"), str(tmp_path / "llava")]) == 0
+    from helpers import sp_vlm
+
+    model, tokenizer = sp_vlm(tmp_path / "tok")  # a tokenizer the original code loads (tokenizer.model)
+    write_mmloom(Bundle(model, tokenizer, {"vision": CLIP_PROC}), tmp_path / "model")
+    assert main(["convert", "--from", "mmloom", "--to", "llava", str(tmp_path / "model"), str(tmp_path / "llava")]) == 0
     capsys.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)

@@ -16,9 +16,10 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from helpers import IMAGE_ID, pad_batch, sample_ids, vlm
+from helpers import IMAGE_ID, pad_batch, sample_ids, sp_vlm, vlm
 from mmloom import MultimodalModel, MultimodalProcessor
 from mmloom.cli.main import main
+from mmloom.errors import MmloomError
 from mmloom.interop.common import Bundle, write_mmloom
 from mmloom.interop.formats import supported_pairs
 from mmloom.testing import tiny_tokenizer
@@ -39,7 +40,24 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch():
-    ids, mask = pad_batch([sample_ids(16, (30, 31, 32, 33, 34)), sample_ids(16, (40, 41))], side="left")
+    return make_batch(IMAGE_ID)
+
+
+@pytest.fixture(scope="module")
+def sp_source(tmp_path_factory):
+    """A composite the original LLaVA code can serve (SentencePiece tokenizer, vicuna_v1), saved with its
+    processor; returns (model, folder, batch)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("sp")
+    model, tokenizer = sp_vlm(root / "tok")
+    folder = root / "mm"
+    write_mmloom(Bundle(model, tokenizer, {"vision": CLIP_PROC}), folder)
+    return model, folder, make_batch(model.placeholder_token_ids["vision"])
+
+
+def make_batch(image_id):
+    ids, mask = pad_batch([sample_ids(16, (30, 31, 32, 33, 34), placeholder=image_id),
+                           sample_ids(16, (40, 41), placeholder=image_id)], side="left")
     torch.manual_seed(1)
     return ids, mask, torch.randn(2, 3, 32, 32)
 
@@ -104,7 +122,7 @@ def test_hf_llava_both_ways(source, batch, tmp_path):
     assert processor.encoder_processors["vision"].crop_size["height"] == 32
 
 
-def reimplemented_llava_forward(folder, batch):
+def reimplemented_llava_forward(folder, batch, image_id=IMAGE_ID):
     """Logits computed from the original-LLaVA files with plain transformers parts."""
     text = folder / "text_model_llava"
     config = json.loads((text / "config.json").read_text())
@@ -120,13 +138,14 @@ def reimplemented_llava_forward(folder, batch):
         features = torch.nn.functional.linear(hidden, projector[p + "0.weight"], projector[p + "0.bias"])
         features = torch.nn.functional.gelu(features)
         features = torch.nn.functional.linear(features, projector[p + "2.weight"], projector[p + "2.bias"])
-        embeds = llm.get_input_embeddings()(ids.masked_fill(ids == IMAGE_ID, 0))
-        embeds[ids == IMAGE_ID] = features.reshape(-1, features.shape[-1])
+        embeds = llm.get_input_embeddings()(ids.masked_fill(ids == image_id, 0))
+        embeds[ids == image_id] = features.reshape(-1, features.shape[-1])
         return llm(inputs_embeds=embeds, attention_mask=mask).logits
 
 
-def test_original_llava_both_ways(source, batch, tmp_path):
-    model, folder = source
+def test_original_llava_both_ways(sp_source, tmp_path):
+    model, folder, batch = sp_source
+    image_id = model.placeholder_token_ids["vision"]
     dst = tmp_path / "pair"
     assert main(["convert", "--from", "mmloom", "--to", "llava", str(folder), str(dst)]) == 0
     text = dst / "text_model_llava"
@@ -136,20 +155,21 @@ def test_original_llava_both_ways(source, batch, tmp_path):
     expected = {"mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32, "mm_vision_select_layer": -2,
                 "mm_vision_select_feature": "patch", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
                 "image_aspect_ratio": "square", "mm_patch_merge_type": "flat", "tokenizer_padding_side": "right"}
-    assert {k: config[k] for k in expected} == expected and config["tokenizer_model_max_length"] == 2048
+    assert {k: config[k] for k in expected} == expected and config["tokenizer_model_max_length"] == 4096
     assert json.loads((text / "config_lmsys.json").read_text())["model_type"] == "llama"
-    assert (dst / "image_model" / "preprocessor_config.json").exists() and (text / "tokenizer.json").exists()
+    assert (dst / "image_model" / "preprocessor_config.json").exists() and (text / "tokenizer.model").exists()
+    assert config["mmloom_template"] == {"name": "vicuna_v1", "options": {}, "conv_mode": "llava_v1"}
     keys = set(load_file(str(text / "model.safetensors")))
     assert {"model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight",
             "model.mm_projector.0.weight", "model.mm_projector.0.bias", "model.mm_projector.2.weight",
             "model.mm_projector.2.bias"} <= keys
     assert not any(k.startswith("model.vision_tower") for k in keys)
     ref_logits, _ = logits_and_greedy(model, batch)
-    torch.testing.assert_close(reimplemented_llava_forward(dst, batch), ref_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reimplemented_llava_forward(dst, batch, image_id), ref_logits, atol=1e-5, rtol=0)
 
     assert main(["convert", "--from", "llava", "--to", "mmloom", str(dst), str(tmp_path / "back")]) == 0
     back = MultimodalModel.from_pretrained(tmp_path / "back")
-    assert back.placeholder_token_ids == {"vision": IMAGE_ID}
+    assert back.placeholder_token_ids == {"vision": image_id}
     assert_same(model, back, batch)
 
     # chained through the composite: original LLaVA straight to transformers' Llava
@@ -186,16 +206,30 @@ def test_refuses_what_a_format_cannot_hold(tmp_path, capsys):
     with pytest.warns(UserWarning, match="only the tokenizer is saved"):
         write_mmloom(Bundle(audio_vlm(), tok, {}), tmp_path / "audio")
     write_mmloom(Bundle(vlm("qwen2"), tok, {"vision": CLIP_PROC}), tmp_path / "qwen")
-    write_mmloom(Bundle(vlm(projector="linear"), tok, {"vision": CLIP_PROC}), tmp_path / "linear")
+    linear, sp_tok = sp_vlm(tmp_path / "tok", projector="linear")
+    write_mmloom(Bundle(linear, sp_tok, {"vision": CLIP_PROC}), tmp_path / "linear")
+    write_mmloom(Bundle(vlm(), tok, {"vision": CLIP_PROC}), tmp_path / "bpe")
+    chatml, sp_tok = sp_vlm(tmp_path / "tok2")
+    write_mmloom(Bundle(chatml, sp_tok, {"vision": CLIP_PROC}, "chatml"), tmp_path / "chatml")
     cases = [("audio", "hf-llava", "exactly one encoder named 'vision'"),
              ("qwen", "llava", "supports Llama-family language models"),
-             ("linear", "hf-llava", "2-layer MLP projector")]
+             ("linear", "hf-llava", "2-layer MLP projector"),
+             ("chatml", "llava", "no conversation template for this model's template 'chatml'")]
     for name, fmt, message in cases:
         capsys.readouterr()
         assert main(["convert", "--from", "mmloom", "--to", fmt, str(tmp_path / name), str(tmp_path / f"{name}-out")]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / f"{name}-out").exists()  # nothing half-written
+    # a byte-level tokenizer is written as PreTrainedTokenizerFast, which the original builder loads even with
+    # use_fast=False (checked in transformers 4.37.2); a slow Llama class without its tokenizer.model is refused
+    assert main(["convert", "--from", "mmloom", "--to", "llava", str(tmp_path / "bpe"), str(tmp_path / "b")]) == 0
+    from mmloom.interop.llava_original import check_servable
+
+    slow = tiny_tokenizer()
+    slow.saved_class_name = "LlamaTokenizer"
+    with pytest.raises(MmloomError, match=r"\(LlamaTokenizer\) has no SentencePiece tokenizer.model"):
+        check_servable(Bundle(vlm(), slow, {"vision": CLIP_PROC}), "llama")
     # qwen2 is fine for transformers' Llava; a linear projector for the original LLaVA
     assert main(["convert", "--from", "mmloom", "--to", "hf-llava", str(tmp_path / "qwen"), str(tmp_path / "q")]) == 0
     assert main(["convert", "--from", "mmloom", "--to", "llava", str(tmp_path / "linear"), str(tmp_path / "l")]) == 0
@@ -204,8 +238,8 @@ def test_refuses_what_a_format_cannot_hold(tmp_path, capsys):
     assert main(["convert", "--from", "hf-llava", "--to", "hf-components", str(tmp_path / "q"), str(tmp_path / "x")]) == 2
 
 
-def test_dtype_option_casts_the_written_weights(source, tmp_path):
-    _, folder = source
+def test_dtype_option_casts_the_written_weights(sp_source, tmp_path):
+    _, folder, _ = sp_source
     assert main(["convert", "--from", "mmloom", "--to", "llava", "--dtype", "bfloat16", str(folder),
                  str(tmp_path / "bf16")]) == 0
     state = load_file(str(tmp_path / "bf16" / "text_model_llava" / "model.safetensors"))

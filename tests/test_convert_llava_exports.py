@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from clients.clients_support import ASSET, stock_vicuna_folder, tiny_vicuna_composite
-from helpers import IMAGE_ID, vlm
+from helpers import IMAGE_ID, sp_vlm, vlm
 from mmloom import MultimodalModel, MultimodalProcessor
 from mmloom.cli.main import main
 from mmloom.errors import MmloomError
@@ -61,8 +61,8 @@ def noise_image(h=24, w=48, seed=0):
 
 # --------------------------------------------------------------------------------- llava layout
 def test_llava_vision_tower_has_transformers4_names(tmp_path):
-    model = vlm().eval()
-    assert convert(save(model, tmp_path / "mm"), tmp_path / "llava", "llava") == 0
+    model, tokenizer = sp_vlm(tmp_path / "tok")
+    assert convert(save(model, tmp_path / "mm", tokenizer=tokenizer), tmp_path / "llava", "llava") == 0
     state = load_file(str(tmp_path / "llava" / "image_model" / "model.safetensors"))
     tower = model.vision_encoder.module.state_dict()
     assert state and all(k.startswith("vision_model.") for k in state)
@@ -75,15 +75,17 @@ def test_llava_vision_tower_has_transformers4_names(tmp_path):
 
 
 def test_llava_linear_projector_both_ways(tmp_path):
-    model = vlm(projector="linear").eval()
-    src = save(model, tmp_path / "mm")
+    model, tokenizer = sp_vlm(tmp_path / "tok", projector="linear")
+    image_id = model.placeholder_token_ids["vision"]
+    src = save(model, tmp_path / "mm", tokenizer=tokenizer)
     assert convert(src, tmp_path / "llava", "llava") == 0
     text = tmp_path / "llava" / "text_model_llava"
     state = load_file(str(text / "model.safetensors"))
     assert json.loads((text / "config.json").read_text())["mm_projector_type"] == "linear"
     assert sorted(k for k in state if "mm_projector" in k) == ["model.mm_projector.bias", "model.mm_projector.weight"]
     assert convert(tmp_path / "llava", tmp_path / "back", "mmloom", "llava") == 0
-    assert float((logits(MultimodalModel.from_pretrained(tmp_path / "back")) - logits(model)).abs().max()) < 1e-5
+    back = MultimodalModel.from_pretrained(tmp_path / "back")
+    assert float((logits(back, image_id=image_id) - logits(model, image_id=image_id)).abs().max()) < 1e-5
     # phase 1: a linear mm_projector.bin (nn.Linear keys) into that model
     torch.manual_seed(3)
     weight, bias = torch.randn(48, 32), torch.randn(48)
@@ -94,7 +96,8 @@ def test_llava_linear_projector_both_ways(tmp_path):
 
 
 def test_llava_projector_keys_that_do_not_fit_are_one_line(tmp_path, capsys):
-    src = save(vlm().eval(), tmp_path / "mm")  # mlp2x_gelu
+    model, tokenizer = sp_vlm(tmp_path / "tok")  # mlp2x_gelu
+    src = save(model, tmp_path / "mm", tokenizer=tokenizer)
     torch.save({"model.mm_projector.weight": torch.zeros(48, 32)}, tmp_path / "linear.bin")
     assert convert(tmp_path / "linear.bin", tmp_path / "x", "mmloom", "llava-projector", "--base", src) == 2
     err = capsys.readouterr().err
@@ -112,7 +115,8 @@ def test_llava_projector_keys_that_do_not_fit_are_one_line(tmp_path, capsys):
                                                          {"type": "linear", "factor": 2.0})])
 def test_llava_rope_fields_in_transformers4_form(tmp_path, scaling, want):
     overrides = {"rope_theta": 500000.0} if scaling is None else {"rope_parameters": {"rope_theta": 500000.0, **scaling}}
-    src = save(vlm(**overrides).eval(), tmp_path / "mm")
+    model, tokenizer = sp_vlm(tmp_path / "tok", **overrides)
+    src = save(model, tmp_path / "mm", tokenizer=tokenizer)
     assert convert(src, tmp_path / "llava", "llava") == 0
     for name in ("config.json", "config_lmsys.json"):
         config = json.loads((tmp_path / "llava" / "text_model_llava" / name).read_text())
@@ -133,7 +137,8 @@ def test_rope_fields_of_newer_types_and_head_dim():
 
 
 def test_llava_refuses_a_head_dim_transformers_437_cannot_build(tmp_path, capsys):
-    src = save(vlm(head_dim=16).eval(), tmp_path / "mm")  # 48 hidden / 4 heads = 12
+    model, tokenizer = sp_vlm(tmp_path / "tok", head_dim=16)  # 48 hidden / 4 heads = 12
+    src = save(model, tmp_path / "mm", tokenizer=tokenizer)
     assert convert(src, tmp_path / "llava", "llava") == 2
     assert "head_dim 16" in capsys.readouterr().err and not (tmp_path / "llava").exists()
 
@@ -149,7 +154,8 @@ def test_llava_mistral_folder_and_relative_vision_tower(tmp_path, capsys):
     moved = tmp_path / "elsewhere" / "pair"
     shutil.move(tmp_path / "pair", moved)  # the relative tower still resolves (sibling of the text folder)
     assert convert(moved, tmp_path / "back", "mmloom", "llava") == 0
-    llama = save(vlm().eval(), tmp_path / "llama")
+    model, tokenizer = sp_vlm(tmp_path / "tok")
+    llama = save(model, tmp_path / "llama", tokenizer=tokenizer)
     assert convert(llama, tmp_path / "l", "llava", "mmloom", "--text-folder", "text_model_llava_mistral") == 2
     assert "contains 'mistral'" in capsys.readouterr().err
 
@@ -194,7 +200,8 @@ def test_save_tokenizer_completes_the_folder_and_checks_the_sentencepiece_model(
 def test_every_processor_mmloom_saves_exports(tmp_path):
     """ImageTransform (what `mmloom train` saves) -> both formats, with processors giving its pixels."""
     transform = ImageTransform(32, pad_to_square=True)
-    src = save(vlm().eval(), tmp_path / "mm", processor=transform)
+    model, tokenizer = sp_vlm(tmp_path / "tok")
+    src = save(model, tmp_path / "mm", processor=transform, tokenizer=tokenizer)
     wide = noise_image()
     ref = transform(wide)
     assert convert(src, tmp_path / "hf", "hf-llava") == 0
@@ -294,7 +301,8 @@ def test_hf_llava_without_pad_token_adds_one_and_batches(tmp_path):
 
 def test_hf_llava_processor_gives_mmloom_ids_and_pixels(tmp_path):
     transform = ImageTransform(32, pad_to_square=True)
-    src = save(vlm().eval(), tmp_path / "mm", processor=transform)
+    model, tokenizer = sp_vlm(tmp_path / "tok")
+    src = save(model, tmp_path / "mm", processor=transform, tokenizer=tokenizer)
     assert convert(src, tmp_path / "hf", "hf-llava") == 0
     theirs = AutoProcessor.from_pretrained(tmp_path / "hf")
     ours = MultimodalProcessor.from_pretrained(src)

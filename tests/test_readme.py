@@ -61,6 +61,13 @@ def readme_commands(section: str) -> list[str]:
     return commands
 
 
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 def _stand_ins(root: Path) -> None:
     """Tiny models and data in the layouts the README and configs/ name (see the README's paths)."""
     import json
@@ -109,6 +116,14 @@ def _stand_ins(root: Path) -> None:
     stock_vicuna_folder(vicuna)  # the real Llama-2 tokenizer.model, as lmsys ships the folder
     tiny_llama(vocab_size=32000, hidden_size=16).save_pretrained(vicuna)
     image(root / "photo.jpg")
+    smollm2 = root / "pretrained" / "SmolLM2-135M-Instruct"  # a ChatML instruct LLM (tests/clients: the real one)
+    from tokenizer_families import _byte_level
+
+    _byte_level(smollm2, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>", pad="<|im_end|>")
+    config = json.loads((smollm2 / "tokenizer_config.json").read_text())
+    config["chat_template"] = SMOLLM2_TEMPLATE
+    (smollm2 / "tokenizer_config.json").write_text(json.dumps(config))
+    tiny_llama(vocab_size=600, hidden_size=16, tie_word_embeddings=True).save_pretrained(smollm2)
 
 
 def test_real_data_section_runs_offline(tmp_path, monkeypatch, capsys):
@@ -153,7 +168,13 @@ def test_real_data_section_runs_offline(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert code == 0, f"{command}\n{err}"
         ran.append(argv[0] if argv[0] != "data" else f"data {argv[1]}")
-    assert ran.count("data build") == 2 and "init" in ran and "chat" in ran and ran.count("convert") == 4
+    assert ran.count("data build") == 3 and ran.count("init") == 2 and "chat" in ran and ran.count("convert") == 4
+    # the chat model keeps its own template, in the model and in the data
+    from mmloom import MultimodalProcessor
+
+    assert MultimodalProcessor.from_pretrained("pretrained/smollm2-init").template.name == "tokenizer"
+    smol_params = json.loads(Path("data/h5/smollm2_phase2_msl2048/data_params.json").read_text())
+    assert smol_params["dataset"]["system_prompt_style"] == "tokenizer"
     assert {"data convert", "data json2jsonl", "data inspect", "generate", "score"} <= set(ran)
 
     # the training configs the README runs read the builds' outputs and the pretrained folders

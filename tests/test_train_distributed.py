@@ -57,6 +57,28 @@ def test_ddp_two_processes_match_one(data, reference, tmp_path):
     assert (run / "checkpoint-4" / "rng_state_1.json").exists()
 
 
+def test_ddp_trains_every_part_without_a_flag(data, tmp_path):
+    """Everything trainable, the vision tower read at layer -2 (its last layer and final norm get no
+    gradient): DDP on 2 processes, with no find_unused_parameters, gives the losses of one process
+    within 1e-5 and the same weights."""
+    sets = [*SETS[:1], "runconfig.max_steps=2", *SETS[2:], "model.freeze=[]"]
+    reference = tmp_path / "one_process"
+    assert main(train_args(data, 2, reference, *sets)) == 0
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmloom",
+           *train_args(data, 2, run, *sets, "runconfig.distributed=ddp")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DDP leaves out" in proc.stdout + proc.stderr and "vision_encoder.module" in proc.stdout + proc.stderr
+    got, expected = losses(run), losses(reference)
+    assert sorted(got) == sorted(expected) == [1, 2]
+    assert all(abs(got[k] - expected[k]) < 1e-5 for k in expected), (got, expected)
+    first, second = weights(reference / "final_model"), weights(run / "final_model")
+    for k in first:
+        torch.testing.assert_close(second[k], first[k], rtol=1e-4, atol=1e-6)
+
+
 def test_packed_ddp_matches_one_process(data, reference, tmp_path):
     """Packing on 2 ranks: every rank packs its own micro-batches; losses stay those of 1 process."""
     run = tmp_path / "ddp_packed"
@@ -132,7 +154,7 @@ def test_sigterm_on_one_rank_stops_all_ranks_and_ddp_resumes(data, tmp_path):
     reference = tmp_path / "one_process"
     assert main(train_args(data, 2, reference, *sets)) == 0
     run = tmp_path / "preempted"
-    args = train_args(data, 2, run, *sets, "runconfig.distributed=ddp", "runconfig.find_unused_parameters=true")
+    args = train_args(data, 2, run, *sets, "runconfig.distributed=ddp")  # no flag: mmloom finds the unused layer
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMLOOM_DEBUG_STEP_SLEEP": "0.5"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmloom", *args]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -169,3 +169,47 @@ def test_changed_config_on_resume_is_reported_or_refused(data, reference, tmp_pa
     got = {r["step"]: r["lr"] for r in records if "lr" in r}
     assert sorted(got) == [3, 4, 5, 6]
     assert [got[s] for s in (3, 4, 5, 6)] == pytest.approx(expected_lrs[2:], rel=1e-12)
+
+
+# ------------------------------------------------------------------------ changed inputs
+def test_resume_refuses_rebuilt_data_unless_allowed(data, tmp_path, capsys):
+    """A data folder rebuilt with other records (same sample count) under a run: resuming is refused in one
+    line that names the way out; allowed explicitly, the run resumes and says so."""
+    import yaml
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    config = yaml.safe_load((data / "phase2_build.yaml").read_text())
+    config["setup"].update(input_dir=str(copy / "phase2_jsonl"), output_dir=str(copy / "phase2_h5"))
+    config["processor"]["tokenizer_type"] = str(copy / "tok")
+    (copy / "phase2_build.yaml").write_text(yaml.safe_dump(config))
+    assert main(["data", "build", str(copy / "phase2_build.yaml"), "--quiet", "--overwrite"]) == 0
+    reference = tmp_path / "reference"
+    assert main(train_args(copy, 2, reference, *SETS)) == 0
+    state = json.loads((reference / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["depends_on"]["data"]["samples"] == 16 and state["depends_on"]["tokenizer"]
+
+    resumed = continue_from(reference, tmp_path / "resumed")
+    lines = (copy / "phase2_jsonl" / "part0.jsonl").read_text().splitlines(keepends=True)
+    (copy / "phase2_jsonl" / "part0.jsonl").write_text("".join(reversed(lines)))  # other records at each index
+    assert main(["data", "build", str(copy / "phase2_build.yaml"), "--quiet", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(train_args(copy, 2, resumed, *SETS)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot resume" in err and "training data's files differ" in err
+    assert "runconfig.resume_allow_changed=[data]" in err and not (resumed / "checkpoint-4").exists()
+
+    assert main(train_args(copy, 2, resumed, *SETS, "runconfig.resume_allow_changed=[data]")) == 0
+    assert "resuming although the training data's files differ" in capsys.readouterr().out
+    assert sorted(losses(resumed)) == [3, 4]
+
+
+def test_dependency_changes_name_each_input():
+    from mmloom.training.resume_checks import dependency_changes
+
+    saved = {"data": {"samples": 8, "fingerprint": "a"}, "tokenizer": "t", "start_model": "m"}
+    assert dependency_changes(saved, saved) == {} and dependency_changes(None, saved) == {}
+    changed = dependency_changes(saved, {"data": {"samples": 9, "fingerprint": "b"}, "tokenizer": "u",
+                                         "start_model": "n"})
+    assert set(changed) == {"data", "tokenizer", "start_model"} and "9 samples" in changed["data"]
+    assert dependency_changes(saved, {**saved, "tokenizer": None}) == {}  # unknown now: not compared

@@ -16,6 +16,17 @@ def _layer(value: str):
     return layers[0] if len(layers) == 1 else layers
 
 
+# Kept here as text (the CLI imports no torch to print --help); tests/test_templates.py checks it names every
+# template of mmloom.processing.templates with its source.
+TEMPLATE_HELP = (
+    "conversation template saved with the processor: plain (LLaVA phase-1 captions), vicuna_v1 (LLaVA-1.5), "
+    "llama2 (LLaVA's llava_llama_2), llama3 (Meta Llama-3 Instruct), zephyr (HuggingFaceH4 Zephyr), chatml "
+    "(ChatML: Qwen, Hermes, SmolLM), mistral (Mistral Instruct v0.1), tokenizer (the LLM tokenizer's own "
+    "chat_template, its default system prompt included). Default: tokenizer when the LLM's tokenizer has a "
+    "chat_template, else vicuna_v1. What each renders: docs/templates.md"
+)
+
+
 def _add_compose_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("composing from HF folders (hf-components) / locating towers")
     group.add_argument("--image-model", metavar="DIR", type=existing_dir,
@@ -32,12 +43,14 @@ def _add_compose_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--projector", default="mlp2x_gelu", help="projector type: linear, mlp, mlp{N}x_{act} (default mlp2x_gelu)")
     group.add_argument("--activation", default="gelu", help="activation of an 'mlp' projector (default gelu)")
     group.add_argument("--feature-layer", type=_layer, default=-2, help="vision hidden layer(s) to use (default -2)")
-    group.add_argument("--feature-strategy", default="patch", choices=["patch", "cls_patch", "default", "full"],
-                       help="drop the CLS token (patch, default) or keep it (cls_patch)")
+    group.add_argument("--feature-strategy", default=None, choices=["patch", "cls_patch", "default", "full"],
+                       help="drop the first (CLS) position (patch = transformers' default) or keep every position "
+                       "(cls_patch = full); default: patch for towers with a CLS token (CLIP), full for those "
+                       "without (SigLIP), where patch is refused (it would drop a real patch)")
     group.add_argument("--pad-to-multiple-of", type=positive_int, default=None, metavar="N",
                        help="round the vocabulary (embedding rows) up to a multiple of N, e.g. 64 (default: "
                        "not rounded)")
-    group.add_argument("--template", default=None, help="conversation template saved with the processor (default vicuna_v1)")
+    group.add_argument("--template", default=None, help=TEMPLATE_HELP)
     group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                        help="dtype of the written weights (default: as loaded)")
 

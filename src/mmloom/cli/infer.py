@@ -32,7 +32,9 @@ def register(subparsers) -> None:
                       help="longest answer, in tokens (at least 1)")
     chat.add_argument("--temperature", type=non_negative_float, default=0.0,
                       help="sampling temperature; 0 = greedy decoding (default 0)")
-    chat.add_argument("--system", default=None, help="system text (default: the template's)")
+    chat.add_argument("--system", default=None,
+                      help="system text, with or without --image/--audio (default: the template's; \"\" for none where "
+                      "the template allows)")
     _model_options(chat)
     chat.set_defaults(func=run_chat)
 
@@ -63,6 +65,8 @@ def register(subparsers) -> None:
     gen.add_argument("--silence-audio", action="store_true",
                      help="replace every audio clip by silence of the same length (checks that answers come from the audio)")
     gen.add_argument("--model-id", default=None, help="model_id written with each answer (default: folder name)")
+    gen.add_argument("--system", default=None,
+                     help="system text of every prompt (default: the template's; \"\" for none where the template allows)")
     _model_options(gen)
     gen.set_defaults(func=run_generate)
 
@@ -124,7 +128,7 @@ def run_generate(args) -> int:
         model, processor, args.questions, args.output, image_dir=args.image_dir, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, suffix=args.suffix, blank_images=args.blank_images,
         temperature=args.temperature, model_id=args.model_id or Path(args.model_dir).resolve().name,
-        audio_dir=args.audio_dir, silence_audio=args.silence_audio,
+        audio_dir=args.audio_dir, silence_audio=args.silence_audio, system=args.system,
     )
     Console(stderr=True).print(
         f"{counts['answered']} answered, {counts['skipped']} already in {args.output} ({counts['total']} questions)"

@@ -38,9 +38,11 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace loss.png / lr.png of an earlier `mmloom plot`")
     p.set_defaults(func=_plot)
 
-    p = subparsers.add_parser("merge-lora", help="fold LoRA adapters into the LLM: a plain mmloom model folder",
-                              description="Fold the LoRA adapters of a trained model into its weights and write "
-                              "a plain mmloom model folder (with the processor files).")
+    p = subparsers.add_parser("merge-lora", help="fold LoRA adapters into the weights: a plain mmloom model folder",
+                              description="Fold the LoRA adapters of a trained model (every adapted part: the LLM "
+                              "and encoders) into its weights and write a plain mmloom model folder (with the "
+                              "processor files). An adapter on a tied embedding (lm_head of Qwen2, Gemma, "
+                              "Llama-3.2, SmolLM) is merged exactly: the head gets its own weight.")
     p.add_argument("model_dir", type=existing_dir,
                    help="mmloom model folder, checkpoint-N folder or run folder (uses its final_model)")
     p.add_argument("out_dir", help="the merged model folder: new or empty (written atomically, model and processor "
@@ -134,6 +136,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from mmloom.training.lora import merge_lora
 
-    merge_lora(args.model_dir, args.out_dir, overwrite=args.overwrite)
+    _, merged = merge_lora(args.model_dir, args.out_dir, overwrite=args.overwrite)
+    print(f"merged the LoRA adapters of: {'; '.join(merged)}")
     print(f"merged model written to {args.out_dir}")
     return 0

@@ -58,7 +58,7 @@ from mmloom.processing.audio import (
     max_seconds_of,
 )
 from mmloom.processing.image import ImageLoadError, ImageTooLargeError, load_image
-from mmloom.processing.templates import get_template
+from mmloom.processing.templates import get_template, template_choice
 from mmloom.processing.tokenizer import load_tokenizer, token_id
 from mmloom.progress import rate_progress
 
@@ -119,6 +119,15 @@ def _placeholder_id(tokenizer, token: str) -> tuple[int, bool]:
     if tid is None:
         raise MmloomError(f"cannot make '{token}' a single token of the tokenizer")
     return tid, True
+
+
+def resolve_template(cfg: BuildConfig, tokenizer) -> tuple[BuildConfig, str]:
+    """`cfg` with `dataset.system_prompt_style` set (unset: the tokenizer's chat template when it has one,
+    else vicuna_v1), so that the workers and data_params.json use and record the one template; and the
+    line the summary prints about it."""
+    name, why = template_choice(cfg.dataset.system_prompt_style, tokenizer)
+    dataset = cfg.dataset.model_copy(update={"system_prompt_style": name})
+    return cfg.model_copy(update={"dataset": dataset}), why
 
 
 def make_template(cfg: BuildConfig, tokenizer=None):
@@ -537,6 +546,7 @@ def build(
     """
     files = list_input_files(cfg.setup.input_dir)
     tokenizer = load_tokenizer(cfg.processor.tokenizer_type, what="processor.tokenizer_type")
+    cfg, template_note = resolve_template(cfg, tokenizer)
     make_template(cfg, tokenizer)  # unknown template name -> MmloomError before any work
     audio_cfg = cfg.dataset.audio
     ids = special_ids(tokenizer, cfg.dataset.image_token, audio_cfg.audio_token if audio_cfg else None)
@@ -556,7 +566,8 @@ def build(
     with FolderLock(out_dir, what="data folder", hint=hint):
         if check_destination(out_dir, "data build", overwrite=overwrite, recognise=is_build_output):
             clear_build_output(out_dir)
-        return _build(cfg, files, out_dir, ids, extractor, strict=strict, quiet=quiet, progress=progress)
+        return _build(cfg, files, out_dir, ids, extractor, strict=strict, quiet=quiet, progress=progress,
+                      template_note=template_note)
 
 
 def clear_build_output(out_dir: Path) -> None:
@@ -569,7 +580,7 @@ def clear_build_output(out_dir: Path) -> None:
 
 
 def _build(cfg: BuildConfig, files: list[Path], out_dir: Path, ids: dict, extractor, *, strict: bool, quiet: bool,
-           progress: bool | None) -> dict:
+           progress: bool | None, template_note: str | None = None) -> dict:
     """The build proper, into `out_dir` (locked and claimed by `build`); data_params.json last."""
     audio_cfg = cfg.dataset.audio
     msl, num_feature_tokens = cfg.processor.max_sequence_length, cfg.dataset.num_patches
@@ -678,7 +689,7 @@ def _build(cfg: BuildConfig, files: list[Path], out_dir: Path, ids: dict, extrac
         raise MmloomError(f"cannot write {out_dir / PARAMS_NAME}: no space left on the device "
                           f"({mib(max(free_bytes(out_dir), 0))} free); nothing of the build was kept") from None
     if not quiet:
-        print_summary(params, elapsed)
+        print_summary(params, elapsed, template_note)
     if kept == 0:
         reasons = ", ".join(f"{r}: {c}" for r, c in params["post-process"]["skipped"].items()) or "no input records"
         raise MmloomError(
@@ -708,7 +719,7 @@ def _reason_order(reason: str) -> tuple[int, str]:
     return (SKIP_REASONS.index(reason) if reason in SKIP_REASONS else len(SKIP_REASONS), reason)
 
 
-def print_summary(params: dict, elapsed: float) -> None:
+def print_summary(params: dict, elapsed: float, template_note: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -736,3 +747,5 @@ def print_summary(params: dict, elapsed: float) -> None:
     rate = pp["processed_files"] / elapsed if elapsed > 0 else 0.0
     start = "" if info["image_patch_start_idx"] is None else f", image_patch_start_idx={info['image_patch_start_idx']}"
     console.print(f"{len(pp['output_files'])} .h5 files{start}, {elapsed:.1f} s ({rate:,.0f} samples/s)")
+    if template_note:
+        console.print(template_note, markup=False, highlight=False)

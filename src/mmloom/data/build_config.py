@@ -88,8 +88,10 @@ class DatasetConfig(_Section):
         description="largest image (width x height) decoded, read from the header first; larger ones are skipped "
         "(image_too_large). Default 67.1 Mpx (8192 x 8192; MMLOOM_MAX_IMAGE_PIXELS); recorded for training"
     )
-    system_prompt_style: str = Field(
-        "vicuna_v1", description="template name: plain (phase 1), vicuna_v1, ..."
+    system_prompt_style: str | None = Field(
+        None, description="template name: plain (phase 1), vicuna_v1, llama2, llama3, zephyr, chatml, mistral, "
+        "tokenizer (the tokenizer's own chat_template); unset: tokenizer when the tokenizer has a chat_template, "
+        "else vicuna_v1 (the build records the one it used)"
     )
     image_key: str = "image"
     conversation_key: str = "conversations"
@@ -125,8 +127,13 @@ class DatasetConfig(_Section):
 def template_spec(dataset: DatasetConfig, tokenizer=None) -> tuple[str, dict[str, Any]]:
     """(template name, options) for the data's `system_prompt_style`: what `mmloom data build`
     tokenizes with and what the processor saved with a trained model must use (plain: the
-    terminator, the placeholder and the tokenizer's EOS string)."""
+    terminator, the placeholder and the tokenizer's EOS string). Unset: `tokenizer` when `tokenizer`
+    has a chat_template, else vicuna_v1 (`mmloom.processing.templates.default_template_name`)."""
     name, options = dataset.system_prompt_style, {}
+    if name is None:  # data_params.json of a build records the resolved name; this is for a bare config
+        from mmloom.processing.templates import default_template_name
+
+        name = default_template_name(tokenizer)
     if name == "plain":
         options = {"terminator": dataset.plain_terminator, "placeholder": dataset.image_token}
         if tokenizer is not None and tokenizer.eos_token:

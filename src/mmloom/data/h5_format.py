@@ -292,3 +292,11 @@ def read_image_starts(h5file, params: dict, path: str | Path = "") -> np.ndarray
             "image_patch_info.image_patch_start_idx: cannot tell where the image slots are"
         )
     return np.full(n, start, dtype=np.int64)
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """A fingerprint of a built data folder's sample files (`data-*.h5`: names, sizes and sampled
+    contents, `mmloom.files.files_fingerprint`): a rebuild with other records changes it."""
+    from mmloom.files import files_fingerprint
+
+    return files_fingerprint(sorted(Path(data_dir).glob("data-*.h5")))

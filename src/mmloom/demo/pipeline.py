@@ -34,7 +34,7 @@ def vision_train_config(out: Path, phase: int, size: steps.DemoSize, vocab_size:
     """The training config of a phase: a tiny random CLIP tower (penultimate layer, patch features)
     + 2-layer MLP projector + tiny random Llama, loss averaged over supervised tokens."""
     common = {
-        "projector": "mlp2x_gelu", "image_feature_select_layer_idx": -2, "image_feature_select_mode": "patch",
+        "projector": "mlp2x_gelu", "image_feature_select_layer_idx": -2,  # CLIP: patch features by default
         "image_token_id": image_token_id, "loss_scaling": "num_tokens",
     }
     # Nothing here is pretrained, so phase 1 trains the encoder and the LLM too (LLaVA's phase 1

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from mmloom.data.records_io import unencodable_text
 from mmloom.errors import MmloomError
-from mmloom.inference.generate import answer_batch, generation_kwargs, load_model_and_processor
+from mmloom.inference.generate import answer_batch, check_media, generation_kwargs, load_model_and_processor
 from mmloom.processing.audio import load_audio
 from mmloom.processing.image import load_image
 
@@ -40,7 +40,7 @@ class ChatSession:
     def __init__(self, model, processor, image=None, max_new_tokens: int = 256, temperature: float = 0.0,
                  system: str | None = None, stream: bool = True, out: TextIO | None = None, audio=None):
         self.model, self.processor = model, processor
-        self.gen_kwargs = generation_kwargs(processor, max_new_tokens, temperature)
+        self.gen_kwargs = generation_kwargs(processor, max_new_tokens, temperature, model=model)
         self.system = system
         self.stream, self.out = stream, out
         self.placeholder = processor.placeholders.get("vision", "<image>")
@@ -48,6 +48,7 @@ class ChatSession:
         self.image = None
         self.audio = None
         self.messages: list[dict[str, str]] = []
+        self.reset()  # the system turn, with or without an image or audio clip
         if image is not None:
             self.set_image(image)
         if audio is not None:
@@ -69,6 +70,7 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
+        """Start a new conversation: only the system turn (`system`; None: the template's default)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
 
     def ask(self, text: str) -> str:
@@ -80,6 +82,7 @@ class ChatSession:
         if bad is not None:
             raise MmloomError(f"the question is {bad}; type or pass UTF-8 text")
         first = not any(m["role"] == "user" for m in self.messages)
+        check_media(self.processor, self.image is not None or self.audio is not None, "--image PATH (or /image PATH)")
         content = text.strip()
         if first and self.audio is not None and self.audio_placeholder not in content:
             content = f"{self.audio_placeholder}\n{content}"

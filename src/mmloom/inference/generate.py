@@ -25,6 +25,7 @@ from mmloom.data.records_io import read_jsonl_objects, unencodable_text
 from mmloom.devices import resolve_device
 from mmloom.errors import MmloomError
 from mmloom.interop.common import torch_dtype
+from mmloom.model.encoder import base_module
 from mmloom.outputs import disk_full_as_error
 from mmloom.processing.audio import load_audio
 from mmloom.processing.image import load_image
@@ -59,10 +60,24 @@ def load_model_and_processor(model_dir: str | Path, dtype: str | None = None, de
     return model.eval(), MultimodalProcessor.from_pretrained(model_dir)
 
 
+def stop_token_ids(processor, model=None) -> list[int]:
+    """Ids that end an answer: the template's end-of-turn token(s) (what closes every supervised answer,
+    `mmloom.processing.templates.end_of_turn_token_ids`), the tokenizer's EOS, then the EOS ids of the
+    language model's `generation_config` (e.g. Llama-3-Instruct's `[<|end_of_text|>, <|eot_id|>]`)."""
+    stop = processor.template.stop_token_ids(processor.tokenizer)
+    config = getattr(base_module(model.language_model), "generation_config", None) if model is not None else None
+    eos = getattr(config, "eos_token_id", None)
+    for tid in eos if isinstance(eos, (list, tuple)) else [eos]:
+        if tid is not None and int(tid) not in stop:
+            stop.append(int(tid))
+    return stop
+
+
 def generation_kwargs(processor, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float | None = None,
-                      num_beams: int = 1) -> dict[str, Any]:
+                      num_beams: int = 1, model=None) -> dict[str, Any]:
     """`model.generate` settings: greedy when `temperature` is 0, sampling at that temperature
-    (and `top_p`) when it is > 0; stops on the template's end token or EOS.
+    (and `top_p`) when it is > 0; stops at the template's end-of-turn token, the tokenizer's EOS and
+    the EOS ids of `model`'s generation_config (:func:`stop_token_ids`).
 
     Raises MmloomError for `max_new_tokens` < 1, a negative or non-finite `temperature`, `top_p`
     outside (0, 1] or `num_beams` < 1 (never silently greedy).
@@ -76,7 +91,7 @@ def generation_kwargs(processor, max_new_tokens: int = 64, temperature: float = 
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise MmloomError(f"num_beams must be an integer of at least 1, got {num_beams!r}")
     tokenizer = processor.tokenizer
-    stop = processor.template.stop_token_ids(tokenizer)
+    stop = stop_token_ids(processor, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": stop or None, "pad_token_id": pad,
                               "num_beams": num_beams}
@@ -87,6 +102,17 @@ def generation_kwargs(processor, max_new_tokens: int = 64, temperature: float = 
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kwargs
+
+
+def check_media(processor, has_media: bool, how: str) -> None:
+    """Refuse a question without an image or audio clip for a phase-1 (`plain` template) model: it
+    captions its input and takes no question (the template renders only the placeholders), so it
+    cannot answer text alone. `how` names the option that gives one."""
+    if not has_media and processor.template.name == "plain":
+        raise MmloomError(
+            "this model's template is 'plain' (a phase-1 model: it captions an image and reads no question); "
+            f"give it {how}, or use a phase-2 (instruction-tuned) model for text-only questions"
+        )
 
 
 def model_inputs(batch, device) -> dict[str, Any]:
@@ -211,11 +237,14 @@ def generate_answers(
     progress: bool = True,
     audio_dir: str | Path | None = None,
     silence_audio: bool = False,
+    system: str | None = None,
 ) -> dict[str, int]:
     """Answer every question not yet in `output`; returns counts (total, skipped, answered).
+    `system`: the system text of every prompt (None: the template's default).
 
     Raises MmloomError for questions with audio when the model's processor has no audio
-    extractor, and (from `load_audio`) for clips that cannot be used."""
+    extractor, for a question without image or audio to a phase-1 (`plain`) model, and (from
+    `load_audio`) for clips that cannot be used."""
     if suffix not in SUFFIXES:
         raise MmloomError(f"unknown suffix {suffix!r}; use one of {', '.join(SUFFIXES)}")
     if batch_size < 1:
@@ -229,7 +258,7 @@ def generate_answers(
         bad = unencodable_text(record["text"])
         if bad is not None:
             raise MmloomError(f"{questions}: record {number}: 'text' is {bad}")
-    generation_kwargs(processor, max_new_tokens, temperature)  # refuse bad settings before any work
+    generation_kwargs(processor, max_new_tokens, temperature, model=model)  # refuse bad settings before any work
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = done_question_ids(output)
@@ -247,7 +276,11 @@ def generate_answers(
     extractor = processor.encoder_processors.get("audio")
     if extractor is None and any(record.get("audio") for record in pending):
         raise MmloomError(f"{questions} has questions with audio but the model has no audio encoder/processor")
-    gen_kwargs = generation_kwargs(processor, max_new_tokens, temperature)
+    for record in pending:
+        if not (record.get("image") or record.get("audio")):
+            check_media(processor, False, f"an image (question {record['question_id']!r} of {questions} has none)")
+    system_turn = [{"role": "system", "content": system}] if system is not None else []
+    gen_kwargs = generation_kwargs(processor, max_new_tokens, temperature, model=model)
     model_id = model_id or "mmloom"
     image_root = Path(image_dir) if image_dir is not None else Path(questions).parent
     audio_root = Path(audio_dir) if audio_dir is not None else Path(questions).parent
@@ -268,7 +301,7 @@ def generate_answers(
                         if record.get("audio") else []
                     content, prompt = question_content(record["text"], image is not None, SUFFIXES[suffix], placeholder,
                                                        len(audio), audio_placeholder)
-                    conversations.append([{"role": "user", "content": content}])
+                    conversations.append([*system_turn, {"role": "user", "content": content}])
                     images.append(image)
                     clips.append(audio or None)
                     prompts.append(prompt)

@@ -129,19 +129,6 @@ def cast_in_place(model: nn.Module, dtype: torch.dtype | None) -> None:
 
 
 # ----------------------------------------------------------------------------- checks for export
-def merge_adapters(model: MultimodalModel) -> list[str]:
-    """Merge LoRA adapters into their base weights in place (exports hold plain weights)."""
-    merged = []
-    for name, encoder in model.encoders.items():
-        if hasattr(encoder.module, "merge_and_unload"):
-            encoder.module = encoder.module.merge_and_unload()
-            merged.append(f"{name} encoder")
-    if hasattr(model.language_model, "merge_and_unload"):
-        model.language_model = model.language_model.merge_and_unload()
-        merged.append("language model")
-    return merged
-
-
 @dataclass
 class VisionParts:
     """The pieces of a single-vision-encoder composite, validated for export."""

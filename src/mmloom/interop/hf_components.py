@@ -17,7 +17,9 @@ from mmloom.interop.common import (
 from mmloom.interop.tokens import prepare_tokenizer_and_vocab
 from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
+from mmloom.model.feature_count import check_feature_strategy, default_feature_strategy
 from mmloom.model.multimodal import MultimodalModel
+from mmloom.processing.templates import TEMPLATE_NAMES, get_template, template_choice
 from mmloom.processing.tokenizer import load_tokenizer
 from mmloom.remote_code import refuse_remote_code
 
@@ -138,7 +140,7 @@ def read_hf_components(
     projector: str = "mlp2x_gelu",
     activation: str = "gelu",
     feature_layer: int | list[int] = -2,
-    feature_strategy: str = "patch",
+    feature_strategy: str | None = None,
     pad_to_multiple_of: int | None = None,
     template: str | None = None,
     dtype: str | None = None,
@@ -148,7 +150,8 @@ def read_hf_components(
 ) -> Bundle:
     """Compose a new model: fresh projector(s), `<image>` (and `<audio>`) added to the tokenizer,
     embeddings resized to cover it (rounded up to `pad_to_multiple_of`). The audio encoder keeps
-    each clip's real-length positions, pooled by `audio_stride` (`AudioPool`)."""
+    each clip's real-length positions, pooled by `audio_stride` (`AudioPool`). `template` None: the
+    LLM tokenizer's chat template when it has one, else vicuna_v1 (:func:`choose_template`)."""
     if src is not None:
         raise MmloomError("hf-components takes no SRC: give --image-model DIR --text-model DIR")
     if text_model is None or (image_model is None and audio_model is None):
@@ -156,10 +159,13 @@ def read_hf_components(
     # every folder is checked before any weights are read (a 7B LLM takes a while to load)
     language_model_config(text_model)
     if image_model is not None:
-        vision_config(image_model)
+        tower_config = vision_config(image_model)
+        feature_strategy = feature_strategy or default_feature_strategy(tower_config)  # no CLS (SigLIP): full
+        check_feature_strategy(tower_config, feature_strategy, "--feature-strategy")
     if audio_model is not None:
         audio_config(audio_model)
     tokenizer = load_tokenizer(Path(text_model), what="--text-model")
+    template, why = choose_template(template, tokenizer)
     llm = load_language_model(text_model, dtype)
     encoders, processors, placeholders = {}, {}, {}
     if image_model is not None:
@@ -184,5 +190,22 @@ def read_hf_components(
     )
     model.to(llm.dtype)  # fresh projectors in the checkpoint's dtype
     notes = [f"new projector(s): {projector}; placeholder ids {model.placeholder_token_ids}; "
-             f"vocabulary {llm.get_input_embeddings().weight.shape[0]} rows"]
-    return Bundle(model.eval(), tokenizer, processors, template or "vicuna_v1", notes=notes)
+             f"vocabulary {llm.get_input_embeddings().weight.shape[0]} rows", why]
+    return Bundle(model.eval(), tokenizer, processors, template, notes=notes)
+
+
+def choose_template(template: str | None, tokenizer) -> tuple[str, str]:
+    """(template name, the line saying why) for `--template` (None: the tokenizer's chat template when it
+    has one, else vicuna_v1; :func:`mmloom.processing.templates.template_choice`). Raises MmloomError,
+    naming the choices, for an unknown name or a tokenizer chat template that cannot render a
+    system + two-turn conversation with an image (mmloom must locate every answer in it)."""
+    name, why = template_choice(template, tokenizer)
+    try:
+        probe = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A square."},
+                 {"role": "user", "content": "And its colour?"}, {"role": "assistant", "content": "Red."}]
+        get_template(name).tokenize(tokenizer, probe)
+    except MmloomError as err:
+        if template is not None:
+            raise
+        raise MmloomError(f"{err}; give --template NAME, one of {', '.join(TEMPLATE_NAMES)}") from None
+    return name, why

@@ -18,16 +18,17 @@ the 4.4x releases serving and evaluation tools pin) and 5.x both load:
   resized to cover it and padded to a multiple of 64 (or ``--pad-to-multiple-of``), as the official
   llava-hf conversion did.
 
-The chat template (vicuna_v1) writes the text after each image so that ``LlavaProcessor`` gives the ids
-mmloom's own processor gives (for SentencePiece tokenizers the ``▁`` that LLaVA's
-``tokenizer_image_token`` puts after the image span comes from a space before the newline); the writer
-checks this on a probe conversation and says so in its notes when no template text reproduces the ids.
+The chat template (``chat_template.json``) is the model's mmloom template in HF's chat form
+(:mod:`mmloom.interop.chat_templates`: every template, ``tokenizer`` included), with the text after each
+image chosen so that ``LlavaProcessor`` gives the ids mmloom's own processor gives (for SentencePiece
+tokenizers the ``▁`` that LLaVA's ``tokenizer_image_token`` puts after the image span comes from a space
+before the newline); the writer checks this on probe conversations and says so in its notes when no
+template text reproduces the ids. Reading an export back takes the template recorded in it.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch
 
 from mmloom.errors import MmloomError
 from mmloom.files import read_json, write_json
+from mmloom.interop.chat_templates import hf_chat_template, mmloom_template_of
 from mmloom.interop.common import (
     Bundle,
     cast_in_place,
@@ -44,7 +46,6 @@ from mmloom.interop.common import (
     hf_dtype,
     load_image_processor,
     load_tokenizer,
-    merge_adapters,
     torch_dtype,
     vision_parts,
 )
@@ -59,37 +60,11 @@ from mmloom.model.multimodal import MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
 from mmloom.model.serialization import dedupe_shared_tensors, save_state_dict
 from mmloom.remote_code import refuse_remote_code
+from mmloom.training.lora import merge_adapters
 
 FORMAT = "hf-llava"
 PAD_MULTIPLE = 64  # the official llava-hf conversion padded the vocabulary to a multiple of 64
 IMAGE_TEXTS = ("<image>\n", "<image> \n")  # what follows an image part in the chat template
-
-
-def vicuna_chat_template(image_text: str = "<image>\n") -> str:
-    """vicuna_v1 for HF's chat API (content lists with {"type": "image"} / {"type": "text"} parts)."""
-    image = json.dumps(image_text)[1:-1].replace("'", "\\'")
-    return (
-        "{% set ns = namespace(system='A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user\\'s questions.') %}"
-        "{% if messages[0]['role'] == 'system' %}{% set ns.system = messages[0]['content'] if messages[0]['content'] "
-        "is string else messages[0]['content'][0]['text'] %}{% endif %}"
-        "{% if ns.system %}{{ ns.system + ' ' }}{% endif %}"
-        "{% for message in messages if message['role'] != 'system' %}"
-        "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
-        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-        "{% for part in message['content'] if part['type'] == 'image' %}{{ '" + image + "' }}{% endfor %}"
-        "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
-        "{% endif %}{{ ' ' }}"
-        "{% else %}{{ 'ASSISTANT: ' }}"
-        "{% if message['content'] is string %}{% generation %}{{ message['content'] + '</s>' }}{% endgeneration %}"
-        "{% else %}{% generation %}{% for part in message['content'] if part['type'] == 'text' %}"
-        "{{ part['text'] }}{% endfor %}{{ '</s>' }}{% endgeneration %}{% endif %}"
-        "{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-    )
-
-
-VICUNA_CHAT_TEMPLATE = vicuna_chat_template()
 
 
 def _check_same_class(module, config, what: str) -> None:
@@ -157,37 +132,80 @@ def hf4_llava_state(parts, llm, base_llm) -> dict[str, torch.Tensor]:
     return state
 
 
-def _mmloom_prompt_ids(bundle: Bundle, image_processor) -> list[int] | None:
-    """mmloom's processor ids of a probe user turn with one image (one slot), generation prompt on."""
+PROBES = (  # (messages in HF's chat form, the same turns as mmloom messages); generation prompt on
+    ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown here?"}]}],
+     [{"role": "user", "content": "<image>\nWhat is shown here?"}]),
+    ([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown here?"}]},
+      {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
+      {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}],
+     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nWhat is shown here?"},
+      {"role": "assistant", "content": "A red square."}, {"role": "user", "content": "And its colour?"}]),
+)
+
+
+def _mmloom_prompt_ids(bundle: Bundle, image_processor, messages: list[dict]) -> list[int] | None:
+    """mmloom's processor ids of `messages` (one image, one slot), generation prompt on."""
     from mmloom.processing.processor import MultimodalProcessor
 
     try:
         processor = MultimodalProcessor.from_model(
             bundle.model, bundle.tokenizer, {"vision": image_processor}, template=bundle.template,
             template_options=bundle.template_options)
-        messages = [{"role": "user", "content": "<image>\nWhat is shown here?"}]
         ids, _ = processor.encode_messages(messages, {"vision": [1]}, add_generation_prompt=True)
         return ids
     except MmloomError:
         return None
 
 
+def hf_prompt_ids(tokenizer, chat_template: str, messages: list[dict]) -> list[int]:
+    """The ids transformers' processor gives for `messages` with `chat_template` (generation prompt on,
+    one `<image>` token per image): the rendered text tokenized, with the tokenizer's special tokens
+    unless the text starts with its BOS (as `ProcessorMixin.apply_chat_template` does)."""
+    text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    return list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+
+
+def _same_ids(bundle: Bundle, image_processor, template: str) -> bool:
+    """Whether `template` gives mmloom's processor ids on every probe that mmloom's processor can encode
+    (a probe it refuses, e.g. a second question without an image for `plain`, is left out)."""
+    checked = 0
+    for hf, ours in PROBES:
+        want = _mmloom_prompt_ids(bundle, image_processor, ours)
+        if want is None:  # a conversation the template cannot hold (plain: one image per question)
+            continue
+        try:
+            got = hf_prompt_ids(bundle.tokenizer, template, hf)
+        except Exception:  # jinja errors, raise_exception() in a tokenizer's own template
+            got = None
+        if got != want:
+            return False
+        checked += got is not None
+    return checked > 0
+
+
 def chat_template_for(bundle: Bundle, image_processor, notes: list[str]) -> str | None:
-    """The vicuna_v1 chat template whose text after an image makes transformers' tokenization equal
-    mmloom's processor ids (checked on a probe conversation); None for other templates."""
-    if bundle.template != "vicuna_v1" or bundle.tokenizer is None:
+    """The chat template of the model's mmloom template (:func:`mmloom.interop.chat_templates.hf_chat_template`)
+    whose text after an image makes transformers' tokenization equal mmloom's processor ids, checked on
+    probe conversations (one turn with an image; a system text, an answer and a second question); None
+    without a tokenizer. When no image text reproduces the ids the first one is written and a note says so."""
+    if bundle.tokenizer is None:
         return None
-    want = _mmloom_prompt_ids(bundle, image_processor)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown here?"}]}]
+    candidates = []
     for image_text in IMAGE_TEXTS:
-        template = vicuna_chat_template(image_text)
-        text = bundle.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                    add_generation_prompt=True)
-        if want is None or bundle.tokenizer(text)["input_ids"] == want:
+        try:
+            candidates.append(hf_chat_template(bundle.template, bundle.tokenizer, image_text, bundle.template_options))
+        except MmloomError as err:
+            notes.append(f"no chat template written: {err}")
+            return None
+    for template in candidates:
+        if _same_ids(bundle, image_processor, template):
             return template
-    notes.append("no chat template text reproduces mmloom's token ids around the image for this tokenizer; "
-                 "the exported template writes '<image>\\n'")
-    return VICUNA_CHAT_TEMPLATE
+    notes.append(f"no chat template text reproduces mmloom's token ids for template {bundle.template!r} with this "
+                 "tokenizer; the exported template writes '<image>\\n' before each question")
+    return candidates[0]
 
 
 def write_hf_llava(
@@ -354,5 +372,25 @@ def read_hf_llava(src: str | Path, dtype: str | None = None, template: str | Non
             f"image_token_index {cfg.image_token_index}"
         )
     image_processor = load_image_processor(src) or default_image_processor(tower.config)
-    return Bundle(model.eval(), tokenizer, {"vision": image_processor}, template or "vicuna_v1", notes=notes,
-                  source=src)
+    name, options = recorded_template(src, template, notes)
+    return Bundle(model.eval(), tokenizer, {"vision": image_processor}, name, options, notes=notes, source=src)
+
+
+def recorded_template(src: Path, template: str | None, notes: list[str]) -> tuple[str, dict[str, Any]]:
+    """(template, options) of an hf-llava folder: `template` when given, else the mmloom template its
+    chat template records (an mmloom export), else LLaVA-1.5's vicuna_v1 (what llava-hf releases use), said
+    in `notes`."""
+    if template is not None:
+        return template, {}
+    text = None
+    if (src / "chat_template.json").is_file():
+        text = read_json(src / "chat_template.json").get("chat_template")
+    elif (src / "chat_template.jinja").is_file():
+        text = (src / "chat_template.jinja").read_text(encoding="utf-8")
+    found = mmloom_template_of(text if isinstance(text, str) else None)
+    if found is not None:
+        notes.append(f"template {found[0]}, as the folder's chat template records")
+        return found
+    notes.append("template vicuna_v1 (LLaVA-1.5's): the folder's chat template records no mmloom template; "
+                 "give --template NAME for another")
+    return "vicuna_v1", {}

@@ -52,7 +52,6 @@ from mmloom.interop.common import (
     load_image_processor,
     load_tokenizer,
     load_weight_files,
-    merge_adapters,
     read_mmloom,
     torch_dtype,
     vision_parts,
@@ -64,13 +63,14 @@ from mmloom.interop.hf4 import (
     weights_dtype,
 )
 from mmloom.interop.image_processors import hf_image_processor, transform_from_hf
-from mmloom.interop.tokenizer_files import save_hf4_tokenizer
+from mmloom.interop.tokenizer_files import hf4_tokenizer_class, save_hf4_tokenizer, sentencepiece_file
 from mmloom.interop.tokens import ensure_pad_token, prepare_tokenizer_and_vocab, resize_to_cover
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig, parse_projector_type
 from mmloom.model.serialization import dedupe_shared_tensors, save_state_dict
+from mmloom.training.lora import merge_adapters
 
 FORMAT = "llava"
 IMAGE_FOLDER = "image_model"
@@ -82,6 +82,10 @@ LLAVA_FAMILIES = {
     "llama": ("llava_llama", "LlavaLlamaForCausalLM", None, TEXT_FOLDER),
     "mistral": ("llava_mistral", "LlavaMistralForCausalLM", "mistral", "text_model_llava_mistral"),
 }
+# mmloom template -> the original code's --conv-mode that prompts the same way (conversation.py's
+# conv_templates); other templates (chatml, llama3, zephyr, mistral, tokenizer) have no equal there.
+CONV_MODES = {"vicuna_v1": "llava_v1", "llama2": "llava_llama_2", "plain": "plain"}
+TEMPLATE_KEY = "mmloom_template"  # config.json: the template the model was trained with (read back on import)
 # words in the folder name that make the original builder pick another class than LlavaLlamaForCausalLM
 OTHER_BUILDER_WORDS = ("mistral", "mpt")
 LLAVA_KEYS = {
@@ -157,9 +161,9 @@ def write_llava(
     """Write DST/image_model + DST/text_model_llava (see the module docstring) for the original code.
     Raises MmloomError when the model does not fit the original code: not a Llama-family LLM, not a CLIP
     tower, several feature layers, a projector other than linear / mlpNx_gelu with bias, or an image
-    processor whose crop differs from the tower's image size."""
+    processor whose crop differs from the tower's image size; and what the original code cannot load or
+    prompt (:func:`check_servable`)."""
     model = bundle.model
-    merged = merge_adapters(model)
     parts = vision_parts(model, FORMAT)
     llm, tower = parts.language_model, parts.tower
     model_type = getattr(llm.config, "model_type", None)
@@ -183,6 +187,10 @@ def write_llava(
         )
     folder_name = text_folder_for(model_type, text_folder)
     check_head_dim(llm.config, f"format {FORMAT!r}")
+    conv_mode = check_servable(bundle, model_type)
+    merged = merge_adapters(model)  # every check passed: fold the adapters in, then read the plain parts
+    parts = vision_parts(model, FORMAT)
+    llm, tower = parts.language_model, parts.tower
     image_processor, pads = hf_image_processor(
         bundle.encoder_processors.get("vision") or default_image_processor(tower.config), "CLIPImageProcessor"
     )
@@ -229,6 +237,7 @@ def write_llava(
         freeze_mm_mlp_adapter=False,
         tune_mm_mlp_adapter=False,
     )
+    config[TEMPLATE_KEY] = {"name": bundle.template, "options": dict(bundle.template_options), "conv_mode": conv_mode}
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         config["pad_token_id"] = llm_config["pad_token_id"] = tokenizer.pad_token_id
     with export_folder(dst, model) as tmp:
@@ -241,18 +250,54 @@ def write_llava(
         write_json(text / "config_lmsys.json", llm_config, sort_keys=True)
         if getattr(llm, "generation_config", None) is not None:
             llm.generation_config.save_pretrained(text)
-        if tokenizer is not None:
-            # the original builder opens Llama tokenizers slow (tokenizer.model), Mistral ones fast (tokenizer.json)
-            spm = save_hf4_tokenizer(tokenizer, text, search=[bundle.source] if bundle.source else (),
-                                     json_form="tokenizers-0.15", json_always=model_type == "mistral")
-            if spm is None and model_type == "llama":
-                notes.append("the tokenizer has no SentencePiece tokenizer.model: the original loader opens Llama "
-                             "tokenizers with use_fast=False, which needs it (load this one with use_fast=True)")
-        else:
-            notes.append("no tokenizer saved: the original loader needs one in the text folder")
-    bundle.notes += notes + [f"image_aspect_ratio {config['image_aspect_ratio']}; mm_vision_tower {vision_path}"]
+        # the original builder opens Llama tokenizers slow (tokenizer.model), Mistral ones fast (tokenizer.json)
+        save_hf4_tokenizer(tokenizer, text, search=[bundle.source] if bundle.source else (),
+                           json_form="tokenizers-0.15", json_always=model_type == "mistral")
+    bundle.notes += notes + [f"image_aspect_ratio {config['image_aspect_ratio']}; mm_vision_tower {vision_path}",
+                             f"prompt it with the original code's --conv-mode {conv_mode} (template {bundle.template})"]
     if merged:
         bundle.notes.append(f"merged LoRA adapters of: {', '.join(merged)}")
+
+
+def check_servable(bundle: Bundle, model_type: str) -> str:
+    """The original code's --conv-mode for the bundle's template; raises MmloomError (one line, before
+    anything is written) for what the original code cannot load or prompt: no tokenizer, a slow Llama
+    tokenizer class without its SentencePiece ``tokenizer.model`` (the builder opens Llama tokenizers with
+    ``use_fast=False``; a ``PreTrainedTokenizerFast`` folder loads from ``tokenizer.json``), or a template (or
+    a changed default system text) that none of its conversation templates reproduces."""
+    if bundle.tokenizer is None:
+        raise MmloomError(f"format {FORMAT!r}: the model has no tokenizer, and the original loader needs one in "
+                          "the text folder; save the processor with the model and convert again")
+    search = [bundle.source] if bundle.source else ()
+    written = hf4_tokenizer_class(bundle.tokenizer)
+    if model_type == "llama" and not written.endswith("Fast") and sentencepiece_file(bundle.tokenizer, search) is None:
+        raise MmloomError(
+            f"format {FORMAT!r}: the tokenizer ({written}) has no SentencePiece tokenizer.model, and the original "
+            "builder opens Llama tokenizers with use_fast=False, which needs it for that class; export with --to "
+            "hf-llava (transformers) or keep the model in mmloom's format")
+    conv_mode = CONV_MODES.get(bundle.template)
+    if conv_mode is None or "system" in bundle.template_options:
+        what = (f"template {bundle.template!r}" if conv_mode is None
+                else f"template {bundle.template!r} with another default system text")
+        raise MmloomError(
+            f"format {FORMAT!r}: the original code has no conversation template for this model's {what} (it "
+            f"prompts as {', '.join(f'{k} (--conv-mode {v})' for k, v in CONV_MODES.items())}); export with "
+            "--to hf-llava, whose chat template reproduces it, or keep the model in mmloom's format")
+    return conv_mode
+
+
+def llava_template(config: dict, template: str | None, notes: list[str]) -> tuple[str, dict[str, Any]]:
+    """(template, options) of an original-LLaVA folder: `template` when given, else the one an mmloom
+    export records in config.json, else LLaVA-1.5's vicuna_v1 (--conv-mode llava_v1), said in `notes`."""
+    if template is not None:
+        return template, {}
+    recorded = config.get(TEMPLATE_KEY)
+    if isinstance(recorded, dict) and isinstance(recorded.get("name"), str):
+        notes.append(f"template {recorded['name']}, as config.json records ({TEMPLATE_KEY})")
+        return recorded["name"], dict(recorded.get("options") or {})
+    notes.append("template vicuna_v1 (LLaVA-1.5's --conv-mode llava_v1): the folder records no template; give "
+                 "--template NAME for another (llama2 for --conv-mode llava_llama_2)")
+    return "vicuna_v1", {}
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -340,7 +385,8 @@ def read_llava(
     except MmloomError as err:
         raise MmloomError(f"{text}: mm_projector_type: {err}") from None
 
-    llm_config = {k: v for k, v in config.items() if k not in LLAVA_KEYS and not k.startswith("mm_")}
+    llm_config = {k: v for k, v in config.items()
+                  if k not in LLAVA_KEYS and k != TEMPLATE_KEY and not k.startswith("mm_")}
     llm_config.update(model_type=base_type, architectures=[MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_type]])
     hf_config = CONFIG_MAPPING[base_type].from_dict(llm_config)
     state = load_weight_files(text)
@@ -397,8 +443,8 @@ def read_llava(
         image_processor = transform_from_hf(image_processor, pad_to_square=True)
     notes.append(f"image_aspect_ratio {aspect!r}: {'pad to square, then ' if aspect == 'pad' else ''}"
                  f"{type(image_processor).__name__}")
-    return Bundle(model.eval(), tokenizer, {"vision": image_processor}, template or "vicuna_v1", notes=notes,
-                  source=text)
+    name, options = llava_template(config, template, notes)
+    return Bundle(model.eval(), tokenizer, {"vision": image_processor}, name, options, notes=notes, source=text)
 
 
 def _load_projection(projector: MultimodalProjector, state: dict[str, torch.Tensor], source: str) -> None:

@@ -171,11 +171,17 @@ def additional_special_tokens(tokenizer) -> list[str]:
     return [str(t) for t in extra if str(t) not in base]
 
 
+def hf4_tokenizer_class(tokenizer) -> str:
+    """The ``tokenizer_class`` written for transformers 4.x: the tokenizer's class name (mmloom's SentencePiece
+    Llama: ``LlamaTokenizer``), transformers 5's fast-only backend as ``PreTrainedTokenizerFast``."""
+    name = getattr(tokenizer, "saved_class_name", None) or type(tokenizer).__name__
+    return FAST_ONLY_CLASSES.get(name, name)
+
+
 def hf4_tokenizer_config(tokenizer, sentencepiece: bool) -> dict[str, Any]:
     """``tokenizer_config.json`` in the transformers 4.x form (4.37 and later; 5.x reads it too)."""
-    name = getattr(tokenizer, "saved_class_name", None) or type(tokenizer).__name__  # mmloom's SentencePiece Llama
     config: dict[str, Any] = {
-        "tokenizer_class": FAST_ONLY_CLASSES.get(name, name),
+        "tokenizer_class": hf4_tokenizer_class(tokenizer),
         "added_tokens_decoder": {
             str(i): {**_added_token_dict(t), "special": bool(getattr(t, "special", True))}
             for i, t in sorted(tokenizer.added_tokens_decoder.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from tokenizers import AddedToken
 from torch import nn
 
@@ -47,7 +48,9 @@ def resize_to_cover(
     language_model: nn.Module, size: int, pad_to_multiple_of: int | None = None
 ) -> tuple[int, int]:
     """Grow the input/output embeddings to at least `size` rows (rounded up to a multiple when
-    asked; new rows get the mean of the old ones); never shrinks. Returns (old rows, new rows).
+    asked); never shrinks. New rows are the mean of the old rows, exactly (as LLaVA's
+    `smart_tokenizer_and_embedding_resize` does; transformers' `mean_resizing` draws them at random
+    around the mean), so a conversion written twice is the same bytes. Returns (old rows, new rows).
     Raises MmloomError when `pad_to_multiple_of` is not positive."""
     old = vocab_rows(language_model)
     target = max(old, size)
@@ -56,7 +59,16 @@ def resize_to_cover(
             raise MmloomError(f"--pad-to-multiple-of must be positive, got {pad_to_multiple_of}")
         target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
     if target != old:
-        base_module(language_model).resize_token_embeddings(target, mean_resizing=True)
+        base = base_module(language_model)
+        base.resize_token_embeddings(target, mean_resizing=False)
+        with torch.no_grad():
+            for embedding in {id(m): m for m in (base.get_input_embeddings(), base.get_output_embeddings())
+                              if m is not None}.values():
+                weight = embedding.weight
+                weight[old:] = weight[:old].float().mean(dim=0, keepdim=True).to(weight.dtype)
+                bias = getattr(embedding, "bias", None)
+                if isinstance(bias, torch.Tensor) and bias.shape[0] == target:
+                    bias[old:] = bias[:old].mean()
         config = base_module(language_model).config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         text_config.vocab_size = target

@@ -59,6 +59,30 @@ def variable_token_spec(config) -> dict[str, Any] | None:
     return None
 
 
+# Vision encoders whose sequence has no CLS token: every position is a patch.
+NO_CLS_MODEL_TYPES = {"siglip_vision_model", "siglip", "siglip2_vision_model", "siglip2", "pixtral",
+                      "qwen2_vl_vision", "qwen2_5_vl_vision", "qwen3_vl_vision", "idefics3_vision",
+                      "smolvlm_vision"}
+
+
+def default_feature_strategy(config) -> str:
+    """The `FeatureSelect` strategy for a vision tower when none is given: ``patch`` (drop the CLS,
+    LLaVA-1.5's choice) for towers with a CLS token, ``full`` (keep every position) for the others
+    (SigLIP: LLaVA-OneVision's choice), where dropping the first position would drop a real patch."""
+    return "patch" if has_cls_token(config) else "full"
+
+
+def check_feature_strategy(config, strategy: str, what: str) -> None:
+    """Refuse (MmloomError, one line naming `what`, the option that set it) a strategy that drops the
+    first position of a tower known to have no CLS token (SigLIP ...): it would drop a real patch."""
+    model_type = getattr(config, "model_type", "")
+    if strategy in ("patch", "default") and model_type in NO_CLS_MODEL_TYPES:
+        raise MmloomError(
+            f"{what} {strategy!r} drops the first position, but a {model_type} tower has no CLS token: that "
+            "position is a real image patch; use 'full' (every patch; the default for such towers)"
+        )
+
+
 def has_cls_token(config) -> bool:
     """Whether a vision encoder's output sequence starts with a CLS token (CLIP, ViT, DINOv2 ...;
     not SigLIP, Pixtral or Qwen2-VL), from its config's `model_type` (`CLS_MODEL_TYPES`)."""

@@ -25,6 +25,7 @@ from mmloom.processing.audio import extract_features, load_audio
 from mmloom.processing.image import ImageTransform
 from mmloom.processing.templates import (
     ConversationTemplate,
+    default_template_name,
     get_template,
     messages_from_llava,
     tokenize_prompt,
@@ -81,14 +82,15 @@ class MultimodalProcessor:
     """Tokenizer + template + one processor per modality.
 
     `num_tokens` maps each modality to the feature tokens one item becomes; build it from a
-    model with `MultimodalProcessor.from_model(...)` so the two always agree.
+    model with `MultimodalProcessor.from_model(...)` so the two always agree. `template` None: the
+    tokenizer's own chat template (`tokenizer`) when it has one, else LLaVA-1.5's `vicuna_v1`.
     """
 
     def __init__(
         self,
         encoder_processors: dict[str, Any] | None = None,
         tokenizer=None,
-        template: str | ConversationTemplate = "vicuna_v1",
+        template: str | ConversationTemplate | None = None,
         num_tokens: dict[str, int] | None = None,
         placeholders: dict[str, str] | None = None,
         anyres: dict[str, dict[str, Any]] | None = None,
@@ -100,6 +102,8 @@ class MultimodalProcessor:
         self.tokenizer = tokenizer
         self.encoder_processors = dict(encoder_processors or {})
         self.template_options = dict(template_options or {})
+        if template is None:  # the tokenizer's own chat template when it has one, else vicuna_v1
+            template = default_template_name(tokenizer)
         self.template = get_template(template, **self.template_options) if isinstance(template, str) else template
         self.placeholders = {
             name: DEFAULT_PLACEHOLDERS.get(name, f"<{name}>") for name in self.encoder_processors
@@ -118,7 +122,7 @@ class MultimodalProcessor:
             self.placeholder_ids[name] = placeholder_id
 
     @classmethod
-    def from_model(cls, model, tokenizer, encoder_processors: dict[str, Any], template="vicuna_v1", **kwargs):
+    def from_model(cls, model, tokenizer, encoder_processors: dict[str, Any], template=None, **kwargs):
         """A processor whose feature counts and placeholder ids are read from `model` (or its config)."""
         from mmloom.model.callbacks import callback_from_dict
         from mmloom.model.multimodal import MultimodalConfig
@@ -332,7 +336,8 @@ class MultimodalProcessor:
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides) -> MultimodalProcessor:
         """Load a processor saved by `save_pretrained` (tokenizer through `load_tokenizer`, each
-        modality's processor); `overrides` replace saved settings. Raises MmloomError when the
+        modality's processor); `overrides` replace saved settings (a `template` given without
+        `template_options` drops the saved template's options). Raises MmloomError when the
         folder has no `mmloom_processor.json`."""
         directory = Path(directory)
         path = directory / PROCESSOR_CONFIG
@@ -350,4 +355,6 @@ class MultimodalProcessor:
             refuse_remote_code(directory / f"{name}_processor", f"{name} processor folder")
             processors[name] = loader.from_pretrained(directory / f"{name}_processor", trust_remote_code=False)
         tokenizer = load_tokenizer(directory)
+        if "template" in overrides and "template_options" not in overrides:
+            settings.pop("template_options", None)  # the saved options belong to the saved template
         return cls(processors, tokenizer, **{**settings, **overrides})

@@ -354,6 +354,7 @@ class ConversationTemplate:
     """
 
     name: str = ""
+    source: str = ""  # where the format comes from, one line (docs, --help)
     default_system: str | None = None
     add_bos: bool = False
     answer_prefix: str = ""  # text between the generation prompt and the answer, supervised
@@ -418,13 +419,15 @@ class ConversationTemplate:
         """Strings that end an assistant turn in generation (the template's end token)."""
         return [self.end] if self.end else []
 
+    def end_of_turn_strings(self, tokenizer=None) -> list[str]:
+        """The text that closes every supervised assistant turn (after the answer), as strings that
+        end generation: the template's end token (`stop_strings`)."""
+        return list(self.stop_strings)
+
     def stop_token_ids(self, tokenizer) -> list[int]:
-        """Ids that end an assistant turn: the template's end token, then the tokenizer's EOS."""
-        out: list[int] = []
-        for s in self.stop_strings:
-            tid = token_id(tokenizer, s)
-            if tid is not None and tid not in out:
-                out.append(tid)
+        """Ids that end an assistant turn: the template's end-of-turn token(s)
+        (:func:`end_of_turn_token_ids`), then the tokenizer's EOS."""
+        out = end_of_turn_token_ids(self, tokenizer)
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:
             out.append(tokenizer.eos_token_id)
         return out
@@ -446,6 +449,7 @@ class PlainTemplate(ConversationTemplate):
     """
 
     name = "plain"
+    source = "LLaVA phase-1 captions (conv_llava_plain): the image, then the caption and EOS; no question, no system"
     add_bos = True
 
     def __init__(self, terminator: str = "eos", eos: str = "</s>", placeholder: str = "<image>", **kw):
@@ -483,6 +487,7 @@ class VicunaV1Template(ConversationTemplate):
     """LLaVA-1.5 ``vicuna_v1``: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...``; BOS id first."""
 
     name = "vicuna_v1"
+    source = "LLaVA-1.5 (conv_vicuna_v1 / llava_v1): Vicuna v1.1 turns, LLaVA's system prompt"
     default_system = VICUNA_SYSTEM
     add_bos = True
     answer_prefix = " "
@@ -509,6 +514,7 @@ class Llama2Template(ConversationTemplate):
     """LLaVA ``llava_llama_2``: ``[INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] ...``."""
 
     name = "llama2"
+    source = "LLaVA's llava_llama_2 (Llama-2-chat [INST] blocks with LLaVA's system prompt)"
     default_system = LLAVA_LLAMA2_SYSTEM
     add_bos = True
     answer_prefix = " "
@@ -566,6 +572,7 @@ class Llama3Template(RoleBlockTemplate):
     """Llama-3 instruct: header blocks ended by ``<|eot_id|>``; ``<|begin_of_text|>`` in the text."""
 
     name = "llama3"
+    source = "Meta Llama-3 Instruct header blocks, no default system prompt"
     end = "<|eot_id|>"
     prefix = "<|begin_of_text|>"
 
@@ -577,6 +584,7 @@ class ZephyrTemplate(RoleBlockTemplate):
     """Zephyr: ``<|system|>\\n{sys}</s>\\n<|user|>\\n{q}</s>\\n<|assistant|>\\n{a}</s>\\n``."""
 
     name = "zephyr"
+    source = "HuggingFaceH4 Zephyr (<|user|> / <|assistant|> blocks ended by </s>)"
     separator = "\n"
 
     def header(self, role: str) -> str:
@@ -587,6 +595,7 @@ class ChatMLTemplate(RoleBlockTemplate):
     """ChatML (Qwen, Hermes...): ``<|im_start|>role\\n{content}<|im_end|>\\n``."""
 
     name = "chatml"
+    source = "ChatML (Qwen, Hermes, SmolLM): <|im_start|>role blocks, no default system prompt"
     end = "<|im_end|>"
     separator = "\n"
 
@@ -598,6 +607,7 @@ class MistralTemplate(ConversationTemplate):
     """Mistral instruct: ``<s>[INST] {q} [/INST]{a}</s>[INST] ...``; system text + ``"\\n\\n"`` before the first question."""
 
     name = "mistral"
+    source = "Mistral Instruct v0.1 ([INST] blocks, system text before the first question)"
 
     def segments(self, messages, add_generation_prompt=False, system=None, tokenizer=None):
         sys_text, turns = _split_turns(messages, system, self.name)
@@ -624,6 +634,8 @@ class TokenizerTemplate(ConversationTemplate):
     """
 
     name = "tokenizer"
+    source = ("the LLM tokenizer's own chat_template (apply_chat_template), its default system prompt "
+              "included: the model's native format")
 
     def __init__(self, tokenizer=None, **kw):
         super().__init__(**kw)
@@ -692,7 +704,51 @@ class TokenizerTemplate(ConversationTemplate):
 
     @property
     def stop_strings(self):
-        return []
+        return self.end_of_turn_strings(self.tokenizer) if self.tokenizer is not None else []
+
+    def end_of_turn_strings(self, tokenizer=None) -> list[str]:
+        """The special tokens that the chat template writes right after an assistant answer
+        (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``, ``</s>`` ...), found by
+        rendering ``[user, assistant]`` and reading what follows the answer: exactly the tokens
+        that close each supervised span. [] when the template ends a turn with plain text only."""
+        tok = self._tok(tokenizer)
+        probe = "mmloom-probe-answer"
+        messages = [{"role": "user", "content": "mmloom-probe-question"}, {"role": "assistant", "content": probe}]
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False)
+        except Exception:  # a template that refuses a bare user/assistant pair: no end token known
+            return []
+        at = text.rfind(probe)
+        if at < 0:
+            return []
+        ids = list(tok(text[at + len(probe):].strip(), add_special_tokens=False)["input_ids"])
+        specials = set(getattr(tok, "all_special_ids", []) or []) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+        out: list[str] = []
+        for tid in ids:  # the special tokens that open the tail: the end-of-turn marker(s)
+            if tid not in specials:
+                break
+            out.append(tok.convert_ids_to_tokens(tid))
+        return out
+
+
+def end_of_turn_token_ids(template: ConversationTemplate | str, tokenizer) -> list[int]:
+    """Token ids that close an assistant turn of `template` with `tokenizer`: what every supervised
+    answer ends with, so what generation stops at. `template` is a ConversationTemplate or its
+    name. Built-in templates give their end token (``</s>`` for vicuna_v1 / llama2 / mistral /
+    zephyr / plain, ``<|im_end|>`` for chatml, ``<|eot_id|>`` for llama3; a ``"\n"`` plain
+    terminator gives the newline's id); the ``tokenizer`` template gives the special tokens its
+    chat template writes after an answer (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``,
+    ``<|end|>`` ...). Strings that are not one token of `tokenizer` are left out; the tokenizer's
+    EOS is not added (see :meth:`ConversationTemplate.stop_token_ids`). Raises MmloomError for an
+    unknown template name, or the `tokenizer` template with a tokenizer without a chat template."""
+    if isinstance(template, str):
+        template = get_template(template)
+    out: list[int] = []
+    for text in template.end_of_turn_strings(tokenizer):
+        tid = token_id(tokenizer, text)
+        if tid is not None and tid not in out:
+            out.append(tid)
+    return out
 
 
 _TEMPLATES: dict[str, type[ConversationTemplate]] = {
@@ -711,6 +767,34 @@ _TEMPLATES: dict[str, type[ConversationTemplate]] = {
 TEMPLATE_NAMES: tuple[str, ...] = tuple(_TEMPLATES)
 
 
+DEFAULT_WITHOUT_CHAT_TEMPLATE = "vicuna_v1"
+
+
+def default_template_name(tokenizer) -> str:
+    """The template to use when none is given: ``tokenizer`` (the LLM's own format) when `tokenizer`
+    ships a ``chat_template``, else LLaVA-1.5's ``vicuna_v1``."""
+    return "tokenizer" if getattr(tokenizer, "chat_template", None) else DEFAULT_WITHOUT_CHAT_TEMPLATE
+
+
+def template_choice(name: str | None, tokenizer) -> tuple[str, str]:
+    """(template name, why) for a `--template` / `system_prompt_style` that may be unset: the given
+    name, else :func:`default_template_name`; `why` is the one line that `init`, `convert` and
+    `data build` print about it."""
+    if name is not None:
+        return name, f"template {name}"
+    chosen = default_template_name(tokenizer)
+    if chosen == "tokenizer":
+        return chosen, ("template tokenizer: the LLM tokenizer's own chat_template (none was given; "
+                        "another: " + ", ".join(n for n in TEMPLATE_NAMES if n != "tokenizer") + ")")
+    return chosen, (f"template {chosen}: LLaVA-1.5's (none was given and the tokenizer has no chat_template; "
+                    "another: " + ", ".join(n for n in TEMPLATE_NAMES if n != chosen) + ")")
+
+
+def templates_help() -> str:
+    """One line per template (name: source), for `--help` texts."""
+    return "; ".join(f"{cls.name}: {cls.source}" for cls in _TEMPLATES.values())
+
+
 def get_template(name: str, **options: Any) -> ConversationTemplate:
     """A template by name; ``options`` go to its constructor (e.g. ``terminator="newline"``).
     Raises MmloomError for an unknown name or option."""
@@ -725,10 +809,14 @@ def get_template(name: str, **options: Any) -> ConversationTemplate:
 __all__ = [
     "IGNORE_INDEX",
     "TEMPLATE_NAMES",
+    "default_template_name",
+    "template_choice",
+    "templates_help",
     "ConversationError",
     "ConversationTemplate",
     "TokenizedConversation",
     "encode_segment",
+    "end_of_turn_token_ids",
     "get_template",
     "messages_from_llava",
     "placeholder_ids",

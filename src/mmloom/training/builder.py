@@ -14,6 +14,7 @@ from mmloom.files import read_json
 from mmloom.model import serialization as ser
 from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
+from mmloom.model.feature_count import check_feature_strategy, default_feature_strategy
 from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
 from mmloom.remote_code import refuse_remote_code
@@ -146,8 +147,11 @@ def build_encoder(name: str, settings, m: ModelSection) -> ModalEncoderModule:
     if settings.pooling is not None:
         raise MmloomError(f"model.encoders.{name}.pooling applies to audio encoders only")
     layer = -2 if settings.feature_layer is None else settings.feature_layer
-    return ModalEncoderModule(build_vision_model(settings.model, m.attn_implementation), projector=projector,
-                              postprocess_module_callback=FeatureSelect(layer, settings.feature_mode))
+    tower = build_vision_model(settings.model, m.attn_implementation)
+    mode = settings.feature_mode or default_feature_strategy(tower.config)  # no CLS token (SigLIP): full
+    check_feature_strategy(tower.config, mode, "model.image_feature_select_mode" if name == "vision" and
+                           m.image_model is not None else f"model.encoders.{name}.feature_mode")
+    return ModalEncoderModule(tower, projector=projector, postprocess_module_callback=FeatureSelect(layer, mode))
 
 
 def build_model(cfg: TrainConfig | ModelSection, seed: int = 0):
@@ -200,6 +204,9 @@ def apply_lora(model, settings) -> None:
             target_modules=target if isinstance(target, str) else list(target),
         )
         setattr(owner, attribute, get_peft_model(module, config))
+    from mmloom.training.lora import check_mergeable
+
+    check_mergeable(model)  # an adapter no merge can fold in exactly is refused before training
 
 
 # ------------------------------------------------------------------------------- weights

@@ -113,7 +113,9 @@ class EncoderSettings(_Section):
     feature_layer: int | None = Field(
         None, description="hidden layer fed to the projector; default -2 for vision, the final output for audio"
     )
-    feature_mode: Literal["patch", "cls_patch"] = Field("patch", description="vision: drop (patch) or keep the CLS")
+    feature_mode: Literal["patch", "cls_patch", "full"] | None = Field(
+        None, description="vision: drop the first (CLS) position (patch) or keep every position (cls_patch / full); "
+        "default: patch for towers with a CLS token (CLIP), full for those without (SigLIP)")
     placeholder: str | None = Field(None, description="placeholder token; default <image> / <audio> / <NAME>")
     token_id: int | None = Field(
         None, description="placeholder id; default the LLM's vocab_size for vision, vocab_size + 1 for audio (the ids "
@@ -146,7 +148,9 @@ class ModelSection(_Section):
     projector: str = "mlp2x_gelu"
     freeze: list[str] = Field(default_factory=list, description="regexes over parameter names (Cerebras names ok)")
     image_feature_select_layer_idx: int = -2
-    image_feature_select_mode: Literal["patch", "cls_patch"] = "patch"
+    image_feature_select_mode: Literal["patch", "cls_patch", "full"] | None = Field(
+        None, description="drop the first (CLS) position (patch, LLaVA-1.5) or keep every position (cls_patch / "
+        "full); default: patch for towers with a CLS token (CLIP), full for those without (SigLIP)")
     image_start_idx: int | None = Field(None, ge=0, description="checked against the data's data_params.json")
     image_token_id: int | None = Field(None, description="placeholder id; default: the LLM's vocab_size")
     pad_token_id: int | None = Field(None, description="default: data_params.json pad_id, else the LLM's")
@@ -224,7 +228,12 @@ class RunSection(_Section):
     mfu_peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of one device, for the MFU estimate")
     save_trainable_only: bool = Field(True, description="checkpoints hold only trainable weights")
     save_final_model: bool = Field(True, description="write MODEL_DIR/final_model (all weights)")
-    find_unused_parameters: bool = False
+    find_unused_parameters: bool = Field(
+        False, description="DDP: look for parameters unused by each micro-batch (not needed for mmloom's models: those "
+        "that never get a gradient are found and left out by themselves)")
+    resume_allow_changed: list[Literal["data", "tokenizer", "start_model"]] = Field(
+        default_factory=list, description="resume although these changed since the checkpoint was written (the "
+        "training data's files, the data's tokenizer, the starting model's files); default: refused")
     resume_weights_only: bool = Field(
         False,
         description="resume from the latest checkpoint's weights, step and data position with a fresh optimizer "

@@ -164,15 +164,72 @@ def _ancestors(root: nn.Module, target: nn.Module) -> list[nn.Module]:
     return [m for m in path if m is not root]
 
 
+# LLM config attributes that make it a mixture of experts: each micro-batch routes to some experts only.
+MOE_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def parameters_without_gradient(model: nn.Module, forward) -> list[str]:
+    """Names of the trainable parameters of `model` that no output of `forward()` (which runs `model` on
+    one real micro-batch and returns a tensor) depends on: they can never get a gradient, e.g. the layers
+    of a vision tower after its selected feature layer (LLaVA's -2) and its final norm. Found by walking
+    the autograd graph of the output (no backward, no gradients allocated), with `model` in eval mode
+    (so that activation checkpointing, which hides the parameters it recomputes, is off) and the RNG
+    states restored."""
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    was_training = model.training
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    model.eval()
+    try:
+        with torch.enable_grad():
+            output = forward()
+            reached, seen = set(), set()
+            stack = [output.grad_fn]
+            while stack:
+                node = stack.pop()
+                if node is None or node in seen:
+                    continue
+                seen.add(node)
+                variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf parameter
+                if variable is not None:
+                    reached.add(id(variable))
+                stack.extend(next_node for next_node, _ in node.next_functions)
+            del output
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return [name for key, name in trainable.items() if key not in reached]
+
+
+def routes_experts(model: nn.Module) -> bool:
+    """Whether a part of `model` is a mixture of experts (its config names a number of experts): the
+    experts a micro-batch does not route to get no gradient in that micro-batch."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and any((getattr(config, a, 0) or 0) > 1 for a in MOE_ATTRIBUTES
+                                      if isinstance(getattr(config, a, 0), int)):
+            return True
+    return False
+
+
 def wrap_model(model: nn.Module, ctx: DistContext, find_unused_parameters: bool = False,
-               precision: str = "float32") -> nn.Module:
+               precision: str = "float32", without_gradient: list[str] | tuple[str, ...] = ()) -> nn.Module:
+    """`model` for `ctx`: as it is (one process), DDP, or FSDP2 (:func:`apply_fsdp`). DDP leaves out the
+    parameters `without_gradient` (:func:`parameters_without_gradient`: they are never updated, so never
+    synchronised) and finds the parameters unused by each micro-batch when `find_unused_parameters` is set
+    or the model routes experts (:func:`routes_experts`), so that every trainable configuration trains as in
+    one process without a user flag."""
     if not ctx.distributed:
         return model
     if ctx.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        if without_gradient:
+            DDP._set_params_and_buffers_to_ignore_for_model(model, list(without_gradient))
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+        return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters or routes_experts(model))
     if ctx.mode == "fsdp":
         return apply_fsdp(model, precision)
     raise MmloomError(f"unknown distributed mode {ctx.mode!r}")

@@ -41,7 +41,13 @@ from mmloom.training.data import (
     train_collator,
     train_lengths,
 )
-from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap_model
+from mmloom.training.distributed import (
+    DistContext,
+    gradient_sync,
+    parameters_without_gradient,
+    unwrap,
+    wrap_model,
+)
 from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
 from mmloom.training.metrics import (
     FlopsEstimator,
@@ -55,6 +61,7 @@ from mmloom.training.metrics import (
 from mmloom.training.modalities import check_data_modalities, vision_geometry, with_audio
 from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
 from mmloom.training.preemption import StepFailure, StopSignals, TrainingStopped
+from mmloom.training.resume_checks import check_resume_dependencies, run_dependencies
 from mmloom.training.run_folder import run_folder_lock
 
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -153,10 +160,31 @@ class Trainer:
         self.base_model = model
         # vision encoder geometry ((0, 0, 0) without one: audio-LLMs)
         self.num_feature_tokens, self.image_size, self.image_positions = vision_geometry(model)
-        if for_training or self.ctx.mode == "fsdp":
+        if self.ctx.distributed and self.ctx.mode == "ddp" and for_training:
+            self.model = model  # wrapped by wrap_ddp once a micro-batch shows which parameters get gradients
+        elif for_training or self.ctx.mode == "fsdp":
             self.model = wrap_model(model, self.ctx, run.find_unused_parameters, cfg.model.precision)
         else:
             self.model = model
+
+    def wrap_ddp(self) -> None:
+        """DDP around the model, leaving out the trainable parameters that cannot get a gradient (found on
+        the first training sample, `distributed.parameters_without_gradient`): with them DDP waits forever
+        for their gradients ("Expected to have finished reduction")."""
+        if not (self.ctx.distributed and self.ctx.mode == "ddp") or self.model is not self.base_model:
+            return
+        batch = batch_to_device(self.train_collate([self.train_set[0]]), self.device)
+
+        def forward():
+            with self.autocast():
+                return self.base_model(**model_inputs(batch), compute_logits=True).logits
+
+        unused = parameters_without_gradient(self.base_model, forward)
+        if unused and self.ctx.is_main:
+            self.console.message(f"note: DDP leaves out {len(unused)} trainable parameter tensors that get no gradient "
+                                 f"(e.g. {unused[0]}: after the selected feature layer)")
+        self.model = wrap_model(self.base_model, self.ctx, self.run.find_unused_parameters, self.cfg.model.precision,
+                                without_gradient=unused)
 
     def _collator(self, data_dir: str, dummy_images: bool = True) -> TrainCollator:
         params = read_data_params(data_dir)
@@ -311,6 +339,7 @@ class Trainer:
             "seed": self.run.seed,
             "config": self.cfg.model_dump(mode="json"),
             **({"unwritten_metrics": self.unwritten_metrics} if self.unwritten_metrics else {}),
+            "depends_on": self.dependencies,
         }
 
     def saved_processor(self):
@@ -380,6 +409,9 @@ class Trainer:
         ctx, run = self.ctx, self.run
         self.setup_model()
         self.setup_data()
+        self.wrap_ddp()
+        samples = len(getattr(self.train_set, "dataset", self.train_set))  # PaddedDataset: the real samples
+        self.dependencies = ctx.on_main(run_dependencies, self.cfg, samples, self.start_folder)
         self.write_resolved_config()
         self.setup_optimizer()
         start_step = 0
@@ -518,6 +550,8 @@ class Trainer:
             )
         if same_run:
             notes += self.config_notes
+            notes += check_resume_dependencies(folder, state.get("depends_on"), self.dependencies,
+                                               self.run.resume_allow_changed)
         if state.get("total_steps") not in (None, self.total_steps):
             notes.append(f"the learning-rate schedule now spans {self.total_steps} steps "
                          f"(the checkpoint's run planned {state['total_steps']})")
