@@ -3,11 +3,12 @@ the multimodal library mtmd): loads each exported GGUF pair in llama.cpp's own s
 prompt, what llama.cpp makes of it.
 
 Usage: python llamacpp_client.py JOB.json. The job lists cases {name, model, mmproj, prompts: [{text,
-image?}], n_predict, n_probs, suppress: [ids], messages?}; the results (JSON, at job["out"]) give per
-prompt the ids llama.cpp feeds (its /tokenize of each text piece, as mtmd tokenizes them, and the image
-span from the number of evaluated tokens), the greedy tokens and the top log-probabilities of each
-generated position (/completion, the native endpoint, image as a PNG in multimodal_data), and the chat
-template's rendering of `messages` (/apply-template). Only the standard library and xllamacpp are used.
+image?}], n_predict, n_probs, suppress: [ids], extra? (more prompts), messages?, tokenize?, kv_cache?,
+flash_attn?}; the results (JSON, at job["out"]) give per prompt the ids llama.cpp feeds (its /tokenize of
+each text piece, as mtmd tokenizes them, and the image span from the number of evaluated tokens), the
+greedy tokens and the top log-probabilities of each generated position (/completion, the native endpoint,
+image as a PNG in multimodal_data); the chat template's rendering of `messages` (/apply-template) and the
+/tokenize ids of `tokenize`. Only the standard library and xllamacpp are used.
 """
 
 import base64
@@ -107,7 +108,10 @@ def main() -> None:
         props = call(url, "/props")
         marker = props.get("media_marker", "<__media__>")
         out = {"props": {k: props.get(k) for k in ("bos_token", "eos_token", "model_ftype", "modalities", "build_info")},
-               "prompts": [run_prompt(url, marker, case, prompt) for prompt in case["prompts"]]}
+               "prompts": [run_prompt(url, marker, case, prompt) for prompt in case["prompts"]],
+               "extra": [run_prompt(url, marker, case, prompt) for prompt in case.get("extra") or []]}
+        if case.get("tokenize"):
+            out["tokenized"] = [tokenize(url, text, add_special=False) for text in case["tokenize"]]
         if case.get("messages"):
             out["applied"] = [call(url, "/apply-template", {"messages": m})["prompt"] for m in case["messages"]]
         results[case["name"]] = out

@@ -36,7 +36,16 @@ def byte_level_tokenizer(folder: Path, family: str):
     """A byte-level BPE tokenizer with the pre-tokenizer of `family` ("qwen2": the Qwen2 split regex and an
     NFC normalizer, eos <|im_end|>, pad <|endoftext|>, no BOS; "llama3": the Llama-3 regex with
     ignore_merges, BOS <|begin_of_text|>; "gpt2": ByteLevel's own regex), trained on sample texts."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     specials = {"qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -141,11 +150,11 @@ def prompts(image: Path) -> list[dict]:
     return [{"question": TEXT_QUESTION, "image": None}, {"question": QUESTION, "image": str(image)}]
 
 
-def mmloom_side(folder: Path, cases: list[dict], n_predict: int, top_k: int, rows_used: int,
+def mmloom_side(folder: Path, cases: list[dict], n_predict: int, rows_used: int,
                 emulate_clip_cls_last: bool = False) -> list[dict]:
     """mmloom's own processing of each prompt: the prompt text (the template's rendering, `<image>` where the
-    image goes), ids, greedy tokens (never the padded rows >= `rows_used`) and the top-`top_k`
-    log-probabilities (over every row) of each generated position. `emulate_clip_cls_last`: the CLIP tower
+    image goes), ids, greedy tokens (never the padded rows >= `rows_used`) and the log-probabilities (over
+    every row) at each generated position. `emulate_clip_cls_last`: the CLIP tower
     gets its CLS embedding after the patches, with positions 0..n in that order, as llama.cpp's current
     LLaVA graph computes it (llama.cpp issue 25814)."""
     from mmloom import MultimodalModel, MultimodalProcessor
@@ -177,14 +186,12 @@ def mmloom_side(folder: Path, cases: list[dict], n_predict: int, top_k: int, row
         with torch.no_grad():
             for _ in range(n_predict):
                 logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0, -1].float()
-                log_softmax = torch.log_softmax(logits, -1)
-                values, indices = log_softmax.topk(top_k)
-                logprobs.append(list(zip(indices.tolist(), values.tolist())))
+                logprobs.append(torch.log_softmax(logits, -1))
                 logits[rows_used:] = -float("inf")
                 token = int(logits.argmax())
                 generated.append(token)
                 ids = torch.cat([ids, torch.tensor([[token]])], 1)
-        out.append({"text": text, "ids": batch["input_ids"][0].tolist(), "generated": generated, "top_logprobs": logprobs})
+        out.append({"text": text, "image": case["image"], "ids": batch["input_ids"][0].tolist(), "generated": generated, "top_logprobs": logprobs})
     return out
 
 
