@@ -94,6 +94,7 @@ def run_prompt(url: str, marker: str, case: dict, prompt: dict) -> dict:
         "image_tokens": image_tokens,
         "tokens_evaluated": result["tokens_evaluated"],
         "generated": result["tokens"],
+        "stop_type": result.get("stop_type"),
         "content": result["content"],
         "top_logprobs": [[(t["id"], t["logprob"]) for t in step["top_logprobs"]]
                          for step in result.get("completion_probabilities", [])],

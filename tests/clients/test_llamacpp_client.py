@@ -231,3 +231,33 @@ def test_multi_turn_ids(exported):
         legacy += [sp.eos_id()] if k % 2 else sp.encode(piece)
     assert [side["tokenizer"].bos_token_id] + theirs == legacy
     assert [side["tokenizer"].bos_token_id] + theirs != side["multi_turn"]
+
+
+TOKENIZER_FAMILIES = {"gpt2": "vicuna_v1", "llama3": "llama3"}  # byte-level BPE: GPT-2's regex, Llama-3's split
+
+
+@pytest.fixture(scope="module")
+def tokenizer_families(tmp_path_factory):
+    """A byte-level BPE tokenizer with GPT-2's own pre-tokenizer and one with Llama-3's split regex, each in a
+    tiny composite exported in f32: llama.cpp's /tokenize ids and chat template rendering."""
+    root = tmp_path_factory.mktemp("llamacpp-tokenizers")
+    cases, ours = [], {}
+    for family, template in TOKENIZER_FAMILIES.items():
+        model, tokenizer = composite(byte_level_tokenizer(root / family, family), "llama", "siglip")
+        folder = save_mmloom(model, tokenizer, template, root / f"mmloom-{family}")
+        dst = root / f"gguf-{family}"
+        assert main(["convert", "--from", "mmloom", "--to", "gguf", str(folder), str(dst), "--outtype", "f32"]) == 0
+        ours[family] = load_tokenizer(folder)
+        cases.append({"name": family, "model": str(dst / f"{dst.name}.gguf"), "mmproj": str(dst / f"mmproj-{dst.name}.gguf"),
+                      "prompts": [], "n_predict": 1, "n_probs": 1, "tokenize": TEXTS, "messages": CONVERSATIONS})
+    return ours, run_llamacpp({"cases": cases}, root)
+
+
+@pytest.mark.parametrize("family", list(TOKENIZER_FAMILIES))
+def test_other_byte_level_families(tokenizer_families, family):
+    ours, results = tokenizer_families
+    for text, ids in zip(TEXTS, results[family]["tokenized"], strict=True):
+        assert ids == ours[family](text, add_special_tokens=False)["input_ids"], text
+    template = get_template(TOKENIZER_FAMILIES[family])
+    for messages, applied in zip(CONVERSATIONS, results[family]["applied"], strict=True):
+        assert applied == template.render(messages, add_generation_prompt=True)

@@ -30,7 +30,7 @@ What llama.cpp can represent (read in its ``tools/mtmd/clip.cpp`` and ``models/l
 * the language model: Llama and Mistral (GGUF architecture ``llama``; query / key rows reordered
   for llama.cpp's rotary layout) and Qwen2 (``qwen2``); RoPE without scaling or with linear scaling.
 * the tokenizer: SentencePiece BPE models (``tokenizer.model``, llama.cpp's ``llama`` vocabulary) and
-  byte-level BPE tokenizers whose pre-tokenizer llama.cpp knows (``gpt2``, ``smollm``, ``qwen2``,
+  byte-level BPE tokenizers whose pre-tokenizer llama.cpp knows (``gpt-2``, ``smollm``, ``qwen2``,
   ``llama-bpe``), recognised from ``tokenizer.json``'s normalizer and pre-tokenizer.
 
 Anything else (an audio encoder, another projector, a custom module, a callback llama.cpp does not
@@ -114,7 +114,7 @@ def _components(component: Any) -> list[dict]:
 
 def bpe_pre_tokenizer(data: dict) -> str:
     """llama.cpp's name (``tokenizer.ggml.pre``) for the pre-tokenizer of a byte-level BPE
-    ``tokenizer.json`` (`data`): ``gpt2`` (ByteLevel with GPT-2's regex), ``smollm`` (digits split one by
+    ``tokenizer.json`` (`data`): ``gpt-2`` (ByteLevel with GPT-2's regex), ``smollm`` (digits split one by
     one, then GPT-2's regex), ``qwen2`` / ``llama-bpe`` (the Qwen2 / Llama-3 regex, then ByteLevel).
     Raises MmloomError naming the normalizer or pre-tokenizer llama.cpp does not know."""
     normalizers = [n.get("type") for n in _components(data.get("normalizer"))]
@@ -134,7 +134,7 @@ def bpe_pre_tokenizer(data: dict) -> str:
                 and part.get("behavior") == "Isolated" and not part.get("invert", False))
 
     if len(parts) == 1 and byte_level(parts[0], True):
-        return "gpt2"
+        return "gpt-2"
     if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
             and byte_level(parts[1], True)):
         return "smollm"
