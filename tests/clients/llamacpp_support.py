@@ -78,17 +78,20 @@ def byte_level_tokenizer(folder: Path, family: str):
     return folder
 
 
-def composite(tokenizer_dir: Path, llm: str = "llama", tower: str = "siglip", seed: int = 0, projector="mlp2x_gelu"):
+def composite(tokenizer_dir: Path, llm: str = "llama", tower: str = "siglip", seed: int = 0, projector="mlp2x_gelu",
+              **llm_config):
     """(model, tokenizer): a 3-layer SigLIP ("full": every position) or CLIP ("patch": CLS dropped) tower at
-    32 px / patch 8 (16 image tokens), a 2-layer Llama or Qwen2 of width 64 with tied embeddings and
-    rope_theta 500000, <image> added and the vocabulary padded to a multiple of 64; weights perturbed
-    away from their init so that every part changes the logits."""
+    32 px / patch 8 (16 image tokens), a 2-layer Llama, Mistral or Qwen2 of width 64 with tied embeddings and
+    rope_theta 500000 (`llm_config` overrides), <image> added and the vocabulary padded to a multiple of 64;
+    weights perturbed away from their init so that every part changes the logits."""
     from transformers import (
         AutoTokenizer,
         CLIPVisionConfig,
         CLIPVisionModel,
         LlamaConfig,
         LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
         SiglipVisionConfig,
@@ -108,11 +111,13 @@ def composite(tokenizer_dir: Path, llm: str = "llama", tower: str = "siglip", se
     else:
         encoder = CLIPVisionModel(CLIPVisionConfig(**vision, projection_dim=64))
         select = FeatureSelect(-2, "patch")
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[llm]
-    lm = model_cls(config_cls(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, rope_theta=500000.0, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[llm]
+    lm = model_cls(config_cls(**{
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024, "rope_theta": 500000.0,
+        "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        **llm_config}))
     ids = prepare_tokenizer_and_vocab(tokenizer, lm, ["<image>"], pad_to_multiple_of=64)
     model = MultimodalModel({"vision": ModalEncoderModule(encoder, postprocess_module_callback=select)}, lm,
                             init_projector_type=projector, placeholder_token_ids={"vision": ids["<image>"]})

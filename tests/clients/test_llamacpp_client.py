@@ -233,31 +233,42 @@ def test_multi_turn_ids(exported):
     assert [side["tokenizer"].bos_token_id] + theirs != side["multi_turn"]
 
 
-TOKENIZER_FAMILIES = {"gpt2": "vicuna_v1", "llama3": "llama3"}  # byte-level BPE: GPT-2's regex, Llama-3's split
+# byte-level BPE with GPT-2's own regex (a Mistral LLM with linear RoPE scaling), with Llama-3's split (a Llama)
+TOKENIZER_FAMILIES = {"gpt2": ("vicuna_v1", "mistral", {"rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                                                       "sliding_window": None}),
+                      "llama3": ("llama3", "llama", {})}
 
 
 @pytest.fixture(scope="module")
 def tokenizer_families(tmp_path_factory):
-    """A byte-level BPE tokenizer with GPT-2's own pre-tokenizer and one with Llama-3's split regex, each in a
-    tiny composite exported in f32: llama.cpp's /tokenize ids and chat template rendering."""
+    """Two more byte-level BPE families and a Mistral LLM with linear RoPE scaling, each composite exported in
+    f32: llama.cpp's /tokenize ids, its chat template rendering and a text answer (exact arithmetic)."""
     root = tmp_path_factory.mktemp("llamacpp-tokenizers")
+    image = square_image(root)
     cases, ours = [], {}
-    for family, template in TOKENIZER_FAMILIES.items():
-        model, tokenizer = composite(byte_level_tokenizer(root / family, family), "llama", "siglip")
+    for family, (template, llm, config) in TOKENIZER_FAMILIES.items():
+        model, tokenizer = composite(byte_level_tokenizer(root / family, family), llm, "siglip", **config)
         folder = save_mmloom(model, tokenizer, template, root / f"mmloom-{family}")
+        rows = model.language_model.get_input_embeddings().weight.shape[0]
         dst = root / f"gguf-{family}"
         assert main(["convert", "--from", "mmloom", "--to", "gguf", str(folder), str(dst), "--outtype", "f32"]) == 0
-        ours[family] = load_tokenizer(folder)
+        mine = mmloom_side(folder, prompts(image)[:1], N_PREDICT, len(tokenizer))
+        ours[family] = {"tokenizer": load_tokenizer(folder), "mine": mine}
         cases.append({"name": family, "model": str(dst / f"{dst.name}.gguf"), "mmproj": str(dst / f"mmproj-{dst.name}.gguf"),
-                      "prompts": [], "n_predict": 1, "n_probs": 1, "tokenize": TEXTS, "messages": CONVERSATIONS})
+                      "prompts": [{"text": mine[0]["text"]}], "n_predict": N_PREDICT, "n_probs": TOP_K,
+                      "suppress": list(range(len(tokenizer), rows)), "tokenize": TEXTS, "messages": CONVERSATIONS,
+                      **RUNS["exact"][1]})
     return ours, run_llamacpp({"cases": cases}, root)
 
 
 @pytest.mark.parametrize("family", list(TOKENIZER_FAMILIES))
-def test_other_byte_level_families(tokenizer_families, family):
+def test_other_families(tokenizer_families, family):
     ours, results = tokenizer_families
     for text, ids in zip(TEXTS, results[family]["tokenized"], strict=True):
-        assert ids == ours[family](text, add_special_tokens=False)["input_ids"], text
-    template = get_template(TOKENIZER_FAMILIES[family])
+        assert ids == ours[family]["tokenizer"](text, add_special_tokens=False)["input_ids"], text
+    template = get_template(TOKENIZER_FAMILIES[family][0])
     for messages, applied in zip(CONVERSATIONS, results[family]["applied"], strict=True):
         assert applied == template.render(messages, add_generation_prompt=True)
+    mine, theirs = ours[family]["mine"][0], results[family]["prompts"][0]
+    assert theirs["ids"] == mine["ids"] and theirs["generated"] == mine["generated"]
+    assert _max_difference(mine["top_logprobs"], theirs["top_logprobs"]) < EXACT["text"]

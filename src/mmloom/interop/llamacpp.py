@@ -58,7 +58,7 @@ import torch
 from mmloom.errors import MmloomError
 from mmloom.files import atomic_directory, read_json, write_text
 from mmloom.interop.common import Bundle, default_image_processor, merge_adapters, vision_parts
-from mmloom.interop.hf4 import rope_fields
+from mmloom.interop.hf4 import hf4_vision_state, rope_fields
 from mmloom.interop.image_processors import hf_image_processor
 from mmloom.interop.tokenizer_files import save_tokenizer
 from mmloom.interop.tokens import vocab_rows
@@ -155,7 +155,7 @@ def _added_tokens(tokenizer) -> dict[int, tuple[str, bool]]:
     return {int(i): (str(t), bool(getattr(t, "special", False))) for i, t in decoder.items()}
 
 
-def _sentencepiece_vocab(folder: Path, tokenizer, rows: int) -> GgufVocab:
+def _sentencepiece_vocab(folder: Path, tokenizer) -> GgufVocab:
     """The SentencePiece pieces (with their scores and types, read by gguf's SentencePieceVocab), the
     tokenizer's added tokens after them (CONTROL when special, else USER_DEFINED)."""
     import gguf
@@ -229,7 +229,7 @@ def gguf_vocab(bundle: Bundle, rows: int, add_bos: bool) -> GgufVocab:
         folder = Path(tmp)
         save_tokenizer(tokenizer, folder, search=[bundle.source] if bundle.source else ())
         if (folder / "tokenizer.model").is_file():
-            vocab = _sentencepiece_vocab(folder, tokenizer, rows)
+            vocab = _sentencepiece_vocab(folder, tokenizer)
         elif (folder / "tokenizer.json").is_file():
             vocab = _bpe_vocab(read_json(folder / "tokenizer.json"), tokenizer)
         else:
@@ -309,7 +309,7 @@ def modelfile(name: str, layout, stops: list[str]) -> str:
     ]
     if layout is not None:
         lines.append(f'TEMPLATE """{ollama_template(layout)}"""')
-        if layout.default_system:
+        if layout.default_system and '"""' not in layout.default_system:
             lines.append(f'SYSTEM """{layout.default_system}"""')
     for stop in stops:
         lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
@@ -505,8 +505,6 @@ def _vision_plan(parts, image_processor, outtype: str, llm_hidden: int, notes: l
         "feature_layer": layers,
     }
 
-    from mmloom.interop.hf4 import hf4_vision_state
-
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, num_layers)
     tensors = []
     for key, value in hf4_vision_state(tower).items():
@@ -593,8 +591,6 @@ def plan_gguf(bundle: Bundle, outtype: str = DEFAULT_OUTTYPE, name: str = "model
     eot = next((int(i) for i in stop_ids if i is not None and int(i) != eos), None)
     if eot is not None:
         vocab.special["eot"] = eot
-    if any(p.name == "token_embd.weight" for p in llm_tensors) and vocab_rows(parts.language_model) != len(vocab.tokens):
-        raise MmloomError("internal error: vocabulary and embedding rows differ")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     if outtype == "q8_0":
@@ -644,12 +640,12 @@ def _write_file(path: Path, arch: str, add_kv: Callable, tensors: list[Tensor]) 
     writer.close()
 
 
-def _llm_kv(plan: GgufPlan, display: str) -> Callable:
+def _llm_kv(plan: GgufPlan) -> Callable:
     import gguf
 
     def add(w) -> None:
         kv, vocab = plan.llm_kv, plan.vocab
-        w.add_name(display)
+        w.add_name(plan.name)
         w.add_file_type(plan.file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_context_length(kv["context_length"])
@@ -687,12 +683,12 @@ def _llm_kv(plan: GgufPlan, display: str) -> Callable:
     return add
 
 
-def _vision_kv(plan: GgufPlan, display: str) -> Callable:
+def _vision_kv(plan: GgufPlan) -> Callable:
     import gguf
 
     def add(w) -> None:
         kv = plan.vision_kv
-        w.add_name(f"{display} vision tower + projector")
+        w.add_name(f"{plan.name} vision tower + projector")
         w.add_file_type(plan.file_type if plan.file_type != gguf.LlamaFileType.MOSTLY_Q8_0
                         else gguf.LlamaFileType.MOSTLY_F16)
         w.add_clip_has_vision_encoder(True)
@@ -723,19 +719,12 @@ def write_gguf(bundle: Bundle, dst: str | Path, outtype: str | None = None, name
     anything is written, when the model does not map onto llama.cpp (:func:`plan_gguf`)."""
     dst = Path(dst)
     plan = plan_gguf(bundle, outtype or DEFAULT_OUTTYPE, name or dst.name)
-    display = plan.name
     with atomic_directory(dst) as tmp:
-        _write_file(tmp / f"{plan.name}.gguf", plan.arch, _llm_kv(plan, display), plan.llm_tensors)
-        _write_file(tmp / f"mmproj-{plan.name}.gguf", "clip", _vision_kv(plan, display), plan.vision_tensors)
+        _write_file(tmp / f"{plan.name}.gguf", plan.arch, _llm_kv(plan), plan.llm_tensors)
+        _write_file(tmp / f"mmproj-{plan.name}.gguf", "clip", _vision_kv(plan), plan.vision_tensors)
         write_text(tmp / "Modelfile", modelfile(plan.name, plan.layout, plan.stops))
     bundle.notes += plan.notes + [
         f"wrote {plan.name}.gguf ({plan.arch}, {outtype or DEFAULT_OUTTYPE}), mmproj-{plan.name}.gguf and Modelfile; "
         f"run: llama-mtmd-cli -m {dst / (plan.name + '.gguf')} --mmproj {dst / ('mmproj-' + plan.name + '.gguf')} "
         "--image IMAGE -p PROMPT"]
 
-
-def gguf_names(dst: str | Path, name: str | None = None) -> tuple[Path, Path]:
-    """(language model file, mmproj file) that :func:`write_gguf` writes into `dst`."""
-    dst = Path(dst)
-    stem = name or dst.name
-    return dst / f"{stem}.gguf", dst / f"mmproj-{stem}.gguf"
