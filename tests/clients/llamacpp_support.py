@@ -127,13 +127,19 @@ def composite(tokenizer_dir: Path, llm: str = "llama", tower: str = "siglip", se
     return model.eval(), tokenizer
 
 
-def save_mmloom(model, tokenizer, template: str, folder: Path, tower: str = "siglip") -> Path:
+def save_mmloom(model, tokenizer, template: str, folder: Path, tower: str = "siglip", pad: bool = False) -> Path:
     """The composite as an mmloom folder, its processor the tower's own preprocessing at 32 px (SigLIP:
-    mean / std 0.5; CLIP: CLIP's)."""
+    mean / std 0.5; CLIP: CLIP's); `pad`: LLaVA-1.5's (pad to a square with the CLIP mean colour, which is
+    llama.cpp's letterbox colour (122, 116, 104), then CLIP's steps)."""
     from mmloom.interop.common import Bundle, write_mmloom
     from mmloom.processing.image import ImageTransform
 
-    transform = ImageTransform(IMAGE_SIZE, mean=[0.5] * 3, std=[0.5] * 3) if tower == "siglip" else ImageTransform(IMAGE_SIZE)
+    if pad:
+        transform = ImageTransform(IMAGE_SIZE, pad_to_square=True)
+    elif tower == "siglip":
+        transform = ImageTransform(IMAGE_SIZE, mean=[0.5] * 3, std=[0.5] * 3)
+    else:
+        transform = ImageTransform(IMAGE_SIZE)
     write_mmloom(Bundle(model, tokenizer, {"vision": transform}, template), folder)
     return folder
 
@@ -212,3 +218,12 @@ def run_llamacpp(job: dict, root: Path, timeout: int = 600) -> dict:
     if proc.returncode != 0:
         raise AssertionError(f"llamacpp_client.py failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(Path(job["out"]).read_text())
+
+
+def report(request, lines: list[str]) -> None:
+    """Print `lines` into the test log, also when the tests pass (CI's log keeps the measured figures)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    write = request.config.pluginmanager.getplugin("terminalreporter").write_line
+    with capture.global_and_fixture_disabled():
+        for line in lines:
+            write(line)

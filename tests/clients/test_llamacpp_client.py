@@ -16,6 +16,10 @@ text-only question and a question about a square image at the tower's 32 px (no 
   assume it first (llama.cpp issue 25814, fix pending in pull request 25844). Its image answers are compared
   with mmloom's model run the same way (CLS last, positions 0..n in that order), and are shown to differ
   from mmloom's own: the export is right for the format; the difference is that fault.
+* Images llama.cpp resamples itself (wide, tall, 64 px; with the model's crop or LLaVA-1.5's padding): same
+  ids and image span; the effect on the answer is measured and printed with the other figures.
+* Tokenizers (the real Llama-2 SentencePiece, Qwen2-, GPT-2- and Llama-3-style byte-level BPE): llama.cpp's
+  /tokenize gives mmloom's ids on mixed texts; a multi-turn prompt differs only with SentencePiece (below).
 """
 
 from pathlib import Path
@@ -29,6 +33,7 @@ from llamacpp_support import (
     composite,
     mmloom_side,
     prompts,
+    report,
     run_llamacpp,
     save_mmloom,
     square_image,
@@ -96,6 +101,16 @@ def exported(tmp_path_factory, request):
                           "messages": CONVERSATIONS if run == "exact" else None,
                           "tokenize": TEXTS + [get_template(template).render(MULTI_TURN, add_generation_prompt=True)]
                           if run == "exact" else None, **settings})
+        if name == "llama2-siglip":  # the same model with LLaVA-1.5's padding preprocessing: resampled images only
+            folder = save_mmloom(model, tokenizer, template, root / "mmloom-pad", tower, pad=True)
+            dst = root / "gguf-pad"
+            assert main(["convert", "--from", "mmloom", "--to", "gguf", str(folder), str(dst), "--outtype", "f32"]) == 0
+            padded = mmloom_side(folder, resampled, N_PREDICT, len(tokenizer))
+            ours["pad"] = {"extra": padded}
+            cases.append({"name": "pad/exact", "model": str(dst / f"{dst.name}.gguf"),
+                          "mmproj": str(dst / f"mmproj-{dst.name}.gguf"), "prompts": [], "n_predict": N_PREDICT,
+                          "n_probs": TOP_K, "suppress": list(range(len(tokenizer), rows)),
+                          "extra": [{"text": o["text"], "image": o["image"]} for o in padded], **RUNS["exact"][1]})
     results = run_llamacpp({"cases": cases}, root)
     yield ours, results
     _report(request, ours, results)
@@ -103,7 +118,8 @@ def exported(tmp_path_factory, request):
 
 def _report(request, ours: dict, results: dict) -> None:
     """The measured parity, printed into the test log (docs/interop.md quotes it)."""
-    write = request.config.pluginmanager.get_plugin("terminalreporter").write_line
+    lines = []
+    write = lines.append
     write(f"\nllama.cpp (xllamacpp {results['xllamacpp']}) vs mmloom: identical greedy tokens of {N_PREDICT}, "
           "max |log-prob difference| of llama.cpp's top-5 up to the first divergence")
     for name in COMPOSITES:
@@ -111,16 +127,18 @@ def _report(request, ours: dict, results: dict) -> None:
             cells = []
             for kind, mine, theirs in zip(("text", "image"), ours[name]["reference"],
                                           results[f"{name}/{run}"]["prompts"], strict=True):
-                same = next((i for i, (a, b) in enumerate(zip(mine["generated"], theirs["generated"], strict=True)) if a != b),
-                            N_PREDICT)
+                pairs = zip(mine["generated"], theirs["generated"], strict=True)
+                same = next((i for i, (a, b) in enumerate(pairs) if a != b), N_PREDICT)
                 steps = min(same + 1, N_PREDICT)
                 worst = _max_difference(mine["top_logprobs"][:steps], theirs["top_logprobs"][:steps])
                 cells.append(f"{kind} {same}/{N_PREDICT} {worst:.2e}")
             write(f"  {name:14} {run:6} " + "   ".join(cells))
-    for mine, theirs in zip(ours["llama2-siglip"]["extra"], results["llama2-siglip/exact"]["extra"], strict=True):
-        worst = _max_difference(mine["top_logprobs"][:1], theirs["top_logprobs"][:1])
-        write(f"  resampled image {Path(mine['image']).name}: first-token max |log-prob difference| "
-              f"{worst:.2e}, greedy {theirs['generated'] == mine['generated']}")
+    for name, how in (("llama2-siglip", "resize + center crop"), ("pad", "LLaVA-1.5 pad to square")):
+        for mine, theirs in zip(ours[name]["extra"], results[f"{name}/exact"]["extra"], strict=True):
+            worst = _max_difference(mine["top_logprobs"][:1], theirs["top_logprobs"][:1])
+            write(f"  {how:24} {Path(mine['image']).name:14} first-token max |log-prob difference| {worst:.2e}, "
+                  f"same greedy tokens {theirs['generated'] == mine['generated']}")
+    report(request, lines)
 
 
 def _max_difference(mine_steps, theirs_steps) -> float:
@@ -207,9 +225,10 @@ def test_resampled_images_reach_the_tower_at_its_size(exported):
     """Non-square and larger images: llama.cpp letterboxes and resizes them itself (16 image tokens each);
     the effect on the answer is measured in the report (docs/interop.md)."""
     ours, results = exported
-    for mine, theirs in zip(ours["llama2-siglip"]["extra"], results["llama2-siglip/exact"]["extra"], strict=True):
-        assert theirs["image_tokens"] == 16
-        assert theirs["ids"] == [-1 if t == ours["llama2-siglip"]["image_id"] else t for t in mine["ids"]]
+    for name in ("llama2-siglip", "pad"):
+        for mine, theirs in zip(ours[name]["extra"], results[f"{name}/exact"]["extra"], strict=True):
+            assert theirs["image_tokens"] == 16
+            assert theirs["ids"] == [-1 if t == ours["llama2-siglip"]["image_id"] else t for t in mine["ids"]]
 
 
 def test_multi_turn_ids(exported):

@@ -8,7 +8,7 @@ row, `<image>`, which llama.cpp never generates here: it is suppressed)."""
 
 import pytest
 from clients_support import only_in_client_stage, smollm2_dir
-from llamacpp_support import run_llamacpp
+from llamacpp_support import report, run_llamacpp
 
 from mmloom.cli.main import main
 
@@ -66,7 +66,8 @@ def compared(tmp_path_factory, request):
              for run, (outtype, settings) in RUNS.items()]
     results = run_llamacpp({"cases": cases}, root)
     yield tokenizer, ours, results
-    write = request.config.pluginmanager.get_plugin("terminalreporter").write_line
+    lines = []
+    write = lines.append
     write("\nSmolLM2-135M-Instruct in llama.cpp vs transformers: identical greedy tokens, max |relative log-prob "
           "difference| up to the first divergence")
     for run in RUNS:
@@ -74,6 +75,7 @@ def compared(tmp_path_factory, request):
             same, worst = _compare(mine, theirs, tokenizer.eos_token_id)
             write(f"  {run:6} {same}/{len(_answer(mine['generated'], tokenizer.eos_token_id))} {worst:.2e}  "
                   f"{theirs['content']!r}")
+    report(request, lines)
 
 
 def _answer(tokens: list[int], eos: int) -> list[int]:
