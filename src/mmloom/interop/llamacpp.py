@@ -577,6 +577,9 @@ def plan_gguf(bundle: Bundle, outtype: str = DEFAULT_OUTTYPE, name: str = "model
     template = get_template(bundle.template, **options) if bundle.template else None
     vocab = gguf_vocab(bundle, llm_kv["vocab_size"], add_bos=bool(template is not None and template.add_bos))
     notes += vocab.notes
+    if vocab.padded:
+        notes.append(f"the {vocab.padded} embedding rows beyond the tokenizer's {len(vocab.tokens) - vocab.padded} "
+                     "tokens are written as unused [PADn] tokens")
     layout, chat_template = None, None
     try:
         layout = turn_layout(template, tokenizer) if template is not None else None
