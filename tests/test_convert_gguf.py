@@ -22,6 +22,7 @@ from mmloom.cli.main import main
 from mmloom.errors import MmloomError
 from mmloom.interop.common import Bundle, write_mmloom
 from mmloom.interop.llamacpp import bpe_pre_tokenizer, jinja_chat_template, write_gguf
+from mmloom.model.callbacks import AnyresPack
 from mmloom.processing.image import ImageTransform
 from mmloom.processing.templates import TEMPLATE_NAMES, get_template, turn_layout
 from mmloom.testing import tiny_clip_vision, tiny_llm, tiny_siglip_vision, tiny_tokenizer
@@ -160,7 +161,12 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     clip_keeps_cls = MultimodalModel({"vision": ModalEncoderModule(
         tiny_clip_vision(), postprocess_module_callback=FeatureSelect(-2, "cls_patch"))}, tiny_llm("llama"),
         placeholder_token_ids={"vision": IMAGE_ID})
+    anyres = MultimodalModel({"vision": ModalEncoderModule(
+        tiny_clip_vision(), postprocess_module_callback=FeatureSelect(-2, "patch"),
+        postprocess_projector_callback=AnyresPack(48, [[32, 64], [64, 32]], patch_grid=4, image_size=32))},
+        tiny_llm("llama"), placeholder_token_ids={"vision": IMAGE_ID})
     models = {"linear": (siglip_vlm(projector="linear"), "projector 'mlp' is Linear -> GELU -> Linear"),
+              "anyres": (anyres, "cannot represent the vision encoder's postprocess_projector_callback"),
               "relu": (siglip_vlm(projector="mlp2x_relu"), "this model's is 'mlp2x_relu'"),
               "siglip-patch": (siglip_vlm(strategy="patch"), "train with the 'full' strategy"),
               "clip-cls": (clip_keeps_cls, "llama.cpp drops the CLS position of a CLIP tower"),
