@@ -79,11 +79,12 @@ def byte_level_tokenizer(folder: Path, family: str):
 
 
 def composite(tokenizer_dir: Path, llm: str = "llama", tower: str = "siglip", seed: int = 0, projector="mlp2x_gelu",
-              **llm_config):
+              layer: int | list[int] = -2, **llm_config):
     """(model, tokenizer): a 3-layer SigLIP ("full": every position) or CLIP ("patch": CLS dropped) tower at
-    32 px / patch 8 (16 image tokens), a 2-layer Llama, Mistral or Qwen2 of width 64 with tied embeddings and
-    rope_theta 500000 (`llm_config` overrides), <image> added and the vocabulary padded to a multiple of 64;
-    weights perturbed away from their init so that every part changes the logits."""
+    32 px / patch 8 (16 image tokens), features from hidden layer(s) `layer`, a 2-layer Llama, Mistral or
+    Qwen2 of width 64 with tied embeddings and rope_theta 500000 (`llm_config` overrides), <image> added
+    and the vocabulary padded to a multiple of 64; weights perturbed away from their init so that every
+    part changes the logits."""
     from transformers import (
         AutoTokenizer,
         CLIPVisionConfig,
@@ -107,10 +108,10 @@ def composite(tokenizer_dir: Path, llm: str = "llama", tower: str = "siglip", se
                   num_attention_heads=4)
     if tower == "siglip":
         encoder = SiglipVisionModel(SiglipVisionConfig(**vision))
-        select = FeatureSelect(-2, "full")
+        select = FeatureSelect(layer, "full")
     else:
         encoder = CLIPVisionModel(CLIPVisionConfig(**vision, projection_dim=64))
-        select = FeatureSelect(-2, "patch")
+        select = FeatureSelect(layer, "patch")
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
                              "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[llm]
     lm = model_cls(config_cls(**{

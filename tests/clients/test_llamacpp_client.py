@@ -8,8 +8,8 @@ SigLIP tower ("full": every patch); and the Llama-2 one with a CLIP tower ("patc
 text-only question and a question about a square image at the tower's 32 px (no resampling differs).
 
 * "exact": f32 weights, llama.cpp with an f32 KV cache and no flash attention: ids identical, greedy tokens
-  identical, log-probabilities within 1e-4 (text) / 1e-3 (image: llama.cpp's projector GELU is
-  tanh-approximated, mmloom's exact).
+  identical, log-probabilities within 1e-4 (text) / 2e-3 (image: llama.cpp's own vision arithmetic, measured
+  3e-4 to 1.2e-3; a tanh-GELU projector on mmloom's side does not reduce it).
 * f32 / f16 / bf16 / q8_0 with llama.cpp's defaults (f16 KV cache, flash attention): greedy tokens identical,
   log-probabilities within the bounds of TOLERANCE (the measured effect of each type, in docs/interop.md).
 * CLIP towers: llama.cpp's current LLaVA graph puts the CLS embedding after the patches while its inputs
@@ -56,7 +56,7 @@ RUNS = {  # name: (--outtype, llama.cpp settings)
     "bf16": ("bf16", {}),
     "q8_0": ("q8_0", {}),
 }
-EXACT = {"text": 1e-4, "image": 1e-3}
+EXACT = {"text": 1e-4, "image": 2e-3}
 TOLERANCE = {"f32": 0.02, "f16": 0.02, "bf16": 0.08, "q8_0": 0.2}  # max |log-prob difference|, top-5 tokens
 N_PREDICT, TOP_K = 6, 5
 MULTI_TURN = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A model."},
@@ -252,16 +252,18 @@ def test_multi_turn_ids(exported):
     assert [side["tokenizer"].bos_token_id] + theirs != side["multi_turn"]
 
 
-# byte-level BPE with GPT-2's own regex (a Mistral LLM with linear RoPE scaling), with Llama-3's split (a Llama)
+# byte-level BPE with GPT-2's own regex (a Mistral LLM with linear RoPE scaling), with Llama-3's split (a Llama
+# whose tower features are two hidden layers concatenated, the last one included: no post_layernorm)
 TOKENIZER_FAMILIES = {"gpt2": ("vicuna_v1", "mistral", {"rope_scaling": {"rope_type": "linear", "factor": 2.0},
                                                        "sliding_window": None}),
-                      "llama3": ("llama3", "llama", {})}
+                      "llama3": ("llama3", "llama", {"layer": [-3, -1], "projector": "mlp2x_gelu_pytorch_tanh"})}
 
 
 @pytest.fixture(scope="module")
 def tokenizer_families(tmp_path_factory):
-    """Two more byte-level BPE families and a Mistral LLM with linear RoPE scaling, each composite exported in
-    f32: llama.cpp's /tokenize ids, its chat template rendering and a text answer (exact arithmetic)."""
+    """Two more byte-level BPE families, a Mistral LLM with linear RoPE scaling and two concatenated feature
+    layers, each composite exported in f32: llama.cpp's /tokenize ids, its chat template rendering and its
+    answers to a text and an image prompt (exact arithmetic)."""
     root = tmp_path_factory.mktemp("llamacpp-tokenizers")
     image = square_image(root)
     cases, ours = [], {}
@@ -271,10 +273,11 @@ def tokenizer_families(tmp_path_factory):
         rows = model.language_model.get_input_embeddings().weight.shape[0]
         dst = root / f"gguf-{family}"
         assert main(["convert", "--from", "mmloom", "--to", "gguf", str(folder), str(dst), "--outtype", "f32"]) == 0
-        mine = mmloom_side(folder, prompts(image)[:1], N_PREDICT, len(tokenizer))
+        mine = mmloom_side(folder, prompts(image), N_PREDICT, len(tokenizer))
         ours[family] = {"tokenizer": load_tokenizer(folder), "mine": mine}
         cases.append({"name": family, "model": str(dst / f"{dst.name}.gguf"), "mmproj": str(dst / f"mmproj-{dst.name}.gguf"),
-                      "prompts": [{"text": mine[0]["text"]}], "n_predict": N_PREDICT, "n_probs": TOP_K,
+                      "prompts": [{"text": o["text"], "image": o["image"]} for o in mine], "n_predict": N_PREDICT,
+                      "n_probs": TOP_K,
                       "suppress": list(range(len(tokenizer), rows)), "tokenize": TEXTS, "messages": CONVERSATIONS,
                       **RUNS["exact"][1]})
     return ours, run_llamacpp({"cases": cases}, root)
@@ -288,6 +291,8 @@ def test_other_families(tokenizer_families, family):
     template = get_template(TOKENIZER_FAMILIES[family][0])
     for messages, applied in zip(CONVERSATIONS, results[family]["applied"], strict=True):
         assert applied == template.render(messages, add_generation_prompt=True)
-    mine, theirs = ours[family]["mine"][0], results[family]["prompts"][0]
-    assert theirs["ids"] == mine["ids"] and theirs["generated"] == mine["generated"]
-    assert _max_difference(mine["top_logprobs"], theirs["top_logprobs"]) < EXACT["text"]
+    image_id = ours[family]["tokenizer"].convert_tokens_to_ids("<image>")
+    for kind, mine, theirs in zip(("text", "image"), ours[family]["mine"], results[family]["prompts"], strict=True):
+        assert theirs["ids"] == [-1 if t == image_id else t for t in mine["ids"]], kind
+        assert theirs["generated"] == mine["generated"], kind
+        assert _max_difference(mine["top_logprobs"], theirs["top_logprobs"]) < EXACT[kind], kind
