@@ -186,8 +186,10 @@ def test_clip_image_answers_show_llamacpp_cls_fault(exported):
     """llama.cpp matches mmloom's model with the CLS embedding moved last (checked above) and therefore
     differs from mmloom's model itself: the image answers carry llama.cpp's fault, not the export's."""
     ours, results = exported
-    mine, theirs = ours["llama2-clip"]["mine"][1], results["llama2-clip/exact"]["prompts"][1]
-    assert _max_difference(mine["top_logprobs"][:1], theirs["top_logprobs"][:1]) > 100 * EXACT["image"]
+    theirs = results["llama2-clip/exact"]["prompts"][1]["top_logprobs"][:1]
+    own = _max_difference(ours["llama2-clip"]["mine"][1]["top_logprobs"][:1], theirs)  # measured 0.17
+    emulated = _max_difference(ours["llama2-clip"]["reference"][1]["top_logprobs"][:1], theirs)  # measured 7e-4
+    assert own > 0.1 and own > 100 * emulated
 
 
 @pytest.mark.parametrize("run", list(TOLERANCE))
