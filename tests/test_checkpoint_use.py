@@ -95,3 +95,19 @@ def test_checkpoint_without_run_config_or_with_other_frozen_weights_is_refused(r
     (alone / "run_config.yaml").write_text(text.replace("  seed: 0", "  seed: 1"))
     assert main(["merge-lora", str(alone), str(tmp_path / "out")]) == 2
     assert "differ from those the run trained with" in capsys.readouterr().err
+
+
+def test_gguf_export_takes_a_lora_checkpoint(runs, tmp_path):
+    """`convert --to gguf` of a trainable-only LoRA checkpoint writes the merged weights: the same GGUF tensors
+    as the export of the run's final_model."""
+    import gguf
+
+    _, _, lora = runs
+    for name, src in (("ckpt", lora / "checkpoint-2"), ("final", lora / "final_model")):
+        assert main(["convert", "--from", "mmloom", "--to", "gguf", "--outtype", "f32", "--name", "m", str(src),
+                     str(tmp_path / name)]) == 0
+    for file in ("m.gguf", "mmproj-m.gguf"):
+        ckpt, final = (gguf.GGUFReader(tmp_path / name / file).tensors for name in ("ckpt", "final"))
+        assert [t.name for t in ckpt] == [t.name for t in final]
+        for a, b in zip(ckpt, final, strict=True):
+            assert float(abs(a.data - b.data).max()) < 1e-5, a.name

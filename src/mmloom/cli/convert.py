@@ -61,7 +61,8 @@ def register(subparsers) -> None:
     names = list(FORMATS)
     convert = subparsers.add_parser(
         "convert",
-        help="convert checkpoints between mmloom, hf-llava, original LLaVA and HF component folders",
+        help="convert checkpoints between mmloom, hf-llava, original LLaVA and HF component folders, and export "
+        "to llama.cpp / Ollama (gguf)",
         description="Convert a checkpoint: mmloom convert --from FORMAT --to FORMAT SRC DST "
         "(hf-components takes no SRC: --image-model DIR --text-model DIR). DST must be new or an empty folder: "
         "an existing one is replaced only when it is an earlier `mmloom convert` output and --overwrite is given, "
@@ -81,6 +82,11 @@ def register(subparsers) -> None:
     convert.add_argument("--text-folder", default=None,
                          help="llava: name of the LLM folder (must contain 'llava'; default text_model_llava, "
                          "text_model_llava_mistral for a Mistral LLM)")
+    convert.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+                         help="gguf: type of the written weights (default f16; q8_0 quantizes the language model, "
+                         "norms and biases stay f32)")
+    convert.add_argument("--name", default=None,
+                         help="gguf: file name stem, DST/NAME.gguf and DST/mmproj-NAME.gguf (default: DST's folder name)")
     _add_compose_options(convert)
     convert.set_defaults(func=run_convert)
 
@@ -99,7 +105,8 @@ def register(subparsers) -> None:
 
 def _options(args) -> dict:
     keys = ("image_model", "text_model", "audio_model", "audio_stride", "audio_pool_mode", "projector", "activation", "feature_layer",
-            "feature_strategy", "pad_to_multiple_of", "template", "dtype", "base", "mm_vision_tower", "text_folder")
+            "feature_strategy", "pad_to_multiple_of", "template", "dtype", "base", "mm_vision_tower", "text_folder",
+            "outtype", "name")
     return {k: getattr(args, k) for k in keys if hasattr(args, k)}
 
 
@@ -125,6 +132,10 @@ def run_convert(args) -> int:
     if not args.src_format or not args.dst_format:
         raise MmloomError("give --from FORMAT and --to FORMAT (or --list)")
     options = _options(args)
+    if args.dst_format != "gguf" and (args.outtype or args.name):
+        raise MmloomError("--outtype and --name apply to --to gguf only")
+    if args.dst_format == "gguf" and args.dtype:
+        raise MmloomError("--to gguf writes the type --outtype names (f32, f16, bf16, q8_0); --dtype does not apply")
     if args.src_format == "hf-components":
         if len(args.paths) != 1:
             raise MmloomError("--from hf-components takes only DST (the sources are --image-model/--text-model)")

@@ -43,6 +43,8 @@ FORMATS: dict[str, Format] = {
                "mmloom.interop.hf_llava:read_hf_llava", "mmloom.interop.hf_llava:write_hf_llava"),
         Format("llava", "original LLaVA (LlavaLlamaForCausalLM): DST/image_model + DST/text_model_llava",
                "mmloom.interop.llava_original:read_llava", "mmloom.interop.llava_original:write_llava"),
+        Format("gguf", "llama.cpp / Ollama: DST/<name>.gguf (language model) + DST/mmproj-<name>.gguf (vision "
+               "tower + projector) + DST/Modelfile", writer="mmloom.interop.llamacpp:write_gguf"),
         Format("llava-projector", "phase-1 mm_projector.bin (model.mm_projector.*) imported into --base MODEL_DIR",
                "mmloom.interop.llava_original:read_llava_projector", src_is_file=True),
     )

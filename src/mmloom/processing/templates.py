@@ -806,6 +806,104 @@ def get_template(name: str, **options: Any) -> ConversationTemplate:
     return cls(**options)
 
 
+
+# --------------------------------------------------------------------------------------------
+# the text around each turn (for serving stacks with their own template languages)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnLayout:
+    """The fixed text a template puts around each turn, found by rendering probe conversations.
+
+    A conversation with system text ``S`` and turns ``(u1, a1), ..., (un, None)`` renders, with the
+    generation prompt, as::
+
+        system_prefix + S + system_suffix + u1 + user_end + generation_prompt + answer_prefix + a1
+        + answer_end + next_user + u2 + user_end + ... + un + user_end + generation_prompt
+
+    and without system text (``""``, or no system message for a tokenizer's own template, which
+    may add a default of its own) ``no_system_prefix`` stands in place of
+    ``system_prefix + S + system_suffix``. ``default_system`` is the template's default system
+    text (None: none); ``add_bos`` whether the tokenizer's BOS id comes before the text. Serving
+    stacks that render prompts in their own template language (llama.cpp's Jinja chat templates,
+    Ollama's Go templates) are written from these pieces, so they give the text mmloom trains on.
+    """
+
+    system_prefix: str
+    system_suffix: str
+    no_system_prefix: str
+    user_end: str
+    generation_prompt: str
+    answer_prefix: str
+    answer_end: str
+    next_user: str
+    default_system: str | None
+    add_bos: bool
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """`messages` (an optional leading system message, then alternating user / assistant
+        messages) rendered from the pieces; equal to the template's own rendering."""
+        system = self.default_system
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        text = self.system_prefix + system + self.system_suffix if system else self.no_system_prefix
+        for k, message in enumerate(messages):
+            if message["role"] == "user":
+                text += (self.next_user if k else "") + message["content"] + self.user_end
+            else:
+                text += self.generation_prompt + self.answer_prefix + message["content"] + self.answer_end
+        return text + (self.generation_prompt if add_generation_prompt else "")
+
+
+_PROBES = {"system": "@@mmloom-system@@", "u1": "@@mmloom-user-1@@", "a1": "@@mmloom-answer-1@@",
+           "u2": "@@mmloom-user-2@@", "a2": "@@mmloom-answer-2@@"}
+
+
+def turn_layout(template: ConversationTemplate, tokenizer=None) -> TurnLayout:
+    """The :class:`TurnLayout` of `template` (`tokenizer` renders a ``tokenizer`` template).
+
+    Raises MmloomError when the template has no such layout: it drops or rewrites the user text
+    (``plain``, phase-1 captions), or its turns are not the same text each time (checked by
+    rebuilding probe conversations of one to three turns, with and without system text)."""
+    p = _PROBES
+    no_system = None if isinstance(template, TokenizerTemplate) else ""
+
+    def render(messages, gen, system=p["system"]):
+        return "".join(t for t, _ in template.segments(messages, gen, system, tokenizer=tokenizer))
+
+    def fail(why: str) -> MmloomError:
+        return MmloomError(f"template {template.name!r} has no fixed text around its turns ({why}); serving "
+                           "stacks cannot render its prompts from a chat template")
+
+    one = [{"role": "user", "content": p["u1"]}]
+    two = one + [{"role": "assistant", "content": p["a1"]}]
+    three = two + [{"role": "user", "content": p["u2"]}]
+    r0, r1, r2, r3 = render(one, False), render(one, True), render(two, False), render(three, True)
+    if r0.count(p["u1"]) != 1 or r0.count(p["system"]) != 1:
+        raise fail("the user or system text does not appear as written")
+    system_prefix, rest = r0.split(p["system"])
+    system_suffix, user_end = rest.split(p["u1"])
+    if not r1.startswith(r0) or not r2.startswith(r1) or r2.count(p["a1"]) != 1:
+        raise fail("a turn is rewritten when the next one is added")
+    generation_prompt = r1[len(r0):]
+    answer_prefix, answer_end = r2[len(r1):].split(p["a1"])
+    if not r3.startswith(r2) or not r3.endswith(p["u2"] + user_end + generation_prompt):
+        raise fail("the second turn is not laid out like the first")
+    next_user = r3[len(r2):-len(p["u2"] + user_end + generation_prompt)]
+    bare = render(one, True, no_system)
+    if not bare.endswith(p["u1"] + user_end + generation_prompt):
+        raise fail("the turn changes without system text")
+    layout = TurnLayout(system_prefix, system_suffix, bare[:-len(p["u1"] + user_end + generation_prompt)],
+                        user_end, generation_prompt, answer_prefix, answer_end, next_user,
+                        template.default_system or None, bool(template.add_bos))
+    four = three + [{"role": "assistant", "content": p["a2"]}]
+    for messages, gen, system in ((four, False, p["system"]), (three, True, no_system), (four, False, no_system)):
+        given = [{"role": "system", "content": system}] if system is not None else []
+        if layout.render(given + messages, gen) != render(messages, gen, system):
+            raise fail("a probe conversation renders differently")
+    return layout
+
 __all__ = [
     "IGNORE_INDEX",
     "TEMPLATE_NAMES",
@@ -815,6 +913,7 @@ __all__ = [
     "ConversationError",
     "ConversationTemplate",
     "TokenizedConversation",
+    "TurnLayout",
     "encode_segment",
     "end_of_turn_token_ids",
     "get_template",
@@ -822,4 +921,5 @@ __all__ = [
     "placeholder_ids",
     "tokenize_prompt",
     "tokenize_segments",
+    "turn_layout",
 ]
