@@ -178,6 +178,71 @@ def wrap_model(model: nn.Module, ctx: DistContext, find_unused_parameters: bool 
     raise MmloomError(f"unknown distributed mode {ctx.mode!r}")
 
 
+# ---------------------------------------------------------------------- start-up from rank 0
+def broadcast_rng_state(ctx: DistContext) -> None:
+    """Give every rank the first rank's torch (CPU) random state."""
+    if not ctx.distributed:
+        return
+    state = torch.get_rng_state().to(ctx.comm_device)
+    dist.broadcast(state, src=0)
+    torch.set_rng_state(state.cpu())
+
+
+def _scatter_rows(target: torch.Tensor, value: torch.Tensor | None, ctx: DistContext) -> None:
+    """Copy this rank's rows of `value` (the whole tensor, on the first rank only) into the FSDP2
+    shard `target` (a DTensor sharded on dim 0: rank r holds rows [r*k, (r+1)*k), k = ceil(n / ranks),
+    as `torch.chunk`)."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(target.placements) != (Shard(0),):
+        raise MmloomError(f"cannot load a tensor placed as {target.placements}: FSDP2 shards on dim 0 are supported")
+    local = target.to_local()
+    n, world = target.shape[0], ctx.world_size
+    rows = -(-n // world)
+    start = min(ctx.rank * rows, n)
+    if local.shape[0] != min(rows, n - start):
+        raise MmloomError(f"unexpected FSDP2 shard of {tuple(target.shape)}: {tuple(local.shape)} on rank {ctx.rank}")
+    received = torch.empty((rows, *target.shape[1:]), dtype=target.dtype, device=local.device)
+    chunks = None
+    if ctx.is_main:
+        value = value.to(device=local.device, dtype=target.dtype)
+        chunks = []
+        for r in range(world):
+            part = value[min(r * rows, n):min((r + 1) * rows, n)]
+            if part.shape[0] < rows:  # the last ranks' shards are short or empty
+                part = torch.cat([part, part.new_zeros((rows - part.shape[0], *part.shape[1:]))])
+            chunks.append(part.contiguous())
+    dist.scatter(received, chunks, src=0)
+    with torch.no_grad():
+        local.copy_(received[: local.shape[0]])
+
+
+def load_from_rank0(model: nn.Module, ctx: DistContext, value, names: set[str] | None = None) -> None:
+    """Set tensors of `model`'s state dict (every tensor once; those in `names` when given) to the
+    values the first rank gets from `value(name, target)`, one tensor at a time: the whole tensor
+    (None: the first rank's tensor holds its value already). An FSDP2 shard receives its rows
+    (scatter), any other tensor the whole value (broadcast). Collective: every rank calls it with
+    the same model structure and `names`. Raises MmloomError for an FSDP2 shard without a value."""
+    from mmloom.model.meta_init import unique_state
+
+    for name, target in unique_state(model):
+        if names is not None and name not in names:
+            continue
+        given = value(name, target) if ctx.is_main else None
+        if hasattr(target, "device_mesh"):
+            if ctx.is_main and given is None:
+                raise MmloomError(f"no value for {name} on the first rank")
+            _scatter_rows(target, given, ctx)
+            continue
+        data = target.detach()
+        with torch.no_grad():
+            if given is not None:
+                data.copy_(given)
+        if ctx.distributed:
+            dist.broadcast(data, src=0)
+        del given
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
 

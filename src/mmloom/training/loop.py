@@ -39,7 +39,7 @@ from mmloom.training.data import (
     train_collator,
     train_lengths,
 )
-from mmloom.training.distributed import DistContext, gradient_sync, unwrap, wrap_model
+from mmloom.training.distributed import DistContext, gradient_sync, unwrap
 from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
 from mmloom.training.metrics import (
     FlopsEstimator,
@@ -118,7 +118,10 @@ class Trainer:
         start_folder = None
         if self.resume_from is None and run.checkpoint_path is not None:
             start_folder = builder.resolve_weights_folder(run.checkpoint_path)
-        model = builder.build_starting_model(cfg, start_folder)
+        # built on the meta device, sharded (FSDP2) or wrapped (DDP), then filled from the first rank
+        wrapped = builder.build_starting_model(cfg, start_folder, self.ctx,
+                                               wrap=for_training or self.ctx.mode == "fsdp")
+        model = unwrap(wrapped)
         self.fingerprint = builder.frozen_fingerprint(model)
         self.start_folder = start_folder
         self.config_notes: list[str] = []
@@ -134,20 +137,13 @@ class Trainer:
                     f"{self.resume_from} holds trainable weights only, and the frozen weights built from this "
                     "config differ from those the run started with (changed model config, seed or start weights?)"
                 )
-            builder.load_model_weights(model, self.resume_from)
+            builder.load_model_weights(model, self.resume_from, self.ctx)
         # train_input.use_cached_features: a frozen encoder and an up-to-date cache, else refuse
         check_cached_features(cfg, model, self.mode)
-        model.train()
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        model.to(self.device)
         self.base_model = model
         # vision encoder geometry ((0, 0, 0) without one: audio-LLMs)
         self.num_feature_tokens, self.image_size, self.image_positions = vision_geometry(model)
-        if for_training or self.ctx.mode == "fsdp":
-            self.model = wrap_model(model, self.ctx, run.find_unused_parameters, cfg.model.precision)
-        else:
-            self.model = model
+        self.model = wrapped
 
     def _collator(self, data_dir: str, dummy_images: bool = True) -> TrainCollator:
         params = read_data_params(data_dir)
