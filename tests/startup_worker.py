@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
         ctx = dataclasses.replace(ctx, mode=mode)
         model = unwrap(builder.build_starting_model(cfg, start, ctx, wrap=True))
         rng = torch.get_rng_state()
-        fingerprint = builder.frozen_fingerprint(model)
+        fingerprint = builder.frozen_fingerprint(model, ctx)
         state = {}
         for name, tensor in model.state_dict().items():
             full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

@@ -180,3 +180,17 @@ def test_two_ranks_start_from_the_cpu_build(case, folders, tmp_path):
             for name, shape in info["shards"].items():  # FSDP2: each rank holds its rows of every tensor
                 rows = -(-full[name].shape[0] // 2)
                 assert shape[0] == min(rows, full[name].shape[0] - rank * rows), name
+
+
+def test_frozen_fingerprint_is_the_one_checkpoints_recorded():
+    """Trainable-only checkpoints written before record sums of `p.double()`: the fingerprint (now
+    accumulated in float64 without the copy) gives the same string, so they still resume."""
+    model = builder.build_model(config(), seed=3)
+    model.freeze(["^image_model", "^text_model"])
+    total, absolute, count = 0.0, 0.0, 0
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            total += float(p.detach().double().sum())
+            absolute += float(p.detach().double().abs().sum())
+            count += p.numel()
+    assert builder.frozen_fingerprint(model) == f"{count}:{total:.10e}:{absolute:.10e}"

@@ -31,6 +31,7 @@ from mmloom.training.distributed import (
     DistContext,
     apply_fsdp,
     broadcast_rng_state,
+    gather_rows,
     load_from_rank0,
     unwrap,
     wrap_model,
@@ -344,19 +345,30 @@ def load_model_weights(model, folder: str | Path, ctx: DistContext | None = None
     return len(sources)
 
 
-def frozen_fingerprint(model) -> str:
-    """A cheap fingerprint of the frozen parameters (trainable-only checkpoints rely on them): sums
-    of each whole tensor in float64 on the CPU (an FSDP2 shard is gathered first: collective)."""
+def frozen_fingerprint(model, ctx: DistContext | None = None) -> str:
+    """A cheap fingerprint of the frozen parameters (trainable-only checkpoints rely on them): the
+    sum and the absolute sum of each whole tensor, accumulated in float64 on the CPU. The shards of
+    an FSDP2 model are gathered on the first rank one tensor at a time, which computes the
+    fingerprint and gives it to every rank (collective; `ctx` is needed then)."""
+    ctx = ctx or DistContext()
+    sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
     total, absolute, count = 0.0, 0.0, 0
     with torch.no_grad():
         for _, p in model.named_parameters():
-            if not p.requires_grad:
-                t = p.detach()
-                t = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu().double()
-                total += float(t.sum())
-                absolute += float(t.abs().sum())
-                count += t.numel()
-    return f"{count}:{total:.10e}:{absolute:.10e}"
+            if p.requires_grad:
+                continue
+            t, owned = p.detach(), hasattr(p, "device_mesh")
+            if owned:
+                t = gather_rows(t, ctx) if ctx.distributed else t.full_tensor()
+                if t is None:  # not the first rank
+                    continue
+            t = t.cpu()
+            total += float(t.sum(dtype=torch.float64))  # bit for bit t.double().sum(), without the copy
+            absolute += float((t.abs_() if owned else t.abs()).sum(dtype=torch.float64))
+            count += t.numel()
+            del t
+    fingerprint = f"{count}:{total:.10e}:{absolute:.10e}"
+    return ctx.broadcast_object(fingerprint) if sharded and ctx.distributed else fingerprint
 
 
 def build_starting_model(cfg: TrainConfig, start_folder: Path | None = None, ctx: DistContext | None = None,

@@ -188,33 +188,58 @@ def broadcast_rng_state(ctx: DistContext) -> None:
     torch.set_rng_state(state.cpu())
 
 
-def _scatter_rows(target: torch.Tensor, value: torch.Tensor | None, ctx: DistContext) -> None:
-    """Copy this rank's rows of `value` (the whole tensor, on the first rank only) into the FSDP2
-    shard `target` (a DTensor sharded on dim 0: rank r holds rows [r*k, (r+1)*k), k = ceil(n / ranks),
-    as `torch.chunk`)."""
+def _rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """The rows [start, end) of an n-row tensor that FSDP2 gives `rank` (dim-0 shards of
+    ceil(n / ranks) rows, as `torch.chunk`: the last ranks' shards are short or empty)."""
+    rows = -(-n // world)
+    start = min(rank * rows, n)
+    return start, min(start + rows, n)
+
+
+def _local_rows(target: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, int, int]:
+    """This rank's shard of the FSDP2 parameter `target` (a plain tensor) and its rows."""
     from torch.distributed.tensor import Shard
 
     if tuple(target.placements) != (Shard(0),):
         raise MmloomError(f"cannot load a tensor placed as {target.placements}: FSDP2 shards on dim 0 are supported")
-    local = target.to_local()
-    n, world = target.shape[0], ctx.world_size
-    rows = -(-n // world)
-    start = min(ctx.rank * rows, n)
-    if local.shape[0] != min(rows, n - start):
+    local = target.detach().to_local()
+    start, end = _rows(target.shape[0], ctx.world_size, ctx.rank)
+    if local.shape[0] != end - start or not local.is_contiguous():
         raise MmloomError(f"unexpected FSDP2 shard of {tuple(target.shape)}: {tuple(local.shape)} on rank {ctx.rank}")
-    received = torch.empty((rows, *target.shape[1:]), dtype=target.dtype, device=local.device)
-    chunks = None
-    if ctx.is_main:
-        value = value.to(device=local.device, dtype=target.dtype)
-        chunks = []
-        for r in range(world):
-            part = value[min(r * rows, n):min((r + 1) * rows, n)]
-            if part.shape[0] < rows:  # the last ranks' shards are short or empty
-                part = torch.cat([part, part.new_zeros((rows - part.shape[0], *part.shape[1:]))])
-            chunks.append(part.contiguous())
-    dist.scatter(received, chunks, src=0)
+    return local, start, end
+
+
+def _scatter_rows(target: torch.Tensor, value: torch.Tensor | None, ctx: DistContext) -> None:
+    """Copy this rank's rows of `value` (the whole tensor, on the first rank only) into the FSDP2
+    shard `target`: the first rank sends each rank its rows, which land in the shard directly."""
+    local, start, end = _local_rows(target, ctx)
     with torch.no_grad():
-        local.copy_(received[: local.shape[0]])
+        if ctx.is_main:
+            value = value.to(device=local.device, dtype=target.dtype)
+            for rank in range(1, ctx.world_size):
+                a, b = _rows(target.shape[0], ctx.world_size, rank)
+                if b > a:
+                    dist.send(value[a:b].contiguous(), dst=rank)
+            local.copy_(value[start:end])
+        elif end > start:
+            dist.recv(local, src=0)
+
+
+def gather_rows(target: torch.Tensor, ctx: DistContext) -> torch.Tensor | None:
+    """The whole tensor of the FSDP2 shard `target` on the first rank (None on the others): each
+    rank sends its rows into one buffer there. Collective."""
+    local, start, end = _local_rows(target, ctx)
+    if not ctx.is_main:
+        if end > start:
+            dist.send(local, dst=0)
+        return None
+    whole = torch.empty(tuple(target.shape), dtype=target.dtype, device=local.device)
+    whole[start:end].copy_(local)
+    for rank in range(1, ctx.world_size):
+        a, b = _rows(target.shape[0], ctx.world_size, rank)
+        if b > a:
+            dist.recv(whole[a:b], src=rank)
+    return whole
 
 
 def load_from_rank0(model: nn.Module, ctx: DistContext, value, names: set[str] | None = None) -> None:

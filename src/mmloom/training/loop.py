@@ -122,7 +122,7 @@ class Trainer:
         wrapped = builder.build_starting_model(cfg, start_folder, self.ctx,
                                                wrap=for_training or self.ctx.mode == "fsdp")
         model = unwrap(wrapped)
-        self.fingerprint = builder.frozen_fingerprint(model)
+        self.fingerprint = builder.frozen_fingerprint(model, self.ctx)
         self.start_folder = start_folder
         self.config_notes: list[str] = []
         if self.resume_from is not None:
