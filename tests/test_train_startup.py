@@ -183,8 +183,8 @@ def test_two_ranks_start_from_the_cpu_build(case, folders, tmp_path):
 
 
 def test_frozen_fingerprint_is_the_one_checkpoints_recorded():
-    """Trainable-only checkpoints written before record sums of `p.double()`: the fingerprint (now
-    accumulated in float64 without the copy) gives the same string, so they still resume."""
+    """Trainable-only checkpoints written before meta-device start-up recorded sums of `p.double()`
+    in this order: the fingerprint gives the same string, so they still resume."""
     model = builder.build_model(config(), seed=3)
     model.freeze(["^image_model", "^text_model"])
     total, absolute, count = 0.0, 0.0, 0

@@ -357,14 +357,14 @@ def frozen_fingerprint(model, ctx: DistContext | None = None) -> str:
         for _, p in model.named_parameters():
             if p.requires_grad:
                 continue
-            t, owned = p.detach(), hasattr(p, "device_mesh")
-            if owned:
-                t = gather_rows(t, ctx) if ctx.distributed else t.full_tensor()
+            t, gathered = p.detach(), hasattr(p, "device_mesh")
+            if gathered:
+                t = gather_rows(t, ctx, torch.float64) if ctx.distributed else t.full_tensor()
                 if t is None:  # not the first rank
                     continue
-            t = t.cpu()
-            total += float(t.sum(dtype=torch.float64))  # bit for bit t.double().sum(), without the copy
-            absolute += float((t.abs_() if owned else t.abs()).sum(dtype=torch.float64))
+            t = t.to("cpu", torch.float64, copy=not gathered)  # summed in float64 as the checkpoints recorded
+            total += float(t.sum())
+            absolute += float(t.abs_().sum())
             count += t.numel()
             del t
     fingerprint = f"{count}:{total:.10e}:{absolute:.10e}"
@@ -424,5 +424,5 @@ def build_starting_model(cfg: TrainConfig, start_folder: Path | None = None, ctx
     with SafetensorsReader() as reader:
         load_from_rank0(model, ctx, value)
     if wrap and ctx.distributed and not sharded:
-        return wrap_model(model, ctx, cfg.runconfig.find_unused_parameters, cfg.model.precision)
+        return wrap_model(model, ctx, cfg.runconfig.find_unused_parameters, cfg.model.precision, synced=True)
     return model

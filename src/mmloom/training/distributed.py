@@ -165,14 +165,16 @@ def _ancestors(root: nn.Module, target: nn.Module) -> list[nn.Module]:
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, find_unused_parameters: bool = False,
-               precision: str = "float32") -> nn.Module:
+               precision: str = "float32", synced: bool = False) -> nn.Module:
+    """DDP or FSDP2 as `ctx.mode` says (the model as it is in one process). `synced`: every rank
+    holds the same weights already (`load_from_rank0`), DDP need not broadcast them again."""
     if not ctx.distributed:
         return model
     if ctx.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+        return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters, init_sync=not synced)
     if ctx.mode == "fsdp":
         return apply_fsdp(model, precision)
     raise MmloomError(f"unknown distributed mode {ctx.mode!r}")
@@ -225,20 +227,23 @@ def _scatter_rows(target: torch.Tensor, value: torch.Tensor | None, ctx: DistCon
             dist.recv(local, src=0)
 
 
-def gather_rows(target: torch.Tensor, ctx: DistContext) -> torch.Tensor | None:
-    """The whole tensor of the FSDP2 shard `target` on the first rank (None on the others): each
-    rank sends its rows into one buffer there. Collective."""
+def gather_rows(target: torch.Tensor, ctx: DistContext, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """The whole tensor of the FSDP2 shard `target` on the first rank, in `dtype` (default its own;
+    None on the other ranks): each rank sends its rows into one buffer there. Collective."""
     local, start, end = _local_rows(target, ctx)
     if not ctx.is_main:
         if end > start:
             dist.send(local, dst=0)
         return None
-    whole = torch.empty(tuple(target.shape), dtype=target.dtype, device=local.device)
+    whole = torch.empty(tuple(target.shape), dtype=dtype or target.dtype, device=local.device)
     whole[start:end].copy_(local)
     for rank in range(1, ctx.world_size):
         a, b = _rows(target.shape[0], ctx.world_size, rank)
         if b > a:
-            dist.recv(whole[a:b], src=rank)
+            rows = whole[a:b] if whole.dtype == target.dtype else torch.empty_like(local[: b - a])
+            dist.recv(rows, src=rank)
+            if rows.data_ptr() != whole[a:b].data_ptr():
+                whole[a:b].copy_(rows)
     return whole
 
 
