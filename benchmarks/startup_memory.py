@@ -18,7 +18,8 @@ adds activations, no optimizer state for the 1B frozen weights), global batch 2,
 Per rank: resident memory after the imports, the peak resident memory (`ru_maxrss`: everything the
 process ever held, file pages it mapped included) when the model is ready (`Trainer.setup_model`
 returned: built, loaded, sharded or wrapped) and after the first optimizer step, and the seconds
-from the process start to both. The worker imports mmloom from `--src` (default: this checkout), so
+from the process start to both (wall clock, and the process's CPU time: less sensitive to other
+work on a shared machine). The worker imports mmloom from `--src` (default: this checkout), so
 one script measures any revision. After the first step the ranks exit (no checkpoint is written).
 """
 
@@ -57,6 +58,11 @@ def rss_mib() -> float:
 
 def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --------------------------------------------------------------------------------- inputs
@@ -136,13 +142,14 @@ def worker(args) -> None:
     def timed_setup(self, *a, **k):
         t = time.time()
         out = setup_model(self, *a, **k)
-        record["model_ready"] = {"s": time.time() - T0, "setup_model_s": time.time() - t, "rss_mib": rss_mib(),
-                                 "peak_rss_mib": peak_mib()}
+        record["model_ready"] = {"s": time.time() - T0, "setup_model_s": time.time() - t, "cpu_s": cpu_s(),
+                                 "rss_mib": rss_mib(), "peak_rss_mib": peak_mib()}
         return out
 
     def timed_step(self, *a, **k):
         out = optimizer_step(self, *a, **k)
-        record["first_step"] = {"s": time.time() - T0, "loss": out.loss, "rss_mib": rss_mib(), "peak_rss_mib": peak_mib()}
+        record["first_step"] = {"s": time.time() - T0, "cpu_s": cpu_s(), "loss": out.loss, "rss_mib": rss_mib(),
+                                "peak_rss_mib": peak_mib()}
         Path(args.out).write_text(json.dumps(record))
         self.ctx.barrier()
         os._exit(0)  # the measurement ends here: no checkpoint
@@ -172,14 +179,14 @@ def measure(work: Path, config: Path, src: Path, distributed: str, label: str) -
 
 def report(label: str, ranks: list[dict]) -> None:
     print(f"\n{label}: mmloom from {ranks[0]['mmloom']}")
-    print("| rank | RSS after imports | peak RSS, model ready | peak RSS, first step | model ready | first step done "
-          "| setup_model | loss |")
+    print("| rank | RSS after imports | peak RSS, model ready | peak RSS, first step | model ready (CPU) "
+          "| first step done (CPU) | setup_model | loss |")
     print("|---|---|---|---|---|---|---|---|")
     for r in ranks:
         i, m, f = r["imports"], r["model_ready"], r["first_step"]
         print(f"| {r['rank']} | {i['rss_mib'] / 1024:.2f} GiB | {m['peak_rss_mib'] / 1024:.2f} GiB | "
-              f"{f['peak_rss_mib'] / 1024:.2f} GiB | {m['s']:.1f} s | {f['s']:.1f} s | {m['setup_model_s']:.1f} s "
-              f"| {f['loss']:.6f} |")
+              f"{f['peak_rss_mib'] / 1024:.2f} GiB | {m['s']:.1f} s ({m['cpu_s']:.1f} s) | {f['s']:.1f} s "
+              f"({f['cpu_s']:.1f} s) | {m['setup_model_s']:.1f} s | {f['loss']:.6f} |")
 
 
 def main(argv=None) -> int:

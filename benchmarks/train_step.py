@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py                      # micro-batch 16 and 4, 3 repetitions (~12 min CPU)
     python benchmarks/train_step.py --batch 16 --repeats 5 --json out.json
-    python benchmarks/train_step.py --quick              # micro-batch 4, pool 32, 2 repetitions (~3 min)
+    python benchmarks/train_step.py --quick              # micro-batch 4, pool 32, 3 repetitions (~2-3 min)
     python benchmarks/train_step.py --smoke              # tiny shapes, seconds (tests/test_benchmarks_smoke.py)
 
 Settings the samplers cannot deal (a pool that is not a multiple of ranks x micro-batch) are
@@ -630,7 +630,7 @@ def print_table(micro: int, res: dict) -> None:
               f"{COMPILED} {w[COMPILED]:.1f}s")
 
 
-QUICK = dict(pool=32, batches=(4,), repeats=2)  # --quick: one micro-batch size, a quarter of the pool
+QUICK = dict(pool=32, batches=(4,), repeats=3)  # --quick: one micro-batch size, a quarter of the pool
 
 
 def check_args(args, cfg: dict) -> str | None:
