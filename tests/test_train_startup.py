@@ -194,3 +194,30 @@ def test_frozen_fingerprint_is_the_one_checkpoints_recorded():
             absolute += float(p.detach().double().abs().sum())
             count += p.numel()
     assert builder.frozen_fingerprint(model) == f"{count}:{total:.10e}:{absolute:.10e}"
+
+
+def test_one_process_start_with_a_whisper_folder_and_lora_on_the_encoder(tmp_path):
+    """The audio encoder from a WhisperForConditionalGeneration folder (keys under `model.`, the
+    decoder dropped), LoRA on it and on the LLM: the same start as the CPU build."""
+    import yaml
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    data = yaml.safe_load((PHASE2.parent / "audio_vision.yaml").read_text())
+    audio = {k: v for k, v in data["model"]["encoders"]["audio"]["model"].items() if k != "model_type"}
+    torch.manual_seed(5)
+    WhisperForConditionalGeneration(WhisperConfig(**audio)).save_pretrained(tmp_path / "whisper")
+    data["model"]["encoders"]["audio"]["model"] = str(tmp_path / "whisper")
+    data["model"]["lora"] = {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"],
+                             "parts": ["text_model", "audio"]}
+    data["runconfig"]["checkpoint_path"] = None
+    from mmloom.training.config import parse_train_config
+
+    cfg = parse_train_config(data)
+    expected = cpu_build(cfg)
+    rng = torch.get_rng_state()
+    plan = builder.StartPlan()
+    builder.build_model(cfg, plan=plan)
+    assert not plan.notes  # the folder's tensors were mapped, not loaded by transformers
+    got = builder.build_starting_model(cfg)
+    assert_same_start(expected, got.state_dict(), torch.get_rng_state(),
+                      [n for n, p in got.named_parameters() if p.requires_grad], rng)
