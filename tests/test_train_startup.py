@@ -221,3 +221,38 @@ def test_one_process_start_with_a_whisper_folder_and_lora_on_the_encoder(tmp_pat
     got = builder.build_starting_model(cfg)
     assert_same_start(expected, got.state_dict(), torch.get_rng_state(),
                       [n for n, p in got.named_parameters() if p.requires_grad], rng)
+
+
+def test_one_process_start_from_a_dual_tower_clip_folder(tmp_path):
+    """`image_model` a whole CLIPModel folder (as openai/clip-vit-large-patch14-336 is): its vision
+    tower's tensors are mapped from the folder (the text tower's are not read), same start."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = config().model.image_model
+    vision = {k: v for k, v in vision.items() if k not in ("model_type", "pretrained")}
+    torch.manual_seed(9)
+    CLIPModel(CLIPConfig(vision_config=vision, text_config={"hidden_size": 16, "intermediate_size": 32,
+                                                              "num_hidden_layers": 1, "num_attention_heads": 2},
+                         projection_dim=vision["projection_dim"])).save_pretrained(tmp_path / "clip")
+    cfg = config(f"model.image_model={tmp_path / 'clip'}")
+    expected = cpu_build(cfg)
+    rng = torch.get_rng_state()
+    plan = builder.StartPlan()
+    model = builder.build_model(cfg, plan=plan)
+    assert not plan.notes
+    assert {s.key for s in plan.sources.by_name(model).values()} >= {"vision_model.post_layernorm.weight"}
+    got = builder.build_starting_model(cfg)
+    assert_same_start(expected, got.state_dict(), torch.get_rng_state(),
+                      [n for n, p in got.named_parameters() if p.requires_grad], rng)
+
+
+def test_prefix_rule_without_transformers_renamings():
+    """Where transformers has no renaming rules to offer, checkpoint keys still map with the
+    base-model prefix added or removed, as `from_pretrained` does."""
+    from mmloom.model.meta_init import _prefixed
+
+    state = {"layers.0.weight": None, "lm_head.weight": None}
+    assert _prefixed("model.layers.0.weight", "model", state) == "layers.0.weight"
+    assert _prefixed("lm_head.weight", "model", state) == "lm_head.weight"
+    assert _prefixed("other.weight", "model", state) == "other.weight"  # not in the model: ignored by the caller
+    assert _prefixed("norm.weight", "model", {"model.norm.weight": None}) == "model.norm.weight"

@@ -206,33 +206,70 @@ def _header_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
 def hf_folder_sources(model: nn.Module, folder: str | Path) -> dict[str, TensorSource] | None:
     """The file tensor of every state-dict entry of `model` (an HF model built on the meta device
     from `folder`'s config) in `folder`'s safetensors weights, matched as `from_pretrained` matches
-    them (the same name, or with the model's `base_model_prefix` added or removed; shapes equal).
-    None when that does not cover every tensor (no safetensors files, renamed or fused weights,
-    tensors transformers would initialise): such a folder is loaded by transformers itself."""
+    them: transformers' own key renamings for the model (e.g. the `vision_model.` prefix of a whole
+    CLIP folder for `CLIPVisionModel`) and its base-model prefix added or removed; shapes equal.
+    None when that does not cover every tensor one to one (no safetensors files, weights
+    transformers fuses or splits, tensors it would initialise): such a folder is loaded by
+    transformers itself."""
     try:
         files = ser.weight_files(Path(folder))
     except MmloomError:
         return None
     shapes = _header_shapes(files)
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    state = model.state_dict(keep_vars=True)
+    rename = _hf_renamer(model, state)
+    found: dict[str, str] = {}  # state-dict name -> file key
+    for key in files:
+        target = rename(key)
+        if target is None:
+            return None  # a conversion, not a renaming
+        if target in state:
+            if target in found or shapes[key] != tuple(state[target].shape):
+                return None
+            found[target] = key
     names: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in state.items():
         names.setdefault(id(tensor), []).append(name)
-    found: dict[str, TensorSource] = {}
+    out: dict[str, TensorSource] = {}
     for name, tensor in unique_state(model):
-        key = next((k for n in names[id(tensor)] for k in _hf_keys(n, prefix) if k in shapes), None)
-        if key is None or shapes[key] != tuple(tensor.shape):
+        key = next((found[n] for n in names[id(tensor)] if n in found), None)
+        if key is None:
             return None
-        found[name] = TensorSource(files[key], key)
-    return found
+        out[name] = TensorSource(files[key], key)
+    return out
 
 
-def _hf_keys(name: str, prefix: str) -> list[str]:
-    """Checkpoint keys `from_pretrained` takes for state-dict entry `name`: the name itself, or with
-    the base-model prefix added or removed (a task model's folder for a base model, or back)."""
-    if not prefix:
-        return [name]
-    return [name, f"{prefix}.{name}", *([name.removeprefix(f"{prefix}.")] if name.startswith(f"{prefix}.") else [])]
+def _hf_renamer(model: nn.Module, state: dict) -> Callable[[str], str | None]:
+    """checkpoint key -> the state-dict name `from_pretrained` loads it into (None: a key transformers
+    converts, e.g. fuses with others). transformers' renaming rules where this version has them,
+    else the base-model prefix alone."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    except (ImportError, AttributeError, TypeError):
+        return lambda key: _prefixed(key, prefix, state)
+
+    def rename(key: str) -> str | None:
+        target, pattern = rename_source_key(key, renamings, converters, prefix or None, state)
+        if target not in state and key in state:  # as `from_pretrained`: the key as it is, prefix aside
+            target, pattern = rename_source_key(key, [], [], prefix or None, state)
+        return None if pattern is not None and target in state else target
+
+    return rename
+
+
+def _prefixed(key: str, prefix: str, state: dict) -> str:
+    """`key`, or with the base-model prefix removed or added, whichever the model has."""
+    if key in state or not prefix:
+        return key
+    if key.startswith(f"{prefix}.") and key[len(prefix) + 1:] in state:
+        return key[len(prefix) + 1:]
+    return f"{prefix}.{key}" if f"{prefix}.{key}" in state else key
 
 
 def mmloom_folder_sources(folder: str | Path, model: nn.Module, strict: bool = False) -> dict[str, TensorSource]:
