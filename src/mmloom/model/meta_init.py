@@ -63,8 +63,9 @@ def meta_module(factory: Callable[[], nn.Module], cpu_draws: bool = False) -> nn
     the values transformers' initialisation gives them (what `from_pretrained` does for the buffers a
     checkpoint does not hold: RoPE frequencies, position ids). Random ops draw nothing, as in
     `from_pretrained`; with `cpu_draws`, they consume the random state as building on the CPU would
-    (for code that builds on the CPU today, e.g. `torch.randn` in a constructor). Non-HF modules get
-    their buffers as allocated (uninitialised) CPU tensors: only HF parts are built this way."""
+    (for code that builds on the CPU today, e.g. `torch.randn` in a constructor). Raises
+    MmloomError for a module with buffers and no `initialize_weights` (not a transformers model):
+    its buffers could not be computed."""
     with torch.device("meta"), (_CpuDraws() if cpu_draws else contextlib.nullcontext()):
         module = factory()
     for sub in module.modules():
@@ -72,6 +73,9 @@ def meta_module(factory: Callable[[], nn.Module], cpu_draws: bool = False) -> nn
             if buffer is not None and buffer.device.type == "meta":
                 sub._buffers[name] = torch.empty_like(buffer, device="cpu")
     init = getattr(module, "initialize_weights", None)
+    if init is None and any(True for _ in module.buffers()):
+        raise MmloomError(f"{type(module).__name__} cannot compute its buffers on the meta device (no "
+                          "transformers initialize_weights)")
     if init is not None:
         flagged = [p for p in module.parameters()]
         for p in flagged:  # transformers' init functions skip tensors marked as loaded
@@ -260,6 +264,10 @@ def _hf_renamer(model: nn.Module, state: dict) -> Callable[[str], str | None]:
             target, pattern = rename_source_key(key, [], [], prefix or None, state)
         return None if pattern is not None and target in state else target
 
+    try:
+        rename(next(iter(state), ""))
+    except (TypeError, AttributeError):  # another signature in this transformers version
+        return lambda key: _prefixed(key, prefix, state)
     return rename
 
 
