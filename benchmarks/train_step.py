@@ -2,7 +2,11 @@
 
     python benchmarks/train_step.py                      # micro-batch 16 and 4, 3 repetitions (~12 min CPU)
     python benchmarks/train_step.py --batch 16 --repeats 5 --json out.json
+    python benchmarks/train_step.py --quick              # micro-batch 4, pool 32, 3 repetitions (~2-3 min)
     python benchmarks/train_step.py --smoke              # tiny shapes, seconds (tests/test_benchmarks_smoke.py)
+
+Settings the samplers cannot deal (a pool that is not a multiple of ranks x micro-batch) are
+refused in one line before anything runs.
 
 What is measured. One process builds an mmloom CLIP + Llama + mlp2x_gelu composite (the trainer's
 `builder.build_model`, feature layer -2, CLS dropped, phase 2: vision frozen, projector + LLM
@@ -539,7 +543,8 @@ def run_batch_size(args, cfg, models, samples, images, n_img, micro: int) -> dic
     # Same weights, same samples: losses on the image samples agree across all variants (and on the
     # whole pool, see the first step's losses, unless --text-only-slots shifts the positions of the
     # text-only samples' tokens after their masked slots).
-    img_only = [s for s in samples if s["has_image"]][: max(2 * micro, 4)]
+    images_in_pool = [s for s in samples if s["has_image"]]
+    img_only = images_in_pool[: micro * max(1, min(len(images_in_pool), max(2 * micro, 4)) // micro)]
     keep = {s["index"] for s in img_only}
     sub_samples = [s for s in samples if s["index"] in keep]
     sub_images = [images[s["index"]] for s in sub_samples]
@@ -625,9 +630,39 @@ def print_table(micro: int, res: dict) -> None:
               f"{COMPILED} {w[COMPILED]:.1f}s")
 
 
+QUICK = dict(pool=32, batches=(4,), repeats=3)  # --quick: one micro-batch size, a quarter of the pool
+
+
+def check_args(args, cfg: dict) -> str | None:
+    """Why the settings cannot run (one line), or None. Every variant deals the pool to `ranks`
+    ranks of whole micro-batches (the trainer's rule: batch_size = ranks x micro-batch x
+    accumulation), and the loss check takes whole micro-batches of image samples."""
+    for name, value in (("--repeats", args.repeats), ("--pool", cfg["pool"])):
+        if value is not None and value < 1:
+            return f"{name} must be at least 1, got {value}"
+    if args.vocab is not None and args.vocab < 8:
+        return f"--vocab {args.vocab} leaves no room for the special and image tokens: give at least 8"
+    pool, ranks = cfg["pool"], cfg["ranks"]
+    images = pool - int(round(pool * cfg["text_only"]))
+    for micro in cfg["batches"]:
+        if micro < 1:
+            return f"--batch must be at least 1, got {micro}"
+        if pool % (ranks * micro):
+            fits = ranks * micro
+            return (f"--pool {pool} cannot be dealt to {ranks} ranks x micro-batch {micro} (the {ranks}-rank estimate): "
+                    f"use a multiple of {fits} (e.g. --pool {max(fits, pool // fits * fits)}) or a micro-batch that "
+                    f"divides {pool // ranks}" + ("" if pool % ranks == 0 else f" (--pool a multiple of {ranks})"))
+        if images < micro:
+            return f"--pool {pool} has {images} image samples, fewer than one micro-batch of {micro} for the loss check"
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one repetition: checks that the script runs")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"the same table from micro-batch {QUICK['batches'][0]}, a pool of {QUICK['pool']} and "
+                    f"{QUICK['repeats']} repetitions (a few minutes on 2 cores; noisier)")
     ap.add_argument("--batch", type=int, action="append", default=None,
                     help="micro-batch size (repeatable; default: 16 and 4)")
     ap.add_argument("--repeats", type=int, default=None, help="repetitions (default 3; smoke 1)")
@@ -640,11 +675,22 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help=f"add {COMPILED}: mmloom-pack with torch.compile'd decoder MLPs")
     args = ap.parse_args(argv)
+    if args.smoke and args.quick:
+        print("train_step.py: error: --smoke and --quick exclude each other", file=sys.stderr)
+        return 2
     cfg = copy.deepcopy(CONFIGS["smoke" if args.smoke else "llava"])
-    if args.pool:
+    if args.quick:
+        cfg.update(pool=QUICK["pool"], batches=QUICK["batches"])
+    if args.pool is not None:
         cfg["pool"] = args.pool
-    args.repeats = args.repeats or (1 if args.smoke else 3)
-    micro_sizes = args.batch or list(cfg["batches"])
+    if args.batch:
+        cfg["batches"] = tuple(args.batch)
+    problem = check_args(args, cfg)
+    if problem:
+        print(f"train_step.py: error: {problem}", file=sys.stderr)
+        return 2
+    args.repeats = args.repeats or (1 if args.smoke else QUICK["repeats"] if args.quick else 3)
+    micro_sizes = list(cfg["batches"])
     vocab = args.vocab or cfg["vocab"]
     torch.set_num_threads(1)
     import transformers

@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "benchmarks" / "train_step.py")
+def load_benchmark(name: str = "train_step"):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -64,3 +64,69 @@ def test_synthetic_pool_is_llava_shaped(seed):
     for s in samples:
         assert len(s["ids"]) <= cfg["msl"] and any(s["sup"])
         assert len(s["ids"]) == len(s["sup"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "16", "--repeats", "1", "--pool", "64"],
+     "--pool 64 cannot be dealt to 8 ranks x micro-batch 16 (the 8-rank estimate): use a multiple of 128"),
+    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--quick", "--batch", "16"], "--pool 32 cannot be dealt to 8 ranks x micro-batch 16"),
+    (["--smoke", "--batch", "3"], "--pool 16 cannot be dealt to 2 ranks x micro-batch 3"),
+])
+def test_train_step_refuses_what_its_samplers_cannot_deal(args, message, capsys):
+    """One line on stderr, exit status 2, before any model is built (was: a traceback from the sampler)."""
+    assert load_benchmark().main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_step.py: error: ") and message in err and err.count("\n") == 1
+
+
+def test_train_step_quick_settings_are_dealt_whole():
+    bench = load_benchmark()
+    cfg = {**bench.CONFIGS["llava"], "pool": bench.QUICK["pool"], "batches": bench.QUICK["batches"]}
+    args = type("Args", (), {"repeats": bench.QUICK["repeats"], "vocab": None})()
+    assert bench.check_args(args, cfg) is None
+    assert cfg["pool"] % (cfg["ranks"] * cfg["batches"][0]) == 0
+
+
+def test_gpu_train_step_smoke(tmp_path):
+    """The GPU benchmark's three variants on the CPU (tiny shapes, float32, SDPA): same samples, same
+    real and supervised tokens, the same loss before any update; MFU from a given peak."""
+    bench = load_benchmark("gpu_train_step")
+    out = tmp_path / "gpu.json"
+    assert bench.main(["--smoke", "--peak-tflops", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    variants = result["results"]
+    assert list(variants) == list(bench.VARIANTS)
+    first = [v["first_loss"][0] for v in variants.values()]
+    assert max(first) - min(first) < 1e-5
+    for v in variants.values():
+        step = v["step_s"]["median"]
+        assert v["tokens_per_s"] == pytest.approx(result["real_tokens"] / step)
+        assert v["mfu"] == pytest.approx(result["model_flops"] / step / 1e12)
+    assert variants["hf-packed"]["vs_hf_packed"]["median"] == 1.0
+    assert 0 < result["supervised_tokens"] < result["real_tokens"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--smoke", "--pool", "10", "--batch", "4"], "--pool 10 is not a whole number of micro-batches of 4"),
+    (["--smoke", "--attn", "flash_attention_2"], "--attn flash_attention_2 needs a CUDA device"),
+])
+def test_gpu_train_step_refuses_in_one_line(args, message, capsys):
+    assert load_benchmark("gpu_train_step").main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpu_train_step.py: error: ") and message in err and err.count("\n") == 1
+
+
+def test_startup_memory_smoke(tmp_path):
+    """`benchmarks/startup_memory.py --smoke`: `mmloom train` on 2 gloo ranks (FSDP2) from HF folders,
+    each rank's memory and times recorded up to its first step, both ranks at the same loss."""
+    bench = load_benchmark("startup_memory")
+    out = tmp_path / "startup.json"
+    assert bench.main(["--work", str(tmp_path / "work"), "--smoke", "--json", str(out)]) == 0
+    ranks = json.loads(out.read_text())["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["mmloom"] == str(ROOT / "src" / "mmloom")
+    for r in ranks:
+        assert 0 < r["imports"]["s"] < r["model_ready"]["s"] < r["first_step"]["s"]
+        assert r["imports"]["rss_mib"] <= r["model_ready"]["peak_rss_mib"] <= r["first_step"]["peak_rss_mib"]
+    assert ranks[0]["first_step"]["loss"] == ranks[1]["first_step"]["loss"]

@@ -101,12 +101,16 @@ def _part_spec(module: nn.Module) -> dict[str, Any]:
     return {"class": ser.class_path(base), "config": base.config.to_dict(), "peft": _peft_spec(module)}
 
 
-def _build_part(spec: dict[str, Any]) -> nn.Module:
+def _build_part(spec: dict[str, Any], meta: bool = False) -> nn.Module:
     from transformers.initialization import no_init_weights
 
+    from mmloom.model.meta_init import meta_module
+
     cls = ser.resolve_class(spec["class"])
+    config = cls.config_class.from_dict(spec["config"])
     with no_init_weights():  # the weights are loaded right after
-        module = cls(cls.config_class.from_dict(spec["config"]))
+        # on meta: the same random draws as on the CPU (torch.randn in constructors)
+        module = meta_module(lambda: cls(config), cpu_draws=True) if meta else cls(config)
     if hasattr(module, "tie_weights"):
         module.tie_weights()  # skipped under no_init_weights
     if spec.get("peft"):
@@ -604,8 +608,11 @@ class MultimodalModel(nn.Module):
         config: MultimodalConfig,
         callbacks: dict[str, dict[str, Any]] | None = None,
         projections: dict[str, nn.Module] | None = None,
+        meta_parts: bool = False,
     ) -> MultimodalModel:
-        """Build the composite (random weights) from a config; see `from_pretrained`.
+        """Build the composite (random weights) from a config; see `from_pretrained`. With
+        `meta_parts`, the HF parts are built on the meta device (`mmloom.model.meta_init.meta_module`:
+        no storage, buffers computed), for weights loaded later; projectors are built as always.
         Raises MmloomError when a projector wraps a custom module that is not passed in `projections`."""
         callbacks, projections = callbacks or {}, projections or {}
         encoders = {}
@@ -621,10 +628,10 @@ class MultimodalModel(nn.Module):
                     f"pass it: from_pretrained(dir, projections={{'{name}': my_module}})"
                 )
             projector = MultimodalProjector(projector_config, projection=projections.get(name))
-            encoders[name] = ModalEncoderModule(_build_part(spec["module"]), projector=projector, **slots)
+            encoders[name] = ModalEncoderModule(_build_part(spec["module"], meta_parts), projector=projector, **slots)
         return cls(
             encoders,
-            _build_part(config.language_model),
+            _build_part(config.language_model, meta_parts),
             placeholder_token_ids=config.placeholder_token_ids,
         )
 

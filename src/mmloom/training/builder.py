@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,31 @@ from torch import nn
 
 from mmloom.errors import MmloomError
 from mmloom.files import read_json
-from mmloom.model import serialization as ser
 from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.feature_count import check_feature_strategy, default_feature_strategy
+from mmloom.model.meta_init import (
+    SafetensorsReader,
+    WeightSources,
+    detach_values,
+    hf_folder_sources,
+    materialize,
+    meta_module,
+    mmloom_folder_sources,
+    placeholders,
+)
 from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
 from mmloom.remote_code import refuse_remote_code
 from mmloom.training.config import ModelSection, TrainConfig
+from mmloom.training.distributed import (
+    DistContext,
+    apply_fsdp,
+    broadcast_rng_state,
+    gather_rows,
+    load_from_rank0,
+    unwrap,
+)
 
 # Vision model classes when a folder holds a full dual-tower model (e.g. openai/clip-vit-*).
 _VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
@@ -51,35 +69,107 @@ def _inline_config(spec: dict[str, Any], key: str):
         raise MmloomError(f"model.{key}: {exc}") from None
 
 
-def build_vision_model(spec: str | dict[str, Any], attn_implementation: str | None) -> nn.Module:
+class StartPlan:
+    """How `build_model` builds a model on the meta device, for `build_starting_model`.
+
+    Parts with pretrained weights are built on the meta device (no storage, no random draws: as
+    transformers' `from_pretrained` builds them) and their tensors recorded in `sources` (file and
+    key). Parts with random weights (inline configs, projectors, LoRA adapters) are built as one
+    process builds them, with the same random draws, where `values_here` (the first rank: their
+    values are handed out from there), else on the meta device. An HF folder whose tensors
+    transformers would have to convert, or to initialise, is loaded by `from_pretrained` itself
+    (where `values_here`; noted in `notes`)."""
+
+    def __init__(self, values_here: bool = True) -> None:
+        self.values_here = values_here
+        self.sources = WeightSources()
+        self.notes: list[str] = []
+
+    def random_part(self, factory) -> nn.Module:
+        """A part with random weights: `factory()` here, else on the meta device."""
+        return factory() if self.values_here else meta_module(factory)
+
+    def pretrained_part(self, load, skeleton, folder: str | Path) -> nn.Module:
+        """A part with the weights of an HF folder: `skeleton()` (the model built from the folder's
+        config) on the meta device with the folder's tensors as sources, else `load()`
+        (`from_pretrained`) where `values_here`."""
+        model = meta_module(skeleton)
+        sources = hf_folder_sources(model, folder)
+        if sources is not None:
+            self.sources.add_by_name(model, sources)
+            return model
+        self.notes.append(f"{folder}: no safetensors weights that map one to one onto the model; loaded whole by "
+                          "transformers on the first rank")
+        return load() if self.values_here else model
+
+    def mmloom_model(self, folder: str | Path) -> MultimodalModel:
+        """The composite of an mmloom model folder (`model.init_from`), as `MultimodalModel.from_pretrained`
+        builds it, with the folder's tensors as sources."""
+        config = MultimodalConfig.load(folder)
+        if config.trainable_only:
+            raise MmloomError(f"{folder} holds trainable parameters only; pass base=<full model folder or model> "
+                              "that supplies the other weights")
+        model = MultimodalModel.from_config(config, meta_parts=True)
+        self.sources.add_by_name(model, mmloom_folder_sources(folder, model, strict=True))
+        return model
+
+    def load_folder(self, model: nn.Module, folder: str | Path) -> None:
+        """The tensors an mmloom model folder holds replace those `model` would take (start weights)."""
+        self.sources.add_by_name(model, mmloom_folder_sources(folder, model))
+
+
+def _part(plan: StartPlan | None, spec, load, skeleton, random) -> nn.Module:
+    """One HF part: `random()` for an inline config, `load()` for a folder; on the meta device by `plan`."""
+    if isinstance(spec, dict) and spec.get("pretrained") is None:
+        return random() if plan is None else plan.random_part(random)
+    if plan is None:
+        return load()
+    return plan.pretrained_part(load, skeleton, spec if isinstance(spec, str) else spec["pretrained"])
+
+
+def build_vision_model(spec: str | dict[str, Any], attn_implementation: str | None,
+                       plan: StartPlan | None = None) -> nn.Module:
     import transformers
     from transformers import AutoConfig, AutoModel
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if isinstance(spec, dict) and spec.get("pretrained") is None:
-        return AutoModel.from_config(_vision_config(_inline_config(spec, "image_model")), trust_remote_code=False,
-                                     **kwargs)
+        config = _vision_config(_inline_config(spec, "image_model"))
+        return _part(plan, spec, None, None, lambda: AutoModel.from_config(config, trust_remote_code=False, **kwargs))
     path = spec if isinstance(spec, str) else spec["pretrained"]
     refuse_remote_code(path, "model.image_model")
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if isinstance(spec, dict):
         _check_inline_matches(spec, _vision_config(config).to_dict(), "image_model")
     cls_name = _VISION_TOWERS.get(config.model_type)
-    cls = getattr(transformers, cls_name) if cls_name else AutoModel
-    return cls.from_pretrained(path, trust_remote_code=False, **kwargs)
+    if cls_name:  # the vision tower of a dual-tower folder
+        cls = getattr(transformers, cls_name)
+        tower_config = cls.config_class.from_pretrained(path, trust_remote_code=False)
+        skeleton = lambda: cls._from_config(tower_config, **kwargs)  # noqa: E731
+    else:
+        cls = AutoModel
+        skeleton = lambda: AutoModel.from_config(config, trust_remote_code=False, **kwargs)  # noqa: E731
+    return _part(plan, spec, lambda: cls.from_pretrained(path, trust_remote_code=False, **kwargs), skeleton, None)
 
 
-def build_text_model(spec: str | dict[str, Any], attn_implementation: str | None) -> nn.Module:
+def build_text_model(spec: str | dict[str, Any], attn_implementation: str | None,
+                     plan: StartPlan | None = None) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if isinstance(spec, dict) and spec.get("pretrained") is None:
-        return AutoModelForCausalLM.from_config(_inline_config(spec, "text_model"), trust_remote_code=False, **kwargs)
+        config = _inline_config(spec, "text_model")
+        return _part(plan, spec, None, None,
+                     lambda: AutoModelForCausalLM.from_config(config, trust_remote_code=False, **kwargs))
     path = spec if isinstance(spec, str) else spec["pretrained"]
     refuse_remote_code(path, "model.text_model")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if isinstance(spec, dict):
-        _check_inline_matches(spec, AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict(), "text_model")
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False, **kwargs)
+        _check_inline_matches(spec, config.to_dict(), "text_model")
+    return _part(plan, spec,
+                 lambda: AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False,
+                                                              **kwargs),
+                 lambda: AutoModelForCausalLM.from_config(config, trust_remote_code=False, **kwargs), None)
 
 
 AUDIO_MODEL_TYPES = {"whisper"}  # HF model types whose encoder takes log-mel input_features
@@ -95,10 +185,11 @@ def _model_type(spec: str | dict[str, Any]) -> str:
     return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
 
 
-def build_audio_model(spec: str | dict[str, Any], attn_implementation: str | None) -> nn.Module:
+def build_audio_model(spec: str | dict[str, Any], attn_implementation: str | None,
+                      plan: StartPlan | None = None) -> nn.Module:
     """The encoder of a Whisper model: from an inline config (random weights) or a Whisper folder
     (WhisperModel or WhisperForConditionalGeneration weights)."""
-    from transformers import AutoConfig, WhisperModel
+    from transformers import AutoConfig, WhisperConfig, WhisperModel
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -106,13 +197,18 @@ def build_audio_model(spec: str | dict[str, Any], attn_implementation: str | Non
         config = _inline_config(spec, "encoders.audio.model")
         if attn_implementation:
             config._attn_implementation = attn_implementation
-        return WhisperEncoder(config)
+        return _part(plan, spec, None, None, lambda: WhisperEncoder(config))
     path = spec if isinstance(spec, str) else spec["pretrained"]
     refuse_remote_code(path, "encoders.audio.model")
     if isinstance(spec, dict):
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        _check_inline_matches(spec, config.to_dict(), "encoders.audio.model")
-    return WhisperModel.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False, **kwargs).get_encoder()
+        _check_inline_matches(spec, AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict(),
+                              "encoders.audio.model")
+    model = _part(plan, spec,
+                  lambda: WhisperModel.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False,
+                                                       **kwargs),
+                  lambda: WhisperModel._from_config(WhisperConfig.from_pretrained(path, trust_remote_code=False),
+                                                    **kwargs), None)
+    return model.get_encoder()
 
 
 def encoder_settings(m: ModelSection) -> dict[str, Any]:
@@ -134,7 +230,7 @@ def default_token_id(name: str, vocab_size: int, index: int) -> int:
     return vocab_size + {"vision": 0, "audio": 1}.get(name, 2 + index)
 
 
-def build_encoder(name: str, settings, m: ModelSection) -> ModalEncoderModule:
+def build_encoder(name: str, settings, m: ModelSection, plan: StartPlan | None = None) -> ModalEncoderModule:
     """One encoder of the composite: the module, its feature selection / pooling callback and a
     lazy projector of its own type (default `model.projector`)."""
     projector = MultimodalProjector(MultimodalProjectorConfig(projector_type=settings.projector or m.projector))
@@ -142,29 +238,34 @@ def build_encoder(name: str, settings, m: ModelSection) -> ModalEncoderModule:
         pooling = settings.pooling
         pool = AudioPool(stride=pooling.stride if pooling else 1, mode=pooling.mode if pooling else "mean",
                          downsample=2, layer=settings.feature_layer)
-        return ModalEncoderModule(build_audio_model(settings.model, m.attn_implementation), projector=projector,
+        return ModalEncoderModule(build_audio_model(settings.model, m.attn_implementation, plan), projector=projector,
                                   postprocess_module_callback=pool)
     if settings.pooling is not None:
         raise MmloomError(f"model.encoders.{name}.pooling applies to audio encoders only")
     layer = -2 if settings.feature_layer is None else settings.feature_layer
-    tower = build_vision_model(settings.model, m.attn_implementation)
+    tower = build_vision_model(settings.model, m.attn_implementation, plan)
     mode = settings.feature_mode or default_feature_strategy(tower.config)  # no CLS token (SigLIP): full
     check_feature_strategy(tower.config, mode, "model.image_feature_select_mode" if name == "vision" and
                            m.image_model is not None else f"model.encoders.{name}.feature_mode")
     return ModalEncoderModule(tower, projector=projector, postprocess_module_callback=FeatureSelect(layer, mode))
 
 
-def build_model(cfg: TrainConfig | ModelSection, seed: int = 0):
+def build_model(cfg: TrainConfig | ModelSection, seed: int = 0, plan: StartPlan | None = None):
     """The composite model in float32 (random parts are initialised from `seed`, deterministically):
-    the seed's `image_model` as the `vision` encoder and/or `model.encoders`, and `text_model`."""
+    the seed's `image_model` as the `vision` encoder and/or `model.encoders`, and `text_model`, or
+    `model.init_from`. With `plan`, pretrained weights are not loaded: those parts are on the meta
+    device and `plan.sources` says where their tensors are (see `StartPlan`); the random state
+    after the build is the same either way."""
     m = cfg.model if isinstance(cfg, TrainConfig) else cfg
     torch.manual_seed(seed)
     if m.init_from is not None:
+        if plan is not None:
+            return plan.mmloom_model(m.init_from).train()
         model = MultimodalModel.from_pretrained(m.init_from, torch_dtype=torch.float32)
         return model.train()
     settings = encoder_settings(m)
-    encoders = {name: build_encoder(name, s, m) for name, s in settings.items()}
-    llm = build_text_model(m.text_model, m.attn_implementation)
+    encoders = {name: build_encoder(name, s, m, plan) for name, s in settings.items()}
+    llm = build_text_model(m.text_model, m.attn_implementation, plan)
     vocab = llm.config.vocab_size
     token_ids = {name: s.token_id if s.token_id is not None else default_token_id(name, vocab, k)
                  for k, (name, s) in enumerate(settings.items())}
@@ -250,41 +351,98 @@ def folder_has_peft(folder: Path) -> bool:
     return any(((spec or {}).get("module") or {}).get("peft") for spec in (data.get("encoders") or {}).values())
 
 
-def load_model_weights(model, folder: str | Path) -> int:
-    """Load the weights of an mmloom model folder (full or trainable-only) into `model`; returns the count."""
-    folder = Path(folder)
-    config = MultimodalConfig.load(folder)
-    state = ser.load_state_dict(folder)
-    try:
-        model.load_weights(state, tied_weights=config.tied_weights, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise MmloomError(f"weights in {folder} do not fit the configured model: {str(exc).splitlines()[0]}") from None
-    return len(state)
+def load_model_weights(model, folder: str | Path, ctx: DistContext | None = None) -> int:
+    """Load the weights of an mmloom model folder (full or trainable-only) into `model` (plain,
+    DDP-wrapped or FSDP2-sharded), one tensor at a time: the first rank reads each tensor and hands it
+    out (the rows of each rank's shard under FSDP2, the whole tensor otherwise). Collective when
+    `ctx` is distributed. Returns the number of tensors loaded. Raises MmloomError for tensors
+    `model` lacks or whose shapes differ (before any is loaded)."""
+    base = unwrap(model)
+    sources = mmloom_folder_sources(folder, base)
+    ctx = ctx or DistContext()
+    with SafetensorsReader() as reader:
+        load_from_rank0(base, ctx, lambda name, target: reader.read(sources[name], target.dtype), set(sources))
+    return len(sources)
 
 
-def frozen_fingerprint(model) -> str:
-    """A cheap fingerprint of the frozen parameters (trainable-only checkpoints rely on them)."""
+def frozen_fingerprint(model, ctx: DistContext | None = None) -> str:
+    """A cheap fingerprint of the frozen parameters (trainable-only checkpoints rely on them): the
+    sum and the absolute sum of each whole tensor, accumulated in float64 on the CPU. The shards of
+    an FSDP2 model are gathered on the first rank one tensor at a time, which computes the
+    fingerprint and gives it to every rank (collective; `ctx` is needed then)."""
+    ctx = ctx or DistContext()
+    sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
     total, absolute, count = 0.0, 0.0, 0
     with torch.no_grad():
         for _, p in model.named_parameters():
-            if not p.requires_grad:
-                total += float(p.detach().double().sum())
-                absolute += float(p.detach().double().abs().sum())
-                count += p.numel()
-    return f"{count}:{total:.10e}:{absolute:.10e}"
+            if p.requires_grad:
+                continue
+            t, gathered = p.detach(), hasattr(p, "device_mesh")
+            if gathered:
+                t = gather_rows(t, ctx, torch.float64) if ctx.distributed else t.full_tensor()
+                if t is None:  # not the first rank
+                    continue
+            t = t.to("cpu", torch.float64, copy=not gathered)  # summed in float64 as the checkpoints recorded
+            total += float(t.sum())
+            absolute += float(t.abs_().sum())
+            count += t.numel()
+            del t
+    fingerprint = f"{count}:{total:.10e}:{absolute:.10e}"
+    return ctx.broadcast_object(fingerprint) if sharded and ctx.distributed else fingerprint
 
 
-def build_starting_model(cfg: TrainConfig, start_folder: Path | None):
+def build_starting_model(cfg: TrainConfig, start_folder: Path | None = None, ctx: DistContext | None = None,
+                         wrap: bool = False) -> nn.Module:
     """The model a run starts from: built from the config and seed, `start_folder`'s weights
-    loaded (a PEFT folder after LoRA is added), frozen as configured."""
-    model = build_model(cfg, seed=cfg.runconfig.seed)
+    loaded (a PEFT folder after LoRA is added), frozen as configured, on `ctx.device`.
+
+    The model is built on the meta device (`StartPlan`: no process holds weights it does not
+    need), then allocated and filled one tensor at a time: the first rank reads each pretrained or
+    start tensor from its safetensors file, or takes the value it built (random parts: the same
+    values and random state as a one-process build), and hands it to every rank. With `wrap` the
+    model is readied for training under `ctx`: gradient checkpointing as configured, then FSDP2
+    (each block sharded while still on the meta device, so a rank allocates only its shards: its
+    host memory at start-up is its shard plus the tensor in flight, plus, on the first rank, the
+    parts with random weights). Under DDP every rank holds the same model (the first one reads it),
+    returned unwrapped: the trainer wraps it (`Trainer.wrap_ddp`) once a micro-batch shows which
+    parameters get gradients. Returns the FSDP2-wrapped model or the composite (`distributed.unwrap`
+    gives the composite either way). Collective when `ctx` is distributed. Raises MmloomError for
+    weights that do not fit the configured model."""
+    ctx = ctx or DistContext()
+    plan = StartPlan(values_here=ctx.is_main)
+    model = build_model(cfg, seed=cfg.runconfig.seed, plan=plan)
     start_has_peft = start_folder is not None and folder_has_peft(start_folder)
     if start_folder is not None and not start_has_peft:
-        load_model_weights(model, start_folder)
+        plan.load_folder(model, start_folder)
     if cfg.model.freeze:
         model.freeze(cfg.model.freeze)
     if cfg.model.lora is not None:
-        apply_lora(model, cfg.model.lora)
+        with placeholders(model) if plan.values_here else contextlib.nullcontext():
+            apply_lora(model, cfg.model.lora)  # adapters with values where the random parts are built
     if start_has_peft:
-        load_model_weights(model, start_folder)
+        plan.load_folder(model, start_folder)
+    broadcast_rng_state(ctx)  # every rank continues from the random state of a one-process build
+    if ctx.is_main:
+        for note in plan.notes:
+            print(f"note: {note}")
+    model.train()
+    sharded = wrap and ctx.distributed and ctx.mode == "fsdp"
+    if wrap and cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    sources = plan.sources.by_name(model)
+    values = detach_values(model) if sharded else {}  # FSDP2 shards meta tensors only
+    if not ctx.is_main:
+        values.clear()  # only the first rank's values are handed out
+    if sharded:
+        apply_fsdp(model, cfg.model.precision)
+    materialize(model, ctx.device)
+
+    def value(name: str, target: torch.Tensor) -> torch.Tensor | None:
+        if name in sources:
+            values.pop(name, None)
+            return reader.read(sources[name], target.dtype)
+        return values.pop(name, None)  # None: the tensor holds its value already
+
+    with SafetensorsReader() as reader:
+        load_from_rank0(model, ctx, value)
     return model

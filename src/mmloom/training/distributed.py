@@ -215,12 +215,14 @@ def routes_experts(model: nn.Module) -> bool:
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, find_unused_parameters: bool = False,
-               precision: str = "float32", without_gradient: list[str] | tuple[str, ...] = ()) -> nn.Module:
+               precision: str = "float32", without_gradient: list[str] | tuple[str, ...] = (),
+               synced: bool = False) -> nn.Module:
     """`model` for `ctx`: as it is (one process), DDP, or FSDP2 (:func:`apply_fsdp`). DDP leaves out the
     parameters `without_gradient` (:func:`parameters_without_gradient`: they are never updated, so never
     synchronised) and finds the parameters unused by each micro-batch when `find_unused_parameters` is set
     or the model routes experts (:func:`routes_experts`), so that every trainable configuration trains as in
-    one process without a user flag."""
+    one process without a user flag. `synced`: every rank holds the same weights already
+    (`load_from_rank0`), DDP need not broadcast them again."""
     if not ctx.distributed:
         return model
     if ctx.mode == "ddp":
@@ -229,10 +231,104 @@ def wrap_model(model: nn.Module, ctx: DistContext, find_unused_parameters: bool 
         if without_gradient:
             DDP._set_params_and_buffers_to_ignore_for_model(model, list(without_gradient))
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters or routes_experts(model))
+        return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters or routes_experts(model),
+                   init_sync=not synced)
     if ctx.mode == "fsdp":
         return apply_fsdp(model, precision)
     raise MmloomError(f"unknown distributed mode {ctx.mode!r}")
+
+
+# ---------------------------------------------------------------------- start-up from rank 0
+def broadcast_rng_state(ctx: DistContext) -> None:
+    """Give every rank the first rank's torch (CPU) random state."""
+    if not ctx.distributed:
+        return
+    state = torch.get_rng_state().to(ctx.comm_device)
+    dist.broadcast(state, src=0)
+    torch.set_rng_state(state.cpu())
+
+
+def _rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """The rows [start, end) of an n-row tensor that FSDP2 gives `rank` (dim-0 shards of
+    ceil(n / ranks) rows, as `torch.chunk`: the last ranks' shards are short or empty)."""
+    rows = -(-n // world)
+    start = min(rank * rows, n)
+    return start, min(start + rows, n)
+
+
+def _local_rows(target: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, int, int]:
+    """This rank's shard of the FSDP2 parameter `target` (a plain tensor) and its rows."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(target.placements) != (Shard(0),):
+        raise MmloomError(f"cannot load a tensor placed as {target.placements}: FSDP2 shards on dim 0 are supported")
+    local = target.detach().to_local()
+    start, end = _rows(target.shape[0], ctx.world_size, ctx.rank)
+    if local.shape[0] != end - start or not local.is_contiguous():
+        raise MmloomError(f"unexpected FSDP2 shard of {tuple(target.shape)}: {tuple(local.shape)} on rank {ctx.rank}")
+    return local, start, end
+
+
+def _scatter_rows(target: torch.Tensor, value: torch.Tensor | None, ctx: DistContext) -> None:
+    """Copy this rank's rows of `value` (the whole tensor, on the first rank only) into the FSDP2
+    shard `target`: the first rank sends each rank its rows, which land in the shard directly."""
+    local, start, end = _local_rows(target, ctx)
+    with torch.no_grad():
+        if ctx.is_main:
+            value = value.to(device=local.device, dtype=target.dtype)
+            for rank in range(1, ctx.world_size):
+                a, b = _rows(target.shape[0], ctx.world_size, rank)
+                if b > a:
+                    dist.send(value[a:b].contiguous(), dst=rank)
+            local.copy_(value[start:end])
+        elif end > start:
+            dist.recv(local, src=0)
+
+
+def gather_rows(target: torch.Tensor, ctx: DistContext, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """The whole tensor of the FSDP2 shard `target` on the first rank, in `dtype` (default its own;
+    None on the other ranks): each rank sends its rows into one buffer there. Collective."""
+    local, start, end = _local_rows(target, ctx)
+    if not ctx.is_main:
+        if end > start:
+            dist.send(local, dst=0)
+        return None
+    whole = torch.empty(tuple(target.shape), dtype=dtype or target.dtype, device=local.device)
+    whole[start:end].copy_(local)
+    for rank in range(1, ctx.world_size):
+        a, b = _rows(target.shape[0], ctx.world_size, rank)
+        if b > a:
+            rows = whole[a:b] if whole.dtype == target.dtype else torch.empty_like(local[: b - a])
+            dist.recv(rows, src=rank)
+            if rows.data_ptr() != whole[a:b].data_ptr():
+                whole[a:b].copy_(rows)
+    return whole
+
+
+def load_from_rank0(model: nn.Module, ctx: DistContext, value, names: set[str] | None = None) -> None:
+    """Set tensors of `model`'s state dict (every tensor once; those in `names` when given) to the
+    values the first rank gets from `value(name, target)`, one tensor at a time: the whole tensor
+    (None: the first rank's tensor holds its value already). An FSDP2 shard receives its rows
+    (scatter), any other tensor the whole value (broadcast). Collective: every rank calls it with
+    the same model structure and `names`. Raises MmloomError for an FSDP2 shard without a value."""
+    from mmloom.model.meta_init import unique_state
+
+    for name, target in unique_state(model):
+        if names is not None and name not in names:
+            continue
+        given = value(name, target) if ctx.is_main else None
+        if hasattr(target, "device_mesh"):
+            if ctx.is_main and given is None:
+                raise MmloomError(f"no value for {name} on the first rank")
+            _scatter_rows(target, given, ctx)
+            continue
+        data = target.detach()
+        with torch.no_grad():
+            if given is not None:
+                data.copy_(given)
+        if ctx.distributed:
+            dist.broadcast(data, src=0)
+        del given
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -134,8 +134,11 @@ class Trainer:
         start_folder = None
         if self.resume_from is None and run.checkpoint_path is not None:
             start_folder = builder.resolve_weights_folder(run.checkpoint_path)
-        model = builder.build_starting_model(cfg, start_folder)
-        self.fingerprint = builder.frozen_fingerprint(model)
+        # built on the meta device, sharded (FSDP2) or wrapped (DDP), then filled from the first rank
+        wrapped = builder.build_starting_model(cfg, start_folder, self.ctx,
+                                               wrap=for_training or self.ctx.mode == "fsdp")
+        model = unwrap(wrapped)
+        self.fingerprint = builder.frozen_fingerprint(model, self.ctx)
         self.start_folder = start_folder
         self.config_notes: list[str] = []
         if self.resume_from is not None:
@@ -150,22 +153,14 @@ class Trainer:
                     f"{self.resume_from} holds trainable weights only, and the frozen weights built from this "
                     "config differ from those the run started with (changed model config, seed or start weights?)"
                 )
-            builder.load_model_weights(model, self.resume_from)
+            builder.load_model_weights(model, self.resume_from, self.ctx)
         # train_input.use_cached_features: a frozen encoder and an up-to-date cache, else refuse
         check_cached_features(cfg, model, self.mode)
-        model.train()
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        model.to(self.device)
         self.base_model = model
         # vision encoder geometry ((0, 0, 0) without one: audio-LLMs)
         self.num_feature_tokens, self.image_size, self.image_positions = vision_geometry(model)
-        if self.ctx.distributed and self.ctx.mode == "ddp" and for_training:
-            self.model = model  # wrapped by wrap_ddp once a micro-batch shows which parameters get gradients
-        elif for_training or self.ctx.mode == "fsdp":
-            self.model = wrap_model(model, self.ctx, run.find_unused_parameters, cfg.model.precision)
-        else:
-            self.model = model
+        # DDP: wrapped by wrap_ddp once a micro-batch shows which parameters get gradients
+        self.model = wrapped
 
     def wrap_ddp(self) -> None:
         """DDP around the model, leaving out the trainable parameters that cannot get a gradient (found on
@@ -184,7 +179,7 @@ class Trainer:
             self.console.message(f"note: DDP leaves out {len(unused)} trainable parameter tensors that get no gradient "
                                  f"(e.g. {unused[0]}: after the selected feature layer)")
         self.model = wrap_model(self.base_model, self.ctx, self.run.find_unused_parameters, self.cfg.model.precision,
-                                without_gradient=unused)
+                                without_gradient=unused, synced=True)
 
     def _collator(self, data_dir: str, dummy_images: bool = True) -> TrainCollator:
         params = read_data_params(data_dir)
