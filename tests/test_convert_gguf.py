@@ -60,7 +60,9 @@ def siglip_export(tmp_path_factory):
 
 
 def test_files_and_language_model_metadata(siglip_export):
-    assert sorted(p.name for p in siglip_export.iterdir()) == ["Modelfile", "mmproj-tiny-vlm.gguf", "tiny-vlm.gguf"]
+    # the three files, and the marker that says `mmloom convert` wrote the folder (--overwrite replaces it)
+    assert sorted(p.name for p in siglip_export.iterdir()) == [
+        ".mmloom-output.json", "Modelfile", "mmproj-tiny-vlm.gguf", "tiny-vlm.gguf"]
     kv, tensors = fields(siglip_export / "tiny-vlm.gguf")
     assert kv["general.architecture"] == "llama" and kv["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
     assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
@@ -206,3 +208,20 @@ def test_options_belong_to_gguf(tmp_path, capsys):
         assert main(["convert", "--from", "mmloom", *args, str(tmp_path / "mm"), str(tmp_path / "out")]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+def test_an_earlier_gguf_export_is_replaced_only_on_request(tmp_path, capsys):
+    """A GGUF export is claimed like every export: converting again onto it is refused in one line unless
+    --overwrite is given, and then the folder is replaced whole (the files of the new export, nothing else)."""
+    torch.manual_seed(0)
+    write_mmloom(Bundle(siglip_vlm(), tiny_tokenizer(), {"vision": SIGLIP}, "chatml"), tmp_path / "mm")
+    argv = ["convert", "--from", "mmloom", "--to", "gguf", str(tmp_path / "mm"), str(tmp_path / "out")]
+    assert main(argv) == 0
+    (tmp_path / "out" / "stray.txt").write_text("left by the user")
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out" / "stray.txt").exists()
+    assert main([*argv, "--outtype", "q8_0", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".mmloom-output.json", "Modelfile", "mmproj-out.gguf", "out.gguf"]

@@ -56,12 +56,15 @@ import numpy as np
 import torch
 
 from mmloom.errors import MmloomError
-from mmloom.files import atomic_directory, read_json, write_text
-from mmloom.interop.common import Bundle, default_image_processor, merge_adapters, vision_parts
+from mmloom.files import read_json, write_text
+from mmloom.interop.common import Bundle, default_image_processor, vision_parts
 from mmloom.interop.hf4 import hf4_vision_state, rope_fields
 from mmloom.interop.image_processors import hf_image_processor
 from mmloom.interop.tokenizer_files import save_tokenizer
 from mmloom.interop.tokens import vocab_rows
+from mmloom.model.serialization import weight_bytes
+from mmloom.outputs import new_folder
+from mmloom.training.lora import merge_adapters
 
 FORMAT = "gguf"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -722,7 +725,9 @@ def write_gguf(bundle: Bundle, dst: str | Path, outtype: str | None = None, name
     anything is written, when the model does not map onto llama.cpp (:func:`plan_gguf`)."""
     dst = Path(dst)
     plan = plan_gguf(bundle, outtype or DEFAULT_OUTTYPE, name or dst.name)
-    with atomic_directory(dst) as tmp:
+    # claimed by `convert`; written beside, marked as `mmloom convert` output and swapped in (a full disk:
+    # one line naming DST and the bytes needed, at most the float32 size of the model)
+    with new_folder(dst, "convert", needed=weight_bytes(bundle.model) + 2**20) as tmp:
         _write_file(tmp / f"{plan.name}.gguf", plan.arch, _llm_kv(plan), plan.llm_tensors)
         _write_file(tmp / f"mmproj-{plan.name}.gguf", "clip", _vision_kv(plan), plan.vision_tensors)
         write_text(tmp / "Modelfile", modelfile(plan.name, plan.layout, plan.stops))
