@@ -194,7 +194,8 @@ def test_real_data_section_runs_offline(tmp_path, monkeypatch, capsys):
     # the hf-llava export of a model trained with the stock (SentencePiece) tokenizer loads in transformers
     from transformers import AutoProcessor
 
-    assert sorted(p.name for p in Path("exports/gguf").iterdir()) == ["Modelfile", "llava-7b.gguf", "mmproj-llava-7b.gguf"]
+    assert sorted(p.name for p in Path("exports/gguf").iterdir()) == [
+        ".mmloom-output.json", "Modelfile", "llava-7b.gguf", "mmproj-llava-7b.gguf"]
     processor = AutoProcessor.from_pretrained("exports/llava-hf")
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == 32000
     assert processor.tokenizer("USER: hi", add_special_tokens=True).input_ids[:3] == [1, 3148, 1001]
