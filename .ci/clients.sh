@@ -9,6 +9,7 @@
 #          the environment changes)
 #   llamacpp  xllamacpp: a prebuilt llama.cpp (CPU wheel; its server and the multimodal library mtmd),
 #             no torch (the GGUF exports are driven through llama.cpp's own HTTP server)
+#   trl    TRL 1.16 (DPOTrainer) on transformers 5.24: preference tuning's step-1 loss and gradient norm
 # then runs tests/clients/ with the project's .venv (the tests drive those environments by subprocess).
 # Needs the project's .venv (make install) and ../shared/assets/llama2-tokenizer/tokenizer.model.
 set -euo pipefail
@@ -61,6 +62,7 @@ smollm2_hf() {  # the GGUF as a plain HF folder, cached like the environments
 }
 smollm2_hf
 build llamacpp .ci/clients/llamacpp.txt --no-torch
+build trl .ci/clients/trl.txt
 echo "clients: environments ready in $(( $(date +%s) - start )) s"
 MMLOOM_CLIENTS=1 MMLOOM_REQUIRE_CLIENTS=1 MMLOOM_CLIENT_VENVS="$VENVS" .venv/bin/python -m pytest tests/clients -rfE "$@"
 echo "clients: stage took $(( $(date +%s) - start )) s"

@@ -7,7 +7,8 @@ eval_input:  {... same keys ...}
 model:       {image_model, encoders, text_model, projector, freeze, image_feature_select_layer_idx,
               image_feature_select_mode, image_start_idx, image_token_id, loss_scaling, precision,
               attn_implementation, gradient_checkpointing, lora, init_from}
-optimizer:   {optimizer_type, lr, betas, eps, weight_decay, max_gradient_norm, projector_lr}
+optimizer:   {optimizer_type, lr, betas, eps, weight_decay, max_gradient_norm, projector_lr, encoder_lr, llm_lr,
+              adapter_lr, part_lr}
 schedule:    {warmup_steps | warmup_ratio, decay, min_lr}
 runconfig:   {max_steps | num_epochs, checkpoint_steps, keep_last, log_steps, eval_steps, seed,
               load_checkpoint_states, checkpoint_path, distributed, mfu_peak_flops, resume_weights_only, ...}
@@ -198,7 +199,42 @@ class OptimizerSection(_Section):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0, description="not applied to biases and norm weights")
     max_gradient_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null to disable")
-    projector_lr: float | None = Field(None, gt=0, description="peak lr of the projector (default: lr)")
+    projector_lr: float | None = Field(
+        None, gt=0, description="peak lr of every projector (default: lr); LLaVA's name mm_projector_lr is accepted")
+    encoder_lr: float | None = Field(
+        None, gt=0, description="peak lr of the encoders' modules (the vision tower, an audio encoder; default: lr); "
+        "LLaVA's name mm_vision_tower_lr is accepted")
+    llm_lr: float | None = Field(None, gt=0, description="peak lr of the language model (default: lr)")
+    adapter_lr: float | None = Field(
+        None, gt=0, description="peak lr of the LoRA adapters, in whichever part they sit (default: that part's lr)")
+    part_lr: dict[str, float] = Field(
+        default_factory=dict,
+        description="peak lr per part, over the options above: a part name of the model (vision_encoder.module, "
+        "vision_encoder.projector, audio_encoder.projector, language_model; Cerebras names such as "
+        "projector_image_model accepted) -> lr. Every lr follows the schedule (warmup, decay to min_lr x lr / "
+        "optimizer.lr)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _llava_names(cls, data):
+        """LLaVA's `mm_projector_lr` / `mm_vision_tower_lr` (train.py's TrainingArguments) as our names."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for llava, ours in (("mm_projector_lr", "projector_lr"), ("mm_vision_tower_lr", "encoder_lr")):
+            if llava in data:
+                if data.get(ours) is not None:
+                    raise ValueError(f"optimizer.{llava} and optimizer.{ours} are the same setting: keep one")
+                data[ours] = data.pop(llava)
+        return data
+
+    @field_validator("part_lr")
+    @classmethod
+    def _positive(cls, value):
+        bad = {k: v for k, v in value.items() if not v > 0}
+        if bad:
+            raise ValueError(f"learning rates must be > 0, got {bad}")
+        return value
 
 
 class ScheduleSection(_Section):

@@ -59,7 +59,7 @@ from mmloom.training.metrics import (
     batch_work,
 )
 from mmloom.training.modalities import check_data_modalities, vision_geometry, with_audio
-from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
+from mmloom.training.optim import build_optimizer, build_scheduler, group_lrs, set_schedule_step
 from mmloom.training.preemption import StepFailure, StopSignals, TrainingStopped
 from mmloom.training.resume_checks import check_resume_dependencies, run_dependencies
 from mmloom.training.run_folder import run_folder_lock
@@ -438,7 +438,7 @@ class Trainer:
                     micro_batches = [next(loader_iter) for _ in range(self.accum)]
                     t_data = time.perf_counter() - t0
                     lr = self.optimizer.param_groups[0]["lr"]
-                    lrs = {g["group_name"]: g["lr"] for g in self.optimizer.param_groups}
+                    lrs = group_lrs(self.optimizer)
                     res = self.optimizer_step(micro_batches, step, last_saved)
                     if debug_sleep:
                         time.sleep(debug_sleep)
@@ -447,8 +447,8 @@ class Trainer:
                     window.add(dt, t_data, res.tokens, res.samples, flops.flops(res.work))
                     record = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
                               "loss_tokens": res.loss_tokens, "epoch": done / self.steps_per_epoch}
-                    if len(lrs) > 1 and "projector" in lrs:
-                        record["projector_lr"] = lrs["projector"]
+                    if len(self.optimizer.param_groups) > 1:
+                        record.update(lrs)  # projector_lr, encoder_lr, ...: each part's lr
                     if done % run.log_steps == 0 or done == self.total_steps:
                         record.update(window.summary(run.mfu_peak_flops, ctx.world_size))
                         window = ThroughputWindow()

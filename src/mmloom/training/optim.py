@@ -1,4 +1,4 @@
-"""AdamW parameter groups (no decay on biases and norms, projector lr) and lr schedules."""
+"""AdamW parameter groups (no decay on biases and norms, a learning rate per part) and lr schedules."""
 
 from __future__ import annotations
 
@@ -23,25 +23,95 @@ def is_projector(name: str) -> bool:
     return ".projector." in f".{name}"
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+_ADAPTER_RE = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
+def part_of(name: str) -> str:
+    """The part a parameter belongs to (`MultimodalModel.parts` names): `{encoder}_encoder.module`,
+    `{encoder}_encoder.projector`, `{encoder}_encoder.{callback slot}` or `language_model`; DDP /
+    torch.compile wrapper prefixes are ignored. Other names are returned as their first component."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    head, _, rest = name.partition(".")
+    if head.endswith("_encoder") and rest:
+        return f"{head}.{rest.split('.', 1)[0]}"
+    return head
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter is a LoRA adapter weight (PEFT's `lora_A` / `lora_B` / DoRA magnitude)."""
+    return bool(_ADAPTER_RE.search(f".{name}."))
+
+
+def _part_lrs(opt: OptimizerSection) -> dict[str, float]:
+    from mmloom.model.freezing import resolve_pattern
+
+    out = {}
+    for key, lr in opt.part_lr.items():
+        out[resolve_pattern(key).replace("\\.", ".")] = lr
+    return out
+
+
+def lr_group(name: str, opt: OptimizerSection, part_lrs: dict[str, float] | None = None) -> tuple[str, float]:
+    """(group label, peak lr) of a trainable parameter, the most specific setting first: `part_lr` of its
+    part, `adapter_lr` for LoRA weights, `projector_lr` / `encoder_lr` / `llm_lr` by part, else `lr`.
+    Parameters at `lr` share the label `model` (so that a config with `projector_lr` alone keeps the groups
+    `model` and `projector`)."""
+    part = part_of(name)
+    part_lrs = _part_lrs(opt) if part_lrs is None else part_lrs
+    if part in part_lrs:
+        return part, part_lrs[part]
+    if opt.adapter_lr is not None and is_adapter(name):
+        return "adapters", opt.adapter_lr
+    if part.endswith("_encoder.projector") and opt.projector_lr is not None:
+        return "projector", opt.projector_lr
+    if part.endswith("_encoder.module") and opt.encoder_lr is not None:
+        return "encoder", opt.encoder_lr
+    if part == "language_model" and opt.llm_lr is not None:
+        return "language_model", opt.llm_lr
+    return "model", opt.lr
+
+
 def param_groups(model: nn.Module, opt: OptimizerSection) -> list[dict]:
-    """Trainable parameters split by (projector or not) x (decay or not); frozen ones are left out."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """Trainable parameters split by learning-rate group (`lr_group`: part, adapters, projector...) x
+    (decay or not); frozen ones are left out. Each group's `lr` is its peak lr: the scheduler scales every
+    group by the same factor, so each part follows the schedule. Raises MmloomError when `part_lr` names
+    a part the model does not have."""
+    part_lrs = _part_lrs(opt)
+    groups: dict[tuple[str, float, bool], list] = {}
+    parts = set()
     for name, param in model.named_parameters():
+        parts.add(part_of(name))
         if not param.requires_grad:
             continue
-        key = (is_projector(name), is_no_decay(name, param))
-        groups.setdefault(key, []).append(param)
+        label, lr = lr_group(name, opt, part_lrs)
+        groups.setdefault((label, lr, is_no_decay(name, param)), []).append(param)
+    unknown = sorted(set(part_lrs) - parts)
+    if unknown:
+        raise MmloomError(f"optimizer.part_lr names {', '.join(unknown)}, which this model does not have (its parts: "
+                          f"{', '.join(sorted(parts))})")
     out = []
-    for (projector, no_decay), params in sorted(groups.items()):
-        lr = opt.projector_lr if (projector and opt.projector_lr is not None) else opt.lr
+    for (label, lr, no_decay), params in sorted(groups.items()):
         out.append(
             {
                 "params": params,
                 "lr": lr,
                 "weight_decay": 0.0 if no_decay else opt.weight_decay,
-                "group_name": f"{'projector' if projector else 'model'}{'_no_decay' if no_decay else ''}",
+                "group_name": f"{label}{'_no_decay' if no_decay else ''}",
             }
         )
+    return out
+
+
+def group_lrs(optimizer) -> dict[str, float]:
+    """The current lr of each learning-rate group other than `model` (the decay / no-decay halves of a
+    group share it), as `{label}_lr` keys for metrics.jsonl (`projector_lr`, `encoder_lr`, ...)."""
+    out = {}
+    for group in optimizer.param_groups:
+        label = group.get("group_name", "model").removesuffix("_no_decay")
+        if label != "model":
+            out[f"{label.removesuffix('_lr')}_lr"] = group["lr"]
     return out
 
 
