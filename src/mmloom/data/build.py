@@ -45,6 +45,7 @@ from mmloom.data.encode import (
     to_h5_rows,
 )
 from mmloom.data.h5_format import H5_NAME, PARAMS_NAME, encode_img_path, is_build_output, write_h5
+from mmloom.data.preference import PREFERENCE_SKIP_REASONS, PreferencePair, encode_pair, parse_preference
 from mmloom.data.records_io import SkipRecord, iter_jsonl_lines
 from mmloom.errors import MmloomError
 from mmloom.files import free_bytes, is_disk_full, mib, write_json
@@ -201,12 +202,16 @@ class ChunkResult:
     starts: collections.Counter = field(default_factory=collections.Counter)  # first-turn images
     later_starts: collections.Counter = field(default_factory=collections.Counter)  # later-turn images
     stats: collections.Counter = field(default_factory=collections.Counter)
+    rejected_rows: list[np.ndarray] = field(default_factory=list)  # preference builds: per pair
+    prompt_lengths: list[int] = field(default_factory=list)
 
 
 def _encode_line(line: str):
     cfg: BuildConfig = _STATE["cfg"]
     ds = cfg.dataset
     record = parse_record_line(line)
+    if ds.preference is not None:
+        return _encode_pair(record)
     images = record_paths(record, ds.image_key)
     if images and ds.num_patches is None:
         raise SkipRecord("bad_record", f"'{ds.image_key}' in a build without images (dataset.num_patches unset)")
@@ -220,7 +225,16 @@ def _encode_line(line: str):
         files = [audio_file(ds.audio.audio_dir, clip) for clip in clips]
         counts = [count_audio_tokens(path, ds.audio, _STATE["extractor"])[0] for path in files]
         audio = (ds.audio.audio_token, _STATE["audio_token_id"], clips, counts)
-    sample = encode_record(
+    sample = _encode_record(record, audio)
+    _check_sample_images(sample)
+    return sample
+
+
+def _encode_record(record: dict, audio=None, **keys):
+    """`encode_record` with the build's tokenizer, template and settings (`keys`: record keys that differ)."""
+    cfg: BuildConfig = _STATE["cfg"]
+    ds = cfg.dataset
+    return encode_record(
         record,
         tokenizer=_STATE["tokenizer"],
         template=_STATE["template"],
@@ -228,20 +242,40 @@ def _encode_line(line: str):
         slot_fill_id=_STATE["pad_id"],
         image_token=ds.image_token,
         image_token_id=_STATE["image_token_id"],
-        image_key=ds.image_key,
-        conversation_key=ds.conversation_key,
-        content_key=ds.content_key,
+        image_key=keys.get("image_key", ds.image_key),
+        conversation_key=keys.get("conversation_key", ds.conversation_key),
+        content_key=keys.get("content_key", ds.content_key),
         max_length=cfg.processor.max_sequence_length,
         text_only_slots=ds.text_only_slots and ds.num_patches is not None,
         audio=audio,
     )
+
+
+def _check_sample_images(sample) -> None:
+    """The build's image rules on an encoded sample: later-turn images (dataset.image_in_later_turn) and each
+    image fully decodable within the pixel budget. Raises SkipRecord."""
+    ds = _STATE["cfg"].dataset
     if sample.image_turn > 0 and ds.image_in_later_turn == "skip":
         raise SkipRecord(
             "image_in_later_turn", f"the image is in human turn {sample.image_turn + 1}, slots at {sample.image_start}"
         )
     for image in sample.images:
         check_image(image_file(ds.image_dir, image), ds.max_image_pixels)
-    return sample
+
+
+def _encode_pair(record: dict) -> PreferencePair:
+    """A preference record (`mmloom.data.preference`) encoded as its two sequences; raises SkipRecord."""
+    ds = _STATE["cfg"].dataset
+    fixed = None if ds.preference.format == "auto" else ds.preference.format
+    pair = parse_preference(record, fixed, ds.image_token)
+    if pair.images and ds.num_patches is None:
+        raise SkipRecord("bad_record", "an image in a build without images (dataset.num_patches unset)")
+    if len(pair.images) > 1:
+        raise SkipRecord("multiple_images", f"{len(pair.images)} images; the HDF5 layout holds one image per sample")
+    encoded = encode_pair(pair, lambda rec: _encode_record(rec, image_key="image", conversation_key="conversations",
+                                                           content_key="value"))
+    _check_sample_images(encoded.chosen)
+    return encoded
 
 
 def _process_chunk(chunk: list[tuple[int, int, str | SkipRecord]]) -> ChunkResult:
@@ -256,10 +290,20 @@ def _process_chunk(chunk: list[tuple[int, int, str | SkipRecord]]) -> ChunkResul
             if isinstance(line, SkipRecord):  # not UTF-8
                 raise line
             sample = _encode_line(line)
+            pair = None
+            if isinstance(sample, PreferencePair):  # both sides share the prompt; `data` holds the chosen one
+                pair, sample = sample, sample.chosen
+                rejected_rows = to_h5_rows(pair.rejected, msl, pad_id)
         except SkipRecord as skip:
             out.skips.append((file_idx, lineno, skip.reason, skip.detail))
             continue
         rows = to_h5_rows(sample, msl, pad_id)
+        if pair is not None:
+            out.rejected_rows.append(rejected_rows)
+            out.prompt_lengths.append(pair.prompt_length)
+            out.stats["prompt_tokens"] += pair.prompt_length
+            out.stats["chosen_tokens"] += len(pair.chosen.input_ids) - pair.prompt_length
+            out.stats["rejected_tokens"] += len(pair.rejected.input_ids) - pair.prompt_length
         out.rows.append(rows)
         out.img_paths.append(encode_img_path(sample.image))
         out.image_starts.append(sample.image_start)
@@ -302,10 +346,13 @@ class _Writer:
     """Collects encoded samples and writes them `samples_per_file` at a time (`data-0000k.h5`);
     raises DiskFullError when the disk cannot take the next file."""
 
-    def __init__(self, out_dir: Path, samples_per_file: int, with_audio: bool = False):
+    def __init__(self, out_dir: Path, samples_per_file: int, with_audio: bool = False, pairs: bool = False):
         self.out_dir = out_dir
         self.per_file = samples_per_file
         self.with_audio = with_audio
+        self.pairs = pairs  # preference builds: rejected rows and prompt lengths beside each sample
+        self.rejected: list[np.ndarray] = []
+        self.prompt_lengths: list[int] = []
         self.rows: list[np.ndarray] = []
         self.paths: list[bytes] = []
         self.starts: list[int] = []
@@ -313,7 +360,10 @@ class _Writer:
         self.files: list[str] = []
         self.file_info: dict[str, dict[str, int]] = {}  # name -> {"n_examples", "bytes"}
 
-    def add(self, rows: list[np.ndarray], paths: list[bytes], starts: list[int], audio: list | None = None) -> None:
+    def add(self, rows: list[np.ndarray], paths: list[bytes], starts: list[int], audio: list | None = None,
+            rejected: list[np.ndarray] | None = None, prompt_lengths: list[int] | None = None) -> None:
+        self.rejected.extend(rejected or [])
+        self.prompt_lengths.extend(prompt_lengths or [])
         self.rows.extend(rows)
         self.paths.extend(paths)
         self.starts.extend(starts)
@@ -326,17 +376,18 @@ class _Writer:
         rows = np.stack(self.rows[:n])
         audio = self.audio[:n] if self.with_audio else None
         audio_bytes = sum(getattr(a, "nbytes", 0) for item in (audio or []) for part in item for a in part)
-        needed = rows.nbytes + audio_bytes + sum(map(len, self.paths[:n])) + 2**16  # uncompressed: an upper bound
+        preference = (np.stack(self.rejected[:n]), self.prompt_lengths[:n]) if self.pairs else None
+        needed = rows.nbytes * (2 if self.pairs else 1) + audio_bytes + sum(map(len, self.paths[:n])) + 2**16
         free = free_bytes(self.out_dir)
         if 0 <= free < needed:
             raise DiskFullError(self.out_dir / name, needed, free, needed / n)
         try:
-            write_h5(self.out_dir / name, rows, self.paths[:n], self.starts[:n], audio)
+            write_h5(self.out_dir / name, rows, self.paths[:n], self.starts[:n], audio, preference)
         except OSError as err:
             if is_disk_full(err):
                 raise DiskFullError(self.out_dir / name, needed, free_bytes(self.out_dir), needed / n) from None
             raise
-        del self.rows[:n], self.paths[:n], self.starts[:n], self.audio[:n]
+        del self.rows[:n], self.paths[:n], self.starts[:n], self.audio[:n], self.rejected[:n], self.prompt_lengths[:n]
         self.files.append(name)
         self.file_info[name] = {"n_examples": n, "bytes": (self.out_dir / name).stat().st_size}
 
@@ -589,7 +640,8 @@ def _build(cfg: BuildConfig, files: list[Path], out_dir: Path, ids: dict, extrac
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     total = _count_lines(files)
     show = (sys.stdout.isatty() and not quiet) if progress is None else progress
-    writer = _Writer(out_dir, cfg.setup.samples_per_file, with_audio=audio_cfg is not None)
+    writer = _Writer(out_dir, cfg.setup.samples_per_file, with_audio=audio_cfg is not None,
+                     pairs=cfg.dataset.preference is not None)
     n_read = 0
     skipped: collections.Counter = collections.Counter()
     kept_per_file: collections.Counter = collections.Counter()
@@ -617,7 +669,8 @@ def _build(cfg: BuildConfig, files: list[Path], out_dir: Path, ids: dict, extrac
                     starts.update(res.starts)
                     later_starts.update(res.later_starts)
                     stats.update(res.stats)
-                    writer.add(res.rows, res.img_paths, res.image_starts, res.audio)
+                    writer.add(res.rows, res.img_paths, res.image_starts, res.audio, res.rejected_rows,
+                               res.prompt_lengths)
                     bar.advance(task, res.n_read)
         writer.close()
     except DiskFullError as err:
@@ -680,6 +733,9 @@ def _build(cfg: BuildConfig, files: list[Path], out_dir: Path, ids: dict, extrac
     }
     if audio_cfg is not None:
         params["modalities"] = {"audio": audio_params(audio_cfg, extractor, ids, stats)}
+    if cfg.dataset.preference is not None:  # preference pairs: `rejected` and `prompt_length` in every file
+        params["preference"] = {"pairs": kept, "prompt_tokens": stats["prompt_tokens"],
+                                "chosen_tokens": stats["chosen_tokens"], "rejected_tokens": stats["rejected_tokens"]}
     try:
         write_json(out_dir / PARAMS_NAME, params)
     except OSError as err:
@@ -716,7 +772,8 @@ def audio_params(audio_cfg, extractor, ids: dict, stats) -> dict[str, Any]:
 
 
 def _reason_order(reason: str) -> tuple[int, str]:
-    return (SKIP_REASONS.index(reason) if reason in SKIP_REASONS else len(SKIP_REASONS), reason)
+    reasons = (*SKIP_REASONS, *PREFERENCE_SKIP_REASONS)
+    return (reasons.index(reason) if reason in reasons else len(reasons), reason)
 
 
 def print_summary(params: dict, elapsed: float, template_note: str | None = None) -> None:
@@ -740,6 +797,10 @@ def print_summary(params: dict, elapsed: float, template_note: str | None = None
         table.add_row(f"  with audio ({audio['clips']:,} clips, {audio['audio_tokens']:,} audio tokens)",
                       f"{audio['samples_with_audio']:,}")
     table.add_row("  text-only", f"{samples.get('text_only', 0):,}")
+    pairs = params.get("preference")
+    if pairs is not None:
+        table.add_row(f"  preference pairs ({pairs['chosen_tokens']:,} chosen / {pairs['rejected_tokens']:,} rejected "
+                      "answer tokens)", f"{pairs['pairs']:,}")
     for reason, count in pp["skipped"].items():
         table.add_row(f"skipped: {reason}", f"{count:,}")
     console = Console()

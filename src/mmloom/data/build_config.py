@@ -4,7 +4,8 @@
 setup:     {input_dir: ..., output_dir: ..., processes: 4, samples_per_file: 2000}
 processor: {tokenizer_type: path/to/hf_tokenizer_folder, max_sequence_length: 2048}
 dataset:   {num_patches: 576, image_dir: ..., system_prompt_style: vicuna_v1,
-            audio: {feature_extractor: ..., audio_dir: ..., stride: 4}}   # audio: optional
+            audio: {feature_extractor: ..., audio_dir: ..., stride: 4},   # audio: optional
+            preference: {format: auto}}                                    # preference pairs: optional
 ```
 
 Relative paths are taken relative to the current working directory (like the seed's tool).
@@ -75,6 +76,15 @@ class AudioDataConfig(_Section):
         return {"type": "audio_frames", "downsample": self.downsample, "stride": self.stride}
 
 
+class PreferenceDataConfig(_Section):
+    """Records are preference pairs (a prompt, a chosen and a rejected answer; `mmloom.data.preference`)."""
+
+    format: Literal["auto", "trl", "llava", "rlaif_v"] = Field(
+        "auto", description="record layout: TRL's vision preference format (images, prompt, chosen, rejected), "
+        "LLaVA's DPO json (image, prompt, chosen, rejected strings), RLAIF-V's fields (image_path, question, chosen, "
+        "rejected); auto: told apart by each record's keys")
+
+
 class DatasetConfig(_Section):
     """`dataset`: image slots, image folder, template and record keys (the seed's, plus mmloom's options)."""
 
@@ -117,10 +127,16 @@ class DatasetConfig(_Section):
         None, description="records carry audio clips (`audio` field, `<audio>` placeholders): how to read them"
     )
 
+    preference: PreferenceDataConfig | None = Field(
+        None, description="the records are preference pairs for the preference phase (DPO): each pair is written as "
+        "prompt + chosen answer (`data`) and prompt + rejected answer (`rejected`); see mmloom.data.preference")
+
     @model_validator(mode="after")
     def _some_modality(self):
         if self.num_patches is None and self.audio is None:
             raise ValueError("set dataset.num_patches (images) and/or dataset.audio (audio clips)")
+        if self.preference is not None and self.audio is not None:
+            raise ValueError("dataset.preference pairs hold images or text; audio pairs are not supported yet")
         return self
 
 

@@ -34,6 +34,18 @@ with m the number of clips of all its samples, in sample order then placeholder 
 `data_params.json` records the extractor and count rule under `modalities.audio`. Cerebras' reader
 ignores these datasets (its model would see the audio slots as pad tokens); mmloom's trainer
 writes the `<audio>` id into every span and feeds the clips' features there.
+
+Preference pairs (mmloom's extension, written only by builds with `dataset.preference`; see
+`mmloom.data.preference`). Each sample is a pair sharing one prompt (its image, its slots):
+
+- `data` holds prompt + chosen answer, exactly as an instruction-tuning sample (loss on the final
+  answer only), so `img_path`, `image_start_idx` and the audio datasets describe both sides;
+- `rejected` int32 `[n, 4, MSL]` (gzip, the layout of `data`): prompt + rejected answer;
+- `prompt_length` int32 `[n]`: the tokens both rows share (the prompt, image slots included); the
+  answers start there.
+
+`data_params.json` records the pair counts and token totals under `preference`. Cerebras' reader
+reads `data` only: it would train on the chosen answers as instruction data.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ H5_NAME = "data-{:05d}.h5"
 PARAMS_NAME = "data_params.json"
 IMAGE_START = "image_start_idx"
 AUDIO_PATH, AUDIO_SPAN, AUDIO_OFFSET = "audio_path", "audio_span", "audio_offset"
+REJECTED, PROMPT_LENGTH = "rejected", "prompt_length"
 NO_IMAGE = b"None"
 GZIP_LEVEL = 4
 
@@ -105,10 +118,12 @@ def decode_img_path(value) -> str | None:
 
 
 def write_h5(path: Path, rows: np.ndarray, img_paths: list[bytes], image_starts: list[int],
-             audio: list[tuple[list[str], list[tuple[int, int]]]] | None = None) -> None:
+             audio: list[tuple[list[str], list[tuple[int, int]]]] | None = None,
+             preference: tuple[np.ndarray, list[int]] | None = None) -> None:
     """Write one file atomically (temp name + os.replace); no timestamps, fixed gzip level, so the
     bytes depend on the samples only. `audio` (one `(paths, spans)` per sample) adds the audio
-    datasets of the module docstring; None writes none (image-only data)."""
+    datasets of the module docstring; None writes none (image-only data). `preference`
+    (`(rejected rows [n, 4, MSL], prompt lengths)`) adds the preference datasets."""
     import h5py
 
     n, _, msl = rows.shape
@@ -123,6 +138,26 @@ def write_h5(path: Path, rows: np.ndarray, img_paths: list[bytes], image_starts:
         f.create_dataset(IMAGE_START, data=np.asarray(image_starts, dtype=np.int32), track_times=False)
         if audio is not None:
             write_audio_items(f, audio)
+        if preference is not None:
+            rejected, prompt_lengths = preference
+            f.create_dataset(REJECTED, data=rejected, dtype="i4", chunks=(1, 4, msl), compression="gzip",
+                             compression_opts=GZIP_LEVEL, track_times=False)
+            f.create_dataset(PROMPT_LENGTH, data=np.asarray(prompt_lengths, dtype=np.int32), track_times=False)
+
+
+def read_prompt_lengths(h5file, path: str | Path = "") -> np.ndarray:
+    """`prompt_length` [n] (int64) of an open preference file, after checking `rejected` against `data`.
+    Raises MmloomError naming the file when they disagree."""
+    n = int(h5file.attrs["n_examples"])
+    data_shape = tuple(h5file["data"].shape)
+    if REJECTED not in h5file or PROMPT_LENGTH not in h5file:
+        raise MmloomError(f"{path}: a preference file needs '{REJECTED}' and '{PROMPT_LENGTH}'")
+    lengths = np.asarray(h5file[PROMPT_LENGTH][:], dtype=np.int64)
+    if tuple(h5file[REJECTED].shape) != data_shape or lengths.shape != (n,) \
+            or bool(((lengths < 1) | (lengths >= data_shape[2])).any()):
+        raise MmloomError(f"{path}: the preference datasets disagree with 'data' ({REJECTED} "
+                          f"{tuple(h5file[REJECTED].shape)}, {PROMPT_LENGTH} {lengths.shape}, data {data_shape})")
+    return lengths
 
 
 def write_audio_items(f, audio: list[tuple[list[str], list[tuple[int, int]]]]) -> None:

@@ -4,7 +4,9 @@ Image slots and prompts are most of a LLaVA sequence, so running the LM head ove
 position wastes compute and memory: here it runs only where the (shifted) label is kept, a
 chunk at a time, each chunk recomputed in backward so full-vocabulary logits for the whole
 batch are never held. `supervised_token_stats` gives evaluation the same economy (loss sum,
-token count and argmax accuracy at supervised positions, no full-vocabulary logits).
+token count and argmax accuracy at supervised positions, no full-vocabulary logits), and
+`supervised_token_logps` gives preference tuning each supervised token's log-probability (the
+sequence log-probabilities DPO compares), with the same chunking.
 """
 
 from __future__ import annotations
@@ -107,3 +109,48 @@ def supervised_token_stats(
         correct = correct + (logits.argmax(-1) == targets[chunk]).sum()
     n = torch.tensor(selected.shape[0], dtype=torch.long, device=hidden_states.device)
     return SupervisedTokenStats(loss=loss_sum / n.clamp(min=1), loss_sum=loss_sum, num_tokens=n, num_correct=correct)
+
+
+def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None,
+                       scale: float | None) -> torch.Tensor:
+    return -F.cross_entropy(_chunk_logits(hidden, head, softcap, scale), targets, reduction="none")
+
+
+@dataclass
+class TokenLogps(ModelOutput):
+    """Per-token log-probabilities of the labels (no logits kept).
+
+    `token_logps` (B, T-1) float32: at position t, log p(labels[t+1] | tokens <= t) where labels[t+1] is
+    supervised, 0 elsewhere (differentiable); `num_tokens`: supervised tokens (0-dim long)."""
+
+    token_logps: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+
+
+def supervised_token_logps(
+    hidden_states: torch.Tensor,  # (B, T, D) final decoder states
+    labels: torch.Tensor,  # (B, T) unshifted, -100 = ignore
+    lm_head: nn.Module,
+    chunk_size: int = 2048,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+) -> TokenLogps:
+    """Log-probabilities of the supervised next tokens, as a (B, T-1) map (0 where not supervised); the LM
+    head runs on chunks of the supervised positions only, each chunk recomputed in backward (as
+    `supervised_loss`), so no (B, T, V) logits are held. Summed over a sequence's completion they give the
+    sequence log-probability of preference tuning (`mmloom.model.preference_loss`)."""
+    selected, targets, keep = _supervised(hidden_states, labels)
+    values = []
+    for start in range(0, selected.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        args = (selected[chunk], targets[chunk], lm_head, softcap, logit_scale)
+        if torch.is_grad_enabled() and selected.requires_grad:
+            values.append(checkpoint(_chunk_token_logps, *args, use_reentrant=False))
+        else:
+            values.append(_chunk_token_logps(*args))
+    out = hidden_states.new_zeros(keep.shape, dtype=torch.float32)
+    if values:
+        out = out.masked_scatter(keep, torch.cat(values))
+    else:
+        out = out + hidden_states.float().sum() * 0.0  # in the graph: backward works on every rank
+    return TokenLogps(token_logps=out, num_tokens=keep.sum())

@@ -37,7 +37,13 @@ from mmloom.model.freezing import (
     set_requires_grad_by_patterns,
     trainable_table,
 )
-from mmloom.model.loss import SupervisedTokenStats, supervised_loss, supervised_token_stats
+from mmloom.model.loss import (
+    SupervisedTokenStats,
+    TokenLogps,
+    supervised_loss,
+    supervised_token_logps,
+    supervised_token_stats,
+)
 from mmloom.model.merge import IGNORE_INDEX, merge_features
 from mmloom.model.outputs import Features
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
@@ -341,8 +347,9 @@ class MultimodalModel(nn.Module):
         use_cache: bool | None = None,
         compute_logits: bool = True,
         token_stats: bool = False,
+        token_logps: bool = False,
         **kwargs,
-    ) -> CausalLMOutputWithPast | SupervisedTokenStats:
+    ) -> CausalLMOutputWithPast | SupervisedTokenStats | TokenLogps:
         """Run the encoders, merge their features at the placeholder positions and run the LLM.
 
         Encoder inputs come per encoder (`vision={"pixel_values": (N, 3, H, W)}`,
@@ -355,7 +362,8 @@ class MultimodalModel(nn.Module):
         supervised positions (chunked) and the output carries the loss without logits (`logits`
         None): the fast path for training; with `token_stats=True` as well, the output is a
         `SupervisedTokenStats` (loss sum, supervised tokens, argmax-correct tokens; no gradient): the
-        evaluation path. Packed rows (`mmloom.data.collate.PackedCollator`) pass their sample
+        evaluation path; with `token_logps=True` instead, a `TokenLogps` (each supervised label's
+        log-probability, (B, T-1), with gradient): the preference-tuning path. Packed rows (`mmloom.data.collate.PackedCollator`) pass their sample
         boundaries as `cu_seq_lens_q` / `cu_seq_lens_k` / `max_length_q` / `max_length_k` (see
         `mmloom.model.attention`); MmloomError when the language model's attention cannot take them.
         Extra keyword arguments that no encoder takes go to the LLM. Raises
@@ -368,8 +376,8 @@ class MultimodalModel(nn.Module):
             use_cache = False  # a training/loss forward builds no KV cache (nor checkpointing warnings)
         if llm_kwargs.get("cu_seq_lens_q") is not None:
             check_packed_attention(self.language_model)
-        if token_stats and (labels is None or compute_logits):
-            raise MmloomError("token_stats=True needs labels and compute_logits=False")
+        if (token_stats or token_logps) and (labels is None or compute_logits):
+            raise MmloomError("token_stats=True / token_logps=True need labels and compute_logits=False")
         if inputs_embeds is None:
             if input_ids is None:
                 raise MmloomError("forward needs input_ids or inputs_embeds")
@@ -377,7 +385,8 @@ class MultimodalModel(nn.Module):
             if labels is not None:
                 labels = self.mask_placeholder_labels(input_ids, labels)
         if labels is not None and not compute_logits:
-            return self._supervised_only(inputs_embeds, attention_mask, position_ids, labels, llm_kwargs, token_stats)
+            return self._supervised_only(inputs_embeds, attention_mask, position_ids, labels, llm_kwargs, token_stats,
+                                         token_logps)
         return self.language_model(**language_model_kwargs(
             self.language_model,
             inputs_embeds=inputs_embeds,
@@ -390,7 +399,8 @@ class MultimodalModel(nn.Module):
             **llm_kwargs,
         ))
 
-    def _supervised_only(self, inputs_embeds, attention_mask, position_ids, labels, llm_kwargs, token_stats=False):
+    def _supervised_only(self, inputs_embeds, attention_mask, position_ids, labels, llm_kwargs, token_stats=False,
+                         token_logps=False):
         llm = base_module(self.language_model)
         num_items = llm_kwargs.pop("num_items_in_batch", None)
         decoder = llm.get_decoder()
@@ -403,6 +413,8 @@ class MultimodalModel(nn.Module):
                         "logit_scale": getattr(config, "logit_scale", None)}
         if token_stats:
             return supervised_token_stats(hidden, labels, llm.get_output_embeddings(), **head_options)
+        if token_logps:
+            return supervised_token_logps(hidden, labels, llm.get_output_embeddings(), **head_options)
         loss = supervised_loss(hidden, labels, llm.get_output_embeddings(), num_items, **head_options)
         return CausalLMOutputWithPast(loss=loss)
 

@@ -12,9 +12,10 @@ optimizer:   {optimizer_type, lr, betas, eps, weight_decay, max_gradient_norm, p
 schedule:    {warmup_steps | warmup_ratio, decay, min_lr}
 runconfig:   {max_steps | num_epochs, checkpoint_steps, keep_last, log_steps, eval_steps, seed,
               load_checkpoint_states, checkpoint_path, distributed, mfu_peak_flops, resume_weights_only, ...}
+preference:  {loss, beta, label_smoothing, reference}     # optional: the preference phase (DPO)
 ```
 
-`batch_size` is the global batch (all ranks, all micro-batches of one optimizer step).
+`batch_size` is the global batch (all ranks, all micro-batches of one optimizer step); with `preference`, in pairs.
 Relative paths are taken relative to the current working directory (like the seed's tools).
 Paths are checked by `check_paths` only when a run needs them, so configs with placeholder
 paths still validate.
@@ -284,6 +285,23 @@ class RunSection(_Section):
         return self
 
 
+class PreferenceSection(_Section):
+    """Preference tuning (the recipe's third phase, DPO) on data built with `dataset.preference`
+    (`mmloom.training.preference`)."""
+
+    loss: Literal["sigmoid", "ipo", "robust", "hinge"] = Field(
+        "sigmoid", description="sigmoid: DPO; ipo: IPO (per-token averaged log-ratios); robust: robust DPO (needs "
+        "label_smoothing); hinge: SLiC's hinge; as TRL's DPOTrainer loss_type")
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference model (IPO: its tau)")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="assumed share of flipped preference labels: conservative DPO (sigmoid), "
+        "robust DPO; unused by ipo and hinge")
+    reference: Literal["auto", "adapters_disabled", "precomputed"] = Field(
+        "auto", description="the reference log-probabilities of the starting model: the LoRA model with its "
+        "adapters disabled (when only adapters train), or computed once before the first step and stored in "
+        "MODEL_DIR/reference_logps.safetensors; auto picks the first when it applies. No second copy of the model")
+
+
 class TrainConfig(_Section):
     train_input: InputConfig | None = None
     eval_input: InputConfig | None = None
@@ -291,6 +309,8 @@ class TrainConfig(_Section):
     optimizer: OptimizerSection
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     runconfig: RunSection = Field(default_factory=RunSection)
+    preference: PreferenceSection | None = Field(
+        None, description="preference tuning (DPO, IPO, ...) instead of next-token training: the data holds pairs")
 
 
 SECTIONS = "model/optimizer/runconfig"
@@ -363,7 +383,7 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 # Keys a resumed run cannot change: the checkpoint's weights, optimizer state or data position
 # would no longer mean what they meant (every `model.` key except those below, the data order).
 RESUME_FIXED = ("model.", "train_input.data_dir", "train_input.batch_size", "train_input.shuffle",
-                "train_input.drop_last", "runconfig.seed", "optimizer.optimizer_type")
+                "train_input.drop_last", "runconfig.seed", "optimizer.optimizer_type", "preference.reference")
 RESUME_FREE_MODEL = {"model.precision", "model.attn_implementation", "model.gradient_checkpointing",
                      "model.loss_on_supervised_only", "model.loss_scaling"}
 # Keys a resume does not use: the run continues from its own checkpoint.

@@ -21,7 +21,7 @@ from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
 from mmloom.files import write_json, write_text
 from mmloom.outputs import disk_full_as_error
-from mmloom.training import builder
+from mmloom.training import builder, preference
 from mmloom.training.checkpoint import (
     CheckpointWriteError,
     choose_resume_checkpoint,
@@ -81,6 +81,7 @@ class StepResult:
     samples: int
     images: int  # images through the vision encoder (dummies included), all ranks
     work: StepWork | None = None  # what ran, summed over micro-batches and ranks (for the FLOPs)
+    extra: dict[str, Any] | None = None  # further metrics of the step (preference tuning: rewards, log-probs)
 
 
 class Trainer:
@@ -96,6 +97,7 @@ class Trainer:
         # metrics records a full disk kept out of metrics.jsonl: saved with the checkpoint, written on resume
         self.unwritten_metrics: list[tuple[str, dict[str, Any]]] = []  # (prefix, record)
         self.unwritten_saved = 0  # how many of them the last checkpoint holds
+        self.preference: preference.PreferenceStep | None = None  # runs with a `preference` section
 
     # ------------------------------------------------------------------------- setup
     def autocast(self):
@@ -215,6 +217,8 @@ class Trainer:
         cfg, run, ctx = self.cfg, self.run, self.ctx
         section = cfg.train_input
         self.train_set = build_dataset(section, self.image_size)
+        if cfg.preference is not None:  # pairs: prompt + chosen, prompt + rejected
+            self.train_set = preference.wrap_dataset(self.train_set)
         B, W = section.batch_size, ctx.world_size
         micro = section.micro_batch_size or max(1, B // W)
         if B % (W * micro):
@@ -238,6 +242,8 @@ class Trainer:
         if section.use_cached_features:  # batches carry module_features instead of pixel_values
             self.train_collate = FeatureCollator(self.train_collate)
         self.train_collate = with_audio(self.train_collate, self.base_model, getattr(self.train_set, "audio_reader", None))
+        if cfg.preference is not None:  # both sequences of each pair in the micro-batch's one forward
+            self.train_collate = preference.wrap_collator(self.train_collate)
         self.train_lengths = train_lengths(section, self.train_set)
 
     def train_loader(self, start_step: int):
@@ -382,7 +388,8 @@ class Trainer:
 
     def optimizer_step(self, micro_batches: list[dict], step: int, last_saved: int | None) -> StepResult:
         """Forward/backward every micro-batch, check the loss and gradient norm, clip, step."""
-        res = self.accumulate(micro_batches)
+        res = self.preference.accumulate(micro_batches) if self.preference is not None else \
+            self.accumulate(micro_batches)
         last = f"checkpoint-{last_saved}" if last_saved else "none"
         if not math.isfinite(res.loss):
             raise NonFiniteLossError(
@@ -409,6 +416,9 @@ class Trainer:
         self.dependencies = ctx.on_main(run_dependencies, self.cfg, samples, self.start_folder)
         self.write_resolved_config()
         self.setup_optimizer()
+        self.preference = preference.PreferenceStep(self) if self.cfg.preference is not None else None
+        if self.preference is not None:
+            self.preference.prepare()  # precomputed reference log-probabilities, before any update
         start_step = 0
         if self.resume_from is not None:
             start_step = self.resume_state(self.resume_from, run.resume_weights_only, same_run=True)
@@ -446,7 +456,8 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     window.add(dt, t_data, res.tokens, res.samples, flops.flops(res.work))
                     record = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                              "loss_tokens": res.loss_tokens, "epoch": done / self.steps_per_epoch}
+                              "loss_tokens": res.loss_tokens, "epoch": done / self.steps_per_epoch,
+                              **(res.extra or {})}
                     if len(self.optimizer.param_groups) > 1:
                         record.update(lrs)  # projector_lr, encoder_lr, ...: each part's lr
                     if done % run.log_steps == 0 or done == self.total_steps:
