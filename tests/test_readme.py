@@ -106,6 +106,14 @@ def _stand_ins(root: Path) -> None:
             {"from": "human", "value": "What colour is the square?\n<image>"}, {"from": "gpt", "value": "Red."},
             {"from": "human", "value": "How many are there?"}, {"from": "gpt", "value": str(i)}]})
     (mix / "llava_v1_5_mix665k.json").write_text(json.dumps(records))
+    rlaif = root / "data" / "RLAIF-V"  # preference pairs with RLAIF-V's fields, images written to files
+    (rlaif / "jsonl").mkdir(parents=True)
+    pairs = []
+    for i in range(3):
+        image(rlaif / "images" / f"{i}.jpg")
+        pairs.append({"ds_name": "stand-in", "image_path": f"{i}.jpg", "question": "What colour is the square?",
+                      "chosen": "Red.", "rejected": "Blue, with a green circle.", "idx": str(i)})
+    (rlaif / "jsonl" / "rlaif_v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
 
     clip_config = CLIPConfig(
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -171,7 +179,7 @@ def test_real_data_section_runs_offline(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert code == 0, f"{command}\n{err}"
         ran.append(argv[0] if argv[0] != "data" else f"data {argv[1]}")
-    assert ran.count("data build") == 3 and ran.count("init") == 2 and "chat" in ran and ran.count("convert") == 5
+    assert ran.count("data build") == 4 and ran.count("init") == 2 and "chat" in ran and ran.count("convert") == 5
     # the chat model keeps its own template, in the model and in the data
     from mmloom import MultimodalProcessor
 
@@ -181,8 +189,8 @@ def test_real_data_section_runs_offline(tmp_path, monkeypatch, capsys):
     assert {"data convert", "data json2jsonl", "data inspect", "generate", "score"} <= set(ran)
 
     # the training configs the README runs read the builds' outputs and the pretrained folders
-    for phase in (1, 2):
-        cfg = load_train_config(f"configs/llava_v1p5/params_llava_v1p5_pretrain_7b_phase{phase}_MSL2K.yaml", [])
+    for config in ("pretrain_7b_phase1", "pretrain_7b_phase2", "7b_phase3_dpo"):
+        cfg = load_train_config(f"configs/llava_v1p5/params_llava_v1p5_{config}_MSL2K.yaml", [])
         assert any(Path(cfg.train_input.data_dir).glob("data-*.h5")), cfg.train_input.data_dir
         assert Path(cfg.train_input.img_data_dir).is_dir()
         params = json.loads((Path(cfg.train_input.data_dir) / "data_params.json").read_text())
