@@ -42,6 +42,7 @@ def dpo(job):
             weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", seed=0,
             dataloader_num_workers=0, use_cpu=True, max_length=None, loss_type=[run["loss_type"]],
             beta=run["beta"], label_smoothing=run.get("label_smoothing", 0.0), gradient_checkpointing=False,
+            bf16=False, fp16=False,  # float32 as mmloom's run (on CPU, transformers 5 turns bf16 autocast on by default)
         )
         # the reference: the starting model itself, frozen (a copy made before any update)
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -49,7 +50,7 @@ def dpo(job):
                              processing_class=processor)
         batch = next(iter(trainer.get_train_dataloader()))
         optimizer = trainer.create_optimizer()  # HF's AdamW and parameter groups, at the constant lr
-        model.eval()  # no dropout in these models; see the test for what the train-mode path of trl 1.16 computes
+        model.train()
         with torch.no_grad():  # DPOTrainer's reference log-probabilities of the batch's answers (no gradient)
             ref_chosen, ref_rejected = trainer.compute_ref_log_probs(reference, batch)
         logs = []
