@@ -324,8 +324,11 @@ def test_hf_llava_export_chat_template_gives_mmloom_ids(saved, template, tmp_pat
     ]
     for theirs, mine in conversations[:1] if template == "plain" else conversations:
         text = hf.apply_chat_template(theirs, add_generation_prompt=True)
-        got = hf.apply_chat_template(theirs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                     processor_kwargs={"images": [image]})["input_ids"]
+        # the image in its message part, as transformers documents it (every 5.x release reads it there)
+        with_image = [{**m, "content": [{**part, "image": image} if part["type"] == "image" else part
+                                        for part in m["content"]]} for m in theirs]
+        got = hf.apply_chat_template(with_image, add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"]
         assert text.count("<image>") == 1
         want = ours(conversations=[mine], images=[image], add_generation_prompt=True)["input_ids"]
         assert torch.equal(torch.as_tensor(got), want), template
