@@ -6,7 +6,7 @@ import json
 
 from transformers import AutoTokenizer
 
-from mmloom.interop.tokenizer_files import fast_backend, save_hf4_tokenizer, save_tokenizer
+from mmloom.processing.tokenizer_files import fast_backend, save_hf4_tokenizer, save_tokenizer
 from mmloom.processing.tokenizer import load_tokenizer, token_id
 from tokenizer_families import llama_sentencepiece_folder
 

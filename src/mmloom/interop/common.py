@@ -15,7 +15,7 @@ from torch import nn
 
 from mmloom.errors import MmloomError
 from mmloom.files import read_json
-from mmloom.interop.tokenizer_files import save_tokenizer
+from mmloom.processing.tokenizer_files import save_tokenizer
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import CALLBACK_SLOTS, base_module
 from mmloom.model.multimodal import MultimodalModel

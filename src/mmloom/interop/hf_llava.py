@@ -51,7 +51,7 @@ from mmloom.interop.common import (
 )
 from mmloom.interop.hf4 import hf4_config_dict, hf4_vision_state, weights_dtype
 from mmloom.interop.image_processors import hf_image_processor
-from mmloom.interop.tokenizer_files import save_hf4_tokenizer
+from mmloom.processing.tokenizer_files import save_hf4_tokenizer
 from mmloom.interop.tokens import ensure_special_token, resize_to_cover, token_id
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule

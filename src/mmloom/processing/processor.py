@@ -31,6 +31,7 @@ from mmloom.processing.templates import (
     tokenize_prompt,
 )
 from mmloom.processing.tokenizer import load_tokenizer, token_id
+from mmloom.processing.tokenizer_files import save_tokenizer
 from mmloom.remote_code import refuse_remote_code
 
 PROCESSOR_CONFIG = "mmloom_processor.json"
@@ -317,8 +318,6 @@ class MultimodalProcessor:
         """Save the tokenizer, each modality's processor (`{name}_processor/`) and the settings."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        from mmloom.interop.tokenizer_files import save_tokenizer  # + tokenizer.model, legacy flag
-
         save_tokenizer(self.tokenizer, directory)
         for name, processor in self.encoder_processors.items():
             if isinstance(processor, ImageTransform):
