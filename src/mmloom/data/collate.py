@@ -56,8 +56,8 @@ class LlavaCollator:
     - `attention_mask` (B, T) long = 1 - key_padding_mask (text-only samples' slots are 0);
     - `labels` (B, T) long, HF convention (unshifted, -100 = ignore):
       `labels[t+1] = input_ids[t+1] if loss_mask[t] else -100`, `labels[0] = -100`;
-    - `pixel_values` (N_images, 3, H, W): the images of the samples that have one, in batch
-      order, or None when no sample has one;
+    - `vision`: `{"pixel_values": (N_images, 3, H, W)}`, the images of the samples that have one,
+      in batch order; absent when no sample has one (the batch format: `mmloom.model.batch`);
     - `num_loss_tokens` int: number of labels != -100 (for token-level loss normalisation);
     - `has_image` (B,) bool; `slots`: per sample `(start, end)` of its slot run or None.
     With `trim=True`, trailing columns that are padding in every sample are dropped.
@@ -95,15 +95,17 @@ class LlavaCollator:
             )
 
         images = [b["image_data"] for b, h in zip(batch, has_image.tolist(), strict=True) if h]
-        return {
+        out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": torch.stack(images) if images else None,
             "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
             "has_image": has_image,
             "slots": slots,
         }
+        if images:
+            out["vision"] = {"pixel_values": torch.stack(images)}
+        return out
 
 
 class TrainCollator:
@@ -142,7 +144,8 @@ class TrainCollator:
             use[i] = True
         if bool(use.any()):
             batch["input_ids"] = input_ids
-            batch["pixel_values"] = torch.stack([item["image_data"] for item, u in zip(items, use.tolist(), strict=True) if u])
+            batch["vision"] = {"pixel_values": torch.stack([item["image_data"]
+                                                            for item, u in zip(items, use.tolist(), strict=True) if u])}
         elif items:
             self._add_dummy_row(batch, items[0]["image_data"])
         return batch
@@ -164,7 +167,7 @@ class TrainCollator:
         batch["input_ids"] = torch.cat([ids, row])
         batch["attention_mask"] = torch.cat([mask, row_mask])
         batch["labels"] = torch.cat([labels, torch.full((1, width), IGNORE_INDEX, dtype=labels.dtype)])
-        batch["pixel_values"] = torch.zeros_like(image_like)[None]
+        batch["vision"] = {"pixel_values": torch.zeros_like(image_like)[None]}
 
 
 class PackedCollator:
@@ -188,7 +191,7 @@ class PackedCollator:
     Returns `input_ids`, `labels` (HF convention), `position_ids`, all (1, N) with N the tokens of
     all segments; `attention_mask` None; `cu_seq_lens_q` / `cu_seq_lens_k` (S + 1,) int32 and
     `max_length_q` / `max_length_k` int over the S segments (the samples in order, then the dummy
-    segment if any); `pixel_values` (segment order, matching the placeholder order); the
+    segment if any); `vision` (`pixel_values` in segment order, matching the placeholder order); the
     counters `TrainCollator` gives (`num_loss_tokens`, `num_attended_tokens` = real tokens of the
     samples, `num_samples`, `num_images` = real images, `has_image`); and `spans`: per input
     sample `(0, start, end)` in the row.
@@ -202,7 +205,7 @@ class PackedCollator:
         Raises MmloomError naming the sample when one has no attended token."""
         base = self.collator.base
         batch = base(items)
-        images = iter(batch["pixel_values"] if batch["pixel_values"] is not None else [])
+        images = iter(batch["vision"]["pixel_values"] if "vision" in batch else [])
         out = []
         for i in range(len(items)):
             keep = batch["attention_mask"][i].nonzero().flatten()
@@ -235,13 +238,12 @@ class PackedCollator:
         spans = [(0, end - n, end) for n, end in zip(lengths[:n_real], ends, strict=False)]
         images = [s["image"] for s in segs if s["image"] is not None]
         labels = torch.cat([s["labels"] for s in segs])[None]
-        return {
+        out = {
             "input_ids": torch.cat([s["ids"] for s in segs])[None],
             "labels": labels,
             "position_ids": torch.cat([s["pos"] for s in segs])[None],
             "attention_mask": None,
             **varlen_kwargs(lengths),
-            "pixel_values": torch.stack(images) if images else None,
             "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
             "num_attended_tokens": sum(lengths[:n_real]),
             "num_samples": n_real,
@@ -249,11 +251,15 @@ class PackedCollator:
             "has_image": has_image,
             "spans": spans,
         }
+        if images:
+            out["vision"] = {"pixel_values": torch.stack(images)}
+        return out
 
 
 class FeatureCollator:
     """Wraps a collator of image items (`TrainCollator`, ...): the items' `module_features` stand in
-    for `image_data`, and the batch carries `module_features` (N, L, D) instead of `pixel_values`."""
+    for `image_data`, and the batch's `vision` carries `module_features` (N, L, D) instead of
+    `pixel_values`."""
 
     def __init__(self, base):
         self.base = base
@@ -266,19 +272,23 @@ class FeatureCollator:
     def __call__(self, items: list[dict]) -> dict:
         items = [{**item, "image_data": item["module_features"]} for item in items]
         batch = self.base(items)
-        batch["module_features"] = batch.pop("pixel_values", None)
+        if "vision" in batch:
+            batch["vision"] = {"module_features": batch["vision"]["pixel_values"]}
         return batch
 
 
 def collate_jsonl(batch: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
-    """Pad a list of `JsonlLlavaDataset` items: input_ids / labels (-100) / attention_mask, stacked images."""
+    """Pad a list of `JsonlLlavaDataset` items: input_ids / labels (-100) / attention_mask, and
+    `vision` = `{"pixel_values": (N_images, 3, H, W)}` (absent without images)."""
     padded = pad_rows([(b["input_ids"], b["labels"]) for b in batch], pad_token_id, padding_side)
     input_ids, attention_mask, labels = padded["input_ids"], padded["attention_mask"], padded["labels"]
     images = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "pixel_values": torch.cat(images) if images else None,
         "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
     }
+    if images:
+        out["vision"] = {"pixel_values": torch.cat(images)}
+    return out

@@ -33,8 +33,8 @@ def check_audio_spans(item: dict, length: int) -> None:
 
 
 class AudioCollator:
-    """Adds `encoder_inputs = {"audio": {"input_features": (N, n_mels, F), "feature_attention_mask":
-    (N, F)}}` and `num_audio` (real clips) to the batches of `base`; `token_id` is the model's audio
+    """Adds `audio = {"input_features": (N, n_mels, F), "feature_attention_mask": (N, F)}` (the batch
+    format: `mmloom.model.batch`) and `num_audio` (real clips) to the batches of `base`; `token_id` is the model's audio
     placeholder id; `dummy_clip` (`AudioClipReader.dummy()`, or None for no dummy) the clip given to
     micro-batches without audio, in an extra sample whose tokens carry no label and are counted
     nowhere."""
@@ -101,6 +101,6 @@ class AudioCollator:
                 "input_features": torch.stack([c["input_features"] for c in clips]),
                 FEATURE_MASK: torch.stack([c[FEATURE_MASK] for c in clips]),
             }
-            batch["encoder_inputs"] = {**(batch.get("encoder_inputs") or {}), self.modality: inputs}
+            batch[self.modality] = inputs
         batch["num_audio"] = num_audio
         return batch

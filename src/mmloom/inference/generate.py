@@ -25,6 +25,7 @@ from mmloom.data.records_io import read_jsonl_objects, unencodable_text
 from mmloom.devices import resolve_device
 from mmloom.errors import MmloomError
 from mmloom.interop.common import torch_dtype
+from mmloom.model.batch import model_inputs
 from mmloom.model.encoder import base_module
 from mmloom.outputs import disk_full_as_error
 from mmloom.processing.audio import load_audio
@@ -113,19 +114,6 @@ def check_media(processor, has_media: bool, how: str) -> None:
             "this model's template is 'plain' (a phase-1 model: it captions an image and reads no question); "
             f"give it {how}, or use a phase-2 (instruction-tuned) model for text-only questions"
         )
-
-
-def model_inputs(batch, device) -> dict[str, Any]:
-    """The processor's batch without labels, on `device` (per-modality dicts included)."""
-    out = {}
-    for key, value in batch.items():
-        if key == "labels":
-            continue
-        if isinstance(value, dict):
-            out[key] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in value.items()}
-        else:
-            out[key] = value.to(device) if torch.is_tensor(value) else value
-    return out
 
 
 def cut_at_stop(ids: list[int], stop_ids: Iterable[int]) -> list[int]:

@@ -20,6 +20,7 @@ from mmloom.data.h5_format import read_data_params
 from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
 from mmloom.files import write_json, write_text
+from mmloom.model.batch import batch_to_device, item_count, model_inputs
 from mmloom.outputs import disk_full_as_error
 from mmloom.training import builder
 from mmloom.training.checkpoint import (
@@ -48,7 +49,7 @@ from mmloom.training.distributed import (
     unwrap,
     wrap_model,
 )
-from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
+from mmloom.training.evaluate import evaluate
 from mmloom.training.metrics import (
     FlopsEstimator,
     MetricsWriteError,
@@ -290,7 +291,7 @@ class Trainer:
             sum(b["num_loss_tokens"] for b in micro_batches),
             sum(b["num_attended_tokens"] for b in micro_batches),
             sum(b["num_samples"] for b in micro_batches),
-            sum(0 if b.get("pixel_values") is None else int(b["pixel_values"].shape[0]) for b in micro_batches),
+            sum(item_count(b, "vision", "pixel_values") for b in micro_batches),
             *work.to_list(),
         ]
         reduced = [int(v) for v in ctx.all_reduce_sum(local).tolist()]
