@@ -15,11 +15,11 @@ from mmloom.errors import MmloomError
 from mmloom.model.feature_count import counts_from_inputs
 from mmloom.processing.audio import (
     FEATURE_MASK,
-    AudioLoadError,
     extract_features,
     feature_extractor_from_spec,
     load_audio,
 )
+from mmloom.processing.media_spec import MediaError
 
 
 class AudioClipReader:
@@ -46,7 +46,7 @@ class AudioClipReader:
         path = (self.audio_dir / relative) if self.audio_dir is not None else Path(relative)
         try:
             waveform = load_audio(path, self.extractor.sampling_rate, self.max_seconds)
-        except AudioLoadError as exc:
+        except MediaError as exc:
             raise MmloomError(f"sample {index}: {exc}") from None
         inputs = extract_features(self.extractor, [waveform])
         (tokens,) = counts_from_inputs(self.token_count, inputs)

@@ -51,13 +51,13 @@ from mmloom.files import free_bytes, is_disk_full, mib, write_json
 from mmloom.model.feature_count import counts_from_inputs
 from mmloom.outputs import FolderLock, check_destination
 from mmloom.processing.audio import (
-    AudioLoadError,
     extract_features,
     feature_extractor_from_spec,
     load_audio,
     max_seconds_of,
 )
-from mmloom.processing.image import ImageLoadError, ImageTooLargeError, load_image
+from mmloom.processing.image import load_image
+from mmloom.processing.media_spec import MediaError
 from mmloom.processing.templates import get_template, template_choice
 from mmloom.processing.tokenizer import load_tokenizer, token_id
 from mmloom.progress import rate_progress
@@ -164,10 +164,8 @@ def check_image(path: Path, max_pixels: int | None = None) -> None:
         raise SkipRecord("missing_image", str(path))
     try:
         load_image(path, convert=None, max_pixels=max_pixels).close()  # full decode: catches truncated files too
-    except ImageTooLargeError as exc:
-        raise SkipRecord("image_too_large", str(exc)) from None
-    except ImageLoadError as exc:
-        raise SkipRecord("bad_image", str(exc)) from None
+    except MediaError as exc:
+        raise SkipRecord(exc.reason, str(exc)) from None
 
 
 def audio_limit(audio_cfg, extractor) -> float | None:
@@ -182,7 +180,7 @@ def count_audio_tokens(path: Path, audio_cfg, extractor) -> tuple[int, float]:
     frame mask counted as the model counts it. Raises SkipRecord with the audio reason."""
     try:
         waveform = load_audio(path, extractor.sampling_rate, audio_limit(audio_cfg, extractor))
-    except AudioLoadError as exc:
+    except MediaError as exc:
         raise SkipRecord(exc.reason, f"{exc.path}: {exc.detail}") from None
     inputs = extract_features(extractor, [waveform])
     (tokens,) = counts_from_inputs(audio_cfg.token_count(), inputs)

@@ -21,8 +21,9 @@ from mmloom.files import read_json, write_json
 from mmloom.model.callbacks import AnyresPack, anyres_num_tokens
 from mmloom.model.feature_count import AUDIO_FRAMES, counts_from_inputs, item_token_counts, token_count_spec
 from mmloom.model.merge import IGNORE_INDEX
-from mmloom.processing.audio import extract_features, load_audio
-from mmloom.processing.image import ImageTransform
+from mmloom.processing.audio import extract_features, is_audio_processor, load_audio
+from mmloom.processing.image import ImageTransform, height_width
+from mmloom.processing.media import default_placeholder
 from mmloom.processing.templates import (
     ConversationTemplate,
     default_template_name,
@@ -36,16 +37,6 @@ from mmloom.remote_code import refuse_remote_code
 
 PROCESSOR_CONFIG = "mmloom_processor.json"
 TRANSFORM_FILE = "{name}_transform.json"  # an mmloom ImageTransform, saved as its steps
-DEFAULT_PLACEHOLDERS = {"vision": "<image>", "audio": "<audio>"}
-
-
-def _height_width(image) -> tuple[int, int]:
-    """(height, width) of a PIL image or a (C, H, W) / (H, W, C) array."""
-    if hasattr(image, "size") and not hasattr(image, "shape"):
-        width, height = image.size
-        return height, width
-    shape = tuple(image.shape)
-    return (shape[1], shape[2]) if shape[0] in (1, 3, 4) else (shape[0], shape[1])
 
 
 def _as_item_lists(items, batch_size: int, what: str) -> list[list[Any]]:
@@ -55,12 +46,6 @@ def _as_item_lists(items, batch_size: int, what: str) -> list[list[Any]]:
     if len(items) != batch_size:
         raise MmloomError(f"got {len(items)} {what} entries for {batch_size} samples (use None for no {what})")
     return [[] if x is None else list(x) if isinstance(x, (list, tuple)) else [x] for x in items]
-
-
-def is_audio_processor(processor) -> bool:
-    """An HF audio feature extractor (it has a sampling rate and turns waveforms into features)."""
-    return hasattr(processor, "sampling_rate") and hasattr(processor, "model_input_names") and \
-        "input_features" in getattr(processor, "model_input_names", ())
 
 
 def pad_rows(rows, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -107,7 +92,7 @@ class MultimodalProcessor:
             template = default_template_name(tokenizer)
         self.template = get_template(template, **self.template_options) if isinstance(template, str) else template
         self.placeholders = {
-            name: DEFAULT_PLACEHOLDERS.get(name, f"<{name}>") for name in self.encoder_processors
+            name: default_placeholder(name) for name in self.encoder_processors
         } | dict(placeholders or {})
         self.num_tokens = dict(num_tokens or {})
         self.anyres = dict(anyres or {})  # modality -> AnyresPack settings: tokens depend on image size
@@ -162,7 +147,7 @@ class MultimodalProcessor:
     def item_tokens(self, modality: str, items: list[Any]) -> list[int]:
         """Feature tokens each item of `modality` becomes (anyres: from each image's size)."""
         if modality in self.anyres:
-            return [anyres_num_tokens(_height_width(item), **self.anyres[modality]) for item in items]
+            return [anyres_num_tokens(height_width(item), **self.anyres[modality]) for item in items]
         if modality not in self.num_tokens:
             raise MmloomError(f"no feature-token count for {modality}: build the processor with from_model()")
         processor = self.encoder_processors.get(modality)

@@ -44,9 +44,8 @@ from typing import Any
 
 from mmloom.errors import MmloomError
 from mmloom.model.merge import IGNORE_INDEX
+from mmloom.processing.media import PLACEHOLDERS
 from mmloom.processing.tokenizer import token_id
-
-PLACEHOLDERS = ("<image>", "<audio>")
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -309,7 +309,8 @@ def decode_image_bytes(data: Any):
     """
     from PIL import Image
 
-    from mmloom.processing.image import ImageTooLargeError, check_pixel_budget
+    from mmloom.processing.image import check_pixel_budget
+    from mmloom.processing.media_spec import MediaError
 
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise SkipRecord("missing_image", "no image bytes")
@@ -319,8 +320,8 @@ def decode_image_bytes(data: Any):
             img.verify()
         img = Image.open(io.BytesIO(data))
         img.load()
-    except ImageTooLargeError as err:
-        raise SkipRecord("image_too_large", err.reason) from None
+    except MediaError as err:  # image_too_large: over the pixel budget
+        raise SkipRecord(err.reason, err.detail) from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
         raise SkipRecord("bad_image", f"image bytes cannot be decoded ({err or type(err).__name__})") from None
     return img
