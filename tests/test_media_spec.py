@@ -45,10 +45,10 @@ def test_the_registry_is_the_one_list_of_modalities(tmp_path):
     tokenizer = load_tokenizer(stock_vicuna_folder(tmp_path / "vicuna"))
     for token in ("<image>", "<audio>"):  # a tokenizer without them
         assert token not in tokenizer.get_vocab()
-    ids = special_ids(tokenizer, "<image>", "<audio>")
+    ids = special_ids(tokenizer, PLACEHOLDERS)
     vocab = ids["vocab_size"]
-    assert ids["image_token_id"] == default_token_id("vision", vocab, 0) == vocab
-    assert ids["audio_token_id"] == default_token_id("audio", vocab, 1) == vocab + 1
+    assert ids["placeholder_ids"]["<image>"] == default_token_id("vision", vocab, 0) == vocab
+    assert ids["placeholder_ids"]["<audio>"] == default_token_id("audio", vocab, 1) == vocab + 1
     assert default_token_id("depth", vocab, 2) == vocab + 4
 
 

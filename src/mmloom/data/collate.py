@@ -4,10 +4,16 @@
 - `TrainCollator`: the same, plus a dummy image in the masked slots of text-only samples;
 - `PackedCollator`: whole samples packed into one padding-free row (see `mmloom.data.packing`);
 - `FeatureCollator`: items with cached encoder features instead of images;
+- `MediaCollator`: on top of any of them, the items of another modality (audio clips) in their
+  slots, with a dummy item for micro-batches without one;
 - `collate_jsonl`: `JsonlLlavaDataset` items (HF style, no slots for text-only samples).
+
+Every batch follows the batch format of `mmloom.model.batch`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -274,6 +280,100 @@ class FeatureCollator:
         batch = self.base(items)
         if "vision" in batch:
             batch["vision"] = {"module_features": batch["vision"]["pixel_values"]}
+        return batch
+
+
+def check_item_spans(item: dict, modality: str, length: int) -> None:
+    """Raise MmloomError (naming the sample) when an item's slots run past the row, are marked as
+    padding, or are supervised."""
+    kpm, loss = item["key_padding_mask"], item["loss_mask"]
+    for media in item.get(modality, []):
+        start, n = media["span"]
+        end = start + n
+        index = item.get("index", "?")
+        if start < 0 or n < 1 or end > length:
+            raise MmloomError(f"sample {index}: {modality} slots {start}..{end - 1} do not fit its {length} positions")
+        if bool(kpm[start:end].any()):
+            raise MmloomError(f"sample {index}: some of its {modality} slots {start}..{end - 1} are marked as padding")
+        if bool(loss[max(start - 1, 0): end - 1].any()):
+            raise MmloomError(f"sample {index}: loss on its {modality} slots {start}..{end - 1}")
+
+
+class MediaCollator:
+    """Wraps `TrainCollator` or `PackedCollator` (or another `MediaCollator`) and adds one modality's
+    items (`HDF5LlavaDataset` items under `modality`, each its encoder inputs and `span`): it writes
+    the placeholder id `token_id` into every item's slots before the wrapped collator lays the rows
+    out, then stacks the items' inputs in the order their placeholders appear in the rows
+    (row-major, packed rows in segment order: the order the model fills them) as
+    `batch[modality]`, and counts the real items in `num_<modality>`.
+
+    `dummy` (`MediaItemReader.dummy()`, or None for no dummy) is the item given to micro-batches
+    without any, in an extra sample whose tokens carry no label and are counted nowhere, so that
+    the modality's encoder and projector run on every micro-batch of every rank (DDP and FSDP need
+    the same parameters used everywhere), as `TrainCollator` does for images.
+    """
+
+    def __init__(self, base, modality: str, token_id: int, dummy: dict[str, Any] | None = None):
+        self.base = base
+        self.modality = modality
+        self.token_id = int(token_id)
+        self.dummy = dummy
+
+    def __getattr__(self, name):  # settings of the wrapped collator
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def _mark(self, item: dict) -> dict:
+        media = item.get(self.modality) or []
+        if not media:
+            return item
+        ids = item["text_input_ids"].clone()
+        check_item_spans(item, self.modality, ids.shape[0])
+        for entry in media:
+            start, n = entry["span"]
+            ids[start:start + n] = self.token_id
+        return {**item, "text_input_ids": ids}
+
+    def _dummy_item(self, like: dict) -> dict:
+        length = like["text_input_ids"].shape[0]
+        n = int(self.dummy["span"][1])
+        if n > length:
+            raise MmloomError(f"the dummy {self.modality} item needs {n} positions, more than the rows' {length}")
+        ids = torch.zeros_like(like["text_input_ids"])
+        ids[:n] = self.token_id
+        kpm = torch.ones_like(like["key_padding_mask"])
+        kpm[:n] = 0
+        image = like.get("image_data")
+        return {
+            "text_input_ids": ids, "key_padding_mask": kpm, "loss_mask": torch.zeros_like(like["loss_mask"]),
+            "labels": torch.zeros_like(like["labels"]), "has_image": False, "image_start_idx": -1, "index": -1,
+            "image_data": None if image is None else torch.zeros_like(image), self.modality: [self.dummy],
+        }
+
+    def __call__(self, items: list[dict]) -> dict:
+        items = [self._mark(item) for item in items]
+        n_real = len(items)
+        num_items = sum(len(item.get(self.modality) or []) for item in items)
+        if num_items == 0 and self.dummy is not None and items:
+            items = [*items, self._dummy_item(items[0])]
+        batch = self.base(items)
+        order = list(range(len(items)))
+        spans = batch.get("spans")
+        if spans is not None:  # packed rows: samples in (row, start) order
+            order.sort(key=lambda k: (spans[k][0], spans[k][1]) if spans[k] is not None else (1 << 30, k))
+        media = [entry for k in order for entry in (items[k].get(self.modality) or [])]
+        if len(items) > n_real:  # the dummy sample is nobody's: take it out of the counters
+            dummy_tokens = int(self.dummy["span"][1])
+            batch["num_attended_tokens"] = batch.get("num_attended_tokens", dummy_tokens) - dummy_tokens
+            batch["num_samples"] = n_real
+            for key in ("has_image", "slots", "spans"):
+                if batch.get(key) is not None:
+                    batch[key] = batch[key][:n_real]
+        if media:
+            batch[self.modality] = {key: torch.stack([entry[key] for entry in media])
+                                    for key in media[0] if key != "span"}
+        batch[f"num_{self.modality}"] = num_items
         return batch
 
 

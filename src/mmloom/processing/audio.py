@@ -181,6 +181,7 @@ class AudioSpec(MediaSpec):
     item_noun = "audio clip"
     processor_arg = "audio"
     folder_keys = ("audio_dir", "audio_data_dir")
+    build_key = "audio"
     reasons = ("bad_audio_path", "missing_audio", "bad_audio", "empty_audio", "audio_too_long", "bad_sample_rate",
                "audio_token_mismatch")
     baseline = "silence-audio"
@@ -199,6 +200,32 @@ class AudioSpec(MediaSpec):
     count_rule: int | dict[str, Any] | None = None
     max_seconds: float | None = None
     dtype: Any = None
+
+    @property
+    def encoder_processor(self) -> Any:
+        return self.extractor
+
+    def check_encoder(self, encoder: Any, where: str) -> None:
+        """Refuse an audio encoder that counts the clips' tokens otherwise (its `AudioPool`) or takes
+        other features (mel bins, frames per clip) than the clips were counted with."""
+        from mmloom.model.encoder import base_module
+        from mmloom.model.feature_count import token_count_spec
+
+        rule = token_count_spec(encoder.config, encoder.callbacks)
+        if rule != self.count_rule:
+            raise MmloomError(
+                f"audio feature tokens are counted differently: {where} was built with {self.count_rule} "
+                f"(dataset.audio downsample/stride) but the model gives {rule} (model.encoders.{self.modality}.pooling)"
+            )
+        settings = self._extractor().to_dict()
+        config = base_module(encoder.module).config
+        mels, frames = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
+        if mels is not None and settings.get("feature_size") not in (None, mels):
+            raise MmloomError(f"the data's feature extractor gives {settings.get('feature_size')} mel bins but the "
+                              f"audio encoder takes {mels} (num_mel_bins)")
+        if frames is not None and settings.get("nb_max_frames") not in (None, 2 * frames):
+            raise MmloomError(f"the data's feature extractor gives {settings.get('nb_max_frames')} frames per clip but "
+                              f"the audio encoder takes {2 * frames} (2 x max_source_positions)")
 
     def _extractor(self):
         if self.extractor is None:
@@ -276,6 +303,11 @@ class AudioSpec(MediaSpec):
         }
 
     @classmethod
+    def summary_row(cls, recorded: dict[str, Any]) -> tuple[str, int]:
+        return (f"with audio ({recorded['clips']:,} clips, {recorded['audio_tokens']:,} audio tokens)",
+                recorded["samples_with_audio"])
+
+    @classmethod
     def from_processor(cls, modality: str, encoder_processor: Any, *, placeholder: str, token_id: int | None = None,
                        count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None
                        ) -> AudioSpec:
@@ -283,8 +315,12 @@ class AudioSpec(MediaSpec):
                    extractor=encoder_processor, count_rule=count)
 
     @classmethod
-    def from_build_config(cls, audio) -> AudioSpec:
-        """The clips of a data build (`dataset.audio`, `mmloom.data.build_config.AudioDataConfig`)."""
+    def from_build_config(cls, dataset) -> AudioSpec | None:
+        """The clips of a data build: its `dataset.audio` section (`mmloom.data.build_config.AudioDataConfig`;
+        None: the build reads no audio)."""
+        audio = getattr(dataset, cls.build_key)
+        if audio is None:
+            return None
         extractor = feature_extractor_from_spec(audio.feature_extractor)
         return cls(placeholder=audio.audio_token, record_key=audio.audio_key,
                    folder=Path(audio.audio_dir) if audio.audio_dir is not None else None, extractor=extractor,
@@ -304,7 +340,7 @@ class AudioSpec(MediaSpec):
             rule = dict(params["token_count"])
         except KeyError as exc:
             raise MmloomError(f"data_params.json modalities.audio lacks {exc}: rebuild the data") from None
-        built = (data_params.get("dataset") or {}).get("audio") or {}
+        built = (data_params.get("dataset") or {}).get(cls.build_key) or {}
         folder = folder if folder is not None else built.get(cls.folder_keys[0])
         return cls(placeholder=params.get("placeholder", built.get("audio_token", cls.default_placeholder)),
                    record_key=built.get("audio_key", "audio"), token_id=params.get("token_id"),

@@ -539,6 +539,7 @@ class ImageSpec(MediaSpec):
     item_noun = "image"
     processor_arg = "images"
     folder_keys = ("image_dir", "img_data_dir")
+    build_key = None
     reasons = ("bad_image_path", "missing_image", "bad_image", "image_too_large", "image_token_mismatch",
                "multiple_images", "image_in_later_turn")
     baseline = "blank-images"
@@ -557,6 +558,10 @@ class ImageSpec(MediaSpec):
     transform: Any = None
     max_pixels: int | None = None
     dtype: Any = None
+
+    @property
+    def encoder_processor(self) -> Any:
+        return self.transform
 
     def load(self, path: str | os.PathLike) -> Image.Image:
         """The image at `path`, fully decoded, as 8-bit RGB (:func:`load_image`)."""
@@ -635,6 +640,16 @@ class ImageSpec(MediaSpec):
                        ) -> ImageSpec:
         return cls(modality=modality, placeholder=placeholder, record_key=record_key or "image", token_id=token_id,
                    transform=encoder_processor, num_tokens=count, anyres=anyres)
+
+    @classmethod
+    def from_build_config(cls, dataset) -> ImageSpec:
+        """The images of a data build (the seed's `dataset` keys: `num_patches` slots each, None for a
+        build without images; `image_dir`, `image_key`, `image_token`, `max_image_pixels`)."""
+        from pathlib import Path
+
+        return cls(placeholder=dataset.image_token, record_key=dataset.image_key,
+                   folder=Path(dataset.image_dir) if dataset.image_dir is not None else None,
+                   num_tokens=dataset.num_patches, max_pixels=dataset.max_image_pixels)
 
     @classmethod
     def from_data(cls, data_params: dict[str, Any], folder: str | os.PathLike | None = None, **settings: Any

@@ -52,8 +52,9 @@ class MediaSpec:
 
     Class attributes, the same for every instance of a kind: `noun` (skip reasons, messages, the
     HDF5 dataset prefix, CLI options: `--image`, `--image-dir`), `item_noun` (one item in messages),
-    `processor_arg` (the `MultimodalProcessor` keyword), `folder_keys` (the build's `dataset` key
-    and the trainer's input key of the folder), `reasons` (its skip reasons), `baseline` (the
+    `processor_arg` (the `MultimodalProcessor` keyword), `folder_keys` (the build's key and the
+    trainer's input key of the folder), `build_key` (the section of the build's `dataset` that
+    holds the modality's settings; None: `dataset` itself), `reasons` (its skip reasons), `baseline` (the
     `generate` option that replaces every item by :meth:`blank`), `cli_help` (the help of the
     `chat` option (`item`), of the `generate` folder option (`dir`) and of `baseline`), `default_placeholder`,
     `token_offset` (a tokenizer without the placeholder gets id `vocab_size + token_offset`) and
@@ -64,6 +65,7 @@ class MediaSpec:
     item_noun: ClassVar[str]
     processor_arg: ClassVar[str]
     folder_keys: ClassVar[tuple[str, str]]
+    build_key: ClassVar[str | None]
     reasons: ClassVar[tuple[str, ...]]
     baseline: ClassVar[str]
     cli_help: ClassVar[dict[str, str]]
@@ -90,6 +92,16 @@ class MediaSpec:
     def with_settings(self, **changes: Any) -> MediaSpec:
         """A copy with some fields changed (e.g. the token id once a tokenizer gave it)."""
         return replace(self, **changes)
+
+    @property
+    def encoder_processor(self) -> Any:
+        """What turns items into encoder inputs (an image transform, a feature extractor): what the
+        processor saved with a trained model holds for this modality."""
+        raise NotImplementedError
+
+    def check_encoder(self, encoder: Any, where: str) -> None:
+        """Refuse (MmloomError naming `where`, the data) an encoder that reads or counts this
+        modality's items otherwise than the spec does."""
 
     # --------------------------------------------------------------------- items
     def load(self, path: str | os.PathLike) -> Any:
@@ -139,6 +151,22 @@ class MediaSpec:
         """What `data_params.json` records under `modalities.<modality>` (None: nothing there;
         images are described by the seed's own keys), with the build's `counts` of items."""
         return None
+
+    @classmethod
+    def summary_row(cls, recorded: dict[str, Any]) -> tuple[str, int]:
+        """(label, samples) of the build summary's row for this modality, from what :meth:`params`
+        recorded."""
+        raise NotImplementedError
+
+    @property
+    def folder_setting(self) -> str:
+        """The build-config key of the folder, e.g. `dataset.image_dir`, `dataset.audio.audio_dir`."""
+        return ".".join(["dataset", *([self.build_key] if self.build_key else []), self.folder_keys[0]])
+
+    @classmethod
+    def from_build_config(cls, dataset: Any) -> MediaSpec | None:
+        """The spec of a data build from its `dataset` config section (None: the build reads none)."""
+        raise NotImplementedError
 
     @classmethod
     def from_data(cls, data_params: dict[str, Any], folder: str | os.PathLike | None = None, **settings: Any
