@@ -19,13 +19,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from mmloom.errors import MmloomError
 from mmloom.processing.media_spec import MediaError, MediaSpec
 from mmloom.remote_code import refuse_remote_code
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: `mmloom --help` reads the specs without it
+    import numpy as np
 
 # Input names: the extractor's frame mask is renamed so that it never meets the language
 # model's `attention_mask` (the name Qwen2-Audio uses for the same mask).
@@ -43,6 +44,8 @@ def resample(waveform: np.ndarray, rate: int, target_rate: int, path: str | os.P
     """`waveform` (T,) float32 at `rate` Hz -> (T',) float32 at `target_rate` Hz (soxr, high quality).
 
     Raises MediaError('bad_sample_rate') for a rate outside [100 Hz, 1.536 MHz] or one soxr refuses."""
+    import numpy as np
+
     if rate == target_rate:
         return waveform
     if not MIN_SAMPLE_RATE <= int(rate) <= MAX_SAMPLE_RATE:
@@ -62,6 +65,7 @@ def load_audio(path: str | os.PathLike, sampling_rate: int, max_seconds: float |
     (libsndfile cannot decode it), `empty_audio` (no samples), `audio_too_long`
     (more than `max_seconds`), `bad_sample_rate` (see `resample`).
     """
+    import numpy as np
     import soundfile
 
     p = os.fspath(path)
@@ -104,6 +108,7 @@ def extract_features(extractor, clips: list[np.ndarray]) -> dict[str, Any]:
     renamed (see FEATURE_MASK). Raises MmloomError for clips longer than the extractor's window
     (it would cut them silently).
     """
+    import numpy as np
     import torch
 
     limit = getattr(extractor, "n_samples", None)
@@ -274,6 +279,7 @@ class AudioSpec(MediaSpec):
     def dummy(self) -> tuple[dict[str, Any], int]:
         """A silent clip with one real frame (one feature token for any count rule): the input that
         keeps the audio encoder in every micro-batch's graph (DDP/FSDP) at the cost of one token."""
+        import numpy as np
         import torch
 
         inputs = self.encoder_inputs([np.zeros(1, dtype=np.float32)])
@@ -284,6 +290,8 @@ class AudioSpec(MediaSpec):
 
     def blank(self, item) -> np.ndarray:
         """Silence of the clip's length."""
+        import numpy as np
+
         return np.zeros_like(self.waveform(item))
 
     def params(self, counts: dict[str, int]) -> dict[str, Any]:

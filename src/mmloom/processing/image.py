@@ -49,13 +49,15 @@ import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from PIL import Image, ImageFile, ImageStat, UnidentifiedImageError
 
 from mmloom.errors import MmloomError
 from mmloom.processing.media_spec import MediaError, MediaSpec
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: `mmloom --help` reads the specs without it
+    import numpy as np
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -153,6 +155,8 @@ def load_image(path: str | os.PathLike, convert: str | None = "RGB", max_pixels:
 
 
 def _stretch(values: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros_like(values, dtype=np.float64)
@@ -165,6 +169,8 @@ def to_8bit(image: Image.Image) -> Image.Image:
     16-bit data is divided by 257 (rounded), float data in [0, 1] multiplied by 255; data outside
     those ranges is stretched from its minimum and maximum to 0..255 (see the module docstring).
     """
+    import numpy as np
+
     if image.mode not in HIGH_BIT_DEPTH_MODES:
         return image
     values = np.asarray(image, dtype=np.float64)
@@ -210,6 +216,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = TRANSPARENT_BA
 
 
 def _size_pair(size: Any, step: str) -> tuple[int, int] | int:
+    import numpy as np
+
     if isinstance(size, bool):
         raise MmloomError(f"transform {step!r}: size must be an int or [height, width], got {size!r}")
     if isinstance(size, (int, np.integer)) and size > 0:
@@ -319,6 +327,8 @@ class CenterCrop(Step):
         self.size = s if isinstance(s, tuple) else (s, s)
 
     def __call__(self, image):
+        import numpy as np
+
         ch, cw = self.size
         if isinstance(image, Image.Image):
             w, h = image.size
@@ -348,6 +358,8 @@ class ToTensor(Step):
         self.factor = float(factor)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
+        import numpy as np
+
         arr = np.array(image, dtype=np.float32).transpose(2, 0, 1)  # a new float32 array (never the input)
         arr *= np.float32(self.factor)
         return arr
@@ -378,6 +390,8 @@ class Normalize(Step):
             raise MmloomError(f"transform 'normalize': std must be non-zero, got {list(self.std)}")
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
         std = np.asarray(self.std, dtype=np.float32)[:, None, None]
         out = np.subtract(image, mean, dtype=np.float32)  # float32 throughout, one new array
@@ -480,6 +494,8 @@ class ImageTransform:
         return cls.from_steps([build_step(t, image_size) for t in transforms], image_size)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
+        import numpy as np
+
         if not isinstance(image, Image.Image):
             raise MmloomError(f"ImageTransform expects a PIL image, got {type(image).__name__}")
         x = to_rgb(image)
@@ -595,6 +611,7 @@ class ImageSpec(MediaSpec):
     def encoder_inputs(self, items: Sequence[Any], **kwargs: Any) -> dict[str, Any]:
         """`{"pixel_values": (N, 3, H, W)}` (plus what a transformers processor returns, e.g.
         `image_sizes`; anyres: each image's real views, flattened to (sum of views, 3, H, W))."""
+        import numpy as np
         import torch
 
         if self.transform is None:

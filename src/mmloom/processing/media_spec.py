@@ -85,6 +85,12 @@ class MediaSpec:
         """The encoder that runs this modality's items (its own by default)."""
         return self.modality
 
+    @property
+    def keyword(self) -> str:
+        """The `MultimodalProcessor` keyword of the items: `processor_arg` (`images`, `audio`), or the
+        modality's name for an encoder under another name (a second image encoder `sketch`: `sketch=`)."""
+        return self.processor_arg if self.modality == type(self).modality else self.modality
+
     def path(self, relative: str | os.PathLike) -> Path:
         """The file of an item path: under `folder` when the path is relative."""
         return Path(self.folder) / relative if self.folder is not None else Path(relative)
