@@ -4,8 +4,8 @@
 - `TrainCollator`: the same, plus a dummy image in the masked slots of text-only samples;
 - `PackedCollator`: whole samples packed into one padding-free row (see `mmloom.data.packing`);
 - `FeatureCollator`: items with cached encoder features instead of images;
-- `MediaCollator`: on top of any of them, the items of another modality (audio clips) in their
-  slots, with a dummy item for micro-batches without one;
+- `MediaCollator`: on top of any of them, the items of another modality (`HDF5LlavaDataset`'s
+  `media_readers`) in their slots, with a dummy item for micro-batches without one;
 - `collate_jsonl`: `JsonlLlavaDataset` items (HF style, no slots for text-only samples).
 
 Every batch follows the batch format of `mmloom.model.batch`.

@@ -1,6 +1,6 @@
-"""The media items of HDF5 samples beyond the seed's one image (audio clips; see `mmloom.data.h5_format`):
-each item read through its modality's spec and turned into encoder inputs exactly as the build
-counted it.
+"""The media items of HDF5 samples beyond the seed's one image (the item datasets of
+`mmloom.data.h5_format`): each item read through its modality's spec and turned into encoder
+inputs exactly as the build counted it.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ class MediaItemReader:
     that each item still gives the feature-token count its span in the data says.
 
     `spec` comes from the data (`MediaSpec.from_data`: the settings the build read and counted
-    with, the item folder). Each item becomes its encoder inputs without the batch dimension (audio:
-    `{"input_features": (n_mels, frames), "feature_attention_mask": (frames,)}`) plus `"span":
-    (start, length)`, its slots in the sample's row; floating inputs in `dtype`.
+    with, the item folder). Each item becomes its encoder inputs without the batch dimension
+    (`MediaSpec.encoder_inputs` of the one item) plus `"span": (start, length)`, its slots in the
+    sample's row; floating inputs in `dtype`.
     """
 
     def __init__(self, spec: MediaSpec, dtype: torch.dtype = torch.float32):

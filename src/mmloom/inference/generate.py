@@ -143,7 +143,7 @@ def media_specs(processor) -> list[MediaSpec]:
 def answer_batch(model, processor, conversations: list[list[dict]], images: list | None, gen_kwargs: dict,
                  streamer=None, **items) -> list[str]:
     """Generate one assistant turn for each conversation (left-padded batch); `images` and the other
-    modalities' `items` (under their processor keywords, e.g. `audio=`) hold each conversation's
+    modalities' `items` (under their processor keywords, `MediaSpec.keyword`) hold each conversation's
     items (None, one, or a list)."""
     batch = processor(conversations=conversations, images=images, add_generation_prompt=True,
                       padding_side="left", return_labels=False, **items)
