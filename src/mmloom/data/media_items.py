@@ -57,8 +57,3 @@ class MediaItemReader:
         """The spec's dummy item (`MediaSpec.dummy`) with its span `(0, tokens)`."""
         inputs, tokens = self.spec.dummy()
         return self._item(inputs, (0, tokens))
-
-
-def media_readers(specs, dtype: torch.dtype = torch.float32) -> dict[str, MediaItemReader]:
-    """One reader per spec, by modality."""
-    return {spec.modality: MediaItemReader(spec, dtype) for spec in specs}

@@ -33,7 +33,7 @@ from mmloom.processing.processor import MultimodalProcessor
 from mmloom.processing.tokenizer import load_tokenizer
 from mmloom.training import builder
 from mmloom.training.config import InputConfig, check_config_paths
-from mmloom.training.modalities import data_media, data_media_readers
+from mmloom.training.modalities import data_media, media_readers
 from mmloom.training.preemption import ignore_stop_signals_in_worker
 
 
@@ -48,7 +48,7 @@ def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
     size = section.image_size or image_size
     transform = ImageTransform.from_config(section.transforms, size) if size else None
     return HDF5LlavaDataset(section.data_dir, section.img_data_dir, transform, dtype=dtype,
-                            media_readers=data_media_readers(section))
+                            media_readers=media_readers(section))
 
 
 def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0,

@@ -16,7 +16,7 @@ import torch
 
 from mmloom.data.collate import MediaCollator
 from mmloom.data.h5_format import read_data_params
-from mmloom.data.media_items import MediaItemReader, media_readers
+from mmloom.data.media_items import MediaItemReader
 from mmloom.errors import MmloomError
 from mmloom.model.feature_count import encoder_positions
 from mmloom.processing.media import MEDIA
@@ -53,9 +53,9 @@ def data_media(data_dir: str | Path, section=None, params: dict | None = None) -
             if modality in recorded]
 
 
-def data_media_readers(section, dtype: torch.dtype = torch.float32) -> dict[str, MediaItemReader]:
-    """The item readers of an input section's data (none for image-only data)."""
-    return media_readers(data_media(section.data_dir, section), dtype)
+def media_readers(section, dtype: torch.dtype = torch.float32) -> dict[str, MediaItemReader]:
+    """The item readers of an input section's data, by modality (none for image-only data)."""
+    return {spec.modality: MediaItemReader(spec, dtype) for spec in data_media(section.data_dir, section)}
 
 
 def check_data_media(model, data_dir: str | Path) -> None:
