@@ -33,7 +33,7 @@ from mmloom.processing.processor import MultimodalProcessor
 from mmloom.processing.tokenizer import load_tokenizer
 from mmloom.training import builder
 from mmloom.training.config import InputConfig, check_config_paths
-from mmloom.training.modalities import data_media, media_readers
+from mmloom.training.modalities import data_media, media_processors, media_readers
 from mmloom.training.preemption import ignore_stop_signals_in_worker
 
 
@@ -85,7 +85,7 @@ def processor_for(section: InputConfig, image_size: int, model):
         processors = {}
         if "vision" in model.encoder_names:
             processors["vision"] = ImageTransform.from_config(section.transforms, section.image_size or image_size)
-        processors |= {spec.modality: spec.encoder_processor for spec in media if spec.modality in model.encoder_names}
+        processors |= media_processors(section, model)
         style, options = template_spec(dataset, tokenizer)  # the template `mmloom data build` used
         placeholders = {spec.modality: spec.placeholder for spec in media}
         return MultimodalProcessor.from_model(model, tokenizer, processors, template=style,

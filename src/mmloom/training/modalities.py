@@ -82,10 +82,11 @@ def check_data_media(model, data_dir: str | Path) -> None:
 
 
 def with_media(collator, model, readers: dict[str, MediaItemReader], dummy: bool = True):
-    """`collator` wrapped with a `MediaCollator` for each modality of `readers` the model has an
-    encoder for (with a dummy item for micro-batches without one when `dummy`)."""
+    """`collator` wrapped with a `MediaCollator` for each modality of `readers` the model takes (it has
+    the spec's encoder and a placeholder id for the modality), with a dummy item for micro-batches
+    without one when `dummy`."""
     for modality, reader in readers.items():
-        if modality in model.encoder_names:
+        if reader.spec.encoder in model.encoder_names and modality in model.placeholder_token_ids:
             collator = MediaCollator(collator, modality, model.placeholder_token_ids[modality],
                                      reader.dummy() if dummy else None)
     return collator
@@ -93,6 +94,6 @@ def with_media(collator, model, readers: dict[str, MediaItemReader], dummy: bool
 
 def media_processors(section, model) -> dict[str, Any]:
     """The encoder processors the data's items were counted with (saved with the trained model), for
-    the modalities the model has an encoder for."""
+    the modalities whose encoder the model has."""
     return {spec.modality: spec.encoder_processor for spec in data_media(section.data_dir, section)
-            if spec.modality in model.encoder_names}
+            if spec.encoder in model.encoder_names}
