@@ -21,6 +21,7 @@ beside their loaders: `ImageSpec` in `processing/image.py`, `AudioSpec` in `proc
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,7 +42,7 @@ class MediaError(MmloomError):
 
 
 @dataclass(frozen=True)
-class MediaSpec:
+class MediaSpec(ABC):
     """One modality's items on their way from a record or a prompt to its encoder.
 
     Instance fields: `modality` (the key of the model's `placeholder_token_ids`, of the processor's
@@ -54,11 +55,16 @@ class MediaSpec:
     HDF5 dataset prefix, CLI options: `--image`, `--image-dir`), `item_noun` (one item in messages),
     `processor_arg` (the `MultimodalProcessor` keyword), `folder_keys` (the build's key and the
     trainer's input key of the folder), `build_key` (the section of the build's `dataset` that
-    holds the modality's settings; None: `dataset` itself), `reasons` (its skip reasons), `baseline` (the
-    `generate` option that replaces every item by :meth:`blank`), `cli_help` (the help of the
-    `chat` option (`item`), of the `generate` folder option (`dir`) and of `baseline`), `default_placeholder`,
-    `token_offset` (a tokenizer without the placeholder gets id `vocab_size + token_offset`) and
-    `hf_processor_loader` (the transformers Auto class its saved processor loads with).
+    holds the modality's settings; None: `dataset` itself), `reasons` (its skip reasons),
+    `baseline` (the `generate` option that replaces every item by :meth:`blank`), `cli_help` (the
+    help of the `chat` option (`item`), of the `generate` folder option (`dir`) and of `baseline`),
+    `default_placeholder`, `token_offset` (a tokenizer without the placeholder gets id
+    `vocab_size + token_offset`) and `hf_processor_loader` (the transformers Auto class its saved
+    processor loads with).
+
+    A kind implements the abstract methods; `check`, `check_encoder`, `fixed_token_count` and
+    `params` have defaults (a full decode, no check, a count that needs the item, nothing recorded in
+    data_params.json); a kind whose `params` records its items implements `summary_row` too.
     """
 
     noun: ClassVar[str]
@@ -100,6 +106,7 @@ class MediaSpec:
         return replace(self, **changes)
 
     @property
+    @abstractmethod
     def encoder_processor(self) -> Any:
         """What turns items into encoder inputs (an image transform, a feature extractor): what the
         processor saved with a trained model holds for this modality."""
@@ -110,6 +117,7 @@ class MediaSpec:
         modality's items otherwise than the spec does."""
 
     # --------------------------------------------------------------------- items
+    @abstractmethod
     def load(self, path: str | os.PathLike) -> Any:
         """The item stored at `path`, decoded and checked; MediaError (with a skip reason) otherwise."""
         raise NotImplementedError
@@ -124,27 +132,32 @@ class MediaSpec:
         encoder), else None: the count needs the item (:meth:`token_counts`)."""
         return None
 
+    @abstractmethod
     def token_counts(self, items: Sequence[Any], inputs: dict[str, Any] | None = None) -> list[int]:
         """Feature tokens of each item, by the rule the model counts with; `inputs` are the
         items' :meth:`encoder_inputs` when already computed."""
         raise NotImplementedError
 
+    @abstractmethod
     def encoder_inputs(self, items: Sequence[Any], **kwargs: Any) -> dict[str, Any]:
         """What the encoder takes for `items`, stacked in order (the batch format of
         `mmloom.model.batch`); `kwargs` go to the modality's own processor."""
         raise NotImplementedError
 
+    @abstractmethod
     def dummy(self) -> tuple[dict[str, Any], int]:
         """(encoder inputs of one item, its feature tokens): the item given to micro-batches
         without any, so that the encoder runs on every micro-batch of every rank (DDP/FSDP)."""
         raise NotImplementedError
 
+    @abstractmethod
     def blank(self, item: Any) -> Any:
         """The item with its content removed but its shape kept: the baseline that shows whether
         answers come from the item."""
         raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def from_processor(cls, modality: str, encoder_processor: Any, *, placeholder: str, token_id: int | None = None,
                        count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None
                        ) -> MediaSpec:
@@ -161,7 +174,7 @@ class MediaSpec:
     @classmethod
     def summary_row(cls, recorded: dict[str, Any]) -> tuple[str, int]:
         """(label, samples) of the build summary's row for this modality, from what :meth:`params`
-        recorded."""
+        recorded (kinds whose `params` record something implement it)."""
         raise NotImplementedError
 
     @property
@@ -170,11 +183,13 @@ class MediaSpec:
         return ".".join(["dataset", *([self.build_key] if self.build_key else []), self.folder_keys[0]])
 
     @classmethod
+    @abstractmethod
     def from_build_config(cls, dataset: Any) -> MediaSpec | None:
         """The spec of a data build from its `dataset` config section (None: the build reads none)."""
         raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def from_data(cls, data_params: dict[str, Any], folder: str | os.PathLike | None = None, **settings: Any
                   ) -> MediaSpec | None:
         """The spec of a built data folder (its `data_params.json`), items read from `folder`
