@@ -114,7 +114,8 @@ class MediaSpec(ABC):
 
     def check_encoder(self, encoder: Any, where: str) -> None:
         """Refuse (MmloomError naming `where`, the data) an encoder that reads or counts this
-        modality's items otherwise than the spec does."""
+        modality's items otherwise than the spec does; the default checks nothing."""
+        return None
 
     # --------------------------------------------------------------------- items
     @abstractmethod
