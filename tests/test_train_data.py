@@ -16,10 +16,11 @@ from mmloom.data.collate import PackedCollator, TrainCollator
 from mmloom.data.sampling import LengthGroupedStepSampler, PackedStepSampler, StepBatchSampler
 from mmloom.errors import MmloomError
 from mmloom.model.attention import VARLEN_ATTENTION
+from mmloom.model.batch import model_inputs
 from mmloom.training import data as train_data
 from mmloom.training.config import InputConfig
 from mmloom.training.distributed import DistContext
-from mmloom.training.evaluate import evaluate, model_inputs
+from mmloom.training.evaluate import evaluate
 from test_packing import N_IMG, PAD, items_mixed
 
 

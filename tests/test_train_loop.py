@@ -248,7 +248,7 @@ def test_gradient_accumulation_matches_one_big_batch(data, tmp_path):
     model.zero_grad(set_to_none=True)
     full = collate(items)
     out = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"], labels=full["labels"],
-                pixel_values=full["pixel_values"])
+                pixel_values=full["vision"]["pixel_values"])
     out.loss.backward()
     g_ref = [p.grad.clone() for p in params]
     ref_loss = float(out.loss.detach())
@@ -267,7 +267,7 @@ def test_gradient_accumulation_matches_one_big_batch(data, tmp_path):
     # the naive mean of per-micro-batch means would differ
     with torch.no_grad():
         naive = 0.5 * sum(float(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                      labels=b["labels"], pixel_values=b["pixel_values"]).loss)
+                                      labels=b["labels"], pixel_values=b["vision"]["pixel_values"]).loss)
                           for b in (collate(items[:2]), collate(items[2:])))
     assert abs(naive - ref_loss) > 1e-3
 

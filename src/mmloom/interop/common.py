@@ -15,11 +15,11 @@ from torch import nn
 
 from mmloom.errors import MmloomError
 from mmloom.files import read_json
-from mmloom.interop.tokenizer_files import save_tokenizer
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import CALLBACK_SLOTS, base_module
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.outputs import new_folder
+from mmloom.processing.tokenizer_files import save_tokenizer
 from mmloom.remote_code import refuse_remote_code
 
 DEFAULT_TEMPLATE = "vicuna_v1"

@@ -15,9 +15,9 @@ from mmloom.errors import MmloomError
 from mmloom.model.callbacks import SerializableCallback
 from mmloom.model.feature_count import encoder_item_counts
 from mmloom.model.outputs import (
-    FEATURE_OUTPUTS,
     Features,
     as_model_output,
+    encoder_hidden_size,
     output_features,
     replace_features,
     select_feature_output,
@@ -82,19 +82,6 @@ def cast_floating(value: Any, dtype: torch.dtype | None) -> Any:
     if isinstance(value, dict):
         return {k: cast_floating(v, dtype) for k, v in value.items()}
     return value
-
-
-_WIDTH_ATTRIBUTES = ("hidden_size", "d_model", "embed_dim", "hidden_dim", "num_features", "width")
-
-
-def encoder_hidden_size(config) -> int:
-    """Width D of the features an encoder gives, from its config; ValueError when it cannot tell."""
-    model_type = getattr(config, "model_type", "")
-    names = (FEATURE_OUTPUTS[model_type][1],) if model_type in FEATURE_OUTPUTS else _WIDTH_ATTRIBUTES
-    for name in names:
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    raise ValueError(f"cannot tell the hidden size of encoder config {type(config).__name__}")
 
 
 def output_width_from_structure(module: nn.Module) -> int | None:

@@ -27,6 +27,7 @@ from mmloom.model.meta_init import (
 )
 from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
+from mmloom.processing.media import default_token_id
 from mmloom.remote_code import refuse_remote_code
 from mmloom.training.config import ModelSection, TrainConfig
 from mmloom.training.distributed import (
@@ -222,12 +223,6 @@ def encoder_settings(m: ModelSection) -> dict[str, Any]:
                                         feature_mode=m.image_feature_select_mode, token_id=m.image_token_id)
     out.update(m.encoders)
     return out
-
-
-def default_token_id(name: str, vocab_size: int, index: int) -> int:
-    """Placeholder ids when a config gives none: those `mmloom data build` adds to a tokenizer that
-    lacks them (`<image>` = vocab_size, `<audio>` = vocab_size + 1), others after them."""
-    return vocab_size + {"vision": 0, "audio": 1}.get(name, 2 + index)
 
 
 def build_encoder(name: str, settings, m: ModelSection, plan: StartPlan | None = None) -> ModalEncoderModule:

@@ -33,13 +33,13 @@ from mmloom.processing.processor import MultimodalProcessor
 from mmloom.processing.tokenizer import load_tokenizer
 from mmloom.training import builder
 from mmloom.training.config import InputConfig, check_config_paths
-from mmloom.training.modalities import audio_processor, audio_reader
+from mmloom.training.modalities import data_media, media_processors, media_readers
 from mmloom.training.preemption import ignore_stop_signals_in_worker
 
 
 def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
     """The dataset of an input section: HDF5 samples with images transformed to `image_size`, or
-    with cached encoder features (`use_cached_features`); with their audio clips when the data has
+    with cached encoder features (`use_cached_features`); with the items of other modalities when the data has
     some. `image_size` 0 (a model without a vision encoder) reads no image. The folder's
     data_params.json is required (a build that did not finish has none: refused here, first)."""
     read_data_params(section.data_dir)
@@ -48,7 +48,7 @@ def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
     size = section.image_size or image_size
     transform = ImageTransform.from_config(section.transforms, size) if size else None
     return HDF5LlavaDataset(section.data_dir, section.img_data_dir, transform, dtype=dtype,
-                            audio_reader=audio_reader(section))
+                            media_readers=media_readers(section))
 
 
 def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0,
@@ -79,16 +79,15 @@ def processor_for(section: InputConfig, image_size: int, model):
         params = read_data_params(section.data_dir)
         dataset = DatasetConfig.model_validate(params["dataset"])
         tokenizer = load_tokenizer(params["processor"]["tokenizer_type"], what="processor.tokenizer_type")
-        audio = dataset.audio
-        # the stock tokenizer lacks <image> (and <audio>): added as data build does
-        special_ids(tokenizer, dataset.image_token, audio.audio_token if audio else None)
+        media = data_media(section.data_dir, section, params)
+        # the stock tokenizer lacks the placeholders (<image>, ...): added in the order data build adds them
+        special_ids(tokenizer, [dataset.image_token, *(spec.placeholder for spec in media)])
         processors = {}
         if "vision" in model.encoder_names:
             processors["vision"] = ImageTransform.from_config(section.transforms, section.image_size or image_size)
-        if "audio" in model.encoder_names and audio_processor(section) is not None:
-            processors["audio"] = audio_processor(section)
+        processors |= media_processors(section, model)
         style, options = template_spec(dataset, tokenizer)  # the template `mmloom data build` used
-        placeholders = {"audio": audio.audio_token} if audio else {}
+        placeholders = {spec.modality: spec.placeholder for spec in media}
         return MultimodalProcessor.from_model(model, tokenizer, processors, template=style,
                                               template_options=options, placeholders=placeholders), None
     except (MmloomError, OSError, KeyError, ValueError) as err:
@@ -118,7 +117,7 @@ def check_token_ids(model, data_dir: str | Path) -> None:
     """Refuse, at train (or eval) start, data whose token ids the model cannot take, in one line:
 
     - ids the LLM cannot embed: the data's tokenizer (`post-process.vocab_size` of
-      `data_params.json`, the size before `<image>` / `<audio>` were added; placeholders never
+      `data_params.json`, the size before the placeholders were added; placeholders never
       appear in the data, its slots hold the pad id) is larger than the LLM's embedding matrix, and
       the data's largest id really reaches past it (read from the files: named with the LLM's
       vocabulary size). Without a recorded `vocab_size` (Cerebras' files) the files are read.

@@ -20,6 +20,7 @@ from mmloom.data.h5_format import read_data_params
 from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
 from mmloom.files import write_json, write_text
+from mmloom.model.batch import batch_to_device, item_count, model_inputs
 from mmloom.outputs import disk_full_as_error
 from mmloom.training import builder
 from mmloom.training.checkpoint import (
@@ -48,7 +49,7 @@ from mmloom.training.distributed import (
     unwrap,
     wrap_model,
 )
-from mmloom.training.evaluate import batch_to_device, evaluate, model_inputs
+from mmloom.training.evaluate import evaluate
 from mmloom.training.metrics import (
     FlopsEstimator,
     MetricsWriteError,
@@ -58,7 +59,7 @@ from mmloom.training.metrics import (
     ThroughputWindow,
     batch_work,
 )
-from mmloom.training.modalities import check_data_modalities, vision_geometry, with_audio
+from mmloom.training.modalities import check_data_media, vision_geometry, with_media
 from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
 from mmloom.training.preemption import StepFailure, StopSignals, TrainingStopped
 from mmloom.training.resume_checks import check_resume_dependencies, run_dependencies
@@ -205,7 +206,7 @@ class Trainer:
             pad = getattr(unwrap(self.base_model).language_model.config, "pad_token_id", None)
         if pad is None:
             raise MmloomError("cannot tell the pad token id: set model.pad_token_id")
-        check_data_modalities(self.base_model, data_dir)  # images / audio the model cannot read
+        check_data_media(self.base_model, data_dir)  # images or other media the model cannot read
         check_token_ids(self.base_model, data_dir)  # ids the LLM cannot embed, a placeholder id the data lacks
         image_token_id = self.base_model.placeholder_token_ids.get("vision", -1)
         dummy_images = dummy_images and "vision" in self.base_model.encoder_names
@@ -237,7 +238,7 @@ class Trainer:
         self.train_collate = train_collator(self.train_collate, section, self.base_model)
         if section.use_cached_features:  # batches carry module_features instead of pixel_values
             self.train_collate = FeatureCollator(self.train_collate)
-        self.train_collate = with_audio(self.train_collate, self.base_model, getattr(self.train_set, "audio_reader", None))
+        self.train_collate = with_media(self.train_collate, self.base_model, getattr(self.train_set, "media_readers", {}))
         self.train_lengths = train_lengths(section, self.train_set)
 
     def train_loader(self, start_step: int):
@@ -257,7 +258,7 @@ class Trainer:
         collate = self._collator(section.data_dir)
         if section.use_cached_features:
             collate = FeatureCollator(collate)
-        collate = with_audio(collate, self.base_model, getattr(dataset, "audio_reader", None), dummy=False)
+        collate = with_media(collate, self.base_model, getattr(dataset, "media_readers", {}), dummy=False)
         return make_loader(dataset, sampler, collate, section.num_workers, self.run.seed)
 
     def setup_optimizer(self) -> None:
@@ -290,7 +291,7 @@ class Trainer:
             sum(b["num_loss_tokens"] for b in micro_batches),
             sum(b["num_attended_tokens"] for b in micro_batches),
             sum(b["num_samples"] for b in micro_batches),
-            sum(0 if b.get("pixel_values") is None else int(b["pixel_values"].shape[0]) for b in micro_batches),
+            sum(item_count(b, "vision", "pixel_values") for b in micro_batches),
             *work.to_list(),
         ]
         reduced = [int(v) for v in ctx.all_reduce_sum(local).tolist()]

@@ -70,7 +70,8 @@ def batch_work(batch: dict, supervised_only: bool = True) -> StepWork:
 
     Reads `TrainCollator` batches (padded rows: `attention_mask` (B, T), 1 = real token),
     `PackedCollator` batches (`spans`: per sample `(row, start, end)` of its real tokens) and
-    `FeatureCollator` batches (`module_features` (N, L, D) instead of `pixel_values` (N, 3, H, W)).
+    `FeatureCollator` batches (`vision` holds `module_features` (N, L, D) instead of `pixel_values`
+    (N, 3, H, W); the batch format: `mmloom.model.batch`).
     `labels` (B, T) follow the HF convention (unshifted, -100 = ignored). Without `spans` and
     with a 4D or no attention mask, each row counts as one sample of its full width.
     """
@@ -93,8 +94,9 @@ def batch_work(batch: dict, supervised_only: bool = True) -> StepWork:
         head = int((labels[:, 1:] != IGNORE_INDEX).sum())
     else:
         head = tokens
-    features = batch.get("module_features")
-    pixels = batch.get("pixel_values")
+    vision = batch.get("vision") or {}
+    features = vision.get("module_features")
+    pixels = vision.get("pixel_values")
     encoder_images = 0 if features is not None or pixels is None else int(pixels.shape[0])
     projected = int(features.shape[0]) if features is not None else encoder_images
     return StepWork(tokens, _causal_pairs(lengths), head, encoder_images, projected)
