@@ -18,13 +18,14 @@ from safetensors.torch import save_file
 from mmloom.training import builder
 from mmloom.training.config import load_train_config
 from mmloom.training.distributed import init_distributed, unwrap
+from mmloom.training.run_folder import resolve_model_folder
 
 
 def main(argv: list[str]) -> None:
     config, out = argv[0], Path(argv[1])
     sets = [argv[i + 1] for i in range(2, len(argv), 2) if argv[i] == "--set"]
     cfg = load_train_config(config, sets)
-    start = builder.resolve_weights_folder(cfg.runconfig.checkpoint_path) if cfg.runconfig.checkpoint_path else None
+    start = resolve_model_folder(cfg.runconfig.checkpoint_path) if cfg.runconfig.checkpoint_path else None
     ctx = init_distributed("fsdp")
     for mode in ("fsdp", "ddp"):
         ctx = dataclasses.replace(ctx, mode=mode)

@@ -205,10 +205,10 @@ def read_mmloom(src: str | Path, dtype: str | None = None, base: str | Path | No
     A training checkpoint works too: a trainable-only one loads on `base`, else on the starting model
     its run config describes (:func:`mmloom.training.checkpoint.load_saved_model`)."""
     from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
-    from mmloom.training.builder import resolve_weights_folder
     from mmloom.training.checkpoint import load_saved_model
+    from mmloom.training.run_folder import resolve_model_folder
 
-    src = resolve_weights_folder(check_dir(src, "mmloom model folder"))
+    src = resolve_model_folder(check_dir(src, "mmloom model folder"))
     model = load_saved_model(src, base=base, torch_dtype=torch_dtype(dtype))
     if (src / PROCESSOR_CONFIG).exists():
         processor = MultimodalProcessor.from_pretrained(src)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 from typing import Any
 
@@ -311,36 +310,6 @@ def apply_lora(model, settings) -> None:
 
 
 # ------------------------------------------------------------------------------- weights
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-FINAL_MODEL = "final_model"
-
-
-def list_checkpoints(model_dir: str | Path, complete_only: bool = True) -> list[tuple[int, Path]]:
-    """`checkpoint-N` folders of a run folder, oldest first: those with trainer_state.json, or
-    every one with `complete_only=False` (for `checkpoint.choose_resume_checkpoint` to report)."""
-    model_dir = Path(model_dir)
-    found = []
-    if model_dir.is_dir():
-        for p in model_dir.iterdir():
-            match = CHECKPOINT_RE.match(p.name)
-            if match and p.is_dir() and (not complete_only or (p / "trainer_state.json").exists()):
-                found.append((int(match.group(1)), p))
-    return sorted(found)
-
-
-def resolve_weights_folder(path: str | Path) -> Path:
-    """An mmloom model folder from a model folder, a checkpoint or a run folder (final model or latest checkpoint)."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        return path
-    if (path / FINAL_MODEL / "config.json").exists():
-        return path / FINAL_MODEL
-    checkpoints = list_checkpoints(path)
-    if checkpoints:
-        return checkpoints[-1][1]
-    raise MmloomError(f"{path}: no mmloom model, final_model or checkpoint-N folder there")
-
-
 def folder_has_peft(folder: Path) -> bool:
     try:
         data = read_json(Path(folder) / "config.json")

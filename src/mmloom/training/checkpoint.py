@@ -23,10 +23,11 @@ what was meant to be written, and renamed (atomic): a killed or failed save leav
 checkpoints as they were. A save that fails (full disk) is one MmloomError naming the folder and the
 space the checkpoint needs, on every rank, with nothing of it left behind.
 
-At resume, `choose_resume_checkpoint` verifies the checkpoints newest first (manifest sizes and
-hashes, safetensors headers, readable JSON) and takes the newest complete one, naming what it
-skipped; a checkpoint whose optimizer or RNG state is missing is refused unless
-`runconfig.resume_weights_only` asks for its weights alone.
+At resume, the run folder (:meth:`mmloom.training.run_folder.RunFolder.resume_point`) has
+:func:`verify_checkpoint` check the checkpoints newest first (manifest sizes and hashes, safetensors
+headers, readable JSON) and takes the newest complete one, naming what it skipped; a checkpoint
+whose optimizer or RNG state is missing is refused unless `runconfig.resume_weights_only` asks for
+its weights alone.
 
 :func:`load_saved_model` loads any of them for inference, conversion or merging: a full save as it
 is; a trainable-only checkpoint on `base` (PEFT adapters applied as recorded), or, without `base`, on
@@ -54,19 +55,23 @@ from torch import nn
 from mmloom.errors import MmloomError
 from mmloom.files import apply_umask, free_bytes, is_disk_full, mib, read_json
 from mmloom.model import serialization as ser
-from mmloom.training.builder import list_checkpoints
 from mmloom.training.distributed import DistContext, unwrap
+from mmloom.training.run_folder import (
+    RESOLVED_CONFIG,
+    RUN_CONFIG,
+    TRAINER_STATE,
+    RunFolder,
+    old_sibling,
+    resolve_model_folder,
+    temp_sibling,
+)
 
 FORMAT = 2
-TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 OPTIMIZER_DIR = "optimizer"
 LEGACY_OPTIMIZER = "optimizer.pt"  # format 1
 HASH_LIMIT = 64 * 2**20  # files up to this size get a SHA-256 in the manifest
 OPTIMIZER_FILE_BYTES = 2**30  # optimizer state per file (full size; each rank writes its part)
-PARTIAL = ".tmp-partial"
-RUN_CONFIG = "run_config.yaml"
-RESOLVED_CONFIG = "resolved_config.yaml"  # written by the trainer into MODEL_DIR
 
 
 def rng_file(rank: int) -> str:
@@ -368,7 +373,7 @@ class _Save:
 
     @property
     def tmp(self) -> Path:
-        return self.target.with_name(f".{self.target.name}{PARTIAL}")
+        return temp_sibling(self.target)
 
     def begin(self) -> None:
         """Rank 0 clears a stale temporary folder and checks the free space; all ranks learn the outcome."""
@@ -432,7 +437,7 @@ class _Save:
                     apply_umask(self.tmp)  # safetensors writes 0600 files
                     old = None
                     if self.target.exists():  # an older save of the same step (a damaged one): replaced
-                        old = self.target.with_name(f".{self.target.name}.old")
+                        old = old_sibling(self.target)
                         shutil.rmtree(old, ignore_errors=True)
                         self.target.rename(old)
                     self.tmp.rename(self.target)
@@ -470,7 +475,8 @@ def save_checkpoint(
     `processor` (a MultimodalProcessor, on rank 0) is saved with it so that chat / generate / convert
     can use the folder. Raises CheckpointWriteError on every rank when any write fails (nothing of it
     is kept)."""
-    target = Path(model_dir) / f"checkpoint-{step}"
+    run_folder = RunFolder(model_dir)
+    target = run_folder.checkpoint(step)
     tensors, _ = model_tensors(model, trainable_only)
     flat = optimizer_tensors(model, optimizer)
     needed = sum(_nbytes(t) for _, t in tensors) + sum(_nbytes(t) for t in flat.values()) + 2**20
@@ -487,8 +493,7 @@ def save_checkpoint(
         save.step(lambda: None)
     save.finish()
     if ctx.is_main and keep_last is not None:
-        for _, old in list_checkpoints(model_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        run_folder.prune(keep_last)
     ctx.barrier()
     return target
 
@@ -603,28 +608,6 @@ def verify_checkpoint(folder: Path) -> CheckpointCheck:
     return check
 
 
-def choose_resume_checkpoint(model_dir: Path, weights_only: bool = False) -> tuple[Path | None, list[str]]:
-    """The newest usable `checkpoint-N` of a run folder (None when there is none at all) and notes
-    on the newer ones skipped. Raises MmloomError when checkpoints exist but none is usable."""
-    folders = list_checkpoints(model_dir, complete_only=False)
-    notes, checks = [], []
-    for _, folder in reversed(folders):
-        check = verify_checkpoint(folder)
-        if check.usable(weights_only):
-            if weights_only and check.state:
-                notes.append(f"{folder.name}: resuming from its weights only "
-                             f"(runconfig.resume_weights_only; {'; '.join(check.state[:2])})")
-            return folder, [*(f"skipped {c.describe(weights_only)}" for c in checks), *notes]
-        checks.append(check)
-    if not checks:
-        return None, []
-    lines = "; ".join(c.describe(weights_only) for c in checks)
-    hint = ("; if only the optimizer/RNG state is damaged, set runconfig.resume_weights_only=true to continue "
-            "from the weights" if any(not c.weights for c in checks) and not weights_only else "")
-    raise MmloomError(f"no usable checkpoint in {model_dir} ({lines}); move the damaged checkpoint folders "
-                      f"away to start the run afresh{hint}")
-
-
 def load_training_state(folder: Path, model: nn.Module, optimizer, ctx: DistContext,
                         weights_only: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Restore the optimizer state and this rank's RNG from a checkpoint (after its weights) unless
@@ -678,7 +661,7 @@ def load_saved_model(folder: str | Path, base=None, torch_dtype=None, device=Non
     from mmloom.training import builder
     from mmloom.training.config import load_train_config
 
-    folder = builder.resolve_weights_folder(folder)
+    folder = resolve_model_folder(folder)
     config = MultimodalConfig.load(folder)
     if not config.trainable_only or base is not None:
         return MultimodalModel.from_pretrained(folder, torch_dtype=torch_dtype, base=base, device=device)
@@ -691,7 +674,7 @@ def load_saved_model(folder: str | Path, base=None, torch_dtype=None, device=Non
     cfg = load_train_config(run_config)
     start = None
     if cfg.runconfig.checkpoint_path is not None:
-        start = builder.resolve_weights_folder(cfg.runconfig.checkpoint_path)
+        start = resolve_model_folder(cfg.runconfig.checkpoint_path)
         if start.resolve() == folder.resolve():
             raise MmloomError(f"{folder}: its run config names the checkpoint itself as the starting model")
     model = builder.build_starting_model(cfg, start)

@@ -35,6 +35,7 @@ from mmloom.training import builder
 from mmloom.training.config import InputConfig, check_config_paths
 from mmloom.training.modalities import audio_processor, audio_reader
 from mmloom.training.preemption import ignore_stop_signals_in_worker
+from mmloom.training.run_folder import RunFolder, resolve_model_folder
 
 
 def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
@@ -219,12 +220,12 @@ def build_frozen_encoder_model(cfg, model_dir: str | Path | None = None):
     `builder.build_starting_model` (as `Trainer.setup_model`), then, with `model_dir`, the latest
     checkpoint of that run folder (as a resumed run would)."""
     run = cfg.runconfig
-    start = builder.resolve_weights_folder(run.checkpoint_path) if run.checkpoint_path is not None else None
+    start = resolve_model_folder(run.checkpoint_path) if run.checkpoint_path is not None else None
     model = builder.build_starting_model(cfg, start)
     if model_dir is not None:
-        checkpoints = builder.list_checkpoints(model_dir)
-        if checkpoints:
-            builder.load_model_weights(model, checkpoints[-1][1])
+        latest = RunFolder(model_dir).latest_checkpoint()
+        if latest is not None:
+            builder.load_model_weights(model, latest)
     return model
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +18,14 @@ from mmloom.data.collate import FeatureCollator, TrainCollator
 from mmloom.data.h5_format import read_data_params
 from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
-from mmloom.files import write_json, write_text
-from mmloom.outputs import disk_full_as_error
 from mmloom.training import builder
 from mmloom.training.checkpoint import (
     CheckpointWriteError,
-    choose_resume_checkpoint,
     load_training_state,
     read_trainer_state,
     save_checkpoint,
     save_model,
+    verify_checkpoint,
 )
 from mmloom.training.config import TrainConfig, check_config_paths, config_to_yaml, resume_changes
 from mmloom.training.data import (
@@ -62,10 +59,7 @@ from mmloom.training.modalities import check_data_modalities, vision_geometry, w
 from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
 from mmloom.training.preemption import StepFailure, StopSignals, TrainingStopped
 from mmloom.training.resume_checks import check_resume_dependencies, run_dependencies
-from mmloom.training.run_folder import run_folder_lock
-
-RESOLVED_CONFIG = "resolved_config.yaml"
-EVAL_RESULTS = "eval_results.json"
+from mmloom.training.run_folder import RunFolder, checkpoint_name, resolve_model_folder
 
 
 class NonFiniteLossError(MmloomError):
@@ -87,6 +81,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model_dir: str | Path, ctx: DistContext | None = None, mode: str = "train"):
         self.cfg = cfg
         self.model_dir = Path(model_dir)
+        self.run_folder = RunFolder(self.model_dir)
         self.ctx = ctx or DistContext()
         self.mode = mode
         self.run = cfg.runconfig
@@ -105,20 +100,16 @@ class Trainer:
 
     def _resume_folder(self) -> Path | None:
         """The newest complete checkpoint of the run folder (verified on rank 0, see
-        `checkpoint.choose_resume_checkpoint`), after removing the temporary folders of saves that
-        were interrupted; notes on skipped checkpoints are printed. Raises MmloomError when there are
-        checkpoints but none is usable."""
+        `run_folder.RunFolder.resume_point`), after removing the temporary folders of saves that
+        were interrupted (by the run folder's writer only); notes on skipped checkpoints are printed.
+        Raises MmloomError when there are checkpoints but none is usable."""
 
         def choose() -> tuple[Path | None, list[str]]:
-            # `.checkpoint-N.tmp-partial`, `.checkpoint-N.old` of interrupted saves (a trainer's own: an
-            # evaluation, which shares the run folder with other readers, leaves them alone)
-            if self.model_dir.is_dir() and self.mode != "eval":
-                for stale in self.model_dir.glob(".*"):
-                    if (stale.is_dir() and stale.name.startswith((".checkpoint-", ".final_model"))
-                            and (".tmp-" in stale.name or stale.name.endswith(".old"))):
-                        shutil.rmtree(stale, ignore_errors=True)
+            # an evaluation, which shares the run folder with other readers, leaves a trainer's saves alone
+            if self.mode != "eval" and self.run_folder.writing:
+                self.run_folder.remove_stale_saves()
             # evaluation needs the weights only
-            return choose_resume_checkpoint(self.model_dir, self.run.resume_weights_only or self.mode == "eval")
+            return self.run_folder.resume_point(verify_checkpoint, self.run.resume_weights_only or self.mode == "eval")
 
         folder, notes = self.ctx.on_main(choose)
         if self.ctx.is_main:
@@ -133,7 +124,7 @@ class Trainer:
         check_config_paths(cfg, self.mode, resuming=self.resume_from is not None)
         start_folder = None
         if self.resume_from is None and run.checkpoint_path is not None:
-            start_folder = builder.resolve_weights_folder(run.checkpoint_path)
+            start_folder = resolve_model_folder(run.checkpoint_path)
         # built on the meta device, sharded (FSDP2) or wrapped (DDP), then filled from the first rank
         wrapped = builder.build_starting_model(cfg, start_folder, self.ctx,
                                                wrap=for_training or self.ctx.mode == "fsdp")
@@ -360,7 +351,7 @@ class Trainer:
         if self.ctx.is_main:
             processor, why_not = self.saved_processor()
         extra = (lambda folder: processor.save_pretrained(folder)) if processor is not None else None
-        save_model(self.model_dir / builder.FINAL_MODEL, self.model, self.ctx, extra)
+        save_model(self.run_folder.final_model, self.model, self.ctx, extra)
         if self.ctx.is_main and processor is None:
             print(f"note: no processor saved with the final model ({why_not})")
 
@@ -369,7 +360,6 @@ class Trainer:
         """MODEL_DIR/resolved_config.yaml (rank 0): the config as the run uses it (atomic; a full disk is
         one line naming the file and its size)."""
         if self.ctx.is_main:
-            self.model_dir.mkdir(parents=True, exist_ok=True)
             text = config_to_yaml(self.cfg)
             if hasattr(self, "total_steps"):
                 text = (
@@ -377,13 +367,12 @@ class Trainer:
                     f"world_size {self.ctx.world_size}, micro_batch_size {self.micro_batch}, "
                     f"accumulation_steps {self.accum}\n" + text
                 )
-            with disk_full_as_error(self.model_dir / RESOLVED_CONFIG, len(text.encode()) + 4096):
-                write_text(self.model_dir / RESOLVED_CONFIG, text)
+            self.run_folder.write_resolved_config(text)
 
     def optimizer_step(self, micro_batches: list[dict], step: int, last_saved: int | None) -> StepResult:
         """Forward/backward every micro-batch, check the loss and gradient norm, clip, step."""
         res = self.accumulate(micro_batches)
-        last = f"checkpoint-{last_saved}" if last_saved else "none"
+        last = checkpoint_name(last_saved) if last_saved else "none"
         if not math.isfinite(res.loss):
             raise NonFiniteLossError(
                 f"non-finite loss ({res.loss}) at step {step + 1}; stopping. "
@@ -485,7 +474,7 @@ class Trainer:
                             last_saved = done
                         raise TrainingStopped(
                             f"stopped by {StopSignals.name(signum)} after step {done} of {self.total_steps}: "
-                            f"saved {self.model_dir / f'checkpoint-{done}'}; run the same command again to resume",
+                            f"saved {self.run_folder.checkpoint(done)}; run the same command again to resume",
                             signum,
                         )
             finally:
@@ -501,7 +490,7 @@ class Trainer:
         on a full disk): a checkpoint of `step` is tried first when the step has none (collective),
         and the error names what the run can resume from."""
         if last_saved == step and self.unwritten_saved == len(self.unwritten_metrics):
-            kept = f"{self.model_dir / f'checkpoint-{step}'} holds it"
+            kept = f"{self.run_folder.checkpoint(step)} holds it"
         else:
             try:
                 kept = f"saved {self.save(step)}"
@@ -566,9 +555,7 @@ class Trainer:
         results = evaluate(self.model, self.eval_loader(), self.ctx, self.autocast)
         results = {"step": step, "weights": str(source) if source else "initial", **results}
         if self.ctx.is_main:
-            self.model_dir.mkdir(parents=True, exist_ok=True)
-            with disk_full_as_error(self.model_dir / EVAL_RESULTS, 2**16):
-                write_json(self.model_dir / EVAL_RESULTS, results)
+            self.run_folder.write_eval_results(results)
             self.console.log(results)
         return results
 
@@ -576,10 +563,10 @@ class Trainer:
 def run_training(cfg: TrainConfig, model_dir: str | Path, mode: str = "train", ctx: DistContext | None = None,
                  lock: bool = True):
     """Train and/or evaluate (`mode`) into the run folder `model_dir`, holding its lock
-    (`run_folder.run_folder_lock`: exclusive to train, shared to evaluate) throughout; `lock` False
+    (`run_folder.RunFolder.lock`: exclusive to train, shared to evaluate) throughout; `lock` False
     when the caller holds it already (`mmloom train` takes it before importing the trainer)."""
     trainer = Trainer(cfg, model_dir, ctx=ctx, mode=mode)
-    with run_folder_lock(model_dir, trainer.ctx, mode) if lock else contextlib.nullcontext():
+    with RunFolder(model_dir).lock(trainer.ctx, mode) if lock else contextlib.nullcontext():
         return _run(trainer, model_dir, mode)
 
 
@@ -588,6 +575,5 @@ def _run(trainer: Trainer, model_dir: str | Path, mode: str):
         return trainer.evaluate_only()
     result = trainer.train()
     if mode == "train_and_eval" and "eval" in result and trainer.ctx.is_main:
-        with disk_full_as_error(Path(model_dir) / EVAL_RESULTS, 2**16):
-            write_json(Path(model_dir) / EVAL_RESULTS, {"step": result["final_step"], **result["eval"]})
+        trainer.run_folder.write_eval_results({"step": result["final_step"], **result["eval"]})
     return result

@@ -22,7 +22,7 @@ from torch import nn
 
 from mmloom.errors import MmloomError
 from mmloom.model.encoder import base_module, is_peft_model
-from mmloom.training.builder import resolve_weights_folder
+from mmloom.training.run_folder import resolve_model_folder
 
 
 def adapted_parts(model) -> list[tuple[str, object, str]]:
@@ -149,7 +149,7 @@ def merge_lora(model_dir: str | Path, out_dir: str | Path, overwrite: bool = Fal
     from mmloom.training.checkpoint import load_saved_model
 
     check_destination(out_dir, "merge-lora", overwrite=overwrite, sources=[model_dir])
-    folder = resolve_weights_folder(model_dir)
+    folder = resolve_model_folder(model_dir)
     model = load_saved_model(folder)  # a trainable-only checkpoint: on the base its run config describes
     if not adapted_parts(model):
         raise MmloomError(f"{folder}: no part of the model has LoRA adapters to merge")

@@ -16,8 +16,7 @@ from mmloom.errors import MmloomError
 from mmloom.files import is_disk_full, write_text
 from mmloom.model.encoder import base_module
 from mmloom.model.merge import IGNORE_INDEX
-
-METRICS_NAME = "metrics.jsonl"
+from mmloom.training.run_folder import METRICS, TENSORBOARD, RunFolder
 
 
 # ------------------------------------------------------------------------------------ FLOPs
@@ -297,7 +296,7 @@ class MetricsWriter:
 
     def __init__(self, model_dir: Path, enabled: bool, resume_step: int = 0, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = Path(model_dir) / METRICS_NAME
+        self.path = RunFolder(model_dir).metrics
         self.tb = None
         self._hook = None
         if not enabled:
@@ -311,7 +310,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                events = Path(model_dir) / "tensorboard"
+                events = RunFolder(model_dir).tensorboard
                 self.tb = SummaryWriter(log_dir=str(events), purge_step=resume_step + 1 if events.is_dir() else None)
                 self._hook = threading.excepthook
                 threading.excepthook = _quiet_tensorboard_threads(self._hook)
@@ -356,7 +355,7 @@ class MetricsWriter:
         return MetricsWriteError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}")
 
     def _tensorboard_failed(self, err: BaseException) -> None:
-        folder = self.path.parent / "tensorboard"
+        folder = self.path.parent / TENSORBOARD
         tb, self.tb = self.tb, None
         try:
             tb.close()
@@ -365,7 +364,7 @@ class MetricsWriter:
         if is_disk_full(err):
             raise self._error(folder, err, 2**16)
         print(f"note: TensorBoard events are no longer written to {folder} ({str(err).splitlines()[0][:200]}); "
-              f"{METRICS_NAME} still is", file=sys.stderr, flush=True)
+              f"{METRICS} still is", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer (a failure then is a note: the records are in metrics.jsonl)."""
@@ -384,7 +383,7 @@ class MetricsWriter:
 def read_metrics(model_dir: str | Path) -> list[dict[str, Any]]:
     """The records of MODEL_DIR/metrics.jsonl in order ([] when there is none); a line that is not
     JSON (the torn last line of a killed run) is passed over."""
-    path = Path(model_dir) / METRICS_NAME
+    path = RunFolder(model_dir).metrics
     if not path.exists():
         return []
     records = []
