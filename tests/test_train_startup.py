@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmloom.errors import MmloomError
+from mmloom.model import adapters
 from mmloom.model import serialization as ser
 from mmloom.model.multimodal import MultimodalConfig
 from mmloom.training import builder
@@ -49,13 +50,13 @@ def cpu_build(cfg, start: Path | None = None):
     """The starting model as mmloom built it before meta-device start-up: everything on the CPU in
     one process (transformers' `from_pretrained`, `MultimodalModel.from_pretrained`, whole state dicts)."""
     model = builder.build_model(cfg, seed=cfg.runconfig.seed)
-    peft = start is not None and builder.folder_has_peft(start)
+    peft = start is not None and adapters.has_adapters(start)
     if start is not None and not peft:
         load_folder(model, start)
     if cfg.model.freeze:
         model.freeze(cfg.model.freeze)
     if cfg.model.lora is not None:
-        builder.apply_lora(model, cfg.model.lora)
+        adapters.add_lora(model, cfg.model.lora)
     if peft:
         load_folder(model, start)
     return model
@@ -79,7 +80,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     model.language_model.save_pretrained(root / "llama")
     model.save_pretrained(root / "mmloom")
     lora = builder.build_model(config(), seed=8)
-    builder.apply_lora(lora, config(LORA).model.lora)
+    adapters.add_lora(lora, config(LORA).model.lora)
     lora.save_pretrained(root / "peft", trainable_only=True)
     return {"clip": root / "clip", "llama": root / "llama", "mmloom": root / "mmloom", "peft": root / "peft"}
 

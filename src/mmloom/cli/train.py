@@ -134,7 +134,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from mmloom.training.lora import merge_lora
+    from mmloom.interop.common import merge_lora
 
     _, merged = merge_lora(args.model_dir, args.out_dir, overwrite=args.overwrite)
     print(f"merged the LoRA adapters of: {'; '.join(merged)}")

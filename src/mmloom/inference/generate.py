@@ -25,7 +25,7 @@ from mmloom.data.records_io import read_jsonl_objects, unencodable_text
 from mmloom.devices import resolve_device
 from mmloom.errors import MmloomError
 from mmloom.interop.common import torch_dtype
-from mmloom.model.encoder import base_module
+from mmloom.model.adapters import base_module
 from mmloom.outputs import disk_full_as_error
 from mmloom.processing.audio import load_audio
 from mmloom.processing.image import load_image

@@ -65,12 +65,12 @@ from mmloom.interop.hf4 import (
 from mmloom.interop.image_processors import hf_image_processor, transform_from_hf
 from mmloom.interop.tokenizer_files import hf4_tokenizer_class, save_hf4_tokenizer, sentencepiece_file
 from mmloom.interop.tokens import ensure_pad_token, prepare_tokenizer_and_vocab, resize_to_cover
+from mmloom.model.adapters import merge_adapters
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig, parse_projector_type
 from mmloom.model.serialization import dedupe_shared_tensors, save_state_dict
-from mmloom.training.lora import merge_adapters
 
 FORMAT = "llava"
 IMAGE_FOLDER = "image_model"

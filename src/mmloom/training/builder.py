@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
-from mmloom.files import read_json
+from mmloom.model.adapters import add_lora, has_adapters
 from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.feature_count import check_feature_strategy, default_feature_strategy
@@ -272,54 +272,7 @@ def build_model(cfg: TrainConfig | ModelSection, seed: int = 0, plan: StartPlan 
     return model.float().train()
 
 
-def lora_part(model, name: str) -> tuple[Any, str]:
-    """(owner module, attribute) of a `lora.parts` entry: language_model / text_model, or an encoder
-    by modality name, `{name}_encoder` or the Cerebras-style `image_model` / `audio_model`."""
-    if name in ("language_model", "text_model"):
-        return model, "language_model"
-    aliases = {"image_model": "vision", "audio_model": "audio"}
-    modality = aliases.get(name, name.removesuffix("_encoder").removesuffix(".module"))
-    if modality not in model.encoder_names:
-        raise MmloomError(
-            f"model.lora.parts: unknown part {name!r}; use language_model or an encoder of {model.encoder_names}"
-        )
-    return model.encoders[modality], "module"
-
-
-def apply_lora(model, settings) -> None:
-    """Wrap each part of `settings.parts` (default the language model) with its own PEFT LoRA
-    adapters (only the adapters train)."""
-    from peft import LoraConfig, get_peft_model
-
-    target = settings.target_modules
-    for name in getattr(settings, "parts", ["language_model"]):
-        owner, attribute = lora_part(model, name)
-        module = getattr(owner, attribute)
-        if hasattr(module, "peft_config"):
-            continue
-        config = LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=target if isinstance(target, str) else list(target),
-        )
-        setattr(owner, attribute, get_peft_model(module, config))
-    from mmloom.training.lora import check_mergeable
-
-    check_mergeable(model)  # an adapter no merge can fold in exactly is refused before training
-
-
 # ------------------------------------------------------------------------------- weights
-def folder_has_peft(folder: Path) -> bool:
-    try:
-        data = read_json(Path(folder) / "config.json")
-    except MmloomError:
-        return False
-    if (data.get("language_model") or {}).get("peft"):
-        return True
-    return any(((spec or {}).get("module") or {}).get("peft") for spec in (data.get("encoders") or {}).values())
-
-
 def load_model_weights(model, folder: str | Path, ctx: DistContext | None = None) -> int:
     """Load the weights of an mmloom model folder (full or trainable-only) into `model` (plain,
     DDP-wrapped or FSDP2-sharded), one tensor at a time: the first rank reads each tensor and hands it
@@ -380,14 +333,14 @@ def build_starting_model(cfg: TrainConfig, start_folder: Path | None = None, ctx
     ctx = ctx or DistContext()
     plan = StartPlan(values_here=ctx.is_main)
     model = build_model(cfg, seed=cfg.runconfig.seed, plan=plan)
-    start_has_peft = start_folder is not None and folder_has_peft(start_folder)
+    start_has_peft = start_folder is not None and has_adapters(start_folder)
     if start_folder is not None and not start_has_peft:
         plan.load_folder(model, start_folder)
     if cfg.model.freeze:
         model.freeze(cfg.model.freeze)
     if cfg.model.lora is not None:
         with placeholders(model) if plan.values_here else contextlib.nullcontext():
-            apply_lora(model, cfg.model.lora)  # adapters with values where the random parts are built
+            add_lora(model, cfg.model.lora)  # adapters with values where the random parts are built
     if start_has_peft:
         plan.load_folder(model, start_folder)
     broadcast_rng_state(ctx)  # every rank continues from the random state of a one-process build

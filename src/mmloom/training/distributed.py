@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mmloom.errors import MmloomError
-from mmloom.model.encoder import base_module
+from mmloom.model.adapters import base_module
 
 
 @dataclass

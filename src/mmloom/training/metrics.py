@@ -14,7 +14,7 @@ from torch import nn
 
 from mmloom.errors import MmloomError
 from mmloom.files import is_disk_full, write_text
-from mmloom.model.encoder import base_module
+from mmloom.model.adapters import base_module
 from mmloom.model.merge import IGNORE_INDEX
 from mmloom.training.run_folder import METRICS, TENSORBOARD, RunFolder
 

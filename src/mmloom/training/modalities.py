@@ -15,7 +15,7 @@ from mmloom.data.audio_items import AudioClipReader
 from mmloom.data.h5_format import read_data_params
 from mmloom.data.modal_collate import AudioCollator
 from mmloom.errors import MmloomError
-from mmloom.model.encoder import base_module
+from mmloom.model.adapters import base_module
 from mmloom.model.feature_count import encoder_positions, token_count_spec
 
 
