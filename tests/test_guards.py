@@ -12,9 +12,10 @@ from torch import nn
 
 from mmloom.errors import MmloomError
 from mmloom.model.loss import supervised_token_stats
-from mmloom.training.builder import _check_inline_matches, frozen_fingerprint
+from mmloom.training.builder import _check_inline_matches
 from mmloom.training.distributed import DistContext
 from mmloom.training.evaluate import evaluate
+from mmloom.training.model_loading import frozen_fingerprint
 
 
 class FixedLogits(nn.Module):

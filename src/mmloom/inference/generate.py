@@ -30,7 +30,7 @@ from mmloom.outputs import disk_full_as_error
 from mmloom.processing.audio import load_audio
 from mmloom.processing.image import load_image
 from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
-from mmloom.training.checkpoint import load_saved_model
+from mmloom.training.model_loading import load_model
 
 SUFFIXES = {
     "none": "",
@@ -56,7 +56,7 @@ def load_model_and_processor(model_dir: str | Path, dtype: str | None = None, de
             f"{model_dir} has no {PROCESSOR_CONFIG}: save the processor with the model "
             "(MultimodalProcessor.save_pretrained) or create the folder with `mmloom convert` / `mmloom init`"
         )
-    model = load_saved_model(model_dir, torch_dtype=torch_dtype(dtype), device=str(dev))
+    model = load_model(model_dir, dtype=torch_dtype(dtype), device=str(dev))
     return model.eval(), MultimodalProcessor.from_pretrained(model_dir)
 
 

@@ -204,13 +204,13 @@ def read_mmloom(src: str | Path, dtype: str | None = None, base: str | Path | No
     """An mmloom folder: the composite, plus its processor (or bare tokenizer / image processor).
 
     A training checkpoint works too: a trainable-only one loads on `base`, else on the starting model
-    its run config describes (:func:`mmloom.training.checkpoint.load_saved_model`)."""
+    its run config describes (:func:`mmloom.training.model_loading.load_model`)."""
     from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
-    from mmloom.training.checkpoint import load_saved_model
+    from mmloom.training.model_loading import load_model
     from mmloom.training.run_folder import resolve_model_folder
 
     src = resolve_model_folder(check_dir(src, "mmloom model folder"))
-    model = load_saved_model(src, base=base, torch_dtype=torch_dtype(dtype))
+    model = load_model(src, base=base, dtype=torch_dtype(dtype))
     if (src / PROCESSOR_CONFIG).exists():
         processor = MultimodalProcessor.from_pretrained(src)
         return Bundle(
@@ -280,12 +280,12 @@ def merge_lora(model_dir: str | Path, out_dir: str | Path, overwrite: bool = Fal
     from mmloom.model.adapters import adapted_parts, merge_adapters
     from mmloom.outputs import check_destination
     from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
-    from mmloom.training.checkpoint import load_saved_model
+    from mmloom.training.model_loading import load_model
     from mmloom.training.run_folder import resolve_model_folder
 
     check_destination(out_dir, "merge-lora", overwrite=overwrite, sources=[model_dir])
     folder = resolve_model_folder(model_dir)
-    model = load_saved_model(folder)  # a trainable-only checkpoint: on the base its run config describes
+    model = load_model(folder)  # a trainable-only checkpoint: on the base its run config describes
     if not adapted_parts(model):
         raise MmloomError(f"{folder}: no part of the model has LoRA adapters to merge")
     merged = merge_adapters(model)

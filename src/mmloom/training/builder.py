@@ -1,8 +1,8 @@
-"""Build the composite LLaVA model described by a training config, and load start weights."""
+"""Build the composite LLaVA model a training config describes: its HF parts (pretrained folders or inline
+configs), encoders, projectors and placeholder ids, on the meta device for `model_loading.build_base_model`."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -10,32 +10,19 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
-from mmloom.model.adapters import add_lora, has_adapters
 from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.feature_count import check_feature_strategy, default_feature_strategy
 from mmloom.model.meta_init import (
-    SafetensorsReader,
     WeightSources,
-    detach_values,
     hf_folder_sources,
-    materialize,
     meta_module,
     mmloom_folder_sources,
-    placeholders,
 )
 from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
 from mmloom.remote_code import refuse_remote_code
 from mmloom.training.config import ModelSection, TrainConfig
-from mmloom.training.distributed import (
-    DistContext,
-    apply_fsdp,
-    broadcast_rng_state,
-    gather_rows,
-    load_from_rank0,
-    unwrap,
-)
 
 # Vision model classes when a folder holds a full dual-tower model (e.g. openai/clip-vit-*).
 _VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
@@ -69,7 +56,7 @@ def _inline_config(spec: dict[str, Any], key: str):
 
 
 class StartPlan:
-    """How `build_model` builds a model on the meta device, for `build_starting_model`.
+    """How `build_model` builds a model on the meta device, for `model_loading.build_base_model`.
 
     Parts with pretrained weights are built on the meta device (no storage, no random draws: as
     transformers' `from_pretrained` builds them) and their tensors recorded in `sources` (file and
@@ -270,101 +257,3 @@ def build_model(cfg: TrainConfig | ModelSection, seed: int = 0, plan: StartPlan 
                  for k, (name, s) in enumerate(settings.items())}
     model = MultimodalModel(encoders, llm, init_projector_type=m.projector, placeholder_token_ids=token_ids)
     return model.float().train()
-
-
-# ------------------------------------------------------------------------------- weights
-def load_model_weights(model, folder: str | Path, ctx: DistContext | None = None) -> int:
-    """Load the weights of an mmloom model folder (full or trainable-only) into `model` (plain,
-    DDP-wrapped or FSDP2-sharded), one tensor at a time: the first rank reads each tensor and hands it
-    out (the rows of each rank's shard under FSDP2, the whole tensor otherwise). Collective when
-    `ctx` is distributed. Returns the number of tensors loaded. Raises MmloomError for tensors
-    `model` lacks or whose shapes differ (before any is loaded)."""
-    base = unwrap(model)
-    sources = mmloom_folder_sources(folder, base)
-    ctx = ctx or DistContext()
-    with SafetensorsReader() as reader:
-        load_from_rank0(base, ctx, lambda name, target: reader.read(sources[name], target.dtype), set(sources))
-    return len(sources)
-
-
-def frozen_fingerprint(model, ctx: DistContext | None = None) -> str:
-    """A cheap fingerprint of the frozen parameters (trainable-only checkpoints rely on them): the
-    sum and the absolute sum of each whole tensor, accumulated in float64 on the CPU. The shards of
-    an FSDP2 model are gathered on the first rank one tensor at a time, which computes the
-    fingerprint and gives it to every rank (collective; `ctx` is needed then)."""
-    ctx = ctx or DistContext()
-    sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
-    total, absolute, count = 0.0, 0.0, 0
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                continue
-            t, gathered = p.detach(), hasattr(p, "device_mesh")
-            if gathered:
-                t = gather_rows(t, ctx, torch.float64) if ctx.distributed else t.full_tensor()
-                if t is None:  # not the first rank
-                    continue
-            t = t.to("cpu", torch.float64, copy=not gathered)  # summed in float64 as the checkpoints recorded
-            total += float(t.sum())
-            absolute += float(t.abs_().sum())
-            count += t.numel()
-            del t
-    fingerprint = f"{count}:{total:.10e}:{absolute:.10e}"
-    return ctx.broadcast_object(fingerprint) if sharded and ctx.distributed else fingerprint
-
-
-def build_starting_model(cfg: TrainConfig, start_folder: Path | None = None, ctx: DistContext | None = None,
-                         wrap: bool = False) -> nn.Module:
-    """The model a run starts from: built from the config and seed, `start_folder`'s weights
-    loaded (a PEFT folder after LoRA is added), frozen as configured, on `ctx.device`.
-
-    The model is built on the meta device (`StartPlan`: no process holds weights it does not
-    need), then allocated and filled one tensor at a time: the first rank reads each pretrained or
-    start tensor from its safetensors file, or takes the value it built (random parts: the same
-    values and random state as a one-process build), and hands it to every rank. With `wrap` the
-    model is readied for training under `ctx`: gradient checkpointing as configured, then FSDP2
-    (each block sharded while still on the meta device, so a rank allocates only its shards: its
-    host memory at start-up is its shard plus the tensor in flight, plus, on the first rank, the
-    parts with random weights). Under DDP every rank holds the same model (the first one reads it),
-    returned unwrapped: the trainer wraps it (`Trainer.wrap_ddp`) once a micro-batch shows which
-    parameters get gradients. Returns the FSDP2-wrapped model or the composite (`distributed.unwrap`
-    gives the composite either way). Collective when `ctx` is distributed. Raises MmloomError for
-    weights that do not fit the configured model."""
-    ctx = ctx or DistContext()
-    plan = StartPlan(values_here=ctx.is_main)
-    model = build_model(cfg, seed=cfg.runconfig.seed, plan=plan)
-    start_has_peft = start_folder is not None and has_adapters(start_folder)
-    if start_folder is not None and not start_has_peft:
-        plan.load_folder(model, start_folder)
-    if cfg.model.freeze:
-        model.freeze(cfg.model.freeze)
-    if cfg.model.lora is not None:
-        with placeholders(model) if plan.values_here else contextlib.nullcontext():
-            add_lora(model, cfg.model.lora)  # adapters with values where the random parts are built
-    if start_has_peft:
-        plan.load_folder(model, start_folder)
-    broadcast_rng_state(ctx)  # every rank continues from the random state of a one-process build
-    if ctx.is_main:
-        for note in plan.notes:
-            print(f"note: {note}")
-    model.train()
-    sharded = wrap and ctx.distributed and ctx.mode == "fsdp"
-    if wrap and cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    sources = plan.sources.by_name(model)
-    values = detach_values(model) if sharded else {}  # FSDP2 shards meta tensors only
-    if not ctx.is_main:
-        values.clear()  # only the first rank's values are handed out
-    if sharded:
-        apply_fsdp(model, cfg.model.precision)
-    materialize(model, ctx.device)
-
-    def value(name: str, target: torch.Tensor) -> torch.Tensor | None:
-        if name in sources:
-            values.pop(name, None)
-            return reader.read(sources[name], target.dtype)
-        return values.pop(name, None)  # None: the tensor holds its value already
-
-    with SafetensorsReader() as reader:
-        load_from_rank0(model, ctx, value)
-    return model

@@ -7,7 +7,7 @@
   turn and written by the rank that owns its file, so no rank ever holds the whole model;
 - the processor files (`mmloom_processor.json`, tokenizer, image transform), as with final_model;
 - `run_config.yaml`: the run's resolved training config (trainable-only checkpoints), from which
-  :func:`load_saved_model` rebuilds the frozen weights when no base model is given;
+  :func:`mmloom.training.model_loading.load_model` rebuilds the base model when none is given;
 - `optimizer/`: the optimizer state (AdamW moments and steps) written with
   `torch.distributed.checkpoint` in safetensors files (`HuggingFaceStorageWriter`): each rank writes
   its own shard, and the state loads on any number of ranks (resharded on load);
@@ -29,9 +29,10 @@ headers, readable JSON) and takes the newest complete one, naming what it skippe
 whose optimizer or RNG state is missing is refused unless `runconfig.resume_weights_only` asks for
 its weights alone.
 
-:func:`load_saved_model` loads any of them for inference, conversion or merging: a full save as it
-is; a trainable-only checkpoint on `base` (PEFT adapters applied as recorded), or, without `base`, on
-the starting model its run config describes (checked against the recorded frozen-weight fingerprint).
+:func:`mmloom.training.model_loading.load_model` loads any of them for inference, conversion or
+merging: a full save as it is; a trainable-only checkpoint on `base` (PEFT adapters applied as
+recorded), or, without `base`, on the base model its run config describes (checked against the
+recorded frozen-weight fingerprint).
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ from mmloom.training.run_folder import (
     TRAINER_STATE,
     RunFolder,
     old_sibling,
-    resolve_model_folder,
     temp_sibling,
 )
 
@@ -640,53 +640,3 @@ def load_training_state(folder: Path, model: nn.Module, optimizer, ctx: DistCont
         notes.append(f"{folder.name} was written by {state.get('world_size')} rank(s): rank {ctx.rank} starts "
                      "from the seeded RNG state")
     return state, notes
-
-
-def _run_config_path(folder: Path) -> Path | None:
-    for path in (folder / RUN_CONFIG, folder.parent / RESOLVED_CONFIG):
-        if path.exists():
-            return path
-    return None
-
-
-def load_saved_model(folder: str | Path, base=None, torch_dtype=None, device=None):
-    """A saved mmloom model (eval mode) from a model folder, a checkpoint or a run folder (its
-    final_model, else its latest checkpoint), for chat, generate, convert and merge-lora.
-
-    A trainable-only checkpoint loads on `base` (a full model folder or a MultimodalModel; PEFT specs
-    recorded in the checkpoint are applied to it); without `base`, on the starting model rebuilt from
-    the checkpoint's run config (`run_config.yaml`, else the run folder's resolved config), which must
-    give the frozen-weight fingerprint the run recorded. Raises MmloomError otherwise."""
-    from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
-    from mmloom.training import builder
-    from mmloom.training.config import load_train_config
-
-    folder = resolve_model_folder(folder)
-    config = MultimodalConfig.load(folder)
-    if not config.trainable_only or base is not None:
-        return MultimodalModel.from_pretrained(folder, torch_dtype=torch_dtype, base=base, device=device)
-    run_config = _run_config_path(folder)
-    if run_config is None:
-        raise MmloomError(
-            f"{folder} holds trainable weights only and no run config to rebuild the others from; "
-            "give the full model it was trained on as the base (e.g. --base DIR)"
-        )
-    cfg = load_train_config(run_config)
-    start = None
-    if cfg.runconfig.checkpoint_path is not None:
-        start = resolve_model_folder(cfg.runconfig.checkpoint_path)
-        if start.resolve() == folder.resolve():
-            raise MmloomError(f"{folder}: its run config names the checkpoint itself as the starting model")
-    model = builder.build_starting_model(cfg, start)
-    recorded = read_trainer_state(folder).get("frozen_fingerprint") if (folder / TRAINER_STATE).exists() else None
-    if recorded and recorded != builder.frozen_fingerprint(model):
-        raise MmloomError(
-            f"{folder} holds trainable weights only, and the frozen weights rebuilt from {run_config} differ from "
-            "those the run trained with (changed model folders or config?); give the right base model (--base DIR)"
-        )
-    model.load_weights(ser.load_state_dict(folder), tied_weights=config.tied_weights, strict=False)
-    dtype = config.torch_dtype if torch_dtype is None else torch_dtype
-    model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval()

@@ -31,11 +31,11 @@ from mmloom.model.attention import use_packed_attention
 from mmloom.processing.image import ImageTransform
 from mmloom.processing.processor import MultimodalProcessor
 from mmloom.processing.tokenizer import load_tokenizer
-from mmloom.training import builder
 from mmloom.training.config import InputConfig, check_config_paths
 from mmloom.training.modalities import audio_processor, audio_reader
+from mmloom.training.model_loading import base_folder, model_at
 from mmloom.training.preemption import ignore_stop_signals_in_worker
-from mmloom.training.run_folder import RunFolder, resolve_model_folder
+from mmloom.training.run_folder import RunFolder
 
 
 def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
@@ -215,20 +215,6 @@ def check_cached_features(cfg, model, mode: str) -> None:
         verify_feature_cache(section, model, cfg.model.precision, feature_shape=shape)
 
 
-def build_frozen_encoder_model(cfg, model_dir: str | Path | None = None):
-    """The composite model exactly as `mmloom train` starts it (weights-wise), frozen as configured:
-    `builder.build_starting_model` (as `Trainer.setup_model`), then, with `model_dir`, the latest
-    checkpoint of that run folder (as a resumed run would)."""
-    run = cfg.runconfig
-    start = resolve_model_folder(run.checkpoint_path) if run.checkpoint_path is not None else None
-    model = builder.build_starting_model(cfg, start)
-    if model_dir is not None:
-        latest = RunFolder(model_dir).latest_checkpoint()
-        if latest is not None:
-            builder.load_model_weights(model, latest)
-    return model
-
-
 def cache_features(cfg, model_dir: str | Path | None = None, batch_size: int = 32, device: str | None = None,
                    num_workers: int | None = None, overwrite: bool = False, progress: bool | None = None) -> dict:
     """`mmloom data cache-features`: the feature cache of `cfg.train_input`, computed by the vision
@@ -240,7 +226,9 @@ def cache_features(cfg, model_dir: str | Path | None = None, batch_size: int = 3
     check_config_paths(cfg, "train")
     if section.img_data_dir is not None and not Path(section.img_data_dir).is_dir():
         raise MmloomError(f"train_input.img_data_dir: path not found: {section.img_data_dir}")
-    model = build_frozen_encoder_model(cfg, model_dir)
+    # the model exactly as `mmloom train` starts it, with the newest checkpoint of `model_dir` (as a resumed run)
+    latest = RunFolder(model_dir).latest_checkpoint() if model_dir is not None else None
+    model, _ = model_at(cfg, latest, base_folder(cfg))
     image_size = int(section.image_size or getattr(model.encoders["vision"].config, "image_size", 0) or 0)
     dataset = build_dataset(section.model_copy(update={"use_cached_features": False}), image_size)
     return write_feature_cache(

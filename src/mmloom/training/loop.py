@@ -18,7 +18,6 @@ from mmloom.data.collate import FeatureCollator, TrainCollator
 from mmloom.data.h5_format import read_data_params
 from mmloom.data.sampling import EvalSampler, PaddedDataset, steps_per_epoch
 from mmloom.errors import MmloomError
-from mmloom.training import builder
 from mmloom.training.checkpoint import (
     CheckpointWriteError,
     load_training_state,
@@ -56,10 +55,11 @@ from mmloom.training.metrics import (
     batch_work,
 )
 from mmloom.training.modalities import check_data_modalities, vision_geometry, with_audio
+from mmloom.training.model_loading import base_folder, model_at
 from mmloom.training.optim import build_optimizer, build_scheduler, set_schedule_step
 from mmloom.training.preemption import StepFailure, StopSignals, TrainingStopped
 from mmloom.training.resume_checks import check_resume_dependencies, run_dependencies
-from mmloom.training.run_folder import RunFolder, checkpoint_name, resolve_model_folder
+from mmloom.training.run_folder import RunFolder, checkpoint_name
 
 
 class NonFiniteLossError(MmloomError):
@@ -119,32 +119,18 @@ class Trainer:
 
     def setup_model(self, for_training: bool = True) -> None:
         """Build the model, load start weights, freeze, add LoRA, resume, wrap for distribution."""
-        cfg, run = self.cfg, self.run
+        cfg = self.cfg
         self.resume_from = self._resume_folder()
         check_config_paths(cfg, self.mode, resuming=self.resume_from is not None)
-        start_folder = None
-        if self.resume_from is None and run.checkpoint_path is not None:
-            start_folder = resolve_model_folder(run.checkpoint_path)
-        # built on the meta device, sharded (FSDP2) or wrapped (DDP), then filled from the first rank
-        wrapped = builder.build_starting_model(cfg, start_folder, self.ctx,
-                                               wrap=for_training or self.ctx.mode == "fsdp")
-        model = unwrap(wrapped)
-        self.fingerprint = builder.frozen_fingerprint(model, self.ctx)
-        self.start_folder = start_folder
         self.config_notes: list[str] = []
-        if self.resume_from is not None:
-            state = read_trainer_state(self.resume_from)
-            self.config_notes = self.config_changes(self.resume_from, state)
-            if (
-                state.get("trainable_only")
-                and state.get("frozen_fingerprint")
-                and state["frozen_fingerprint"] != self.fingerprint
-            ):
-                raise MmloomError(
-                    f"{self.resume_from} holds trainable weights only, and the frozen weights built from this "
-                    "config differ from those the run started with (changed model config, seed or start weights?)"
-                )
-            builder.load_model_weights(model, self.resume_from, self.ctx)
+        if self.resume_from is not None:  # config changes a resume cannot honour are refused first
+            self.config_notes = self.config_changes(self.resume_from, read_trainer_state(self.resume_from))
+        # runconfig.checkpoint_path's weights start a new run; a resumed one takes its checkpoint's
+        self.base_folder = base_folder(cfg) if self.resume_from is None else None
+        # built on the meta device, sharded (FSDP2) or wrapped (DDP), then filled from the first rank
+        wrapped, self.fingerprint = model_at(cfg, self.resume_from, self.base_folder, self.ctx,
+                                             wrap=for_training or self.ctx.mode == "fsdp")
+        model = unwrap(wrapped)
         # train_input.use_cached_features: a frozen encoder and an up-to-date cache, else refuse
         check_cached_features(cfg, model, self.mode)
         self.base_model = model
@@ -395,14 +381,14 @@ class Trainer:
         self.setup_data()
         self.wrap_ddp()
         samples = len(getattr(self.train_set, "dataset", self.train_set))  # PaddedDataset: the real samples
-        self.dependencies = ctx.on_main(run_dependencies, self.cfg, samples, self.start_folder)
+        self.dependencies = ctx.on_main(run_dependencies, self.cfg, samples, self.base_folder)
         self.write_resolved_config()
         self.setup_optimizer()
         start_step = 0
         if self.resume_from is not None:
             start_step = self.resume_state(self.resume_from, run.resume_weights_only, same_run=True)
         elif run.checkpoint_path is not None and run.load_checkpoint_states == "all":
-            start_step = self.resume_state(self.start_folder, False, same_run=False)
+            start_step = self.resume_state(self.base_folder, False, same_run=False)
         if ctx.is_main:
             self.base_model.trainable_summary(print_table=True)
         flops = FlopsEstimator(self.base_model, self.image_positions, self.num_feature_tokens)
@@ -550,7 +536,7 @@ class Trainer:
     def evaluate_only(self) -> dict[str, Any]:
         """--mode eval: weights of the latest checkpoint in MODEL_DIR (else checkpoint_path, else the init)."""
         self.setup_model(for_training=False)
-        source = self.resume_from or self.start_folder
+        source = self.resume_from or self.base_folder
         step = read_trainer_state(source)["global_step"] if self.resume_from is not None else 0
         results = evaluate(self.model, self.eval_loader(), self.ctx, self.autocast)
         results = {"step": step, "weights": str(source) if source else "initial", **results}
