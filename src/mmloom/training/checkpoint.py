@@ -45,6 +45,7 @@ import math
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -640,3 +641,76 @@ def load_training_state(folder: Path, model: nn.Module, optimizer, ctx: DistCont
         notes.append(f"{folder.name} was written by {state.get('world_size')} rank(s): rank {ctx.rank} starts "
                      "from the seeded RNG state")
     return state, notes
+
+
+# ---------------------------------------------------------------------------- checkpointer
+class Checkpointer:
+    """When and what a run saves into its run folder, after `runconfig`: `checkpoint-N` every
+    `checkpoint_steps` steps and at the last step (:meth:`save`), or at once when asked (`force`: a
+    stop), the newest `keep_last` of them kept; the final model (:meth:`save_final_model`). Each
+    checkpoint holds the trainer state `state(step)` gives and, like the final model, the processor
+    `processor()` builds ((processor, why not); built once, on rank 0), so that chat, generate and
+    convert take the folder as it is. :meth:`load` restores a checkpoint's optimizer and RNG state.
+
+    `last_saved` is the step of this run's newest checkpoint (None before the first; the resumed
+    checkpoint's after :meth:`load`), `last_state` the trainer state it holds. Every method is
+    collective under torchrun."""
+
+    def __init__(self, run_folder: RunFolder, model: nn.Module, optimizer, ctx: DistContext, run,
+                 state: Callable[[int], dict[str, Any]], processor: Callable[[], tuple[Any, str | None]]):
+        self.run_folder = run_folder
+        self.model = model
+        self.optimizer = optimizer
+        self.ctx = ctx
+        self.every = run.checkpoint_steps
+        self.keep_last = run.keep_last
+        self.trainable_only = run.save_trainable_only
+        self.state = state
+        self.make_processor = processor
+        self.processor: tuple[Any, str | None] | None = None  # built at the first save
+        self.last_saved: int | None = None
+        self.last_state: dict[str, Any] = {}
+
+    def due(self, step: int, last_step: bool = False) -> bool:
+        """Whether step `step` (1-based, done) gets a checkpoint: every `checkpoint_steps`, and the last."""
+        return bool(self.every and step % self.every == 0) or last_step
+
+    def saved_processor(self) -> tuple[Any, str | None]:
+        """(processor, why not) saved with checkpoints and the final model, built once (rank 0 only)."""
+        if self.processor is None:
+            self.processor = self.make_processor() if self.ctx.is_main else (None, "not the main process")
+        return self.processor
+
+    def save(self, step: int, last_step: bool = False, force: bool = False) -> Path | None:
+        """Save `checkpoint-{step}` when it is due (:meth:`due`) or `force`d; returns its path, or None
+        when no checkpoint was due. Raises CheckpointWriteError on every rank when a write fails
+        (nothing of it is kept; the earlier checkpoints are intact)."""
+        if not (force or self.due(step, last_step)):
+            return None
+        state = self.state(step)
+        path = save_checkpoint(self.run_folder.path, step, self.model, self.optimizer, state, self.ctx,
+                               trainable_only=self.trainable_only, keep_last=self.keep_last,
+                               processor=self.saved_processor()[0])
+        self.last_saved, self.last_state = step, state
+        return path
+
+    def save_final_model(self) -> None:
+        """`final_model/`: all weights, streamed (see :func:`save_model`), with the processor when the
+        data allows one (so that chat/generate/convert can use the folder as it is)."""
+        processor, why_not = None, None
+        if self.ctx.is_main:
+            processor, why_not = self.saved_processor()
+        extra = (lambda folder: processor.save_pretrained(folder)) if processor is not None else None
+        save_model(self.run_folder.final_model, self.model, self.ctx, extra)
+        if self.ctx.is_main and processor is None:
+            print(f"note: no processor saved with the final model ({why_not})")
+
+    def load(self, folder: Path, weights_only: bool = False, same_run: bool = True) -> tuple[dict[str, Any], list[str]]:
+        """Restore the optimizer and RNG state of the checkpoint `folder` (its weights are loaded
+        already; nothing with `weights_only`), see :func:`load_training_state`; a checkpoint of this run
+        (`same_run`) becomes `last_saved`. Returns its trainer state and notes for the user."""
+        state, notes = load_training_state(folder, self.model, self.optimizer, self.ctx, weights_only=weights_only)
+        if same_run:
+            self.last_saved = int(state["global_step"])
+        return state, notes
+
