@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.model import hf_parts
 from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.feature_count import check_feature_strategy, default_feature_strategy
+from mmloom.model.hf_parts import AUDIO_TYPES, PartRecipe, spec_model_type
 from mmloom.model.meta_init import (
     WeightSources,
     hf_folder_sources,
@@ -21,38 +23,7 @@ from mmloom.model.meta_init import (
 )
 from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
-from mmloom.remote_code import refuse_remote_code
 from mmloom.training.config import ModelSection, TrainConfig
-
-# Vision model classes when a folder holds a full dual-tower model (e.g. openai/clip-vit-*).
-_VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
-
-
-def _vision_config(config):
-    return getattr(config, "vision_config", None) or config
-
-
-def _check_inline_matches(inline: dict, loaded: dict, key: str) -> None:
-    for name, value in inline.items():
-        if name in ("model_type", "pretrained"):
-            continue
-        if name in loaded and loaded[name] != value and not (
-            isinstance(value, (list, tuple)) and list(loaded[name] or []) == list(value)
-        ):
-            raise MmloomError(
-                f"model.{key}.{name} = {value!r} but the pretrained folder's config has {loaded[name]!r}"
-            )
-
-
-def _inline_config(spec: dict[str, Any], key: str):
-    """The HF config of an inline `model.{key}` dict (`model_type` + config keys)."""
-    from transformers import AutoConfig
-
-    params = {k: v for k, v in spec.items() if k not in ("model_type", "pretrained")}
-    try:
-        return AutoConfig.for_model(spec["model_type"], **params)
-    except (ValueError, KeyError) as exc:
-        raise MmloomError(f"model.{key}: {exc}") from None
 
 
 class StartPlan:
@@ -104,97 +75,16 @@ class StartPlan:
         self.sources.add_by_name(model, mmloom_folder_sources(folder, model))
 
 
-def _part(plan: StartPlan | None, spec, load, skeleton, random) -> nn.Module:
-    """One HF part: `random()` for an inline config, `load()` for a folder; on the meta device by `plan`."""
-    if isinstance(spec, dict) and spec.get("pretrained") is None:
-        return random() if plan is None else plan.random_part(random)
-    if plan is None:
-        return load()
-    return plan.pretrained_part(load, skeleton, spec if isinstance(spec, str) else spec["pretrained"])
-
-
-def build_vision_model(spec: str | dict[str, Any], attn_implementation: str | None,
-                       plan: StartPlan | None = None) -> nn.Module:
-    import transformers
-    from transformers import AutoConfig, AutoModel
-
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if isinstance(spec, dict) and spec.get("pretrained") is None:
-        config = _vision_config(_inline_config(spec, "image_model"))
-        return _part(plan, spec, None, None, lambda: AutoModel.from_config(config, trust_remote_code=False, **kwargs))
-    path = spec if isinstance(spec, str) else spec["pretrained"]
-    refuse_remote_code(path, "model.image_model")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if isinstance(spec, dict):
-        _check_inline_matches(spec, _vision_config(config).to_dict(), "image_model")
-    cls_name = _VISION_TOWERS.get(config.model_type)
-    if cls_name:  # the vision tower of a dual-tower folder
-        cls = getattr(transformers, cls_name)
-        tower_config = cls.config_class.from_pretrained(path, trust_remote_code=False)
-        skeleton = lambda: cls._from_config(tower_config, **kwargs)  # noqa: E731
+def _part(plan: StartPlan | None, recipe: PartRecipe) -> nn.Module:
+    """One HF part by its recipe (`model.hf_parts`): random weights for an inline config, the folder's
+    otherwise; on the meta device by `plan` (see `StartPlan`)."""
+    if recipe.random is not None:
+        module = recipe.random() if plan is None else plan.random_part(recipe.random)
+    elif plan is None:
+        module = recipe.load()
     else:
-        cls = AutoModel
-        skeleton = lambda: AutoModel.from_config(config, trust_remote_code=False, **kwargs)  # noqa: E731
-    return _part(plan, spec, lambda: cls.from_pretrained(path, trust_remote_code=False, **kwargs), skeleton, None)
-
-
-def build_text_model(spec: str | dict[str, Any], attn_implementation: str | None,
-                     plan: StartPlan | None = None) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if isinstance(spec, dict) and spec.get("pretrained") is None:
-        config = _inline_config(spec, "text_model")
-        return _part(plan, spec, None, None,
-                     lambda: AutoModelForCausalLM.from_config(config, trust_remote_code=False, **kwargs))
-    path = spec if isinstance(spec, str) else spec["pretrained"]
-    refuse_remote_code(path, "model.text_model")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if isinstance(spec, dict):
-        _check_inline_matches(spec, config.to_dict(), "text_model")
-    return _part(plan, spec,
-                 lambda: AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False,
-                                                              **kwargs),
-                 lambda: AutoModelForCausalLM.from_config(config, trust_remote_code=False, **kwargs), None)
-
-
-AUDIO_MODEL_TYPES = {"whisper"}  # HF model types whose encoder takes log-mel input_features
-
-
-def _model_type(spec: str | dict[str, Any]) -> str:
-    if isinstance(spec, dict) and spec.get("pretrained") is None:
-        return str(spec["model_type"])
-    from transformers import AutoConfig
-
-    path = spec if isinstance(spec, str) else spec["pretrained"]
-    refuse_remote_code(path, "model folder")
-    return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
-
-
-def build_audio_model(spec: str | dict[str, Any], attn_implementation: str | None,
-                      plan: StartPlan | None = None) -> nn.Module:
-    """The encoder of a Whisper model: from an inline config (random weights) or a Whisper folder
-    (WhisperModel or WhisperForConditionalGeneration weights)."""
-    from transformers import AutoConfig, WhisperConfig, WhisperModel
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if isinstance(spec, dict) and spec.get("pretrained") is None:
-        config = _inline_config(spec, "encoders.audio.model")
-        if attn_implementation:
-            config._attn_implementation = attn_implementation
-        return _part(plan, spec, None, None, lambda: WhisperEncoder(config))
-    path = spec if isinstance(spec, str) else spec["pretrained"]
-    refuse_remote_code(path, "encoders.audio.model")
-    if isinstance(spec, dict):
-        _check_inline_matches(spec, AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict(),
-                              "encoders.audio.model")
-    model = _part(plan, spec,
-                  lambda: WhisperModel.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False,
-                                                       **kwargs),
-                  lambda: WhisperModel._from_config(WhisperConfig.from_pretrained(path, trust_remote_code=False),
-                                                    **kwargs), None)
-    return model.get_encoder()
+        module = plan.pretrained_part(recipe.load, recipe.skeleton, recipe.folder)
+    return recipe.finish(module)
 
 
 def encoder_settings(m: ModelSection) -> dict[str, Any]:
@@ -220,19 +110,21 @@ def build_encoder(name: str, settings, m: ModelSection, plan: StartPlan | None =
     """One encoder of the composite: the module, its feature selection / pooling callback and a
     lazy projector of its own type (default `model.projector`)."""
     projector = MultimodalProjector(MultimodalProjectorConfig(projector_type=settings.projector or m.projector))
-    if _model_type(settings.model) in AUDIO_MODEL_TYPES:
+    seed_keys = name == "vision" and m.image_model is not None  # the seed's image_model keys
+    key = "image_model" if seed_keys else f"encoders.{name}.model"
+    if spec_model_type(settings.model) in AUDIO_TYPES:
         pooling = settings.pooling
         pool = AudioPool(stride=pooling.stride if pooling else 1, mode=pooling.mode if pooling else "mean",
                          downsample=2, layer=settings.feature_layer)
-        return ModalEncoderModule(build_audio_model(settings.model, m.attn_implementation, plan), projector=projector,
-                                  postprocess_module_callback=pool)
+        recipe = hf_parts.audio_encoder(settings.model, key, m.attn_implementation, dtype=torch.float32)
+        return ModalEncoderModule(_part(plan, recipe), projector=projector, postprocess_module_callback=pool)
     if settings.pooling is not None:
         raise MmloomError(f"model.encoders.{name}.pooling applies to audio encoders only")
     layer = -2 if settings.feature_layer is None else settings.feature_layer
-    tower = build_vision_model(settings.model, m.attn_implementation, plan)
+    tower = _part(plan, hf_parts.vision_tower(settings.model, key, m.attn_implementation))
     mode = settings.feature_mode or default_feature_strategy(tower.config)  # no CLS token (SigLIP): full
-    check_feature_strategy(tower.config, mode, "model.image_feature_select_mode" if name == "vision" and
-                           m.image_model is not None else f"model.encoders.{name}.feature_mode")
+    check_feature_strategy(tower.config, mode, "model.image_feature_select_mode" if seed_keys
+                           else f"model.encoders.{name}.feature_mode")
     return ModalEncoderModule(tower, projector=projector, postprocess_module_callback=FeatureSelect(layer, mode))
 
 
@@ -251,7 +143,7 @@ def build_model(cfg: TrainConfig | ModelSection, seed: int = 0, plan: StartPlan 
         return model.train()
     settings = encoder_settings(m)
     encoders = {name: build_encoder(name, s, m, plan) for name, s in settings.items()}
-    llm = build_text_model(m.text_model, m.attn_implementation, plan)
+    llm = _part(plan, hf_parts.causal_lm(m.text_model, "text_model", m.attn_implementation, dtype=torch.float32))
     vocab = llm.config.vocab_size
     token_ids = {name: s.token_id if s.token_id is not None else default_token_id(name, vocab, k)
                  for k, (name, s) in enumerate(settings.items())}
