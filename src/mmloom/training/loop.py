@@ -189,6 +189,7 @@ class Trainer:
         """(processor, why not) saved with checkpoints and final_model (see `data.processor_for`)."""
         return processor_for(self.cfg.train_input, vision_geometry(self.base_model)[1], self.base_model)
 
+    # -------------------------------------------------------------------------- step
     def forward_loss(self, batch: dict, denominator: torch.Tensor) -> torch.Tensor:
         """Sum of this micro-batch's token losses / the global denominator."""
         with self.autocast():
