@@ -25,13 +25,13 @@ from mmloom.data.records_io import SkipRecord, read_jsonl_objects, unencodable_t
 from mmloom.devices import resolve_device
 from mmloom.errors import MmloomError
 from mmloom.interop.common import torch_dtype
+from mmloom.model.adapters import base_module
 from mmloom.model.batch import model_inputs
-from mmloom.model.encoder import base_module
 from mmloom.outputs import disk_full_as_error
 from mmloom.processing.media import MEDIA
 from mmloom.processing.media_spec import MediaSpec
 from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
-from mmloom.training.checkpoint import load_saved_model
+from mmloom.training.model_loading import load_model
 
 SUFFIXES = {
     "none": "",
@@ -57,7 +57,7 @@ def load_model_and_processor(model_dir: str | Path, dtype: str | None = None, de
             f"{model_dir} has no {PROCESSOR_CONFIG}: save the processor with the model "
             "(MultimodalProcessor.save_pretrained) or create the folder with `mmloom convert` / `mmloom init`"
         )
-    model = load_saved_model(model_dir, torch_dtype=torch_dtype(dtype), device=str(dev))
+    model = load_model(model_dir, dtype=torch_dtype(dtype), device=str(dev))
     return model.eval(), MultimodalProcessor.from_pretrained(model_dir)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
 from mmloom.errors import MmloomError
+from mmloom.model.adapters import base_module
 from mmloom.model.callbacks import SerializableCallback
 from mmloom.model.feature_count import encoder_item_counts
 from mmloom.model.outputs import (
@@ -34,16 +35,6 @@ PROCESSOR_INPUT_ALIASES: dict[str, dict[str, str]] = {
     model_type: {"pixel_values": "hidden_states", "image_grid_thw": "grid_thw"}
     for model_type in ("qwen2_vl_vision", "qwen2_5_vl_vision", "qwen3_vl_vision")
 }
-
-
-def base_module(module: nn.Module) -> nn.Module:
-    """The HF model inside a PEFT wrapper (or the module itself)."""
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
-
-
-def is_peft_model(module: nn.Module) -> bool:
-    """True for a PEFT-wrapped model (`get_peft_model(...)`, `PeftModel.from_pretrained(...)`)."""
-    return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
 
 
 def forward_parameter_names(module: nn.Module) -> frozenset[str]:

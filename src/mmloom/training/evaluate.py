@@ -49,3 +49,29 @@ def evaluate(model, loader, ctx: DistContext, autocast=contextlib.nullcontext) -
         "num_tokens": int(tokens),
         "num_samples": int(samples),
     }
+
+
+class Evaluator:
+    """Evaluation of `model` on the micro-batches of `loader` (:func:`evaluate`): alone
+    (`--mode eval`: :meth:`evaluate`), or during a run (`--mode train_and_eval`: :meth:`run` after
+    every `every` steps (`runconfig.eval_steps`) and after the last one; never when `every` is None)."""
+
+    def __init__(self, model, loader, ctx: DistContext, autocast=contextlib.nullcontext, every: int | None = None):
+        self.model = model
+        self.loader = loader
+        self.ctx = ctx
+        self.autocast = autocast
+        self.every = every
+
+    def due(self, step: int, last_step: bool = False) -> bool:
+        """Whether step `step` (1-based, done) is evaluated."""
+        return bool(self.every) and (step % self.every == 0 or last_step)
+
+    def run(self, step: int, last_step: bool = False) -> dict | None:
+        """The evaluation results after step `step` when it is due (:meth:`due`), else None. Collective."""
+        return self.evaluate() if self.due(step, last_step) else None
+
+    def evaluate(self) -> dict:
+        """Eval loss, perplexity, accuracy, token and sample counts of the model as it is now. Collective."""
+        return evaluate(self.model, self.loader, self.ctx, self.autocast)
+
