@@ -402,7 +402,7 @@ class Runner:
             return self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
                               pixel_values=b["pixel_values"], num_items_in_batch=self.denominator, use_cache=False,
                               **extra).loss
-        from mmloom.training.evaluate import model_inputs
+        from mmloom.model.batch import model_inputs
 
         return self.model(**model_inputs(b), labels=b["labels"], num_items_in_batch=self.denominator,
                           compute_logits=False).loss

@@ -1,5 +1,5 @@
 """A torchrun worker for tests/test_train_startup.py: builds the starting model of a config under
-FSDP2 and under DDP (`builder.build_starting_model(..., wrap=True)`) and writes, per rank and mode,
+FSDP2 and under DDP (`model_loading.build_base_model(..., wrap=True)`) and writes, per rank and mode,
 the whole state (FSDP2 shards gathered), the random state and the frozen-weight fingerprint.
 
     torchrun --nproc_per_node=2 tests/startup_worker.py CONFIG.yaml OUT_DIR [--set key=value ...]
@@ -15,22 +15,23 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mmloom.training import builder
+from mmloom.training import model_loading
 from mmloom.training.config import load_train_config
 from mmloom.training.distributed import init_distributed, unwrap
+from mmloom.training.run_folder import resolve_model_folder
 
 
 def main(argv: list[str]) -> None:
     config, out = argv[0], Path(argv[1])
     sets = [argv[i + 1] for i in range(2, len(argv), 2) if argv[i] == "--set"]
     cfg = load_train_config(config, sets)
-    start = builder.resolve_weights_folder(cfg.runconfig.checkpoint_path) if cfg.runconfig.checkpoint_path else None
+    start = resolve_model_folder(cfg.runconfig.checkpoint_path) if cfg.runconfig.checkpoint_path else None
     ctx = init_distributed("fsdp")
     for mode in ("fsdp", "ddp"):
         ctx = dataclasses.replace(ctx, mode=mode)
-        model = unwrap(builder.build_starting_model(cfg, start, ctx, wrap=True))
+        model = unwrap(model_loading.build_base_model(cfg, start, ctx, wrap=True))
         rng = torch.get_rng_state()
-        fingerprint = builder.frozen_fingerprint(model, ctx)
+        fingerprint = model_loading.frozen_fingerprint(model, ctx)
         state = {}
         for name, tensor in model.state_dict().items():
             full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

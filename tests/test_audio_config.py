@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from mmloom.errors import MmloomError
+from mmloom.model.adapters import add_lora
 from mmloom.model.callbacks import AudioPool, FeatureSelect
-from mmloom.training.builder import apply_lora, build_model
+from mmloom.training.builder import build_model
 from mmloom.training.config import LoraSettings, parse_train_config
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
@@ -62,10 +63,10 @@ def test_encoder_config_errors():
 
 def test_lora_parts_address_encoders_by_name():
     model = build_model(parse_train_config(config("audio.yaml")))
-    apply_lora(model, LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"], parts=["text_model", "audio"]))
+    add_lora(model, LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"], parts=["text_model", "audio"]))
     assert hasattr(model.language_model, "peft_config") and hasattr(model.audio_encoder.module, "peft_config")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name or "projector" in name for name in trainable)
     assert any(name.startswith("audio_encoder.module") for name in trainable)
     with pytest.raises(MmloomError, match="unknown part"):
-        apply_lora(model, LoraSettings(parts=["vision"]))
+        add_lora(model, LoraSettings(parts=["vision"]))

@@ -14,7 +14,8 @@ from audio_data import EXTRACTOR, RATE, data_params, make_audio_data, tone, writ
 from mmloom import ModalEncoderModule, MultimodalModel, MultimodalProcessor
 from mmloom.errors import MmloomError
 from mmloom.model.callbacks import AudioPool, audio_positions, audio_token_count
-from mmloom.processing.audio import AudioLoadError, extract_features, load_audio
+from mmloom.processing.audio import extract_features, load_audio
+from mmloom.processing.media_spec import MediaError
 from mmloom.testing import tiny_llm, tiny_whisper_encoder
 
 
@@ -49,7 +50,7 @@ def test_bad_audio_raises_by_reason(tmp_path):
     cases = {"missing.wav": "missing_audio", "junk.wav": "bad_audio", "empty.wav": "empty_audio",
              "long.wav": "audio_too_long", "slow.wav": "bad_sample_rate"}
     for name, reason in cases.items():
-        with pytest.raises(AudioLoadError) as info:
+        with pytest.raises(MediaError) as info:
             load_audio(tmp_path / name, RATE, max_seconds=1.0)
         assert info.value.reason == reason, (name, info.value)
         assert name in str(info.value)

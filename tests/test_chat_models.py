@@ -324,8 +324,11 @@ def test_hf_llava_export_chat_template_gives_mmloom_ids(saved, template, tmp_pat
     ]
     for theirs, mine in conversations[:1] if template == "plain" else conversations:
         text = hf.apply_chat_template(theirs, add_generation_prompt=True)
-        got = hf.apply_chat_template(theirs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                     processor_kwargs={"images": [image]})["input_ids"]
+        # the image in its message part, as transformers documents it (every 5.x release reads it there)
+        with_image = [{**m, "content": [{**part, "image": image} if part["type"] == "image" else part
+                                        for part in m["content"]]} for m in theirs]
+        got = hf.apply_chat_template(with_image, add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"]
         assert text.count("<image>") == 1
         want = ours(conversations=[mine], images=[image], add_generation_prompt=True)["input_ids"]
         assert torch.equal(torch.as_tensor(got), want), template
@@ -358,9 +361,9 @@ def test_exports_are_the_same_bytes_on_repeat(tmp_path):
 def adapted(model, target_modules, parts=("language_model",)):
     from types import SimpleNamespace
 
-    from mmloom.training.builder import apply_lora
+    from mmloom.model.adapters import add_lora
 
-    apply_lora(model, SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=target_modules, parts=list(parts)))
+    add_lora(model, SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=target_modules, parts=list(parts)))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -380,7 +383,7 @@ def model_logits(model):
 def test_lora_on_a_tied_embedding_merges_exactly(targets, tmp_path):
     """tied-lora-merge: an adapter on lm_head (or embed_tokens) of an LLM with tied embeddings: the merged
     model, saved and loaded, computes the adapter model's logits (the head gets its own weight)."""
-    from mmloom.training.lora import merge_adapters
+    from mmloom.model.adapters import merge_adapters
 
     model = adapted(vlm("qwen2", tie_word_embeddings=True), targets)
     want = model_logits(model)
@@ -396,7 +399,7 @@ def test_lora_on_a_tied_embedding_merges_exactly(targets, tmp_path):
 
 def test_merge_lora_folds_every_adapted_part(tmp_path, capsys):
     """Adapters on the vision encoder and the LLM: merge-lora folds both (it used to fold the LLM's only)."""
-    from mmloom.training.lora import adapted_parts
+    from mmloom.model.adapters import adapted_parts
 
     model = adapted(vlm(), ["q_proj", "v_proj"], parts=("language_model", "vision"))
     want = model_logits(model)

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from mmloom.cli.main import main
-from test_train_loop import losses, make_data, train_args, weights
+from test_train_loop import SLOW_STEPS, losses, make_data, train_args, weights
 from test_train_resume import assert_same_run
 
 SETS = ["runconfig.checkpoint_path=null", "runconfig.max_steps=6", "runconfig.checkpoint_steps=2",
@@ -191,8 +191,8 @@ def test_signal_saves_a_checkpoint_at_the_step_boundary_and_resumes_exactly(data
     reference = tmp_path / "reference"
     assert main(train_args(data, 2, reference, *sets)) == 0
     run = tmp_path / "stopped"
-    env = {**os.environ, "MMLOOM_DEBUG_STEP_SLEEP": "0.3", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "mmloom", *train_args(data, 2, run, *sets)], env=env,
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, str(SLOW_STEPS), "0.3", *train_args(data, 2, run, *sets)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             start_new_session=True)
     try:

@@ -13,7 +13,7 @@ import torch
 
 from mmloom import MultimodalModel
 from mmloom.cli.main import main
-from mmloom.training.checkpoint import load_saved_model
+from mmloom.training.model_loading import load_model
 from test_train_loop import make_data, train_args
 
 
@@ -53,9 +53,9 @@ def test_lora_checkpoint_on_its_base_equals_final_model(runs):
     on_base = MultimodalModel.from_pretrained(lora / "checkpoint-2", base=phase1 / "final_model")
     assert hasattr(on_base.language_model, "peft_config")  # the recorded spec was applied to the plain base
     assert float((logits(on_base) - reference).abs().max()) < 1e-5
-    rebuilt = load_saved_model(lora / "checkpoint-2")  # no base: the run config's starting model
+    rebuilt = load_model(lora / "checkpoint-2")  # no base: the run config's starting model
     assert float((logits(rebuilt) - reference).abs().max()) < 1e-5
-    assert float((logits(load_saved_model(phase1 / "checkpoint-2")) -
+    assert float((logits(load_model(phase1 / "checkpoint-2")) -
                   logits(MultimodalModel.from_pretrained(phase1 / "final_model"))).abs().max()) < 1e-5
 
 

@@ -31,8 +31,8 @@ from mmloom.errors import MmloomError
 from mmloom.interop.common import Bundle, write_mmloom
 from mmloom.interop.hf4 import hf4_config_dict, rope_fields
 from mmloom.interop.image_processors import transform_from_hf, transform_to_hf
-from mmloom.interop.tokenizer_files import save_tokenizer, tokenizer_settings
 from mmloom.processing.image import ImageTransform, load_image
+from mmloom.processing.tokenizer_files import save_tokenizer, tokenizer_settings
 from mmloom.testing import tiny_tokenizer
 
 CLIP_PROC = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

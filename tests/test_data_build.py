@@ -326,3 +326,30 @@ def test_tokenizer_without_image_token(ws, tmp_path):
     rows, _, params = read_out(ws / "noimgtok_out", MSL)
     assert params["post-process"]["vocab_size"] == 300 and (rows[:, 0] < 300).all()
     assert rows[0, 0, 1 : 1 + NP].tolist() == [PAD] * NP
+
+
+def test_the_tokenizer_is_loaded_once_and_chunk_counts_add_up(ws, monkeypatch):
+    """The build loads the tokenizer once (forked workers share it), and its totals are the sum of
+    the chunks' counts (`BuildCounts +=`): the first skip of the earliest chunk is kept."""
+    import mmloom.data.build as build_module
+    from mmloom.data.build import BuildCounts
+
+    loads = []
+    real = build_module.load_tokenizer
+    monkeypatch.setattr(build_module, "load_tokenizer", lambda *a, **k: loads.append(a) or real(*a, **k))
+    records = [GOOD[i % 3] for i in range(150)]  # three chunks of CHUNK_LINES
+    cfg = write_cfg(ws, "once", records, "vicuna_v1", setup__processes=2)
+    assert main(["data", "build", str(cfg), "--quiet"]) == 0
+    assert len(loads) == 1
+    params = json.loads((ws / "once_out" / "data_params.json").read_text())
+    assert params["post-process"]["n_examples"] == 150 and params["image_patch_info"]["samples"]["text_only"] == 50
+
+    a, b = BuildCounts(n_read=2), BuildCounts(n_read=3)
+    a.skip(0, 2, "bad_json", "x")
+    b.skip(0, 70, "too_long", "y")
+    b.skip(1, 1, "bad_json", "z")
+    b.kept_per_file[0] += 1
+    b.stats["vision.items"] += 4
+    a += b
+    assert (a.n_read, a.kept, a.first_skip) == (5, 1, (0, 2, "bad_json", "x"))
+    assert a.skipped == {"bad_json": 2, "too_long": 1} and a.stats["vision.items"] == 4

@@ -133,7 +133,7 @@ def test_lazy_open_and_pickle(built, transform):
         ds, batch_size=3, num_workers=1, collate_fn=LlavaCollator(image_token_id=IMG, pad_token_id=PAD, num_feature_tokens=NP)
     )
     batch = next(iter(loader))
-    assert batch["input_ids"].shape == (3, MSL) and batch["pixel_values"].shape == (2, 3, SIZE, SIZE)
+    assert batch["input_ids"].shape == (3, MSL) and batch["vision"]["pixel_values"].shape == (2, 3, SIZE, SIZE)
 
 
 def test_missing_image_at_train_time(built, transform, tmp_path):
@@ -172,7 +172,7 @@ def test_collator_matches_hand_computation(built, transform, tokenizer):
         batch["attention_mask"], 1 - torch.stack([i["key_padding_mask"] for i in items]).long()
     )
     assert (batch["input_ids"] == IMG).sum(1).tolist() == [0, NP, NP]
-    assert torch.equal(batch["pixel_values"], torch.stack([items[1]["image_data"], items[2]["image_data"]]))
+    assert torch.equal(batch["vision"]["pixel_values"], torch.stack([items[1]["image_data"], items[2]["image_data"]]))
     assert (
         batch["num_loss_tokens"]
         == int((labels != -100).sum())
@@ -188,7 +188,7 @@ def test_collator_matches_hand_computation(built, transform, tokenizer):
     assert trimmed["input_ids"].shape == (3, length) and length < MSL
     assert torch.equal(trimmed["labels"], batch["labels"][:, :length])
     assert trimmed["num_loss_tokens"] == batch["num_loss_tokens"]
-    assert LlavaCollator(IMG, PAD, NP)([ds[1]])["pixel_values"] is None
+    assert "vision" not in LlavaCollator(IMG, PAD, NP)([ds[1]])
 
 
 def test_jsonl_dataset_matches_h5(built, transform, tokenizer):
@@ -222,7 +222,7 @@ def test_jsonl_dataset_matches_h5(built, transform, tokenizer):
     for side in ("right", "left"):
         b = collate_jsonl([jds[0], jds[1]], pad_token_id=PAD, padding_side=side)
         n0, n1 = len(jds[0]["input_ids"]), len(jds[1]["input_ids"])
-        assert b["input_ids"].shape == (2, max(n0, n1)) and b["pixel_values"].shape == (1, 3, SIZE, SIZE)
+        assert b["input_ids"].shape == (2, max(n0, n1)) and b["vision"]["pixel_values"].shape == (1, 3, SIZE, SIZE)
         assert b["attention_mask"].sum(1).tolist() == [n0, n1]
         short = 1 if n1 < n0 else 0
         pad_cols = b["attention_mask"][short] == 0

@@ -157,10 +157,10 @@ def test_text_only_samples_without_slots(root, tokenizer):
     n = int(ds[1]["key_padding_mask"].eq(0).sum())
     assert batch["input_ids"].shape == (2, max(n, NP)) and batch["num_samples"] == 1
     assert (batch["input_ids"][1, :NP] == IMG).all() and (batch["labels"][1] == -100).all()
-    assert batch["pixel_values"].shape == (1, 3, 32, 32) and not batch["pixel_values"].any()
+    assert batch["vision"]["pixel_values"].shape == (1, 3, 32, 32) and not batch["vision"]["pixel_values"].any()
     model = vlm().eval()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-    loss = model(**inputs, pixel_values=batch["pixel_values"]).loss
+    loss = model(**inputs, pixel_values=batch["vision"]["pixel_values"]).loss
     # the same conversation through the processor (no image, no slots): the same loss
     processor = MultimodalProcessor({"vision": ImageTransform(image_size=32)}, tokenizer, "vicuna_v1",
                                     num_tokens={"vision": NP})

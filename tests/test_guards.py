@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.model.hf_parts import check_inline_matches
 from mmloom.model.loss import supervised_token_stats
-from mmloom.training.builder import _check_inline_matches, frozen_fingerprint
 from mmloom.training.distributed import DistContext
 from mmloom.training.evaluate import evaluate
+from mmloom.training.model_loading import frozen_fingerprint
 
 
 class FixedLogits(nn.Module):
@@ -66,10 +67,10 @@ def test_frozen_fingerprint_follows_frozen_weights_only():
 
 
 def test_inline_config_must_match_the_pretrained_folder():
-    _check_inline_matches({"model_type": "llama", "hidden_size": 48, "pretrained": "x"}, {"hidden_size": 48}, "text_model")
-    _check_inline_matches({"layers": [1, 2]}, {"layers": (1, 2)}, "text_model")  # list vs tuple is the same
+    check_inline_matches({"model_type": "llama", "hidden_size": 48, "pretrained": "x"}, {"hidden_size": 48}, "text_model")
+    check_inline_matches({"layers": [1, 2]}, {"layers": (1, 2)}, "text_model")  # list vs tuple is the same
     with pytest.raises(MmloomError, match=r"model.text_model.hidden_size = 64 but the pretrained folder's config has 48"):
-        _check_inline_matches({"hidden_size": 64}, {"hidden_size": 48}, "text_model")
+        check_inline_matches({"hidden_size": 64}, {"hidden_size": 48}, "text_model")
 
 
 def test_non_finite_gradient_norm_stops_the_run(tmp_path, monkeypatch, capsys):

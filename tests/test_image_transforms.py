@@ -16,13 +16,13 @@ from mmloom.processing.image import (
     CLIP_STD,
     CenterCrop,
     ExpandToSquare,
-    ImageLoadError,
     ImageTransform,
     Normalize,
     Resize,
     ToTensor,
     load_image,
 )
+from mmloom.processing.media_spec import MediaError
 
 LLAVA_TRANSFORMS = [
     {"name": "expand_to_square", "background_color": [122, 116, 104]},
@@ -223,11 +223,11 @@ def test_load_image_ok(tmp_path):
 
 def test_load_image_missing(tmp_path):
     p = tmp_path / "nope" / "missing.jpg"
-    with pytest.raises(ImageLoadError, match="file not found") as e:
+    with pytest.raises(MediaError, match="file not found") as e:
         load_image(p)
     assert str(p) in str(e.value) and e.value.path == str(p)
     assert isinstance(e.value, MmloomError)
-    with pytest.raises(ImageLoadError, match="directory"):
+    with pytest.raises(MediaError, match="directory"):
         load_image(tmp_path)
 
 
@@ -239,7 +239,7 @@ def test_load_image_truncated(tmp_path, fmt, allow_truncated, monkeypatch):
     p.write_bytes(raw[: len(raw) // 2])
     # even with PIL's global LOAD_TRUNCATED_IMAGES switched on, truncation is reported
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", allow_truncated)
-    with pytest.raises(ImageLoadError, match="truncated") as e:
+    with pytest.raises(MediaError, match="truncated") as e:
         load_image(p)
     assert str(p) in str(e.value)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is allow_truncated  # restored
@@ -248,12 +248,12 @@ def test_load_image_truncated(tmp_path, fmt, allow_truncated, monkeypatch):
 def test_load_image_not_an_image(tmp_path):
     p = tmp_path / "text.jpg"
     p.write_text("this is not an image")
-    with pytest.raises(ImageLoadError, match="not a recognised image") as e:
+    with pytest.raises(MediaError, match="not a recognised image") as e:
         load_image(p)
     assert str(p) in str(e.value)
     header_only = tmp_path / "header.png"
     header_only.write_bytes(_encoded("PNG")[:60])
-    with pytest.raises(ImageLoadError, match=str(header_only.name)):
+    with pytest.raises(MediaError, match=str(header_only.name)):
         load_image(header_only)
 
 

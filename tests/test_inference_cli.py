@@ -11,8 +11,9 @@ from transformers import CLIPImageProcessor
 from helpers import vlm
 from mmloom.cli.main import main
 from mmloom.inference.chat import ChatSession, interactive
-from mmloom.inference.generate import blank_like, load_model_and_processor
+from mmloom.inference.generate import load_model_and_processor
 from mmloom.interop.common import Bundle, write_mmloom
+from mmloom.processing.image import blank_like
 from mmloom.testing import tiny_tokenizer
 
 CLIP_PROC = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

@@ -30,7 +30,7 @@ from mmloom.data.sampling import (
 from mmloom.errors import MmloomError
 from mmloom.model import attention
 from mmloom.model.attention import VARLEN_ATTENTION, use_packed_attention
-from mmloom.training.evaluate import model_inputs
+from mmloom.model.batch import model_inputs
 
 PAD, N_IMG, MSL = 3, 16, 64
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_packed_equals_unpacked(attn, monkeypatch):
     assert packed["attention_mask"] is None and packed["input_ids"].shape == (1, packed["num_attended_tokens"])
     assert packed["num_loss_tokens"] == plain["num_loss_tokens"]
     assert packed["num_attended_tokens"] == plain["num_attended_tokens"]
-    assert packed["pixel_values"].shape[0] == 4  # the real images only (no dummies needed)
+    assert packed["vision"]["pixel_values"].shape[0] == 4  # the real images only (no dummies needed)
     with pytest.raises(MmloomError, match="needs the language model's attention to take packed rows"):
         run(model, packed)
     assert use_packed_attention(model.language_model) == VARLEN_ATTENTION
@@ -183,9 +183,9 @@ def test_packed_rows_with_gradient_checkpointing_and_cached_features():
         del it["image_data"]
     batch = FeatureCollator(PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG)))(cached)
     assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]
-    assert batch["module_features"].shape == (1, N_IMG, 32) and "pixel_values" not in batch
+    assert batch["vision"]["module_features"].shape == (1, N_IMG, 32) and "pixel_values" not in batch["vision"]
     only_text = FeatureCollator(PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG)))([cached[0], cached[2]])
-    assert only_text["module_features"].shape == (1, N_IMG, 32) and not only_text["module_features"].any()
+    assert only_text["vision"]["module_features"].shape == (1, N_IMG, 32) and not only_text["vision"]["module_features"].any()
 
 
 def test_varlen_attention_sliding_window_gqa_and_unpacked_batches():
@@ -261,17 +261,17 @@ def test_packed_layout_boundaries_and_dummy_image():
         else:
             assert torch.equal(pos[a:b], torch.arange(b - a))
     order = [k for k in range(len(items)) if items[k]["has_image"]]  # images in placeholder order
-    assert torch.equal(packed["pixel_values"], torch.stack([items[k]["image_data"] for k in order]))
+    assert torch.equal(packed["vision"]["pixel_values"], torch.stack([items[k]["image_data"] for k in order]))
 
     text_only = [make_item(10, 20, False, 1), make_item(1, 2, False, 2, slots=False)]
     flat = PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG))(text_only)
     n_real = flat["num_attended_tokens"]
     assert flat["input_ids"].shape == (1, n_real + N_IMG) and flat["cu_seq_lens_q"][-2] == n_real
     assert (flat["input_ids"][0, n_real:] == IMAGE_ID).all() and (flat["labels"][0, n_real:] == -100).all()
-    assert flat["pixel_values"].shape[0] == 1 and not flat["pixel_values"].any()
+    assert flat["vision"]["pixel_values"].shape[0] == 1 and not flat["vision"]["pixel_values"].any()
     assert flat["num_images"] == 0 and flat["num_samples"] == 2 and len(flat["spans"]) == 2
     nodummy = PackedCollator(TrainCollator(IMAGE_ID, PAD, N_IMG, dummy_images=False))(text_only)
-    assert nodummy["pixel_values"] is None and not (nodummy["input_ids"] == IMAGE_ID).any()
+    assert "vision" not in nodummy and not (nodummy["input_ids"] == IMAGE_ID).any()
     model = vlm().float()
     use_packed_attention(model.language_model)
     plain = TrainCollator(IMAGE_ID, PAD, N_IMG)(text_only)

@@ -61,11 +61,10 @@ def test_llava_and_own_name_together_and_unknown_part_refused():
 
 def test_adapters_their_own_lr_and_every_group_follows_the_schedule():
     from helpers import vlm
-
-    from mmloom.training.builder import apply_lora
+    from mmloom.model.adapters import add_lora
 
     model = vlm()
-    apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
     model.freeze("^vision_encoder.module")
     cfg = _config(lr=1e-3, projector_lr=2e-3, adapter_lr=4e-3)
     by_part = _lr_by_part(model, cfg)

@@ -122,7 +122,7 @@ def test_train_refuses_it_in_one_line(tmp_path, capsys):
 def test_a_folder_transformers_can_read_itself_loads_without_its_code(tmp_path, native):
     """Hub folders keep an `auto_map` from before their architecture joined transformers: they load
     with transformers' own class, and none of the folder's code runs."""
-    from mmloom.interop.hf_components import load_language_model
+    from mmloom.model.hf_parts import load_language_model
 
     llm = remote_code_llm(tmp_path / "llm", native=native)
     model = load_language_model(llm)

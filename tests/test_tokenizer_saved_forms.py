@@ -6,8 +6,8 @@ import json
 
 from transformers import AutoTokenizer
 
-from mmloom.interop.tokenizer_files import fast_backend, save_hf4_tokenizer, save_tokenizer
 from mmloom.processing.tokenizer import load_tokenizer, token_id
+from mmloom.processing.tokenizer_files import fast_backend, save_hf4_tokenizer, save_tokenizer
 from tokenizer_families import llama_sentencepiece_folder
 
 TEXTS = ["A chat between a curious user.", "Hi there.</s>USER: What next?\nASSISTANT: Nothing.</s>",

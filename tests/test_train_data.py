@@ -16,10 +16,11 @@ from mmloom.data.collate import PackedCollator, TrainCollator
 from mmloom.data.sampling import LengthGroupedStepSampler, PackedStepSampler, StepBatchSampler
 from mmloom.errors import MmloomError
 from mmloom.model.attention import VARLEN_ATTENTION
+from mmloom.model.batch import model_inputs
 from mmloom.training import data as train_data
 from mmloom.training.config import InputConfig
 from mmloom.training.distributed import DistContext
-from mmloom.training.evaluate import evaluate, model_inputs
+from mmloom.training.evaluate import evaluate
 from test_packing import N_IMG, PAD, items_mixed
 
 
@@ -32,17 +33,17 @@ def section(**kw) -> InputConfig:
 
 
 def test_sections_pick_collator_sampler_and_attention():
-    args = (8, 4, 2, 1, 2)  # n, global batch, world size, rank, micro batch
-    kw = dict(seed=0, shuffle=True, start_step=0, total_steps=2)
+    plan = train_data.StepPlan(samples=8, global_batch=4, micro_batch=2, total_steps=2, world_size=2, rank=1, seed=0,
+                               shuffle=True)
     lengths = np.arange(1, 9)
     model = vlm().float()
     collator = TrainCollator(IMAGE_ID, PAD, N_IMG)
     assert train_data.train_collator(collator, section(), model) is collator
     assert model.language_model.config._attn_implementation == "sdpa"  # untouched without packing
-    assert type(train_data.step_sampler(section(), Sized(), None, *args, **kw)) is StepBatchSampler
-    grouped = train_data.step_sampler(section(group_by_length=True), Sized(), lengths, *args, **kw)
+    assert type(train_data.step_sampler(section(), Sized(), None, plan, start_step=0)) is StepBatchSampler
+    grouped = train_data.step_sampler(section(group_by_length=True), Sized(), lengths, plan, start_step=0)
     assert type(grouped) is LengthGroupedStepSampler
-    packed = train_data.step_sampler(section(packing=True), Sized(), lengths, *args, **kw)
+    packed = train_data.step_sampler(section(packing=True), Sized(), lengths, plan, start_step=0)
     assert type(packed) is PackedStepSampler and packed.max_length == 64
     assert isinstance(train_data.train_collator(collator, section(packing=True), model), PackedCollator)
     assert model.language_model.config._attn_implementation == VARLEN_ATTENTION

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mmloom.cli.main import main
-from test_train_loop import losses, make_data, train_args, weights
+from test_train_loop import SLOW_STEPS, losses, make_data, train_args, weights
 
 SETS = ["runconfig.checkpoint_path=null", "runconfig.max_steps=4", "runconfig.checkpoint_steps=2",
         "runconfig.log_steps=1", "train_input.batch_size=8", "train_input.micro_batch_size=2"]
@@ -155,8 +155,9 @@ def test_sigterm_on_one_rank_stops_all_ranks_and_ddp_resumes(data, tmp_path):
     assert main(train_args(data, 2, reference, *sets)) == 0
     run = tmp_path / "preempted"
     args = train_args(data, 2, run, *sets, "runconfig.distributed=ddp")  # no flag: mmloom finds the unused layer
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMLOOM_DEBUG_STEP_SLEEP": "0.5"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmloom", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SLOW_STEPS), "0.5",
+           *args]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180

@@ -21,6 +21,7 @@ from PIL import Image
 from mmloom.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
+SLOW_STEPS = Path(__file__).resolve().parent / "slow_steps.py"  # mmloom with slowed-down steps
 TINY = ROOT / "configs" / "tiny"
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 
@@ -172,7 +173,6 @@ def test_phase2_from_phase1_train_and_eval(phase1, data, tmp_path):
     # the phase-2 model starts from phase 1's weights
     cfg = load_train_config(TINY / "phase2.yaml", overrides(data, 2, *sets))
     trainer = Trainer(cfg, p2)
-    trainer.setup_model()
     p1 = weights(phase1 / "final_model")
     start = trainer.base_model.state_dict()
     assert all(torch.equal(start[k], v) for k, v in p1.items())
@@ -227,11 +227,9 @@ def test_gradient_accumulation_matches_one_big_batch(data, tmp_path):
 
     cfg = load_train_config(TINY / "phase2.yaml", overrides(data, 2, "runconfig.checkpoint_path=null"))
     trainer = Trainer(cfg, tmp_path)
-    trainer.setup_model()
-    trainer.setup_data()
-    trainer.global_batch = 4
-    items = [trainer.train_set[i] for i in (0, 5, 2, 3)]  # sample 5 is text-only
-    collate = trainer.train_collate
+    trainer.plan.global_batch = 4
+    items = [trainer.train_data.dataset[i] for i in (0, 5, 2, 3)]  # sample 5 is text-only
+    collate = trainer.train_data.collate
     counts = [collate([it])["num_loss_tokens"] for it in items]
     assert len(set(counts)) > 2, counts  # different supervised-token counts per sample
     model = trainer.base_model
@@ -248,7 +246,7 @@ def test_gradient_accumulation_matches_one_big_batch(data, tmp_path):
     model.zero_grad(set_to_none=True)
     full = collate(items)
     out = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"], labels=full["labels"],
-                pixel_values=full["pixel_values"])
+                pixel_values=full["vision"]["pixel_values"])
     out.loss.backward()
     g_ref = [p.grad.clone() for p in params]
     ref_loss = float(out.loss.detach())
@@ -267,7 +265,7 @@ def test_gradient_accumulation_matches_one_big_batch(data, tmp_path):
     # the naive mean of per-micro-batch means would differ
     with torch.no_grad():
         naive = 0.5 * sum(float(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                      labels=b["labels"], pixel_values=b["pixel_values"]).loss)
+                                      labels=b["labels"], pixel_values=b["vision"]["pixel_values"]).loss)
                           for b in (collate(items[:2]), collate(items[2:])))
     assert abs(naive - ref_loss) > 1e-3
 
@@ -280,8 +278,8 @@ def test_kill_and_resume_matches_uninterrupted_run(data, tmp_path):
     assert main(train_args(data, 2, ref, *sets)) == 0
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "MMLOOM_DEBUG_STEP_SLEEP": "0.25", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "mmloom", *train_args(data, 2, killed, *sets)], env=env,
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, str(SLOW_STEPS), "0.25", *train_args(data, 2, killed, *sets)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
         deadline = time.time() + 120
@@ -323,7 +321,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, mo
     def poisoned(self, batch, denominator):
         calls["n"] += 1
         loss = original(self, batch, denominator)
-        return loss * float("nan") if calls["n"] > 2 * self.accum else loss  # step 3 onwards
+        return loss * float("nan") if calls["n"] > 2 * self.plan.accum else loss  # step 3 onwards
 
     monkeypatch.setattr(Trainer, "forward_loss", poisoned)
     run = tmp_path / "nan"

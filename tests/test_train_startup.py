@@ -1,4 +1,4 @@
-"""Start-up on the meta device (`builder.build_starting_model`): the model a run starts from is the
+"""Start-up on the meta device (`model_loading.build_base_model`): the model a run starts from is the
 one a one-process build on the CPU gives, tensor for tensor and random state included, in one
 process, under FSDP2 (2 ranks, gathered) and under DDP (2 ranks), from every kind of source:
 inline configs (random weights), HF component folders, an mmloom folder (`model.init_from`), start
@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmloom.errors import MmloomError
+from mmloom.model import adapters
 from mmloom.model import serialization as ser
 from mmloom.model.multimodal import MultimodalConfig
-from mmloom.training import builder
+from mmloom.training import builder, model_loading
 from mmloom.training.config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,13 +50,13 @@ def cpu_build(cfg, start: Path | None = None):
     """The starting model as mmloom built it before meta-device start-up: everything on the CPU in
     one process (transformers' `from_pretrained`, `MultimodalModel.from_pretrained`, whole state dicts)."""
     model = builder.build_model(cfg, seed=cfg.runconfig.seed)
-    peft = start is not None and builder.folder_has_peft(start)
+    peft = start is not None and adapters.has_adapters(start)
     if start is not None and not peft:
         load_folder(model, start)
     if cfg.model.freeze:
         model.freeze(cfg.model.freeze)
     if cfg.model.lora is not None:
-        builder.apply_lora(model, cfg.model.lora)
+        adapters.add_lora(model, cfg.model.lora)
     if peft:
         load_folder(model, start)
     return model
@@ -79,7 +80,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     model.language_model.save_pretrained(root / "llama")
     model.save_pretrained(root / "mmloom")
     lora = builder.build_model(config(), seed=8)
-    builder.apply_lora(lora, config(LORA).model.lora)
+    adapters.add_lora(lora, config(LORA).model.lora)
     lora.save_pretrained(root / "peft", trainable_only=True)
     return {"clip": root / "clip", "llama": root / "llama", "mmloom": root / "mmloom", "peft": root / "peft"}
 
@@ -104,13 +105,13 @@ def test_one_process_start_is_the_cpu_build(case, folders):
     expected = cpu_build(cfg, start)
     rng = torch.get_rng_state()
     torch.manual_seed(123)  # the build seeds itself
-    got = builder.build_starting_model(cfg, start)
+    got = model_loading.build_base_model(cfg, start)
     assert_same_start(expected, got.state_dict(), torch.get_rng_state(),
                       [n for n, p in got.named_parameters() if p.requires_grad], rng)
     assert {n: b for n, b in expected.named_buffers()}.keys() == {n: b for n, b in got.named_buffers()}.keys()
     for name, buffer in expected.named_buffers():  # rotary frequencies, position ids: not in the state dict
         assert torch.equal(buffer, dict(got.named_buffers())[name]), name
-    assert builder.frozen_fingerprint(got) == builder.frozen_fingerprint(expected)
+    assert model_loading.frozen_fingerprint(got) == model_loading.frozen_fingerprint(expected)
 
 
 def test_pretrained_parts_are_built_without_their_weights(folders):
@@ -140,7 +141,7 @@ def test_folder_that_needs_transformers_is_loaded_by_it(folders, tmp_path, capsy
     cfg = config(f"model.text_model={llama}")
     expected = cpu_build(cfg)
     rng = torch.get_rng_state()
-    got = builder.build_starting_model(cfg)
+    got = model_loading.build_base_model(cfg)
     assert "loaded whole by transformers" in capsys.readouterr().out
     assert_same_start(expected, got.state_dict(), torch.get_rng_state(),
                       [n for n, p in got.named_parameters() if p.requires_grad], rng)
@@ -149,7 +150,7 @@ def test_folder_that_needs_transformers_is_loaded_by_it(folders, tmp_path, capsy
 def test_start_weights_that_do_not_fit_are_refused_before_loading(folders):
     cfg = config("model.text_model.hidden_size=64", "model.text_model.intermediate_size=128")
     with pytest.raises(MmloomError, match="do not fit the configured model: size mismatch for"):
-        builder.build_starting_model(cfg, folders["mmloom"])
+        model_loading.build_base_model(cfg, folders["mmloom"])
 
 
 @pytest.mark.parametrize("case", ["hf_folders_lora", "start_weights"])
@@ -168,7 +169,7 @@ def test_two_ranks_start_from_the_cpu_build(case, folders, tmp_path):
            str(ROOT / "tests" / "startup_worker.py"), str(PHASE2), str(tmp_path), *(a for s in sets for a in ("--set", s))]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
-    fingerprint = builder.frozen_fingerprint(expected)
+    fingerprint = model_loading.frozen_fingerprint(expected)
     full = expected.state_dict()
     for mode in ("fsdp", "ddp"):
         for rank in (0, 1):
@@ -193,7 +194,7 @@ def test_frozen_fingerprint_is_the_one_checkpoints_recorded():
             total += float(p.detach().double().sum())
             absolute += float(p.detach().double().abs().sum())
             count += p.numel()
-    assert builder.frozen_fingerprint(model) == f"{count}:{total:.10e}:{absolute:.10e}"
+    assert model_loading.frozen_fingerprint(model) == f"{count}:{total:.10e}:{absolute:.10e}"
 
 
 def test_one_process_start_with_a_whisper_folder_and_lora_on_the_encoder(tmp_path):
@@ -218,7 +219,7 @@ def test_one_process_start_with_a_whisper_folder_and_lora_on_the_encoder(tmp_pat
     plan = builder.StartPlan()
     builder.build_model(cfg, plan=plan)
     assert not plan.notes  # the folder's tensors were mapped, not loaded by transformers
-    got = builder.build_starting_model(cfg)
+    got = model_loading.build_base_model(cfg)
     assert_same_start(expected, got.state_dict(), torch.get_rng_state(),
                       [n for n, p in got.named_parameters() if p.requires_grad], rng)
 
@@ -241,7 +242,7 @@ def test_one_process_start_from_a_dual_tower_clip_folder(tmp_path):
     model = builder.build_model(cfg, plan=plan)
     assert not plan.notes
     assert {s.key for s in plan.sources.by_name(model).values()} >= {"vision_model.post_layernorm.weight"}
-    got = builder.build_starting_model(cfg)
+    got = model_loading.build_base_model(cfg)
     assert_same_start(expected, got.state_dict(), torch.get_rng_state(),
                       [n for n, p in got.named_parameters() if p.requires_grad], rng)
 

@@ -195,13 +195,14 @@ def test_clip_image_answers_show_llamacpp_cls_fault(exported):
 @pytest.mark.parametrize("run", list(TOLERANCE))
 @pytest.mark.parametrize("name", list(COMPOSITES))
 def test_types_keep_greedy_tokens(exported, name, run):
-    """Every type keeps the log-probabilities within its bound; the greedy tokens stay identical except at a
-    near-tie (measured: q8_0 flips the 6th token of the Qwen2 text answer, a near-tie)."""
+    """Every type keeps the log-probabilities within its bound. f32 and f16 keep every greedy token; bf16
+    (8 mantissa bits) and q8_0 may flip a token only at a near-tie of mmloom's own answer (`_agree`:
+    its two candidates within twice the type's bound; tiny random models have many)."""
     ours, results = exported
     for kind, mine, theirs in zip(("text", "image"), ours[name]["reference"], results[f"{name}/{run}"]["prompts"],
                                   strict=True):
         same = _agree(mine, theirs, TOLERANCE[run])
-        if run != "q8_0":
+        if run in ("f32", "f16"):
             assert same == N_PREDICT, kind
 
 

@@ -166,7 +166,7 @@ def train_config(root, smol, data, phase: int, lora: bool = False) -> dict:
 def test_training_phases_and_an_exact_lora_merge(smol, root):
     from mmloom.cli.main import main
     from mmloom.inference.generate import load_model_and_processor
-    from mmloom.training.checkpoint import load_saved_model
+    from mmloom.training.model_loading import load_model
 
     phase1 = build(root, smol, "plain", "h5_phase1")
     phase2 = root / "h5_phase2" if (root / "h5_phase2").exists() else build(root, smol, None, "h5_phase2")
@@ -179,7 +179,7 @@ def test_training_phases_and_an_exact_lora_merge(smol, root):
         assert len(losses) == 2 and all(math.isfinite(v) for v in losses), (name, losses)
 
     assert main(["merge-lora", str(root / "runs" / "lora"), str(root / "merged")]) == 0
-    adapter = load_saved_model(root / "runs" / "lora" / "checkpoint-2").eval()
+    adapter = load_model(root / "runs" / "lora" / "checkpoint-2").eval()
     merged, processor = load_model_and_processor(root / "merged")
     batch = processor(conversations=[[{"role": "user", "content": "<image>\nWhat colour is the picture?"}]],
                       images=[Image.open(root / "images" / "blue.png")], add_generation_prompt=True, return_labels=False)

@@ -5,14 +5,8 @@ Heavy imports (torch, transformers) happen inside the command functions, so `mml
 
 from __future__ import annotations
 
-import importlib
-
+from mmloom.cli import data_sources
 from mmloom.cli.options import existing_dir, existing_file, non_negative_int, positive_int
-
-# Modules that add more sub-commands under `mmloom data`; each defines `register(data_subparsers)`.
-DATA_COMMAND_MODULES = [
-    "mmloom.data.sources.cli",
-]
 
 
 def register(subparsers) -> None:
@@ -22,8 +16,7 @@ def register(subparsers) -> None:
     data_sub = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     parser.set_defaults(func=lambda args: parser.print_help())
     register_commands(data_sub)
-    for name in DATA_COMMAND_MODULES:
-        importlib.import_module(name).register(data_sub)
+    data_sources.register(data_sub)  # convert, json2jsonl
 
 
 def _run_build(args) -> int:

@@ -15,44 +15,51 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                         "machine lacks is an error")
 
 
+def _media():
+    """The modalities' specs (`mmloom.processing.media.MEDIA`): each gives the media options."""
+    from mmloom.processing.media import MEDIA
+
+    return list(MEDIA.values())
+
+
 def register(subparsers) -> None:
+    media = _media()
+    items = " and/or ".join(f"{'an' if m.item_noun[0] in 'aeiou' else 'a'} {m.item_noun}" for m in media)
+    commands = ", ".join([*(f"/{m.noun} PATH" for m in media), "/reset", "/quit"])
     chat = subparsers.add_parser(
-        "chat", help="chat with a saved model about an image and/or an audio clip",
-        description="One answer with --prompt, else an interactive session (/image PATH, /audio PATH, /reset, /quit).",
+        "chat", help=f"chat with a saved model about {items}",
+        description=f"One answer with --prompt, else an interactive session ({commands}).",
     )
     chat.add_argument("model_dir", metavar="MODEL_DIR", type=existing_dir,
                       help="mmloom model folder or checkpoint-N folder (with its processor files)")
-    chat.add_argument("--image", metavar="PATH", type=existing_file,
-                      help="the image to talk about (default: none; /image PATH in the session)")
-    chat.add_argument("--audio", metavar="PATH", type=existing_file,
-                      help="the audio clip to talk about (WAV/FLAC/MP3/OGG, resampled to the model's rate; "
-                      "default: none)")
+    for m in media:
+        chat.add_argument(f"--{m.noun}", metavar="PATH", type=existing_file, help=m.cli_help["item"])
     chat.add_argument("--prompt", help="ask one question and exit (default: an interactive session)")
     chat.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
                       help="longest answer, in tokens (at least 1)")
     chat.add_argument("--temperature", type=non_negative_float, default=0.0,
                       help="sampling temperature; 0 = greedy decoding (default 0)")
     chat.add_argument("--system", default=None,
-                      help="system text, with or without --image/--audio (default: the template's; \"\" for none where "
-                      "the template allows)")
+                      help=f"system text, with or without {'/'.join(f'--{m.noun}' for m in media)} (default: the "
+                      "template's; \"\" for none where the template allows)")
     _model_options(chat)
     chat.set_defaults(func=run_chat)
 
+    keys = " and ".join(m.record_key for m in media)
     gen = subparsers.add_parser(
         "generate", help="answer a LLaVA-style question file (batched, resumable)",
-        description="Answers QUESTIONS.jsonl (question_id, text, optional image and audio: a path or a list) into "
+        description=f"Answers QUESTIONS.jsonl (question_id, text, optional {keys}: a path or a list) into "
         "--output, greedy by default; question ids already in the output are skipped.",
     )
     gen.add_argument("model_dir", metavar="MODEL_DIR", type=existing_dir,
                      help="mmloom model folder or checkpoint-N folder (with its processor files)")
     gen.add_argument("questions", metavar="QUESTIONS.jsonl", type=existing_file,
-                     help="one JSON object per line: question_id, text, optional image / audio (a path or a list)")
+                     help=f"one JSON object per line: question_id, text, optional {' / '.join(m.record_key for m in media)} "
+                     "(a path or a list)")
     gen.add_argument("--output", required=True, metavar="ANSWERS.jsonl",
                      help="answers file, appended to (question_id, prompt, text, model_id per line)")
-    gen.add_argument("--image-dir", metavar="DIR", type=existing_dir,
-                     help="root of the question images (default: the questions file's folder)")
-    gen.add_argument("--audio-dir", metavar="DIR", type=existing_dir,
-                     help="root of the question audio (default: the questions file's folder)")
+    for m in media:
+        gen.add_argument(f"--{m.noun}-dir", metavar="DIR", type=existing_dir, help=m.cli_help["dir"])
     gen.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="questions per forward pass")
     gen.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
                      help="longest answer, in tokens (at least 1)")
@@ -60,10 +67,8 @@ def register(subparsers) -> None:
                      help="sampling temperature; 0 = greedy decoding (default 0)")
     gen.add_argument("--suffix", choices=["short", "choice", "none"], default="none",
                      help="answer-format instruction appended to each question")
-    gen.add_argument("--blank-images", action="store_true",
-                     help="replace every image by its mean colour (checks that answers come from the image)")
-    gen.add_argument("--silence-audio", action="store_true",
-                     help="replace every audio clip by silence of the same length (checks that answers come from the audio)")
+    for m in media:
+        gen.add_argument(f"--{m.baseline}", action="store_true", help=m.cli_help["baseline"])
     gen.add_argument("--model-id", default=None, help="model_id written with each answer (default: folder name)")
     gen.add_argument("--system", default=None,
                      help="system text of every prompt (default: the template's; \"\" for none where the template allows)")
@@ -111,9 +116,9 @@ without an answer are counted and not scored.""",
 def run_chat(args) -> int:
     from mmloom.inference.chat import chat
 
-    return chat(args.model_dir, image=args.image, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+    return chat(args.model_dir, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, dtype=args.dtype, device=args.device, system=args.system,
-                audio=args.audio)
+                items={m.noun: getattr(args, m.noun) for m in _media()})
 
 
 def run_generate(args) -> int:
@@ -124,11 +129,13 @@ def run_generate(args) -> int:
     from mmloom.inference.generate import generate_answers, load_model_and_processor
 
     model, processor = load_model_and_processor(args.model_dir, args.dtype, args.device)
+    media = _media()
     counts = generate_answers(
-        model, processor, args.questions, args.output, image_dir=args.image_dir, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, suffix=args.suffix, blank_images=args.blank_images,
-        temperature=args.temperature, model_id=args.model_id or Path(args.model_dir).resolve().name,
-        audio_dir=args.audio_dir, silence_audio=args.silence_audio, system=args.system,
+        model, processor, args.questions, args.output, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, suffix=args.suffix, temperature=args.temperature,
+        model_id=args.model_id or Path(args.model_dir).resolve().name, system=args.system,
+        media_dirs={m.noun: getattr(args, f"{m.noun}_dir") for m in media},
+        baselines={m.noun for m in media if getattr(args, m.baseline.replace("-", "_"))},
     )
     Console(stderr=True).print(
         f"{counts['answered']} answered, {counts['skipped']} already in {args.output} ({counts['total']} questions)"

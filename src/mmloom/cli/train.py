@@ -56,7 +56,7 @@ def _train(args: argparse.Namespace) -> int:
     from mmloom.training.config import load_train_config
     from mmloom.training.distributed import init_distributed
     from mmloom.training.preemption import TrainingStopped
-    from mmloom.training.run_folder import run_folder_lock
+    from mmloom.training.run_folder import RunFolder
 
     cfg = load_train_config(args.config, args.overrides)
     warn_single_process(cfg.runconfig.distributed)
@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
             raise
         return distributed_failure(err, int(os.environ.get("RANK", "0") or 0), world_size)
     try:
-        with run_folder_lock(args.model_dir, ctx, args.mode):  # before the trainer's imports: a refusal is quick
+        with RunFolder(args.model_dir).lock(ctx, args.mode):  # before the trainer's imports: a refusal is quick
             from mmloom.training.loop import run_training
 
             run_training(cfg, args.model_dir, mode=args.mode, ctx=ctx, lock=False)
@@ -134,7 +134,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from mmloom.training.lora import merge_lora
+    from mmloom.interop.common import merge_lora
 
     _, merged = merge_lora(args.model_dir, args.out_dir, overwrite=args.overwrite)
     print(f"merged the LoRA adapters of: {'; '.join(merged)}")

@@ -1,10 +1,14 @@
 """`mmloom data build`: LLaVA jsonl records -> the Cerebras HDF5 layout + data_params.json.
 
-Pipeline: the main process reads the input lines in order and hands chunks of them to
-worker processes (bounded window, results consumed in submission order); each worker parses,
-checks the image, templates, tokenizes and lays the sample out as `[4, MSL]` int32 rows; the
-main process writes `data-NNNNN.h5` files of `samples_per_file` samples. Because chunking is
-fixed and results are consumed in order, the output is byte-identical for any process count.
+Pipeline (`build`): `prepare_build` checks the settings and loads the tokenizer, template and media
+specs once (`BuildState`); `open_output` claims the output folder; `run_chunks` has the main process
+read the input lines in order and hand chunks of them to worker processes (forked: they share the
+state; bounded window, results consumed in submission order); each worker parses, reads its media
+items through their specs (`mmloom.processing.media`), templates, tokenizes and lays the sample out
+as `[4, MSL]` int32 rows; the main process writes `data-NNNNN.h5` files of `samples_per_file`
+samples and adds up the chunks' `BuildCounts`; `data_params` and `print_summary` report them.
+Because chunking is fixed and results are consumed in order, the output is byte-identical for any
+process count.
 
 A line longer than `setup.max_record_bytes` is skipped (`line_too_long`) before it is parsed or
 tokenized. A worker that dies (the OOM killer, `kill -9`) ends the build at once with one line
@@ -28,6 +32,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +42,10 @@ import numpy as np
 from mmloom.data.build_config import BuildConfig, template_spec
 from mmloom.data.encode import (
     SKIP_REASONS,
-    audio_file,
+    EncodedSample,
+    MediaSlots,
     encode_record,
-    image_file,
+    media_file,
     parse_record_line,
     record_paths,
     to_h5_rows,
@@ -49,16 +55,10 @@ from mmloom.data.preference import PREFERENCE_SKIP_REASONS, PreferencePair, enco
 from mmloom.data.records_io import SkipRecord, iter_jsonl_lines
 from mmloom.errors import MmloomError
 from mmloom.files import free_bytes, is_disk_full, mib, write_json
-from mmloom.model.feature_count import counts_from_inputs
 from mmloom.outputs import FolderLock, check_destination
-from mmloom.processing.audio import (
-    AudioLoadError,
-    extract_features,
-    feature_extractor_from_spec,
-    load_audio,
-    max_seconds_of,
-)
-from mmloom.processing.image import ImageLoadError, ImageTooLargeError, load_image
+from mmloom.processing.image import ImageSpec
+from mmloom.processing.media import MEDIA
+from mmloom.processing.media_spec import MediaError, MediaSpec
 from mmloom.processing.templates import get_template, template_choice
 from mmloom.processing.tokenizer import load_tokenizer, token_id
 from mmloom.progress import rate_progress
@@ -81,45 +81,48 @@ def list_input_files(input_dir: str) -> list[Path]:
     return files
 
 
-def special_ids(tokenizer, image_token: str, audio_token: str | None = None) -> dict[str, int]:
-    """eos / pad / image (and audio) ids; pad falls back to unk then eos when the tokenizer has none.
+def special_ids(tokenizer, placeholders: Sequence[str] = ()) -> dict[str, Any]:
+    """eos / pad ids, `vocab_size` and the id of each placeholder (`placeholder_ids`); pad falls back to
+    unk then eos when the tokenizer has none.
 
-    When the tokenizer lacks `image_token` (e.g. the stock Vicuna tokenizer) it is added to this
-    in-memory tokenizer as a special token: it only marks where the slots go and never appears in
-    the output (the slots hold pad ids). `audio_token` likewise, after it (ids vocab_size and
-    vocab_size + 1 for a tokenizer that has neither). `vocab_size` is the size before that.
+    A placeholder the tokenizer lacks (e.g. `<image>` in the stock Vicuna tokenizer) is added to this
+    in-memory tokenizer as a special token, in the order given: it only marks where the slots go and
+    never appears in the output (the slots hold pad ids). For a tokenizer that has none, the
+    placeholders of `MEDIA` get vocab_size, vocab_size + 1, ... (`mmloom.processing.media.default_token_id`).
+    `vocab_size` is the size before that.
     """
     vocab_size = len(tokenizer)
-    image_id, added = _placeholder_id(tokenizer, image_token)
-    audio_id = _placeholder_id(tokenizer, audio_token)[0] if audio_token else None
+    ids = {placeholder: _placeholder_id(tokenizer, placeholder) for placeholder in placeholders}
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else eos
     if pad is None:
         raise MmloomError("the tokenizer has neither a pad, unk nor eos token")
-    ids = {
-        "eos_id": eos,
-        "pad_id": pad,
-        "image_token_id": image_id,
-        "vocab_size": vocab_size,
-        "image_token_added": added,
-    }
-    if audio_token:
-        ids["audio_token_id"] = audio_id
-    return ids
+    return {"eos_id": eos, "pad_id": pad, "vocab_size": vocab_size, "placeholder_ids": ids}
 
 
-def _placeholder_id(tokenizer, token: str) -> tuple[int, bool]:
-    """(id of `token`, whether it had to be added to the in-memory tokenizer as a special token)."""
+def _placeholder_id(tokenizer, token: str) -> int:
+    """The id of `token`, added to the in-memory tokenizer as a special token when it lacks it."""
     tid = token_id(tokenizer, token)
     if tid is not None:
-        return tid, False
+        return tid
     tokenizer.add_tokens([token], special_tokens=True)
     tid = token_id(tokenizer, token)
     if tid is None:
         raise MmloomError(f"cannot make '{token}' a single token of the tokenizer")
-    return tid, True
+    return tid
+
+
+def build_specs(dataset, tokenizer) -> tuple[ImageSpec, list[MediaSpec], dict[str, Any]]:
+    """(images, the other modalities' specs, `special_ids`) of a build's `dataset` section: one spec per
+    `MEDIA` modality the build reads (images always: their key and placeholder are the seed's), with
+    the placeholder ids of `tokenizer` (added to it where it lacks them)."""
+    specs = [spec for cls in MEDIA.values() if (spec := cls.from_build_config(dataset)) is not None]
+    ids = special_ids(tokenizer, [spec.placeholder for spec in specs])
+    specs = [spec.with_settings(token_id=ids["placeholder_ids"][spec.placeholder]) for spec in specs]
+    vision = next(spec for spec in specs if isinstance(spec, ImageSpec))
+    return vision, [spec for spec in specs if spec is not vision], ids
 
 
 def resolve_template(cfg: BuildConfig, tokenizer) -> tuple[BuildConfig, str]:
@@ -137,185 +140,238 @@ def make_template(cfg: BuildConfig, tokenizer=None):
     return get_template(name, **options)
 
 
+@dataclass
+class BuildState:
+    """What every chunk of a build needs, made once by `prepare_build` (forked workers share it): the
+    config (template resolved), the input files, the tokenizer (placeholders added), the template, the
+    eos/pad ids and vocabulary size, the images' spec (the seed's slot layout) and the other
+    modalities' specs (runs of slots where their placeholders stand, HDF5 item datasets)."""
+
+    cfg: BuildConfig
+    files: list[Path]
+    tokenizer: Any
+    template: Any
+    template_note: str | None
+    eos_id: int
+    pad_id: int
+    vocab_size: int
+    vision: ImageSpec
+    items: list[MediaSpec]
+
+    @property
+    def specs(self) -> list[MediaSpec]:
+        """Every modality's spec, images first (`MEDIA` order)."""
+        return [self.vision, *self.items]
+
+
+def prepare_build(cfg: BuildConfig) -> BuildState:
+    """Check the settings and load what the chunks need: input files, the tokenizer (once), the
+    template (unknown names refused before any work), the media specs and their folders.
+    Raises MmloomError naming the bad setting."""
+    files = list_input_files(cfg.setup.input_dir)
+    tokenizer = load_tokenizer(cfg.processor.tokenizer_type, what="processor.tokenizer_type")
+    cfg, template_note = resolve_template(cfg, tokenizer)
+    template = make_template(cfg, tokenizer)
+    vision, items, ids = build_specs(cfg.dataset, tokenizer)
+    msl, num_feature_tokens = cfg.processor.max_sequence_length, cfg.dataset.num_patches
+    if num_feature_tokens is not None and num_feature_tokens + 2 > msl:
+        raise MmloomError(
+            f"dataset.num_patches ({num_feature_tokens}) leaves no room for text in max_sequence_length {msl}"
+        )
+    for spec in (vision, *items):
+        if spec.folder is not None and not spec.folder.is_dir():
+            raise MmloomError(f"{spec.folder_setting} not found: {spec.folder}")
+    return BuildState(cfg, files, tokenizer, template, template_note, ids["eos_id"], ids["pad_id"],
+                      ids["vocab_size"], vision, items)
+
+
 # ----------------------------------------------------------------------------- workers
 
-_STATE: dict[str, Any] = {}
+_STATE: dict[str, Any] = {}  # "state": the BuildState of this process, "cfg_dict": the config it was made from
 
 
-def _init_worker(cfg_dict: dict) -> None:
-    """Load tokenizer + template once per process (forked workers inherit the parent's)."""
-    if _STATE.get("cfg_dict") == cfg_dict:
-        return
-    cfg = BuildConfig.model_validate(cfg_dict)
-    tokenizer = load_tokenizer(cfg.processor.tokenizer_type, what="processor.tokenizer_type")
-    _STATE.clear()
-    audio = cfg.dataset.audio
-    ids = special_ids(tokenizer, cfg.dataset.image_token, audio.audio_token if audio else None)
-    extractor = feature_extractor_from_spec(audio.feature_extractor) if audio else None
-    _STATE.update(
-        cfg_dict=cfg_dict, cfg=cfg, tokenizer=tokenizer, template=make_template(cfg, tokenizer),
-        extractor=extractor, **ids
-    )
+@dataclass
+class BuildCounts:
+    """What a build counted, per chunk (in a worker) and in total (`+=` adds a chunk's counts in).
 
+    `skipped` counts the skipped records by reason and `first_skip` is the first one (file index,
+    line, reason, detail: what `--strict` stops at); `kept_per_file` counts kept records per input
+    file, `starts` / `later_starts` the kept samples by the first slot of their image (first-turn
+    and later-turn images), `stats` the text statistics and each modality's `samples` / `items` /
+    `tokens` (keys `<modality>.samples`, ...), and in a preference build the pairs' `prompt_tokens`,
+    `chosen_tokens` and `rejected_tokens` (answer tokens)."""
 
-def check_image(path: Path, max_pixels: int | None = None) -> None:
-    """Raise SkipRecord('missing_image' | 'image_too_large' | 'bad_image') unless PIL can fully
-    decode the file within the pixel budget `max_pixels` (checked from the header first)."""
-    if not path.is_file():
-        raise SkipRecord("missing_image", str(path))
-    try:
-        load_image(path, convert=None, max_pixels=max_pixels).close()  # full decode: catches truncated files too
-    except ImageTooLargeError as exc:
-        raise SkipRecord("image_too_large", str(exc)) from None
-    except ImageLoadError as exc:
-        raise SkipRecord("bad_image", str(exc)) from None
+    n_read: int = 0
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    first_skip: tuple[int, int, str, str] | None = None
+    kept_per_file: collections.Counter = field(default_factory=collections.Counter)
+    starts: collections.Counter = field(default_factory=collections.Counter)
+    later_starts: collections.Counter = field(default_factory=collections.Counter)
+    stats: collections.Counter = field(default_factory=collections.Counter)
 
+    def __iadd__(self, other: BuildCounts) -> BuildCounts:
+        self.n_read += other.n_read
+        if self.first_skip is None:
+            self.first_skip = other.first_skip
+        for name in ("skipped", "kept_per_file", "starts", "later_starts", "stats"):
+            getattr(self, name).update(getattr(other, name))
+        return self
 
-def audio_limit(audio_cfg, extractor) -> float | None:
-    """The longest clip a build keeps: `max_seconds`, never more than the extractor's window."""
-    window = max_seconds_of(extractor)
-    given = audio_cfg.max_seconds
-    return window if given is None else given if window is None else min(given, window)
+    @property
+    def kept(self) -> int:
+        return sum(self.kept_per_file.values())
 
+    def skip(self, file_idx: int, lineno: int, reason: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        if self.first_skip is None:
+            self.first_skip = (file_idx, lineno, reason, detail)
 
-def count_audio_tokens(path: Path, audio_cfg, extractor) -> tuple[int, float]:
-    """(feature tokens, seconds) of one clip: decoded, resampled and run through the extractor, its
-    frame mask counted as the model counts it. Raises SkipRecord with the audio reason."""
-    try:
-        waveform = load_audio(path, extractor.sampling_rate, audio_limit(audio_cfg, extractor))
-    except AudioLoadError as exc:
-        raise SkipRecord(exc.reason, f"{exc.path}: {exc.detail}") from None
-    inputs = extract_features(extractor, [waveform])
-    (tokens,) = counts_from_inputs(audio_cfg.token_count(), inputs)
-    return tokens, len(waveform) / extractor.sampling_rate
+    def media_counts(self, modality: str) -> dict[str, int]:
+        """`samples` with items of `modality`, its `items` and their feature `tokens`."""
+        return {key: self.stats[f"{modality}.{key}"] for key in ("samples", "items", "tokens")}
 
 
 @dataclass
 class ChunkResult:
-    n_read: int = 0
+    """The kept samples of one chunk (rows, `img_path` entries, first image slots, and per other
+    modality's noun the `(paths, spans)` of each sample; in a preference build also each pair's
+    rejected rows and prompt length) and the chunk's counts."""
+
     rows: list[np.ndarray] = field(default_factory=list)
     img_paths: list[bytes] = field(default_factory=list)
     image_starts: list[int] = field(default_factory=list)
-    audio: list[tuple[list[str], list[tuple[int, int]]]] = field(default_factory=list)  # (paths, spans) per sample
-    kept_per_file: collections.Counter = field(default_factory=collections.Counter)
-    skips: list[tuple[int, int, str, str]] = field(default_factory=list)  # (file index, line, reason, detail)
-    starts: collections.Counter = field(default_factory=collections.Counter)  # first-turn images
-    later_starts: collections.Counter = field(default_factory=collections.Counter)  # later-turn images
-    stats: collections.Counter = field(default_factory=collections.Counter)
-    rejected_rows: list[np.ndarray] = field(default_factory=list)  # preference builds: per pair
+    items: dict[str, list[tuple[list[str], list[tuple[int, int]]]]] = field(default_factory=dict)
+    rejected_rows: list[np.ndarray] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)
+    counts: BuildCounts = field(default_factory=BuildCounts)
 
 
-def _encode_line(line: str):
-    cfg: BuildConfig = _STATE["cfg"]
-    ds = cfg.dataset
+def _media_slots(spec: MediaSpec, paths: list[str]) -> MediaSlots:
+    """A record's items of one modality: with a fixed count (checked after the text, which is cheaper),
+    or decoded now because their count (their slots in the text) depends on them. Raises SkipRecord."""
+    fixed = spec.fixed_token_count
+    if fixed is not None or not paths:
+        return MediaSlots(spec, paths, [fixed or 0] * len(paths))
+    counts = []
+    for path in paths:
+        try:
+            counts += spec.token_counts([spec.load(media_file(spec, path))])
+        except MediaError as exc:
+            raise SkipRecord(exc.reason, f"{exc.path}: {exc.detail}") from None
+    return MediaSlots(spec, paths, counts)
+
+
+def _encode_line(line: str, state: BuildState) -> EncodedSample | PreferencePair:
+    ds = state.cfg.dataset
     record = parse_record_line(line)
     if ds.preference is not None:
-        return _encode_pair(record)
-    images = record_paths(record, ds.image_key)
-    if images and ds.num_patches is None:
-        raise SkipRecord("bad_record", f"'{ds.image_key}' in a build without images (dataset.num_patches unset)")
-    if len(images) > 1:
-        raise SkipRecord(
-            "multiple_images", f"{len(images)} images; the HDF5 layout holds one image per sample"
-        )
-    audio = None
-    if ds.audio is not None:
-        clips = record_paths(record, ds.audio.audio_key)
-        files = [audio_file(ds.audio.audio_dir, clip) for clip in clips]
-        counts = [count_audio_tokens(path, ds.audio, _STATE["extractor"])[0] for path in files]
-        audio = (ds.audio.audio_token, _STATE["audio_token_id"], clips, counts)
-    sample = _encode_record(record, audio)
-    _check_sample_images(sample)
+        return _encode_pair(record, state)
+    media = _record_media(record, state)
+    sample = _encode(record, media, state, ds.conversation_key, ds.content_key)
+    _check_media(sample, media, state)
     return sample
 
 
-def _encode_record(record: dict, audio=None, **keys):
-    """`encode_record` with the build's tokenizer, template and settings (`keys`: record keys that differ)."""
-    cfg: BuildConfig = _STATE["cfg"]
-    ds = cfg.dataset
+def _record_media(record: dict, state: BuildState) -> list[MediaSlots]:
+    """The record's items of every modality (`MEDIA` order); raises SkipRecord."""
+    media = []
+    for spec in state.specs:
+        paths = record_paths(record, spec.record_key)
+        if spec is state.vision:  # the seed's layout: one image per sample, and none without num_patches
+            if paths and spec.num_tokens is None:
+                raise SkipRecord("bad_record", f"'{spec.record_key}' in a build without images (dataset.num_patches unset)")
+            if len(paths) > 1:
+                raise SkipRecord("multiple_images", f"{len(paths)} images; the HDF5 layout holds one image per sample")
+        media.append(_media_slots(spec, paths))
+    return media
+
+
+def _encode(record: dict, media: list[MediaSlots], state: BuildState, conversation_key: str,
+            content_key: str) -> EncodedSample:
+    """`encode_record` with the build's tokenizer, template and settings; raises SkipRecord."""
+    cfg = state.cfg
     return encode_record(
         record,
-        tokenizer=_STATE["tokenizer"],
-        template=_STATE["template"],
-        num_feature_tokens=ds.num_patches or 0,
-        slot_fill_id=_STATE["pad_id"],
-        image_token=ds.image_token,
-        image_token_id=_STATE["image_token_id"],
-        image_key=keys.get("image_key", ds.image_key),
-        conversation_key=keys.get("conversation_key", ds.conversation_key),
-        content_key=keys.get("content_key", ds.content_key),
+        tokenizer=state.tokenizer,
+        template=state.template,
+        media=media,
+        slot_fill_id=state.pad_id,
+        conversation_key=conversation_key,
+        content_key=content_key,
         max_length=cfg.processor.max_sequence_length,
-        text_only_slots=ds.text_only_slots and ds.num_patches is not None,
-        audio=audio,
+        text_only_slots=cfg.dataset.text_only_slots and cfg.dataset.num_patches is not None,
     )
 
 
-def _check_sample_images(sample) -> None:
-    """The build's image rules on an encoded sample: later-turn images (dataset.image_in_later_turn) and each
-    image fully decodable within the pixel budget. Raises SkipRecord."""
-    ds = _STATE["cfg"].dataset
+def _check_media(sample: EncodedSample, media: list[MediaSlots], state: BuildState) -> None:
+    """The build's media rules on an encoded sample: later-turn images (dataset.image_in_later_turn) and
+    each item not decoded yet fully readable (its spec's `check`). Raises SkipRecord."""
+    ds = state.cfg.dataset
     if sample.image_turn > 0 and ds.image_in_later_turn == "skip":
         raise SkipRecord(
             "image_in_later_turn", f"the image is in human turn {sample.image_turn + 1}, slots at {sample.image_start}"
         )
-    for image in sample.images:
-        check_image(image_file(ds.image_dir, image), ds.max_image_pixels)
+    for slots in media:
+        if slots.spec.fixed_token_count is not None:  # not decoded yet
+            for path in slots.paths:
+                try:
+                    slots.spec.check(media_file(slots.spec, path))
+                except MediaError as exc:
+                    raise SkipRecord(exc.reason, f"{exc.path}: {exc.detail}") from None
 
 
-def _encode_pair(record: dict) -> PreferencePair:
-    """A preference record (`mmloom.data.preference`) encoded as its two sequences; raises SkipRecord."""
-    ds = _STATE["cfg"].dataset
+def _encode_pair(record: dict, state: BuildState) -> PreferencePair:
+    """A preference record (`mmloom.data.preference`) encoded as its two sequences, sharing the prompt's
+    items (read and checked once); raises SkipRecord."""
+    ds = state.cfg.dataset
     fixed = None if ds.preference.format == "auto" else ds.preference.format
     pair = parse_preference(record, fixed, ds.image_token)
-    if pair.images and ds.num_patches is None:
-        raise SkipRecord("bad_record", "an image in a build without images (dataset.num_patches unset)")
-    if len(pair.images) > 1:
-        raise SkipRecord("multiple_images", f"{len(pair.images)} images; the HDF5 layout holds one image per sample")
-    encoded = encode_pair(pair, lambda rec: _encode_record(rec, image_key="image", conversation_key="conversations",
-                                                           content_key="value"))
-    _check_sample_images(encoded.chosen)
+    media = _record_media({state.vision.record_key: pair.images}, state)
+    encoded = encode_pair(pair, lambda turns: _encode({"conversations": turns}, media, state, "conversations",
+                                                      "value"))
+    _check_media(encoded.chosen, media, state)
     return encoded
 
 
-def _process_chunk(chunk: list[tuple[int, int, str | SkipRecord]]) -> ChunkResult:
-    cfg: BuildConfig = _STATE["cfg"]
-    tokenizer = _STATE["tokenizer"]
-    pad_id, eos_id = _STATE["pad_id"], _STATE["eos_id"]
-    msl = cfg.processor.max_sequence_length
-    out = ChunkResult()
+def _process_chunk(chunk: list[tuple[int, int, str | SkipRecord]], state: BuildState | None = None) -> ChunkResult:
+    state = state if state is not None else _STATE["state"]
+    tokenizer, pad_id, eos_id = state.tokenizer, state.pad_id, state.eos_id
+    msl = state.cfg.processor.max_sequence_length
+    out = ChunkResult(items={spec.noun: [] for spec in state.items})
+    counts = out.counts
     for file_idx, lineno, line in chunk:
-        out.n_read += 1
+        counts.n_read += 1
         try:
             if isinstance(line, SkipRecord):  # not UTF-8
                 raise line
-            sample = _encode_line(line)
+            sample = _encode_line(line, state)
             pair = None
             if isinstance(sample, PreferencePair):  # both sides share the prompt; `data` holds the chosen one
                 pair, sample = sample, sample.chosen
                 rejected_rows = to_h5_rows(pair.rejected, msl, pad_id)
         except SkipRecord as skip:
-            out.skips.append((file_idx, lineno, skip.reason, skip.detail))
+            counts.skip(file_idx, lineno, skip.reason, skip.detail)
             continue
         rows = to_h5_rows(sample, msl, pad_id)
         if pair is not None:
             out.rejected_rows.append(rejected_rows)
             out.prompt_lengths.append(pair.prompt_length)
-            out.stats["prompt_tokens"] += pair.prompt_length
-            out.stats["chosen_tokens"] += len(pair.chosen.input_ids) - pair.prompt_length
-            out.stats["rejected_tokens"] += len(pair.rejected.input_ids) - pair.prompt_length
+            counts.stats["prompt_tokens"] += pair.prompt_length
+            counts.stats["chosen_tokens"] += len(pair.chosen.input_ids) - pair.prompt_length
+            counts.stats["rejected_tokens"] += len(pair.rejected.input_ids) - pair.prompt_length
         out.rows.append(rows)
         out.img_paths.append(encode_img_path(sample.image))
         out.image_starts.append(sample.image_start)
-        out.audio.append((sample.audio, sample.audio_spans))
-        out.kept_per_file[file_idx] += 1
+        for spec in state.items:
+            out.items[spec.noun].append((sample.paths(spec.modality), sample.spans(spec.modality)))
+        counts.kept_per_file[file_idx] += 1
         if sample.image_turn > 0:
-            out.later_starts[sample.image_start] += 1
+            counts.later_starts[sample.image_start] += 1
         elif sample.has_image:
-            out.starts[sample.image_start] += 1
+            counts.starts[sample.image_start] += 1
         # the statistics Cerebras' verify_saved_hdf5_files computes (utils.collect_stats)
         text = tokenizer.decode(rows[0].tolist(), skip_special_tokens=False)
-        st = out.stats
+        st = counts.stats
         st["raw_chars"] += sample.raw_chars
         st["raw_bytes"] += sample.raw_bytes
         st["non_pad_tokens"] += int(((rows[0] != eos_id) & (rows[0] != pad_id)).sum())
@@ -323,10 +379,12 @@ def _process_chunk(chunk: list[tuple[int, int, str | SkipRecord]]) -> ChunkResul
         st["loss_valid_tokens"] += int(rows[1].sum())
         st["detokenized_chars"] += len(text)
         st["detokenized_bytes"] += len(text.encode("utf-8"))
-        st["text_only"] += int(not sample.has_image and not sample.audio)
-        st["with_audio"] += int(bool(sample.audio))
-        st["audio_clips"] += len(sample.audio)
-        st["audio_tokens"] += sum(n for _, n in sample.audio_spans)
+        st["text_only"] += int(not any(sample.items.values()))
+        for spec in state.items:
+            spans = sample.spans(spec.modality)
+            st[f"{spec.modality}.samples"] += int(bool(spans))
+            st[f"{spec.modality}.items"] += len(spans)
+            st[f"{spec.modality}.tokens"] += sum(n for _, n in spans)
     return out
 
 
@@ -344,50 +402,52 @@ class DiskFullError(MmloomError):
 
 class _Writer:
     """Collects encoded samples and writes them `samples_per_file` at a time (`data-0000k.h5`);
-    raises DiskFullError when the disk cannot take the next file."""
+    raises DiskFullError when the disk cannot take the next file. With `pairs` (a preference build),
+    each sample's rejected rows and prompt length are written beside it."""
 
-    def __init__(self, out_dir: Path, samples_per_file: int, with_audio: bool = False, pairs: bool = False):
+    def __init__(self, out_dir: Path, samples_per_file: int, item_nouns: Sequence[str] = (), pairs: bool = False):
         self.out_dir = out_dir
         self.per_file = samples_per_file
-        self.with_audio = with_audio
-        self.pairs = pairs  # preference builds: rejected rows and prompt lengths beside each sample
+        self.pairs = pairs
         self.rejected: list[np.ndarray] = []
         self.prompt_lengths: list[int] = []
         self.rows: list[np.ndarray] = []
         self.paths: list[bytes] = []
         self.starts: list[int] = []
-        self.audio: list = []
+        self.items: dict[str, list] = {noun: [] for noun in item_nouns}  # noun -> per sample (paths, spans)
         self.files: list[str] = []
         self.file_info: dict[str, dict[str, int]] = {}  # name -> {"n_examples", "bytes"}
 
-    def add(self, rows: list[np.ndarray], paths: list[bytes], starts: list[int], audio: list | None = None,
-            rejected: list[np.ndarray] | None = None, prompt_lengths: list[int] | None = None) -> None:
-        self.rejected.extend(rejected or [])
-        self.prompt_lengths.extend(prompt_lengths or [])
-        self.rows.extend(rows)
-        self.paths.extend(paths)
-        self.starts.extend(starts)
-        self.audio.extend(audio if audio is not None else [([], [])] * len(rows))
+    def add(self, chunk: ChunkResult) -> None:
+        self.rows.extend(chunk.rows)
+        self.paths.extend(chunk.img_paths)
+        self.starts.extend(chunk.image_starts)
+        self.rejected.extend(chunk.rejected_rows)
+        self.prompt_lengths.extend(chunk.prompt_lengths)
+        for noun, per_sample in self.items.items():
+            per_sample.extend(chunk.items.get(noun) or [([], [])] * len(chunk.rows))
         while len(self.rows) >= self.per_file:
             self._flush(self.per_file)
 
     def _flush(self, n: int) -> None:
         name = H5_NAME.format(len(self.files))
         rows = np.stack(self.rows[:n])
-        audio = self.audio[:n] if self.with_audio else None
-        audio_bytes = sum(getattr(a, "nbytes", 0) for item in (audio or []) for part in item for a in part)
         preference = (np.stack(self.rejected[:n]), self.prompt_lengths[:n]) if self.pairs else None
-        needed = rows.nbytes * (2 if self.pairs else 1) + audio_bytes + sum(map(len, self.paths[:n])) + 2**16
+        # uncompressed: an upper bound
+        needed = rows.nbytes * (2 if self.pairs else 1) + sum(map(len, self.paths[:n])) + 2**16
         free = free_bytes(self.out_dir)
         if 0 <= free < needed:
             raise DiskFullError(self.out_dir / name, needed, free, needed / n)
         try:
-            write_h5(self.out_dir / name, rows, self.paths[:n], self.starts[:n], audio, preference)
+            write_h5(self.out_dir / name, rows, self.paths[:n], self.starts[:n],
+                     {noun: per_sample[:n] for noun, per_sample in self.items.items()}, preference)
         except OSError as err:
             if is_disk_full(err):
                 raise DiskFullError(self.out_dir / name, needed, free_bytes(self.out_dir), needed / n) from None
             raise
-        del self.rows[:n], self.paths[:n], self.starts[:n], self.audio[:n], self.rejected[:n], self.prompt_lengths[:n]
+        del self.rows[:n], self.paths[:n], self.starts[:n], self.rejected[:n], self.prompt_lengths[:n]
+        for per_sample in self.items.values():
+            del per_sample[:n]
         self.files.append(name)
         self.file_info[name] = {"n_examples": n, "bytes": (self.out_dir / name).stat().st_size}
 
@@ -440,11 +500,13 @@ class WorkerDied(MmloomError):
 def _worker_main(conn, cfg_dict: dict, parent_ends: list) -> None:
     """A build worker: chunks in from `conn`, results out, until None or the main process is gone
     (the main process's ends of the pipes, inherited by the fork, are closed first, so that its death
-    ends `recv`). Ctrl-C is the main process's to handle (it stops the workers)."""
+    ends `recv`). Ctrl-C is the main process's to handle (it stops the workers). A forked worker
+    has the main process's `BuildState`; a spawned one (macOS) prepares its own from `cfg_dict`."""
     for end in parent_ends:
         end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _init_worker(cfg_dict)
+    if _STATE.get("cfg_dict") != cfg_dict:
+        _STATE.update(cfg_dict=cfg_dict, state=prepare_build(BuildConfig.model_validate(cfg_dict)))
     while True:
         try:
             task = conn.recv()
@@ -471,14 +533,15 @@ def _death(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-def _ordered_results(chunks, processes: int, cfg_dict: dict, describe=lambda chunk: "a chunk"):
+def _ordered_results(chunks, processes: int, state: BuildState, describe=lambda chunk: "a chunk"):
     """Yield chunk results in input order; at most a few chunks per worker in flight.
 
     With several processes, each worker gets one chunk at a time over its own pipe and the main
     process waits on the pipes and the processes together: a worker that dies is seen at once and
     raises WorkerDied naming `describe(chunk)` of the chunk it held; an error inside a worker raises
     MmloomError naming its chunk."""
-    _init_worker(cfg_dict)  # in this process; forked workers inherit it
+    cfg_dict = state.cfg.model_dump(mode="json")
+    _STATE.update(cfg_dict=cfg_dict, state=state)  # in this process; forked workers inherit it
     if processes <= 1:
         for chunk in chunks:
             yield _process_chunk(chunk)
@@ -566,6 +629,135 @@ def _progress(enabled: bool):
     return rate_progress("[bold]building[/]", "samples", enabled)
 
 
+@contextlib.contextmanager
+def open_output(cfg: BuildConfig, state: BuildState, overwrite: bool = False) -> Iterator[_Writer]:
+    """The writer of `setup.output_dir`, locked for this build (one writer per folder) and claimed
+    (`check_destination`: new, empty, or with `overwrite` an earlier build's, whose files are removed
+    first: `clear_build_output`). What the build wrote is removed when the block raises (an error,
+    `--strict`, Ctrl-C)."""
+    out_dir = Path(cfg.setup.output_dir)
+    hint = "wait for that build to finish, or build into another setup.output_dir"
+    with FolderLock(out_dir, what="data folder", hint=hint):
+        if check_destination(out_dir, "data build", overwrite=overwrite, recognise=is_build_output):
+            clear_build_output(out_dir)
+        writer = _Writer(out_dir, cfg.setup.samples_per_file, [spec.noun for spec in state.items],
+                         pairs=cfg.dataset.preference is not None)
+        try:
+            yield writer
+        except BaseException:  # nothing of an unfinished build is kept
+            writer.remove_output()
+            raise
+
+
+def run_chunks(state: BuildState, writer: _Writer, *, strict: bool = False, show: bool = False) -> BuildCounts:
+    """Encode every input line (in chunks, on `setup.processes` workers) and write the kept samples;
+    returns the totals. Raises MmloomError at the first bad record with `strict` (file:line: reason),
+    for a full disk and for a dead worker (after removing what was written)."""
+    cfg, files = state.cfg, state.files
+    if cfg.setup.processes > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    total = _count_lines(files)
+    counts = BuildCounts()
+    try:
+        with _progress(show) as bar:
+            task = bar.add_task("build", total=total)
+            chunks = _chunks(files, cfg.setup.max_record_bytes)
+            results = contextlib.closing(_ordered_results(chunks, cfg.setup.processes, state,
+                                                          lambda chunk: _describe_chunk(files, chunk)))
+            with results as ordered:
+                for res in ordered:
+                    if strict and res.counts.first_skip is not None:
+                        file_idx, lineno, reason, detail = res.counts.first_skip
+                        raise MmloomError(
+                            f"{files[file_idx]}:{lineno}: {reason}" + (f" ({detail})" if detail else "")
+                        )
+                    counts += res.counts
+                    writer.add(res)
+                    bar.advance(task, res.counts.n_read)
+        writer.close()
+    except DiskFullError as err:
+        writer.remove_output()
+        raise MmloomError(f"{err}; the whole build needs up to {mib(err.per_sample * total)}; nothing of it was kept "
+                          f"in {writer.out_dir}") from None
+    except WorkerDied as err:
+        writer.remove_output()
+        raise MmloomError(f"{err}; the build stopped and nothing of it was kept in {writer.out_dir} (a line that needs "
+                          "more memory than the machine has? lower setup.max_record_bytes or setup.processes)") from None
+    assert counts.n_read == counts.kept + sum(counts.skipped.values())
+    return counts
+
+
+def data_params(state: BuildState, counts: BuildCounts, writer: _Writer) -> dict:
+    """data_params.json: the resolved config, Cerebras' `post-process` / `h5_dataset_stats` /
+    `image_patch_info` (with mmloom's per-file info and counts), `modalities` for the modalities
+    other than images (their specs' `params`), and `preference` (pairs and token totals) for a
+    preference build."""
+    cfg, kept, starts, later_starts, stats = state.cfg, counts.kept, counts.starts, counts.later_starts, counts.stats
+    start_idx = min(starts, key=lambda k: (-starts[k], k)) if starts else None
+    patch_info: dict[str, Any] = {"image_patch_start_idx": start_idx, "num_patches": cfg.dataset.num_patches}
+    if len(starts) > 1:
+        patch_info["note"] = "first-turn images disagree on the image start index; the most common one is recorded"
+        patch_info["start_idx_counts"] = {str(k): v for k, v in sorted(starts.items())}
+    patch_info["samples"] = {
+        "image_in_first_turn": sum(starts.values()),
+        "image_in_later_turn": sum(later_starts.values()),
+        "text_only": stats["text_only"],
+    }
+    if later_starts:
+        patch_info["image_in_later_turn_start_idx_counts"] = {str(k): v for k, v in sorted(later_starts.items())}
+    params = {
+        **recorded_params(cfg),
+        "post-process": {  # Cerebras' names: *_files count records ("documents"), as its preprocessors do
+            "discarded_files": counts.n_read - kept,
+            "processed_files": counts.n_read,
+            "successful_files": kept,
+            "n_examples": kept,
+            "raw_chars_count": stats["raw_chars"],
+            "raw_bytes_count": stats["raw_bytes"],
+            "eos_id": state.eos_id,
+            "pad_id": state.pad_id,
+            "vocab_size": state.vocab_size,
+            "image_token_id": state.vision.token_id,
+            "input_files": [str(p) for p in state.files],
+            "output_files": writer.files,
+            "output_file_info": writer.file_info,  # per file: n_examples, bytes (checked by readers)
+            "skipped": {r: counts.skipped[r] for r in sorted(counts.skipped, key=_reason_order)},
+        },
+        "h5_dataset_stats": {  # as Cerebras' collect_stats computes them over row 0 of `data`
+            "num_sequences": kept,
+            "num_tokens": kept * cfg.processor.max_sequence_length,
+            "non_pad_tokens": stats["non_pad_tokens"],
+            "loss_valid_tokens": stats["loss_valid_tokens"],
+            "detokenized_bytes": stats["detokenized_bytes"],
+            "detokenized_chars": stats["detokenized_chars"],
+            "attended_tokens": stats["attended_tokens"],
+        },
+        "image_patch_info": patch_info,
+    }
+    modalities = {spec.modality: spec.params(counts.media_counts(spec.modality)) for spec in state.items}
+    modalities = {name: recorded for name, recorded in modalities.items() if recorded is not None}
+    if modalities:
+        params["modalities"] = modalities
+    if cfg.dataset.preference is not None:  # preference pairs: `rejected` and `prompt_length` in every file
+        params["preference"] = {"pairs": kept, "prompt_tokens": stats["prompt_tokens"],
+                                "chosen_tokens": stats["chosen_tokens"], "rejected_tokens": stats["rejected_tokens"]}
+    return params
+
+
+def write_params(writer: _Writer, params: dict) -> None:
+    """data_params.json, written last (the build's files are complete); on a full disk, the build's
+    files are removed and MmloomError says so."""
+    out_dir = writer.out_dir
+    try:
+        write_json(out_dir / PARAMS_NAME, params)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        writer.remove_output()
+        raise MmloomError(f"cannot write {out_dir / PARAMS_NAME}: no space left on the device "
+                          f"({mib(max(free_bytes(out_dir), 0))} free); nothing of the build was kept") from None
+
+
 def recorded_params(cfg: BuildConfig) -> dict:
     """The resolved config as recorded in data_params.json (every input parameter, as the seed's),
     folder paths made absolute so that the file means the same from any working directory."""
@@ -595,30 +787,23 @@ def build(
     record with `strict`, and when no record is kept (after writing data_params.json with the skip
     reasons).
     """
-    files = list_input_files(cfg.setup.input_dir)
-    tokenizer = load_tokenizer(cfg.processor.tokenizer_type, what="processor.tokenizer_type")
-    cfg, template_note = resolve_template(cfg, tokenizer)
-    make_template(cfg, tokenizer)  # unknown template name -> MmloomError before any work
-    audio_cfg = cfg.dataset.audio
-    ids = special_ids(tokenizer, cfg.dataset.image_token, audio_cfg.audio_token if audio_cfg else None)
-    extractor = feature_extractor_from_spec(audio_cfg.feature_extractor) if audio_cfg else None
-    if audio_cfg is not None and audio_cfg.audio_dir is not None and not Path(audio_cfg.audio_dir).is_dir():
-        raise MmloomError(f"dataset.audio.audio_dir not found: {audio_cfg.audio_dir}")
-    msl, num_feature_tokens = cfg.processor.max_sequence_length, cfg.dataset.num_patches
-    if num_feature_tokens is not None and num_feature_tokens + 2 > msl:
+    state = prepare_build(cfg)
+    show = (sys.stdout.isatty() and not quiet) if progress is None else progress
+    with open_output(state.cfg, state, overwrite) as writer:
+        t0 = time.perf_counter()
+        counts = run_chunks(state, writer, strict=strict, show=show)
+        elapsed = time.perf_counter() - t0
+        params = data_params(state, counts, writer)
+        write_params(writer, params)
+    if not quiet:
+        print_summary(params, elapsed, state.template_note)
+    if counts.kept == 0:
+        reasons = ", ".join(f"{r}: {c}" for r, c in params["post-process"]["skipped"].items()) or "no input records"
         raise MmloomError(
-            f"dataset.num_patches ({num_feature_tokens}) leaves no room for text in max_sequence_length {msl}"
+            f"no record was kept out of {counts.n_read} ({reasons}); no .h5 file was written to {writer.out_dir} "
+            "(--strict stops at the first bad record with its file and line)"
         )
-    if cfg.dataset.image_dir is not None and not Path(cfg.dataset.image_dir).is_dir():
-        raise MmloomError(f"dataset.image_dir not found: {cfg.dataset.image_dir}")
-
-    out_dir = Path(cfg.setup.output_dir)
-    hint = "wait for that build to finish, or build into another setup.output_dir"
-    with FolderLock(out_dir, what="data folder", hint=hint):
-        if check_destination(out_dir, "data build", overwrite=overwrite, recognise=is_build_output):
-            clear_build_output(out_dir)
-        return _build(cfg, files, out_dir, ids, extractor, strict=strict, quiet=quiet, progress=progress,
-                      template_note=template_note)
+    return params
 
 
 def clear_build_output(out_dir: Path) -> None:
@@ -628,147 +813,6 @@ def clear_build_output(out_dir: Path) -> None:
     (out_dir / PARAMS_NAME).unlink(missing_ok=True)
     for path in [*out_dir.glob("data-*.h5"), *out_dir.glob(".data-*.h5.tmp-*")]:
         path.unlink(missing_ok=True)
-
-
-def _build(cfg: BuildConfig, files: list[Path], out_dir: Path, ids: dict, extractor, *, strict: bool, quiet: bool,
-           progress: bool | None, template_note: str | None = None) -> dict:
-    """The build proper, into `out_dir` (locked and claimed by `build`); data_params.json last."""
-    audio_cfg = cfg.dataset.audio
-    msl, num_feature_tokens = cfg.processor.max_sequence_length, cfg.dataset.num_patches
-    cfg_dict = cfg.model_dump(mode="json")
-    if cfg.setup.processes > 1:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    total = _count_lines(files)
-    show = (sys.stdout.isatty() and not quiet) if progress is None else progress
-    writer = _Writer(out_dir, cfg.setup.samples_per_file, with_audio=audio_cfg is not None,
-                     pairs=cfg.dataset.preference is not None)
-    n_read = 0
-    skipped: collections.Counter = collections.Counter()
-    kept_per_file: collections.Counter = collections.Counter()
-    starts: collections.Counter = collections.Counter()
-    later_starts: collections.Counter = collections.Counter()
-    stats: collections.Counter = collections.Counter()
-    t0 = time.perf_counter()
-    try:
-        with _progress(show) as bar:
-            task = bar.add_task("build", total=total)
-            chunks = _chunks(files, cfg.setup.max_record_bytes)
-            results = contextlib.closing(_ordered_results(chunks, cfg.setup.processes, cfg_dict,
-                                                          lambda chunk: _describe_chunk(files, chunk)))
-            with results as ordered:
-                for res in ordered:
-                    if strict and res.skips:
-                        file_idx, lineno, reason, detail = res.skips[0]
-                        raise MmloomError(
-                            f"{files[file_idx]}:{lineno}: {reason}" + (f" ({detail})" if detail else "")
-                        )
-                    n_read += res.n_read
-                    for _, _, reason, _ in res.skips:
-                        skipped[reason] += 1
-                    kept_per_file.update(res.kept_per_file)
-                    starts.update(res.starts)
-                    later_starts.update(res.later_starts)
-                    stats.update(res.stats)
-                    writer.add(res.rows, res.img_paths, res.image_starts, res.audio, res.rejected_rows,
-                               res.prompt_lengths)
-                    bar.advance(task, res.n_read)
-        writer.close()
-    except DiskFullError as err:
-        writer.remove_output()
-        raise MmloomError(f"{err}; the whole build needs up to {mib(err.per_sample * total)}; nothing of it was kept "
-                          f"in {out_dir}") from None
-    except WorkerDied as err:
-        writer.remove_output()
-        raise MmloomError(f"{err}; the build stopped and nothing of it was kept in {out_dir} (a line that needs more "
-                          "memory than the machine has? lower setup.max_record_bytes or setup.processes)") from None
-    except BaseException:  # --strict, Ctrl-C, a worker's error: nothing of an unfinished build is kept
-        writer.remove_output()
-        raise
-    elapsed = time.perf_counter() - t0
-    kept = sum(kept_per_file.values())
-    assert n_read == kept + sum(skipped.values())
-
-    start_idx = min(starts, key=lambda k: (-starts[k], k)) if starts else None
-    patch_info: dict[str, Any] = {"image_patch_start_idx": start_idx, "num_patches": num_feature_tokens}
-    if len(starts) > 1:
-        patch_info["note"] = "first-turn images disagree on the image start index; the most common one is recorded"
-        patch_info["start_idx_counts"] = {str(k): v for k, v in sorted(starts.items())}
-    n_with_image = sum(starts.values())
-    n_later = sum(later_starts.values())
-    patch_info["samples"] = {
-        "image_in_first_turn": n_with_image,
-        "image_in_later_turn": n_later,
-        "text_only": stats["text_only"],
-    }
-    if later_starts:
-        patch_info["image_in_later_turn_start_idx_counts"] = {str(k): v for k, v in sorted(later_starts.items())}
-    params = {
-        **recorded_params(cfg),
-        "post-process": {  # Cerebras' names: *_files count records ("documents"), as its preprocessors do
-            "discarded_files": n_read - kept,
-            "processed_files": n_read,
-            "successful_files": kept,
-            "n_examples": kept,
-            "raw_chars_count": stats["raw_chars"],
-            "raw_bytes_count": stats["raw_bytes"],
-            "eos_id": ids["eos_id"],
-            "pad_id": ids["pad_id"],
-            "vocab_size": ids["vocab_size"],
-            "image_token_id": ids["image_token_id"],
-            "input_files": [str(p) for p in files],
-            "output_files": writer.files,
-            "output_file_info": writer.file_info,  # per file: n_examples, bytes (checked by readers)
-            "skipped": {r: skipped[r] for r in sorted(skipped, key=_reason_order)},
-        },
-        "h5_dataset_stats": {  # as Cerebras' collect_stats computes them over row 0 of `data`
-            "num_sequences": kept,
-            "num_tokens": kept * msl,
-            "non_pad_tokens": stats["non_pad_tokens"],
-            "loss_valid_tokens": stats["loss_valid_tokens"],
-            "detokenized_bytes": stats["detokenized_bytes"],
-            "detokenized_chars": stats["detokenized_chars"],
-            "attended_tokens": stats["attended_tokens"],
-        },
-        "image_patch_info": patch_info,
-    }
-    if audio_cfg is not None:
-        params["modalities"] = {"audio": audio_params(audio_cfg, extractor, ids, stats)}
-    if cfg.dataset.preference is not None:  # preference pairs: `rejected` and `prompt_length` in every file
-        params["preference"] = {"pairs": kept, "prompt_tokens": stats["prompt_tokens"],
-                                "chosen_tokens": stats["chosen_tokens"], "rejected_tokens": stats["rejected_tokens"]}
-    try:
-        write_json(out_dir / PARAMS_NAME, params)
-    except OSError as err:
-        if not is_disk_full(err):
-            raise
-        writer.remove_output()
-        raise MmloomError(f"cannot write {out_dir / PARAMS_NAME}: no space left on the device "
-                          f"({mib(max(free_bytes(out_dir), 0))} free); nothing of the build was kept") from None
-    if not quiet:
-        print_summary(params, elapsed, template_note)
-    if kept == 0:
-        reasons = ", ".join(f"{r}: {c}" for r, c in params["post-process"]["skipped"].items()) or "no input records"
-        raise MmloomError(
-            f"no record was kept out of {n_read} ({reasons}); no .h5 file was written to {out_dir} "
-            "(--strict stops at the first bad record with its file and line)"
-        )
-    return params
-
-
-def audio_params(audio_cfg, extractor, ids: dict, stats) -> dict[str, Any]:
-    """`modalities.audio` of data_params.json: what the trainer needs to read the clips exactly as
-    the build counted them (placeholder, count rule, the extractor's settings) and the counts."""
-    settings = {k: v for k, v in extractor.to_dict().items() if k not in ("mel_filters", "window")}
-    return {
-        "placeholder": audio_cfg.audio_token,
-        "token_id": ids["audio_token_id"],
-        "token_count": audio_cfg.token_count(),
-        "feature_extractor": settings,
-        "max_seconds": audio_limit(audio_cfg, extractor),
-        "samples_with_audio": stats["with_audio"],
-        "clips": stats["audio_clips"],
-        "audio_tokens": stats["audio_tokens"],
-    }
 
 
 def _reason_order(reason: str) -> tuple[int, str]:
@@ -792,10 +836,9 @@ def print_summary(params: dict, elapsed: float, template_note: str | None = None
     if samples.get("image_in_later_turn"):
         where = ", ".join(f"{c:,} at {k}" for k, c in info["image_in_later_turn_start_idx_counts"].items())
         table.add_row(f"  image in a later turn (slots start: {where})", f"{samples['image_in_later_turn']:,}")
-    audio = (params.get("modalities") or {}).get("audio")
-    if audio is not None:
-        table.add_row(f"  with audio ({audio['clips']:,} clips, {audio['audio_tokens']:,} audio tokens)",
-                      f"{audio['samples_with_audio']:,}")
+    for modality, recorded in (params.get("modalities") or {}).items():
+        label, samples = MEDIA[modality].summary_row(recorded)
+        table.add_row(f"  {label}", f"{samples:,}")
     table.add_row("  text-only", f"{samples.get('text_only', 0):,}")
     pairs = params.get("preference")
     if pairs is not None:

@@ -4,10 +4,16 @@
 - `TrainCollator`: the same, plus a dummy image in the masked slots of text-only samples;
 - `PackedCollator`: whole samples packed into one padding-free row (see `mmloom.data.packing`);
 - `FeatureCollator`: items with cached encoder features instead of images;
+- `MediaCollator`: on top of any of them, the items of another modality (`HDF5LlavaDataset`'s
+  `media_readers`) in their slots, with a dummy item for micro-batches without one;
 - `collate_jsonl`: `JsonlLlavaDataset` items (HF style, no slots for text-only samples).
+
+Every batch follows the batch format of `mmloom.model.batch`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -56,8 +62,8 @@ class LlavaCollator:
     - `attention_mask` (B, T) long = 1 - key_padding_mask (text-only samples' slots are 0);
     - `labels` (B, T) long, HF convention (unshifted, -100 = ignore):
       `labels[t+1] = input_ids[t+1] if loss_mask[t] else -100`, `labels[0] = -100`;
-    - `pixel_values` (N_images, 3, H, W): the images of the samples that have one, in batch
-      order, or None when no sample has one;
+    - `vision`: `{"pixel_values": (N_images, 3, H, W)}`, the images of the samples that have one,
+      in batch order; absent when no sample has one (the batch format: `mmloom.model.batch`);
     - `num_loss_tokens` int: number of labels != -100 (for token-level loss normalisation);
     - `has_image` (B,) bool; `slots`: per sample `(start, end)` of its slot run or None.
     With `trim=True`, trailing columns that are padding in every sample are dropped.
@@ -95,15 +101,17 @@ class LlavaCollator:
             )
 
         images = [b["image_data"] for b, h in zip(batch, has_image.tolist(), strict=True) if h]
-        return {
+        out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": torch.stack(images) if images else None,
             "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
             "has_image": has_image,
             "slots": slots,
         }
+        if images:
+            out["vision"] = {"pixel_values": torch.stack(images)}
+        return out
 
 
 class TrainCollator:
@@ -142,7 +150,8 @@ class TrainCollator:
             use[i] = True
         if bool(use.any()):
             batch["input_ids"] = input_ids
-            batch["pixel_values"] = torch.stack([item["image_data"] for item, u in zip(items, use.tolist(), strict=True) if u])
+            batch["vision"] = {"pixel_values": torch.stack([item["image_data"]
+                                                            for item, u in zip(items, use.tolist(), strict=True) if u])}
         elif items:
             self._add_dummy_row(batch, items[0]["image_data"])
         return batch
@@ -164,7 +173,7 @@ class TrainCollator:
         batch["input_ids"] = torch.cat([ids, row])
         batch["attention_mask"] = torch.cat([mask, row_mask])
         batch["labels"] = torch.cat([labels, torch.full((1, width), IGNORE_INDEX, dtype=labels.dtype)])
-        batch["pixel_values"] = torch.zeros_like(image_like)[None]
+        batch["vision"] = {"pixel_values": torch.zeros_like(image_like)[None]}
 
 
 class PackedCollator:
@@ -188,7 +197,7 @@ class PackedCollator:
     Returns `input_ids`, `labels` (HF convention), `position_ids`, all (1, N) with N the tokens of
     all segments; `attention_mask` None; `cu_seq_lens_q` / `cu_seq_lens_k` (S + 1,) int32 and
     `max_length_q` / `max_length_k` int over the S segments (the samples in order, then the dummy
-    segment if any); `pixel_values` (segment order, matching the placeholder order); the
+    segment if any); `vision` (`pixel_values` in segment order, matching the placeholder order); the
     counters `TrainCollator` gives (`num_loss_tokens`, `num_attended_tokens` = real tokens of the
     samples, `num_samples`, `num_images` = real images, `has_image`); and `spans`: per input
     sample `(0, start, end)` in the row.
@@ -202,7 +211,7 @@ class PackedCollator:
         Raises MmloomError naming the sample when one has no attended token."""
         base = self.collator.base
         batch = base(items)
-        images = iter(batch["pixel_values"] if batch["pixel_values"] is not None else [])
+        images = iter(batch["vision"]["pixel_values"] if "vision" in batch else [])
         out = []
         for i in range(len(items)):
             keep = batch["attention_mask"][i].nonzero().flatten()
@@ -235,13 +244,12 @@ class PackedCollator:
         spans = [(0, end - n, end) for n, end in zip(lengths[:n_real], ends, strict=False)]
         images = [s["image"] for s in segs if s["image"] is not None]
         labels = torch.cat([s["labels"] for s in segs])[None]
-        return {
+        out = {
             "input_ids": torch.cat([s["ids"] for s in segs])[None],
             "labels": labels,
             "position_ids": torch.cat([s["pos"] for s in segs])[None],
             "attention_mask": None,
             **varlen_kwargs(lengths),
-            "pixel_values": torch.stack(images) if images else None,
             "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
             "num_attended_tokens": sum(lengths[:n_real]),
             "num_samples": n_real,
@@ -249,11 +257,15 @@ class PackedCollator:
             "has_image": has_image,
             "spans": spans,
         }
+        if images:
+            out["vision"] = {"pixel_values": torch.stack(images)}
+        return out
 
 
 class FeatureCollator:
     """Wraps a collator of image items (`TrainCollator`, ...): the items' `module_features` stand in
-    for `image_data`, and the batch carries `module_features` (N, L, D) instead of `pixel_values`."""
+    for `image_data`, and the batch's `vision` carries `module_features` (N, L, D) instead of
+    `pixel_values`."""
 
     def __init__(self, base):
         self.base = base
@@ -266,19 +278,117 @@ class FeatureCollator:
     def __call__(self, items: list[dict]) -> dict:
         items = [{**item, "image_data": item["module_features"]} for item in items]
         batch = self.base(items)
-        batch["module_features"] = batch.pop("pixel_values", None)
+        if "vision" in batch:
+            batch["vision"] = {"module_features": batch["vision"]["pixel_values"]}
+        return batch
+
+
+def check_item_spans(item: dict, modality: str, length: int) -> None:
+    """Raise MmloomError (naming the sample) when an item's slots run past the row, are marked as
+    padding, or are supervised."""
+    kpm, loss = item["key_padding_mask"], item["loss_mask"]
+    for media in item.get(modality, []):
+        start, n = media["span"]
+        end = start + n
+        index = item.get("index", "?")
+        if start < 0 or n < 1 or end > length:
+            raise MmloomError(f"sample {index}: {modality} slots {start}..{end - 1} do not fit its {length} positions")
+        if bool(kpm[start:end].any()):
+            raise MmloomError(f"sample {index}: some of its {modality} slots {start}..{end - 1} are marked as padding")
+        if bool(loss[max(start - 1, 0): end - 1].any()):
+            raise MmloomError(f"sample {index}: loss on its {modality} slots {start}..{end - 1}")
+
+
+class MediaCollator:
+    """Wraps `TrainCollator` or `PackedCollator` (or another `MediaCollator`) and adds one modality's
+    items (`HDF5LlavaDataset` items under `modality`, each its encoder inputs and `span`): it writes
+    the placeholder id `token_id` into every item's slots before the wrapped collator lays the rows
+    out, then stacks the items' inputs in the order their placeholders appear in the rows
+    (row-major, packed rows in segment order: the order the model fills them) as
+    `batch[modality]`, and counts the real items in `num_<modality>`.
+
+    `dummy` (`MediaItemReader.dummy()`, or None for no dummy) is the item given to micro-batches
+    without any, in an extra sample whose tokens carry no label and are counted nowhere, so that
+    the modality's encoder and projector run on every micro-batch of every rank (DDP and FSDP need
+    the same parameters used everywhere), as `TrainCollator` does for images.
+    """
+
+    def __init__(self, base, modality: str, token_id: int, dummy: dict[str, Any] | None = None):
+        self.base = base
+        self.modality = modality
+        self.token_id = int(token_id)
+        self.dummy = dummy
+
+    def __getattr__(self, name):  # settings of the wrapped collator
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def _mark(self, item: dict) -> dict:
+        media = item.get(self.modality) or []
+        if not media:
+            return item
+        ids = item["text_input_ids"].clone()
+        check_item_spans(item, self.modality, ids.shape[0])
+        for entry in media:
+            start, n = entry["span"]
+            ids[start:start + n] = self.token_id
+        return {**item, "text_input_ids": ids}
+
+    def _dummy_item(self, like: dict) -> dict:
+        length = like["text_input_ids"].shape[0]
+        n = int(self.dummy["span"][1])
+        if n > length:
+            raise MmloomError(f"the dummy {self.modality} item needs {n} positions, more than the rows' {length}")
+        ids = torch.zeros_like(like["text_input_ids"])
+        ids[:n] = self.token_id
+        kpm = torch.ones_like(like["key_padding_mask"])
+        kpm[:n] = 0
+        image = like.get("image_data")
+        return {
+            "text_input_ids": ids, "key_padding_mask": kpm, "loss_mask": torch.zeros_like(like["loss_mask"]),
+            "labels": torch.zeros_like(like["labels"]), "has_image": False, "image_start_idx": -1, "index": -1,
+            "image_data": None if image is None else torch.zeros_like(image), self.modality: [self.dummy],
+        }
+
+    def __call__(self, items: list[dict]) -> dict:
+        items = [self._mark(item) for item in items]
+        n_real = len(items)
+        num_items = sum(len(item.get(self.modality) or []) for item in items)
+        if num_items == 0 and self.dummy is not None and items:
+            items = [*items, self._dummy_item(items[0])]
+        batch = self.base(items)
+        order = list(range(len(items)))
+        spans = batch.get("spans")
+        if spans is not None:  # packed rows: samples in (row, start) order
+            order.sort(key=lambda k: (spans[k][0], spans[k][1]) if spans[k] is not None else (1 << 30, k))
+        media = [entry for k in order for entry in (items[k].get(self.modality) or [])]
+        if len(items) > n_real:  # the dummy sample is nobody's: take it out of the counters
+            dummy_tokens = int(self.dummy["span"][1])
+            batch["num_attended_tokens"] = batch.get("num_attended_tokens", dummy_tokens) - dummy_tokens
+            batch["num_samples"] = n_real
+            for key in ("has_image", "slots", "spans"):
+                if batch.get(key) is not None:
+                    batch[key] = batch[key][:n_real]
+        if media:
+            batch[self.modality] = {key: torch.stack([entry[key] for entry in media])
+                                    for key in media[0] if key != "span"}
+        batch[f"num_{self.modality}"] = num_items
         return batch
 
 
 def collate_jsonl(batch: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
-    """Pad a list of `JsonlLlavaDataset` items: input_ids / labels (-100) / attention_mask, stacked images."""
+    """Pad a list of `JsonlLlavaDataset` items: input_ids / labels (-100) / attention_mask, and
+    `vision` = `{"pixel_values": (N_images, 3, H, W)}` (absent without images)."""
     padded = pad_rows([(b["input_ids"], b["labels"]) for b in batch], pad_token_id, padding_side)
     input_ids, attention_mask, labels = padded["input_ids"], padded["attention_mask"], padded["labels"]
     images = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "pixel_values": torch.cat(images) if images else None,
         "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
     }
+    if images:
+        out["vision"] = {"pixel_values": torch.cat(images)}
+    return out

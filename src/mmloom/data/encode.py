@@ -4,27 +4,37 @@
 
     template tokens before <image>  +  [slot_fill_id x num_feature_tokens]  +  tokens after <image>
 
-(the ids of LLaVA's `tokenizer_image_token` + conversation template, each image id expanded to
-its slots) with HF-convention labels (unshifted, -100 = not supervised, -100 on every image slot)
+(the ids of LLaVA's `tokenizer_image_token` + conversation template, each placeholder id expanded to
+its item's slots) with HF-convention labels (unshifted, -100 = not supervised, -100 on every slot)
 and the positions of the slots, which every later stage reads instead of looking for token values.
-`to_h5_rows` turns that layout into the seed's four int32 rows of length MSL.
+The items of each modality come as :class:`MediaSlots` (their `MediaSpec`, paths and feature-token
+counts); images (`vision`) keep the seed's layout (`SLOT_LAYOUT`), the other modalities get runs of
+slots where their placeholders stand. `to_h5_rows` turns that layout into the seed's four int32
+rows of length MSL.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmloom.data.records_io import SkipRecord, parse_json_line, relative_image_path, unencodable_text
+from mmloom.data.records_io import SkipRecord, parse_json_line, relative_media_path, unencodable_text
 from mmloom.model.merge import IGNORE_INDEX
+from mmloom.processing.media import MEDIA
+from mmloom.processing.media_spec import MediaSpec
 from mmloom.processing.templates import ConversationError, messages_from_llava
-from mmloom.processing.tokenizer import token_id
 
-# Reasons a record is skipped, in the order the build summary lists them.
-SKIP_REASONS = (
+# The modality laid out as the seed's (Cerebras') image slots: a lone placeholder moved to the front of
+# its turn, one masked run of slots for text-only samples (`text_only_slots`), `image_starts`.
+SLOT_LAYOUT = "vision"
+
+# Reasons a record is skipped, in the order the build summary (and data_params.json) lists them: the
+# record's and the images' (the seed's layout), the other modalities' (their specs' `reasons`), too_long.
+_RECORD_REASONS = (
     "bad_json",
     "bad_encoding",
     "line_too_long",
@@ -40,39 +50,58 @@ SKIP_REASONS = (
     "image_token_mismatch",
     "multiple_images",
     "image_in_later_turn",
-    "bad_audio_path",
-    "missing_audio",
-    "bad_audio",
-    "empty_audio",
-    "audio_too_long",
-    "bad_sample_rate",
-    "audio_token_mismatch",
+)
+SKIP_REASONS = (
+    *_RECORD_REASONS,
+    *(reason for spec in MEDIA.values() for reason in spec.reasons if reason not in _RECORD_REASONS),
     "too_long",
 )
 
 
+@dataclass(frozen=True)
+class MediaSlots:
+    """One modality's items of a record: its spec, the items' relative paths (in placeholder order)
+    and the feature tokens (slots) of each."""
+
+    spec: MediaSpec
+    paths: list[str]
+    counts: list[int]
+
+
 @dataclass
 class EncodedSample:
-    """One record in the expanded token layout (LLaVA's `tokenizer_image_token` layout, each
-    image's single placeholder replaced by `num_feature_tokens` slot tokens).
+    """One record in the expanded token layout (LLaVA's `tokenizer_image_token` layout, each item's
+    single placeholder replaced by its slot tokens).
 
-    `image_starts` holds the first slot of each image; a text-only sample built with
-    `text_only_slots` has one (masked) slot run too, so `image_starts` is not empty for it while
-    `images` is. `attention_mask` is 0 exactly on the masked run of a text-only sample (its slots
-    and the filler before them, see `encode_record`).
+    `items` maps each modality to its items `(relative path, first slot, slots)` in placeholder
+    order. `image_starts` holds the first slot of each image run (`SLOT_LAYOUT`); a text-only
+    sample built with `text_only_slots` has one (masked) slot run too, so `image_starts` is not
+    empty for it while its `vision` items are. `attention_mask` is 0 exactly on the masked run of a
+    text-only sample (its slots and the filler before them, see `encode_record`).
     """
 
-    input_ids: list[int]  # expanded; the image slots hold slot_fill_id
+    input_ids: list[int]  # expanded; the slots hold slot_fill_id
     labels: list[int]  # HF convention (unshifted); -100 on the slots
     attention_mask: list[int]  # 1 = attended; 0 on the masked slots of text-only samples
-    image_starts: list[int]  # first slot of each slot run, in order
-    num_feature_tokens: int  # slots per run (0 when none)
-    images: list[str]  # relative image paths, in placeholder order ([] = text-only)
+    image_starts: list[int]  # first slot of each image slot run, in order
+    num_feature_tokens: int  # slots per image run (0 when none)
     image_turn: int  # index of the user turn holding the first image (-1: no image)
     raw_chars: int  # characters / UTF-8 bytes of the record's turn texts
     raw_bytes: int
-    audio: list[str] = field(default_factory=list)  # relative audio paths, in placeholder order
-    audio_spans: list[tuple[int, int]] = field(default_factory=list)  # (first slot, slots) per clip
+    items: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+
+    def paths(self, modality: str) -> list[str]:
+        """The relative paths of the sample's items of `modality`, in placeholder order."""
+        return [path for path, _, _ in self.items.get(modality, [])]
+
+    def spans(self, modality: str) -> list[tuple[int, int]]:
+        """(first slot, slots) of each of the sample's items of `modality`."""
+        return [(start, n) for _, start, n in self.items.get(modality, [])]
+
+    @property
+    def images(self) -> list[str]:
+        """Relative image paths, in placeholder order ([] = no image)."""
+        return self.paths(SLOT_LAYOUT)
 
     @property
     def has_image(self) -> bool:
@@ -118,7 +147,7 @@ def _turns(record: dict, conversation_key: str, content_key: str) -> list[dict]:
 
 
 def record_paths(record: dict, key: str) -> list[str]:
-    """The record's relative media paths under `key` (`image`, `audio`; [] when absent): a string or
+    """The record's relative media paths under `key` (a spec's `record_key`; [] when absent): a string or
     a list of strings (LLaVA's form). Raises SkipRecord("bad_record") for anything else."""
     value = record.get(key)
     if value is None or value == "" or value == []:
@@ -129,16 +158,10 @@ def record_paths(record: dict, key: str) -> list[str]:
     return list(paths)
 
 
-def audio_file(audio_dir: str | Path | None, relative: str) -> Path:
-    """The file of a record's audio path under `audio_dir`; SkipRecord('bad_audio_path') for a
-    path that leaves it (absolute, a drive letter, or `..` parts)."""
-    return Path(audio_dir or ".") / relative_image_path(relative, "audio", reason="bad_audio_path")
-
-
-def image_file(image_dir: str | Path | None, relative: str) -> Path:
-    """The file of a record's image path under `image_dir`; SkipRecord('bad_image_path') for a
-    path that leaves it (absolute, a drive letter, or `..` parts: `relative_image_path`)."""
-    return Path(image_dir or ".") / relative_image_path(relative)
+def media_file(spec: MediaSpec, relative: str) -> Path:
+    """The file of a record's item path under the spec's folder; SkipRecord('bad_<noun>_path') for a
+    path that leaves it (absolute, a drive letter, or `..` parts: `relative_media_path`)."""
+    return spec.path(relative_media_path(relative, spec.noun, reason=f"bad_{spec.noun}_path"))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -155,96 +178,94 @@ def encode_record(
     *,
     tokenizer: Any,
     template: Any,
-    num_feature_tokens: int,
-    slot_fill_id: int,
-    image_token: str = "<image>",
-    image_token_id: int | None = None,
-    image_key: str = "image",
+    media: Sequence[MediaSlots],
+    slot_fill_id: int | None = None,
     conversation_key: str = "conversations",
     content_key: str = "value",
     max_length: int | None = None,
     text_only_slots: bool = False,
-    audio: tuple[str, int, list[str], list[int]] | None = None,
 ) -> EncodedSample:
     """Encode one LLaVA record; raises `SkipRecord` with a reason for bad records.
 
-    - a record carries as many `image_token` placeholders in its human turns as it has images
-      (else `image_token_mismatch`); a single one is moved to the front of its turn (LLaVA's
+    `media` holds the record's items of each modality (`MediaSlots`: spec with its placeholder and
+    token id, paths, feature tokens per item), in `MEDIA` order.
+
+    - a record carries as many placeholders of each modality in its human turns as it has items
+      (else `<noun>_token_mismatch`); a single one is moved to the front of its turn (LLaVA's
       `preprocess_multimodal`), several stay where they are;
     - the template tokenizes the conversation in LLaVA's layout (`tokenize_segments`); each
-      placeholder id (`image_token_id`, default the tokenizer's id of `image_token`) becomes
-      `num_feature_tokens` copies of `slot_fill_id` (labels -100);
-    - `text_only_slots`: a text-only record gets one masked slot run too (the seed's / Cerebras'
-      layout). Its attended tokens are exactly the tokenization of the conversation without an
-      image; the slots go where an image sample's slots would go: the tokens the image variant has
-      between the common prefix and its slots (e.g. Llama's `▁` after `USER:`) are inserted as
-      masked filler, so the run starts at the dataset's image start index and never splits a word;
-    - `audio = (placeholder, placeholder_id, clips, tokens per clip)`: each of the record's
-      audio placeholders (as many as clips, else `audio_token_mismatch`) becomes its clip's
-      number of slots (attended, labels -100), recorded in `audio_spans`;
+      placeholder id becomes its item's number of slots, filled with `slot_fill_id` (None: the
+      placeholder's own id), attended, labels -100; their positions are recorded in `items`;
+    - images (`SLOT_LAYOUT`) take `spec.fixed_token_count` slots each and are recorded in
+      `image_starts` too. `text_only_slots`: a text-only record gets one masked image slot run
+      (the seed's / Cerebras' layout). Its attended tokens are exactly the tokenization of the
+      conversation without an image; the slots go where an image sample's slots would go: the
+      tokens the image variant has between the common prefix and its slots (e.g. Llama's `▁` after
+      `USER:`) are inserted as masked filler, so the run starts at the dataset's image start index
+      and never splits a word;
     - samples longer than `max_length` raise `too_long` (never truncated).
     """
-    if image_token_id is None:
-        image_token_id = token_id(tokenizer, image_token)
-    images = record_paths(record, image_key)
     turns = _turns(record, conversation_key, content_key)
-    n_placeholders = sum(t["value"].count(image_token) for t in turns)
-    if n_placeholders != len(images):
-        raise SkipRecord(
-            "image_token_mismatch", f"{n_placeholders} '{image_token}' in the turns for {len(images)} image(s)"
-        )
-    if any(image_token in t["value"] for t in turns if t["from"] not in ("human", "user")):
-        raise SkipRecord("image_token_mismatch", f"'{image_token}' in a non-human turn")
-    audio_token, audio_id, clips, clip_tokens = audio if audio is not None else ("", None, [], [])
-    if audio is not None:
-        n_audio = sum(t["value"].count(audio_token) for t in turns)
-        if n_audio != len(clips) or len(clip_tokens) != len(clips):
-            raise SkipRecord("audio_token_mismatch", f"{n_audio} '{audio_token}' in the turns for {len(clips)} clip(s)")
-        if any(audio_token in t["value"] for t in turns if t["from"] not in ("human", "user")):
-            raise SkipRecord("audio_token_mismatch", f"'{audio_token}' in a non-human turn")
+    for slots in media:
+        spec = slots.spec
+        found = sum(t["value"].count(spec.placeholder) for t in turns)
+        if found != len(slots.paths) or len(slots.counts) != len(slots.paths):
+            raise SkipRecord(f"{spec.noun}_token_mismatch",
+                             f"{found} '{spec.placeholder}' in the turns for {len(slots.paths)} {spec.item_noun}(s)")
+        if any(spec.placeholder in t["value"] for t in turns if t["from"] not in ("human", "user")):
+            raise SkipRecord(f"{spec.noun}_token_mismatch", f"'{spec.placeholder}' in a non-human turn")
     raw_chars = sum(len(t["value"]) for t in turns)
     raw_bytes = sum(len(t["value"].encode("utf-8")) for t in turns)
-    placeholders = (image_token, audio_token) if audio is not None else image_token
     try:
-        messages = messages_from_llava(turns, move_image_to_front=True, placeholder=placeholders)
+        messages = messages_from_llava(turns, move_image_to_front=True,
+                                       placeholder=tuple(slots.spec.placeholder for slots in media))
     except ConversationError as exc:
         raise SkipRecord(getattr(exc, "reason", "bad_record"), str(exc)) from None
 
     tok = template.tokenize(tokenizer, messages)
     ids, labels = list(tok.input_ids), list(tok.labels)
     attention = [1] * len(ids)
-    positions = [i for i, t in enumerate(ids) if t == image_token_id]
-    if images and len(positions) != len(images):
-        raise SkipRecord("image_token_mismatch", f"{len(positions)} image tokens after templating")
-    if not images and positions and not (text_only_slots and len(positions) == 1):
-        raise SkipRecord("image_token_mismatch", "image token in a text-only sample")
-    if not images and text_only_slots and not positions:  # masked slots where an image's would be
-        ids, labels, attention, positions = _with_masked_slot_marker(
-            tokenizer, template, messages, ids, labels, image_token, image_token_id
-        )
-    audio_positions = [i for i, t in enumerate(ids) if audio_id is not None and t == audio_id]
-    if len(audio_positions) != len(clips):
-        raise SkipRecord("audio_token_mismatch", f"{len(audio_positions)} audio tokens after templating")
+    layout = next((slots for slots in media if slots.spec.modality == SLOT_LAYOUT), None)
+    runs: list[tuple[int, int, str]] = []  # (placeholder position, slots, modality)
+    images: list[str] = []
+    if layout is not None:
+        images, spec = layout.paths, layout.spec
+        positions = [i for i, t in enumerate(ids) if t == spec.token_id]
+        if images and len(positions) != len(images):
+            raise SkipRecord("image_token_mismatch", f"{len(positions)} image tokens after templating")
+        if not images and positions and not (text_only_slots and len(positions) == 1):
+            raise SkipRecord("image_token_mismatch", "image token in a text-only sample")
+        if not images and text_only_slots and not positions:  # masked slots where an image's would be
+            ids, labels, attention, positions = _with_masked_slot_marker(
+                tokenizer, template, messages, ids, labels, spec.placeholder, spec.token_id
+            )
+        runs += [(p, spec.fixed_token_count or 0, SLOT_LAYOUT) for p in positions]
+    for slots in media:
+        if slots is layout:
+            continue
+        spec = slots.spec
+        positions = [i for i, t in enumerate(ids) if spec.token_id is not None and t == spec.token_id]
+        if len(positions) != len(slots.paths):
+            raise SkipRecord(f"{spec.noun}_token_mismatch", f"{len(positions)} {spec.noun} tokens after templating")
+        runs += [(p, n, spec.modality) for p, n in zip(positions, slots.counts, strict=True)]
+    fill = {slots.spec.modality: slot_fill_id if slot_fill_id is not None else slots.spec.token_id for slots in media}
     masked = not images
     out_ids: list[int] = []
     out_labels: list[int] = []
     out_attention: list[int] = []
     starts: list[int] = []
-    spans: list[tuple[int, int]] = []
-    runs = sorted([(p, num_feature_tokens, False) for p in positions] +
-                  [(p, n, True) for p, n in zip(audio_positions, clip_tokens, strict=True)])
+    spans: dict[str, list[tuple[int, int]]] = {}
     prev = 0
-    for p, n, is_audio in runs:
+    for p, n, modality in sorted(runs):
         out_ids += ids[prev:p]
         out_labels += labels[prev:p]
         out_attention += attention[prev:p]
-        if is_audio:
-            spans.append((len(out_ids), n))
-        else:
+        if modality == SLOT_LAYOUT:
             starts.append(len(out_ids))
-        out_ids += [slot_fill_id] * n
+        spans.setdefault(modality, []).append((len(out_ids), n))
+        out_ids += [fill[modality]] * n
         out_labels += [IGNORE_INDEX] * n
-        out_attention += [0 if masked and not is_audio else 1] * n
+        out_attention += [0 if masked and modality == SLOT_LAYOUT else 1] * n
         prev = p + 1
     out_ids += ids[prev:]
     out_labels += labels[prev:]
@@ -256,10 +277,13 @@ def encode_record(
     image_turn = -1
     if images:
         user_turns = [m["content"] for m in messages if m["role"] == "user"]
-        image_turn = next(k for k, text in enumerate(user_turns) if image_token in text)
+        image_turn = next(k for k, text in enumerate(user_turns) if layout.spec.placeholder in text)
+    items = {slots.spec.modality: [(path, start, n) for path, (start, n) in
+                                   zip(slots.paths, spans.get(slots.spec.modality, []), strict=True)]
+             for slots in media if slots.paths}
     return EncodedSample(
-        out_ids, out_labels, out_attention, starts, num_feature_tokens if starts else 0, images, image_turn,
-        raw_chars, raw_bytes, list(clips), spans,
+        out_ids, out_labels, out_attention, starts, (layout.spec.fixed_token_count or 0) if starts else 0,
+        image_turn, raw_chars, raw_bytes, items,
     )
 
 

@@ -39,8 +39,8 @@ from mmloom.data.hdf5_dataset import HDF5LlavaDataset
 from mmloom.devices import resolve_device
 from mmloom.errors import MmloomError
 from mmloom.files import atomic_file, write_json
+from mmloom.model.adapters import base_module
 from mmloom.model.callbacks import callback_to_dict
-from mmloom.model.encoder import base_module
 from mmloom.processing.image import ImageTransform
 from mmloom.progress import rate_progress
 

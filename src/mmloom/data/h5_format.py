@@ -22,24 +22,27 @@ count and size (`post-process.output_file_info`) and the total (`post-process.n_
 a file added, removed or replaced), and :func:`check_h5_file` the structure of each file (datasets,
 shapes, dtypes), once, when the data is opened.
 
-Audio (mmloom's extension, written only by builds with `dataset.audio`; image-only files are
-exactly as above). A sample may hold any number of clips, each a run of slots in `data` (row 0:
-the pad id, row 3: attended, no loss) whose length is the clip's feature-token count. Per file,
-with m the number of clips of all its samples, in sample order then placeholder order:
+Media items beyond the seed's one image (mmloom's extension, written only for the modalities a build
+reads besides images: `dataset.audio`; image-only files are exactly as above). A sample may hold any
+number of items of such a modality, each a run of slots in `data` (row 0: the pad id, row 3:
+attended, no loss) whose length is the item's feature-token count. Per file and modality (its
+noun: `audio`), with m the number of items of all its samples, in sample order then placeholder
+order (:func:`write_items`, :func:`read_items`):
 
-- `audio_path` bytes `[m]`: each clip's path relative to the audio folder;
-- `audio_span` int32 `[m, 2]`: each clip's (first slot, number of slots) in its sample's row;
-- `audio_offset` int64 `[n + 1]`: sample i's clips are `audio_offset[i]:audio_offset[i + 1]`.
+- `<noun>_path` bytes `[m]` (`audio_path`): each item's path relative to its folder;
+- `<noun>_span` int32 `[m, 2]` (`audio_span`): each item's (first slot, number of slots) in its row;
+- `<noun>_offset` int64 `[n + 1]` (`audio_offset`): sample i's items are `offset[i]:offset[i + 1]`.
 
-`data_params.json` records the extractor and count rule under `modalities.audio`. Cerebras' reader
-ignores these datasets (its model would see the audio slots as pad tokens); mmloom's trainer
-writes the `<audio>` id into every span and feeds the clips' features there.
+`data_params.json` records how they were read and counted under `modalities.<modality>` (audio: the
+extractor and count rule). Cerebras' reader ignores these datasets (its model would see the slots
+as pad tokens); mmloom's trainer writes the placeholder id (`<audio>`) into every span and feeds the
+items' features there.
 
 Preference pairs (mmloom's extension, written only by builds with `dataset.preference`; see
 `mmloom.data.preference`). Each sample is a pair sharing one prompt (its image, its slots):
 
 - `data` holds prompt + chosen answer, exactly as an instruction-tuning sample (loss on the final
-  answer only), so `img_path`, `image_start_idx` and the audio datasets describe both sides;
+  answer only), so `img_path`, `image_start_idx` and the item datasets describe both sides;
 - `rejected` int32 `[n, 4, MSL]` (gzip, the layout of `data`): prompt + rejected answer;
 - `prompt_length` int32 `[n]`: the tokens both rows share (the prompt, image slots included); the
   answers start there.
@@ -62,7 +65,7 @@ from mmloom.files import atomic_file, read_json
 H5_NAME = "data-{:05d}.h5"
 PARAMS_NAME = "data_params.json"
 IMAGE_START = "image_start_idx"
-AUDIO_PATH, AUDIO_SPAN, AUDIO_OFFSET = "audio_path", "audio_span", "audio_offset"
+ITEM_PATH, ITEM_SPAN, ITEM_OFFSET = "{noun}_path", "{noun}_span", "{noun}_offset"  # e.g. audio_path
 REJECTED, PROMPT_LENGTH = "rejected", "prompt_length"
 NO_IMAGE = b"None"
 GZIP_LEVEL = 4
@@ -118,12 +121,12 @@ def decode_img_path(value) -> str | None:
 
 
 def write_h5(path: Path, rows: np.ndarray, img_paths: list[bytes], image_starts: list[int],
-             audio: list[tuple[list[str], list[tuple[int, int]]]] | None = None,
+             items: dict[str, list[tuple[list[str], list[tuple[int, int]]]]] | None = None,
              preference: tuple[np.ndarray, list[int]] | None = None) -> None:
     """Write one file atomically (temp name + os.replace); no timestamps, fixed gzip level, so the
-    bytes depend on the samples only. `audio` (one `(paths, spans)` per sample) adds the audio
-    datasets of the module docstring; None writes none (image-only data). `preference`
-    (`(rejected rows [n, 4, MSL], prompt lengths)`) adds the preference datasets."""
+    bytes depend on the samples only. `items` maps a modality's noun (`audio`) to one `(paths,
+    spans)` per sample and adds its item datasets of the module docstring (`write_items`).
+    `preference` (`(rejected rows [n, 4, MSL], prompt lengths)`) adds the preference datasets."""
     import h5py
 
     n, _, msl = rows.shape
@@ -136,8 +139,8 @@ def write_h5(path: Path, rows: np.ndarray, img_paths: list[bytes], image_starts:
         )
         f.create_dataset("img_path", data=np.array(img_paths, dtype=f"S{width}").reshape(n, 1), track_times=False)
         f.create_dataset(IMAGE_START, data=np.asarray(image_starts, dtype=np.int32), track_times=False)
-        if audio is not None:
-            write_audio_items(f, audio)
+        for noun, per_sample in (items or {}).items():
+            write_items(f, noun, per_sample)
         if preference is not None:
             rejected, prompt_lengths = preference
             f.create_dataset(REJECTED, data=rejected, dtype="i4", chunks=(1, 4, msl), compression="gzip",
@@ -160,38 +163,47 @@ def read_prompt_lengths(h5file, path: str | Path = "") -> np.ndarray:
     return lengths
 
 
-def write_audio_items(f, audio: list[tuple[list[str], list[tuple[int, int]]]]) -> None:
-    """The `audio_path` / `audio_span` / `audio_offset` datasets of an open file (one entry per sample)."""
-    paths = [p.encode("utf-8") for clips, _ in audio for p in clips]
-    spans = np.asarray([span for _, sample_spans in audio for span in sample_spans], dtype=np.int32).reshape(-1, 2)
-    offsets = np.cumsum([0, *(len(clips) for clips, _ in audio)]).astype(np.int64)
+def write_items(f, noun: str, per_sample: list[tuple[list[str], list[tuple[int, int]]]]) -> None:
+    """The `<noun>_path` / `<noun>_span` / `<noun>_offset` datasets of an open file (one `(paths,
+    spans)` entry per sample)."""
+    paths = [p.encode("utf-8") for items, _ in per_sample for p in items]
+    spans = np.asarray([span for _, sample_spans in per_sample for span in sample_spans],
+                       dtype=np.int32).reshape(-1, 2)
+    offsets = np.cumsum([0, *(len(items) for items, _ in per_sample)]).astype(np.int64)
     width = max([1, *(len(p) for p in paths)])
-    f.create_dataset(AUDIO_PATH, data=np.array(paths, dtype=f"S{width}").reshape(-1), track_times=False)
-    f.create_dataset(AUDIO_SPAN, data=spans, track_times=False)
-    f.create_dataset(AUDIO_OFFSET, data=offsets, track_times=False)
+    f.create_dataset(ITEM_PATH.format(noun=noun), data=np.array(paths, dtype=f"S{width}").reshape(-1),
+                     track_times=False)
+    f.create_dataset(ITEM_SPAN.format(noun=noun), data=spans, track_times=False)
+    f.create_dataset(ITEM_OFFSET.format(noun=noun), data=offsets, track_times=False)
 
 
-def read_audio_items(h5file, path: str | Path = "") -> tuple[np.ndarray, np.ndarray] | None:
-    """(`audio_offset` [n + 1], `audio_span` [m, 2]) of an open data file, None when it has no audio.
+def read_items(h5file, noun: str, path: str | Path = "") -> tuple[np.ndarray, np.ndarray] | None:
+    """(`<noun>_offset` [n + 1], `<noun>_span` [m, 2]) of an open data file, None when it has no items
+    of that noun.
 
     Raises MmloomError when the datasets disagree with each other or with `n_examples`."""
-    if AUDIO_OFFSET not in h5file:
+    names = [name.format(noun=noun) for name in (ITEM_PATH, ITEM_SPAN, ITEM_OFFSET)]
+    if names[2] not in h5file:
         return None
     n = int(h5file.attrs["n_examples"])
-    offsets = np.asarray(h5file[AUDIO_OFFSET][:], dtype=np.int64)
-    spans = np.asarray(h5file[AUDIO_SPAN][:], dtype=np.int64).reshape(-1, 2)
-    m = int(h5file[AUDIO_PATH].shape[0])
+    offsets = np.asarray(h5file[names[2]][:], dtype=np.int64)
+    spans = np.asarray(h5file[names[1]][:], dtype=np.int64).reshape(-1, 2)
+    m = int(h5file[names[0]].shape[0])
     if offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != m or spans.shape[0] != m \
             or bool((np.diff(offsets) < 0).any()):
         raise MmloomError(
-            f"{path}: the audio datasets disagree ({AUDIO_OFFSET} {offsets.shape}, {AUDIO_SPAN} {spans.shape}, "
-            f"{AUDIO_PATH} ({m},), {n} samples)"
+            f"{path}: the {noun} datasets disagree ({names[2]} {offsets.shape}, {names[1]} {spans.shape}, "
+            f"{names[0]} ({m},), {n} samples)"
         )
     return offsets, spans
 
 
-def decode_audio_path(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def read_item_paths(h5file, noun: str, first: int, last: int) -> list[str]:
+    """The relative paths of items `first:last` of `<noun>_path` in an open data file."""
+    if last <= first:
+        return []
+    return [p.decode("utf-8") if isinstance(p, bytes) else str(p)
+            for p in h5file[ITEM_PATH.format(noun=noun)][first:last]]
 
 
 def is_build_output(folder: str | Path) -> bool:

@@ -8,9 +8,9 @@ Each item holds the seed's five tensors plus where its image slots are:
 - `image_start_idx` int: the first of the sample's `num_patches` slots, -1 = none (the file's
   `image_start_idx`, or the dataset's one start index for Cerebras files: `mmloom.data.h5_format`),
 - `index` int: the sample's index in the dataset (for error messages),
-- with an `audio_reader` (data built with `dataset.audio`): `audio`, the sample's clips in
-  placeholder order, each `{"input_features", "feature_attention_mask", "span": (start, length)}`
-  (`mmloom.data.audio_items.AudioClipReader`).
+- per modality of `media_readers` (data with items beyond its images, `modalities` of
+  data_params.json): its items in placeholder order under the modality's name, each its encoder
+  inputs plus `"span": (start, length)` (`mmloom.data.media_items.MediaItemReader`).
 
 Without an image transform (`image_transform=None`, data without images), `image_data` is None.
 
@@ -28,25 +28,25 @@ import torch
 from torch.utils.data import Dataset
 
 from mmloom.data.h5_format import (
-    AUDIO_PATH,
     LazyH5Files,
     check_data_files,
     check_h5_file,
-    decode_audio_path,
     decode_img_path,
-    read_audio_items,
     read_data_params,
     read_image_starts,
+    read_item_paths,
+    read_items,
     slot_layout,
     unfinished_build,
 )
 from mmloom.errors import MmloomError
-from mmloom.processing.image import load_image
+from mmloom.processing.image import ImageSpec
 
 
 class HDF5LlavaDataset(Dataset):
     """The samples of every `.h5` file of `data_dir` (sorted by name), images read from
-    `img_data_dir` and turned into tensors by `image_transform`.
+    `img_data_dir` and turned into tensors by `image_transform` (`self.images`: their `ImageSpec`),
+    the other modalities' items by `media_readers` (modality -> `MediaItemReader`).
 
     The folder is checked once, here: each file's structure (`h5_format.check_h5_file`), one
     sequence length for all, and the files against `data_params.json` (`h5_format.check_data_files`:
@@ -60,14 +60,14 @@ class HDF5LlavaDataset(Dataset):
     h5: LazyH5Files | None = None  # class default: __del__ works even if __init__ failed early
 
     def __init__(self, data_dir, img_data_dir, image_transform, dtype: torch.dtype = torch.float32,
-                 audio_reader=None):
+                 media_readers: dict | None = None):
         import h5py
 
         self.data_dir = Path(data_dir)
         self.img_data_dir = Path(img_data_dir) if img_data_dir is not None else None
         self.image_transform = image_transform
         self.dtype = dtype
-        self.audio_reader = audio_reader
+        self.media_readers = dict(media_readers or {})
         if not self.data_dir.is_dir():
             raise MmloomError(f"HDF5 data folder not found: {self.data_dir}")
         self.files = sorted(p for p in self.data_dir.iterdir() if p.suffix == ".h5" and p.is_file())
@@ -77,14 +77,18 @@ class HDF5LlavaDataset(Dataset):
         self.num_patches = slot_layout(self.params)[1]
         budget = (self.params.get("dataset") or {}).get("max_image_pixels")  # the build's pixel budget
         self.max_image_pixels = budget if isinstance(budget, int) and budget > 0 else None
+        self.images = ImageSpec(folder=self.img_data_dir, transform=image_transform, max_pixels=self.max_image_pixels,
+                                dtype=dtype)
         post = self.params.get("post-process") or {}
         vocab = post.get("vocab_size")
-        placeholders = [post.get("image_token_id"), ((self.params.get("modalities") or {}).get("audio") or {}).get("token_id")]
+        placeholders = [post.get("image_token_id"),
+                        *((recorded or {}).get("token_id") for recorded in (self.params.get("modalities") or {}).values())]
         self.vocab_size = (max([int(vocab), *(int(i) + 1 for i in placeholders if isinstance(i, int))])
                            if isinstance(vocab, int) and vocab > 0 else None)  # ids must stay below it
         counts, starts = [], []
         lengths: dict[int, Path] = {}
-        self.audio_items: list[tuple[np.ndarray, np.ndarray] | None] = []  # per file: (offsets, spans)
+        # per modality, per file: (offsets, spans) of its items, None for a file without them
+        self.items: dict[str, list[tuple[np.ndarray, np.ndarray] | None]] = {m: [] for m in self.media_readers}
         for path in self.files:
             try:
                 with h5py.File(path, "r") as f:
@@ -94,7 +98,8 @@ class HDF5LlavaDataset(Dataset):
                     counts.append(n)
                     lengths.setdefault(msl, path)
                     starts.append(read_image_starts(f, self.params, path))
-                    self.audio_items.append(read_audio_items(f, path))
+                    for modality, reader in self.media_readers.items():
+                        self.items[modality].append(read_items(f, reader.spec.noun, path))
             except (OSError, KeyError) as exc:
                 raise MmloomError(f"{path}: not an HDF5 LLaVA data file ({exc})") from None
         if len(lengths) > 1:
@@ -135,19 +140,14 @@ class HDF5LlavaDataset(Dataset):
             if rel is not None:
                 raise MmloomError(f"sample {index} has an image but this dataset was opened without an image transform")
             return None
-        size = int(getattr(self.image_transform, "image_size", 0) or 0)
-        if rel is None:
-            if size <= 0:
-                raise MmloomError(
-                    "image_transform has no image_size: cannot make the dummy image of text-only samples"
-                )
-            return torch.zeros(3, size, size, dtype=self.dtype)
-        path = (self.img_data_dir / rel) if self.img_data_dir is not None else Path(rel)
+        if rel is None:  # the dummy image of a text-only sample
+            return self.images.dummy()[0]["pixel_values"][0]
+        path = self.images.path(rel)
         try:
-            image = load_image(path, max_pixels=self.max_image_pixels)
+            image = self.images.load(path)
         except MmloomError as exc:
             raise MmloomError(f"sample {index}: cannot load image {path}: {exc}") from None
-        return torch.as_tensor(np.asarray(self.image_transform(image)), dtype=self.dtype)
+        return self.images.encoder_inputs([image])["pixel_values"][0]
 
     def _check_ids(self, rows: np.ndarray, file_idx: int, local: int) -> None:
         """Refuse a sample whose input ids or labels (rows 0 and 2) fall outside the data's vocabulary
@@ -169,13 +169,13 @@ class HDF5LlavaDataset(Dataset):
             self._check_ids(rows, file_idx, local)
         rel = decode_img_path(h["img_path"][local])
         extra = {}
-        audio = self.audio_items[file_idx]
-        if self.audio_reader is not None and audio is not None:
-            offsets, spans = audio
+        for modality, reader in self.media_readers.items():
+            if (located := self.items[modality][file_idx]) is None:
+                continue
+            offsets, spans = located
             first, last = int(offsets[local]), int(offsets[local + 1])
-            paths = h[AUDIO_PATH][first:last] if last > first else []
-            extra["audio"] = [self.audio_reader.clip(decode_audio_path(p), spans[first + k], int(index))
-                              for k, p in enumerate(paths)]
+            extra[modality] = [reader.item(rel, spans[first + k], int(index))
+                               for k, rel in enumerate(read_item_paths(h, reader.spec.noun, first, last))]
         return {
             "image_data": self._image(rel, int(index)),
             "labels": torch.from_numpy(rows[2].copy()),

@@ -13,18 +13,13 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmloom.data.encode import (
-    EncodedSample,
-    encode_record,
-    parse_record_line,
-)
+from mmloom.data.encode import EncodedSample, MediaSlots, encode_record, parse_record_line, record_paths
 from mmloom.data.records_io import SkipRecord, iter_jsonl_lines
 from mmloom.errors import MmloomError
-from mmloom.processing.image import load_image
+from mmloom.processing.image import ImageSpec
 from mmloom.processing.templates import get_template
 from mmloom.processing.tokenizer import token_id
 
@@ -56,6 +51,9 @@ class JsonlLlavaDataset(Dataset):
         marker_id = token_id(tokenizer, image_token)
         if marker_id is None:
             raise MmloomError(f"the tokenizer has no '{image_token}' token; add it as a special token first")
+        # the image slots hold image_token_id (the model's placeholder id), found by the tokenizer as marker_id
+        self.spec = ImageSpec(placeholder=image_token, token_id=marker_id, folder=self.image_dir,
+                              num_tokens=num_feature_tokens, transform=image_transform, dtype=dtype)
         self.samples: list[EncodedSample] = []
         self.skipped: collections.Counter = collections.Counter()
         for lineno, line in iter_jsonl_lines(self.jsonl_path):
@@ -63,14 +61,13 @@ class JsonlLlavaDataset(Dataset):
                 if isinstance(line, SkipRecord):  # not UTF-8
                     raise line
                 record = parse_record_line(line)
+                images = record_paths(record, self.spec.record_key)
                 sample = encode_record(
                     record,
                     tokenizer=tokenizer,
                     template=template,
-                    num_feature_tokens=num_feature_tokens,
+                    media=[MediaSlots(self.spec, images, [num_feature_tokens] * len(images))],
                     slot_fill_id=image_token_id,
-                    image_token=image_token,
-                    image_token_id=marker_id,
                     max_length=max_length,
                     text_only_slots=False,
                 )
@@ -86,15 +83,14 @@ class JsonlLlavaDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        pixel_values = []
+        images = []
         for rel in s.images:
-            path = (self.image_dir / rel) if self.image_dir is not None else Path(rel)
+            path = self.spec.path(rel)
             try:
-                image = load_image(path)
+                images.append(self.spec.load(path))
             except MmloomError as exc:
                 raise MmloomError(f"sample {index}: cannot load image {path}: {exc}") from None
-            pixel_values.append(torch.as_tensor(np.asarray(self.image_transform(image)), dtype=self.dtype))
-        pixel_values = torch.stack(pixel_values) if pixel_values else None
+        pixel_values = self.spec.encoder_inputs(images)["pixel_values"] if images else None
         return {
             "input_ids": torch.tensor(s.input_ids, dtype=torch.long),
             "labels": torch.tensor(s.labels, dtype=torch.long),

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from mmloom.data.encode import EncodedSample
-from mmloom.data.h5_format import PROMPT_LENGTH, REJECTED, read_prompt_lengths
+from mmloom.data.h5_format import REJECTED, read_prompt_lengths
 from mmloom.data.records_io import SkipRecord
 from mmloom.errors import MmloomError
 from mmloom.model.merge import IGNORE_INDEX
@@ -181,12 +181,12 @@ def _answer_start(labels: list[int]) -> int:
 
 
 def encode_pair(pair: PreferenceRecord, encode) -> PreferencePair:
-    """Encode both sides with `encode(record) -> EncodedSample` (the build's `encode_record` with its settings;
-    raises SkipRecord, e.g. too_long), keep the final answer's labels only, and check the shared prompt."""
+    """Encode both sides with `encode(turns) -> EncodedSample` (LLaVA turns `{"from", "value"}` encoded by the
+    build's `encode_record` with its settings and the pair's items; raises SkipRecord, e.g. too_long), keep the
+    final answer's labels only, and check the shared prompt."""
     sides = []
     for answer in (pair.chosen, pair.rejected):
-        record = {"image": pair.images, "conversations": [*pair.prompt, {"from": "gpt", "value": answer}]}
-        sample = encode(record)
+        sample = encode([*pair.prompt, {"from": "gpt", "value": answer}])
         start = _answer_start(sample.labels)
         sample.labels = [IGNORE_INDEX] * start + sample.labels[start:]
         sides.append((sample, start))

@@ -347,8 +347,9 @@ def iter_records(path: Path, fmt: Literal["auto", "json", "jsonl"] = "auto") -> 
     yield from iter_jsonl(path)
 
 
-def relative_image_path(value: Any, field: str = "image", reason: str = "bad_image_path") -> str:
-    """A record's image (or audio) path as a relative POSIX path that stays under its root folder.
+def relative_media_path(value: Any, field: str = "image", reason: str = "bad_image_path") -> str:
+    """A record's media path (`field`: its record key) as a relative POSIX path that stays under its
+    root folder.
 
     Backslashes count as separators. Raises SkipRecord ``missing_field`` (empty), ``bad_field``
     (not a string) or `reason` (absolute, a drive letter, or a ``..`` part).

@@ -1,7 +1,8 @@
 """Chat with a saved model: one answer, or an interactive session that keeps the conversation.
 
-Interactive commands: `/image PATH` (new image, new conversation), `/audio PATH` (new audio clip,
-new conversation), `/reset`, `/quit` (or EOF). Answers stream to stdout token by token.
+Interactive commands: `/<noun> PATH` for each modality of `mmloom.processing.media.MEDIA` (`/image
+PATH`: a new item, a new conversation), `/reset`, `/quit` (or EOF). Answers stream to stdout token
+by token.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ from typing import Any, TextIO
 
 from mmloom.data.records_io import unencodable_text
 from mmloom.errors import MmloomError
-from mmloom.inference.generate import answer_batch, check_media, generation_kwargs, load_model_and_processor
-from mmloom.processing.audio import load_audio
-from mmloom.processing.image import load_image
+from mmloom.inference.generate import (
+    answer_batch,
+    check_media,
+    generation_kwargs,
+    load_model_and_processor,
+    media_specs,
+)
+from mmloom.processing.media import MEDIA
 
-HELP = "commands: /image PATH (new image, new conversation), /audio PATH (new audio clip, new conversation), /reset, /quit"
+HELP = "commands: " + ", ".join(
+    [*(f"/{spec.noun} PATH (new {spec.item_noun}, new conversation)" for spec in MEDIA.values()), "/reset", "/quit"])
 
 
 def make_streamer(tokenizer, stream: TextIO | None = None):
@@ -34,39 +41,36 @@ def make_streamer(tokenizer, stream: TextIO | None = None):
 
 
 class ChatSession:
-    """A conversation about (at most) one image and one audio clip; they go with the first user
-    turn (`<image>\\n<audio>\\n` + text)."""
+    """A conversation about (at most) one item of each modality (`image=`, `audio=`: a path, or the
+    item itself); they go with the first user turn, their placeholders first in `MEDIA` order
+    (`<image>\\n` + text)."""
 
-    def __init__(self, model, processor, image=None, max_new_tokens: int = 256, temperature: float = 0.0,
-                 system: str | None = None, stream: bool = True, out: TextIO | None = None, audio=None):
+    def __init__(self, model, processor, max_new_tokens: int = 256, temperature: float = 0.0,
+                 system: str | None = None, stream: bool = True, out: TextIO | None = None, **items):
         self.model, self.processor = model, processor
         self.gen_kwargs = generation_kwargs(processor, max_new_tokens, temperature, model=model)
         self.system = system
         self.stream, self.out = stream, out
-        self.placeholder = processor.placeholders.get("vision", "<image>")
-        self.audio_placeholder = processor.placeholders.get("audio", "<audio>")
-        self.image = None
-        self.audio = None
+        nouns = [cls.noun for cls in MEDIA.values()]
+        if set(items) - set(nouns):
+            raise MmloomError(f"unknown item(s) {sorted(set(items) - set(nouns))}; give one of {', '.join(nouns)}")
+        self.items: dict[str, Any] = {}  # noun -> the item of the conversation
         self.messages: list[dict[str, str]] = []
-        self.reset()  # the system turn, with or without an image or audio clip
-        if image is not None:
-            self.set_image(image)
-        if audio is not None:
-            self.set_audio(audio)
+        self.reset()  # the system turn, with or without items
+        for noun, item in items.items():
+            if item is not None:
+                self.set_item(noun, item)
 
-    def set_audio(self, audio) -> None:
-        """Use a new audio clip (a path, or a waveform at the extractor's rate); starts a new conversation."""
-        extractor = self.processor.encoder_processors.get("audio")
-        if "audio" not in self.model.encoder_names or extractor is None:
-            raise MmloomError("this model has no audio encoder; chat without audio")
-        self.audio = load_audio(audio, extractor.sampling_rate) if isinstance(audio, (str, Path)) else audio
-        self.reset()
-
-    def set_image(self, image) -> None:
-        """Use a new image (a PIL image or a path); starts a new conversation."""
-        if "vision" not in self.model.encoder_names:
-            raise MmloomError("this model has no vision encoder; chat without an image")
-        self.image = load_image(image) if isinstance(image, (str, Path)) else image
+    def set_item(self, noun: str, item) -> None:
+        """Use a new item of the modality `noun` (`image`, ...: a path, or the item itself, e.g. a PIL
+        image, a waveform at the extractor's rate); starts a new conversation.
+        Raises MmloomError when the model has no encoder for it, and MediaError for a bad file."""
+        modality = next(modality for modality, cls in MEDIA.items() if cls.noun == noun)
+        spec = self.processor.media.get(modality)
+        if spec is None or spec.encoder not in self.model.encoder_names or spec.encoder_processor is None:
+            article = "an" if MEDIA[modality].item_noun[0] in "aeiou" else "a"
+            raise MmloomError(f"this model has no {modality} encoder; chat without {article} {MEDIA[modality].item_noun}")
+        self.items[noun] = spec.load(item) if isinstance(item, (str, Path)) else item
         self.reset()
 
     def reset(self) -> None:
@@ -82,18 +86,16 @@ class ChatSession:
         if bad is not None:
             raise MmloomError(f"the question is {bad}; type or pass UTF-8 text")
         first = not any(m["role"] == "user" for m in self.messages)
-        check_media(self.processor, self.image is not None or self.audio is not None, "--image PATH (or /image PATH)")
+        check_media(self.processor, bool(self.items), "--image PATH (or /image PATH)")
         content = text.strip()
-        if first and self.audio is not None and self.audio_placeholder not in content:
-            content = f"{self.audio_placeholder}\n{content}"
-        if first and self.image is not None and self.placeholder not in content:
-            content = f"{self.placeholder}\n{content}"
+        specs = [spec for spec in media_specs(self.processor) if spec.noun in self.items]
+        if first:
+            content = "".join(f"{spec.placeholder}\n" for spec in specs if spec.placeholder not in content) + content
         conversation = [*self.messages, {"role": "user", "content": content}]
-        images = [self.image] if self.image is not None else [None]
-        audio = [self.audio] if self.audio is not None else None
+        items = {spec.keyword: [self.items[spec.noun]] for spec in specs}
         streamer = make_streamer(self.processor.tokenizer, self.out) if self.stream else None
-        answer = answer_batch(self.model, self.processor, [conversation], images, self.gen_kwargs, streamer,
-                              audio=audio)[0]
+        answer = answer_batch(self.model, self.processor, [conversation], items.pop("images", [None]), self.gen_kwargs,
+                              streamer, **items)[0]
         self.messages = [*conversation, {"role": "assistant", "content": answer}]
         return answer
 
@@ -118,14 +120,14 @@ def interactive(session: ChatSession, read_line: Callable[[str], str] = input, o
             session.reset()
             print("(conversation reset)", file=out, flush=True)
             continue
-        if line.startswith("/image") or line.startswith("/audio"):
-            kind = "image" if line.startswith("/image") else "audio"
+        kind = next((cls.noun for cls in MEDIA.values() if line.split()[0] == f"/{cls.noun}"), None)
+        if kind is not None:
             path = line[len(kind) + 1:].strip()
             if not path:
                 print(f"usage: /{kind} PATH", file=out, flush=True)
                 continue
             try:
-                (session.set_image if kind == "image" else session.set_audio)(path)
+                session.set_item(kind, path)
             except MmloomError as err:
                 print(f"error: {err}", file=out, flush=True)
                 continue
@@ -146,12 +148,14 @@ def interactive(session: ChatSession, read_line: Callable[[str], str] = input, o
     return answers
 
 
-def chat(model_dir: str | Path, image: str | Path | None = None, prompt: str | None = None,
-         max_new_tokens: int = 256, temperature: float = 0.0, dtype: str | None = None, device: str | None = None,
-         system: str | None = None, audio: str | Path | None = None, **_: Any) -> int:
+def chat(model_dir: str | Path, prompt: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+         dtype: str | None = None, device: str | None = None, system: str | None = None,
+         items: dict[str, str | Path | None] | None = None) -> int:
+    """`mmloom chat`: one answer to `prompt`, else an interactive session; `items` maps a modality's
+    noun (`image`, ...) to the file the conversation is about."""
     model, processor = load_model_and_processor(model_dir, dtype, device)
-    session = ChatSession(model, processor, image=image, max_new_tokens=max_new_tokens,
-                          temperature=temperature, system=system, audio=audio)
+    session = ChatSession(model, processor, max_new_tokens=max_new_tokens, temperature=temperature, system=system,
+                          **{noun: path for noun, path in (items or {}).items() if path is not None})
     if prompt is not None:
         session.ask(prompt)
         return 0

@@ -1,9 +1,10 @@
 """Batched, resumable generation over LLaVA-style question files.
 
-Questions: jsonl records with `question_id`, `text` and optionally `image` (relative to
-`image_dir`) and `audio` (a path or a list of paths, relative to `audio_dir`). Each prompt is the
-template's generation prompt for one user turn `"<image>\\n<audio>\\n" + question (+ "\\n" +
-suffix)` (the placeholders of the items it has); decoding is greedy unless a temperature is given.
+Questions: jsonl records with `question_id`, `text` and optionally the items of each modality of
+the model under the modality's record key (`image`, ...: a path or a list of paths, relative to
+the modality's folder, e.g. `--image-dir`). Each prompt is the template's generation prompt for one
+user turn `"<image>\\n" + question (+ "\\n" + suffix)`: one placeholder per item, in `MEDIA`
+order, before the question; decoding is greedy unless a temperature is given.
 Answers: jsonl records `{"question_id", "prompt", "text", "model_id"}`, appended and flushed per
 batch; question ids already in the output are skipped, so a killed run resumes where it stopped.
 """
@@ -17,20 +18,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageStat
 
-from mmloom.data.records_io import read_jsonl_objects, unencodable_text
+from mmloom.data.encode import record_paths
+from mmloom.data.records_io import SkipRecord, read_jsonl_objects, unencodable_text
 from mmloom.devices import resolve_device
 from mmloom.errors import MmloomError
 from mmloom.interop.common import torch_dtype
-from mmloom.model.encoder import base_module
+from mmloom.model.adapters import base_module
+from mmloom.model.batch import model_inputs
 from mmloom.outputs import disk_full_as_error
-from mmloom.processing.audio import load_audio
-from mmloom.processing.image import load_image
+from mmloom.processing.media import MEDIA
+from mmloom.processing.media_spec import MediaSpec
 from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
-from mmloom.training.checkpoint import load_saved_model
+from mmloom.training.model_loading import load_model
 
 SUFFIXES = {
     "none": "",
@@ -56,7 +57,7 @@ def load_model_and_processor(model_dir: str | Path, dtype: str | None = None, de
             f"{model_dir} has no {PROCESSOR_CONFIG}: save the processor with the model "
             "(MultimodalProcessor.save_pretrained) or create the folder with `mmloom convert` / `mmloom init`"
         )
-    model = load_saved_model(model_dir, torch_dtype=torch_dtype(dtype), device=str(dev))
+    model = load_model(model_dir, dtype=torch_dtype(dtype), device=str(dev))
     return model.eval(), MultimodalProcessor.from_pretrained(model_dir)
 
 
@@ -105,27 +106,14 @@ def generation_kwargs(processor, max_new_tokens: int = 64, temperature: float = 
 
 
 def check_media(processor, has_media: bool, how: str) -> None:
-    """Refuse a question without an image or audio clip for a phase-1 (`plain` template) model: it
-    captions its input and takes no question (the template renders only the placeholders), so it
-    cannot answer text alone. `how` names the option that gives one."""
+    """Refuse a question without any media item for a phase-1 (`plain` template) model: it captions
+    its input and takes no question (the template renders only the placeholders), so it cannot
+    answer text alone. `how` names the option that gives one."""
     if not has_media and processor.template.name == "plain":
         raise MmloomError(
             "this model's template is 'plain' (a phase-1 model: it captions an image and reads no question); "
             f"give it {how}, or use a phase-2 (instruction-tuned) model for text-only questions"
         )
-
-
-def model_inputs(batch, device) -> dict[str, Any]:
-    """The processor's batch without labels, on `device` (per-modality dicts included)."""
-    out = {}
-    for key, value in batch.items():
-        if key == "labels":
-            continue
-        if isinstance(value, dict):
-            out[key] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in value.items()}
-        else:
-            out[key] = value.to(device) if torch.is_tensor(value) else value
-    return out
 
 
 def cut_at_stop(ids: list[int], stop_ids: Iterable[int]) -> list[int]:
@@ -143,13 +131,22 @@ def decode_new_tokens(processor, sequences: torch.Tensor, prompt_length: int, st
     return texts
 
 
+def media_specs(processor) -> list[MediaSpec]:
+    """The processor's media specs in `MEDIA` order (other encoders after them): the order of the
+    placeholders in a prompt."""
+    order = list(MEDIA)
+    return sorted(processor.media.values(), key=lambda spec: order.index(spec.modality) if spec.modality in order
+                  else len(order))
+
+
 @torch.no_grad()
-def answer_batch(model, processor, conversations: list[list[dict]], images: list, gen_kwargs: dict,
-                 streamer=None, audio: list | None = None) -> list[str]:
-    """Generate one assistant turn for each conversation (left-padded batch); `images` / `audio`
-    hold each conversation's items (None, one, or a list)."""
-    batch = processor(conversations=conversations, images=images, audio=audio, add_generation_prompt=True,
-                      padding_side="left", return_labels=False)
+def answer_batch(model, processor, conversations: list[list[dict]], images: list | None, gen_kwargs: dict,
+                 streamer=None, **items) -> list[str]:
+    """Generate one assistant turn for each conversation (left-padded batch); `images` and the other
+    modalities' `items` (under their processor keywords, `MediaSpec.keyword`) hold each conversation's
+    items (None, one, or a list)."""
+    batch = processor(conversations=conversations, images=images, add_generation_prompt=True,
+                      padding_side="left", return_labels=False, **items)
     inputs = model_inputs(batch, model.device)
     input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
     extra = {"streamer": streamer} if streamer is not None else {}
@@ -188,38 +185,30 @@ def done_question_ids(output: Path) -> set[str]:
     return done
 
 
-def blank_like(image: Image.Image) -> Image.Image:
-    """An image of the same size filled with the image's mean colour."""
-    mean = tuple(int(round(c)) for c in ImageStat.Stat(image).mean[:3])
-    return Image.new("RGB", image.size, mean)
-
-
-def question_content(text: str, has_image: bool, suffix: str, placeholder: str = "<image>",
-                     audio: int = 0, audio_placeholder: str = "<audio>") -> tuple[str, str]:
-    """(user turn content, prompt recorded in the answer) for one question with an image (or not)
-    and `audio` clips: the placeholders first (`<image>\\n`, one `<audio>\\n` per clip), then the
-    question without any placeholder it carried."""
+def question_content(text: str, suffix: str, placeholders: list[str]) -> tuple[str, str]:
+    """(user turn content, prompt recorded in the answer) for one question with items: the
+    `placeholders` first (one `<image>\\n` per item, in order), then the question without any
+    placeholder it carried."""
     prompt = text.strip()
     if suffix and not prompt.endswith(suffix):
         prompt = f"{prompt}\n{suffix}"
-    markers = ([placeholder] if has_image else []) + [audio_placeholder] * audio
-    if not markers:
+    if not placeholders:
         return prompt, prompt
     question = prompt
-    for marker in set(markers):
+    for marker in set(placeholders):
         question = question.replace(marker, "")
-    return "".join(f"{m}\n" for m in markers) + question.strip(), prompt
+    return "".join(f"{m}\n" for m in placeholders) + question.strip(), prompt
 
 
-def question_audio(record: dict, audio_root: Path, sampling_rate: int, silence: bool = False) -> list:
-    """The waveforms of a question's `audio` field (a path or a list), at `sampling_rate`; with
-    `silence`, zeros of the same lengths (the silenced-audio baseline)."""
-    paths = record.get("audio") or []
-    clips = []
-    for path in paths if isinstance(paths, list) else [paths]:
-        waveform = load_audio(audio_root / path, sampling_rate)
-        clips.append(np.zeros_like(waveform) if silence else waveform)
-    return clips
+def question_items(record: dict, spec: MediaSpec, root: Path, blank: bool = False) -> list:
+    """The items of a question under the spec's record key (a path or a list), read from `root`;
+    with `blank`, the spec's baseline of each (`MediaSpec.blank`: mean colour, silence)."""
+    try:
+        paths = record_paths(record, spec.record_key)
+    except SkipRecord as skip:
+        raise MmloomError(f"question {record.get('question_id')!r}: {skip.detail}") from None
+    items = [spec.load(root / path) for path in paths]
+    return [spec.blank(item) for item in items] if blank else items
 
 
 def generate_answers(
@@ -227,24 +216,25 @@ def generate_answers(
     processor,
     questions: str | Path,
     output: str | Path,
-    image_dir: str | Path | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 64,
     suffix: str = "none",
-    blank_images: bool = False,
     temperature: float = 0.0,
     model_id: str | None = None,
     progress: bool = True,
-    audio_dir: str | Path | None = None,
-    silence_audio: bool = False,
     system: str | None = None,
+    media_dirs: dict[str, str | Path | None] | None = None,
+    baselines: Iterable[str] = (),
 ) -> dict[str, int]:
     """Answer every question not yet in `output`; returns counts (total, skipped, answered).
-    `system`: the system text of every prompt (None: the template's default).
+    `system`: the system text of every prompt (None: the template's default). `media_dirs` maps a
+    modality's noun (`image`, ...) to the root of the questions' paths (default: the questions
+    file's folder); `baselines` lists the nouns whose items are replaced by their baseline
+    (`MediaSpec.blank`: `--blank-images`, ...).
 
-    Raises MmloomError for questions with audio when the model's processor has no audio
-    extractor, for a question without image or audio to a phase-1 (`plain`) model, and (from
-    `load_audio`) for clips that cannot be used."""
+    Raises MmloomError for questions with items of a modality the model's processor cannot take, for
+    a question without any item to a phase-1 (`plain`) model, and (MediaError) for items that cannot
+    be used."""
     if suffix not in SUFFIXES:
         raise MmloomError(f"unknown suffix {suffix!r}; use one of {', '.join(SUFFIXES)}")
     if batch_size < 1:
@@ -271,42 +261,40 @@ def generate_answers(
         seen.add(key)
         if key not in done:
             pending.append(record)
-    placeholder = processor.placeholders.get("vision", "<image>")
-    audio_placeholder = processor.placeholders.get("audio", "<audio>")
-    extractor = processor.encoder_processors.get("audio")
-    if extractor is None and any(record.get("audio") for record in pending):
-        raise MmloomError(f"{questions} has questions with audio but the model has no audio encoder/processor")
+    specs = media_specs(processor)
+    for modality, cls in MEDIA.items():  # items the model cannot take are refused, not dropped
+        key = processor.media[modality].record_key if modality in processor.media else cls.record_key
+        if modality not in processor.encoder_processors and any(record.get(key) for record in pending):
+            raise MmloomError(f"{questions} has questions with {cls.noun} but the model has no {cls.noun} "
+                              "encoder/processor")
+    keys = [spec.record_key for spec in specs] or [cls.record_key for cls in MEDIA.values()]
     for record in pending:
-        if not (record.get("image") or record.get("audio")):
+        if not any(record.get(key) for key in keys):
             check_media(processor, False, f"an image (question {record['question_id']!r} of {questions} has none)")
     system_turn = [{"role": "system", "content": system}] if system is not None else []
     gen_kwargs = generation_kwargs(processor, max_new_tokens, temperature, model=model)
     model_id = model_id or "mmloom"
-    image_root = Path(image_dir) if image_dir is not None else Path(questions).parent
-    audio_root = Path(audio_dir) if audio_dir is not None else Path(questions).parent
+    roots = {spec.noun: Path((media_dirs or {}).get(spec.noun) or Path(questions).parent) for spec in specs}
+    blanked = set(baselines)
 
     def run(advance):
         kept = "the answers before it are kept (the same command continues after them)"
         with disk_full_as_error(output, None, kept), output.open("a", encoding="utf-8") as sink:
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start:start + batch_size]
-                conversations, images, clips, prompts = [], [], [], []
+                conversations, prompts = [], []
+                items: dict[str, list] = {spec.keyword: [] for spec in specs}
                 for record in chunk:
-                    image = None
-                    if record.get("image"):
-                        image = load_image(image_root / record["image"])
-                        if blank_images:
-                            image = blank_like(image)
-                    audio = question_audio(record, audio_root, extractor.sampling_rate, silence_audio) \
-                        if record.get("audio") else []
-                    content, prompt = question_content(record["text"], image is not None, SUFFIXES[suffix], placeholder,
-                                                       len(audio), audio_placeholder)
+                    markers = []
+                    for spec in specs:
+                        loaded = question_items(record, spec, roots[spec.noun], spec.noun in blanked)
+                        markers += [spec.placeholder] * len(loaded)
+                        items[spec.keyword].append(loaded or None)
+                    content, prompt = question_content(record["text"], SUFFIXES[suffix], markers)
                     conversations.append([*system_turn, {"role": "user", "content": content}])
-                    images.append(image)
-                    clips.append(audio or None)
                     prompts.append(prompt)
-                audio_items = clips if any(c is not None for c in clips) else None
-                answers = answer_batch(model, processor, conversations, images, gen_kwargs, audio=audio_items)
+                given = {arg: per_sample for arg, per_sample in items.items() if any(x is not None for x in per_sample)}
+                answers = answer_batch(model, processor, conversations, given.pop("images", None), gen_kwargs, **given)
                 for record, prompt, answer in zip(chunk, prompts, answers, strict=True):
                     sink.write(json.dumps({"question_id": record["question_id"], "prompt": prompt, "text": answer,
                                            "model_id": model_id}, ensure_ascii=False) + "\n")

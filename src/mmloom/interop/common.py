@@ -15,11 +15,12 @@ from torch import nn
 
 from mmloom.errors import MmloomError
 from mmloom.files import read_json
-from mmloom.interop.tokenizer_files import save_tokenizer
+from mmloom.model.adapters import base_module
 from mmloom.model.callbacks import FeatureSelect
-from mmloom.model.encoder import CALLBACK_SLOTS, base_module
+from mmloom.model.encoder import CALLBACK_SLOTS
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.outputs import new_folder
+from mmloom.processing.tokenizer_files import save_tokenizer
 from mmloom.remote_code import refuse_remote_code
 
 DEFAULT_TEMPLATE = "vicuna_v1"
@@ -112,14 +113,14 @@ def default_image_processor(vision_config):
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def export_folder(dst: str | Path, model: nn.Module):
-    """The folder a `convert` writer fills (:func:`mmloom.outputs.new_folder`): a temporary sibling
-    of `dst`, its weight files verified, marked as `mmloom convert` output and swapped into place; a
-    full disk is one line naming `dst` and the bytes the export needs. The destination itself was
-    claimed by :func:`mmloom.interop.formats.convert`."""
+def export_folder(dst: str | Path, model: nn.Module, command: str = "convert"):
+    """The folder a `convert` (or `merge-lora`) writer fills (:func:`mmloom.outputs.new_folder`): a
+    temporary sibling of `dst`, its weight files verified, marked as `mmloom COMMAND` output and
+    swapped into place; a full disk is one line naming `dst` and the bytes the export needs. The
+    destination itself was claimed first (:func:`mmloom.interop.formats.convert`, :func:`merge_lora`)."""
     from mmloom.model.serialization import verify_weight_files, weight_bytes
 
-    return new_folder(dst, "convert", needed=weight_bytes(model) + 2**20, verify=verify_weight_files)
+    return new_folder(dst, command, needed=weight_bytes(model) + 2**20, verify=verify_weight_files)
 
 
 def cast_in_place(model: nn.Module, dtype: torch.dtype | None) -> None:
@@ -203,13 +204,13 @@ def read_mmloom(src: str | Path, dtype: str | None = None, base: str | Path | No
     """An mmloom folder: the composite, plus its processor (or bare tokenizer / image processor).
 
     A training checkpoint works too: a trainable-only one loads on `base`, else on the starting model
-    its run config describes (:func:`mmloom.training.checkpoint.load_saved_model`)."""
+    its run config describes (:func:`mmloom.training.model_loading.load_model`)."""
     from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
-    from mmloom.training.builder import resolve_weights_folder
-    from mmloom.training.checkpoint import load_saved_model
+    from mmloom.training.model_loading import load_model
+    from mmloom.training.run_folder import resolve_model_folder
 
-    src = resolve_weights_folder(check_dir(src, "mmloom model folder"))
-    model = load_saved_model(src, base=base, torch_dtype=torch_dtype(dtype))
+    src = resolve_model_folder(check_dir(src, "mmloom model folder"))
+    model = load_model(src, base=base, dtype=torch_dtype(dtype))
     if (src / PROCESSOR_CONFIG).exists():
         processor = MultimodalProcessor.from_pretrained(src)
         return Bundle(
@@ -263,6 +264,36 @@ def write_mmloom(bundle: Bundle, dst: str | Path, dtype: str | None = None, **_:
     with export_folder(dst, bundle.model) as tmp:
         bundle.model.save_pretrained(tmp)
         save_processor(bundle, tmp)
+
+
+def merge_lora(model_dir: str | Path, out_dir: str | Path, overwrite: bool = False):
+    """`mmloom merge-lora`: load the model (a model folder, a checkpoint, or a run folder: its
+    final_model, else its latest checkpoint), merge the adapters of every adapted part
+    (:func:`mmloom.model.adapters.merge_adapters`) and save a plain mmloom model folder to `out_dir`
+    (with the processor files when the source has them). Returns (model, what was merged).
+
+    `out_dir` is claimed first (:func:`mmloom.outputs.check_destination`): new, an empty folder, or with
+    `overwrite` an earlier `mmloom merge-lora` output, never inside `model_dir` or holding it. The model
+    and its processor are written into a temporary sibling, verified and renamed into place together
+    (:func:`export_folder`). Raises MmloomError for a refused destination, a model without adapters, or
+    a full disk (naming `out_dir` and the bytes needed)."""
+    from mmloom.model.adapters import adapted_parts, merge_adapters
+    from mmloom.outputs import check_destination
+    from mmloom.processing.processor import PROCESSOR_CONFIG, MultimodalProcessor
+    from mmloom.training.model_loading import load_model
+    from mmloom.training.run_folder import resolve_model_folder
+
+    check_destination(out_dir, "merge-lora", overwrite=overwrite, sources=[model_dir])
+    folder = resolve_model_folder(model_dir)
+    model = load_model(folder)  # a trainable-only checkpoint: on the base its run config describes
+    if not adapted_parts(model):
+        raise MmloomError(f"{folder}: no part of the model has LoRA adapters to merge")
+    merged = merge_adapters(model)
+    with export_folder(out_dir, model, command="merge-lora") as tmp:
+        model.save_pretrained(tmp)
+        if (folder / PROCESSOR_CONFIG).exists():
+            MultimodalProcessor.from_pretrained(folder).save_pretrained(tmp)
+    return model, merged
 
 
 def load_weight_files(directory: Path) -> dict[str, torch.Tensor]:

@@ -51,16 +51,16 @@ from mmloom.interop.common import (
 )
 from mmloom.interop.hf4 import hf4_config_dict, hf4_vision_state, weights_dtype
 from mmloom.interop.image_processors import hf_image_processor
-from mmloom.interop.tokenizer_files import save_hf4_tokenizer
 from mmloom.interop.tokens import ensure_special_token, resize_to_cover, token_id
+from mmloom.model.adapters import merge_adapters
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.feature_count import has_cls_token
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
 from mmloom.model.serialization import dedupe_shared_tensors, save_state_dict
+from mmloom.processing.tokenizer_files import save_hf4_tokenizer
 from mmloom.remote_code import refuse_remote_code
-from mmloom.training.lora import merge_adapters
 
 FORMAT = "hf-llava"
 PAD_MULTIPLE = 64  # the official llava-hf conversion padded the vocabulary to a multiple of 64

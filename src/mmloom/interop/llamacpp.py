@@ -60,11 +60,11 @@ from mmloom.files import read_json, write_text
 from mmloom.interop.common import Bundle, default_image_processor, vision_parts
 from mmloom.interop.hf4 import hf4_vision_state, rope_fields
 from mmloom.interop.image_processors import hf_image_processor
-from mmloom.interop.tokenizer_files import save_tokenizer
 from mmloom.interop.tokens import vocab_rows
+from mmloom.model.adapters import merge_adapters
 from mmloom.model.serialization import weight_bytes
 from mmloom.outputs import new_folder
-from mmloom.training.lora import merge_adapters
+from mmloom.processing.tokenizer_files import save_tokenizer
 
 FORMAT = "gguf"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")

@@ -49,6 +49,7 @@ from mmloom.interop.common import (
     check_dir,
     default_image_processor,
     export_folder,
+    hf_dtype,
     load_image_processor,
     load_tokenizer,
     load_weight_files,
@@ -63,14 +64,14 @@ from mmloom.interop.hf4 import (
     weights_dtype,
 )
 from mmloom.interop.image_processors import hf_image_processor, transform_from_hf
-from mmloom.interop.tokenizer_files import hf4_tokenizer_class, save_hf4_tokenizer, sentencepiece_file
 from mmloom.interop.tokens import ensure_pad_token, prepare_tokenizer_and_vocab, resize_to_cover
+from mmloom.model.adapters import merge_adapters
 from mmloom.model.callbacks import FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.multimodal import MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig, parse_projector_type
 from mmloom.model.serialization import dedupe_shared_tensors, save_state_dict
-from mmloom.training.lora import merge_adapters
+from mmloom.processing.tokenizer_files import hf4_tokenizer_class, save_hf4_tokenizer, sentencepiece_file
 
 FORMAT = "llava"
 IMAGE_FOLDER = "image_model"
@@ -359,7 +360,7 @@ def read_llava(
     from transformers.initialization import no_init_weights
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from mmloom.interop.hf_components import load_vision_tower
+    from mmloom.model.hf_parts import load_vision_tower
 
     text = find_text_folder(check_dir(src, "llava folder"))
     config = read_json(text / "config.json")
@@ -418,7 +419,7 @@ def read_llava(
 
         llm.generation_config = GenerationConfig.from_pretrained(text)
     tower_path = resolve_vision_tower(config, text, image_model)
-    tower = load_vision_tower(tower_path, dtype).eval()
+    tower = load_vision_tower(tower_path, hf_dtype(dtype)).eval()
 
     in_features = projector_state["0.weight"].shape[1]
     projector = MultimodalProjector(

@@ -7,7 +7,7 @@ from tokenizers import AddedToken
 from torch import nn
 
 from mmloom.errors import MmloomError
-from mmloom.model.encoder import base_module
+from mmloom.model.adapters import base_module
 from mmloom.processing.tokenizer import token_id  # the one single-token check; re-exported
 
 __all__ = ["ensure_pad_token", "ensure_special_token", "prepare_tokenizer_and_vocab", "resize_to_cover", "token_id", "vocab_rows"]

@@ -46,7 +46,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from transformers.modeling_utils import AttentionInterface
 
 from mmloom.errors import MmloomError
-from mmloom.model.encoder import base_module
+from mmloom.model.adapters import base_module
 
 VARLEN_ATTENTION = "mmloom_sdpa_varlen"
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")

@@ -12,12 +12,13 @@ from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
 from mmloom.errors import MmloomError
+from mmloom.model.adapters import base_module
 from mmloom.model.callbacks import SerializableCallback
 from mmloom.model.feature_count import encoder_item_counts
 from mmloom.model.outputs import (
-    FEATURE_OUTPUTS,
     Features,
     as_model_output,
+    encoder_hidden_size,
     output_features,
     replace_features,
     select_feature_output,
@@ -34,16 +35,6 @@ PROCESSOR_INPUT_ALIASES: dict[str, dict[str, str]] = {
     model_type: {"pixel_values": "hidden_states", "image_grid_thw": "grid_thw"}
     for model_type in ("qwen2_vl_vision", "qwen2_5_vl_vision", "qwen3_vl_vision")
 }
-
-
-def base_module(module: nn.Module) -> nn.Module:
-    """The HF model inside a PEFT wrapper (or the module itself)."""
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
-
-
-def is_peft_model(module: nn.Module) -> bool:
-    """True for a PEFT-wrapped model (`get_peft_model(...)`, `PeftModel.from_pretrained(...)`)."""
-    return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
 
 
 def forward_parameter_names(module: nn.Module) -> frozenset[str]:
@@ -82,19 +73,6 @@ def cast_floating(value: Any, dtype: torch.dtype | None) -> Any:
     if isinstance(value, dict):
         return {k: cast_floating(v, dtype) for k, v in value.items()}
     return value
-
-
-_WIDTH_ATTRIBUTES = ("hidden_size", "d_model", "embed_dim", "hidden_dim", "num_features", "width")
-
-
-def encoder_hidden_size(config) -> int:
-    """Width D of the features an encoder gives, from its config; ValueError when it cannot tell."""
-    model_type = getattr(config, "model_type", "")
-    names = (FEATURE_OUTPUTS[model_type][1],) if model_type in FEATURE_OUTPUTS else _WIDTH_ATTRIBUTES
-    for name in names:
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    raise ValueError(f"cannot tell the hidden size of encoder config {type(config).__name__}")
 
 
 def output_width_from_structure(module: nn.Module) -> int | None:

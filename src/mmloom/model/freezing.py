@@ -2,8 +2,9 @@
 
 A PEFT-wrapped part (LoRA, IA3, prompt tuning...) is trainable through its adapters only:
 making it trainable enables its active adapters and `modules_to_save` (and the biases its
-PEFT config asks for), never its base weights. This holds for the language model, every
-encoder, `MultimodalModel.train(...)`, `unfreeze(...)` and config-driven freezing alike.
+PEFT config asks for: :func:`mmloom.model.adapters.enable_adapters`), never its base weights.
+This holds for the language model, every encoder, `MultimodalModel.train(...)`, `unfreeze(...)`
+and config-driven freezing alike.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 from torch import nn
 
 from mmloom.errors import MmloomError
-from mmloom.model.encoder import is_peft_model
+from mmloom.model.adapters import adapter_parameter_names, enable_adapters, is_peft_model, peft_parts
 
 # Cerebras/LLaVA config names -> mmloom parameter-name prefixes.
 PATTERN_ALIASES = {
@@ -38,49 +39,8 @@ def set_part_trainable(module: nn.Module, trainable: bool) -> None:
     adapters, `modules_to_save` and the biases its config names (`bias="all"` / `"*_only"`),
     as PEFT's own `get_peft_model` leaves them; the base weights stay frozen."""
     module.requires_grad_(bool(trainable) and not is_peft_model(module))
-    if not trainable or not is_peft_model(module):
-        return
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.tuners.tuners_utils import set_requires_grad as peft_set_requires_grad
-
-    adapters = list(module.active_adapters)
-    # Adapter layers and auxiliary wrappers (modules_to_save) of the active adapters.
-    peft_set_requires_grad(module, adapter_names=adapters, requires_grad=True)
-    prompt_encoder = getattr(module, "prompt_encoder", None)
-    if prompt_encoder is not None:  # prompt learning (prefix / prompt tuning, p-tuning)
-        for name in adapters:
-            if name in prompt_encoder:
-                prompt_encoder[name].requires_grad_(True)
-    for name in adapters:
-        bias = getattr(module.peft_config[name], "bias", "none") or "none"
-        if bias == "all":
-            for pname, param in module.named_parameters():
-                if pname == "bias" or pname.endswith(".bias"):
-                    param.requires_grad_(True)
-        elif bias.endswith("_only"):
-            for sub in module.modules():
-                if isinstance(sub, BaseTunerLayer) and getattr(sub.get_base_layer(), "bias", None) is not None:
-                    sub.get_base_layer().bias.requires_grad_(True)
-
-
-def adapter_parameter_names(module: nn.Module) -> set[str]:
-    """Names (relative to `module`) of the parameters `set_part_trainable(module, True)` enables:
-    the adapters of a PEFT part, every parameter of a plain one. requires_grad is unchanged."""
-    params = dict(module.named_parameters())
-    if not is_peft_model(module):
-        return set(params)
-    before = {name: p.requires_grad for name, p in params.items()}
-    try:
-        set_part_trainable(module, True)
-        return {name for name, p in params.items() if p.requires_grad}
-    finally:
-        for name, p in params.items():
-            p.requires_grad_(before[name])
-
-
-def peft_parts(model: nn.Module) -> dict[str, nn.Module]:
-    """PEFT-wrapped submodules of `model` by their qualified name."""
-    return {name: module for name, module in model.named_modules() if name and is_peft_model(module)}
+    if trainable and is_peft_model(module):
+        enable_adapters(module)
 
 
 def set_requires_grad_by_patterns(model: nn.Module, patterns: list[str], requires_grad: bool) -> None:

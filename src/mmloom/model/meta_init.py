@@ -2,7 +2,7 @@
 
 A model a run starts from is first built on the meta device (shapes, no storage), so that no
 process ever holds a whole model it does not need; its tensors are filled afterwards, one at a
-time, from safetensors files (see `mmloom.training.builder.build_starting_model`, which also
+time, from safetensors files (see `mmloom.training.model_loading.build_base_model`, which also
 shards the model before anything is allocated). This module holds the pieces that know nothing of
 processes:
 

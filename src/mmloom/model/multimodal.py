@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -18,14 +17,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 import mmloom
 from mmloom.errors import MmloomError
 from mmloom.files import read_json, write_json
+from mmloom.model import adapters
 from mmloom.model import serialization as ser
+from mmloom.model.adapters import base_module
 from mmloom.model.attention import check_packed_attention
 from mmloom.model.callbacks import callback_from_dict, callback_to_dict
 from mmloom.model.checkpointing import disable_checkpointing, enable_checkpointing, sync_frozen_checkpointing
 from mmloom.model.encoder import (
     CALLBACK_SLOTS,
     ModalEncoderModule,
-    base_module,
     forward_parameter_names,
     forward_takes_kwargs,
     output_width_from_structure,
@@ -95,16 +95,9 @@ class MultimodalConfig:
         return ser.resolve_class(spec["class"]).config_class.from_dict(spec["config"])
 
 
-def _peft_spec(module: nn.Module) -> dict[str, Any] | None:
-    if not hasattr(module, "peft_config"):
-        return None
-    config = module.peft_config["default"].to_dict()
-    return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-
-
 def _part_spec(module: nn.Module) -> dict[str, Any]:
     base = base_module(module)
-    return {"class": ser.class_path(base), "config": base.config.to_dict(), "peft": _peft_spec(module)}
+    return {"class": ser.class_path(base), "config": base.config.to_dict(), "peft": adapters.peft_spec(module)}
 
 
 def _build_part(spec: dict[str, Any], meta: bool = False) -> nn.Module:
@@ -120,9 +113,7 @@ def _build_part(spec: dict[str, Any], meta: bool = False) -> nn.Module:
     if hasattr(module, "tie_weights"):
         module.tie_weights()  # skipped under no_init_weights
     if spec.get("peft"):
-        from peft import get_peft_config, get_peft_model
-
-        module = get_peft_model(module, get_peft_config(spec["peft"]))
+        module = adapters.wrap(module, spec["peft"])
     return module
 
 
@@ -674,7 +665,7 @@ class MultimodalModel(nn.Module):
             model = base if isinstance(base, MultimodalModel) else cls.from_pretrained(
                 base, callbacks=callbacks, projections=projections
             )
-            ser.apply_peft_specs(model, config)  # a PEFT run's checkpoint: adapters on the plain base
+            adapters.apply_peft_specs(model, config)  # a PEFT run's checkpoint: adapters on the plain base
         else:
             model = cls.from_config(config, callbacks=callbacks, projections=projections)
         model.load_weights(state, tied_weights=config.tied_weights, strict=not config.trainable_only)

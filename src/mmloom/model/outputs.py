@@ -27,6 +27,20 @@ FEATURE_OUTPUTS: dict[str, tuple[str, str]] = {
 }
 
 
+# Config attributes that give an encoder's feature width, in the order they are tried.
+_WIDTH_ATTRIBUTES = ("hidden_size", "d_model", "embed_dim", "hidden_dim", "num_features", "width")
+
+
+def encoder_hidden_size(config) -> int:
+    """Width D of the features an encoder gives, from its config; ValueError when it cannot tell."""
+    model_type = getattr(config, "model_type", "")
+    names = (FEATURE_OUTPUTS[model_type][1],) if model_type in FEATURE_OUTPUTS else _WIDTH_ATTRIBUTES
+    for name in names:
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ValueError(f"cannot tell the hidden size of encoder config {type(config).__name__}")
+
+
 def output_features(output) -> Features:
     """The features in an output: `last_hidden_state` of a ModelOutput (else its first field),
     `output[0]` of a tuple, a bare tensor or a list of per-item tensors as it is.

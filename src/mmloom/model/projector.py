@@ -11,6 +11,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2CLS, ACT2FN
 
 from mmloom.errors import MmloomError
+from mmloom.model.outputs import encoder_hidden_size, feature_width
 
 # LLaVA's spelled-out projector names: "mlp2x_gelu" = Linear, GELU, Linear.
 _MLP_SPELLED = re.compile(r"^mlp(\d+)x_(\w+)$")
@@ -73,8 +74,6 @@ class MultimodalProjectorConfig(PretrainedConfig):
         self.encoder_model_type = kwargs.pop("encoder_model_type", None)
         self.language_model_type = kwargs.pop("language_model_type", None)
         if encoder_config is not None:
-            from mmloom.model.encoder import encoder_hidden_size
-
             try:
                 width = encoder_hidden_size(encoder_config)
             except ValueError as exc:
@@ -189,7 +188,6 @@ class MultimodalProjector(PreTrainedModel):
             raise MmloomError(f"the projection does not take {in_features}-wide features: {exc}") from None
         finally:
             self.train(was_training)
-        from mmloom.model.outputs import feature_width
 
         return feature_width(out)
 

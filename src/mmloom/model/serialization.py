@@ -104,28 +104,6 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def apply_peft_specs(model, config) -> list[str]:
-    """Wrap the parts of `model` that `config` (a MultimodalConfig) records as PEFT-wrapped, and that are
-    not wrapped yet, with the recorded PEFT spec (LoRA ...), so that a trainable-only save of a PEFT run
-    (adapter weights + the spec) loads on a base model without adapters. Returns the parts wrapped."""
-    specs = [("language model", config.language_model, model, "language_model")]
-    specs += [(f"{name} encoder", spec.get("module", {}), model.encoders[name], "module")
-              for name, spec in config.encoders.items() if name in model.encoders]
-    wrapped = []
-    for what, spec, owner, attribute in specs:
-        peft_spec = (spec or {}).get("peft")
-        if not peft_spec or hasattr(getattr(owner, attribute), "peft_config"):
-            continue
-        from peft import get_peft_config, get_peft_model
-
-        try:
-            setattr(owner, attribute, get_peft_model(getattr(owner, attribute), get_peft_config(peft_spec)))
-        except (ValueError, KeyError, TypeError) as err:
-            raise MmloomError(f"the recorded PEFT spec of the {what} does not apply to the base model: {err}") from None
-        wrapped.append(what)
-    return wrapped
-
-
 # ----------------------------------------------------------------------- streamed safetensors
 # The safetensors format (huggingface/safetensors): 8 bytes little-endian header length N, N bytes
 # of JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}} padded

@@ -35,7 +35,7 @@ Decoding rules (:func:`to_rgb`, used by :func:`load_image` and :class:`ImageTran
 Decoded images have a pixel budget (:data:`MAX_IMAGE_PIXELS`, width x height), checked from the
 file's header before any pixel is decoded: a small file can hold a huge picture (a 330 KB PNG of
 13000 x 13000 16-bit pixels decodes to gigabytes), and no processor needs one. Over it,
-:func:`load_image` raises :class:`ImageTooLargeError` (the data build counts it as an
+:func:`load_image` raises a MediaError with reason `image_too_large` (the data build counts it as an
 `image_too_large` skip; chat and generate stop with one line).
 
 Arithmetic is float32 throughout (HF rescales in float64 and casts: the values differ by at most
@@ -48,12 +48,16 @@ import os
 import threading
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageStat, UnidentifiedImageError
 
 from mmloom.errors import MmloomError
+from mmloom.processing.media_spec import MediaError, MediaSpec
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: `mmloom --help` reads the specs without it
+    import numpy as np
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -77,27 +81,21 @@ RESAMPLE = {
 }
 
 
-class ImageLoadError(MmloomError):
-    """An image file is missing, unreadable, not an image or truncated; ``path`` and ``reason`` are set."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"cannot load image {str(path)!r}: {reason}")
-        self.path = str(path)
-        self.reason = reason
-
-
-class ImageTooLargeError(ImageLoadError):
-    """An image with more pixels than the budget (read from its header; nothing was decoded)."""
+def image_error(path: str | os.PathLike, reason: str, detail: str) -> MediaError:
+    """The MediaError of an image file that cannot be used: `reason` is `missing_image` (no such
+    file), `image_too_large` (over the pixel budget, read from the header: nothing was decoded) or
+    `bad_image` (unreadable, not an image, truncated)."""
+    return MediaError(path, reason, detail, f"cannot load image {str(path)!r}: {detail}")
 
 
 def check_pixel_budget(image: Image.Image, path: str | os.PathLike, max_pixels: int | None = None) -> None:
-    """Raise ImageTooLargeError when the opened (not yet decoded) `image` has more than `max_pixels`
-    (default :data:`MAX_IMAGE_PIXELS`) pixels; its size comes from the header."""
+    """Raise MediaError `image_too_large` when the opened (not yet decoded) `image` has more than
+    `max_pixels` (default :data:`MAX_IMAGE_PIXELS`) pixels; its size comes from the header."""
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     width, height = image.size
     if width * height > limit:
-        raise ImageTooLargeError(path, f"{width} x {height} = {width * height / 1e6:,.1f} Mpx, more than the budget of "
-                                       f"{limit / 1e6:,.1f} Mpx (dataset.max_image_pixels, MMLOOM_MAX_IMAGE_PIXELS)")
+        raise image_error(path, "image_too_large", f"{width} x {height} = {width * height / 1e6:,.1f} Mpx, more than "
+                          f"the budget of {limit / 1e6:,.1f} Mpx (dataset.max_image_pixels, MMLOOM_MAX_IMAGE_PIXELS)")
 
 
 _TRUNCATED_LOCK = threading.Lock()
@@ -109,16 +107,17 @@ def load_image(path: str | os.PathLike, convert: str | None = "RGB", max_pixels:
     ``convert="RGB"`` (the default) goes through :func:`to_rgb`: 16-bit and float pictures are scaled
     to 8 bit (never clipped to white) and transparent ones composited onto white.
 
-    An image of more than `max_pixels` pixels (default :data:`MAX_IMAGE_PIXELS`) raises
-    :class:`ImageTooLargeError` before it is decoded. Truncated files raise :class:`ImageLoadError`
-    even when ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was switched on elsewhere (it is switched off
-    while this image decodes).
+    Raises :class:`~mmloom.processing.media_spec.MediaError` with the data build's skip reason:
+    `missing_image` (no such file, or a folder), `image_too_large` (more than `max_pixels` pixels,
+    default :data:`MAX_IMAGE_PIXELS`, before anything is decoded) or `bad_image` (not an image,
+    unreadable; truncated files too, even when ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was switched
+    on elsewhere: it is switched off while this image decodes).
     """
     p = os.fspath(path)
     if not os.path.exists(p):
-        raise ImageLoadError(p, "file not found")
+        raise image_error(p, "missing_image", "file not found")
     if os.path.isdir(p):
-        raise ImageLoadError(p, "is a directory, not an image file")
+        raise image_error(p, "missing_image", "is a directory, not an image file")
     try:
         with open(p, "rb") as f:
             with warnings.catch_warnings():  # PIL's own bomb warning: the budget below is the check
@@ -132,14 +131,14 @@ def load_image(path: str | os.PathLike, convert: str | None = "RGB", max_pixels:
                     img.load()
                 finally:
                     ImageFile.LOAD_TRUNCATED_IMAGES = saved
-    except ImageLoadError:
+    except MediaError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(p, "not a recognised image format (corrupt or not an image)") from None
+        raise image_error(p, "bad_image", "not a recognised image format (corrupt or not an image)") from None
     except PermissionError as e:
-        raise ImageLoadError(p, f"permission denied ({e.strerror})") from None
+        raise image_error(p, "bad_image", f"permission denied ({e.strerror})") from None
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(p, f"too large ({e})") from None
+        raise image_error(p, "image_too_large", f"too large ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e) or type(e).__name__
         reason = (
@@ -147,7 +146,7 @@ def load_image(path: str | os.PathLike, convert: str | None = "RGB", max_pixels:
             if "truncated" in msg.lower() or isinstance(e, EOFError)
             else "corrupt image data"
         )
-        raise ImageLoadError(p, f"{reason} ({msg})") from None
+        raise image_error(p, "bad_image", f"{reason} ({msg})") from None
     if convert == "RGB":
         return to_rgb(img)
     if convert is not None and img.mode != convert:
@@ -156,6 +155,8 @@ def load_image(path: str | os.PathLike, convert: str | None = "RGB", max_pixels:
 
 
 def _stretch(values: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros_like(values, dtype=np.float64)
@@ -168,6 +169,8 @@ def to_8bit(image: Image.Image) -> Image.Image:
     16-bit data is divided by 257 (rounded), float data in [0, 1] multiplied by 255; data outside
     those ranges is stretched from its minimum and maximum to 0..255 (see the module docstring).
     """
+    import numpy as np
+
     if image.mode not in HIGH_BIT_DEPTH_MODES:
         return image
     values = np.asarray(image, dtype=np.float64)
@@ -213,6 +216,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = TRANSPARENT_BA
 
 
 def _size_pair(size: Any, step: str) -> tuple[int, int] | int:
+    import numpy as np
+
     if isinstance(size, bool):
         raise MmloomError(f"transform {step!r}: size must be an int or [height, width], got {size!r}")
     if isinstance(size, (int, np.integer)) and size > 0:
@@ -322,6 +327,8 @@ class CenterCrop(Step):
         self.size = s if isinstance(s, tuple) else (s, s)
 
     def __call__(self, image):
+        import numpy as np
+
         ch, cw = self.size
         if isinstance(image, Image.Image):
             w, h = image.size
@@ -351,6 +358,8 @@ class ToTensor(Step):
         self.factor = float(factor)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
+        import numpy as np
+
         arr = np.array(image, dtype=np.float32).transpose(2, 0, 1)  # a new float32 array (never the input)
         arr *= np.float32(self.factor)
         return arr
@@ -381,6 +390,8 @@ class Normalize(Step):
             raise MmloomError(f"transform 'normalize': std must be non-zero, got {list(self.std)}")
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
         std = np.asarray(self.std, dtype=np.float32)[:, None, None]
         out = np.subtract(image, mean, dtype=np.float32)  # float32 throughout, one new array
@@ -483,6 +494,8 @@ class ImageTransform:
         return cls.from_steps([build_step(t, image_size) for t in transforms], image_size)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
+        import numpy as np
+
         if not isinstance(image, Image.Image):
             raise MmloomError(f"ImageTransform expects a PIL image, got {type(image).__name__}")
         x = to_rgb(image)
@@ -509,14 +522,182 @@ class ImageTransform:
         return f"ImageTransform({self.steps!r}, image_size={self.image_size})"
 
 
+def blank_like(image: Image.Image) -> Image.Image:
+    """An image of the same size filled with the image's mean colour (the blanked-image baseline)."""
+    mean = tuple(int(round(c)) for c in ImageStat.Stat(image).mean[:3])
+    return Image.new("RGB", image.size, mean)
+
+
+def height_width(image) -> tuple[int, int]:
+    """(height, width) of a PIL image or a (C, H, W) / (H, W, C) array."""
+    if hasattr(image, "size") and not hasattr(image, "shape"):
+        width, height = image.size
+        return height, width
+    shape = tuple(image.shape)
+    return (shape[1], shape[2]) if shape[0] in (1, 3, 4) else (shape[0], shape[1])
+
+
+@dataclass(frozen=True)
+class ImageSpec(MediaSpec):
+    """Images (`vision`): PIL images decoded with :func:`load_image`, turned into `pixel_values`
+    `(N, 3, H, W)` by `transform` (an :class:`ImageTransform`, a transformers image processor or
+    any callable image -> (3, H, W) array).
+
+    Counting (`num_tokens`): a fixed number of feature tokens per image (the data build's
+    `dataset.num_patches`, `MultimodalProcessor.num_tokens`), or a variable-resolution rule
+    (`mmloom.model.feature_count.variable_token_spec`: Pixtral, Qwen2-VL) read from the image
+    processor's outputs; with `anyres` (`AnyresPack` settings) the count follows each image's size.
+    `max_pixels` is the decoding budget (None: :data:`MAX_IMAGE_PIXELS`); `dtype` the torch dtype of
+    `pixel_values` (None: as the transform gives it).
+    """
+
+    noun = "image"
+    item_noun = "image"
+    processor_arg = "images"
+    folder_keys = ("image_dir", "img_data_dir")
+    build_key = None
+    reasons = ("bad_image_path", "missing_image", "bad_image", "image_too_large", "image_token_mismatch",
+               "multiple_images", "image_in_later_turn")
+    baseline = "blank-images"
+    cli_help = {"item": "the image to talk about (default: none; /image PATH in the session)",
+                "dir": "root of the question images (default: the questions file's folder)",
+                "baseline": "replace every image by its mean colour (checks that answers come from the image)"}
+    default_placeholder = "<image>"
+    token_offset = 0
+    hf_processor_loader = "AutoImageProcessor"
+
+    modality: str = "vision"
+    placeholder: str = "<image>"
+    record_key: str = "image"
+    num_tokens: int | dict[str, Any] | None = None
+    anyres: dict[str, Any] | None = None
+    transform: Any = None
+    max_pixels: int | None = None
+    dtype: Any = None
+
+    @property
+    def encoder_processor(self) -> Any:
+        return self.transform
+
+    def load(self, path: str | os.PathLike) -> Image.Image:
+        """The image at `path`, fully decoded, as 8-bit RGB (:func:`load_image`)."""
+        return load_image(path, max_pixels=self.max_pixels)
+
+    def check(self, path: str | os.PathLike) -> None:
+        """Fully decode the file within the pixel budget (no conversion: the data build's check)."""
+        load_image(path, convert=None, max_pixels=self.max_pixels).close()
+
+    @property
+    def fixed_token_count(self) -> int | None:
+        return self.num_tokens if isinstance(self.num_tokens, int) and self.anyres is None else None
+
+    def token_counts(self, items: Sequence[Any], inputs: dict[str, Any] | None = None) -> list[int]:
+        """Feature tokens per image: anyres from each image's (height, width); a fixed count; or a
+        variable-resolution rule read from `inputs` (else from running the image processor).
+        Raises MmloomError when the spec has no count."""
+        from mmloom.model.callbacks import anyres_num_tokens
+        from mmloom.model.feature_count import counts_from_inputs, item_token_counts
+
+        if self.anyres is not None:
+            return [anyres_num_tokens(height_width(item), **self.anyres) for item in items]
+        if self.num_tokens is None:
+            raise MmloomError(f"no feature-token count for {self.modality}: build the processor with from_model()")
+        if isinstance(self.num_tokens, dict) and inputs is not None and items:
+            counts = counts_from_inputs(self.num_tokens, inputs)
+            if counts is not None and len(counts) == len(items):
+                return counts
+        return item_token_counts(self.num_tokens, list(items), self.transform)
+
+    def encoder_inputs(self, items: Sequence[Any], **kwargs: Any) -> dict[str, Any]:
+        """`{"pixel_values": (N, 3, H, W)}` (plus what a transformers processor returns, e.g.
+        `image_sizes`; anyres: each image's real views, flattened to (sum of views, 3, H, W))."""
+        import numpy as np
+        import torch
+
+        if self.transform is None:
+            raise MmloomError(f"no image processor for {self.modality} inputs")
+        if hasattr(self.transform, "model_input_names"):  # a transformers image processor
+            inputs = dict(self.transform(list(items), return_tensors="pt", **kwargs))
+            if self.anyres is not None:
+                inputs["pixel_values"] = self._anyres_views(inputs)
+            return inputs
+        return {"pixel_values": torch.stack([torch.as_tensor(np.asarray(self.transform(item)), dtype=self.dtype)
+                                             for item in items])}
+
+    def _anyres_views(self, inputs: dict[str, Any]):
+        """LLaVA-NeXT processors pad every image to the same number of views, (N, P, C, H, W);
+        the model takes each image's real views, flattened: (sum of views, C, H, W)."""
+        import torch
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        pixel_values = inputs["pixel_values"]
+        if pixel_values.dim() == 4:
+            return pixel_values
+        views = [image_size_to_num_patches(hw.tolist(), self.anyres["image_grid_pinpoints"], self.anyres["image_size"])
+                 for hw in inputs["image_sizes"]]
+        return torch.cat([image[:n] for image, n in zip(pixel_values, views, strict=True)])
+
+    def dummy(self) -> tuple[dict[str, Any], int]:
+        """A zero image of the transform's size and its fixed token count.
+        Raises MmloomError when the transform has no `image_size` or the count is not fixed."""
+        import torch
+
+        size = int(getattr(self.transform, "image_size", 0) or 0)
+        if size <= 0:
+            raise MmloomError("image_transform has no image_size: cannot make the dummy image of text-only samples")
+        dtype = self.dtype if self.dtype is not None else torch.float32
+        return {"pixel_values": torch.zeros(1, 3, size, size, dtype=dtype)}, int(self.fixed_token_count or 0)
+
+    def blank(self, item: Image.Image) -> Image.Image:
+        return blank_like(item)
+
+    @classmethod
+    def from_processor(cls, modality: str, encoder_processor: Any, *, placeholder: str, token_id: int | None = None,
+                       count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None
+                       ) -> ImageSpec:
+        return cls(modality=modality, placeholder=placeholder, record_key=record_key or "image", token_id=token_id,
+                   transform=encoder_processor, num_tokens=count, anyres=anyres)
+
+    @classmethod
+    def from_build_config(cls, dataset) -> ImageSpec:
+        """The images of a data build (the seed's `dataset` keys: `num_patches` slots each, None for a
+        build without images; `image_dir`, `image_key`, `image_token`, `max_image_pixels`)."""
+        from pathlib import Path
+
+        return cls(placeholder=dataset.image_token, record_key=dataset.image_key,
+                   folder=Path(dataset.image_dir) if dataset.image_dir is not None else None,
+                   num_tokens=dataset.num_patches, max_pixels=dataset.max_image_pixels)
+
+    @classmethod
+    def from_data(cls, data_params: dict[str, Any], folder: str | os.PathLike | None = None, **settings: Any
+                  ) -> ImageSpec | None:
+        """The images of a built data folder: `image_patch_info.num_patches` slots each (None when the
+        data has no image slots), `post-process.image_token_id`, the build's `dataset` keys (image
+        key, placeholder, `image_dir`, `max_image_pixels`); `settings` add the transform and dtype."""
+        from pathlib import Path
+
+        dataset = data_params.get("dataset") or {}
+        count = (data_params.get("image_patch_info") or {}).get("num_patches", dataset.get("num_patches"))
+        if count is None:
+            return None
+        budget = dataset.get("max_image_pixels")
+        folder = folder if folder is not None else dataset.get(cls.folder_keys[0])
+        return cls(placeholder=dataset.get("image_token", cls.default_placeholder),
+                   record_key=dataset.get("image_key", "image"),
+                   token_id=(data_params.get("post-process") or {}).get("image_token_id"),
+                   folder=Path(folder) if folder is not None else None, num_tokens=int(count),
+                   max_pixels=budget if isinstance(budget, int) and budget > 0 else None, **settings)
+
+
 __all__ = [
     "CLIP_BACKGROUND",
     "CLIP_MEAN",
     "CLIP_STD",
     "TRANSPARENT_BACKGROUND",
-    "ImageLoadError",
+    "ImageSpec",
     "ImageTransform",
     "STEPS",
+    "blank_like",
     "build_step",
     "has_transparency",
     "load_image",

@@ -1,9 +1,10 @@
-"""MultimodalProcessor: conversations + images/audio -> model-ready tensors with labels.
+"""MultimodalProcessor: conversations + media items -> model-ready tensors with labels.
 
-It runs each modality's HF processor, renders the conversation with a template, expands every
-placeholder (`<image>`, `<audio>`) to exactly as many tokens as the composite model produces
-features for that item, and masks everything but the assistant answers. It never touches the
-model: token ids and feature counts come from the model's saved config.
+It runs each modality's processor (through the modality's `MediaSpec`, `mmloom.processing.media`),
+renders the conversation with a template, expands every placeholder (`<image>`, ...) to exactly as
+many tokens as the composite model produces features for that item, and masks everything but the
+assistant answers. It never touches the model: token ids and feature counts come from the model's
+saved config.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, BatchFeature
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+import transformers
+from transformers import AutoProcessor, BatchFeature
 
 from mmloom.errors import MmloomError
 from mmloom.files import read_json, write_json
-from mmloom.model.callbacks import AnyresPack, anyres_num_tokens
-from mmloom.model.feature_count import AUDIO_FRAMES, counts_from_inputs, item_token_counts, token_count_spec
+from mmloom.model.callbacks import AnyresPack
+from mmloom.model.feature_count import token_count_spec
 from mmloom.model.merge import IGNORE_INDEX
-from mmloom.processing.audio import extract_features, load_audio
 from mmloom.processing.image import ImageTransform
+from mmloom.processing.media import MEDIA, default_placeholder, spec_for_processor
+from mmloom.processing.media_spec import MediaSpec
 from mmloom.processing.templates import (
     ConversationTemplate,
     default_template_name,
@@ -31,20 +33,11 @@ from mmloom.processing.templates import (
     tokenize_prompt,
 )
 from mmloom.processing.tokenizer import load_tokenizer, token_id
+from mmloom.processing.tokenizer_files import save_tokenizer
 from mmloom.remote_code import refuse_remote_code
 
 PROCESSOR_CONFIG = "mmloom_processor.json"
 TRANSFORM_FILE = "{name}_transform.json"  # an mmloom ImageTransform, saved as its steps
-DEFAULT_PLACEHOLDERS = {"vision": "<image>", "audio": "<audio>"}
-
-
-def _height_width(image) -> tuple[int, int]:
-    """(height, width) of a PIL image or a (C, H, W) / (H, W, C) array."""
-    if hasattr(image, "size") and not hasattr(image, "shape"):
-        width, height = image.size
-        return height, width
-    shape = tuple(image.shape)
-    return (shape[1], shape[2]) if shape[0] in (1, 3, 4) else (shape[0], shape[1])
 
 
 def _as_item_lists(items, batch_size: int, what: str) -> list[list[Any]]:
@@ -54,12 +47,6 @@ def _as_item_lists(items, batch_size: int, what: str) -> list[list[Any]]:
     if len(items) != batch_size:
         raise MmloomError(f"got {len(items)} {what} entries for {batch_size} samples (use None for no {what})")
     return [[] if x is None else list(x) if isinstance(x, (list, tuple)) else [x] for x in items]
-
-
-def is_audio_processor(processor) -> bool:
-    """An HF audio feature extractor (it has a sampling rate and turns waveforms into features)."""
-    return hasattr(processor, "sampling_rate") and hasattr(processor, "model_input_names") and \
-        "input_features" in getattr(processor, "model_input_names", ())
 
 
 def pad_rows(rows, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -106,7 +93,7 @@ class MultimodalProcessor:
             template = default_template_name(tokenizer)
         self.template = get_template(template, **self.template_options) if isinstance(template, str) else template
         self.placeholders = {
-            name: DEFAULT_PLACEHOLDERS.get(name, f"<{name}>") for name in self.encoder_processors
+            name: default_placeholder(name) for name in self.encoder_processors
         } | dict(placeholders or {})
         self.num_tokens = dict(num_tokens or {})
         self.anyres = dict(anyres or {})  # modality -> AnyresPack settings: tokens depend on image size
@@ -120,6 +107,12 @@ class MultimodalProcessor:
                     f"tokenizer.add_special_tokens({{'additional_special_tokens': [{placeholder!r}]}})"
                 )
             self.placeholder_ids[name] = placeholder_id
+        # one media-item spec per modality: how its items are processed and counted
+        self.media: dict[str, MediaSpec] = {
+            name: spec_for_processor(name, self.encoder_processors.get(name), placeholder, self.placeholder_ids[name],
+                                     self.num_tokens.get(name), self.anyres.get(name))
+            for name, placeholder in self.placeholders.items()
+        }
 
     @classmethod
     def from_model(cls, model, tokenizer, encoder_processors: dict[str, Any], template=None, **kwargs):
@@ -158,16 +151,14 @@ class MultimodalProcessor:
             return messages_from_llava(sample, placeholder=tuple(self.placeholders.values()))
         return list(sample)
 
-    def item_tokens(self, modality: str, items: list[Any]) -> list[int]:
-        """Feature tokens each item of `modality` becomes (anyres: from each image's size)."""
-        if modality in self.anyres:
-            return [anyres_num_tokens(_height_width(item), **self.anyres[modality]) for item in items]
-        if modality not in self.num_tokens:
+    def item_tokens(self, modality: str, items: list[Any], inputs: dict[str, Any] | None = None) -> list[int]:
+        """Feature tokens each item of `modality` becomes (its spec's count rule: a fixed count, from
+        each image's size for anyres, from the items' encoder `inputs` (or their processor's outputs)
+        for variable-resolution images and audio). Raises MmloomError when the processor has no count
+        for `modality` (build it with `from_model`)."""
+        if modality not in self.anyres and modality not in self.num_tokens:
             raise MmloomError(f"no feature-token count for {modality}: build the processor with from_model()")
-        processor = self.encoder_processors.get(modality)
-        if is_audio_processor(processor):
-            items = [self._waveform(processor, item) for item in items]
-        return item_token_counts(self.num_tokens[modality], items, self.encoder_processors.get(modality))
+        return self.media[modality].token_counts(items, inputs)
 
     def encode_messages(
         self, messages: list[dict], item_tokens: dict[str, list[int]], add_generation_prompt: bool = False,
@@ -206,80 +197,54 @@ class MultimodalProcessor:
             )
         return out_ids, out_labels
 
-    def _run_encoder_processor(self, name: str, items: list[Any], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        processor = self.encoder_processors.get(name)
-        if processor is None:
-            raise MmloomError(f"no processor for {name} inputs; this processor has {sorted(self.encoder_processors)}")
-        if is_audio_processor(processor):  # waveforms (or audio files) -> features + frame mask
-            rate = kwargs.get("sampling_rate", processor.sampling_rate)
-            if rate != processor.sampling_rate:
-                raise MmloomError(
-                    f"{name} waveforms given at {rate} Hz but the feature extractor takes {processor.sampling_rate} Hz; "
-                    "resample them (mmloom.processing.audio.resample) or pass file paths"
-                )
-            return extract_features(processor, [self._waveform(processor, item) for item in items])
-        if hasattr(processor, "model_input_names"):  # a HF image processor / feature extractor
-            inputs = dict(processor(items, return_tensors="pt", **kwargs))
-            if name in self.anyres:
-                inputs["pixel_values"] = self._anyres_views(name, inputs)
-            return inputs
-        return {"pixel_values": torch.stack([torch.as_tensor(processor(item)) for item in items])}
-
-    @staticmethod
-    def _waveform(processor, item):
-        """An audio item as a waveform at the extractor's rate: arrays as given, paths decoded."""
-        if isinstance(item, (str, Path)):
-            return load_audio(item, processor.sampling_rate)
-        return item
-
-    def _anyres_views(self, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """LLaVA-NeXT processors pad every image to the same number of views, (N, P, C, H, W);
-        the model takes each image's real views, flattened: (sum of views, C, H, W)."""
-        pixel_values, spec = inputs["pixel_values"], self.anyres[name]
-        if pixel_values.dim() == 4:
-            return pixel_values
-        views = [image_size_to_num_patches(hw.tolist(), spec["image_grid_pinpoints"], spec["image_size"])
-                 for hw in inputs["image_sizes"]]
-        return torch.cat([image[:n] for image, n in zip(pixel_values, views, strict=True)])
-
     def __call__(
         self,
         conversations: Sequence | None = None,
         text: Sequence[str] | None = None,
-        images=None,
-        audio=None,
+        *,
         add_generation_prompt: bool = False,
         padding_side: str = "right",
         return_labels: bool = True,
         processor_kwargs: dict[str, dict] | None = None,
+        **items,
     ) -> BatchFeature:
-        """Process a batch; per sample, `images`/`audio` hold None, one item or a list of items.
+        """Process a batch. The media items come per modality under its spec's `keyword`
+        (`images=`, `audio=`): per sample None, one item or a list of items, in placeholder order
+        (images: PIL images or arrays; audio: waveforms at the extractor's rate or file paths).
 
         `conversations` are chat messages or LLaVA records (rendered with the template);
         `text` are raw prompts used as they are (e.g. "USER: <image>\\nWhat? ASSISTANT:").
-        Returns input_ids, attention_mask, labels and one dict of inputs per modality
-        (e.g. `vision={"pixel_values": ...}`), ready for `model(**batch)`.
+        `processor_kwargs` maps a modality to keyword arguments of its processor.
+        Returns input_ids, attention_mask, labels and one dict of inputs per modality with items
+        (e.g. `vision={"pixel_values": ...}`: the batch format of `mmloom.model.batch`), ready for
+        `model(**batch)`. Raises MmloomError for an unknown keyword, items of a modality without a
+        processor, and placeholders that do not match the items.
         """
         if (conversations is None) == (text is None):
             raise MmloomError("pass either conversations or text")
         samples = list(conversations if conversations is not None else text)
-        items = {"vision": _as_item_lists(images, len(samples), "images"),
-                 "audio": _as_item_lists(audio, len(samples), "audio")}
-        encoded, counted = {}, {}
-        for name in self.placeholder_ids:
-            flat = [item for per_sample in items.get(name, []) for item in per_sample]
+        known = {spec.keyword for spec in self.media.values()} | {cls.processor_arg for cls in MEDIA.values()}
+        if set(items) - known:
+            raise MmloomError(f"unknown argument(s) {sorted(set(items) - known)}; the items go as "
+                              f"{', '.join(f'{arg}=' for arg in sorted(known))}")
+        per_sample = {name: _as_item_lists(items.get(spec.keyword), len(samples), spec.keyword)
+                      for name, spec in self.media.items()}
+        encoded = {}
+        for name, spec in self.media.items():
+            flat = [item for sample_items in per_sample[name] for item in sample_items]
             if flat:
-                encoded[name] = self._run_encoder_processor(name, flat, (processor_kwargs or {}).get(name, {}))
-            spec = self.num_tokens.get(name)
-            if flat and isinstance(spec, dict) and spec.get("type") == AUDIO_FRAMES:
-                # one count per clip, from the frame mask of the features the model will get
-                flat_counts = iter(counts_from_inputs(spec, encoded[name]))
-                counted[name] = [[next(flat_counts) for _ in per_sample] for per_sample in items[name]]
+                if name not in self.encoder_processors:
+                    raise MmloomError(f"no processor for {name} inputs; this processor has "
+                                      f"{sorted(self.encoder_processors)}")
+                encoded[name] = spec.encoder_inputs(flat, **(processor_kwargs or {}).get(name, {}))
+        counted = {}
+        for name in self.media:
+            flat = [item for sample_items in per_sample[name] for item in sample_items]
+            flat_counts = iter(self.item_tokens(name, flat, encoded.get(name)))
+            counted[name] = [[next(flat_counts) for _ in sample_items] for sample_items in per_sample[name]]
         rows = []
         for index, sample in enumerate(samples):
-            tokens = {name: counted[name][index] if name in counted else
-                      self.item_tokens(name, items[name][index] if name in items else [])
-                      for name in self.placeholder_ids}
+            tokens = {name: counted[name][index] for name in self.media}
             if text is not None:  # LLaVA's tokenizer_image_token layout
                 ids = tokenize_prompt(self.tokenizer, sample, tuple(self.placeholders.values()))
                 rows.append(self._expand(ids, list(ids), tokens, index))
@@ -317,8 +282,6 @@ class MultimodalProcessor:
         """Save the tokenizer, each modality's processor (`{name}_processor/`) and the settings."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        from mmloom.interop.tokenizer_files import save_tokenizer  # + tokenizer.model, legacy flag
-
         save_tokenizer(self.tokenizer, directory)
         for name, processor in self.encoder_processors.items():
             if isinstance(processor, ImageTransform):
@@ -351,7 +314,7 @@ class MultimodalProcessor:
                 spec = read_json(transform)
                 processors[name] = ImageTransform.from_config(spec["transforms"], spec["image_size"])
                 continue
-            loader = AutoImageProcessor if name == "vision" else AutoFeatureExtractor if name == "audio" else AutoProcessor
+            loader = getattr(transformers, MEDIA[name].hf_processor_loader) if name in MEDIA else AutoProcessor
             refuse_remote_code(directory / f"{name}_processor", f"{name} processor folder")
             processors[name] = loader.from_pretrained(directory / f"{name}_processor", trust_remote_code=False)
         tokenizer = load_tokenizer(directory)

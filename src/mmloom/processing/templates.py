@@ -9,14 +9,15 @@ LLaVA code recomputes lengths per round and silently masks whole samples when th
 
 Conventions (documented because tests and other modules rely on them):
 
-* Placeholders such as ``<image>`` and ``<audio>`` stay in the text; when they are special tokens
+* Placeholders (``PLACEHOLDERS``: ``<image>`` and those of the other modalities of
+  `mmloom.processing.media.MEDIA`) stay in the text; when they are special tokens
   of the tokenizer they become their single special id. Literal end tokens in the text
   (``</s>``, ``<|eot_id|>``, ``<|im_end|>``...) become their special ids the same way.
 * Templates with ``add_bos`` (``plain``, ``vicuna_v1``, ``llama2``) prepend the tokenizer's BOS
   *id*; ``TokenizedConversation.text`` is then ``tokenizer.bos_token + render(...)``, i.e. exactly
   what ``input_ids`` decode to. ``llama3`` and ``mistral`` carry their BOS in the text itself.
 * Token layout = LLaVA's ``tokenizer_image_token``: the rendered conversation is cut at every
-  placeholder (``<image>``, ``<audio>``); each piece is tokenized as a text of its own (the first
+  placeholder (``<image>``, ...); each piece is tokenized as a text of its own (the first
   with BOS, the others without) and the placeholders become their single ids. So with a
   SentencePiece tokenizer (Llama-2 / Vicuna, dummy prefix ``"▁"``) the piece after an image starts
   with its prefix: ``... USER: ▁ <image> ▁ \n What`` and phase-1 captions start ``▁an``, exactly
@@ -44,9 +45,8 @@ from typing import Any
 
 from mmloom.errors import MmloomError
 from mmloom.model.merge import IGNORE_INDEX
+from mmloom.processing.media import PLACEHOLDERS
 from mmloom.processing.tokenizer import token_id
-
-PLACEHOLDERS = ("<image>", "<audio>")
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -98,8 +98,8 @@ def messages_from_llava(
     ``placeholder + "\\n" + text_without_placeholder.strip()`` (then stripped), exactly like
     LLaVA's ``preprocess_multimodal``; records with several placeholders (interleaved,
     LLaVA-OneVision style) keep every placeholder where it is. A tuple of placeholders (e.g.
-    ``("<image>", "<audio>")``) applies the rule to each one: those found exactly once are moved
-    to the front of their turn in the tuple's order (``<image>\\n<audio>\\ntext``). A trailing
+    ``PLACEHOLDERS``) applies the rule to each one: those found exactly once are moved to the
+    front of their turn in the tuple's order (``<image>\\n<other>\\ntext``). A trailing
     unanswered human turn is kept.
     Raises :class:`ConversationError` with ``reason`` in ``ConversationError.REASONS``.
     """

@@ -1,9 +1,8 @@
-"""Build the composite LLaVA model described by a training config, and load start weights."""
+"""Build the composite LLaVA model a training config describes: its HF parts (pretrained folders or inline
+configs), encoders, projectors and placeholder ids, on the meta device for `model_loading.build_base_model`."""
 
 from __future__ import annotations
 
-import contextlib
-import re
 from pathlib import Path
 from typing import Any
 
@@ -11,66 +10,25 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
-from mmloom.files import read_json
+from mmloom.model import hf_parts
 from mmloom.model.callbacks import AudioPool, FeatureSelect
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.feature_count import check_feature_strategy, default_feature_strategy
+from mmloom.model.hf_parts import AUDIO_TYPES, PartRecipe, spec_model_type
 from mmloom.model.meta_init import (
-    SafetensorsReader,
     WeightSources,
-    detach_values,
     hf_folder_sources,
-    materialize,
     meta_module,
     mmloom_folder_sources,
-    placeholders,
 )
 from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
 from mmloom.model.projector import MultimodalProjector, MultimodalProjectorConfig
-from mmloom.remote_code import refuse_remote_code
+from mmloom.processing.media import default_token_id
 from mmloom.training.config import ModelSection, TrainConfig
-from mmloom.training.distributed import (
-    DistContext,
-    apply_fsdp,
-    broadcast_rng_state,
-    gather_rows,
-    load_from_rank0,
-    unwrap,
-)
-
-# Vision model classes when a folder holds a full dual-tower model (e.g. openai/clip-vit-*).
-_VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
-
-
-def _vision_config(config):
-    return getattr(config, "vision_config", None) or config
-
-
-def _check_inline_matches(inline: dict, loaded: dict, key: str) -> None:
-    for name, value in inline.items():
-        if name in ("model_type", "pretrained"):
-            continue
-        if name in loaded and loaded[name] != value and not (
-            isinstance(value, (list, tuple)) and list(loaded[name] or []) == list(value)
-        ):
-            raise MmloomError(
-                f"model.{key}.{name} = {value!r} but the pretrained folder's config has {loaded[name]!r}"
-            )
-
-
-def _inline_config(spec: dict[str, Any], key: str):
-    """The HF config of an inline `model.{key}` dict (`model_type` + config keys)."""
-    from transformers import AutoConfig
-
-    params = {k: v for k, v in spec.items() if k not in ("model_type", "pretrained")}
-    try:
-        return AutoConfig.for_model(spec["model_type"], **params)
-    except (ValueError, KeyError) as exc:
-        raise MmloomError(f"model.{key}: {exc}") from None
 
 
 class StartPlan:
-    """How `build_model` builds a model on the meta device, for `build_starting_model`.
+    """How `build_model` builds a model on the meta device, for `model_loading.build_base_model`.
 
     Parts with pretrained weights are built on the meta device (no storage, no random draws: as
     transformers' `from_pretrained` builds them) and their tensors recorded in `sources` (file and
@@ -118,97 +76,16 @@ class StartPlan:
         self.sources.add_by_name(model, mmloom_folder_sources(folder, model))
 
 
-def _part(plan: StartPlan | None, spec, load, skeleton, random) -> nn.Module:
-    """One HF part: `random()` for an inline config, `load()` for a folder; on the meta device by `plan`."""
-    if isinstance(spec, dict) and spec.get("pretrained") is None:
-        return random() if plan is None else plan.random_part(random)
-    if plan is None:
-        return load()
-    return plan.pretrained_part(load, skeleton, spec if isinstance(spec, str) else spec["pretrained"])
-
-
-def build_vision_model(spec: str | dict[str, Any], attn_implementation: str | None,
-                       plan: StartPlan | None = None) -> nn.Module:
-    import transformers
-    from transformers import AutoConfig, AutoModel
-
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if isinstance(spec, dict) and spec.get("pretrained") is None:
-        config = _vision_config(_inline_config(spec, "image_model"))
-        return _part(plan, spec, None, None, lambda: AutoModel.from_config(config, trust_remote_code=False, **kwargs))
-    path = spec if isinstance(spec, str) else spec["pretrained"]
-    refuse_remote_code(path, "model.image_model")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if isinstance(spec, dict):
-        _check_inline_matches(spec, _vision_config(config).to_dict(), "image_model")
-    cls_name = _VISION_TOWERS.get(config.model_type)
-    if cls_name:  # the vision tower of a dual-tower folder
-        cls = getattr(transformers, cls_name)
-        tower_config = cls.config_class.from_pretrained(path, trust_remote_code=False)
-        skeleton = lambda: cls._from_config(tower_config, **kwargs)  # noqa: E731
+def _part(plan: StartPlan | None, recipe: PartRecipe) -> nn.Module:
+    """One HF part by its recipe (`model.hf_parts`): random weights for an inline config, the folder's
+    otherwise; on the meta device by `plan` (see `StartPlan`)."""
+    if recipe.random is not None:
+        module = recipe.random() if plan is None else plan.random_part(recipe.random)
+    elif plan is None:
+        module = recipe.load()
     else:
-        cls = AutoModel
-        skeleton = lambda: AutoModel.from_config(config, trust_remote_code=False, **kwargs)  # noqa: E731
-    return _part(plan, spec, lambda: cls.from_pretrained(path, trust_remote_code=False, **kwargs), skeleton, None)
-
-
-def build_text_model(spec: str | dict[str, Any], attn_implementation: str | None,
-                     plan: StartPlan | None = None) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if isinstance(spec, dict) and spec.get("pretrained") is None:
-        config = _inline_config(spec, "text_model")
-        return _part(plan, spec, None, None,
-                     lambda: AutoModelForCausalLM.from_config(config, trust_remote_code=False, **kwargs))
-    path = spec if isinstance(spec, str) else spec["pretrained"]
-    refuse_remote_code(path, "model.text_model")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if isinstance(spec, dict):
-        _check_inline_matches(spec, config.to_dict(), "text_model")
-    return _part(plan, spec,
-                 lambda: AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False,
-                                                              **kwargs),
-                 lambda: AutoModelForCausalLM.from_config(config, trust_remote_code=False, **kwargs), None)
-
-
-AUDIO_MODEL_TYPES = {"whisper"}  # HF model types whose encoder takes log-mel input_features
-
-
-def _model_type(spec: str | dict[str, Any]) -> str:
-    if isinstance(spec, dict) and spec.get("pretrained") is None:
-        return str(spec["model_type"])
-    from transformers import AutoConfig
-
-    path = spec if isinstance(spec, str) else spec["pretrained"]
-    refuse_remote_code(path, "model folder")
-    return AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
-
-
-def build_audio_model(spec: str | dict[str, Any], attn_implementation: str | None,
-                      plan: StartPlan | None = None) -> nn.Module:
-    """The encoder of a Whisper model: from an inline config (random weights) or a Whisper folder
-    (WhisperModel or WhisperForConditionalGeneration weights)."""
-    from transformers import AutoConfig, WhisperConfig, WhisperModel
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if isinstance(spec, dict) and spec.get("pretrained") is None:
-        config = _inline_config(spec, "encoders.audio.model")
-        if attn_implementation:
-            config._attn_implementation = attn_implementation
-        return _part(plan, spec, None, None, lambda: WhisperEncoder(config))
-    path = spec if isinstance(spec, str) else spec["pretrained"]
-    refuse_remote_code(path, "encoders.audio.model")
-    if isinstance(spec, dict):
-        _check_inline_matches(spec, AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict(),
-                              "encoders.audio.model")
-    model = _part(plan, spec,
-                  lambda: WhisperModel.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False,
-                                                       **kwargs),
-                  lambda: WhisperModel._from_config(WhisperConfig.from_pretrained(path, trust_remote_code=False),
-                                                    **kwargs), None)
-    return model.get_encoder()
+        module = plan.pretrained_part(recipe.load, recipe.skeleton, recipe.folder)
+    return recipe.finish(module)
 
 
 def encoder_settings(m: ModelSection) -> dict[str, Any]:
@@ -224,29 +101,25 @@ def encoder_settings(m: ModelSection) -> dict[str, Any]:
     return out
 
 
-def default_token_id(name: str, vocab_size: int, index: int) -> int:
-    """Placeholder ids when a config gives none: those `mmloom data build` adds to a tokenizer that
-    lacks them (`<image>` = vocab_size, `<audio>` = vocab_size + 1), others after them."""
-    return vocab_size + {"vision": 0, "audio": 1}.get(name, 2 + index)
-
-
 def build_encoder(name: str, settings, m: ModelSection, plan: StartPlan | None = None) -> ModalEncoderModule:
     """One encoder of the composite: the module, its feature selection / pooling callback and a
     lazy projector of its own type (default `model.projector`)."""
     projector = MultimodalProjector(MultimodalProjectorConfig(projector_type=settings.projector or m.projector))
-    if _model_type(settings.model) in AUDIO_MODEL_TYPES:
+    seed_keys = name == "vision" and m.image_model is not None  # the seed's image_model keys
+    key = "image_model" if seed_keys else f"encoders.{name}.model"
+    if spec_model_type(settings.model) in AUDIO_TYPES:
         pooling = settings.pooling
         pool = AudioPool(stride=pooling.stride if pooling else 1, mode=pooling.mode if pooling else "mean",
                          downsample=2, layer=settings.feature_layer)
-        return ModalEncoderModule(build_audio_model(settings.model, m.attn_implementation, plan), projector=projector,
-                                  postprocess_module_callback=pool)
+        recipe = hf_parts.audio_encoder(settings.model, key, m.attn_implementation, dtype=torch.float32)
+        return ModalEncoderModule(_part(plan, recipe), projector=projector, postprocess_module_callback=pool)
     if settings.pooling is not None:
         raise MmloomError(f"model.encoders.{name}.pooling applies to audio encoders only")
     layer = -2 if settings.feature_layer is None else settings.feature_layer
-    tower = build_vision_model(settings.model, m.attn_implementation, plan)
+    tower = _part(plan, hf_parts.vision_tower(settings.model, key, m.attn_implementation))
     mode = settings.feature_mode or default_feature_strategy(tower.config)  # no CLS token (SigLIP): full
-    check_feature_strategy(tower.config, mode, "model.image_feature_select_mode" if name == "vision" and
-                           m.image_model is not None else f"model.encoders.{name}.feature_mode")
+    check_feature_strategy(tower.config, mode, "model.image_feature_select_mode" if seed_keys
+                           else f"model.encoders.{name}.feature_mode")
     return ModalEncoderModule(tower, projector=projector, postprocess_module_callback=FeatureSelect(layer, mode))
 
 
@@ -265,184 +138,9 @@ def build_model(cfg: TrainConfig | ModelSection, seed: int = 0, plan: StartPlan 
         return model.train()
     settings = encoder_settings(m)
     encoders = {name: build_encoder(name, s, m, plan) for name, s in settings.items()}
-    llm = build_text_model(m.text_model, m.attn_implementation, plan)
+    llm = _part(plan, hf_parts.causal_lm(m.text_model, "text_model", m.attn_implementation, dtype=torch.float32))
     vocab = llm.config.vocab_size
     token_ids = {name: s.token_id if s.token_id is not None else default_token_id(name, vocab, k)
                  for k, (name, s) in enumerate(settings.items())}
     model = MultimodalModel(encoders, llm, init_projector_type=m.projector, placeholder_token_ids=token_ids)
     return model.float().train()
-
-
-def lora_part(model, name: str) -> tuple[Any, str]:
-    """(owner module, attribute) of a `lora.parts` entry: language_model / text_model, or an encoder
-    by modality name, `{name}_encoder` or the Cerebras-style `image_model` / `audio_model`."""
-    if name in ("language_model", "text_model"):
-        return model, "language_model"
-    aliases = {"image_model": "vision", "audio_model": "audio"}
-    modality = aliases.get(name, name.removesuffix("_encoder").removesuffix(".module"))
-    if modality not in model.encoder_names:
-        raise MmloomError(
-            f"model.lora.parts: unknown part {name!r}; use language_model or an encoder of {model.encoder_names}"
-        )
-    return model.encoders[modality], "module"
-
-
-def apply_lora(model, settings) -> None:
-    """Wrap each part of `settings.parts` (default the language model) with its own PEFT LoRA
-    adapters (only the adapters train)."""
-    from peft import LoraConfig, get_peft_model
-
-    target = settings.target_modules
-    for name in getattr(settings, "parts", ["language_model"]):
-        owner, attribute = lora_part(model, name)
-        module = getattr(owner, attribute)
-        if hasattr(module, "peft_config"):
-            continue
-        config = LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=target if isinstance(target, str) else list(target),
-        )
-        setattr(owner, attribute, get_peft_model(module, config))
-    from mmloom.training.lora import check_mergeable
-
-    check_mergeable(model)  # an adapter no merge can fold in exactly is refused before training
-
-
-# ------------------------------------------------------------------------------- weights
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-FINAL_MODEL = "final_model"
-
-
-def list_checkpoints(model_dir: str | Path, complete_only: bool = True) -> list[tuple[int, Path]]:
-    """`checkpoint-N` folders of a run folder, oldest first: those with trainer_state.json, or
-    every one with `complete_only=False` (for `checkpoint.choose_resume_checkpoint` to report)."""
-    model_dir = Path(model_dir)
-    found = []
-    if model_dir.is_dir():
-        for p in model_dir.iterdir():
-            match = CHECKPOINT_RE.match(p.name)
-            if match and p.is_dir() and (not complete_only or (p / "trainer_state.json").exists()):
-                found.append((int(match.group(1)), p))
-    return sorted(found)
-
-
-def resolve_weights_folder(path: str | Path) -> Path:
-    """An mmloom model folder from a model folder, a checkpoint or a run folder (final model or latest checkpoint)."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        return path
-    if (path / FINAL_MODEL / "config.json").exists():
-        return path / FINAL_MODEL
-    checkpoints = list_checkpoints(path)
-    if checkpoints:
-        return checkpoints[-1][1]
-    raise MmloomError(f"{path}: no mmloom model, final_model or checkpoint-N folder there")
-
-
-def folder_has_peft(folder: Path) -> bool:
-    try:
-        data = read_json(Path(folder) / "config.json")
-    except MmloomError:
-        return False
-    if (data.get("language_model") or {}).get("peft"):
-        return True
-    return any(((spec or {}).get("module") or {}).get("peft") for spec in (data.get("encoders") or {}).values())
-
-
-def load_model_weights(model, folder: str | Path, ctx: DistContext | None = None) -> int:
-    """Load the weights of an mmloom model folder (full or trainable-only) into `model` (plain,
-    DDP-wrapped or FSDP2-sharded), one tensor at a time: the first rank reads each tensor and hands it
-    out (the rows of each rank's shard under FSDP2, the whole tensor otherwise). Collective when
-    `ctx` is distributed. Returns the number of tensors loaded. Raises MmloomError for tensors
-    `model` lacks or whose shapes differ (before any is loaded)."""
-    base = unwrap(model)
-    sources = mmloom_folder_sources(folder, base)
-    ctx = ctx or DistContext()
-    with SafetensorsReader() as reader:
-        load_from_rank0(base, ctx, lambda name, target: reader.read(sources[name], target.dtype), set(sources))
-    return len(sources)
-
-
-def frozen_fingerprint(model, ctx: DistContext | None = None) -> str:
-    """A cheap fingerprint of the frozen parameters (trainable-only checkpoints rely on them): the
-    sum and the absolute sum of each whole tensor, accumulated in float64 on the CPU. The shards of
-    an FSDP2 model are gathered on the first rank one tensor at a time, which computes the
-    fingerprint and gives it to every rank (collective; `ctx` is needed then)."""
-    ctx = ctx or DistContext()
-    sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
-    total, absolute, count = 0.0, 0.0, 0
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                continue
-            t, gathered = p.detach(), hasattr(p, "device_mesh")
-            if gathered:
-                t = gather_rows(t, ctx, torch.float64) if ctx.distributed else t.full_tensor()
-                if t is None:  # not the first rank
-                    continue
-            t = t.to("cpu", torch.float64, copy=not gathered)  # summed in float64 as the checkpoints recorded
-            total += float(t.sum())
-            absolute += float(t.abs_().sum())
-            count += t.numel()
-            del t
-    fingerprint = f"{count}:{total:.10e}:{absolute:.10e}"
-    return ctx.broadcast_object(fingerprint) if sharded and ctx.distributed else fingerprint
-
-
-def build_starting_model(cfg: TrainConfig, start_folder: Path | None = None, ctx: DistContext | None = None,
-                         wrap: bool = False) -> nn.Module:
-    """The model a run starts from: built from the config and seed, `start_folder`'s weights
-    loaded (a PEFT folder after LoRA is added), frozen as configured, on `ctx.device`.
-
-    The model is built on the meta device (`StartPlan`: no process holds weights it does not
-    need), then allocated and filled one tensor at a time: the first rank reads each pretrained or
-    start tensor from its safetensors file, or takes the value it built (random parts: the same
-    values and random state as a one-process build), and hands it to every rank. With `wrap` the
-    model is readied for training under `ctx`: gradient checkpointing as configured, then FSDP2
-    (each block sharded while still on the meta device, so a rank allocates only its shards: its
-    host memory at start-up is its shard plus the tensor in flight, plus, on the first rank, the
-    parts with random weights). Under DDP every rank holds the same model (the first one reads it),
-    returned unwrapped: the trainer wraps it (`Trainer.wrap_ddp`) once a micro-batch shows which
-    parameters get gradients. Returns the FSDP2-wrapped model or the composite (`distributed.unwrap`
-    gives the composite either way). Collective when `ctx` is distributed. Raises MmloomError for
-    weights that do not fit the configured model."""
-    ctx = ctx or DistContext()
-    plan = StartPlan(values_here=ctx.is_main)
-    model = build_model(cfg, seed=cfg.runconfig.seed, plan=plan)
-    start_has_peft = start_folder is not None and folder_has_peft(start_folder)
-    if start_folder is not None and not start_has_peft:
-        plan.load_folder(model, start_folder)
-    if cfg.model.freeze:
-        model.freeze(cfg.model.freeze)
-    if cfg.model.lora is not None:
-        with placeholders(model) if plan.values_here else contextlib.nullcontext():
-            apply_lora(model, cfg.model.lora)  # adapters with values where the random parts are built
-    if start_has_peft:
-        plan.load_folder(model, start_folder)
-    broadcast_rng_state(ctx)  # every rank continues from the random state of a one-process build
-    if ctx.is_main:
-        for note in plan.notes:
-            print(f"note: {note}")
-    model.train()
-    sharded = wrap and ctx.distributed and ctx.mode == "fsdp"
-    if wrap and cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    sources = plan.sources.by_name(model)
-    values = detach_values(model) if sharded else {}  # FSDP2 shards meta tensors only
-    if not ctx.is_main:
-        values.clear()  # only the first rank's values are handed out
-    if sharded:
-        apply_fsdp(model, cfg.model.precision)
-    materialize(model, ctx.device)
-
-    def value(name: str, target: torch.Tensor) -> torch.Tensor | None:
-        if name in sources:
-            values.pop(name, None)
-            return reader.read(sources[name], target.dtype)
-        return values.pop(name, None)  # None: the tensor holds its value already
-
-    with SafetensorsReader() as reader:
-        load_from_rank0(model, ctx, value)
-    return model

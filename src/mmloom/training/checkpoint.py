@@ -7,7 +7,7 @@
   turn and written by the rank that owns its file, so no rank ever holds the whole model;
 - the processor files (`mmloom_processor.json`, tokenizer, image transform), as with final_model;
 - `run_config.yaml`: the run's resolved training config (trainable-only checkpoints), from which
-  :func:`load_saved_model` rebuilds the frozen weights when no base model is given;
+  :func:`mmloom.training.model_loading.load_model` rebuilds the base model when none is given;
 - `optimizer/`: the optimizer state (AdamW moments and steps) written with
   `torch.distributed.checkpoint` in safetensors files (`HuggingFaceStorageWriter`): each rank writes
   its own shard, and the state loads on any number of ranks (resharded on load);
@@ -23,14 +23,16 @@ what was meant to be written, and renamed (atomic): a killed or failed save leav
 checkpoints as they were. A save that fails (full disk) is one MmloomError naming the folder and the
 space the checkpoint needs, on every rank, with nothing of it left behind.
 
-At resume, `choose_resume_checkpoint` verifies the checkpoints newest first (manifest sizes and
-hashes, safetensors headers, readable JSON) and takes the newest complete one, naming what it
-skipped; a checkpoint whose optimizer or RNG state is missing is refused unless
-`runconfig.resume_weights_only` asks for its weights alone.
+At resume, the run folder (:meth:`mmloom.training.run_folder.RunFolder.resume_point`) has
+:func:`verify_checkpoint` check the checkpoints newest first (manifest sizes and hashes, safetensors
+headers, readable JSON) and takes the newest complete one, naming what it skipped; a checkpoint
+whose optimizer or RNG state is missing is refused unless `runconfig.resume_weights_only` asks for
+its weights alone.
 
-:func:`load_saved_model` loads any of them for inference, conversion or merging: a full save as it
-is; a trainable-only checkpoint on `base` (PEFT adapters applied as recorded), or, without `base`, on
-the starting model its run config describes (checked against the recorded frozen-weight fingerprint).
+:func:`mmloom.training.model_loading.load_model` loads any of them for inference, conversion or
+merging: a full save as it is; a trainable-only checkpoint on `base` (PEFT adapters applied as
+recorded), or, without `base`, on the base model its run config describes (checked against the
+recorded frozen-weight fingerprint).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import math
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,19 +57,22 @@ from torch import nn
 from mmloom.errors import MmloomError
 from mmloom.files import apply_umask, free_bytes, is_disk_full, mib, read_json
 from mmloom.model import serialization as ser
-from mmloom.training.builder import list_checkpoints
 from mmloom.training.distributed import DistContext, unwrap
+from mmloom.training.run_folder import (
+    RESOLVED_CONFIG,
+    RUN_CONFIG,
+    TRAINER_STATE,
+    RunFolder,
+    old_sibling,
+    temp_sibling,
+)
 
 FORMAT = 2
-TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 OPTIMIZER_DIR = "optimizer"
 LEGACY_OPTIMIZER = "optimizer.pt"  # format 1
 HASH_LIMIT = 64 * 2**20  # files up to this size get a SHA-256 in the manifest
 OPTIMIZER_FILE_BYTES = 2**30  # optimizer state per file (full size; each rank writes its part)
-PARTIAL = ".tmp-partial"
-RUN_CONFIG = "run_config.yaml"
-RESOLVED_CONFIG = "resolved_config.yaml"  # written by the trainer into MODEL_DIR
 
 
 def rng_file(rank: int) -> str:
@@ -368,7 +374,7 @@ class _Save:
 
     @property
     def tmp(self) -> Path:
-        return self.target.with_name(f".{self.target.name}{PARTIAL}")
+        return temp_sibling(self.target)
 
     def begin(self) -> None:
         """Rank 0 clears a stale temporary folder and checks the free space; all ranks learn the outcome."""
@@ -432,7 +438,7 @@ class _Save:
                     apply_umask(self.tmp)  # safetensors writes 0600 files
                     old = None
                     if self.target.exists():  # an older save of the same step (a damaged one): replaced
-                        old = self.target.with_name(f".{self.target.name}.old")
+                        old = old_sibling(self.target)
                         shutil.rmtree(old, ignore_errors=True)
                         self.target.rename(old)
                     self.tmp.rename(self.target)
@@ -470,7 +476,8 @@ def save_checkpoint(
     `processor` (a MultimodalProcessor, on rank 0) is saved with it so that chat / generate / convert
     can use the folder. Raises CheckpointWriteError on every rank when any write fails (nothing of it
     is kept)."""
-    target = Path(model_dir) / f"checkpoint-{step}"
+    run_folder = RunFolder(model_dir)
+    target = run_folder.checkpoint(step)
     tensors, _ = model_tensors(model, trainable_only)
     flat = optimizer_tensors(model, optimizer)
     needed = sum(_nbytes(t) for _, t in tensors) + sum(_nbytes(t) for t in flat.values()) + 2**20
@@ -487,8 +494,7 @@ def save_checkpoint(
         save.step(lambda: None)
     save.finish()
     if ctx.is_main and keep_last is not None:
-        for _, old in list_checkpoints(model_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        run_folder.prune(keep_last)
     ctx.barrier()
     return target
 
@@ -603,28 +609,6 @@ def verify_checkpoint(folder: Path) -> CheckpointCheck:
     return check
 
 
-def choose_resume_checkpoint(model_dir: Path, weights_only: bool = False) -> tuple[Path | None, list[str]]:
-    """The newest usable `checkpoint-N` of a run folder (None when there is none at all) and notes
-    on the newer ones skipped. Raises MmloomError when checkpoints exist but none is usable."""
-    folders = list_checkpoints(model_dir, complete_only=False)
-    notes, checks = [], []
-    for _, folder in reversed(folders):
-        check = verify_checkpoint(folder)
-        if check.usable(weights_only):
-            if weights_only and check.state:
-                notes.append(f"{folder.name}: resuming from its weights only "
-                             f"(runconfig.resume_weights_only; {'; '.join(check.state[:2])})")
-            return folder, [*(f"skipped {c.describe(weights_only)}" for c in checks), *notes]
-        checks.append(check)
-    if not checks:
-        return None, []
-    lines = "; ".join(c.describe(weights_only) for c in checks)
-    hint = ("; if only the optimizer/RNG state is damaged, set runconfig.resume_weights_only=true to continue "
-            "from the weights" if any(not c.weights for c in checks) and not weights_only else "")
-    raise MmloomError(f"no usable checkpoint in {model_dir} ({lines}); move the damaged checkpoint folders "
-                      f"away to start the run afresh{hint}")
-
-
 def load_training_state(folder: Path, model: nn.Module, optimizer, ctx: DistContext,
                         weights_only: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Restore the optimizer state and this rank's RNG from a checkpoint (after its weights) unless
@@ -659,51 +643,74 @@ def load_training_state(folder: Path, model: nn.Module, optimizer, ctx: DistCont
     return state, notes
 
 
-def _run_config_path(folder: Path) -> Path | None:
-    for path in (folder / RUN_CONFIG, folder.parent / RESOLVED_CONFIG):
-        if path.exists():
-            return path
-    return None
+# ---------------------------------------------------------------------------- checkpointer
+class Checkpointer:
+    """When and what a run saves into its run folder, after `runconfig`: `checkpoint-N` every
+    `checkpoint_steps` steps and at the last step (:meth:`save`), or at once when asked (`force`: a
+    stop), the newest `keep_last` of them kept; the final model (:meth:`save_final_model`). Each
+    checkpoint holds the trainer state `state(step)` gives and, like the final model, the processor
+    `processor()` builds ((processor, why not); built once, on rank 0), so that chat, generate and
+    convert take the folder as it is. :meth:`load` restores a checkpoint's optimizer and RNG state.
 
+    `last_saved` is the step of this run's newest checkpoint (None before the first; the resumed
+    checkpoint's after :meth:`load`), `last_state` the trainer state it holds. Every method is
+    collective under torchrun."""
 
-def load_saved_model(folder: str | Path, base=None, torch_dtype=None, device=None):
-    """A saved mmloom model (eval mode) from a model folder, a checkpoint or a run folder (its
-    final_model, else its latest checkpoint), for chat, generate, convert and merge-lora.
+    def __init__(self, run_folder: RunFolder, model: nn.Module, optimizer, ctx: DistContext, run,
+                 state: Callable[[int], dict[str, Any]], processor: Callable[[], tuple[Any, str | None]]):
+        self.run_folder = run_folder
+        self.model = model
+        self.optimizer = optimizer
+        self.ctx = ctx
+        self.every = run.checkpoint_steps
+        self.keep_last = run.keep_last
+        self.trainable_only = run.save_trainable_only
+        self.state = state
+        self.make_processor = processor
+        self.processor: tuple[Any, str | None] | None = None  # built at the first save
+        self.last_saved: int | None = None
+        self.last_state: dict[str, Any] = {}
 
-    A trainable-only checkpoint loads on `base` (a full model folder or a MultimodalModel; PEFT specs
-    recorded in the checkpoint are applied to it); without `base`, on the starting model rebuilt from
-    the checkpoint's run config (`run_config.yaml`, else the run folder's resolved config), which must
-    give the frozen-weight fingerprint the run recorded. Raises MmloomError otherwise."""
-    from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
-    from mmloom.training import builder
-    from mmloom.training.config import load_train_config
+    def due(self, step: int, last_step: bool = False) -> bool:
+        """Whether step `step` (1-based, done) gets a checkpoint: every `checkpoint_steps`, and the last."""
+        return bool(self.every and step % self.every == 0) or last_step
 
-    folder = builder.resolve_weights_folder(folder)
-    config = MultimodalConfig.load(folder)
-    if not config.trainable_only or base is not None:
-        return MultimodalModel.from_pretrained(folder, torch_dtype=torch_dtype, base=base, device=device)
-    run_config = _run_config_path(folder)
-    if run_config is None:
-        raise MmloomError(
-            f"{folder} holds trainable weights only and no run config to rebuild the others from; "
-            "give the full model it was trained on as the base (e.g. --base DIR)"
-        )
-    cfg = load_train_config(run_config)
-    start = None
-    if cfg.runconfig.checkpoint_path is not None:
-        start = builder.resolve_weights_folder(cfg.runconfig.checkpoint_path)
-        if start.resolve() == folder.resolve():
-            raise MmloomError(f"{folder}: its run config names the checkpoint itself as the starting model")
-    model = builder.build_starting_model(cfg, start)
-    recorded = read_trainer_state(folder).get("frozen_fingerprint") if (folder / TRAINER_STATE).exists() else None
-    if recorded and recorded != builder.frozen_fingerprint(model):
-        raise MmloomError(
-            f"{folder} holds trainable weights only, and the frozen weights rebuilt from {run_config} differ from "
-            "those the run trained with (changed model folders or config?); give the right base model (--base DIR)"
-        )
-    model.load_weights(ser.load_state_dict(folder), tied_weights=config.tied_weights, strict=False)
-    dtype = config.torch_dtype if torch_dtype is None else torch_dtype
-    model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    def saved_processor(self) -> tuple[Any, str | None]:
+        """(processor, why not) saved with checkpoints and the final model, built once (rank 0 only)."""
+        if self.processor is None:
+            self.processor = self.make_processor() if self.ctx.is_main else (None, "not the main process")
+        return self.processor
+
+    def save(self, step: int, last_step: bool = False, force: bool = False) -> Path | None:
+        """Save `checkpoint-{step}` when it is due (:meth:`due`) or `force`d; returns its path, or None
+        when no checkpoint was due. Raises CheckpointWriteError on every rank when a write fails
+        (nothing of it is kept; the earlier checkpoints are intact)."""
+        if not (force or self.due(step, last_step)):
+            return None
+        state = self.state(step)
+        path = save_checkpoint(self.run_folder.path, step, self.model, self.optimizer, state, self.ctx,
+                               trainable_only=self.trainable_only, keep_last=self.keep_last,
+                               processor=self.saved_processor()[0])
+        self.last_saved, self.last_state = step, state
+        return path
+
+    def save_final_model(self) -> None:
+        """`final_model/`: all weights, streamed (see :func:`save_model`), with the processor when the
+        data allows one (so that chat/generate/convert can use the folder as it is)."""
+        processor, why_not = None, None
+        if self.ctx.is_main:
+            processor, why_not = self.saved_processor()
+        extra = (lambda folder: processor.save_pretrained(folder)) if processor is not None else None
+        save_model(self.run_folder.final_model, self.model, self.ctx, extra)
+        if self.ctx.is_main and processor is None:
+            print(f"note: no processor saved with the final model ({why_not})")
+
+    def load(self, folder: Path, weights_only: bool = False, same_run: bool = True) -> tuple[dict[str, Any], list[str]]:
+        """Restore the optimizer and RNG state of the checkpoint `folder` (its weights are loaded
+        already; nothing with `weights_only`), see :func:`load_training_state`; a checkpoint of this run
+        (`same_run`) becomes `last_saved`. Returns its trainer state and notes for the user."""
+        state, notes = load_training_state(folder, self.model, self.optimizer, self.ctx, weights_only=weights_only)
+        if same_run:
+            self.last_saved = int(state["global_step"])
+        return state, notes
+

@@ -270,7 +270,8 @@ class RunSection(_Section):
         "that never get a gradient are found and left out by themselves)")
     resume_allow_changed: list[Literal["data", "tokenizer", "start_model"]] = Field(
         default_factory=list, description="resume although these changed since the checkpoint was written (the "
-        "training data's files, the data's tokenizer, the starting model's files); default: refused")
+        "training data's files, the data's tokenizer, the files of the base model the run started from); default: "
+        "refused")
     resume_weights_only: bool = Field(
         False,
         description="resume from the latest checkpoint's weights, step and data position with a fresh optimizer "
@@ -303,6 +304,14 @@ class PreferenceSection(_Section):
 
 
 class TrainConfig(_Section):
+    """A training config (`mmloom train CONFIG`): the seed's Cerebras LLaVA sections (see the module
+    docstring). `train_input` is needed to train, `eval_input` to evaluate (checked by
+    :func:`check_config_paths` for the mode a run uses); `model` says what the base model is built
+    from (`model_loading.build_base_model`) and what trains; `optimizer` and `schedule` the AdamW
+    settings and the learning-rate schedule; `runconfig` the run's length, checkpoints, logging,
+    seed, distribution and resume policy. Unknown keys are refused (pydantic, `extra="forbid"`);
+    load one with :func:`load_train_config`."""
+
     train_input: InputConfig | None = None
     eval_input: InputConfig | None = None
     model: ModelSection

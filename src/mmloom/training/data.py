@@ -1,5 +1,6 @@
 """The trainer's data wiring: which dataset, collator and sampler a training config asks for,
-the processor saved with a trained model, and the feature cache of a config.
+how its samples make the run's steps (`StepPlan`), the processor saved with a trained model, and
+the feature cache of a config.
 
 Everything here turns `train_input` / `eval_input` settings into objects of `mmloom.data`;
 the data layer itself knows nothing about training configs.
@@ -7,7 +8,11 @@ the data layer itself knows nothing about training configs.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from mmloom.data.build import special_ids
 from mmloom.data.build_config import DatasetConfig, template_spec
-from mmloom.data.collate import PackedCollator
+from mmloom.data.collate import FeatureCollator, PackedCollator, TrainCollator
 from mmloom.data.feature_cache import (
     CachedFeatureDataset,
     cache_dir_for,
@@ -25,21 +30,39 @@ from mmloom.data.feature_cache import (
 )
 from mmloom.data.h5_format import read_data_params
 from mmloom.data.hdf5_dataset import HDF5LlavaDataset
-from mmloom.data.sampling import LengthGroupedStepSampler, PackedStepSampler, StepBatchSampler, sample_lengths
+from mmloom.data.preference import PreferenceCollator, PreferencePairs
+from mmloom.data.sampling import (
+    EvalSampler,
+    LengthGroupedStepSampler,
+    PackedStepSampler,
+    PaddedDataset,
+    StepBatchSampler,
+    sample_lengths,
+    steps_per_epoch,
+)
 from mmloom.errors import MmloomError
 from mmloom.model.attention import use_packed_attention
 from mmloom.processing.image import ImageTransform
 from mmloom.processing.processor import MultimodalProcessor
 from mmloom.processing.tokenizer import load_tokenizer
-from mmloom.training import builder
-from mmloom.training.config import InputConfig, check_config_paths
-from mmloom.training.modalities import audio_processor, audio_reader
+from mmloom.training.config import InputConfig, ModelSection, TrainConfig, check_config_paths
+from mmloom.training.distributed import DistContext
+from mmloom.training.modalities import (
+    check_data_media,
+    data_media,
+    media_processors,
+    media_readers,
+    vision_geometry,
+    with_media,
+)
+from mmloom.training.model_loading import base_folder, model_at
 from mmloom.training.preemption import ignore_stop_signals_in_worker
+from mmloom.training.run_folder import RunFolder
 
 
 def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
     """The dataset of an input section: HDF5 samples with images transformed to `image_size`, or
-    with cached encoder features (`use_cached_features`); with their audio clips when the data has
+    with cached encoder features (`use_cached_features`); with the items of other modalities when the data has
     some. `image_size` 0 (a model without a vision encoder) reads no image. The folder's
     data_params.json is required (a build that did not finish has none: refused here, first)."""
     read_data_params(section.data_dir)
@@ -48,7 +71,7 @@ def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
     size = section.image_size or image_size
     transform = ImageTransform.from_config(section.transforms, size) if size else None
     return HDF5LlavaDataset(section.data_dir, section.img_data_dir, transform, dtype=dtype,
-                            audio_reader=audio_reader(section))
+                            media_readers=media_readers(section))
 
 
 def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0,
@@ -79,16 +102,15 @@ def processor_for(section: InputConfig, image_size: int, model):
         params = read_data_params(section.data_dir)
         dataset = DatasetConfig.model_validate(params["dataset"])
         tokenizer = load_tokenizer(params["processor"]["tokenizer_type"], what="processor.tokenizer_type")
-        audio = dataset.audio
-        # the stock tokenizer lacks <image> (and <audio>): added as data build does
-        special_ids(tokenizer, dataset.image_token, audio.audio_token if audio else None)
+        media = data_media(section.data_dir, section, params)
+        # the stock tokenizer lacks the placeholders (<image>, ...): added in the order data build adds them
+        special_ids(tokenizer, [dataset.image_token, *(spec.placeholder for spec in media)])
         processors = {}
         if "vision" in model.encoder_names:
             processors["vision"] = ImageTransform.from_config(section.transforms, section.image_size or image_size)
-        if "audio" in model.encoder_names and audio_processor(section) is not None:
-            processors["audio"] = audio_processor(section)
+        processors |= media_processors(section, model)
         style, options = template_spec(dataset, tokenizer)  # the template `mmloom data build` used
-        placeholders = {"audio": audio.audio_token} if audio else {}
+        placeholders = {spec.modality: spec.placeholder for spec in media}
         return MultimodalProcessor.from_model(model, tokenizer, processors, template=style,
                                               template_options=options, placeholders=placeholders), None
     except (MmloomError, OSError, KeyError, ValueError) as err:
@@ -118,7 +140,7 @@ def check_token_ids(model, data_dir: str | Path) -> None:
     """Refuse, at train (or eval) start, data whose token ids the model cannot take, in one line:
 
     - ids the LLM cannot embed: the data's tokenizer (`post-process.vocab_size` of
-      `data_params.json`, the size before `<image>` / `<audio>` were added; placeholders never
+      `data_params.json`, the size before the placeholders were added; placeholders never
       appear in the data, its slots hold the pad id) is larger than the LLM's embedding matrix, and
       the data's largest id really reaches past it (read from the files: named with the LLM's
       vocabulary size). Without a recorded `vocab_size` (Cerebras' files) the files are read.
@@ -181,16 +203,165 @@ def train_lengths(section: InputConfig, dataset) -> np.ndarray | None:
     return None
 
 
-def step_sampler(section: InputConfig, dataset, lengths, *args, **kwargs) -> StepBatchSampler:
-    """The step sampler of `train_input` (`StepBatchSampler(*args, **kwargs)` arguments):
+@dataclass
+class StepPlan:
+    """How the samples of `train_input` make a run's optimizer steps on its ranks.
+
+    A step takes `global_batch` samples (`train_input.batch_size`): each of the `world_size`
+    ranks runs `accum` micro-batches of `micro_batch` samples (fewer or more with packing, the
+    same samples per step). Step `s` reads global batch `s % steps_per_epoch` of epoch
+    `s // steps_per_epoch` (a permutation seeded by `seed` and the epoch when `shuffle`); with
+    `drop_last` false the last global batch of an epoch is filled up with loss-free padding
+    samples (`samples` then counts the dataset as padded). The run ends after `total_steps`."""
+
+    samples: int
+    global_batch: int
+    micro_batch: int
+    total_steps: int
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = True
+
+    @property
+    def accum(self) -> int:
+        """Micro-batches per rank and step (gradient accumulation)."""
+        return self.global_batch // (self.world_size * self.micro_batch)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.samples, self.global_batch, self.drop_last)
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, samples: int, ctx: DistContext) -> StepPlan:
+        """The plan of `cfg` (`train_input`, `runconfig.max_steps` or `num_epochs`) for a dataset of
+        `samples` (padding wrapper included) on the ranks of `ctx`. Raises MmloomError when the batch
+        size does not split into the ranks' micro-batches, or the data holds fewer samples than one
+        global batch."""
+        section, run = cfg.train_input, cfg.runconfig
+        B, W = section.batch_size, ctx.world_size
+        micro = section.micro_batch_size or max(1, B // W)
+        if B % (W * micro):
+            raise MmloomError(
+                f"train_input.batch_size {B} must be a multiple of ranks x micro_batch_size ({W} x {micro})"
+            )
+        if samples < B:
+            raise MmloomError(f"train_input: the dataset has {samples} samples, fewer than one global batch ({B})")
+        plan = cls(samples, B, micro, 0, W, ctx.rank, run.seed, section.shuffle, section.drop_last)
+        if run.max_steps is not None:
+            plan.total_steps = run.max_steps
+        else:
+            plan.total_steps = max(1, int(math.ceil((run.num_epochs or 1.0) * plan.steps_per_epoch)))
+        return plan
+
+
+def step_sampler(section: InputConfig, dataset, lengths, plan: StepPlan, start_step: int = 0) -> StepBatchSampler:
+    """The step sampler of `train_input` for steps `start_step .. plan.total_steps - 1`:
     `PackedStepSampler` with `packing` (micro-batches of even token counts, at most
     micro_batch_size x the data's MSL tokens each), `LengthGroupedStepSampler` with
     `group_by_length`, else `StepBatchSampler`; `lengths` from `train_lengths`."""
+    args = (plan.samples, plan.global_batch, plan.world_size, plan.rank, plan.micro_batch, plan.seed, plan.shuffle,
+            start_step, plan.total_steps)
     if section.packing:
-        return PackedStepSampler(lengths, dataset.max_sequence_length, *args, **kwargs)
+        return PackedStepSampler(lengths, dataset.max_sequence_length, *args, drop_last=plan.drop_last)
     if section.group_by_length:
-        return LengthGroupedStepSampler(lengths, *args, **kwargs)
-    return StepBatchSampler(*args, **kwargs)
+        return LengthGroupedStepSampler(lengths, *args, drop_last=plan.drop_last)
+    return StepBatchSampler(*args, drop_last=plan.drop_last)
+
+
+def base_collator(data_dir: str | Path, model_section: ModelSection, model) -> TrainCollator:
+    """The `TrainCollator` of the data in `data_dir` for `model`: the pad id (`model.pad_token_id`,
+    else the data's, else the LLM's) and the model's image slots, after checking that data and model
+    agree (image start index, image slots per image, modalities, token ids). Raises MmloomError
+    naming the setting to change otherwise."""
+    params = read_data_params(data_dir)
+    patch_info = params.get("image_patch_info") or {}
+    num_feature_tokens = vision_geometry(model)[0]
+    start = patch_info.get("image_patch_start_idx")
+    if model_section.image_start_idx is not None and start is not None and start != model_section.image_start_idx:
+        raise MmloomError(
+            f"model.image_start_idx is {model_section.image_start_idx} but {data_dir}/data_params.json says the "
+            f"image slots start at {start} (image_patch_info.image_patch_start_idx)"
+        )
+    data_slots = patch_info.get("num_patches")
+    if data_slots is not None and data_slots != num_feature_tokens:
+        raise MmloomError(
+            f"image features and image tokens do not match: the data in {data_dir} has {data_slots} image "
+            f"slots per image but the model gives {num_feature_tokens} features per image "
+            "(check image_size, patch_size and image_feature_select_mode)"
+        )
+    pad = model_section.pad_token_id
+    if pad is None:
+        pad = (params.get("post-process") or {}).get("pad_id")
+    if pad is None:
+        pad = getattr(model.language_model.config, "pad_token_id", None)
+    if pad is None:
+        raise MmloomError("cannot tell the pad token id: set model.pad_token_id")
+    check_data_media(model, data_dir)  # images or other media the model cannot read
+    check_token_ids(model, data_dir)  # ids the LLM cannot embed, a placeholder id the data lacks
+    image_token_id = model.placeholder_token_ids.get("vision", -1)
+    return TrainCollator(image_token_id, int(pad), num_feature_tokens, dummy_images="vision" in model.encoder_names)
+
+
+def make_collator(section: InputConfig, model_section: ModelSection, model, dataset, *, train: bool):
+    """The collator of an input section, for training (`train`) or evaluation: `base_collator`,
+    then with `train` packing (`train_collator`), cached encoder features instead of images
+    (`use_cached_features`), and the items of the data's other modalities (with `train`, a dummy item
+    keeps each of their encoders in every micro-batch, as DDP and FSDP need). Raises as `base_collator`."""
+    collate = base_collator(section.data_dir, model_section, model)
+    if train:
+        collate = train_collator(collate, section, model)
+    if section.use_cached_features:  # batches carry module_features instead of pixel_values
+        collate = FeatureCollator(collate)
+    return with_media(collate, model, getattr(dataset, "media_readers", {}), dummy=train)
+
+
+@dataclass
+class TrainData:
+    """The training data of a run: `dataset` (padded with loss-free samples when
+    `train_input.drop_last` is false), its collator, what the sampler needs to know of every
+    sample (`train_lengths`) and how many real samples it holds. With a `preference` section the
+    samples are pairs (`PreferencePairs`: prompt + chosen, prompt + rejected) and the collator puts
+    both sequences of a micro-batch's pairs in one batch (`PreferenceCollator`)."""
+
+    dataset: Any
+    collate: Callable[[list[dict]], dict]
+    lengths: np.ndarray | None
+    samples: int
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, model, ctx: DistContext) -> tuple[TrainData, StepPlan]:
+        """The training data of `cfg` for `model` and the step plan it gives on the ranks of `ctx`.
+        Raises MmloomError for data the model cannot take or a batch size that does not fit."""
+        section = cfg.train_input
+        dataset = build_dataset(section, vision_geometry(model)[1])
+        if cfg.preference is not None:  # pairs: prompt + chosen, prompt + rejected
+            dataset = PreferencePairs(dataset)
+        samples = len(dataset)
+        if not section.drop_last:  # the last step of an epoch is filled up with loss-free padding samples
+            dataset = PaddedDataset(dataset)
+        plan = StepPlan.for_run(cfg, len(dataset), ctx)
+        collate = make_collator(section, cfg.model, model, dataset, train=True)
+        if cfg.preference is not None:  # both sequences of each pair in the micro-batch's one forward
+            collate = PreferenceCollator(collate)
+        return cls(dataset, collate, train_lengths(section, dataset), samples), plan
+
+    def loader(self, section: InputConfig, plan: StepPlan, start_step: int) -> DataLoader:
+        """The micro-batches of steps `start_step ..` (see `step_sampler`)."""
+        sampler = step_sampler(section, self.dataset, self.lengths, plan, start_step)
+        return make_loader(self.dataset, sampler, self.collate, section.num_workers, plan.seed)
+
+
+def eval_loader(cfg: TrainConfig, model, ctx: DistContext) -> DataLoader:
+    """The micro-batches of `eval_input` on this rank: every sample once over the ranks (the last
+    micro-batches padded with loss-free samples), collated for evaluation."""
+    section = cfg.eval_input
+    dataset = PaddedDataset(build_dataset(section, vision_geometry(model)[1]))
+    micro = section.micro_batch_size or max(1, section.batch_size // ctx.world_size)
+    sampler = EvalSampler(len(dataset), ctx.world_size, ctx.rank, micro)
+    collate = make_collator(section, cfg.model, model, dataset, train=False)
+    return make_loader(dataset, sampler, collate, section.num_workers, cfg.runconfig.seed)
 
 
 def check_cached_features(cfg, model, mode: str) -> None:
@@ -214,20 +385,6 @@ def check_cached_features(cfg, model, mode: str) -> None:
         verify_feature_cache(section, model, cfg.model.precision, feature_shape=shape)
 
 
-def build_frozen_encoder_model(cfg, model_dir: str | Path | None = None):
-    """The composite model exactly as `mmloom train` starts it (weights-wise), frozen as configured:
-    `builder.build_starting_model` (as `Trainer.setup_model`), then, with `model_dir`, the latest
-    checkpoint of that run folder (as a resumed run would)."""
-    run = cfg.runconfig
-    start = builder.resolve_weights_folder(run.checkpoint_path) if run.checkpoint_path is not None else None
-    model = builder.build_starting_model(cfg, start)
-    if model_dir is not None:
-        checkpoints = builder.list_checkpoints(model_dir)
-        if checkpoints:
-            builder.load_model_weights(model, checkpoints[-1][1])
-    return model
-
-
 def cache_features(cfg, model_dir: str | Path | None = None, batch_size: int = 32, device: str | None = None,
                    num_workers: int | None = None, overwrite: bool = False, progress: bool | None = None) -> dict:
     """`mmloom data cache-features`: the feature cache of `cfg.train_input`, computed by the vision
@@ -239,7 +396,9 @@ def cache_features(cfg, model_dir: str | Path | None = None, batch_size: int = 3
     check_config_paths(cfg, "train")
     if section.img_data_dir is not None and not Path(section.img_data_dir).is_dir():
         raise MmloomError(f"train_input.img_data_dir: path not found: {section.img_data_dir}")
-    model = build_frozen_encoder_model(cfg, model_dir)
+    # the model exactly as `mmloom train` starts it, with the newest checkpoint of `model_dir` (as a resumed run)
+    latest = RunFolder(model_dir).latest_checkpoint() if model_dir is not None else None
+    model, _ = model_at(cfg, latest, base_folder(cfg))
     image_size = int(section.image_size or getattr(model.encoders["vision"].config, "image_size", 0) or 0)
     dataset = build_dataset(section.model_copy(update={"use_cached_features": False}), image_size)
     return write_feature_cache(

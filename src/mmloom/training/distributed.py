@@ -18,11 +18,20 @@ import torch.distributed as dist
 from torch import nn
 
 from mmloom.errors import MmloomError
-from mmloom.model.encoder import base_module
+from mmloom.model.adapters import base_module
 
 
 @dataclass
 class DistContext:
+    """Where this process runs in a run (:func:`init_distributed`): its `rank` of `world_size`
+    processes (torchrun's RANK / WORLD_SIZE; 0 of 1 for a single process), `local_rank` on its
+    node, the `device` it computes on (its CUDA device, else the CPU), the parallelism `mode`
+    (`runconfig.distributed`: none, ddp or fsdp) and whether this process created the process
+    group (`initialized_here`: :meth:`shutdown` then destroys it). The default is one process on
+    the CPU. Its collective helpers (`barrier`, `all_reduce_sum`, `broadcast_object`, `on_main`,
+    `gather_objects`) are no-ops or local when the run is not distributed; when it is, every rank
+    must call them in the same order."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0

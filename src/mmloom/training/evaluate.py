@@ -7,37 +7,9 @@ import math
 
 import torch
 
-from mmloom.model.attention import VARLEN_KWARGS
+from mmloom.model.batch import batch_to_device, model_inputs
 from mmloom.model.merge import IGNORE_INDEX
 from mmloom.training.distributed import DistContext
-
-
-def batch_to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors of a batch (also inside dicts, e.g. `encoder_inputs`) moved to `device`."""
-    def move(v):
-        if isinstance(v, torch.Tensor):
-            return v.to(device, non_blocking=True)
-        return {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
-    return {k: move(v) for k, v in batch.items()}
-
-
-def model_inputs(batch: dict) -> dict:
-    """What the model takes from a collated batch: ids, attention, packed positions and sample
-    boundaries, the vision inputs (images, or cached encoder features with `use_cached_features`)
-    and the inputs of other encoders (`encoder_inputs`, e.g. audio features)."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if batch.get("position_ids") is not None:  # packed rows: positions restart per sample
-        inputs["position_ids"] = batch["position_ids"]
-    for key in VARLEN_KWARGS:  # packed rows: the sample boundaries, once per batch
-        if batch.get(key) is not None:
-            inputs[key] = batch[key]
-    if batch.get("module_features") is not None:
-        inputs["vision"] = {"module_features": batch["module_features"]}
-    elif batch.get("pixel_values") is not None:
-        inputs["vision"] = {"pixel_values": batch["pixel_values"]}
-    for name, encoder_inputs in (batch.get("encoder_inputs") or {}).items():  # other modalities (audio)
-        inputs[name] = encoder_inputs
-    return inputs
 
 
 def supervised_samples(batch: dict) -> int:
@@ -77,3 +49,29 @@ def evaluate(model, loader, ctx: DistContext, autocast=contextlib.nullcontext) -
         "num_tokens": int(tokens),
         "num_samples": int(samples),
     }
+
+
+class Evaluator:
+    """Evaluation of `model` on the micro-batches of `loader` (:func:`evaluate`): alone
+    (`--mode eval`: :meth:`evaluate`), or during a run (`--mode train_and_eval`: :meth:`run` after
+    every `every` steps (`runconfig.eval_steps`) and after the last one; never when `every` is None)."""
+
+    def __init__(self, model, loader, ctx: DistContext, autocast=contextlib.nullcontext, every: int | None = None):
+        self.model = model
+        self.loader = loader
+        self.ctx = ctx
+        self.autocast = autocast
+        self.every = every
+
+    def due(self, step: int, last_step: bool = False) -> bool:
+        """Whether step `step` (1-based, done) is evaluated."""
+        return bool(self.every) and (step % self.every == 0 or last_step)
+
+    def run(self, step: int, last_step: bool = False) -> dict | None:
+        """The evaluation results after step `step` when it is due (:meth:`due`), else None. Collective."""
+        return self.evaluate() if self.due(step, last_step) else None
+
+    def evaluate(self) -> dict:
+        """Eval loss, perplexity, accuracy, token and sample counts of the model as it is now. Collective."""
+        return evaluate(self.model, self.loader, self.ctx, self.autocast)
+

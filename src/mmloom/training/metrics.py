@@ -14,10 +14,9 @@ from torch import nn
 
 from mmloom.errors import MmloomError
 from mmloom.files import is_disk_full, write_text
-from mmloom.model.encoder import base_module
+from mmloom.model.adapters import base_module
 from mmloom.model.merge import IGNORE_INDEX
-
-METRICS_NAME = "metrics.jsonl"
+from mmloom.training.run_folder import METRICS, TENSORBOARD, RunFolder
 
 
 # ------------------------------------------------------------------------------------ FLOPs
@@ -70,7 +69,8 @@ def batch_work(batch: dict, supervised_only: bool = True) -> StepWork:
 
     Reads `TrainCollator` batches (padded rows: `attention_mask` (B, T), 1 = real token),
     `PackedCollator` batches (`spans`: per sample `(row, start, end)` of its real tokens) and
-    `FeatureCollator` batches (`module_features` (N, L, D) instead of `pixel_values` (N, 3, H, W)).
+    `FeatureCollator` batches (`vision` holds `module_features` (N, L, D) instead of `pixel_values`
+    (N, 3, H, W); the batch format: `mmloom.model.batch`).
     `labels` (B, T) follow the HF convention (unshifted, -100 = ignored). Without `spans` and
     with a 4D or no attention mask, each row counts as one sample of its full width.
     """
@@ -93,8 +93,9 @@ def batch_work(batch: dict, supervised_only: bool = True) -> StepWork:
         head = int((labels[:, 1:] != IGNORE_INDEX).sum())
     else:
         head = tokens
-    features = batch.get("module_features")
-    pixels = batch.get("pixel_values")
+    vision = batch.get("vision") or {}
+    features = vision.get("module_features")
+    pixels = vision.get("pixel_values")
     encoder_images = 0 if features is not None or pixels is None else int(pixels.shape[0])
     projected = int(features.shape[0]) if features is not None else encoder_images
     return StepWork(tokens, _causal_pairs(lengths), head, encoder_images, projected)
@@ -297,7 +298,7 @@ class MetricsWriter:
 
     def __init__(self, model_dir: Path, enabled: bool, resume_step: int = 0, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = Path(model_dir) / METRICS_NAME
+        self.path = RunFolder(model_dir).metrics
         self.tb = None
         self._hook = None
         if not enabled:
@@ -311,7 +312,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                events = Path(model_dir) / "tensorboard"
+                events = RunFolder(model_dir).tensorboard
                 self.tb = SummaryWriter(log_dir=str(events), purge_step=resume_step + 1 if events.is_dir() else None)
                 self._hook = threading.excepthook
                 threading.excepthook = _quiet_tensorboard_threads(self._hook)
@@ -356,7 +357,7 @@ class MetricsWriter:
         return MetricsWriteError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}")
 
     def _tensorboard_failed(self, err: BaseException) -> None:
-        folder = self.path.parent / "tensorboard"
+        folder = self.path.parent / TENSORBOARD
         tb, self.tb = self.tb, None
         try:
             tb.close()
@@ -365,7 +366,7 @@ class MetricsWriter:
         if is_disk_full(err):
             raise self._error(folder, err, 2**16)
         print(f"note: TensorBoard events are no longer written to {folder} ({str(err).splitlines()[0][:200]}); "
-              f"{METRICS_NAME} still is", file=sys.stderr, flush=True)
+              f"{METRICS} still is", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer (a failure then is a note: the records are in metrics.jsonl)."""
@@ -384,7 +385,7 @@ class MetricsWriter:
 def read_metrics(model_dir: str | Path) -> list[dict[str, Any]]:
     """The records of MODEL_DIR/metrics.jsonl in order ([] when there is none); a line that is not
     JSON (the torn last line of a killed run) is passed over."""
-    path = Path(model_dir) / METRICS_NAME
+    path = RunFolder(model_dir).metrics
     if not path.exists():
         return []
     records = []
@@ -459,3 +460,96 @@ class ProgressDisplay:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+# ------------------------------------------------------------------------- a run's metrics
+@dataclass
+class StepResult:
+    """What one optimizer step did, summed over its micro-batches and ranks (what `TrainMetrics.step`
+    records)."""
+
+    loss: float
+    grad_norm: float | None
+    tokens: int  # attended tokens, all ranks
+    loss_tokens: int  # supervised tokens, all ranks
+    samples: int
+    images: int  # images through the vision encoder (dummies included), all ranks
+    work: StepWork | None = None  # what ran, summed over micro-batches and ranks (for the FLOPs)
+    extra: dict[str, Any] | None = None  # further metrics of the step (preference tuning: rewards, log-probs)
+
+
+class TrainMetrics:
+    """What a run records of its steps (rank 0 writes; `ctx` says which rank this is):
+
+    - every step: a record (step, loss, lr, grad_norm, loss_tokens, epoch, each part's learning rate
+      when it has its own: `projector_lr`, `encoder_lr`, ..., and the step's `extra` metrics: a
+      preference step's rewards and log-probabilities) appended to metrics.jsonl and TensorBoard
+      (:class:`MetricsWriter`, which continues the run's records from `start_step`), and the progress bar;
+    - every `log_steps` steps and at the last step: throughput, data-wait share and, with
+      `peak_flops` (FLOP/s of one device), MFU over the steps since the last such line
+      (:class:`ThroughputWindow`, FLOPs from `flops`), added to the record and printed;
+    - evaluation results (:meth:`eval`), as `eval` records.
+
+    `earlier` records (those a full disk kept out of the resumed checkpoint's run) are written first.
+    A record that a full disk keeps out goes to `unwritten` (the trainer saves them with its next
+    checkpoint), and `write_error` holds the error until the next step: the trainer stops at this
+    step boundary."""
+
+    def __init__(self, run_folder, ctx, total_steps: int, steps_per_epoch: int, log_steps: int,
+                 peak_flops: float | None, flops: FlopsEstimator, start_step: int = 0,
+                 earlier: list[tuple[str, dict[str, Any]]] = ()):
+        self.ctx = ctx
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.log_steps = log_steps
+        self.peak_flops = peak_flops
+        self.flops = flops
+        self.writer = MetricsWriter(run_folder.path, enabled=ctx.is_main, resume_step=start_step)
+        for prefix, record in earlier:
+            self.writer.write(record, prefix=prefix)
+        self.progress = ProgressDisplay(total_steps, start_step, enabled=ctx.is_main)
+        self.window = ThroughputWindow()
+        self.unwritten: list[tuple[str, dict[str, Any]]] = []  # (prefix, record) kept out by a full disk
+        self.write_error: MetricsWriteError | None = None
+
+    def step(self, step: int, result: StepResult, lr: float, lrs: dict[str, float], seconds: float,
+             data_wait: float, last_step: bool = False) -> None:
+        """Record optimizer step `step` (1-based, done): its `result` (loss, grad_norm, token, sample
+        counts, work and extra metrics), the learning rate it ran with (`lr`: the first group's; `lrs`:
+        each part with its own, `optim.group_lrs`), its `seconds`, of which `data_wait` waiting for data."""
+        self.write_error = None
+        self.window.add(seconds, data_wait, result.tokens, result.samples, self.flops.flops(result.work))
+        record = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                  "loss_tokens": result.loss_tokens, "epoch": step / self.steps_per_epoch, **(result.extra or {}),
+                  **lrs}
+        if step % self.log_steps == 0 or last_step:
+            record.update(self.window.summary(self.peak_flops, self.ctx.world_size))
+            self.window = ThroughputWindow()
+            self.progress.log(record)
+        self._write("train", record)
+        self.progress.update(step, {**record, "tokens_per_s": record.get("tokens_per_s", result.tokens / seconds)})
+
+    def eval(self, step: int, results: dict[str, Any]) -> None:
+        """Record the evaluation after step `step` (not written when this step's record was not)."""
+        record = {"step": step, **results}
+        self._write("eval", record)
+        self.progress.log(record)
+
+    def _write(self, prefix: str, record: dict[str, Any]) -> None:
+        try:
+            if self.write_error is not None:
+                raise self.write_error
+            self.writer.write(record, prefix=prefix)
+        except MetricsWriteError as err:  # a full disk: the trainer stops at this step boundary
+            self.write_error = err
+            self.unwritten.append((prefix, record))
+
+    def message(self, text: str) -> None:
+        """Print `text` above the progress bar (rank 0)."""
+        self.progress.message(text)
+
+    def close(self) -> None:
+        """Stop the progress bar; flush and close the writers."""
+        self.progress.close()
+        self.writer.close()
+

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mmloom.errors import MmloomError
+from mmloom.model.adapters import is_adapter
 from mmloom.training.config import OptimizerSection, ScheduleSection
 
 _NORM_RE = re.compile(r"(norm|ln_|layernorm|layer_norm)", re.IGNORECASE)
@@ -24,7 +25,6 @@ def is_projector(name: str) -> bool:
 
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
-_ADAPTER_RE = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 
 
 def part_of(name: str) -> str:
@@ -37,11 +37,6 @@ def part_of(name: str) -> str:
     if head.endswith("_encoder") and rest:
         return f"{head}.{rest.split('.', 1)[0]}"
     return head
-
-
-def is_adapter(name: str) -> bool:
-    """Whether a parameter is a LoRA adapter weight (PEFT's `lora_A` / `lora_B` / DoRA magnitude)."""
-    return bool(_ADAPTER_RE.search(f".{name}."))
 
 
 def _part_lrs(opt: OptimizerSection) -> dict[str, float]:

@@ -9,6 +9,7 @@ from mmloom.errors import MmloomError
 from mmloom.files import atomic_file
 from mmloom.outputs import check_destination
 from mmloom.training.metrics import read_metrics
+from mmloom.training.run_folder import METRICS
 
 SOFTWARE = "mmloom plot"  # the PNG `Software` text of the figures, by which a re-plot recognises them
 
@@ -71,7 +72,7 @@ def plot_metrics(model_dir: str | Path, out_dir: str | Path | None = None, overw
     model_dir = Path(model_dir)
     records = read_metrics(model_dir)
     if not records:
-        raise MmloomError(f"no metrics.jsonl records in {model_dir}")
+        raise MmloomError(f"no {METRICS} records in {model_dir}")
     out = Path(out_dir) if out_dir is not None else model_dir
     chosen = figures(records)
     for filename, *_ in chosen:

@@ -1,6 +1,8 @@
 """The recipe's third phase: preference tuning (DPO and its variants) on pairs built with `dataset.preference`.
 
-A run with a `preference` section trains on `mmloom.data.preference.PreferencePairs`: each optimizer step takes
+A run with a `preference` section trains on `mmloom.data.preference.PreferencePairs` (wired by
+`mmloom.training.data.TrainData`), and its `Trainer` asks a `PreferenceStep` for each optimizer step's
+forward and backward instead of the token loss: each optimizer step takes
 `train_input.batch_size` pairs; each micro-batch holds its pairs' 2P sequences (chosen, then rejected) in one
 forward (padded rows, or with `train_input.packing` one padding-free row where both answers of a pair sit side
 by side), and the LM head runs only on the answers' tokens (`MultimodalModel(..., token_logps=True)`).
@@ -19,7 +21,7 @@ the step's pairs when every micro-batch holds as many).
   model over the training pairs (sharded over the ranks, in eval mode), stored as `MODEL_DIR/reference_logps.
   safetensors` (float64 per pair) and read back when the run resumes. It costs one forward pass over the data
   and no memory during training, where a frozen copy would cost a whole model's weights (its forward over one
-  epoch costs the same; over several epochs, more).
+  epoch costs the same; over several epochs, more). The file is `RunFolder.reference_logps`.
 
 `auto` picks `adapters_disabled` when every trainable parameter is an adapter, else `precomputed`.
 Metrics (metrics.jsonl, TensorBoard, `mmloom plot`): TRL's `rewards/chosen`, `rewards/rejected`,
@@ -33,17 +35,17 @@ from pathlib import Path
 
 import torch
 
-from mmloom.data.preference import PreferenceCollator, PreferencePairs
 from mmloom.data.sampling import EvalSampler
 from mmloom.errors import MmloomError
 from mmloom.files import atomic_file
-from mmloom.model.encoder import is_peft_model
+from mmloom.model.adapters import is_adapter, is_peft_model
+from mmloom.model.batch import batch_to_device, item_count, model_inputs
 from mmloom.model.preference_loss import PairLogps, preference_losses, preference_sums, sequence_logps
-from mmloom.training.distributed import gradient_sync, unwrap
-from mmloom.training.evaluate import batch_to_device, model_inputs
-from mmloom.training.optim import is_adapter
+from mmloom.training.config import PreferenceSection
+from mmloom.training.data import TrainData, make_loader
+from mmloom.training.distributed import DistContext, gradient_sync, unwrap
+from mmloom.training.metrics import StepResult, StepWork, batch_work
 
-REFERENCE_LOGPS = "reference_logps.safetensors"
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected")
 
@@ -74,31 +76,33 @@ def adapters_disabled(model):
         yield
 
 
-def wrap_dataset(dataset):
-    """The pairs of a preference build over the run's sample dataset."""
-    return PreferencePairs(dataset)
-
-
-def wrap_collator(collator):
-    """The run's collator taking pairs (chosen and rejected sequences of a micro-batch in one batch)."""
-    return PreferenceCollator(collator)
-
-
 class PreferenceStep:
-    """One optimizer step of preference tuning for a `Trainer` (its model, autocast, data and distribution)."""
+    """The preference phase's optimizer steps, the component a `Trainer` asks instead of its token loss.
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.settings = trainer.cfg.preference
-        self.mode = reference_mode(self.settings.reference, trainer.base_model)
+    `settings`: the config's `preference` section; `model`: what the steps run (wrapped or not);
+    `train_data`: the run's pairs and their collator; `ctx`, `autocast`: the trainer's ranks and its
+    autocast context; `supervised_only`: `model.loss_on_supervised_only` (for the FLOPs of a step).
+    The reference mode is chosen here (`reference_mode`; MmloomError when it cannot be honoured);
+    :meth:`prepare` readies a precomputed reference before the first step."""
+
+    def __init__(self, settings: PreferenceSection, model, train_data: TrainData, ctx: DistContext, autocast,
+                 supervised_only: bool = True):
+        self.settings = settings
+        self.model = model
+        self.base_model = unwrap(model)
+        self.train_data = train_data
+        self.ctx = ctx
+        self.device = ctx.device
+        self.autocast = autocast
+        self.supervised_only = supervised_only
+        self.mode = reference_mode(settings.reference, self.base_model)
         self.reference: dict[str, torch.Tensor] | None = None  # precomputed: (N,) chosen / rejected
 
     # ------------------------------------------------------------------------------------ forward
     def sequence_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(2P,) summed answer log-probabilities and (2P,) answer token counts of a batch's sequences."""
-        t = self.trainer
-        with t.autocast():
-            out = t.model(**model_inputs(batch), labels=batch["labels"], compute_logits=False, token_logps=True)
+        with self.autocast():
+            out = self.model(**model_inputs(batch), labels=batch["labels"], compute_logits=False, token_logps=True)
         return sequence_logps(out.token_logps, batch["labels"], batch["sequence_spans"], 2 * batch["pairs"])
 
     def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,28 +111,24 @@ class PreferenceStep:
             index = batch["pair_index"].cpu()
             device = batch["labels"].device
             return self.reference["chosen"][index].to(device), self.reference["rejected"][index].to(device)
-        with torch.no_grad(), adapters_disabled(self.trainer.model):
+        with torch.no_grad(), adapters_disabled(self.model):
             logps, _ = self.sequence_logps(batch)
         p = batch["pairs"]
         return logps[:p].detach().double(), logps[p:].detach().double()
 
     # ------------------------------------------------------------------------------------- a step
-    def accumulate(self, micro_batches: list[dict]):
+    def accumulate(self, micro_batches: list[dict]) -> StepResult:
         """Forward/backward every micro-batch of one optimizer step (gradients left in .grad) for the mean
-        preference loss over the step's pairs (all ranks); returns the trainer's StepResult with the reward
+        preference loss over the step's pairs (all ranks); returns what the step did, with the reward
         metrics in `extra`."""
-        from mmloom.training.loop import StepResult
-        from mmloom.training.metrics import StepWork, batch_work
-
-        t, s = self.trainer, self.settings
-        ctx = t.ctx
-        work = sum((batch_work(b, t.cfg.model.loss_on_supervised_only) for b in micro_batches), StepWork())
+        s, ctx = self.settings, self.ctx
+        work = sum((batch_work(b, self.supervised_only) for b in micro_batches), StepWork())
         local = [
             sum(float(b["pair_weights"].sum()) for b in micro_batches),
             sum(b["num_loss_tokens"] for b in micro_batches),
             sum(b["num_attended_tokens"] for b in micro_batches),
             sum(b["num_samples"] for b in micro_batches),
-            sum(0 if b.get("pixel_values") is None else int(b["pixel_values"].shape[0]) for b in micro_batches),
+            sum(item_count(b, "vision", "pixel_values") for b in micro_batches),
             *work.to_list(),
         ]
         reduced = ctx.all_reduce_sum(local).tolist()
@@ -138,10 +138,10 @@ class PreferenceStep:
         scale = float(ctx.world_size) if ctx.distributed else 1.0
         totals = torch.zeros(1 + len(METRIC_KEYS), dtype=torch.float64)
         for i, batch in enumerate(micro_batches):
-            batch = batch_to_device(batch, t.device)
+            batch = batch_to_device(batch, self.device)
             p = batch["pairs"]
-            weights = batch["pair_weights"].to(t.device)
-            with gradient_sync(t.model, ctx, sync=(i == len(micro_batches) - 1)):
+            weights = batch["pair_weights"].to(self.device)
+            with gradient_sync(self.model, ctx, sync=(i == len(micro_batches) - 1)):
                 ref_chosen, ref_rejected = self.reference_logps(batch)
                 logps, counts = self.sequence_logps(batch)
                 pair = PairLogps(logps[:p], logps[p:], ref_chosen.to(logps.dtype), ref_rejected.to(logps.dtype),
@@ -157,41 +157,38 @@ class PreferenceStep:
         return StepResult(float(totals[0]), None, tokens, loss_tokens, samples, images, work, extra=extra)
 
     # ----------------------------------------------------------------------------- the reference
-    def prepare(self) -> None:
-        """`precomputed`: read the run's reference log-probabilities when it resumes, else compute them with the
-        starting model (every rank takes part) and write them (rank 0, atomically). Raises MmloomError when a
-        resumed run's file is missing or does not fit the data."""
+    def prepare(self, path: Path, resuming: bool, micro_batch: int, num_workers: int = 0, seed: int = 0) -> None:
+        """`precomputed`: read the run's reference log-probabilities from `path` (`RunFolder.reference_logps`)
+        when it resumes (`resuming`), else compute them with the starting model (every rank takes part,
+        `micro_batch` pairs a batch) and write them there (rank 0, atomically). Nothing for
+        `adapters_disabled`. Raises MmloomError when a resumed run's file is missing or does not fit the data."""
         if self.mode != "precomputed":
             return
-        t = self.trainer
-        path = t.model_dir / REFERENCE_LOGPS
-        n = len(t.train_set)
-        if t.resume_from is not None:
+        n = len(self.train_data.dataset)
+        if resuming:
             if not path.is_file():
                 raise MmloomError(f"{path} is missing: a resumed preference run reads the reference log-probabilities "
                                   "its first start computed (start the run afresh in a new --model-dir)")
             self.reference = read_reference(path, n)
             return
-        self.reference = self.compute(n)
-        if t.ctx.is_main:
+        self.reference = self.compute(n, micro_batch, num_workers, seed)
+        if self.ctx.is_main:
             write_reference(path, self.reference)
-        t.ctx.barrier()
+        self.ctx.barrier()
 
     @torch.no_grad()
-    def compute(self, n: int) -> dict[str, torch.Tensor]:
+    def compute(self, n: int, micro_batch: int, num_workers: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
         """The starting model's (N,) log-probabilities of every pair's chosen and rejected answers (eval mode,
         no grad, the run's autocast; the pairs dealt over the ranks, every rank running as many batches)."""
-        from mmloom.training.data import make_loader
-
-        t = self.trainer
-        sampler = EvalSampler(n, t.ctx.world_size, t.ctx.rank, t.micro_batch)
-        loader = make_loader(t.train_set, sampler, t.train_collate, t.cfg.train_input.num_workers, t.run.seed)
+        data = self.train_data
+        sampler = EvalSampler(n, self.ctx.world_size, self.ctx.rank, micro_batch)
+        loader = make_loader(data.dataset, sampler, data.collate, num_workers, seed)
         out = torch.zeros(2, n, dtype=torch.float64)
-        was_training = t.base_model.training
-        t.model.eval()
+        was_training = self.base_model.training
+        self.model.eval()
         try:
             for batch in loader:
-                batch = batch_to_device(batch, t.device)
+                batch = batch_to_device(batch, self.device)
                 logps, _ = self.sequence_logps(batch)
                 p = batch["pairs"]
                 keep = batch["pair_weights"].cpu() > 0
@@ -199,8 +196,8 @@ class PreferenceStep:
                 out[0, index] = logps[:p].double().cpu()[keep]
                 out[1, index] = logps[p:].double().cpu()[keep]
         finally:
-            t.base_model.train(was_training)
-        out = t.ctx.all_reduce_sum(out)  # each pair was computed by one rank
+            self.base_model.train(was_training)
+        out = self.ctx.all_reduce_sum(out)  # each pair was computed by one rank
         return {"chosen": out[0], "rejected": out[1]}
 
 

@@ -1,4 +1,4 @@
-"""What a resumed run depends on besides its config: the data, the tokenizer and the starting model.
+"""What a resumed run depends on besides its config: the data, the tokenizer and the base model (`start_model`).
 
 A checkpoint records them (`trainer_state.json` key `depends_on`): the training data's sample count and
 a fingerprint of its built files, a fingerprint of the tokenizer files the data was built with, and one
@@ -28,24 +28,24 @@ def _folder_files(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
     return sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
 
 
-def start_folders(cfg, start_folder: Path | None) -> list[Path]:
-    """The folders a run's model is built from: `runconfig.checkpoint_path`'s weights, `model.init_from`,
-    and the pretrained folders of `image_model`, `text_model` and `model.encoders` (inline configs without
-    a folder are covered by the config itself)."""
+def base_folders(cfg, base_folder: Path | None) -> list[Path]:
+    """The folders a run's base model is built from (`model_loading`): `base_folder`
+    (`runconfig.checkpoint_path`), `model.init_from`, and the pretrained folders of `image_model`,
+    `text_model` and `model.encoders` (inline configs without a folder are covered by the config itself)."""
     m = cfg.model
     specs = [m.image_model, m.text_model, *(settings.model for settings in m.encoders.values())]
-    folders = [start_folder, m.init_from]
+    folders = [base_folder, m.init_from]
     folders += [spec if isinstance(spec, str) else spec.get("pretrained") for spec in specs
                 if isinstance(spec, (str, dict))]
     return [Path(f) for f in folders if f]
 
 
-def run_dependencies(cfg, samples: int, start_folder: Path | None) -> dict[str, Any]:
+def run_dependencies(cfg, samples: int, base_folder: Path | None) -> dict[str, Any]:
     """What a checkpoint of this run records under `depends_on` (see the module docstring)."""
     data_dir = Path(cfg.train_input.data_dir)
     tokenizer = (read_data_params(data_dir, required=False).get("processor") or {}).get("tokenizer_type")
     tokenizer_dir = Path(tokenizer) if tokenizer else None
-    model_files = [p for folder in start_folders(cfg, start_folder) if folder.is_dir()
+    model_files = [p for folder in base_folders(cfg, base_folder) if folder.is_dir()
                    for p in _folder_files(folder, MODEL_FILE_PATTERNS)]
     return {
         "data": {"samples": int(samples), "fingerprint": data_fingerprint(data_dir)},

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mmloom.data.records_io import SkipRecord, relative_image_path
+from mmloom.data.records_io import SkipRecord, relative_media_path
 from mmloom.errors import MmloomError
 from mmloom.files import atomic_open
 
@@ -74,7 +74,7 @@ class Context:
     def find_image(self, name: Any, *layout: str | Path, field: str = "image") -> str:
         """Find a record's image on disk and return its path relative to the image root.
 
-        `name` is the record's image path (checked by :func:`relative_image_path`); `layout` are the places
+        `name` is the record's image path (checked by :func:`relative_media_path`); `layout` are the places
         the dataset's own layout keeps it, relative to the dataset root or absolute (default: `name`).
         With --image-dir, ``image_dir/name`` and ``image_dir/<file name>`` are tried next, so both
         an ancestor of the dataset and a flat image folder (the official DocVQA downloads) work.
@@ -84,7 +84,7 @@ class Context:
             SkipRecord: ``bad_image_path`` (the name leaves the root), ``missing_image`` (not found
                 under the image root; the places tried are named).
         """
-        name = relative_image_path(name, field)
+        name = relative_media_path(name, field)
         candidates = [self.root / rel for rel in (layout or (name,))]
         if self.image_dir is not None:
             candidates += [self.image_dir / name, self.image_dir / PurePosixPath(name).name]
@@ -111,7 +111,7 @@ class Context:
         and different bytes in a file from elsewhere (another run, dataset or version) stop the
         run with an MmloomError naming the file.
         """
-        name = relative_image_path(name)
+        name = relative_media_path(name)
         digest = hashlib.sha256(data).hexdigest()
         target = self.write_dir / name
         if name in self._written:
@@ -309,7 +309,8 @@ def decode_image_bytes(data: Any):
     """
     from PIL import Image
 
-    from mmloom.processing.image import ImageTooLargeError, check_pixel_budget
+    from mmloom.processing.image import check_pixel_budget
+    from mmloom.processing.media_spec import MediaError
 
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise SkipRecord("missing_image", "no image bytes")
@@ -319,8 +320,8 @@ def decode_image_bytes(data: Any):
             img.verify()
         img = Image.open(io.BytesIO(data))
         img.load()
-    except ImageTooLargeError as err:
-        raise SkipRecord("image_too_large", err.reason) from None
+    except MediaError as err:  # image_too_large: over the pixel budget
+        raise SkipRecord(err.reason, err.detail) from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
         raise SkipRecord("bad_image", f"image bytes cannot be decoded ({err or type(err).__name__})") from None
     return img

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmloom.data.records_io import SkipRecord, iter_records, relative_image_path
+from mmloom.data.records_io import SkipRecord, iter_records, relative_media_path
 from mmloom.data.sources.core import Context, Source, Stats, dump_line
 from mmloom.errors import MmloomError
 from mmloom.files import atomic_open
@@ -37,7 +37,7 @@ def validate_llava(record: Any) -> None:
     if image is not None:
         if not (isinstance(image, str) and image):
             raise SkipRecord("bad_field", "'image' is not a non-empty string")
-        relative_image_path(image)
+        relative_media_path(image)
 
 
 def _llava_convert(ctx: Context, record: Any) -> dict:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mmloom.data.records_io import SkipRecord, relative_image_path
+from mmloom.data.records_io import SkipRecord, relative_media_path
 from mmloom.data.sources.core import (
     Context,
     Source,
@@ -52,7 +52,7 @@ def _arxivcap_convert(ctx: Context, raw: tuple[Path, int, int, dict]) -> dict:
     data, fmt = check_image_bytes(image.get("bytes"))
     given = pair.get("image_file") or image.get("path")
     if given:
-        name = relative_image_path(given, "image_file")  # "2101.00001/fig1.png"; a path leaving the root is skipped
+        name = relative_media_path(given, "image_file")  # "2101.00001/fig1.png"; a path leaving the root is skipped
     else:  # no file name in the parquet: one unique per source file, row and figure
         name = f"{path.stem}/{row:07d}_{j}.{'jpg' if fmt == 'jpeg' else fmt}"
     ref = ctx.save_image(name, data)

@@ -1,4 +1,4 @@
-"""`mmloom data convert` and `mmloom data json2jsonl`."""
+"""`mmloom data convert` and `mmloom data json2jsonl` (the converters live in `mmloom.data.sources`)."""
 
 from __future__ import annotations
 
