@@ -70,8 +70,9 @@ class Trainer:
     depend on it): the resume point (the newest usable checkpoint of the run folder), the model,
     then for training the data and its step plan, DDP (wrapped once a sample shows which parameters
     get no gradient), the optimizer and schedule, the checkpointer, the preference step (runs with a
-    `preference` section); the evaluator for the modes that evaluate. Nothing is written to the run folder until :meth:`train` starts. Collective under
-    torchrun. Raises MmloomError for a config, data or checkpoint that does not fit.
+    `preference` section); the evaluator for the modes that evaluate. Nothing is written to the run
+    folder until :meth:`train` starts. Collective under torchrun. Raises MmloomError for a config,
+    data or checkpoint that does not fit.
 
     Attributes (None where the mode needs none):
 
