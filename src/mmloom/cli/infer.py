@@ -13,6 +13,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu); a device this "
                         "machine lacks is an error")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's, one per core; 1 is fastest for a small model on "
+                        "cores other processes share)")
 
 
 def _media():
@@ -114,7 +117,10 @@ without an answer are counted and not scored.""",
 
 
 def run_chat(args) -> int:
+    from mmloom.devices import set_cpu_threads
     from mmloom.inference.chat import chat
+
+    set_cpu_threads(args.threads)
 
     return chat(args.model_dir, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, dtype=args.dtype, device=args.device, system=args.system,
@@ -126,8 +132,10 @@ def run_generate(args) -> int:
 
     from rich.console import Console
 
+    from mmloom.devices import set_cpu_threads
     from mmloom.inference.generate import generate_answers, load_model_and_processor
 
+    set_cpu_threads(args.threads)
     model, processor = load_model_and_processor(args.model_dir, args.dtype, args.device)
     media = _media()
     counts = generate_answers(
