@@ -127,3 +127,16 @@ def test_multiple_images_skip_is_todays_layout(root):
     assert params["dataset"]["multiple_images"] == "skip" and "several_images" not in params["image_patch_info"]["samples"]
     got = {p.name: sha256(p) for p in sorted((root / "skip_h5").glob("data-*.h5"))}
     assert got == SINGLE_IMAGE_SHA256  # the same kept samples as the single-image build: the same bytes
+
+
+def test_inspect_shows_every_image_run(root, capsys):
+    from mmloom.cli.main import main
+
+    build(root, "show", root / "tok", [THREE, ONE, TEXT], "vicuna_v1", 400)
+    assert main(["data", "inspect", str(root / "show_h5" / "data-00000.h5"), "--index", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "images: a.png, b.png, c.png" in out and out.count("<image x16 @") == 3
+    assert "> and <image" in out  # "Compare <image> and <image>": the text between runs
+    assert main(["data", "inspect", str(root / "show_h5" / "data-00000.h5"), "--index", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "image: a.png" in out and out.count("<image x16 @") == 1
