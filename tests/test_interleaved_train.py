@@ -165,3 +165,45 @@ def test_cached_features_refuse_several_images(data, tmp_path):
                                           "batch_size": 4, "use_cached_features": True})
     with pytest.raises(MmloomError, match="samples with several images, and the feature cache holds one image"):
         build_dataset(section, 32)
+
+
+def test_several_images_with_audio_train_packed_as_padded(tmp_path):
+    """Records with several images and audio clips: the dataset yields both, and an audio + vision
+    composite trains on them with packing to the losses of padded rows (every sample of the data is
+    in the two steps of 4)."""
+    from audio_data import make_audio_data
+    from test_audio_train import args_for, losses
+    from mmloom.training.config import InputConfig
+    from mmloom.training.modalities import media_readers
+
+    both = [
+        {"id": "m1", "image": ["img0.png", "img1.png"], "audio": "clip0.wav", "conversations": [
+            {"from": "human", "value": "<image>\n<image>\n<audio>\nWhich picture goes with the tone?"},
+            {"from": "gpt", "value": "The first."}]},
+        {"id": "m2", "image": ["img1.png", "img2.png", "img0.png"], "audio": ["clip1.wav", "clip2.wav"],
+         "conversations": [{"from": "human", "value": "<image>\n<audio>\nLow or high?"}, {"from": "gpt", "value": "High."},
+                           {"from": "human", "value": "<image> and <image>, with <audio>: same colour?"},
+                           {"from": "gpt", "value": "No."}]},
+        {"id": "m3", "image": ["img3.png", "img0.png"], "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nSame colour?"}, {"from": "gpt", "value": "No."}]},
+        {"id": "t", "conversations": [{"from": "human", "value": "Hello."}, {"from": "gpt", "value": "Hi."}]},
+    ]
+    data = make_audio_data(tmp_path / "data", n=4, with_images=True, extra_records=both, msl=256)
+    params = json.loads((data / "h5" / "data_params.json").read_text())
+    assert params["post-process"]["n_examples"] == 8 and params["image_patch_info"]["samples"]["several_images"] == 3
+    section = InputConfig.model_validate({"data_dir": str(data / "h5"), "img_data_dir": str(data / "images"),
+                                          "audio_data_dir": str(data / "audio"), "batch_size": 4})
+    ds = HDF5LlavaDataset(data / "h5", data / "images", ImageTransform(image_size=32), media_readers=media_readers(section))
+    m2 = ds[5]
+    assert len(m2["vision"]) == 3 and len(m2["audio"]) == 2
+    runs = sorted([(e["span"][0], "image") for e in m2["vision"]] + [(e["span"][0], "audio") for e in m2["audio"]])
+    assert [kind for _, kind in runs] == ["image", "audio", "image", "image", "audio"]  # in placeholder order
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    short = ["runconfig.max_steps=2", "train_input.batch_size=4", "train_input.micro_batch_size=2",
+             "runconfig.checkpoint_steps=2"]
+    assert main(args_for("audio_vision.yaml", data, plain, *short)) == 0
+    assert main(args_for("audio_vision.yaml", data, packed, *short, "train_input.packing=true")) == 0
+    got, expected = losses(packed), losses(plain)
+    assert sorted(expected) == [1, 2]
+    for step in expected:
+        assert abs(got[step] - expected[step]) < 1e-5 * max(1.0, expected[step]), (got, expected)

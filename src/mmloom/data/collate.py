@@ -403,7 +403,7 @@ class MediaCollator:
             dummy_tokens = int(self.dummy["span"][1])
             batch["num_attended_tokens"] = batch.get("num_attended_tokens", dummy_tokens) - dummy_tokens
             batch["num_samples"] = n_real
-            for key in ("has_image", "slots", "spans"):
+            for key in ("has_image", "slots", "spans", "image_counts"):
                 if batch.get(key) is not None:
                     batch[key] = batch[key][:n_real]
         if media:
