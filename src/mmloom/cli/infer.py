@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     chat.add_argument("model_dir", metavar="MODEL_DIR", type=existing_dir,
                       help="mmloom model folder or checkpoint-N folder (with its processor files)")
     for m in media:
-        chat.add_argument(f"--{m.noun}", metavar="PATH", type=existing_file, help=m.cli_help["item"])
+        chat.add_argument(f"--{m.noun}", metavar="PATH", type=existing_file, action="append",
+                          help=m.cli_help["item"] + f"; repeat it for several (--{m.noun} A --{m.noun} B)")
     chat.add_argument("--prompt", help="ask one question and exit (default: an interactive session)")
     chat.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
                       help="longest answer, in tokens (at least 1)")
