@@ -8,7 +8,6 @@ import hashlib
 import json
 
 import h5py
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -172,9 +172,9 @@ def test_several_images_with_audio_train_packed_as_padded(tmp_path):
     composite trains on them with packing to the losses of padded rows (every sample of the data is
     in the two steps of 4)."""
     from audio_data import make_audio_data
-    from test_audio_train import args_for, losses
     from mmloom.training.config import InputConfig
     from mmloom.training.modalities import media_readers
+    from test_audio_train import args_for, losses
 
     both = [
         {"id": "m1", "image": ["img0.png", "img1.png"], "audio": "clip0.wav", "conversations": [
