@@ -70,9 +70,10 @@ def test_image_in_later_turn_counted_kept_or_skipped(root, tokenizer):
 
 
 def test_several_images_per_record(root, tokenizer):
-    # HDF5: one image per sample in the Cerebras layout -> counted skip
-    params = build(root, "multi", root / "tok", [FIRST, MULTI], "vicuna_v1", 200)
+    # HDF5 for Cerebras (one image per sample): a counted skip with multiple_images: skip
+    params = build(root, "multi", root / "tok", [FIRST, MULTI], "vicuna_v1", 200, multiple_images="skip")
     assert params["post-process"]["skipped"] == {"multiple_images": 1}
+    assert params["dataset"]["multiple_images"] == "skip"
     # the jsonl dataset and the processor keep each placeholder where it is
     (root / "multi.jsonl").write_text(json.dumps(MULTI) + "\n")
     ds = JsonlLlavaDataset(root / "multi.jsonl", root / "images", tokenizer, "vicuna_v1", NP, IMG,

@@ -106,6 +106,19 @@ def _stand_ins(root: Path) -> None:
             {"from": "human", "value": "What colour is the square?\n<image>"}, {"from": "gpt", "value": "Red."},
             {"from": "human", "value": "How many are there?"}, {"from": "gpt", "value": str(i)}]})
     (mix / "llava_v1_5_mix665k.json").write_text(json.dumps(records))
+    interleaved = root / "data" / "interleaved"  # several images per record (M4-Instruct / OneVision form)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        image(interleaved / "images" / name)
+    records = [
+        {"id": "1", "image": ["a.jpg", "b.jpg"], "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhat changed between the two photos?"},
+            {"from": "gpt", "value": "The cup moved left."}]},
+        {"id": "2", "image": ["a.jpg", "b.jpg", "c.jpg"], "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A kitchen."},
+            {"from": "human", "value": "<image> and <image>: which is later?"}, {"from": "gpt", "value": "The second."}]},
+        {"id": "3", "image": "c.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cup."}]}]
+    (interleaved / "train.json").write_text(json.dumps(records))
     rlaif = root / "data" / "RLAIF-V"  # preference pairs with RLAIF-V's fields, images written to files
     (rlaif / "jsonl").mkdir(parents=True)
     pairs = []
@@ -127,6 +140,7 @@ def _stand_ins(root: Path) -> None:
     stock_vicuna_folder(vicuna)  # the real Llama-2 tokenizer.model, as lmsys ships the folder
     tiny_llama(vocab_size=32000, hidden_size=16).save_pretrained(vicuna)
     image(root / "photo.jpg")
+    image(root / "photo2.jpg")
     smollm2 = root / "pretrained" / "SmolLM2-135M-Instruct"  # a ChatML instruct LLM (tests/clients: the real one)
     from tokenizer_families import _byte_level
 
@@ -187,6 +201,9 @@ def test_real_data_section_runs_offline(tmp_path, monkeypatch, capsys):
     smol_params = json.loads(Path("data/h5/smollm2_phase2_msl2048/data_params.json").read_text())
     assert smol_params["dataset"]["system_prompt_style"] == "tokenizer"
     assert {"data convert", "data json2jsonl", "data inspect", "generate", "score"} <= set(ran)
+    interleaved = json.loads(Path("data/h5/interleaved_msl4096/data_params.json").read_text())
+    assert interleaved["post-process"]["n_examples"] == 3 and interleaved["image_patch_info"]["images"] == 6
+    assert interleaved["image_patch_info"]["samples"]["several_images"] == 2
 
     # the training configs the README runs read the builds' outputs and the pretrained folders
     for config in ("pretrain_7b_phase1", "pretrain_7b_phase2", "7b_phase3_dpo"):

@@ -360,3 +360,25 @@ def test_lora_phase2_and_merge(phase1, data, tmp_path):
         a = lora_model(input_ids=ids, pixel_values=pixels).logits
         b = merged(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ CPU threads
+def test_runconfig_sets_the_cpu_threads_of_the_run(data, tmp_path, capsys):
+    before = torch.get_num_threads()
+    target = 2 if before == 1 else 1
+    try:
+        assert main(train_args(data, 1, tmp_path / "run", "runconfig.max_steps=2",
+                               f"runconfig.num_threads={target}")) == 0
+        assert torch.get_num_threads() == target
+        resolved = yaml.safe_load((tmp_path / "run" / "resolved_config.yaml").read_text())
+        assert resolved["runconfig"]["num_threads"] == target
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    assert main(train_args(data, 1, tmp_path / "run0", "runconfig.num_threads=0")) != 0  # a one-line config error
+    assert "runconfig.num_threads" in capsys.readouterr().err
+    # inter-op threads are set once per process: a second, different value is named in one line
+    script = ("import torch; from mmloom.devices import set_cpu_threads; torch.set_num_interop_threads(1); "
+              "torch.ones(2).sum(); set_cpu_threads(None, 1); set_cpu_threads(None, 3, ('a', 'runconfig.x'))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode != 0 and "MmloomError: runconfig.x 3: this process already runs with 1 inter-op" in proc.stderr

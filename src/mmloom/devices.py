@@ -1,4 +1,4 @@
-"""The torch device a command runs on, checked before anything is loaded onto it."""
+"""The torch device a command runs on, checked before anything is loaded onto it, and its CPU threads."""
 
 from __future__ import annotations
 
@@ -37,3 +37,22 @@ def resolve_device(device: str | None = None, what: str = "--device"):
     elif dev.type not in ("cpu", "cuda", "mps", "meta"):
         raise MmloomError(f"{what} {device}: mmloom runs on cpu, cuda or mps devices")
     return dev
+
+
+def set_cpu_threads(num_threads: int | None, num_interop_threads: int | None = None,
+                    what: tuple[str, str] = ("--threads", "--interop-threads")) -> None:
+    """Set torch's intra-op and inter-op CPU thread counts of this process (None: leave torch's).
+    Inter-op threads can be set once per process, before any parallel work: a later different value
+    raises MmloomError naming `what[1]`, the setting it came from."""
+    import torch
+
+    if num_threads is not None and num_threads != torch.get_num_threads():
+        torch.set_num_threads(num_threads)
+    if num_interop_threads is not None and num_interop_threads != torch.get_num_interop_threads():
+        try:
+            torch.set_num_interop_threads(num_interop_threads)
+        except RuntimeError:
+            raise MmloomError(
+                f"{what[1]} {num_interop_threads}: this process already runs with "
+                f"{torch.get_num_interop_threads()} inter-op threads (torch sets them once per process)"
+            ) from None

@@ -13,6 +13,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu); a device this "
                         "machine lacks is an error")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's, one per core; 1 is fastest for a small model on "
+                        "cores other processes share)")
 
 
 def _media():
@@ -33,7 +36,8 @@ def register(subparsers) -> None:
     chat.add_argument("model_dir", metavar="MODEL_DIR", type=existing_dir,
                       help="mmloom model folder or checkpoint-N folder (with its processor files)")
     for m in media:
-        chat.add_argument(f"--{m.noun}", metavar="PATH", type=existing_file, help=m.cli_help["item"])
+        chat.add_argument(f"--{m.noun}", metavar="PATH", type=existing_file, action="append",
+                          help=m.cli_help["item"] + f"; repeat it for several (--{m.noun} A --{m.noun} B)")
     chat.add_argument("--prompt", help="ask one question and exit (default: an interactive session)")
     chat.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
                       help="longest answer, in tokens (at least 1)")
@@ -114,7 +118,10 @@ without an answer are counted and not scored.""",
 
 
 def run_chat(args) -> int:
+    from mmloom.devices import set_cpu_threads
     from mmloom.inference.chat import chat
+
+    set_cpu_threads(args.threads)
 
     return chat(args.model_dir, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, dtype=args.dtype, device=args.device, system=args.system,
@@ -126,8 +133,10 @@ def run_generate(args) -> int:
 
     from rich.console import Console
 
+    from mmloom.devices import set_cpu_threads
     from mmloom.inference.generate import generate_answers, load_model_and_processor
 
+    set_cpu_threads(args.threads)
     model, processor = load_model_and_processor(args.model_dir, args.dtype, args.device)
     media = _media()
     counts = generate_answers(

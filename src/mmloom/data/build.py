@@ -233,13 +233,15 @@ class BuildCounts:
 
 @dataclass
 class ChunkResult:
-    """The kept samples of one chunk (rows, `img_path` entries, first image slots, and per other
-    modality's noun the `(paths, spans)` of each sample; in a preference build also each pair's
-    rejected rows and prompt length) and the chunk's counts."""
+    """The kept samples of one chunk (rows, `img_path` entries, first image slots, the `(paths,
+    spans)` of each sample's images, and per other modality's noun the `(paths, spans)` of each
+    sample; in a preference build also each pair's rejected rows and prompt length) and the chunk's
+    counts."""
 
     rows: list[np.ndarray] = field(default_factory=list)
     img_paths: list[bytes] = field(default_factory=list)
     image_starts: list[int] = field(default_factory=list)
+    images: list[tuple[list[str], list[tuple[int, int]]]] = field(default_factory=list)
     items: dict[str, list[tuple[list[str], list[tuple[int, int]]]]] = field(default_factory=dict)
     rejected_rows: list[np.ndarray] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)
@@ -274,14 +276,15 @@ def _encode_line(line: str, state: BuildState) -> EncodedSample | PreferencePair
 
 def _record_media(record: dict, state: BuildState) -> list[MediaSlots]:
     """The record's items of every modality (`MEDIA` order); raises SkipRecord."""
+    ds = state.cfg.dataset
     media = []
     for spec in state.specs:
         paths = record_paths(record, spec.record_key)
-        if spec is state.vision:  # the seed's layout: one image per sample, and none without num_patches
+        if spec is state.vision:  # the seed's layout; several images only with multiple_images: keep
             if paths and spec.num_tokens is None:
                 raise SkipRecord("bad_record", f"'{spec.record_key}' in a build without images (dataset.num_patches unset)")
-            if len(paths) > 1:
-                raise SkipRecord("multiple_images", f"{len(paths)} images; the HDF5 layout holds one image per sample")
+            if len(paths) > 1 and ds.multiple_images == "skip":
+                raise SkipRecord("multiple_images", f"{len(paths)} images (dataset.multiple_images: skip)")
         media.append(_media_slots(spec, paths))
     return media
 
@@ -362,6 +365,7 @@ def _process_chunk(chunk: list[tuple[int, int, str | SkipRecord]], state: BuildS
         out.rows.append(rows)
         out.img_paths.append(encode_img_path(sample.image))
         out.image_starts.append(sample.image_start)
+        out.images.append((sample.images, sample.spans(state.vision.modality)))
         for spec in state.items:
             out.items[spec.noun].append((sample.paths(spec.modality), sample.spans(spec.modality)))
         counts.kept_per_file[file_idx] += 1
@@ -380,6 +384,8 @@ def _process_chunk(chunk: list[tuple[int, int, str | SkipRecord]], state: BuildS
         st["detokenized_chars"] += len(text)
         st["detokenized_bytes"] += len(text.encode("utf-8"))
         st["text_only"] += int(not any(sample.items.values()))
+        st["images"] += len(sample.images)
+        st["several_images"] += int(len(sample.images) > 1)
         for spec in state.items:
             spans = sample.spans(spec.modality)
             st[f"{spec.modality}.samples"] += int(bool(spans))
@@ -414,6 +420,7 @@ class _Writer:
         self.rows: list[np.ndarray] = []
         self.paths: list[bytes] = []
         self.starts: list[int] = []
+        self.images: list[tuple[list[str], list[tuple[int, int]]]] = []  # per sample (paths, spans)
         self.items: dict[str, list] = {noun: [] for noun in item_nouns}  # noun -> per sample (paths, spans)
         self.files: list[str] = []
         self.file_info: dict[str, dict[str, int]] = {}  # name -> {"n_examples", "bytes"}
@@ -422,6 +429,7 @@ class _Writer:
         self.rows.extend(chunk.rows)
         self.paths.extend(chunk.img_paths)
         self.starts.extend(chunk.image_starts)
+        self.images.extend(chunk.images or [([], [])] * len(chunk.rows))
         self.rejected.extend(chunk.rejected_rows)
         self.prompt_lengths.extend(chunk.prompt_lengths)
         for noun, per_sample in self.items.items():
@@ -438,14 +446,17 @@ class _Writer:
         free = free_bytes(self.out_dir)
         if 0 <= free < needed:
             raise DiskFullError(self.out_dir / name, needed, free, needed / n)
+        items = {noun: per_sample[:n] for noun, per_sample in self.items.items()}
+        if any(len(paths) > 1 for paths, _ in self.images[:n]):  # mmloom's image items, for this file only
+            items = {ImageSpec.noun: self.images[:n], **items}
         try:
-            write_h5(self.out_dir / name, rows, self.paths[:n], self.starts[:n],
-                     {noun: per_sample[:n] for noun, per_sample in self.items.items()}, preference)
+            write_h5(self.out_dir / name, rows, self.paths[:n], self.starts[:n], items, preference)
         except OSError as err:
             if is_disk_full(err):
                 raise DiskFullError(self.out_dir / name, needed, free_bytes(self.out_dir), needed / n) from None
             raise
-        del self.rows[:n], self.paths[:n], self.starts[:n], self.rejected[:n], self.prompt_lengths[:n]
+        del self.rows[:n], self.paths[:n], self.starts[:n], self.images[:n]
+        del self.rejected[:n], self.prompt_lengths[:n]
         for per_sample in self.items.values():
             del per_sample[:n]
         self.files.append(name)
@@ -703,6 +714,9 @@ def data_params(state: BuildState, counts: BuildCounts, writer: _Writer) -> dict
         "image_in_later_turn": sum(later_starts.values()),
         "text_only": stats["text_only"],
     }
+    if stats["several_images"]:  # keys of data with several images per sample only
+        patch_info["samples"]["several_images"] = stats["several_images"]
+        patch_info["images"] = stats["images"]
     if later_starts:
         patch_info["image_in_later_turn_start_idx_counts"] = {str(k): v for k, v in sorted(later_starts.items())}
     params = {
@@ -762,6 +776,8 @@ def recorded_params(cfg: BuildConfig) -> dict:
     """The resolved config as recorded in data_params.json (every input parameter, as the seed's),
     folder paths made absolute so that the file means the same from any working directory."""
     params = cfg.model_dump(mode="json")
+    if params["dataset"].get("multiple_images") == "keep":  # the default: recorded only when changed, so
+        del params["dataset"]["multiple_images"]  # single-image builds record what they recorded before
     for section, key in (("setup", "input_dir"), ("setup", "output_dir"), ("processor", "tokenizer_type"),
                          ("dataset", "image_dir")):
         if params[section].get(key):
@@ -833,6 +849,8 @@ def print_summary(params: dict, elapsed: float, template_note: str | None = None
     table.add_row("kept", f"{pp['successful_files']:,}")
     samples = info.get("samples", {})
     table.add_row("  with an image (first turn)", f"{samples.get('image_in_first_turn', 0):,}")
+    if samples.get("several_images"):
+        table.add_row(f"  with several images ({info['images']:,} images in all)", f"{samples['several_images']:,}")
     if samples.get("image_in_later_turn"):
         where = ", ".join(f"{c:,} at {k}" for k, c in info["image_in_later_turn_start_idx_counts"].items())
         table.add_row(f"  image in a later turn (slots start: {where})", f"{samples['image_in_later_turn']:,}")

@@ -123,6 +123,13 @@ class DatasetConfig(_Section):
         "sample's slot position) or skip (reason image_in_later_turn) for Cerebras-compatible output, whose "
         "model puts every image at the one image_start_idx",
     )
+    multiple_images: Literal["keep", "skip"] = Field(
+        "keep",
+        description="records with several images (`image: [a, b, ...]`, one `<image>` per image in any human turn, "
+        "in order): keep (each image's slots where its placeholder stands; the files holding such a sample "
+        "add mmloom's image items, see `h5_format`) or skip (reason multiple_images) for Cerebras-bound output, "
+        "whose layout holds one image per sample",
+    )
     audio: AudioDataConfig | None = Field(
         None, description="records carry audio clips (`audio` field, `<audio>` placeholders): how to read them"
     )

@@ -53,6 +53,17 @@ def check_slots(item: dict, num_feature_tokens: int) -> tuple[int, int] | None:
     return start, end
 
 
+def check_image_spans(item: dict, num_feature_tokens: int, length: int) -> None:
+    """Raise MmloomError (naming the sample) when one of a several-image sample's image runs (its
+    `vision` entries) is not `num_feature_tokens` long, does not fit the row, is marked as padding
+    or is supervised."""
+    for entry in item.get("vision") or []:
+        if int(entry["span"][1]) != int(num_feature_tokens):
+            raise MmloomError(f"sample {item.get('index', '?')}: an image run of {entry['span'][1]} slots, but the model "
+                              f"gives {num_feature_tokens} features per image")
+    check_item_spans(item, "vision", length)
+
+
 class LlavaCollator:
     """Collate `HDF5LlavaDataset` items into an HF-style batch.
 
@@ -62,8 +73,11 @@ class LlavaCollator:
     - `attention_mask` (B, T) long = 1 - key_padding_mask (text-only samples' slots are 0);
     - `labels` (B, T) long, HF convention (unshifted, -100 = ignore):
       `labels[t+1] = input_ids[t+1] if loss_mask[t] else -100`, `labels[0] = -100`;
-    - `vision`: `{"pixel_values": (N_images, 3, H, W)}`, the images of the samples that have one,
-      in batch order; absent when no sample has one (the batch format: `mmloom.model.batch`);
+    - `vision`: `{"pixel_values": (N_images, 3, H, W)}`, the images of the samples, row-major (a
+      sample's images in placeholder order); absent when no sample has one (the batch format:
+      `mmloom.model.batch`). A sample with several images (its `vision` entries, each
+      `pixel_values` and `span`) has `image_token_id` in every span;
+    - `image_counts`: per sample, its number of images;
     - `num_loss_tokens` int: number of labels != -100 (for token-level loss normalisation);
     - `has_image` (B,) bool; `slots`: per sample `(start, end)` of its slot run or None.
     With `trim=True`, trailing columns that are padding in every sample are dropped.
@@ -87,9 +101,19 @@ class LlavaCollator:
         labels[:, 1:] = torch.where(loss[:, :-1] == 1, ids[:, 1:], IGNORE_INDEX)
         slots = [check_slots(b, self.num_feature_tokens) for b in batch]
         input_ids = ids.clone()
-        for i, span in enumerate(slots):
-            if span is not None and bool(has_image[i]):
+        per_sample: list[list[torch.Tensor]] = []  # each sample's images, in placeholder order
+        for i, (item, span) in enumerate(zip(batch, slots, strict=True)):
+            if item.get("vision"):  # several images: one run of slots per image
+                check_image_spans(item, self.num_feature_tokens, ids.shape[1])
+                for entry in item["vision"]:
+                    start, n = entry["span"]
+                    input_ids[i, start : start + n] = self.image_token_id
+                per_sample.append([entry["pixel_values"] for entry in item["vision"]])
+            elif span is not None and bool(has_image[i]):
                 input_ids[i, span[0] : span[1]] = self.image_token_id
+                per_sample.append([item["image_data"]])
+            else:
+                per_sample.append([])
 
         if self.trim:
             used = attention_mask.any(dim=0).nonzero()
@@ -100,7 +124,7 @@ class LlavaCollator:
                 labels[:, :length],
             )
 
-        images = [b["image_data"] for b, h in zip(batch, has_image.tolist(), strict=True) if h]
+        images = [image for sample in per_sample for image in sample]
         out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -108,10 +132,20 @@ class LlavaCollator:
             "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
             "has_image": has_image,
             "slots": slots,
+            "image_counts": [len(sample) for sample in per_sample],
         }
         if images:
             out["vision"] = {"pixel_values": torch.stack(images)}
         return out
+
+
+def sample_images(batch: dict) -> list[torch.Tensor]:
+    """Per sample of a `LlavaCollator` batch, its rows of `vision.pixel_values` (`(k, 3, H, W)`, k its
+    `image_counts`: 0 for a sample without images)."""
+    counts = batch["image_counts"]
+    if "vision" not in batch:
+        return [torch.zeros(0) for _ in counts]
+    return list(torch.split(batch["vision"]["pixel_values"], counts))
 
 
 class TrainCollator:
@@ -138,7 +172,7 @@ class TrainCollator:
         batch = self.base(items)
         batch["num_attended_tokens"] = int(batch["attention_mask"].sum())
         batch["num_samples"] = len(items)
-        batch["num_images"] = int(batch["has_image"].sum())
+        batch["num_images"] = sum(batch["image_counts"])
         if not self.dummy_images or bool(batch["has_image"].all()):
             return batch
         input_ids = batch["input_ids"].clone()
@@ -149,9 +183,11 @@ class TrainCollator:
             input_ids[i, span[0] : span[1]] = self.image_token_id  # the text-only sample's masked slots
             use[i] = True
         if bool(use.any()):
+            own = sample_images(batch)
             batch["input_ids"] = input_ids
-            batch["vision"] = {"pixel_values": torch.stack([item["image_data"]
-                                                            for item, u in zip(items, use.tolist(), strict=True) if u])}
+            batch["vision"] = {"pixel_values": torch.cat([
+                own[i] if bool(batch["has_image"][i]) else item["image_data"][None]
+                for i, item in enumerate(items) if bool(use[i])])}
         elif items:
             self._add_dummy_row(batch, items[0]["image_data"])
         return batch
@@ -199,19 +235,19 @@ class PackedCollator:
     `max_length_q` / `max_length_k` int over the S segments (the samples in order, then the dummy
     segment if any); `vision` (`pixel_values` in segment order, matching the placeholder order); the
     counters `TrainCollator` gives (`num_loss_tokens`, `num_attended_tokens` = real tokens of the
-    samples, `num_samples`, `num_images` = real images, `has_image`); and `spans`: per input
-    sample `(0, start, end)` in the row.
+    samples, `num_samples`, `num_images` = real images (several per sample counted each), `has_image`);
+    and `spans`: per input sample `(0, start, end)` in the row.
     """
 
     def __init__(self, collator):
         self.collator = collator
 
     def segments(self, items: list[dict]) -> tuple[list[dict], dict]:
-        """Per sample: its real tokens (`ids`, `labels`, `pos`) and its image (or None).
+        """Per sample: its real tokens (`ids`, `labels`, `pos`) and its images (`(k, 3, H, W)`, or None).
         Raises MmloomError naming the sample when one has no attended token."""
         base = self.collator.base
         batch = base(items)
-        images = iter(batch["vision"]["pixel_values"] if "vision" in batch else [])
+        images = sample_images(batch)
         out = []
         for i in range(len(items)):
             keep = batch["attention_mask"][i].nonzero().flatten()
@@ -222,7 +258,7 @@ class PackedCollator:
             gap = torch.ones_like(keep, dtype=torch.bool)
             gap[1:] = keep[1:] - keep[:-1] != 1
             labels[gap] = IGNORE_INDEX  # a token whose predecessor was dropped (masked slots)
-            image = next(images) if bool(batch["has_image"][i]) else None
+            image = images[i] if batch["image_counts"][i] else None
             out.append({"ids": batch["input_ids"][i, keep], "labels": labels, "pos": keep, "image": image})
         return out, batch
 
@@ -237,7 +273,7 @@ class PackedCollator:
                 "ids": torch.full((n,), int(c.image_token_id), dtype=torch.long),
                 "labels": torch.full((n,), IGNORE_INDEX, dtype=torch.long),
                 "pos": torch.arange(n),
-                "image": torch.zeros_like(items[0]["image_data"]),
+                "image": torch.zeros_like(items[0]["image_data"])[None],
             })
         lengths = [int(s["ids"].numel()) for s in segs]
         ends = torch.tensor(lengths).cumsum(0).tolist()
@@ -253,12 +289,12 @@ class PackedCollator:
             "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
             "num_attended_tokens": sum(lengths[:n_real]),
             "num_samples": n_real,
-            "num_images": int(has_image.sum()),
+            "num_images": sum(batch["image_counts"]),
             "has_image": has_image,
             "spans": spans,
         }
         if images:
-            out["vision"] = {"pixel_values": torch.stack(images)}
+            out["vision"] = {"pixel_values": torch.cat(images)}
         return out
 
 
@@ -367,7 +403,7 @@ class MediaCollator:
             dummy_tokens = int(self.dummy["span"][1])
             batch["num_attended_tokens"] = batch.get("num_attended_tokens", dummy_tokens) - dummy_tokens
             batch["num_samples"] = n_real
-            for key in ("has_image", "slots", "spans"):
+            for key in ("has_image", "slots", "spans", "image_counts"):
                 if batch.get(key) is not None:
                     batch[key] = batch[key][:n_real]
         if media:

@@ -1,4 +1,4 @@
-"""The HDF5 sample format: Cerebras' LLaVA layout (the seed's) plus one per-sample dataset.
+"""The HDF5 sample format: Cerebras' LLaVA layout (the seed's) plus mmloom's per-sample datasets.
 
 Each `data-NNNNN.h5` file written by `mmloom data build` holds
 
@@ -38,11 +38,25 @@ extractor and count rule). Cerebras' reader ignores these datasets (its model wo
 as pad tokens); mmloom's trainer writes the placeholder id (`<audio>`) into every span and feeds the
 items' features there.
 
+Several images per sample (`dataset.multiple_images: keep`, the default): a file in which some
+sample holds two or more images adds the same three datasets for images, covering every image of
+every sample of that file (single-image and text-only samples included): `image_path` bytes `[m]`,
+`image_span` int32 `[m, 2]` (each span is `num_patches` slots long), `image_offset` int64
+`[n + 1]`. `img_path` and `image_start_idx` still name the first image of each sample, so a file
+whose samples hold at most one image is byte for byte what it was before (no image items), and
+readers without this extension (Cerebras' `MultiModalHDF5Dataset` reads `data` and `img_path` by
+name) open every file: Cerebras' model sees a several-image sample as its first image, the other
+images' slots as pad tokens. For Cerebras, build with `dataset.multiple_images: skip`. mmloom's
+reader takes a file's images from its image items when it has them, else from `img_path` and
+`image_start_idx`. `data_params.json` then records `image_patch_info.samples.several_images` (the
+samples with two or more images) and `image_patch_info.images` (all images); both keys are
+written only when some sample holds several images.
+
 Preference pairs (mmloom's extension, written only by builds with `dataset.preference`; see
-`mmloom.data.preference`). Each sample is a pair sharing one prompt (its image, its slots):
+`mmloom.data.preference`). Each sample is a pair sharing one prompt (its images, their slots):
 
 - `data` holds prompt + chosen answer, exactly as an instruction-tuning sample (loss on the final
-  answer only), so `img_path`, `image_start_idx` and the item datasets describe both sides;
+  answer only), so `img_path`, `image_start_idx` and the item datasets (images' too) describe both sides;
 - `rejected` int32 `[n, 4, MSL]` (gzip, the layout of `data`): prompt + rejected answer;
 - `prompt_length` int32 `[n]`: the tokens both rows share (the prompt, image slots included); the
   answers start there.

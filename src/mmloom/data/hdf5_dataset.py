@@ -8,6 +8,9 @@ Each item holds the seed's five tensors plus where its image slots are:
 - `image_start_idx` int: the first of the sample's `num_patches` slots, -1 = none (the file's
   `image_start_idx`, or the dataset's one start index for Cerebras files: `mmloom.data.h5_format`),
 - `index` int: the sample's index in the dataset (for error messages),
+- `vision` (samples of files with image items, `h5_format`: data with several images per sample):
+  every image of the sample in placeholder order, each `{"pixel_values": (3, H, W), "span": (start,
+  length)}`; `image_data` is then the first of them,
 - per modality of `media_readers` (data with items beyond its images, `modalities` of
   data_params.json): its items in placeholder order under the modality's name, each its encoder
   inputs plus `"span": (start, length)` (`mmloom.data.media_items.MediaItemReader`).
@@ -89,6 +92,7 @@ class HDF5LlavaDataset(Dataset):
         lengths: dict[int, Path] = {}
         # per modality, per file: (offsets, spans) of its items, None for a file without them
         self.items: dict[str, list[tuple[np.ndarray, np.ndarray] | None]] = {m: [] for m in self.media_readers}
+        self.image_items: list[tuple[np.ndarray, np.ndarray] | None] = []  # the same, of images (several per sample)
         for path in self.files:
             try:
                 with h5py.File(path, "r") as f:
@@ -98,6 +102,7 @@ class HDF5LlavaDataset(Dataset):
                     counts.append(n)
                     lengths.setdefault(msl, path)
                     starts.append(read_image_starts(f, self.params, path))
+                    self.image_items.append(read_items(f, ImageSpec.noun, path))
                     for modality, reader in self.media_readers.items():
                         self.items[modality].append(read_items(f, reader.spec.noun, path))
             except (OSError, KeyError) as exc:
@@ -112,6 +117,11 @@ class HDF5LlavaDataset(Dataset):
         self.offsets = np.cumsum([0, *counts]).tolist()
         self.image_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
         self.h5 = LazyH5Files(self.files)
+
+    @property
+    def several_images(self) -> bool:
+        """Whether some sample holds several images (a file has image items)."""
+        return any(located is not None for located in self.image_items)
 
     def close(self) -> None:
         """Close the open .h5 handles (they reopen on the next item)."""
@@ -149,6 +159,19 @@ class HDF5LlavaDataset(Dataset):
             raise MmloomError(f"sample {index}: cannot load image {path}: {exc}") from None
         return self.images.encoder_inputs([image])["pixel_values"][0]
 
+    def _images(self, h, file_idx: int, local: int, rel: str | None, index: int) -> list[dict]:
+        """The images of sample `local` of a file with image items, each its `pixel_values` and
+        `span`; raises MmloomError when the items disagree with the file's `img_path` /
+        `image_start_idx` (a damaged file)."""
+        offsets, spans = self.image_items[file_idx]
+        first, last = int(offsets[local]), int(offsets[local + 1])
+        rels = read_item_paths(h, ImageSpec.noun, first, last)
+        if (rels[0] if rels else None) != rel or (rels and int(spans[first][0]) != int(self.image_starts[index])):
+            raise MmloomError(f"{self.files[file_idx]}: sample {local}: image_path / image_span disagree with img_path / "
+                              "image_start_idx; the file is damaged: rebuild the data with `mmloom data build --overwrite`")
+        return [{"pixel_values": self._image(path, index), "span": (int(spans[first + k][0]), int(spans[first + k][1]))}
+                for k, path in enumerate(rels)]
+
     def _check_ids(self, rows: np.ndarray, file_idx: int, local: int) -> None:
         """Refuse a sample whose input ids or labels (rows 0 and 2) fall outside the data's vocabulary
         (a damaged or hand-edited file would otherwise fail deep in the embedding lookup)."""
@@ -169,6 +192,10 @@ class HDF5LlavaDataset(Dataset):
             self._check_ids(rows, file_idx, local)
         rel = decode_img_path(h["img_path"][local])
         extra = {}
+        image = None
+        if self.image_items[file_idx] is not None:
+            extra["vision"] = self._images(h, file_idx, local, rel, int(index))
+            image = extra["vision"][0]["pixel_values"] if extra["vision"] else None
         for modality, reader in self.media_readers.items():
             if (located := self.items[modality][file_idx]) is None:
                 continue
@@ -177,7 +204,7 @@ class HDF5LlavaDataset(Dataset):
             extra[modality] = [reader.item(rel, spans[first + k], int(index))
                                for k, rel in enumerate(read_item_paths(h, reader.spec.noun, first, last))]
         return {
-            "image_data": self._image(rel, int(index)),
+            "image_data": image if image is not None else self._image(rel, int(index)),
             "labels": torch.from_numpy(rows[2].copy()),
             "key_padding_mask": torch.from_numpy(rows[3].copy()),
             "text_input_ids": torch.from_numpy(rows[0].copy()),

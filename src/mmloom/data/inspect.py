@@ -13,10 +13,13 @@ from mmloom.data.h5_format import (
     decode_img_path,
     read_data_params,
     read_image_starts,
+    read_item_paths,
+    read_items,
     slot_layout,
     unfinished_build,
 )
 from mmloom.errors import MmloomError
+from mmloom.processing.image import ImageSpec
 from mmloom.processing.tokenizer import load_tokenizer
 
 
@@ -30,8 +33,10 @@ class Segment:
     end: int = 0  # inclusive, for image segments
 
 
-def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str | None, int, int]:
-    """(rows [4, MSL], image path or None, samples in the file, first image slot or -1).
+def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, list[str], int, list[tuple[int, int]]]:
+    """(rows [4, MSL], the sample's image paths (first image first; [] for text-only), samples in the
+    file, the (first slot, slots) of each image run: every image of a file with image items, else the
+    first image's run, masked for a text-only sample in the seed's layout, or none).
 
     The file's structure is checked (`h5_format.check_h5_file`), and the folder's files against its
     `data_params.json` (`h5_format.check_data_files`). Raises MmloomError naming the file and problem."""
@@ -41,6 +46,7 @@ def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str | None, i
     if not path.is_file():
         raise MmloomError(f"no such file: {path}")
     params = read_data_params(path.parent, required=False)
+    count = slot_layout(params)[1]
     try:
         counts = {}
         for sibling in sorted(path.parent.glob("*.h5")):
@@ -57,9 +63,18 @@ def read_sample(path: str | Path, index: int) -> tuple[np.ndarray, str | None, i
             rows = np.asarray(f["data"][index])
             img = decode_img_path(f["img_path"][index])
             start = int(read_image_starts(f, params, path)[index])
+            located = read_items(f, ImageSpec.noun, path)
+            if located is not None:  # several images per sample: every image's run
+                offsets, spans = located
+                first, last = int(offsets[index]), int(offsets[index + 1])
+                images = read_item_paths(f, ImageSpec.noun, first, last)
+                runs = [(int(a), int(b)) for a, b in spans[first:last]]
+                if not runs and start >= 0 and count:  # a text-only sample's masked slots
+                    runs = [(start, count)]
+                return rows, images, n, runs
     except (OSError, KeyError) as exc:
         raise MmloomError(f"{path}: not an mmloom/Cerebras LLaVA .h5 file ({exc})") from None
-    return rows, img, n, start
+    return rows, [img] if img else [], n, [(start, count)] if start >= 0 and count else []
 
 
 def tokenizer_for(path: Path, tokenizer_path: str | None):
@@ -74,26 +89,26 @@ def tokenizer_for(path: Path, tokenizer_path: str | None):
     return load_tokenizer(tokenizer_path, what="the data's tokenizer (--tokenizer)")
 
 
-def segments(rows: np.ndarray, tokenizer, slots: tuple[int, int] | None) -> tuple[list[Segment], dict]:
-    """The sample as text / supervised / image segments; `slots` = (first slot, count) or None."""
+def segments(rows: np.ndarray, tokenizer, runs: list[tuple[int, int]]) -> tuple[list[Segment], dict]:
+    """The sample as text / supervised / image segments; `runs` = (first slot, count) of each image run."""
     ids, loss, inv = rows[0], rows[1], rows[3]
     attended = inv == 0
     length = int(attended.nonzero()[0].max()) + 1 if attended.any() else 0
-    if slots is not None:
-        length = max(length, slots[0] + slots[1])
+    if runs:
+        length = max(length, *(s + c for s, c in runs))
+    starts = dict(runs)
     supervised = np.zeros(len(ids), dtype=bool)
     supervised[1:] = loss[:-1] == 1  # the token at t+1 is the target of position t
     segs: list[Segment] = []
     i = 0
     while i < length:
-        if slots and i == slots[0]:
-            s, c = slots
-            segs.append(Segment("image", "", s, s + c - 1))
-            i = s + c
+        if i in starts:
+            segs.append(Segment("image", "", i, i + starts[i] - 1))
+            i += starts[i]
             continue
         kind = "supervised" if supervised[i] else "text"
         j = i
-        while j < length and (not slots or j != slots[0]) and bool(supervised[j]) == (kind == "supervised"):
+        while j < length and j not in starts and bool(supervised[j]) == (kind == "supervised"):
             j += 1
         segs.append(Segment(kind, tokenizer.decode(ids[i:j].tolist(), skip_special_tokens=False), i, j - 1))
         i = j
@@ -102,7 +117,7 @@ def segments(rows: np.ndarray, tokenizer, slots: tuple[int, int] | None) -> tupl
         "non_pad": int(attended.sum()),
         "supervised": int(loss.sum()),
         "msl": len(ids),
-        "slots": slots,
+        "slots": list(runs),
     }
     return segs, info
 
@@ -114,12 +129,10 @@ def inspect_sample(
     from rich.markup import escape
 
     path = Path(path)
-    rows, img, n, start = read_sample(path, index)
+    rows, images, n, runs = read_sample(path, index)
     tokenizer = tokenizer_for(path, tokenizer_path)
-    count = slot_layout(read_data_params(path.parent, required=False))[1]
-    slots = (start, count) if start >= 0 and count else None
-    segs, info = segments(rows, tokenizer, slots)
-    has_image = img is not None
+    segs, info = segments(rows, tokenizer, runs)
+    has_image = bool(images)
     parts = []
     for seg in segs:
         if seg.kind == "image":
@@ -129,12 +142,17 @@ def inspect_sample(
             parts.append(f"[bold green]{escape(seg.text)}[/]" if markup else f"[[{seg.text}]]")
         else:
             parts.append(escape(seg.text) if markup else seg.text)
-    slots = info["slots"]
     esc = escape if markup else str
+    if len(runs) > 1:
+        slot_line = "image slots: " + ", ".join(f"{s}..{s + c - 1}" for s, c in runs) + f" ({runs[0][1]} each)"
+    else:
+        slot_line = f"image slots: {runs[0][0]}..{runs[0][0] + runs[0][1] - 1} ({runs[0][1]})" if runs else \
+            "image slots: none"
     header = [
         f"{esc(str(path))} sample {index % n} of {n}",
-        f"image: {esc(img) if img else '(none: text-only, slots masked, fed a dummy image)'}",
-        f"image slots: {slots[0]}..{slots[0] + slots[1] - 1} ({slots[1]})" if slots else "image slots: none",
+        (f"images: {esc(', '.join(images))}" if len(images) > 1 else f"image: {esc(images[0])}") if images else
+        "image: (none: text-only, slots masked, fed a dummy image)",
+        slot_line,
         f"tokens: {info['tokens']} of {info['msl']}  non-pad: {info['non_pad']}  supervised: {info['supervised']}",
         "supervised spans: " + ("[bold green]green[/]" if markup else "[[...]]"),
         "",

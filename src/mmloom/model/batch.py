@@ -13,7 +13,8 @@ A batch is a dict:
   `{"module_features": (N_img, L, D)}` (+ `image_sizes` for anyres processors);
   `audio`: `{"input_features": (N_clip, n_mels, F), "feature_attention_mask": (N_clip, F)}`;
 - bookkeeping of the collators, never given to the model: `num_loss_tokens`, `num_attended_tokens`,
-  `num_samples`, `num_images`, `num_audio`, `has_image` (B,), `slots`, `spans`.
+  `num_samples`, `num_images`, `num_audio`, `has_image` (B,), `image_counts` (images per sample),
+  `slots`, `spans`.
 
 The dict-valued entries are exactly the modality inputs: :func:`model_inputs` selects them by
 that, so a new modality needs no change here.

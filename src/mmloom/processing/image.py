@@ -559,7 +559,7 @@ class ImageSpec(MediaSpec):
     reasons = ("bad_image_path", "missing_image", "bad_image", "image_too_large", "image_token_mismatch",
                "multiple_images", "image_in_later_turn")
     baseline = "blank-images"
-    cli_help = {"item": "the image to talk about (default: none; /image PATH in the session)",
+    cli_help = {"item": "an image to talk about (default: none; /image PATH in the session adds one)",
                 "dir": "root of the question images (default: the questions file's folder)",
                 "baseline": "replace every image by its mean colour (checks that answers come from the image)"}
     default_placeholder = "<image>"

@@ -11,7 +11,7 @@ optimizer:   {optimizer_type, lr, betas, eps, weight_decay, max_gradient_norm, p
               adapter_lr, part_lr}
 schedule:    {warmup_steps | warmup_ratio, decay, min_lr}
 runconfig:   {max_steps | num_epochs, checkpoint_steps, keep_last, log_steps, eval_steps, seed,
-              load_checkpoint_states, checkpoint_path, distributed, mfu_peak_flops, resume_weights_only, ...}
+              num_threads, num_interop_threads, load_checkpoint_states, checkpoint_path, distributed, mfu_peak_flops, resume_weights_only, ...}
 preference:  {loss, beta, label_smoothing, reference}     # optional: the preference phase (DPO)
 ```
 
@@ -259,6 +259,12 @@ class RunSection(_Section):
     log_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="eval every N steps in train_and_eval mode")
     seed: int = 0
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op CPU threads of each process (default: torch's, one per core; "
+        "torchrun: 1 per rank). A small model on a few shared cores is fastest with 1: threads that wait at every "
+        "operation for a core another process holds make each step 10-20x slower")
+    num_interop_threads: int | None = Field(None, ge=1, description="torch inter-op CPU threads of each process "
+                                            "(default: torch's)")
     load_checkpoint_states: Literal["model", "all"] = "model"
     checkpoint_path: str | None = Field(None, description="mmloom model folder, checkpoint or run folder")
     distributed: Literal["none", "ddp", "fsdp"] = "none"

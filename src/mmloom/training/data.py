@@ -65,13 +65,24 @@ def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
     with cached encoder features (`use_cached_features`); with the items of other modalities when the data has
     some. `image_size` 0 (a model without a vision encoder) reads no image. The folder's
     data_params.json is required (a build that did not finish has none: refused here, first)."""
-    read_data_params(section.data_dir)
+    params = read_data_params(section.data_dir)
     if section.use_cached_features:  # `mmloom data cache-features` output instead of images
+        refuse_cached_several_images(section, params)
         return CachedFeatureDataset(section.data_dir, cache_dir_for(section))
     size = section.image_size or image_size
     transform = ImageTransform.from_config(section.transforms, size) if size else None
     return HDF5LlavaDataset(section.data_dir, section.img_data_dir, transform, dtype=dtype,
                             media_readers=media_readers(section))
+
+
+def refuse_cached_several_images(section: InputConfig, params: dict | None = None) -> None:
+    """The feature cache holds one image's features per sample: refuse (MmloomError, one line) data
+    with several images per sample (`image_patch_info.samples.several_images` of data_params.json)."""
+    params = read_data_params(section.data_dir) if params is None else params
+    several = (((params.get("image_patch_info") or {}).get("samples") or {}).get("several_images") or 0)
+    if several:
+        raise MmloomError(f"the data in {section.data_dir} has {several} samples with several images, and the feature "
+                          "cache holds one image per sample: train from the images (use_cached_features: false)")
 
 
 def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int = 0,
@@ -396,6 +407,7 @@ def cache_features(cfg, model_dir: str | Path | None = None, batch_size: int = 3
     check_config_paths(cfg, "train")
     if section.img_data_dir is not None and not Path(section.img_data_dir).is_dir():
         raise MmloomError(f"train_input.img_data_dir: path not found: {section.img_data_dir}")
+    refuse_cached_several_images(section)
     # the model exactly as `mmloom train` starts it, with the newest checkpoint of `model_dir` (as a resumed run)
     latest = RunFolder(model_dir).latest_checkpoint() if model_dir is not None else None
     model, _ = model_at(cfg, latest, base_folder(cfg))

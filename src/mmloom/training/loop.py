@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mmloom.devices import set_cpu_threads
 from mmloom.errors import MmloomError
 from mmloom.model.batch import batch_to_device, item_count, model_inputs
 from mmloom.training.checkpoint import (
@@ -101,6 +102,8 @@ class Trainer:
         self.mode = mode
         self.ctx = ctx or DistContext()
         self.device = self.ctx.device
+        set_cpu_threads(self.run.num_threads, self.run.num_interop_threads,
+                        ("runconfig.num_threads", "runconfig.num_interop_threads"))
         self.model_dir = Path(model_dir)
         self.run_folder = RunFolder(self.model_dir)
         self.console = ProgressDisplay(0, 0, enabled=self.ctx.is_main, tty=False)
