@@ -204,3 +204,47 @@ def test_ddp_two_processes_match_one(pairs, padded, tmp_path):
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     got = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert_same(got, padded, tol=1e-4)
+
+
+def test_pairs_with_several_images_share_their_slots(tmp_path):
+    """A TRL record with two image parts is kept (dataset.multiple_images: keep): both images' slots sit in the
+    shared prompt, the file's image items describe both sides, and a batch of P pairs carries each pair's images
+    for its chosen and its rejected sequence."""
+    from mmloom.data.collate import TrainCollator
+    from mmloom.data.hdf5_dataset import HDF5LlavaDataset
+    from mmloom.data.preference import PreferenceCollator, PreferencePairs
+    from mmloom.processing.image import ImageTransform
+    from mmloom.testing import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "images").mkdir()
+    for i, colour in enumerate(COLOURS.values()):
+        Image.fromarray(np.full((32, 32, 3), colour, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    records = [{"images": [f"{i}.png", f"{i + 1}.png"], "prompt": [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "First, then "}, {"type": "image"},
+        {"type": "text", "text": "second: which is red?"}]}], "chosen": "The first.", "rejected": "The second."}
+        for i in range(2)]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = {"setup": {"input_dir": str(tmp_path / "src"), "output_dir": str(tmp_path / "h5"), "processes": 1},
+           "processor": {"tokenizer_type": str(tmp_path / "tok"), "max_sequence_length": 160},
+           "dataset": {"num_patches": 16, "image_dir": str(tmp_path / "images"), "system_prompt_style": "vicuna_v1",
+                       "preference": {"format": "trl"}}}
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["data", "build", str(tmp_path / "build.yaml"), "--quiet"]) == 0
+    params = json.loads((tmp_path / "h5" / "data_params.json").read_text())
+    assert params["preference"]["pairs"] == 2 and params["image_patch_info"]["images"] == 4
+    with h5py.File(tmp_path / "h5" / "data-00000.h5") as f:
+        spans, starts = f["image_span"][:], f["prompt_length"][:]
+        assert [p.decode() for p in f["image_path"][:]] == ["0.png", "1.png", "1.png", "2.png"]
+        assert (spans[:, 1] == 16).all() and (spans[:, 0] + 16 <= np.repeat(starts, 2)).all()  # slots in the prompt
+        assert (f["data"][:, 0, :][:, :starts.min()] == f["rejected"][:, 0, :][:, :starts.min()]).all()
+
+    dataset = PreferencePairs(HDF5LlavaDataset(tmp_path / "h5", tmp_path / "images", ImageTransform.from_config(
+        None, 32)))
+    batch = PreferenceCollator(TrainCollator(4, 3, 16))([dataset[0], dataset[1]])
+    assert batch["pairs"] == 2 and batch["input_ids"].shape[0] == 4
+    pixels = batch["vision"]["pixel_values"]
+    assert pixels.shape[0] == 8  # 2 images x (2 chosen + 2 rejected sequences), in placeholder order
+    assert torch.equal(pixels[:4], pixels[4:])  # the rejected sequences see their pair's images
+    assert not torch.equal(pixels[0], pixels[1])
