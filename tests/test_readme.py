@@ -193,7 +193,7 @@ def test_real_data_section_runs_offline(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert code == 0, f"{command}\n{err}"
         ran.append(argv[0] if argv[0] != "data" else f"data {argv[1]}")
-    assert ran.count("data build") == 4 and ran.count("init") == 2 and "chat" in ran and ran.count("convert") == 5
+    assert ran.count("data build") == 5 and ran.count("init") == 2 and "chat" in ran and ran.count("convert") == 5
     # the chat model keeps its own template, in the model and in the data
     from mmloom import MultimodalProcessor
 
