@@ -1,6 +1,7 @@
 """Several images per sample in training: the HDF5 dataset yields every image of a sample, the
 collators put the image id into every image run and stack the images row-major, and packed rows
-compute exactly what padded rows compute on a mix of 1-image, 3-image and text-only samples."""
+compute exactly what padded rows compute on a mix of 1-image, 3-image and text-only samples; 2 gloo
+ranks (DDP, FSDP2), one with several images per micro-batch and the other with none, train as 1 process."""
 
 from __future__ import annotations
 
@@ -207,3 +208,70 @@ def test_several_images_with_audio_train_packed_as_padded(tmp_path):
     assert sorted(expected) == [1, 2]
     for step in expected:
         assert abs(got[step] - expected[step]) < 1e-5 * max(1.0, expected[step]), (got, expected)
+
+
+# ------------------------------------------------------------------------ two ranks
+def uneven_records() -> list[dict]:
+    """8 records in an order that gives, unshuffled with batches of 4 and micro-batches of 2 on 2 ranks,
+    rank 0 several images in every micro-batch and rank 1 none (step 1) or one (step 2)."""
+    three = rec(["img0.png", "img1.png", "img2.png"], ("human", "<image>\n<image>\nCompare the two."),
+                ("gpt", "The first is darker."), ("human", "<image>\nAnd this one?"), ("gpt", "Brighter."))
+    two = rec(["img3.png", "img4.png"], ("human", "<image>\nFirst?"), ("gpt", "Green."), ("human", "<image>\nSecond?"),
+              ("gpt", "Yellow."))
+    text = rec(None, ("human", "Tell me a story."), ("gpt", "Once upon a time."))
+    other = rec(None, ("human", "Hello."), ("gpt", "Hi there, how are you?"))
+    one = rec("img2.png", ("human", "<image>\nWhat colour is it?"), ("gpt", "Blue."))
+    return [three, two, text, other, two, three, one, text]
+
+
+@pytest.fixture(scope="module")
+def uneven(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uneven")
+    (root / "jsonl").mkdir()
+    (root / "jsonl" / "part0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in uneven_records()))
+    cfg = yaml.safe_load((data / "build.yaml").read_text())
+    cfg["setup"].update(input_dir=str(root / "jsonl"), output_dir=str(root / "h5"))
+    (root / "build.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["data", "build", str(root / "build.yaml"), "--quiet"]) == 0
+    (root / "images").symlink_to(data / "images")
+    return root
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_ranks_with_several_images_on_one_and_none_on_the_other(uneven, tmp_path, distributed):
+    """Everything trainable; rank 0's micro-batches hold 5 images each, rank 1's none, then one: the
+    text-only micro-batch runs a dummy image through the tower and projector, so both ranks reduce the
+    same parameters (no flag, no reduction error), and 2 gloo ranks give the losses and weights of 1
+    process on the same global batches."""
+    from mmloom.data.sampling import StepBatchSampler
+    from test_packing import TINY
+    from test_train_distributed import torchrun
+    from test_train_loop import losses, weights
+
+    counts = [len(r["image"]) if isinstance(r.get("image"), list) else int("image" in r) for r in uneven_records()]
+    per_rank = [[[counts[i] for i in mb] for step in range(2)
+                 for mb in StepBatchSampler(8, 4, 2, rank, 2, 0, False, 0, 2).step_micro_batches(step)]
+                for rank in range(2)]
+    assert per_rank == [[[3, 2], [2, 3]], [[0, 0], [1, 0]]]
+    start = json.loads((uneven / "h5" / "data_params.json").read_text())["image_patch_info"]["image_patch_start_idx"]
+    sets = [f"train_input.data_dir={uneven / 'h5'}", f"train_input.img_data_dir={uneven / 'images'}",
+            f"model.image_start_idx={start}", "runconfig.checkpoint_path=null", "runconfig.max_steps=2",
+            "runconfig.log_steps=1", "runconfig.checkpoint_steps=2", "train_input.batch_size=4",
+            "train_input.micro_batch_size=2", "train_input.shuffle=false", "model.freeze=[]", "eval_input=null"]
+
+    def args(run, *more):
+        out = ["train", str(TINY / "phase2.yaml"), "--model-dir", str(run), "--mode", "train"]
+        for s in (*sets, *more):
+            out += ["--set", s]
+        return out
+
+    assert main(args(tmp_path / "one")) == 0
+    torchrun(args(tmp_path / "two", f"runconfig.distributed={distributed}"), tmp_path)
+    got, expected = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(got) == sorted(expected) == [1, 2]
+    for step in expected:
+        assert abs(got[step] - expected[step]) < 1e-4 * max(1.0, abs(expected[step])), (step, got, expected)
+    first, second = weights(tmp_path / "one" / "final_model"), weights(tmp_path / "two" / "final_model")
+    assert set(first) == set(second)
+    for k in first:
+        torch.testing.assert_close(second[k], first[k], rtol=1e-3, atol=1e-5, msg=k)

@@ -10,6 +10,10 @@ JOB["action"]:
   the caller (mmloom's), to compare the models on identical inputs.
 * "build": build tiny models with the original code (phase-2 folder saved by `save_pretrained`, and a
   phase-1 `mm_projector.bin`) and compute their logits the same way.
+* "several": one prompt with several images (`<image>` in any human turn of a vicuna_v1 conversation)
+  through the original `prepare_inputs_labels_for_multimodal` path: the images as `process_images` stacks
+  them (one (N, 3, H, W) tensor) and as a list of (3, H, W) tensors; own ids, pixels, logits and greedy
+  tokens, and logits and greedy tokens on caller-given ids and pixels.
 Results go to JOB["out"] (torch.save of plain dicts, lists and tensors).
 """
 
@@ -167,9 +171,52 @@ def build(job):
     return results
 
 
+def conversation_ids(tokenizer, turns):
+    """The vicuna_v1 prompt of `turns` ((role "human"/"gpt", text) pairs, `<image>` in the text) with
+    the assistant's turn opened, tokenized by `tokenizer_image_token` (each `<image>` -> -200)."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.conversation import conv_templates
+    from llava.mm_utils import tokenizer_image_token
+
+    conv = conv_templates["vicuna_v1"].copy()
+    for role, value in turns:
+        conv.append_message(conv.roles[0] if role == "human" else conv.roles[1], value)
+    conv.append_message(conv.roles[1], None)
+    prompt = conv.get_prompt()
+    return prompt, tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
+
+
+def several(job):
+    from llava.mm_utils import process_images
+
+    tokenizer, model, image_processor, loading = load_export(job["text_folder"])
+    n = job["max_new_tokens"]
+    gen = dict(do_sample=False, num_beams=1, use_cache=True, max_new_tokens=n, min_new_tokens=n)
+    pictures = [Image.open(p).convert("RGB") for p in job["images"]]
+    prompt, ids = conversation_ids(tokenizer, job["turns"])
+    pixels = process_images(pictures, image_processor, model.config)
+    sizes = [p.size for p in pictures]
+    given_ids, given_pixels = torch.load(job["given"], weights_only=True)
+    given_ids = torch.tensor([given_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids, images=pixels, image_sizes=sizes).logits[0]
+        as_list = model(input_ids=ids, images=list(pixels), image_sizes=sizes).logits[0]
+        generated = model.generate(ids, images=pixels, image_sizes=sizes, **gen)[0, -n:]
+        given_logits = model(input_ids=given_ids, images=given_pixels).logits[0]
+        given_generated = model.generate(given_ids, images=given_pixels, **gen)[0, -n:]
+        # the original's inputs_embeds: every -200 replaced by one image's features, in order
+        embeds = model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, pixels)[4][0]
+        features = model.encode_images(pixels)
+    markers = (ids[0] == -200).nonzero().flatten().tolist()
+    return {"loading": loading, "prompt": prompt, "ids": ids[0].tolist(), "pixels": pixels, "logits": logits,
+            "list_logits": as_list, "generated": generated.tolist(), "given_logits": given_logits,
+            "given_generated": given_generated.tolist(), "embeds": embeds, "features": features,
+            "markers": markers}
+
+
 def main():
     job = json.loads(open(sys.argv[1]).read())
-    actions = {"exports": exports, "build": build}
+    actions = {"exports": exports, "build": build, "several": several}
     torch.save(actions[job["action"]](job), job["out"])
 
 
