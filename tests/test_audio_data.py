@@ -151,3 +151,14 @@ def test_processor_refuses_wrong_rate_and_too_long_waveforms(tokenizer):
         processor(text=["<audio> hi"], audio=[tone(0.5, 300)], processor_kwargs={"audio": {"sampling_rate": 16000}})
     with pytest.raises(MmloomError, match="window"):
         extract_features(extractor(), [tone(1.5, 300)])
+
+
+def test_build_summary_counts_audio_and_text_only_samples(tmp_path, capsys):
+    from mmloom.data.build import print_summary
+
+    root = make_audio_data(tmp_path / "a", n=6)
+    capsys.readouterr()
+    print_summary(data_params(root), elapsed=1.0)  # what a build without --quiet prints last
+    lines = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    assert any(line.startswith("with audio (7 clips,") and line.endswith(" 5") for line in lines), lines
+    assert any(line.startswith("text-only ") for line in lines), lines

@@ -855,8 +855,8 @@ def print_summary(params: dict, elapsed: float, template_note: str | None = None
         where = ", ".join(f"{c:,} at {k}" for k, c in info["image_in_later_turn_start_idx_counts"].items())
         table.add_row(f"  image in a later turn (slots start: {where})", f"{samples['image_in_later_turn']:,}")
     for modality, recorded in (params.get("modalities") or {}).items():
-        label, samples = MEDIA[modality].summary_row(recorded)
-        table.add_row(f"  {label}", f"{samples:,}")
+        label, count = MEDIA[modality].summary_row(recorded)
+        table.add_row(f"  {label}", f"{count:,}")
     table.add_row("  text-only", f"{samples.get('text_only', 0):,}")
     pairs = params.get("preference")
     if pairs is not None:
