@@ -15,7 +15,7 @@ from pathlib import Path
 from mmloom.demo import steps
 from mmloom.demo.sounds import SAMPLE_RATE, write_dataset
 
-FULL = steps.DemoSize(num_train=6000, num_eval=300, phase1_steps=700, phase2_steps=700, batch_size=32)
+FULL = steps.DemoSize(num_train=6000, num_eval=300, phase1_steps=600, phase2_steps=600, batch_size=32)
 QUICK = steps.DemoSize(num_train=800, num_eval=40, phase1_steps=150, phase2_steps=150, batch_size=16)
 
 # Whisper's own feature extractor settings (16 kHz, 25 ms window, 10 ms hop) with a 2 s window and

@@ -13,7 +13,7 @@ from pathlib import Path
 from mmloom.demo import steps
 from mmloom.demo.scenes import write_dataset
 
-FULL = steps.DemoSize(num_train=8000, num_eval=300, phase1_steps=1000, phase2_steps=800, batch_size=32)
+FULL = steps.DemoSize(num_train=8000, num_eval=300, phase1_steps=800, phase2_steps=500, batch_size=32)
 QUICK = steps.DemoSize(num_train=1500, num_eval=60, phase1_steps=300, phase2_steps=150, batch_size=16)
 
 IMAGE_SIZE, PATCH_SIZE = 48, 16  # 3x3 patches: one per scene cell
@@ -42,7 +42,8 @@ def vision_train_config(out: Path, phase: int, size: steps.DemoSize, vocab_size:
     # encoder stays frozen, projector + LLM train.
     phase1 = {"image_model": VISION, "text_model": {**steps.TEXT, "vocab_size": vocab_size}}
     model = steps.phase_model(out, phase, common, phase1, phase2_frozen=["^image_model"])
-    train_input = {"img_data_dir": str(out / "data"), "image_size": IMAGE_SIZE}
+    # one loader worker decodes the next batch's images on the other core while the main process trains
+    train_input = {"img_data_dir": str(out / "data"), "image_size": IMAGE_SIZE, "num_workers": 1}
     return steps.train_config(out, phase, size, train_input, model)
 
 

@@ -27,6 +27,10 @@ from mmloom.processing.templates import VICUNA_SYSTEM
 from mmloom.tokenization import train_bpe_tokenizer
 
 MARKER = ".mmloom-demo"
+# torch threads of every training and inference command of the demos: their models are so small that one
+# thread is as fast as two on a quiet machine and keeps its speed beside another busy process (two threads
+# wait at every operation for the core the other process holds); see benchmarks/demo_threads.py
+THREADS = 1
 PHASE_LENGTHS = ((1, 64), (2, 192))  # (phase, max_sequence_length of its HDF5 data, in tokens)
 TEXT = {  # the tiny random Llama both demos train from scratch
     "model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
@@ -125,7 +129,8 @@ def build_data(run: Runner, out: Path, dataset: dict) -> None:
 
 def train_config(out: Path, phase: int, size: DemoSize, train_input: dict, model: dict) -> dict:
     """A training config (the seed's sections) for one phase: the phase's HDF5 data plus `train_input`,
-    `model`, AdamW at lr 1e-3, 5 % warmup then cosine decay, two checkpoints, ten log lines."""
+    `model`, AdamW at lr 1e-3, 5 % warmup then cosine decay, two checkpoints, ten log lines, `THREADS`
+    torch threads."""
     steps = size.phase1_steps if phase == 1 else size.phase2_steps
     return {
         "train_input": {"data_dir": str(out / "h5" / f"phase{phase}"), "batch_size": size.batch_size,
@@ -134,7 +139,7 @@ def train_config(out: Path, phase: int, size: DemoSize, train_input: dict, model
         "optimizer": {"lr": 1e-3, "weight_decay": 0.0, "max_gradient_norm": 1.0},
         "schedule": {"warmup_ratio": 0.05, "decay": "cosine"},
         "runconfig": {"max_steps": steps, "checkpoint_steps": max(steps // 2, 1), "keep_last": 1,
-                      "log_steps": max(steps // 10, 1), "seed": 0},
+                      "log_steps": max(steps // 10, 1), "seed": 0, "num_threads": THREADS},
     }
 
 
@@ -163,7 +168,7 @@ def evaluate(run: Runner, out: Path, model: Path, name: str, media: Sequence[Any
     answers = out / "eval" / f"answers_{name}.jsonl"
     scores = answers.with_suffix(".scores.json")
     run.mmloom("generate", model, out / "data" / "eval" / "questions.jsonl", "--output", answers, *media,
-               "--batch-size", 64, "--max-new-tokens", max_new_tokens, *extra)
+               "--batch-size", 64, "--max-new-tokens", max_new_tokens, "--threads", THREADS, *extra)
     run.mmloom("score", answers, "--references", out / "data" / "eval" / "references.jsonl", "--metric", "exact",
                "--by", "type", "--output-json", scores)
     return read_json(scores)
@@ -175,7 +180,7 @@ def show_examples(run: Runner, out: Path, model: Path, media_key: str) -> None:
     held_out = [record for _, record in read_jsonl_objects(out / "data" / "eval" / "questions.jsonl")]
     for example in (held_out[0], held_out[len(held_out) // 2], held_out[-1]):
         run.mmloom("chat", model, f"--{media_key}", out / "data" / example[media_key], "--prompt", example["text"],
-                   "--max-new-tokens", 8)
+                   "--max-new-tokens", 8, "--threads", THREADS)
     for phase in (1, 2):
         run.mmloom("plot", out / "runs" / f"phase{phase}")
 
