@@ -186,9 +186,9 @@ def test_real_data_section_runs_offline(tmp_path, monkeypatch, capsys):
         if argv[0] == "score":  # refs.jsonl as the README describes it for vqa
             Path("refs.jsonl").write_text("".join(json.dumps(
                 {"question_id": i, "answers": ["red"] * 10}) + "\n" for i in range(3)))
-        if argv[0] == "chat" and not Path("runs/llava_v1p5_7b_phase2/final_model").exists():
-            # stand-in for the phase-2 model: the composite `mmloom init` wrote (same folder format)
-            shutil.copytree("pretrained/llava-7b-init", "runs/llava_v1p5_7b_phase2/final_model")
+        if argv[0] == "chat" and not Path(argv[1]).exists():
+            # stand-in for a trained 7B model: the composite `mmloom init` wrote (same folder format)
+            shutil.copytree("pretrained/llava-7b-init", argv[1])
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 0, f"{command}\n{err}"
