@@ -31,7 +31,7 @@ step 100: chosen -1.35 -> -4.45 nats, rejected -1.43 -> -5.49), so 19 answers be
 margin stayed small (at most 0.20, 0.10 at the last step; reward accuracy 0.59 on average over the 100 steps,
 0.63 over the last 20).
 
-Measured once more on the full demo's phase-2 model (`make demo` in a fresh clone, 1,253 held-out questions, quiet
+Measured once more on the full demo's phase-2 model (`make demo` in a fresh clone, 1,253 held-out questions,
 2-core CPU): the weakest type was `presence`, 8,000 pairs, the same defaults. It does not help there either:
 
     type       phase 2   phase 3   phase 3, image blanked
