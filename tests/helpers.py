@@ -75,3 +75,30 @@ def sp_vlm(folder, llm_kind="llama", projector="mlp2x_gelu", **llm_overrides):
     model = MultimodalModel({"vision": encoder}, llm, init_projector_type=projector,
                             placeholder_token_ids={"vision": ids["<image>"]})
     return model.eval(), tokenizer
+
+
+IMAGE_PART = {"type": "image"}
+
+
+def text_part(value: str) -> dict:
+    return {"type": "text", "text": value}
+
+
+# Prompts with several images, as transformers' chat messages and as mmloom's LLaVA record turns (the same
+# conversation): the hf-llava export checks in transformers 5 and, in the client stage, transformers 4.49.
+SEVERAL_IMAGE_CHATS = {
+    "two images, turns 1 and 2": (
+        [{"role": "user", "content": [IMAGE_PART, text_part("What is in the first picture?")]},
+         {"role": "assistant", "content": [text_part("A red square.")]},
+         {"role": "user", "content": [IMAGE_PART, text_part("And in the second one?")]}],
+        [("human", "<image>\nWhat is in the first picture?"), ("gpt", "A red square."),
+         ("human", "<image>\nAnd in the second one?")]),
+    "three images, two in turn 1, one in turn 3": (
+        [{"role": "user", "content": [IMAGE_PART, IMAGE_PART, text_part("Compare the two pictures.")]},
+         {"role": "assistant", "content": [text_part("The first is brighter.")]},
+         {"role": "user", "content": [text_part("Why?")]},
+         {"role": "assistant", "content": [text_part("More light.")]},
+         {"role": "user", "content": [IMAGE_PART, text_part("And this one?")]}],
+        [("human", "<image>\n<image>\nCompare the two pictures."), ("gpt", "The first is brighter."),
+         ("human", "Why?"), ("gpt", "More light."), ("human", "<image>\nAnd this one?")]),
+}

@@ -11,16 +11,10 @@ import h5py
 import pytest
 from PIL import Image
 
+from test_data_layout_cases import rec
 from test_tokenizer_layout import build
 
 NP, IMG, PAD = 16, 4, 3
-
-
-def rec(image, *turns):
-    r = {"id": "x", "conversations": [{"from": f, "value": v} for f, v in turns]}
-    if image is not None:
-        r["image"] = image
-    return r
 
 
 ONE = rec("a.png", ("human", "<image>\nWhat is it?"), ("gpt", "A circle."))

@@ -11,39 +11,16 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from helpers import sp_vlm
+from helpers import SEVERAL_IMAGE_CHATS, sp_vlm
 from mmloom import MultimodalProcessor
 from mmloom.cli.main import main
 from mmloom.interop.common import Bundle, write_mmloom
 from mmloom.model.batch import model_inputs
 from mmloom.processing.image import ImageTransform
 
-IMAGE = {"type": "image"}
-
-
-def text(value):
-    return {"type": "text", "text": value}
-
-
-# (transformers' chat messages, mmloom's LLaVA record turns, images)
-CASES = {
-    "two images, turns 1 and 2": (
-        [{"role": "user", "content": [IMAGE, text("What is in the first picture?")]},
-         {"role": "assistant", "content": [text("A red square.")]},
-         {"role": "user", "content": [IMAGE, text("And in the second one?")]}],
-        [("human", "<image>\nWhat is in the first picture?"), ("gpt", "A red square."),
-         ("human", "<image>\nAnd in the second one?")],
-        2),
-    "three images, two in turn 1, one in turn 3": (
-        [{"role": "user", "content": [IMAGE, IMAGE, text("Compare the two pictures.")]},
-         {"role": "assistant", "content": [text("The first is brighter.")]},
-         {"role": "user", "content": [text("Why?")]},
-         {"role": "assistant", "content": [text("More light.")]},
-         {"role": "user", "content": [IMAGE, text("And this one?")]}],
-        [("human", "<image>\n<image>\nCompare the two pictures."), ("gpt", "The first is brighter."),
-         ("human", "Why?"), ("gpt", "More light."), ("human", "<image>\nAnd this one?")],
-        3),
-}
+# (transformers' chat messages, mmloom's LLaVA record turns, number of images)
+CASES = {name: (messages, turns, sum(t.count("<image>") for _, t in turns))
+         for name, (messages, turns) in SEVERAL_IMAGE_CHATS.items()}
 
 
 def noise_image(h, w, seed):

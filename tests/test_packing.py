@@ -94,6 +94,14 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def fast_loss_and_grads(model, batch, denominator: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of `batch` through the supervised-only path (divided by `denominator`) and the gradients it gives."""
+    model.zero_grad()
+    loss = run(model, batch, compute_logits=False, num_items_in_batch=denominator).loss
+    loss.backward()
+    return loss, grads(model)
+
+
 class SegmentCalls:
     """Records the query length and window of every per-segment attention of the varlen path."""
 
@@ -142,14 +150,8 @@ def test_packed_equals_unpacked(attn, monkeypatch):
 
     # total loss and gradients through the fast (supervised-only) path
     denom = torch.tensor(float(plain["num_loss_tokens"]))
-    model.zero_grad()
-    loss_a = run(model, plain, compute_logits=False, num_items_in_batch=denom).loss
-    loss_a.backward()
-    ga = grads(model)
-    model.zero_grad()
-    loss_b = run(model, packed, compute_logits=False, num_items_in_batch=denom).loss
-    loss_b.backward()
-    gb = grads(model)
+    loss_a, ga = fast_loss_and_grads(model, plain, denom)
+    loss_b, gb = fast_loss_and_grads(model, packed, denom)
     assert abs(loss_a.item() - loss_b.item()) < 1e-5
     assert abs(loss_a.item() - sum(a) / float(denom)) < 1e-4
     assert set(ga) == set(gb) and ga

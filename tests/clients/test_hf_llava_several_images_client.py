@@ -16,38 +16,16 @@ from clients_support import (
     tiny_vicuna_composite,
 )
 
+from helpers import SEVERAL_IMAGE_CHATS
 from mmloom.cli.main import main
 from mmloom.processing.image import ImageTransform, load_image
 
 ATOL = 1e-4
 MAX_NEW_TOKENS = 6
-IMAGE = {"type": "image"}
 pytestmark = only_in_client_stage
-
-
-def text(value):
-    return {"type": "text", "text": value}
-
-
 # name: (transformers' chat messages, mmloom's LLaVA record turns, which of the pictures, in order)
-CASES = {
-    "two images, turns 1 and 2": (
-        [{"role": "user", "content": [IMAGE, text("What is in the first picture?")]},
-         {"role": "assistant", "content": [text("A red square.")]},
-         {"role": "user", "content": [IMAGE, text("And in the second one?")]}],
-        [("human", "<image>\nWhat is in the first picture?"), ("gpt", "A red square."),
-         ("human", "<image>\nAnd in the second one?")],
-        [1, 2]),
-    "three images, two in turn 1, one in turn 3": (
-        [{"role": "user", "content": [IMAGE, IMAGE, text("Compare the two pictures.")]},
-         {"role": "assistant", "content": [text("The first is brighter.")]},
-         {"role": "user", "content": [text("Why?")]},
-         {"role": "assistant", "content": [text("More light.")]},
-         {"role": "user", "content": [IMAGE, text("And this one?")]}],
-        [("human", "<image>\n<image>\nCompare the two pictures."), ("gpt", "The first is brighter."),
-         ("human", "Why?"), ("gpt", "More light."), ("human", "<image>\nAnd this one?")],
-        [2, 0, 1]),
-}
+PICTURES = {"two images, turns 1 and 2": [1, 2], "three images, two in turn 1, one in turn 3": [2, 0, 1]}
+CASES = {name: (messages, turns, PICTURES[name]) for name, (messages, turns) in SEVERAL_IMAGE_CHATS.items()}
 
 
 def mmloom_rows(folder, pictures, vocab_limit):
