@@ -12,8 +12,8 @@ from `runs/phase2/final_model` (vision encoder frozen; the reference log-probabi
 are computed once before the first step), and `generate` + `score` on the demo's held-out questions, per
 question type, with the images and with every image blanked. Everything is written under DEMO/phase3.
 
-Measured once, with the defaults below, on a `mmloom demo --quick` run (2-core CPU shared with other jobs;
-256 held-out questions): the weakest type was `shape` (56 questions), 1355 pairs, 100 steps of 16 pairs.
+Measured with the defaults below on a `mmloom demo --quick` run (the same figures twice, the second time in a
+fresh clone of this revision on a quiet 2-core CPU; 256 held-out questions): the weakest type was `shape` (56 questions), 1355 pairs, 100 steps of 16 pairs.
 
     type       phase 2   phase 3   phase 3, image blanked
     colour       39.2%     29.4%     17.6%
