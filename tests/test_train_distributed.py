@@ -38,7 +38,7 @@ def torchrun(args: list[str], cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmloom", *args]
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    assert proc.returncode == 0, (proc.stderr[-5000:], proc.stdout[-2000:])  # the ranks' errors first
 
 
 def assert_same_losses(run: Path, reference: Path) -> None:
