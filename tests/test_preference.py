@@ -161,6 +161,39 @@ def test_split_and_packing_change_nothing(pairs, padded, tmp_path):
     assert_same(train(pairs, tmp_path / "packed", "train_input.micro_batch_size=2", "train_input.packing=true"), padded)
 
 
+@pytest.fixture(scope="module")
+def rpo(pairs, tmp_path_factory):
+    return train(pairs, tmp_path_factory.mktemp("pref") / "rpo", "train_input.micro_batch_size=4",
+                 "preference.rpo_alpha=1.0")
+
+
+def test_rpo_adds_the_chosen_answers_token_mean_nll(pairs, padded, rpo, tmp_path):
+    """rpo_alpha adds alpha x the chosen answers' mean token cross-entropy (TRL's NLL: summed over the step's chosen
+    tokens, over their count; not a mean of per-answer means), exact however the step is split."""
+    from safetensors.torch import load_file
+
+    whole = train(pairs, tmp_path / "whole", "train_input.batch_size=12", "train_input.micro_batch_size=12",
+                  "runconfig.max_steps=1", "preference.rpo_alpha=0.5")
+    reference = load_file(str(tmp_path / "whole" / "reference_logps.safetensors"))["chosen"]
+    tokens = []
+    for path in sorted((pairs / "h5").glob("data-*.h5"), key=lambda p: int(p.stem.split("-")[1])):
+        with h5py.File(path) as f:
+            tokens += [float(rows[1].sum()) for rows in f["data"][:]]
+    tokens = torch.tensor(tokens, dtype=torch.float64)
+    nll = float(-reference.sum() / tokens.sum())
+    assert abs(nll - float((-reference / tokens).mean())) > 1e-3  # the two normalisations differ on these pairs
+    assert abs(whole[0]["nll_loss"] - nll) < 1e-5
+    assert abs(whole[0]["loss"] - (math.log(2) + 0.5 * nll)) < 1e-5  # the policy is its reference at step 1
+    assert "nll_loss" not in padded[0]  # logged only with rpo_alpha, as TRL did
+    assert_same(train(pairs, tmp_path / "micro1", "train_input.micro_batch_size=1", "preference.rpo_alpha=1.0"), rpo,
+                keys=("loss", "grad_norm", "rewards/margins", "nll_loss"))
+    assert_same(train(pairs, tmp_path / "packed", "train_input.micro_batch_size=2", "train_input.packing=true",
+                      "preference.rpo_alpha=1.0"), rpo, keys=("loss", "grad_norm", "rewards/margins", "nll_loss"))
+    # the likelihood term holds the chosen answers up where plain DPO lets both log-probabilities fall
+    assert rpo[-1]["logps/chosen"] > padded[-1]["logps/chosen"]
+    assert rpo[-1]["nll_loss"] < rpo[0]["nll_loss"]
+
+
 def test_lora_reference_adapters_disabled_equals_precomputed(pairs, tmp_path, capsys):
     lora = ["model.lora={r: 4, alpha: 8, dropout: 0.0}", "model.freeze=[^image_model, ^projector_image_model]",
             "optimizer.lr=5e-3"]

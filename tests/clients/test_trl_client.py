@@ -1,6 +1,8 @@
 """Preference tuning against TRL's DPOTrainer (trl 1.16, its own environment): the `hf-llava` export of the same
 starting model, trained on the same pairs, gives mmloom's loss and gradient norm at step 1, and after one AdamW
-update the same loss, rewards and gradient norm at step 2, for DPO (`sigmoid`), `ipo` and `robust`.
+update the same loss, rewards and gradient norm at step 2, for DPO (`sigmoid`), `ipo`, `robust` and RPO (mmloom's
+`rpo_alpha`: DPO plus alpha x the chosen answers' mean token NLL; TRL 1.16's `loss_type=["sigmoid", "sft"]` with
+`loss_weights=[1, alpha]`, its successor of `rpo_alpha`).
 
 The starting model: a tiny CLIP tower (32 px, patch 8: 16 image tokens) + a 2-layer Llama with a Qwen2-style
 byte-level BPE tokenizer and the chatml template, every part trainable (TRL trains the whole LLaVA model). TRL
@@ -29,7 +31,8 @@ pytestmark = only_in_client_stage
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 RUNS = [{"name": "sigmoid", "loss_type": "sigmoid", "beta": 0.1, "trainer_train": True},
         {"name": "ipo", "loss_type": "ipo", "beta": 0.5},
-        {"name": "robust", "loss_type": "robust", "beta": 0.2, "label_smoothing": 0.1}]
+        {"name": "robust", "loss_type": "robust", "beta": 0.2, "label_smoothing": 0.1},
+        {"name": "rpo", "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.1, "rpo_alpha": 0.5}]
 STEPS, LR = 2, 1e-3
 
 
@@ -84,8 +87,8 @@ def setup(tmp_path_factory):
             "optimizer": {"lr": LR, "weight_decay": 0.0, "max_gradient_norm": 1.0},
             "schedule": {"decay": "constant"},
             "runconfig": {"max_steps": STEPS, "log_steps": 1, "save_final_model": False, "checkpoint_steps": 100},
-            "preference": {"loss": run["loss_type"], "beta": run["beta"],
-                           "label_smoothing": run.get("label_smoothing", 0.0)},
+            "preference": {"loss": run["loss_type"][0] if "rpo_alpha" in run else run["loss_type"], "beta": run["beta"],
+                           "label_smoothing": run.get("label_smoothing", 0.0), "rpo_alpha": run.get("rpo_alpha", 0.0)},
         }
         (root / f"{run['name']}.yaml").write_text(yaml.safe_dump(config))
         assert main(["train", str(root / f"{run['name']}.yaml"), "--model-dir", str(root / f"run-{run['name']}")]) == 0
@@ -152,5 +155,6 @@ def test_same_loss_and_gradient_norm_as_trl(setup, name):
         assert abs(a["loss"] - b["loss"]) < LOSS_TOLERANCE, (step, a["loss"], b["loss"])
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=GRAD_NORM_RTOL), (step, a["grad_norm"],
                                                                                       b["grad_norm"])
-    assert abs(mine[0]["loss"] - {"ipo": 1.0}.get(name, math.log(2))) < 1e-6  # the policy is its reference at step 1
+    start = {"ipo": 1.0}.get(name, math.log(2)) + (0.5 * mine[0]["nll_loss"] if name == "rpo" else 0.0)
+    assert abs(mine[0]["loss"] - start) < 1e-6  # the policy is its reference at step 1
     assert mine[1]["rewards/margins"] != 0  # step 2 compares a policy that has left its reference

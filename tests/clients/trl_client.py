@@ -3,7 +3,8 @@ imports mmloom. Driven by tests/clients/test_trl_client.py.
 
     python trl_client.py JOB.json
 
-JOB["action"] == "dpo": for each run of JOB["runs"] (a loss type and its settings), load the `mmloom convert
+JOB["action"] == "dpo": for each run of JOB["runs"] (a loss type, or a list of them with their `loss_weights`, e.g.
+RPO's ["sigmoid", "sft"] with [1, alpha], and the settings), load the `mmloom convert
 --to hf-llava` export JOB["folder"] with `LlavaForConditionalGeneration` (float32) and its `AutoProcessor`, and
 train it with `trl.DPOTrainer` on JOB["pairs"] (TRL's standard vision format: `images`, `prompt`, `chosen`,
 `rejected` strings; the prompt holds `<image>`, which the processor expands): TRL's collator makes the batch of
@@ -40,8 +41,8 @@ def dpo(job):
             output_dir=str(job["root"] + "/trl-" + run["name"]), per_device_train_batch_size=len(rows),
             max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="constant", warmup_steps=0,
             weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", seed=0,
-            dataloader_num_workers=0, use_cpu=True, max_length=None, loss_type=[run["loss_type"]],
-            beta=run["beta"], label_smoothing=run.get("label_smoothing", 0.0), gradient_checkpointing=False,
+            dataloader_num_workers=0, use_cpu=True, max_length=None, loss_type=run["loss_type"] if isinstance(run["loss_type"], list) else [run["loss_type"]],
+            loss_weights=run.get("loss_weights"), beta=run["beta"], label_smoothing=run.get("label_smoothing", 0.0), gradient_checkpointing=False,
             bf16=False, fp16=False,  # float32 as mmloom's run (on CPU, transformers 5 turns bf16 autocast on by default)
         )
         # the reference: the starting model itself, frozen (a copy made before any update)

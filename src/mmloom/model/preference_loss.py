@@ -11,6 +11,11 @@ over each answer's tokens):
 - `robust` (Chowdhury et al. 2024): `((1 - eps)(-logsigmoid(beta delta)) + eps logsigmoid(-beta delta)) / (1 - 2 eps)`;
 - `hinge` (SLiC): `relu(1 - beta delta)`.
 
+RPO (Pang et al. 2024, TRL's `rpo_alpha`; TRL 1.16: `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, alpha]`) adds
+`alpha * NLL(chosen)` to any of these, the NLL being the chosen answers' mean token cross-entropy: the sum of their
+negative log-probabilities (`chosen_nll_sum`) over the number of their tokens (TRL: of the batch's chosen tokens,
+not a mean of per-answer means; `mmloom.training.preference` takes the whole optimizer step's tokens).
+
 Rewards are `beta (logp - ref)` of each answer, detached; reward accuracy is the share of pairs whose chosen
 reward exceeds the rejected one, the margin their mean difference (TRL's `rewards/*` metrics).
 """
@@ -58,6 +63,13 @@ def preference_losses(logps: PairLogps, loss_type: str = "sigmoid", beta: float 
     raise ValueError(f"unknown preference loss {loss_type!r}; one of {', '.join(LOSS_TYPES)}")
 
 
+def chosen_nll_sum(logps: PairLogps, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RPO's negative log-likelihood of the chosen answers, as (sum over their tokens, their token count), 0-dim,
+    padding pairs (`weights` 0) left out; the mean token cross-entropy is the first over the second, taken over
+    as many micro-batches as the step has (the sum keeps its gradient, the count is detached)."""
+    return -(logps.chosen * weights).sum(), (logps.chosen_tokens * weights).sum().detach()
+
+
 def preference_sums(logps: PairLogps, beta: float, weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sums over the pairs (weighted: 0 for padding pairs) of what metrics.jsonl reports as means: rewards of
     each answer, reward accuracy and margin, log-probabilities; 0-dim float64 tensors, detached."""
@@ -73,6 +85,15 @@ def preference_sums(logps: PairLogps, beta: float, weights: torch.Tensor) -> dic
             "logps/chosen": (logps.chosen.double() * w).sum(),
             "logps/rejected": (logps.rejected.double() * w).sum(),
         }
+
+
+def sequence_token_counts(labels: torch.Tensor, spans: list[tuple[int, int, int]] | None,
+                          count: int) -> torch.Tensor:
+    """(count,) supervised tokens of the first `count` sequences of a batch (rows or `spans` as `sequence_logps`)."""
+    supervised = (labels[:, 1:] != -100).float()
+    if spans is None:
+        return supervised[:count].sum(dim=1)
+    return torch.stack([supervised[row, start:end - 1].sum() for row, start, end in spans[:count]])
 
 
 def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, spans: list[tuple[int, int, int]] | None,

@@ -12,7 +12,7 @@ optimizer:   {optimizer_type, lr, betas, eps, weight_decay, max_gradient_norm, p
 schedule:    {warmup_steps | warmup_ratio, decay, min_lr}
 runconfig:   {max_steps | num_epochs, checkpoint_steps, keep_last, log_steps, eval_steps, seed,
               num_threads, num_interop_threads, load_checkpoint_states, checkpoint_path, distributed, mfu_peak_flops, resume_weights_only, ...}
-preference:  {loss, beta, label_smoothing, reference}     # optional: the preference phase (DPO)
+preference:  {loss, beta, label_smoothing, rpo_alpha, reference}    # optional: the preference phase (DPO)
 ```
 
 `batch_size` is the global batch (all ranks, all micro-batches of one optimizer step); with `preference`, in pairs.
@@ -303,6 +303,10 @@ class PreferenceSection(_Section):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="assumed share of flipped preference labels: conservative DPO (sigmoid), "
         "robust DPO; unused by ipo and hinge")
+    rpo_alpha: float = Field(
+        0.0, ge=0, description="weight of the chosen answers' negative log-likelihood (mean over the step's chosen "
+        "tokens) added to the preference loss: RPO (Pang et al. 2024), TRL's rpo_alpha (TRL 1.16: loss_type "
+        "[sigmoid, sft] with loss_weights [1, rpo_alpha]); 0: off")
     reference: Literal["auto", "adapters_disabled", "precomputed"] = Field(
         "auto", description="the reference log-probabilities of the starting model: the LoRA model with its "
         "adapters disabled (when only adapters train), or computed once before the first step and stored in "

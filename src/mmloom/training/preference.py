@@ -10,7 +10,11 @@ by side), and the LM head runs only on the answers' tokens (`MultimodalModel(...
 **Loss and its normalisation.** The per-pair losses of `mmloom.model.preference_loss` (TRL's definitions) are
 summed and divided by the number of pairs of the whole optimizer step (all micro-batches, all ranks; padding
 pairs excluded), so the gradient is that of the mean pair loss however the step is split (TRL: the mean over
-the step's pairs when every micro-batch holds as many).
+the step's pairs when every micro-batch holds as many). With `rpo_alpha` > 0, `rpo_alpha` times the chosen answers'
+mean token cross-entropy is added: their summed negative log-probabilities over the chosen tokens of the whole step
+(counted and summed over the ranks before the first forward, padding pairs excluded), so this term too does not
+depend on the split; TRL's token mean is over one micro-batch on one rank (the same when a step is one
+micro-batch, as in the parity test; with accumulation TRL averages the micro-batches' means).
 
 **The reference model** (the starting model, frozen), without a second copy in memory:
 
@@ -25,7 +29,8 @@ the step's pairs when every micro-batch holds as many).
 
 `auto` picks `adapters_disabled` when every trainable parameter is an adapter, else `precomputed`.
 Metrics (metrics.jsonl, TensorBoard, `mmloom plot`): TRL's `rewards/chosen`, `rewards/rejected`,
-`rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, each the mean over the step's pairs.
+`rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, each the mean over the step's pairs; with
+`rpo_alpha`, TRL's `nll_loss` (the chosen answers' mean token cross-entropy, before the weight).
 """
 
 from __future__ import annotations
@@ -40,7 +45,14 @@ from mmloom.errors import MmloomError
 from mmloom.files import atomic_file
 from mmloom.model.adapters import is_adapter, is_peft_model
 from mmloom.model.batch import batch_to_device, item_count, model_inputs
-from mmloom.model.preference_loss import PairLogps, preference_losses, preference_sums, sequence_logps
+from mmloom.model.preference_loss import (
+    PairLogps,
+    chosen_nll_sum,
+    preference_losses,
+    preference_sums,
+    sequence_logps,
+    sequence_token_counts,
+)
 from mmloom.training.config import PreferenceSection
 from mmloom.training.data import TrainData, make_loader
 from mmloom.training.distributed import DistContext, gradient_sync, unwrap
@@ -125,6 +137,8 @@ class PreferenceStep:
         work = sum((batch_work(b, self.supervised_only) for b in micro_batches), StepWork())
         local = [
             sum(float(b["pair_weights"].sum()) for b in micro_batches),
+            sum(float((sequence_token_counts(b["labels"], b["sequence_spans"], b["pairs"]) * b["pair_weights"]).sum())
+                for b in micro_batches),  # the chosen answers' tokens (RPO's NLL is their mean)
             sum(b["num_loss_tokens"] for b in micro_batches),
             sum(b["num_attended_tokens"] for b in micro_batches),
             sum(b["num_samples"] for b in micro_batches),
@@ -132,11 +146,11 @@ class PreferenceStep:
             *work.to_list(),
         ]
         reduced = ctx.all_reduce_sum(local).tolist()
-        pairs = max(reduced[0], 1.0)
-        loss_tokens, tokens, samples, images = (int(v) for v in reduced[1:5])
-        work = StepWork.from_list([int(v) for v in reduced[5:]])
+        pairs, chosen_tokens = max(reduced[0], 1.0), max(reduced[1], 1.0)
+        loss_tokens, tokens, samples, images = (int(v) for v in reduced[2:6])
+        work = StepWork.from_list([int(v) for v in reduced[6:]])
         scale = float(ctx.world_size) if ctx.distributed else 1.0
-        totals = torch.zeros(1 + len(METRIC_KEYS), dtype=torch.float64)
+        totals = torch.zeros(2 + len(METRIC_KEYS), dtype=torch.float64)  # loss, NLL sum, metric sums
         for i, batch in enumerate(micro_batches):
             batch = batch_to_device(batch, self.device)
             p = batch["pairs"]
@@ -148,11 +162,17 @@ class PreferenceStep:
                                  counts[:p], counts[p:])
                 losses = preference_losses(pair, s.loss, s.beta, s.label_smoothing)
                 loss = (losses * weights).sum() / pairs
+                nll, _ = chosen_nll_sum(pair, weights)
+                if s.rpo_alpha:
+                    loss = loss + s.rpo_alpha * nll / chosen_tokens
                 (loss * scale).backward()
             sums = preference_sums(pair, s.beta, weights)
-            totals += torch.stack([loss.detach().double().cpu(), *(sums[k].cpu() for k in METRIC_KEYS)])
+            totals += torch.stack([loss.detach().double().cpu(), nll.detach().double().cpu(),
+                                   *(sums[k].cpu() for k in METRIC_KEYS)])
         totals = ctx.all_reduce_sum(totals)
-        extra = {key: float(totals[1 + k]) / pairs for k, key in enumerate(METRIC_KEYS)}
+        extra = {key: float(totals[2 + k]) / pairs for k, key in enumerate(METRIC_KEYS)}
+        if s.rpo_alpha:
+            extra["nll_loss"] = float(totals[1]) / chosen_tokens
         extra["pairs"] = int(reduced[0])
         return StepResult(float(totals[0]), None, tokens, loss_tokens, samples, images, work, extra=extra)
 
