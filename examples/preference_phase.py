@@ -51,10 +51,15 @@ import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
+from mmloom.inference.score import normalize_exact
+
+STEPS, LR, BETA, RPO_ALPHA, REJECTED, REPLAY = 100, 1e-3, 0.5, 1.0, "own", 1.0  # the defaults (measured: see above)
 TYPES = {  # question type -> pattern of the demo's questions (mmloom/demo/scenes.py)
     "colour": re.compile(r"^What colour is the \w+\?$"),
     "shape": re.compile(r"^What shape is the \w+ object\?$"),
@@ -74,21 +79,64 @@ def question_type(text: str) -> str | None:
     return next((name for name, pattern in TYPES.items() if pattern.search(text)), None)
 
 
-def write_pairs(demo: Path, kind: str, out: Path, seed: int = 0) -> int:
-    """Pairs of every `kind` question of the demo's phase-2 conversations, as LLaVA's DPO json lines."""
+class Turn(NamedTuple):
+    """One question of the demo's phase-2 training conversations, with its right answer."""
+
+    type: str
+    image: str
+    question: str
+    answer: str
+
+
+def training_turns(demo: Path) -> list[Turn]:
+    """Every typed question of the demo's phase-2 training conversations."""
     records = [json.loads(line) for line in (demo / "data" / "phase2" / "train.jsonl").read_text().splitlines()]
     turns = [(r["image"], q["value"].replace("<image>", "").strip(), a["value"])
              for r in records for q, a in zip(r["conversations"][::2], r["conversations"][1::2], strict=True)]
-    turns = [t for t in turns if question_type(t[1]) == kind]
-    answers = sorted({answer for _, _, answer in turns})
+    return [Turn(question_type(question), image, question, answer) for image, question, answer in turns
+            if question_type(question) is not None]
+
+
+def own_answers(demo: Path, model: Path, turns: list[Turn], out: Path) -> list[str]:
+    """The model's own greedy answers to the training questions `turns` (`mmloom generate`, as the evaluation)."""
+    questions, answers = out / "questions.jsonl", out / "answers.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    questions.write_text("".join(json.dumps({"question_id": str(i), "image": t.image, "text": t.question}) + "\n"
+                                 for i, t in enumerate(turns)))
+    mmloom("generate", model, questions, "--output", answers, "--image-dir", demo / "data", "--batch-size", 64,
+           "--max-new-tokens", 6)
+    by_id = {r["question_id"]: r["text"] for r in map(json.loads, answers.read_text().splitlines())}
+    return [by_id[str(i)] for i in range(len(turns))]
+
+
+def write_pairs(turns: list[Turn], out: Path, own: list[str] | None = None, seed: int = 0) -> dict:
+    """The pairs as LLaVA's DPO json lines: the right answer chosen; rejected, the model's own answer (`own`)
+    where it is wrong, else a random wrong answer of the same type. Returns how many of each."""
+    answers: dict[str, set[str]] = {}
+    for t in turns:
+        answers.setdefault(t.type, set()).add(t.answer)
     rng = random.Random(seed)
+    counts = {"pairs": len(turns), "own_rejected": 0, "random_rejected": 0}
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
-        for i, (image, question, answer) in enumerate(turns):
-            wrong = rng.choice([a for a in answers if a != answer])
-            f.write(json.dumps({"id": str(i), "image": image, "prompt": question, "chosen": answer,
+        for i, t in enumerate(turns):
+            mine = own[i].strip() if own is not None else ""
+            if mine and normalize_exact(mine) != normalize_exact(t.answer):
+                wrong, counts["own_rejected"] = mine, counts["own_rejected"] + 1
+            else:
+                wrong = rng.choice(sorted(answers[t.type] - {t.answer}))
+                counts["random_rejected"] += 1
+            f.write(json.dumps({"id": str(i), "image": t.image, "prompt": t.question, "chosen": t.answer,
                                 "rejected": wrong}) + "\n")
-    return len(turns)
+    return counts
+
+
+def write_conversations(turns: list[Turn], out: Path) -> None:
+    """The control's data: each pair's prompt and chosen answer as a one-turn LLaVA conversation."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"id": str(i), "image": t.image, "conversations": [
+        {"from": "human", "value": "<image>\n" + t.question}, {"from": "gpt", "value": t.answer}]}) + "\n"
+        for i, t in enumerate(turns)))
 
 
 def evaluate(demo: Path, model: Path, out: Path, name: str, blank: bool = False) -> dict:
@@ -110,32 +158,64 @@ def by_type(scores: dict) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demo", type=Path, help="a `mmloom demo` output folder (its phase 2 done)")
+    parser.add_argument("--out", type=Path, help="a new folder for phase 3 (default: DEMO/phase3)")
     parser.add_argument("--type", default="auto", choices=["auto", *TYPES], help="question type of the pairs")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of phase 3")
+    parser.add_argument("--rejected", default=REJECTED, choices=["own", "random"],
+                        help="own: the phase-2 model's own wrong answer to each training question (a random wrong "
+                        "one where it is right); random: a random wrong answer of the same type")
+    parser.add_argument("--replay", type=float, default=REPLAY,
+                        help="pairs of the other question types too, this many per pair of the type (drawn at random "
+                        "from the training questions; they keep the other types from being forgotten)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps of phase 3")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per step")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=LR)
+    parser.add_argument("--beta", type=float, default=BETA)
+    parser.add_argument("--rpo-alpha", type=float, default=RPO_ALPHA,
+                        help="weight of the chosen answers' NLL added to the DPO loss (0: plain DPO)")
     parser.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo", "robust", "hinge"])
+    parser.add_argument("--sft", action="store_true", help="the control: the same steps of plain instruction "
+                        "tuning on the chosen answers (no rejected answers, no reference)")
     args = parser.parse_args()
     demo = args.demo.resolve()
     phase2 = demo / "runs" / "phase2" / "final_model"
-    out = demo / "phase3"
-    (out / "eval").mkdir(parents=True, exist_ok=True)
+    out = (args.out or demo / "phase3").resolve()
+    if out.exists():
+        sys.exit(f"{out} exists: phase 3 writes a new folder (pass --out)")
+    (out / "eval").mkdir(parents=True)
+    started = time.monotonic()
 
     print("[1/4] the phase-2 model on the held-out questions, with the images")
     before = by_type(evaluate(demo, phase2, out / "eval", "phase2"))
     kind = args.type
     if kind == "auto":  # the weakest type the model can learn from a single object (position is relational)
         kind = min((t for t in before if t not in ("overall", "position")), key=lambda t: before[t])
-    count = write_pairs(demo, kind, out / "pairs" / "pairs.jsonl")
-    print(f"[2/4] {count} preference pairs on '{kind}' questions (right answer chosen, a wrong one rejected)")
+    every = training_turns(demo)
+    turns = [t for t in every if t.type == kind]
+    others = [t for t in every if t.type != kind]
+    replay = random.Random(1).sample(others, min(len(others), round(args.replay * len(turns))))
+    turns += replay
     data = yaml.safe_load((demo / "configs" / "data_phase2.yaml").read_text())
-    data["setup"].update(input_dir=str(out / "pairs"), output_dir=str(out / "h5"))
-    data["dataset"]["preference"] = {"format": "llava"}
+    data["setup"].update(output_dir=str(out / "h5"))
+    if args.sft:
+        write_conversations(turns, out / "conversations" / "train.jsonl")
+        counts = {"conversations": len(turns)}
+        print(f"[2/4] the control: {len(turns) - len(replay)} '{kind}' questions (and {len(replay)} of the other "
+              "types) with their right answers, as conversations")
+        data["setup"].update(input_dir=str(out / "conversations"))
+    else:
+        own = own_answers(demo, phase2, turns, out / "own") if args.rejected == "own" else None
+        counts = write_pairs(turns, out / "pairs" / "pairs.jsonl", own)
+        print(f"[2/4] {len(turns) - len(replay)} preference pairs on '{kind}' questions (and {len(replay)} of the "
+              "other types; "
+              "right answer chosen; rejected: "
+              f"{counts['own_rejected']} the model's own wrong answer, {counts['random_rejected']} a random wrong one)")
+        data["setup"].update(input_dir=str(out / "pairs"))
+        data["dataset"]["preference"] = {"format": "llava"}
     (out / "data_phase3.yaml").write_text(yaml.safe_dump(data))
-    mmloom("data", "build", out / "data_phase3.yaml", "--quiet", "--overwrite")
+    mmloom("data", "build", out / "data_phase3.yaml", "--quiet")
 
-    print("[3/4] phase 3: DPO from the phase-2 model (vision encoder frozen)")
+    print("[3/4] phase 3 from the phase-2 model (vision encoder frozen): "
+          + ("instruction tuning (the control)" if args.sft else f"DPO, rpo_alpha {args.rpo_alpha}"))
     train = yaml.safe_load((demo / "configs" / "train_phase2.yaml").read_text())
     train["train_input"].update(data_dir=str(out / "h5"), batch_size=args.batch_size)
     train.pop("eval_input", None)
@@ -144,10 +224,13 @@ def main() -> int:
     train["schedule"] = {"warmup_ratio": 0.05, "decay": "cosine"}
     train["runconfig"].update(max_steps=args.steps, checkpoint_steps=args.steps, log_steps=10)
     train["runconfig"].pop("checkpoint_path", None)
-    train["preference"] = {"loss": args.loss, "beta": args.beta}
+    if not args.sft:
+        train["preference"] = {"loss": args.loss, "beta": args.beta, "rpo_alpha": args.rpo_alpha}
     (out / "train_phase3.yaml").write_text(yaml.safe_dump(train))
+    train_started = time.monotonic()
     mmloom("train", out / "train_phase3.yaml", "--model-dir", out / "run")
-    mmloom("plot", out / "run", "--overwrite")
+    train_seconds = time.monotonic() - train_started
+    mmloom("plot", out / "run")
 
     print("[4/4] the phase-3 model on the same questions, with the images and with every image blanked")
     after = by_type(evaluate(demo, out / "run" / "final_model", out / "eval", "phase3"))
@@ -155,10 +238,13 @@ def main() -> int:
     rows = [f"{'type':<10} {'phase 2':>8} {'phase 3':>8} {'phase 3, image blanked':>24}"]
     for t in before:
         rows.append(f"{t:<10} {before[t]:8.1%} {after.get(t, float('nan')):8.1%} {blank.get(t, float('nan')):24.1%}")
+    seconds = time.monotonic() - started
     print("\n".join(rows))
-    (out / "results.json").write_text(json.dumps({"type": kind, "pairs": count, "phase2": before, "phase3": after,
-                                                  "phase3_blank": blank, "settings": vars(args) | {"demo": str(demo)}},
-                                                 indent=2, default=str))
+    print(f"phase 3 trained in {train_seconds:.0f} s; the example took {seconds:.0f} s")
+    (out / "results.json").write_text(json.dumps({
+        "type": kind, "replay": len(replay), **counts, "phase2": before, "phase3": after, "phase3_blank": blank,
+        "train_seconds": round(train_seconds, 1), "seconds": round(seconds, 1),
+        "settings": vars(args) | {"demo": str(demo), "out": str(out)}}, indent=2, default=str))
     return 0
 
 
