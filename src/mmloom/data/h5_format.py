@@ -23,10 +23,10 @@ a file added, removed or replaced), and :func:`check_h5_file` the structure of e
 shapes, dtypes), once, when the data is opened.
 
 Media items beyond the seed's one image (mmloom's extension, written only for the modalities a build
-reads besides images: `dataset.audio`; image-only files are exactly as above). A sample may hold any
+reads besides images: `dataset.audio`, `dataset.video`; image-only files are exactly as above). A sample may hold any
 number of items of such a modality, each a run of slots in `data` (row 0: the pad id, row 3:
 attended, no loss) whose length is the item's feature-token count. Per file and modality (its
-noun: `audio`), with m the number of items of all its samples, in sample order then placeholder
+noun: `audio`, `video`), with m the number of items of all its samples, in sample order then placeholder
 order (:func:`write_items`, :func:`read_items`):
 
 - `<noun>_path` bytes `[m]` (`audio_path`): each item's path relative to its folder;
@@ -34,7 +34,9 @@ order (:func:`write_items`, :func:`read_items`):
 - `<noun>_offset` int64 `[n + 1]` (`audio_offset`): sample i's items are `offset[i]:offset[i + 1]`.
 
 `data_params.json` records how they were read and counted under `modalities.<modality>` (audio: the
-extractor and count rule). Cerebras' reader ignores these datasets (its model would see the slots
+extractor and count rule; video: the frame sampling (`num_frames`, or `fps` with `max_frames`), the
+per-frame pooling and the count rule `{"type": "video_frames", "grid", "frame_tokens", "newline"}`:
+a clip of F sampled frames spans F * frame_tokens slots, + 1 or + F for the learned newline). Cerebras' reader ignores these datasets (its model would see the slots
 as pad tokens); mmloom's trainer writes the placeholder id (`<audio>`) into every span and feeds the
 items' features there.
 

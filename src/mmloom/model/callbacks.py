@@ -281,3 +281,25 @@ class AudioPool(SerializableCallback):
 
     def __repr__(self) -> str:
         return f"AudioPool(stride={self.stride}, mode={self.mode!r}, downsample={self.downsample}, layer={self.layer})"
+
+
+def video_frame_tokens(grid: int, stride: int) -> int:
+    """Pooled features of one video frame of a `grid x grid` patch grid at `stride`: ceil(g / s)^2
+    (LLaVA-OneVision's 2x2 bilinear pooling: 27 x 27 -> 14 x 14 = 196)."""
+    side = -(-int(grid) // int(stride))
+    return side * side
+
+
+def video_token_count(frames: int, frame_tokens: int, newline: str) -> int:
+    """Feature tokens of one clip of `frames` frames with `frame_tokens` pooled features each, and
+    the learned newline per `newline` (LLaVA-NeXT's `mm_newline_position`): `no_token` F * t,
+    `one_token` F * t + 1 (one after the last frame), `frame` F * (t + 1) (one after each frame).
+    Raises MmloomError for another newline position."""
+    frames, frame_tokens = int(frames), int(frame_tokens)
+    if newline == "no_token":
+        return frames * frame_tokens
+    if newline == "one_token":
+        return frames * frame_tokens + 1
+    if newline == "frame":
+        return frames * (frame_tokens + 1)
+    raise MmloomError(f"unknown video newline position {newline!r}; use one of ['no_token', 'one_token', 'frame']")

@@ -72,6 +72,10 @@ def check_data_media(model, data_dir: str | Path) -> None:
         if spec.encoder not in model.encoder_names:
             raise MmloomError(f"the data in {data_dir} holds {spec.noun} items but the model has no {spec.encoder} "
                               f"encoder (encoders: {model.encoder_names}); add model.encoders.{spec.encoder}")
+        if spec.modality not in model.placeholder_token_ids:  # its slots would train as pad tokens
+            raise MmloomError(f"the data in {data_dir} holds {spec.noun} items but the model takes no {spec.noun} "
+                              f"(no {spec.placeholder} placeholder id: placeholder_token_ids "
+                              f"{sorted(model.placeholder_token_ids)})")
         spec.check_encoder(model.encoders[spec.encoder], f"the data in {data_dir}")
         model_id = model.placeholder_token_ids.get(spec.modality)
         if spec.token_id is not None and model_id is not None and int(spec.token_id) != int(model_id):
