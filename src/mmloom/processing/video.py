@@ -284,7 +284,7 @@ class VideoSpec(MediaSpec):
     # --------------------------------------------------------------------- data_params.json
     def params(self, counts: dict[str, int]) -> dict[str, Any]:
         """`modalities.video` of data_params.json: placeholder and id, sampling, the count rule and
-        pooling the clips were counted with, and the build's `counts` (`samples`, `items`, `frames`,
+        pooling the clips were counted with, and the build's `counts` (`samples`, `items`,
         `tokens`)."""
         return {
             "placeholder": self.placeholder,
