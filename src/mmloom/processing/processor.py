@@ -133,6 +133,9 @@ class MultimodalProcessor:
                 anyres[name] = {k: v for k, v in packer.to_dict().items() if k != "hidden_size"}
             else:
                 num_tokens[name] = token_count_spec(hf_config, callbacks)
+        for name, spec in config.media.items():  # modalities run by another's encoder: their pooling counts
+            pool = callback_from_dict(spec["pool"]) if isinstance(model, MultimodalConfig) else model.pool(name)
+            num_tokens[name] = pool.count_rule()
         processor = cls(encoder_processors, tokenizer, template, num_tokens=num_tokens, anyres=anyres, **kwargs)
         for name, model_id in config.placeholder_token_ids.items():
             if processor.placeholder_ids.get(name) != model_id:

@@ -186,6 +186,7 @@ class VideoSpec(MediaSpec):
     default_placeholder = "<video>"
     token_offset = 2
     hf_processor_loader = "AutoImageProcessor"
+    shared_encoder = "vision"
 
     modality: str = "video"
     placeholder: str = "<video>"
@@ -199,11 +200,6 @@ class VideoSpec(MediaSpec):
     dtype: Any = None
 
     @property
-    def encoder(self) -> str:
-        """Video frames run through the vision encoder."""
-        return "vision"
-
-    @property
     def encoder_processor(self) -> Any:
         return self.transform
 
@@ -213,6 +209,16 @@ class VideoSpec(MediaSpec):
         if self.fps is not None:
             return {"fps": self.fps, "max_frames": self.max_frames}
         return {"num_frames": self.num_frames}
+
+    def check_encoder(self, encoder: Any, where: str) -> None:
+        """Refuse a model whose video pooling (`encoder`: its `FramePool`, `MultimodalModel.pool("video")`)
+        counts a clip's tokens otherwise than `where` (the data) was built with."""
+        rule = encoder.count_rule() if hasattr(encoder, "count_rule") else None
+        pool = {"mode": getattr(encoder, "mode", None), "stride": getattr(encoder, "stride", None)}
+        if rule != self.count_rule or (self.pool is not None and pool != dict(self.pool)):
+            raise MmloomError(
+                f"video feature tokens are counted differently: {where} was built with {self.count_rule} and pooling "
+                f"{self.pool} (dataset.video) but the model gives {rule} and pooling {pool} (model.video)")
 
     def load(self, path: str | os.PathLike) -> Frames:
         """The sampled frames of the clip at `path` (:func:`load_video`)."""

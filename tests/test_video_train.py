@@ -1,0 +1,226 @@
+"""Video clips in training: a composite with a video route (`model.video`: frames through the vision
+tower and projector, then `FramePool`) reads the clips of a build, its collators concatenate every
+clip's frames in placeholder order, packed rows compute exactly what padded rows compute on a mix of
+clips, images and text, the clips reach the loss, and `mmloom train` runs (packing and grouping
+included) and saves a model that loads back with its route."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmloom.cli.main import main
+from mmloom.data.collate import PackedCollator, TrainCollator
+from mmloom.data.hdf5_dataset import HDF5LlavaDataset
+from mmloom.errors import MmloomError
+from mmloom.model.attention import use_packed_attention
+from mmloom.model.batch import model_inputs
+from mmloom.model.callbacks import FramePool
+from mmloom.model.multimodal import MultimodalConfig, MultimodalModel
+from mmloom.processing.image import ImageTransform
+from mmloom.training.config import InputConfig
+from mmloom.training.modalities import media_readers, with_media
+from test_packing import TINY, fast_loss_and_grads, row_spans, sample_loss_sums
+from video_data import build_video_data, data_params, video_record, write_clip
+
+PAD, NP, FRAMES = 3, 16, 4
+CLIP_TOKENS = FRAMES * 4 + 1  # 4 x 4 patches pooled to 2 x 2 per frame, one newline per clip
+
+
+def records() -> list[dict]:
+    """One clip, two clips in two turns, an image and a clip, text only; then the same again."""
+    out = []
+    for i in range(2):
+        out += [
+            video_record("a.mkv", "<video>\nWhat changes?", "The gray level." + " Slowly." * i),
+            {"id": "two", "video": ["b.mp4", "c.mkv"], "conversations": [
+                {"from": "human", "value": "<video>\nFirst clip?"}, {"from": "gpt", "value": "Dark."},
+                {"from": "human", "value": "<video>\nAnd this one?"}, {"from": "gpt", "value": "Short."}]},
+            {"id": "mix", "image": "img0.png", "video": "c.mkv", "conversations": [
+                {"from": "human", "value": "<image>\n<video>\nSame colour?"}, {"from": "gpt", "value": "No."}]},
+            {"id": "t", "conversations": [{"from": "human", "value": "Hello."}, {"from": "gpt", "value": "Hi." * (i + 1)}]},
+        ]
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("video_train")
+    write_clip(root / "videos" / "a.mkv", 12, "ffv1")
+    write_clip(root / "videos" / "b.mp4", 20, "mpeg4")
+    write_clip(root / "videos" / "c.mkv", 3, "ffv1")
+    (root / "images").mkdir()
+    Image.fromarray(np.full((32, 32, 3), (200, 40, 40), np.uint8)).save(root / "images" / "img0.png")
+    assert build_video_data(root, records(), msl=200, video={"num_frames": FRAMES}) == 0
+    assert data_params(root)["post-process"]["n_examples"] == 8
+    return root
+
+
+def section(data, **extra) -> InputConfig:
+    return InputConfig.model_validate({"data_dir": str(data / "h5"), "img_data_dir": str(data / "images"),
+                                       "video_data_dir": str(data / "videos"), "batch_size": 4, **extra})
+
+
+def video_vlm(data) -> MultimodalModel:
+    """The tiny test VLM (CLIP 4 x 4 patches, Llama) with a video route at the data's placeholder id."""
+    from helpers import IMAGE_ID, vlm
+
+    base = vlm().float()
+    pool = FramePool(base.llm_hidden_size, grid=4, stride=2)
+    video_id = data_params(data)["modalities"]["video"]["token_id"]
+    return MultimodalModel({"vision": base.vision_encoder}, base.language_model,
+                           placeholder_token_ids={"vision": IMAGE_ID, "video": video_id},
+                           media={"video": ("vision", pool)}).float()
+
+
+def items(data, model):
+    transform = ImageTransform(image_size=32)
+    ds = HDF5LlavaDataset(data / "h5", data / "images", transform, media_readers=media_readers(section(data),
+                                                                                              image_transform=transform))
+    return ds, [ds[i] for i in range(len(ds))]
+
+
+def collators(data, model):
+    from helpers import IMAGE_ID
+
+    _, some = items(data, model)
+    readers = media_readers(section(data), image_transform=ImageTransform(image_size=32))
+    plain = with_media(TrainCollator(IMAGE_ID, PAD, NP), model, readers)
+    packed = with_media(PackedCollator(TrainCollator(IMAGE_ID, PAD, NP)), model, readers)
+    return plain, packed
+
+
+def test_dataset_yields_each_clip_with_its_frames(data):
+    model = video_vlm(data)
+    _, got = items(data, model)
+    clips = [len(item.get("video") or []) for item in got]
+    assert clips == [1, 2, 1, 0] * 2
+    two = got[1]["video"]
+    assert [e["pixel_values"].shape[0] for e in two] == [FRAMES, 3]  # c.mkv has 3 frames only
+    assert [int(e["video_frames"]) for e in two] == [FRAMES, 3]
+    assert [e["span"][1] for e in two] == [CLIP_TOKENS, 3 * 4 + 1]
+    assert two[0]["span"][0] < two[1]["span"][0]
+
+
+def test_collator_concatenates_frames_in_placeholder_order(data):
+    model = video_vlm(data)
+    _, got = items(data, model)
+    plain, _ = collators(data, model)
+    batch = plain(got[:4])
+    video_id = model.placeholder_token_ids["video"]
+    assert batch["num_video"] == 4
+    assert batch["video"]["video_frames"].tolist() == [FRAMES, FRAMES, 3, 3]
+    assert batch["video"]["pixel_values"].shape == (FRAMES * 2 + 6, 3, 32, 32)
+    assert int((batch["input_ids"] == video_id).sum()) == 2 * CLIP_TOKENS + 2 * 13
+    frames = torch.cat([e["pixel_values"] for item in got[:4] for e in (item.get("video") or [])])
+    torch.testing.assert_close(batch["video"]["pixel_values"], frames)
+    text_only = plain([got[3]])  # the dummy clip keeps the vision tower and the newline in the graph
+    assert text_only["num_video"] == 0 and text_only["video"]["video_frames"].tolist() == [1]
+
+
+def test_packed_loss_equals_padded_loss(data):
+    torch.set_num_threads(1)
+    model = video_vlm(data)
+    _, got = items(data, model)
+    plain_c, packed_c = collators(data, model)
+    plain, packed = plain_c(got), packed_c(got)
+    assert packed["video"]["video_frames"].tolist() == plain["video"]["video_frames"].tolist()
+    use_packed_attention(model.language_model)
+    with torch.no_grad():
+        a = sample_loss_sums(model(**model_inputs(plain), labels=plain["labels"]).logits, plain["labels"],
+                             row_spans(plain))
+        b = sample_loss_sums(model(**model_inputs(packed), labels=packed["labels"]).logits, packed["labels"],
+                             packed["spans"])
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    denom = torch.tensor(float(plain["num_loss_tokens"]))
+    loss_a, ga = fast_loss_and_grads(model, plain, denom)
+    loss_b, gb = fast_loss_and_grads(model, packed, denom)
+    assert abs(loss_a.item() - loss_b.item()) < 1e-5
+    assert "video_pool.newline" in ga and ga["video_pool.newline"].abs().sum() > 0
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_frames_matter(data):
+    """Blanking the last frame of a clip changes its sample's loss: every frame reaches the LLM."""
+    model = video_vlm(data)
+    _, got = items(data, model)
+    plain, _ = collators(data, model)
+    item = got[0]
+    clip = item["video"][0]
+    pixels = clip["pixel_values"].clone()
+    pixels[-1] = 0
+    changed = {**item, "video": [{**clip, "pixel_values": pixels}]}
+    with torch.no_grad():
+        a = model(**model_inputs(plain([item])), labels=plain([item])["labels"]).loss.item()
+        b = model(**model_inputs(plain([changed])), labels=plain([changed])["labels"]).loss.item()
+    assert abs(a - b) > 1e-6
+
+
+def train(data, model_dir, *sets) -> dict[int, dict]:
+    params = data_params(data)
+    args = ["train", str(TINY / "phase2.yaml"), "--model-dir", str(model_dir), "--mode", "train"]
+    for s in (f"train_input.data_dir={data / 'h5'}", f"train_input.img_data_dir={data / 'images'}",
+              f"train_input.video_data_dir={data / 'videos'}", "eval_input=null",
+              f"model.image_start_idx={params['image_patch_info']['image_patch_start_idx']}",
+              f"model.image_token_id={params['post-process']['image_token_id']}",
+              f"model.video.token_id={params['modalities']['video']['token_id']}",
+              "runconfig.checkpoint_path=null", "runconfig.max_steps=2", "runconfig.log_steps=1",
+              "runconfig.checkpoint_steps=2", "train_input.batch_size=4", "train_input.micro_batch_size=2", *sets):
+        args += ["--set", s]
+    assert main(args) == 0
+    lines = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in lines if "loss" in r}
+
+
+def test_train_packed_and_grouped_match_plain_and_save_the_route(data, tmp_path):
+    torch.set_num_threads(1)
+    plain = train(data, tmp_path / "plain")
+    packed = train(data, tmp_path / "packed", "train_input.packing=true")
+    grouped = train(data, tmp_path / "grouped", "train_input.group_by_length=true")
+    assert sorted(plain) == [1, 2]
+    for s in plain:
+        for other in (packed, grouped):
+            assert abs(other[s]["loss"] - plain[s]["loss"]) < 2e-5, (s, plain[s]["loss"], other[s]["loss"])
+            assert other[s]["loss_tokens"] == plain[s]["loss_tokens"]
+    final = tmp_path / "plain" / "final_model"
+    config = json.loads((final / "config.json").read_text())
+    assert config["media"]["video"]["encoder"] == "vision"
+    assert config["media"]["video"]["pool"] == {"type": "frame_pool", "hidden_size": 48, "grid": 4, "stride": 2,
+                                                 "mode": "bilinear", "newline": "one_token"}
+    model = MultimodalModel.from_pretrained(final)
+    assert model.media_encoders == {"video": "vision"} and model.pool("video").newline.shape == (48,)
+
+
+def test_model_config_without_video_is_unchanged():
+    from helpers import vlm
+
+    assert "media" not in vlm().config.to_dict()
+    assert MultimodalConfig.from_dict(vlm().config.to_dict()).media == {}
+
+
+def test_data_and_model_must_agree_on_video(data, tmp_path):
+    from mmloom.training.modalities import check_data_media
+
+    from helpers import vlm
+
+    with pytest.raises(MmloomError, match="holds video items but the model takes no video .add model.video"):
+        check_data_media(vlm(), data / "h5")
+    model = video_vlm(data)
+    check_data_media(model, data / "h5")
+    other = MultimodalModel({"vision": model.vision_encoder}, model.language_model,
+                            placeholder_token_ids=model.placeholder_token_ids,
+                            media={"video": ("vision", FramePool(48, grid=4, stride=2, mode="average"))})
+    with pytest.raises(MmloomError, match="video feature tokens are counted differently"):
+        check_data_media(other, data / "h5")
+
+
+def test_cached_features_refuse_video(data):
+    from mmloom.training.data import build_dataset
+
+    with pytest.raises(MmloomError, match="has 6 video clips, and the feature cache holds one image per sample"):
+        build_dataset(section(data, use_cached_features=True), 32)
