@@ -222,5 +222,5 @@ def test_data_and_model_must_agree_on_video(data, tmp_path):
 def test_cached_features_refuse_video(data):
     from mmloom.training.data import build_dataset
 
-    with pytest.raises(MmloomError, match="has 6 video clips, and the feature cache holds one image per sample"):
+    with pytest.raises(MmloomError, match="has 8 video clips, and the feature cache holds one image per sample"):
         build_dataset(section(data, use_cached_features=True), 32)
