@@ -224,3 +224,45 @@ def test_cached_features_refuse_video(data):
 
     with pytest.raises(MmloomError, match="has 8 video clips, and the feature cache holds one image per sample"):
         build_dataset(section(data, use_cached_features=True), 32)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("video_run")
+    torch.set_num_threads(1)
+    train(data, out)
+    return out / "final_model"
+
+
+def test_chat_and_generate_take_clips(data, trained, tmp_path, capsys):
+    """A trained video model answers about clips: `chat --video` (two clips), `generate` questions with a
+    clip or a list, and the Python processor + `MultimodalModel.generate` give the same tokens as chat."""
+    from mmloom.inference.generate import load_model_and_processor
+
+    clip_a, clip_c = data / "videos" / "a.mkv", data / "videos" / "c.mkv"
+    assert main(["chat", str(trained), "--video", str(clip_a), "--video", str(clip_c), "--prompt", "What changes?",
+                 "--max-new-tokens", "4"]) == 0
+    chat_answer = capsys.readouterr().out.strip().splitlines()[-1]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question_id": 0, "text": "What changes?", "video": ["a.mkv", "c.mkv"]},
+        {"question_id": 1, "text": "<video>\nWhat changes?", "video": "c.mkv"},
+        {"question_id": 2, "text": "Hello."}]))
+    out = tmp_path / "answers.jsonl"
+    assert main(["generate", str(trained), str(questions), "--output", str(out), "--video-dir", str(data / "videos"),
+                 "--max-new-tokens", "4", "--batch-size", "3"]) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [0, 1, 2]
+    assert answers[0]["text"].strip() == chat_answer.removeprefix("ASSISTANT:").strip()
+    model, processor = load_model_and_processor(trained)
+    batch = processor(conversations=[[{"role": "user", "content": "<video>\n<video>\nWhat changes?"}]],
+                      videos=[[str(clip_a), str(clip_c)]], add_generation_prompt=True, return_labels=False)
+    assert batch["video"]["video_frames"].tolist() == [FRAMES, 3]
+    video_id = model.placeholder_token_ids["video"]
+    assert int((batch["input_ids"] == video_id).sum()) == CLIP_TOKENS + 13
+    ids = model.generate(**model_inputs(batch), max_new_tokens=4, do_sample=False)
+    text = processor.tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert text.strip() == answers[0]["text"].strip()
+    blank = tmp_path / "blank.jsonl"
+    assert main(["generate", str(trained), str(questions), "--output", str(blank), "--video-dir",
+                 str(data / "videos"), "--max-new-tokens", "4", "--blank-videos"]) == 0

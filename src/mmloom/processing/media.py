@@ -49,10 +49,13 @@ def spec_class(modality: str, encoder_processor: Any = None) -> type[MediaSpec]:
 
 
 def spec_for_processor(modality: str, encoder_processor: Any, placeholder: str | None = None,
-                       token_id: int | None = None, count: Any = None, anyres: dict | None = None) -> MediaSpec:
+                       token_id: int | None = None, count: Any = None, anyres: dict | None = None,
+                       sampling: dict | None = None) -> MediaSpec:
     """The spec of one modality of a `MultimodalProcessor`: its placeholder and id, its encoder
-    processor (image transform, feature extractor) and its count rule (`num_tokens`, `anyres`)."""
+    processor (image transform, feature extractor), its count rule (`num_tokens`, `anyres`) and how
+    its items are sampled (`sampling`: video frames)."""
     cls = spec_class(modality, encoder_processor)
     record_key = modality if modality not in MEDIA else None
     return cls.from_processor(modality, encoder_processor, placeholder=placeholder or default_placeholder(modality),
-                              token_id=token_id, count=count, anyres=anyres, record_key=record_key)
+                              token_id=token_id, count=count, anyres=anyres, record_key=record_key,
+                              sampling=sampling)

@@ -162,10 +162,11 @@ class MediaSpec(ABC):
     @classmethod
     @abstractmethod
     def from_processor(cls, modality: str, encoder_processor: Any, *, placeholder: str, token_id: int | None = None,
-                       count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None
-                       ) -> MediaSpec:
+                       count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None,
+                       sampling: dict[str, Any] | None = None) -> MediaSpec:
         """The spec of one modality of a `MultimodalProcessor`: its encoder processor, placeholder
-        and id, and its count rule (`num_tokens[modality]`; `anyres`: the image-size rule)."""
+        and id, its count rule (`num_tokens[modality]`; `anyres`: the image-size rule) and how items
+        are sampled (`sampling[modality]`: video frames; None for the other kinds)."""
         raise NotImplementedError
 
     # --------------------------------------------------------------------- data_params.json

@@ -310,10 +310,12 @@ class VideoSpec(MediaSpec):
 
     @classmethod
     def from_processor(cls, modality: str, encoder_processor: Any, *, placeholder: str, token_id: int | None = None,
-                       count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None
-                       ) -> VideoSpec:
+                       count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None,
+                       sampling: dict[str, Any] | None = None) -> VideoSpec:
+        sampling = dict(sampling or {"num_frames": cls.num_frames})
         return cls(modality=modality, placeholder=placeholder, record_key=record_key or "video", token_id=token_id,
-                   transform=encoder_processor, count_rule=count)
+                   transform=encoder_processor, count_rule=count, num_frames=sampling.get("num_frames"),
+                   fps=sampling.get("fps"), max_frames=sampling.get("max_frames"))
 
     @classmethod
     def from_build_config(cls, dataset) -> VideoSpec | None:
