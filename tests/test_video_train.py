@@ -266,3 +266,14 @@ def test_chat_and_generate_take_clips(data, trained, tmp_path, capsys):
     blank = tmp_path / "blank.jsonl"
     assert main(["generate", str(trained), str(questions), "--output", str(blank), "--video-dir",
                  str(data / "videos"), "--max-new-tokens", "4", "--blank-videos"]) == 0
+
+
+@pytest.mark.parametrize("fmt", ["hf-llava", "llava", "gguf"])
+def test_exports_refuse_the_video_route_in_one_line(trained, tmp_path, capsys, fmt):
+    """LLaVA's layouts and llama.cpp have no per-frame pooling: the export is refused, naming the format
+    that serves the model (mmloom's own), and nothing is written."""
+    assert main(["convert", "--from", "mmloom", "--to", fmt, str(trained), str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"format '{fmt}' cannot represent this model's video input" in err and "--to mmloom" in err
+    assert not (tmp_path / "out").exists()
