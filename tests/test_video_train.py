@@ -204,9 +204,8 @@ def test_model_config_without_video_is_unchanged():
 
 
 def test_data_and_model_must_agree_on_video(data, tmp_path):
-    from mmloom.training.modalities import check_data_media
-
     from helpers import vlm
+    from mmloom.training.modalities import check_data_media
 
     with pytest.raises(MmloomError, match="holds video items but the model takes no video .add model.video"):
         check_data_media(vlm(), data / "h5")
@@ -277,3 +276,53 @@ def test_exports_refuse_the_video_route_in_one_line(trained, tmp_path, capsys, f
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"format '{fmt}' cannot represent this model's video input" in err and "--to mmloom" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_ranks_with_clips_on_one_and_none_on_the_other(data, tmp_path, distributed):
+    """Everything trainable; unshuffled, rank 0's micro-batches hold clips and rank 1's none (an image
+    in one): rank 1 runs the dummy clip (one zero frame) through the tower, projector and FramePool, so
+    both ranks reduce the same parameters, and 2 gloo ranks give the losses and weights of 1 process."""
+    from mmloom.data.sampling import StepBatchSampler
+    from test_train_distributed import torchrun
+    from test_train_loop import losses, weights
+
+    clip, two, _, text = records()[:4]
+    image = {"id": "img", "image": "img0.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]}
+    uneven = [clip, two, text, text, two, clip, image, text]
+    clips = [len(r["video"]) if isinstance(r.get("video"), list) else int("video" in r) for r in uneven]
+    per_rank = [[[clips[i] for i in mb] for step in range(2)
+                 for mb in StepBatchSampler(8, 4, 2, rank, 2, 0, False, 0, 2).step_micro_batches(step)]
+                for rank in range(2)]
+    assert per_rank == [[[1, 2], [2, 1]], [[0, 0], [0, 0]]]
+    root = tmp_path / "uneven"
+    root.mkdir()
+    for name in ("videos", "images"):
+        (root / name).symlink_to(data / name)
+    assert build_video_data(root, uneven, msl=200, video={"num_frames": FRAMES}) == 0
+
+    def args(run, *more):
+        out = ["train", str(TINY / "phase2.yaml"), "--model-dir", str(run), "--mode", "train"]
+        params = data_params(root)
+        for s in (f"train_input.data_dir={root / 'h5'}", f"train_input.img_data_dir={root / 'images'}",
+                  f"train_input.video_data_dir={root / 'videos'}", "eval_input=null",
+                  f"model.image_start_idx={params['image_patch_info']['image_patch_start_idx']}",
+                  f"model.image_token_id={params['post-process']['image_token_id']}",
+                  f"model.video.token_id={params['modalities']['video']['token_id']}", "model.freeze=[]",
+                  "runconfig.checkpoint_path=null", "runconfig.max_steps=2", "runconfig.log_steps=1",
+                  "runconfig.checkpoint_steps=2", "train_input.batch_size=4", "train_input.micro_batch_size=2",
+                  "train_input.shuffle=false", *more):
+            out += ["--set", s]
+        return out
+
+    assert main(args(tmp_path / "one")) == 0
+    torchrun(args(tmp_path / "two", f"runconfig.distributed={distributed}"), tmp_path)
+    got, expected = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(got) == sorted(expected) == [1, 2]
+    for step in expected:
+        assert abs(got[step] - expected[step]) < 1e-4 * max(1.0, abs(expected[step])), (step, got, expected)
+    first, second = weights(tmp_path / "one" / "final_model"), weights(tmp_path / "two" / "final_model")
+    assert set(first) == set(second) and "video_pool.newline" in first
+    for k in first:
+        torch.testing.assert_close(second[k], first[k], rtol=1e-3, atol=1e-5, msg=k)

@@ -29,8 +29,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mmloom.data.build_config import VideoPoolConfig
 from mmloom.config_io import apply_overrides, load_yaml_mapping, validate
+from mmloom.data.build_config import VideoPoolConfig
 from mmloom.errors import MmloomError
 
 
