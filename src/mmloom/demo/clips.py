@@ -40,12 +40,14 @@ class Actor:
     appears: int
 
     def position(self, frame: int) -> tuple[float, float]:
-        """Its centre at `frame`: it crosses most of the frame over the clip when it moves."""
+        """Its centre at `frame`: when it moves, it crosses most of the frame between the frame it
+        appears at and the last one (a late one moves faster)."""
         if self.direction is None:
             return self.x, self.y
         dx, dy = DIRECTIONS[self.direction]
-        step = (SIZE - 2 * RADIUS - 4) / (FRAMES - 1)
-        return self.x + dx * step * frame, self.y + dy * step * frame
+        step = (SIZE - 2 * RADIUS - 4) / (FRAMES - 1 - self.appears)
+        moved = step * max(0, frame - self.appears)
+        return self.x + dx * moved, self.y + dy * moved
 
 
 def random_clip(rng: random.Random) -> list[Actor]:

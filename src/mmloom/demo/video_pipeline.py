@@ -18,8 +18,8 @@ from mmloom.demo import steps
 from mmloom.demo.clips import FPS, FRAMES, SIZE, write_dataset
 from mmloom.demo.pipeline import PATCH_SIZE, VISION
 
-FULL = steps.DemoSize(num_train=4000, num_eval=200, phase1_steps=500, phase2_steps=400, batch_size=32)
-QUICK = steps.DemoSize(num_train=800, num_eval=40, phase1_steps=200, phase2_steps=150, batch_size=16)
+FULL = steps.DemoSize(num_train=4000, num_eval=200, phase1_steps=700, phase2_steps=250, batch_size=32)
+QUICK = steps.DemoSize(num_train=1000, num_eval=40, phase1_steps=400, phase2_steps=100, batch_size=16)
 
 NUM_FRAMES = 8
 POOL = {"mode": "bilinear", "stride": 2}  # 3 x 3 patches per frame -> 2 x 2 features
