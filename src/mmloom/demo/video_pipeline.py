@@ -18,7 +18,7 @@ from mmloom.demo import steps
 from mmloom.demo.clips import FPS, FRAMES, SIZE, write_dataset
 from mmloom.demo.pipeline import PATCH_SIZE, VISION
 
-FULL = steps.DemoSize(num_train=4000, num_eval=200, phase1_steps=700, phase2_steps=250, batch_size=32)
+FULL = steps.DemoSize(num_train=4000, num_eval=200, phase1_steps=600, phase2_steps=350, batch_size=32)
 QUICK = steps.DemoSize(num_train=1000, num_eval=40, phase1_steps=400, phase2_steps=100, batch_size=16)
 
 NUM_FRAMES = 8
