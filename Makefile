@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmloom-installed
 
-.PHONY: install test test-clients test-lowest demo demo-audio lint clean
+.PHONY: install test test-clients test-lowest demo demo-audio demo-video lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ demo: $(STAMP)
 
 demo-audio: $(STAMP)
 	$(VENV)/bin/mmloom demo --modality audio --out runs/demo-audio
+
+demo-video: $(STAMP)
+	$(VENV)/bin/mmloom demo --modality video --out runs/demo-video
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests

@@ -36,20 +36,23 @@ from tokenizer_families import stock_vicuna_folder
 
 
 def test_the_registry_is_the_one_list_of_modalities(tmp_path):
-    assert list(MEDIA) == ["vision", "audio"] and TEMPLATE_PLACEHOLDERS is PLACEHOLDERS == ("<image>", "<audio>")
-    assert [default_placeholder(m) for m in ("vision", "audio", "depth")] == ["<image>", "<audio>", "<depth>"]
+    assert list(MEDIA) == ["vision", "audio", "video"]
+    assert TEMPLATE_PLACEHOLDERS is PLACEHOLDERS == ("<image>", "<audio>", "<video>")
+    assert [default_placeholder(m) for m in ("vision", "audio", "video", "depth")] == [
+        "<image>", "<audio>", "<video>", "<depth>"]
     for spec in MEDIA.values():  # every skip reason of a spec is counted and ordered by the build
         assert set(spec.reasons) <= set(SKIP_REASONS), spec
         assert {f"bad_{spec.noun}_path", f"{spec.noun}_token_mismatch"} <= set(spec.reasons)
     # the ids `mmloom data build` gives placeholders a tokenizer lacks are the default model ids
     tokenizer = load_tokenizer(stock_vicuna_folder(tmp_path / "vicuna"))
-    for token in ("<image>", "<audio>"):  # a tokenizer without them
+    for token in PLACEHOLDERS:  # a tokenizer without them
         assert token not in tokenizer.get_vocab()
     ids = special_ids(tokenizer, PLACEHOLDERS)
     vocab = ids["vocab_size"]
     assert ids["placeholder_ids"]["<image>"] == default_token_id("vision", vocab, 0) == vocab
     assert ids["placeholder_ids"]["<audio>"] == default_token_id("audio", vocab, 1) == vocab + 1
-    assert default_token_id("depth", vocab, 2) == vocab + 4
+    assert ids["placeholder_ids"]["<video>"] == default_token_id("video", vocab, 2) == vocab + 2
+    assert default_token_id("depth", vocab, 3) == vocab + 6
 
 
 def test_image_spec_loads_checks_and_counts_as_the_model(tmp_path):

@@ -45,6 +45,7 @@ NOT_RUN = {
     "mmloom plot DIR": "placeholder run folder",
     "mmloom merge-lora DIR": "placeholder run folder (tests/test_train_loop.py covers it)",
     "mmloom chat runs/audio_llm": "audio model (tests/test_audio_train.py)",
+    "mmloom chat runs/llava_v1p5_7b_video": "a trained video model (tests/test_video_train.py runs chat --video)",
     "mmloom generate runs/audio_llm": "audio model",
     "mmloom generate ... --silence-audio": "placeholder arguments",
     "llama-mtmd-cli": "llama.cpp's own program (tests/clients/test_llamacpp_client.py runs the export in llama.cpp)",
@@ -69,6 +70,11 @@ SMOLLM2_TEMPLATE = (
     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _readme_block_lines(prefix: str) -> list[str]:
+    """The README's lines that start with `prefix` (its example records)."""
+    return [line for line in README.read_text().splitlines() if line.startswith(prefix)]
 
 
 def _stand_ins(root: Path) -> None:
@@ -119,6 +125,15 @@ def _stand_ins(root: Path) -> None:
         {"id": "3", "image": "c.jpg", "conversations": [
             {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cup."}]}]
     (interleaved / "train.json").write_text(json.dumps(records))
+    video = root / "data" / "video"  # clips (LLaVA-Video-178K / OneVision form), written with PyAV
+    from video_data import write_clip
+
+    for name in ("clips/cooking.mp4", "a.mp4", "b.mp4"):
+        write_clip(video / name, 12, "mpeg4", size=32)
+    image(video / "still.jpg")
+    records = json.loads("[" + ",".join(line for line in _readme_block_lines('{"id": "v')) + "]")
+    (video / "jsonl").mkdir(parents=True)
+    (video / "jsonl" / "video.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     rlaif = root / "data" / "RLAIF-V"  # preference pairs with RLAIF-V's fields, images written to files
     (rlaif / "jsonl").mkdir(parents=True)
     pairs = []
@@ -193,7 +208,7 @@ def test_real_data_section_runs_offline(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert code == 0, f"{command}\n{err}"
         ran.append(argv[0] if argv[0] != "data" else f"data {argv[1]}")
-    assert ran.count("data build") == 5 and ran.count("init") == 2 and "chat" in ran and ran.count("convert") == 5
+    assert ran.count("data build") == 6 and ran.count("init") == 2 and "chat" in ran and ran.count("convert") == 5
     # the chat model keeps its own template, in the model and in the data
     from mmloom import MultimodalProcessor
 
@@ -204,6 +219,9 @@ def test_real_data_section_runs_offline(tmp_path, monkeypatch, capsys):
     interleaved = json.loads(Path("data/h5/interleaved_msl4096/data_params.json").read_text())
     assert interleaved["post-process"]["n_examples"] == 3 and interleaved["image_patch_info"]["images"] == 6
     assert interleaved["image_patch_info"]["samples"]["several_images"] == 2
+    video = json.loads(Path("data/h5/video_msl4096/data_params.json").read_text())
+    assert video["post-process"]["n_examples"] == 2 and video["modalities"]["video"]["clips"] == 3
+    assert video["modalities"]["video"]["token_count"]["frame_tokens"] == 144  # 24 x 24 patches pooled 2 x 2
 
     # the training configs the README runs read the builds' outputs and the pretrained folders
     for config in ("pretrain_7b_phase1", "pretrain_7b_phase2", "7b_phase3_dpo"):

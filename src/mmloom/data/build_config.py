@@ -4,8 +4,9 @@
 setup:     {input_dir: ..., output_dir: ..., processes: 4, samples_per_file: 2000}
 processor: {tokenizer_type: path/to/hf_tokenizer_folder, max_sequence_length: 2048}
 dataset:   {num_patches: 576, image_dir: ..., system_prompt_style: vicuna_v1,
-            audio: {feature_extractor: ..., audio_dir: ..., stride: 4},   # audio: optional
-            preference: {format: auto}}                                    # preference pairs: optional
+            audio: {feature_extractor: ..., audio_dir: ..., stride: 4},                   # audio: optional
+            video: {video_dir: ..., num_frames: 8, pool: {mode: bilinear, stride: 2}},   # video: optional
+            preference: {format: auto}}                                                  # preference pairs: optional
 ```
 
 Relative paths are taken relative to the current working directory (like the seed's tool).
@@ -85,6 +86,63 @@ class PreferenceDataConfig(_Section):
         "rejected); auto: told apart by each record's keys")
 
 
+class VideoPoolConfig(_Section):
+    """Per-frame spatial pooling of the vision features (LLaVA-NeXT's `mm_spatial_pool_mode` / `_stride`):
+    the model's `FramePool`."""
+
+    mode: Literal["bilinear", "average", "max"] = Field(
+        "bilinear", description="bilinear resize (LLaVA-OneVision), average or max pooling of each frame's patch grid"
+    )
+    stride: int = Field(2, ge=1, description="a g x g patch grid becomes ceil(g / stride)^2 features per frame")
+
+
+class VideoDataConfig(_Section):
+    """How the records' video clips are sampled and counted (mmloom's extension; see `h5_format`)."""
+
+    video_dir: str | None = Field(None, description="root folder of the records' relative video paths")
+    video_key: str = "video"
+    video_token: str = "<video>"
+    num_frames: int | None = Field(
+        None, ge=1, description="frames per clip, taken uniformly (np.linspace(0, n - 1, k), LLaVA-NeXT's "
+        "load_video); a shorter clip keeps all its frames. Default 8 unless fps is set"
+    )
+    fps: float | None = Field(None, gt=0, description="instead of num_frames: one frame per 1/fps s (the first at or "
+                              "after each time), at most max_frames of them taken uniformly")
+    max_frames: int | None = Field(None, ge=1, description="with fps: the most frames per clip")
+    pool: VideoPoolConfig = Field(default_factory=VideoPoolConfig)
+    newline: Literal["no_token", "one_token", "frame"] = Field(
+        "one_token", description="the learned newline (LLaVA-NeXT's mm_newline_position): none, one after the last "
+        "frame (LLaVA-OneVision) or one after each frame"
+    )
+
+    @model_validator(mode="after")
+    def _one_sampling(self):
+        if self.fps is not None and self.num_frames is not None:
+            raise ValueError("set dataset.video.num_frames or dataset.video.fps (with max_frames), not both")
+        if self.fps is not None and self.max_frames is None:
+            raise ValueError("dataset.video.fps needs dataset.video.max_frames")
+        if self.fps is None and self.max_frames is not None:
+            raise ValueError("dataset.video.max_frames goes with dataset.video.fps")
+        if self.fps is None and self.num_frames is None:
+            self.num_frames = 8
+        return self
+
+    def token_count(self, num_patches: int) -> dict[str, Any]:
+        """The per-clip count rule (`mmloom.model.callbacks.video_token_count`) for frames of
+        `num_patches` patch features (a square grid), compared with the model's `FramePool` at training.
+        Raises ValueError when `num_patches` is not a square (e.g. a kept CLS: 577)."""
+        from math import isqrt
+
+        from mmloom.model.callbacks import video_frame_tokens
+
+        grid = isqrt(num_patches)
+        if grid * grid != num_patches:
+            raise ValueError(f"video frames need a square patch grid, but dataset.num_patches is {num_patches} "
+                             "(a kept CLS token?): use the patch features only")
+        return {"type": "video_frames", "grid": grid, "frame_tokens": video_frame_tokens(grid, self.pool.stride),
+                "newline": self.newline}
+
+
 class DatasetConfig(_Section):
     """`dataset`: image slots, image folder, template and record keys (the seed's, plus mmloom's options)."""
 
@@ -138,12 +196,23 @@ class DatasetConfig(_Section):
         None, description="the records are preference pairs for the preference phase (DPO): each pair is written as "
         "prompt + chosen answer (`data`) and prompt + rejected answer (`rejected`); see mmloom.data.preference")
 
+    video: VideoDataConfig | None = Field(
+        None, description="records carry video clips (`video` field: a path or a list, `<video>` placeholders): how "
+        "their frames are sampled and pooled; the frames go through the vision encoder (dataset.num_patches each)"
+    )
+
     @model_validator(mode="after")
     def _some_modality(self):
         if self.num_patches is None and self.audio is None:
             raise ValueError("set dataset.num_patches (images) and/or dataset.audio (audio clips)")
         if self.preference is not None and self.audio is not None:
             raise ValueError("dataset.preference pairs hold images or text; audio pairs are not supported yet")
+        if self.video is not None:
+            if self.preference is not None:
+                raise ValueError("dataset.preference pairs hold images or text; video pairs are not supported yet")
+            if self.num_patches is None:
+                raise ValueError("dataset.video needs dataset.num_patches: video frames go through the vision encoder")
+            self.video.token_count(self.num_patches)
         return self
 
 

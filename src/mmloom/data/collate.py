@@ -339,9 +339,10 @@ class MediaCollator:
     """Wraps `TrainCollator` or `PackedCollator` (or another `MediaCollator`) and adds one modality's
     items (`HDF5LlavaDataset` items under `modality`, each its encoder inputs and `span`): it writes
     the placeholder id `token_id` into every item's slots before the wrapped collator lays the rows
-    out, then stacks the items' inputs in the order their placeholders appear in the rows
-    (row-major, packed rows in segment order: the order the model fills them) as
-    `batch[modality]`, and counts the real items in `num_<modality>`.
+    out, then concatenates the items' inputs (each with its leading dimension: one row per image or
+    audio clip, one per frame of a video clip, with its `video_frames` (1,)) in the order their
+    placeholders appear in the rows (row-major, packed rows in segment order: the order the model
+    fills them) as `batch[modality]`, and counts the real items in `num_<modality>`.
 
     `dummy` (`MediaItemReader.dummy()`, or None for no dummy) is the item given to micro-batches
     without any, in an extra sample whose tokens carry no label and are counted nowhere, so that
@@ -407,7 +408,7 @@ class MediaCollator:
                 if batch.get(key) is not None:
                     batch[key] = batch[key][:n_real]
         if media:
-            batch[self.modality] = {key: torch.stack([entry[key] for entry in media])
+            batch[self.modality] = {key: torch.cat([entry[key] for entry in media])
                                     for key in media[0] if key != "span"}
         batch[f"num_{self.modality}"] = num_items
         return batch

@@ -22,21 +22,24 @@ count and size (`post-process.output_file_info`) and the total (`post-process.n_
 a file added, removed or replaced), and :func:`check_h5_file` the structure of each file (datasets,
 shapes, dtypes), once, when the data is opened.
 
-Media items beyond the seed's one image (mmloom's extension, written only for the modalities a build
-reads besides images: `dataset.audio`; image-only files are exactly as above). A sample may hold any
-number of items of such a modality, each a run of slots in `data` (row 0: the pad id, row 3:
-attended, no loss) whose length is the item's feature-token count. Per file and modality (its
-noun: `audio`), with m the number of items of all its samples, in sample order then placeholder
-order (:func:`write_items`, :func:`read_items`):
+Media items beyond the seed's one image (mmloom's extension, written only for the modalities a
+build reads besides images: `dataset.audio`, `dataset.video`; image-only files are exactly as above).
+A sample may hold any number of items of such a modality, each a run of slots in `data` (row 0: the
+pad id, row 3: attended, no loss) whose length is the item's feature-token count. Per file and
+modality (its noun: `audio`, `video`), with m the number of items of all its samples, in sample order
+then placeholder order (:func:`write_items`, :func:`read_items`):
 
 - `<noun>_path` bytes `[m]` (`audio_path`): each item's path relative to its folder;
 - `<noun>_span` int32 `[m, 2]` (`audio_span`): each item's (first slot, number of slots) in its row;
 - `<noun>_offset` int64 `[n + 1]` (`audio_offset`): sample i's items are `offset[i]:offset[i + 1]`.
 
 `data_params.json` records how they were read and counted under `modalities.<modality>` (audio: the
-extractor and count rule). Cerebras' reader ignores these datasets (its model would see the slots
-as pad tokens); mmloom's trainer writes the placeholder id (`<audio>`) into every span and feeds the
-items' features there.
+extractor and count rule; video: the frame sampling (`num_frames`, or `fps` with `max_frames`), the
+per-frame pooling and the count rule `{"type": "video_frames", "grid", "frame_tokens", "newline"}`:
+a clip of F sampled frames spans F * frame_tokens slots, + 1 or + F for the learned newline).
+Cerebras' reader ignores these datasets (its model would see the slots as pad tokens); mmloom's
+trainer writes the placeholder id (`<audio>`, `<video>`) into every span and feeds the items'
+features there.
 
 Several images per sample (`dataset.multiple_images: keep`, the default): a file in which some
 sample holds two or more images adds the same three datasets for images, covering every image of

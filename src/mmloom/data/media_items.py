@@ -32,7 +32,7 @@ class MediaItemReader:
         return self.spec.modality
 
     def _item(self, inputs: dict[str, Any], span: tuple[int, int]) -> dict[str, Any]:
-        item = {key: value[0].to(self.dtype) if torch.is_floating_point(value) else value[0]
+        item = {key: value.to(self.dtype) if torch.is_floating_point(value) else value
                 for key, value in inputs.items() if torch.is_tensor(value)}
         return {**item, "span": (int(span[0]), int(span[1]))}
 

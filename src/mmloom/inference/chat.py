@@ -73,9 +73,10 @@ class ChatSession:
         bad file."""
         modality = next(modality for modality, cls in MEDIA.items() if cls.noun == noun)
         spec = self.processor.media.get(modality)
-        if spec is None or spec.encoder not in self.model.encoder_names or spec.encoder_processor is None:
+        if spec is None or modality not in self.model.modalities or spec.encoder_processor is None:
             article = "an" if MEDIA[modality].item_noun[0] in "aeiou" else "a"
-            raise MmloomError(f"this model has no {modality} encoder; chat without {article} {MEDIA[modality].item_noun}")
+            raise MmloomError(f"this model takes no {MEDIA[modality].noun} input; chat without {article} "
+                              f"{MEDIA[modality].item_noun}")
         self.items.setdefault(noun, []).append(spec.load(item) if isinstance(item, (str, Path)) else item)
         self.pending[noun] = self.pending.get(noun, 0) + 1
 

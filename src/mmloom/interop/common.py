@@ -148,9 +148,9 @@ class VisionParts:
 
 def vision_parts(model: MultimodalModel, fmt: str) -> VisionParts:
     """Check that `model` is one vision encoder (feature selection only) + projector + causal LM.
-    Raises MmloomError naming format `fmt` when the model has other encoders than 'vision', a callback
-    other than FeatureSelect, features that are not a hidden layer of the tower, a custom projector, or no
-    vision placeholder id."""
+    Raises MmloomError naming format `fmt` when the model has other encoders than 'vision', a video route
+    (`media`), a callback other than FeatureSelect, features that are not a hidden layer of the tower, a
+    custom projector, or no vision placeholder id."""
     from mmloom.model.projector import parse_projector_type
 
     if model.encoder_names != ["vision"]:
@@ -159,6 +159,12 @@ def vision_parts(model: MultimodalModel, fmt: str) -> VisionParts:
             f"{model.encoder_names} (audio or other encoders cannot be represented); keep such composites in "
             "the mmloom format (--to mmloom), which mmloom chat/generate and MultimodalModel.from_pretrained read"
         )
+    if model.media_encoders:
+        names = ", ".join(model.media_encoders)
+        raise MmloomError(
+            f"format {fmt!r} cannot represent this model's {names} input (frames through the vision encoder, pooled "
+            "per frame by FramePool); keep it in the mmloom format (--to mmloom), which mmloom chat/generate and "
+            "MultimodalModel.from_pretrained read")
     encoder = model.vision_encoder
     tower = base_module(encoder.module)
     for slot in CALLBACK_SLOTS:

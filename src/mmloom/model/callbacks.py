@@ -1,4 +1,5 @@
-"""Named, serializable encoder callbacks: feature selection and LLaVA-NeXT "anyres" packing.
+"""Named, serializable encoder callbacks: feature selection, LLaVA-NeXT "anyres" packing, audio
+and video-frame pooling.
 
 A callback saved with the model is rebuilt from `{"type": name, **params}`; arbitrary
 callables still work but cannot be rebuilt (the model warns on save).
@@ -281,3 +282,123 @@ class AudioPool(SerializableCallback):
 
     def __repr__(self) -> str:
         return f"AudioPool(stride={self.stride}, mode={self.mode!r}, downsample={self.downsample}, layer={self.layer})"
+
+
+def video_frame_tokens(grid: int, stride: int) -> int:
+    """Pooled features of one video frame of a `grid x grid` patch grid at `stride`: ceil(g / s)^2
+    (LLaVA-OneVision's 2x2 bilinear pooling: 27 x 27 -> 14 x 14 = 196)."""
+    side = -(-int(grid) // int(stride))
+    return side * side
+
+
+def video_token_count(frames: int, frame_tokens: int, newline: str) -> int:
+    """Feature tokens of one clip of `frames` frames with `frame_tokens` pooled features each, and
+    the learned newline per `newline` (LLaVA-NeXT's `mm_newline_position`): `no_token` F * t,
+    `one_token` F * t + 1 (one after the last frame), `frame` F * (t + 1) (one after each frame).
+    Raises MmloomError for another newline position."""
+    frames, frame_tokens = int(frames), int(frame_tokens)
+    if newline == "no_token":
+        return frames * frame_tokens
+    if newline == "one_token":
+        return frames * frame_tokens + 1
+    if newline == "frame":
+        return frames * (frame_tokens + 1)
+    raise MmloomError(f"unknown video newline position {newline!r}; use one of ['no_token', 'one_token', 'frame']")
+
+
+@register_callback
+class FramePool(nn.Module, SerializableCallback):
+    """Per-frame spatial pooling of video features, with LLaVA-NeXT's learned newline (a callback on
+    the projected features of the frames, as LLaVA-OneVision pools after its projector).
+
+    Takes the features of every frame of every clip, `(sum of frames, g * g, D)` (a square patch grid,
+    no CLS), and the frames per clip `video_frames` (N_clips,) from the encoder inputs. Each frame's
+    grid `(D, g, g)` becomes `(D, s, s)` with `s = ceil(g / stride)`: `mode="bilinear"` resizes it
+    (`F.interpolate`, align_corners False: LLaVA-OneVision's `apply_pooling`), `"average"` / `"max"`
+    pool `stride x stride` windows (ceil mode: the last row and column take what is left). The
+    learned `newline` (D,) goes after the last frame (`"one_token"`, LLaVA-OneVision), after every
+    frame (`"frame"`) or nowhere (`"no_token"`).
+
+    Returns one `(F_i * s^2 (+ 1 or + F_i), D)` tensor per clip: `video_token_count(F_i, s^2, newline)`,
+    the rule the data build and the processor count with (`item_counts`). Raises MmloomError for an
+    unknown mode or newline, a stride below 1, features that are not a g x g grid, or frame counts that
+    do not add up to the features' rows.
+    """
+
+    callback_type = "frame_pool"
+    input_names = ("video_frames",)
+    MODES = ("bilinear", "average", "max")
+    NEWLINES = ("no_token", "one_token", "frame")
+
+    def __init__(self, hidden_size: int, grid: int, stride: int = 2, mode: str = "bilinear",
+                 newline: str = "one_token"):
+        super().__init__()
+        if mode not in self.MODES:
+            raise MmloomError(f"unknown video pooling mode {mode!r}; use one of {list(self.MODES)}")
+        if newline not in self.NEWLINES:
+            raise MmloomError(f"unknown video newline position {newline!r}; use one of {list(self.NEWLINES)}")
+        if int(stride) < 1 or int(grid) < 1:
+            raise MmloomError(f"video pooling stride and grid must be >= 1, got {stride} and {grid}")
+        self.hidden_size, self.grid, self.stride = int(hidden_size), int(grid), int(stride)
+        self.mode, self.newline_position = mode, newline
+        self.newline = (nn.Parameter(torch.randn(self.hidden_size) / math.sqrt(self.hidden_size))
+                        if newline != "no_token" else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hidden_size": self.hidden_size, "grid": self.grid, "stride": self.stride, "mode": self.mode,
+                "newline": self.newline_position}
+
+    @property
+    def frame_tokens(self) -> int:
+        """Pooled features per frame: ceil(grid / stride)^2."""
+        return video_frame_tokens(self.grid, self.stride)
+
+    def count_rule(self) -> dict[str, Any]:
+        """The count rule the data build records (`modalities.video.token_count`) for this pooling."""
+        return {"type": "video_frames", "grid": self.grid, "frame_tokens": self.frame_tokens,
+                "newline": self.newline_position}
+
+    def item_counts(self, inputs: dict) -> list[int] | None:
+        """Feature tokens per clip of a batch of encoder inputs (None without `video_frames`)."""
+        frames = inputs.get("video_frames")
+        if frames is None:
+            return None
+        return [video_token_count(int(f), self.frame_tokens, self.newline_position) for f in frames]
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """(F, g * g, D) -> (F, s * s, D), s = ceil(g / stride)."""
+        n, positions, dim = features.shape
+        if positions != self.grid * self.grid:
+            raise MmloomError(f"video frames give {positions} features each, not a {self.grid} x {self.grid} grid "
+                              "(a kept CLS token? select the patch features only)")
+        side = -(-self.grid // self.stride)
+        x = features.transpose(1, 2).reshape(n, dim, self.grid, self.grid)
+        if self.mode == "bilinear":
+            x = nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        elif self.mode == "average":
+            x = nn.functional.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
+        else:
+            x = nn.functional.max_pool2d(x, self.stride, self.stride, ceil_mode=True)
+        return x.flatten(2).transpose(1, 2)  # (F, s*s, D)
+
+    def forward(self, inputs: dict, output: ModelOutput | tuple | torch.Tensor) -> list[torch.Tensor]:
+        features = output if isinstance(output, torch.Tensor) else output_features(output)  # (sum F, g*g, D)
+        frames = inputs.get("video_frames")
+        frames = [features.shape[0]] if frames is None else [int(f) for f in frames]
+        if sum(frames) != features.shape[0]:
+            raise MmloomError(f"video_frames add up to {sum(frames)} frames but the encoder gave {features.shape[0]}")
+        pooled = self.pool(features)
+        clips = []
+        for clip in torch.split(pooled, frames):
+            if self.newline_position == "frame":
+                newline = self.newline.to(clip.dtype).expand(clip.shape[0], 1, -1)
+                clip = torch.cat([clip, newline], dim=1)
+            clip = clip.reshape(-1, clip.shape[-1])
+            if self.newline_position == "one_token":
+                clip = torch.cat([clip, self.newline.to(clip.dtype)[None]], dim=0)
+            clips.append(clip)
+        return clips
+
+    def __repr__(self) -> str:
+        return (f"FramePool(grid={self.grid}, stride={self.stride}, mode={self.mode!r}, "
+                f"newline={self.newline_position!r})")

@@ -200,15 +200,22 @@ class ModalEncoderModule(nn.Module):
         """
         if self.preprocess_callback is not None:
             inputs = self.preprocess_callback(inputs)
-        cached = inputs.get("module_features")
-        output = as_model_output(cached) if cached is not None else self.encode_module(**inputs)
-        features = output_features(output)
-        module_shape = tuple(features.shape[:2]) if isinstance(features, torch.Tensor) and features.dim() == 3 else None
-        output = replace_features(output, self.projector(features))  # (N, L, D_llm)
+        output, module_shape = self.project(**inputs)
         if self.postprocess_projector_callback is not None:
             output = as_model_output(self.postprocess_projector_callback(inputs, output))
         counts = encoder_item_counts(self.config, self.callbacks, inputs, self._num_items(inputs, module_shape))
         return replace_features(output, split_items(output_features(output), counts, module_shape))
+
+    def project(self, **inputs) -> tuple[ModelOutput, tuple[int, int] | None]:
+        """The module's features (or `module_features`, cached) through the projector, without the
+        projector callback: `(output, (N, L))`, the output's features `(N, L, D_llm)` per image row
+        (None instead of `(N, L)` when the module gives no `(N, L, D)` tensor). What `forward` packs or
+        pools per item, and what a modality sharing this encoder pools its own way (video frames)."""
+        cached = inputs.get("module_features")
+        output = as_model_output(cached) if cached is not None else self.encode_module(**inputs)
+        features = output_features(output)
+        module_shape = tuple(features.shape[:2]) if isinstance(features, torch.Tensor) and features.dim() == 3 else None
+        return replace_features(output, self.projector(features)), module_shape
 
     def _num_items(self, inputs: dict[str, Any], module_shape) -> int | None:
         """Items in a batch of a fixed-size encoder: the leading dim of its main input."""

@@ -58,6 +58,9 @@ class MultimodalConfig:
     encoders: dict[str, dict[str, Any]]
     language_model: dict[str, Any]
     placeholder_token_ids: dict[str, int] = field(default_factory=dict)
+    # modalities run by another modality's encoder, e.g. {"video": {"encoder": "vision", "pool": {"type":
+    # "frame_pool", ...}}}; written to config.json only when there are some
+    media: dict[str, dict[str, Any]] = field(default_factory=dict)
     tied_weights: dict[str, str] = field(default_factory=dict)
     trainable_only: bool = False
     torch_dtype: str = "float32"
@@ -65,8 +68,11 @@ class MultimodalConfig:
     mmloom_version: str = mmloom.__version__
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict (what config.json holds)."""
-        return asdict(self)
+        """The config as a JSON-ready dict (what config.json holds; `media` only when set)."""
+        data = asdict(self)
+        if not data["media"]:
+            del data["media"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MultimodalConfig:
@@ -166,6 +172,12 @@ class MultimodalModel(nn.Module):
 
     Encoder inputs are given per encoder (`vision={"pixel_values": x}`) or, when only one
     encoder accepts the name, as flat keyword arguments (`pixel_values=x`).
+
+    `media` adds modalities that another modality's encoder runs, each with a pooling of its own
+    (`{name}_pool` attributes): `{"video": ("vision", FramePool(...))}` sends video frames
+    (`video={"pixel_values": (sum F, 3, H, W), "video_frames": (N_clips,)}`) through the vision tower
+    and projector (`ModalEncoderModule.project`, without the images' projector callback), then
+    pools them per frame into one feature sequence per clip.
     """
 
     def __init__(
@@ -175,6 +187,7 @@ class MultimodalModel(nn.Module):
         init_projector_type: str = "linear",
         init_activation: str = "gelu",
         placeholder_token_ids: dict[str, int] | None = None,
+        media: dict[str, tuple[str, nn.Module]] | None = None,
     ):
         super().__init__()
         self.encoder_names: list[str] = list(encoders)
@@ -182,6 +195,13 @@ class MultimodalModel(nn.Module):
             if not isinstance(encoder, ModalEncoderModule):
                 raise TypeError(f"encoder {name!r} must be a ModalEncoderModule, got {type(encoder).__name__}")
             setattr(self, f"{name}_encoder", encoder)
+        self.media_encoders: dict[str, str] = {}  # modality -> the encoder that runs it
+        for name, (encoder_name, pool) in (media or {}).items():
+            if encoder_name not in encoders or name in encoders:
+                raise MmloomError(f"media {name!r}: its encoder {encoder_name!r} must be one of {self.encoder_names}, "
+                                  "and its name not an encoder's")
+            self.media_encoders[name] = encoder_name
+            setattr(self, f"{name}_pool", pool)
         self.language_model = language_model
         self.placeholder_token_ids: dict[str, int] = dict(placeholder_token_ids or {})
         self._unknown_modalities(self.placeholder_token_ids, "placeholder_token_ids")
@@ -194,6 +214,15 @@ class MultimodalModel(nn.Module):
     def encoders(self) -> dict[str, ModalEncoderModule]:
         """The encoders by modality name (attributes `{name}_encoder`), in composition order."""
         return {name: getattr(self, f"{name}_encoder") for name in self.encoder_names}
+
+    @property
+    def modalities(self) -> list[str]:
+        """Every modality the model takes: its encoders, then the `media` run by one of them."""
+        return [*self.encoder_names, *self.media_encoders]
+
+    def pool(self, modality: str) -> nn.Module:
+        """The pooling of a modality run by another's encoder (`media`)."""
+        return getattr(self, f"{modality}_pool")
 
     @property
     def llm_hidden_size(self) -> int:
@@ -256,9 +285,9 @@ class MultimodalModel(nn.Module):
         cfg.in_features, cfg.out_features = in_features, hidden
 
     def _unknown_modalities(self, names: Iterable[str], what: str) -> None:
-        unknown = sorted(set(names) - set(self.encoder_names))
+        unknown = sorted(set(names) - set(self.modalities))
         if unknown:
-            raise MmloomError(f"{what}: unknown encoder(s) {unknown}; this model has {self.encoder_names}")
+            raise MmloomError(f"{what}: unknown encoder(s) {unknown}; this model has {self.modalities}")
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -274,7 +303,7 @@ class MultimodalModel(nn.Module):
         per_encoder: dict[str, dict] = {}
         rest: dict[str, Any] = {}
         for key, value in kwargs.items():
-            if key in self.encoder_names:
+            if key in self.encoder_names or key in self.media_encoders:
                 if value is not None:
                     per_encoder.setdefault(key, {}).update({k: v for k, v in value.items() if v is not None})
                 continue
@@ -295,7 +324,14 @@ class MultimodalModel(nn.Module):
 
     def encode(self, modality: str, **inputs) -> Features:
         """Projected features of one modality: (N_items, L, D), a list of (L_i, D), or a flat
-        (T, D) stream when the item boundaries cannot be told."""
+        (T, D) stream when the item boundaries cannot be told. A modality of `media` runs its
+        encoder's `project` and its own pooling (video: one (F_i * t (+ newlines), D) tensor per clip)."""
+        if modality in self.media_encoders:
+            encoder = self.encoders[self.media_encoders[modality]]
+            pool = self.pool(modality)
+            own = set(getattr(pool, "input_names", ()))
+            output, _ = encoder.project(**{k: v for k, v in inputs.items() if k not in own})
+            return pool(inputs, output)
         return self.encoders[modality].item_features(**inputs)
 
     def embed_inputs(self, input_ids: torch.Tensor, encoder_inputs: dict[str, dict]) -> torch.Tensor:
@@ -444,6 +480,9 @@ class MultimodalModel(nn.Module):
                 callback = getattr(encoder, slot)
                 if isinstance(callback, nn.Module) and any(True for _ in callback.parameters()):
                     parts[f"{name}_encoder.{slot}"] = callback
+        for name in self.media_encoders:
+            if any(True for _ in self.pool(name).parameters()):
+                parts[f"{name}_pool"] = self.pool(name)
         parts["language_model"] = self.language_model
         return parts
 
@@ -457,7 +496,8 @@ class MultimodalModel(nn.Module):
 
         - `mode`: train (True) or eval (False) mode, as `nn.Module.train`.
         - `encoders_mode={"vision": (module_trainable, projector_trainable)}`: requires_grad of
-          the named encoders' modules and projectors. Encoders not named keep theirs.
+          the named encoders' modules and projectors (and of the poolings of the `media` they run,
+          e.g. video's newline, with the projector). Encoders not named keep theirs.
         - `llm_mode`: requires_grad of the language model; None leaves it as it is.
 
         Each argument touches only the parts it names: `train(llm_mode=False)` freezes the
@@ -477,6 +517,9 @@ class MultimodalModel(nn.Module):
             for name, (module_trainable, projector_trainable) in encoders_mode.items():
                 set_part_trainable(self.encoders[name].module, bool(module_trainable))
                 set_part_trainable(self.encoders[name].projector, bool(projector_trainable))
+                for media, encoder_name in self.media_encoders.items():
+                    if encoder_name == name:
+                        set_part_trainable(self.pool(media), bool(projector_trainable))
         if llm_mode is not None:
             set_part_trainable(self.language_model, bool(llm_mode))
         super().train(mode)
@@ -570,10 +613,13 @@ class MultimodalModel(nn.Module):
                 "projector": encoder.projector.config.to_dict(),
                 "callbacks": {slot: callback_to_dict(getattr(encoder, slot)) for slot in CALLBACK_SLOTS},
             }
+        media = {name: {"encoder": encoder, "pool": callback_to_dict(self.pool(name))}
+                 for name, encoder in self.media_encoders.items()}
         return MultimodalConfig(
             encoders=encoders,
             language_model=_part_spec(self.language_model),
             placeholder_token_ids=dict(self.placeholder_token_ids),
+            media=media,
             torch_dtype=str(self.dtype).removeprefix("torch."),
         )
 
@@ -632,10 +678,12 @@ class MultimodalModel(nn.Module):
                 )
             projector = MultimodalProjector(projector_config, projection=projections.get(name))
             encoders[name] = ModalEncoderModule(_build_part(spec["module"], meta_parts), projector=projector, **slots)
+        media = {name: (spec["encoder"], callback_from_dict(spec["pool"])) for name, spec in config.media.items()}
         return cls(
             encoders,
             _build_part(config.language_model, meta_parts),
             placeholder_token_ids=config.placeholder_token_ids,
+            media=media,
         )
 
     @classmethod

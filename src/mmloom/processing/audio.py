@@ -317,8 +317,8 @@ class AudioSpec(MediaSpec):
 
     @classmethod
     def from_processor(cls, modality: str, encoder_processor: Any, *, placeholder: str, token_id: int | None = None,
-                       count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None
-                       ) -> AudioSpec:
+                       count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None,
+                       sampling: dict[str, Any] | None = None) -> AudioSpec:
         return cls(modality=modality, placeholder=placeholder, record_key=record_key or "audio", token_id=token_id,
                    extractor=encoder_processor, count_rule=count)
 

@@ -653,8 +653,8 @@ class ImageSpec(MediaSpec):
 
     @classmethod
     def from_processor(cls, modality: str, encoder_processor: Any, *, placeholder: str, token_id: int | None = None,
-                       count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None
-                       ) -> ImageSpec:
+                       count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None,
+                       sampling: dict[str, Any] | None = None) -> ImageSpec:
         return cls(modality=modality, placeholder=placeholder, record_key=record_key or "image", token_id=token_id,
                    transform=encoder_processor, num_tokens=count, anyres=anyres)
 

@@ -17,10 +17,11 @@ from typing import Any
 from mmloom.processing.audio import AudioSpec, is_audio_processor
 from mmloom.processing.image import ImageSpec
 from mmloom.processing.media_spec import MediaSpec
+from mmloom.processing.video import VideoSpec
 
-MEDIA: dict[str, type[MediaSpec]] = {"vision": ImageSpec, "audio": AudioSpec}
+MEDIA: dict[str, type[MediaSpec]] = {"vision": ImageSpec, "audio": AudioSpec, "video": VideoSpec}
 
-# The placeholders of the known modalities (`<image>`, `<audio>`), in `MEDIA` order: what templates
+# The placeholders of the known modalities (`<image>`, `<audio>`, `<video>`), in `MEDIA` order: what templates
 # keep as pieces of their own and move to the front of a turn.
 PLACEHOLDERS: tuple[str, ...] = tuple(spec.default_placeholder for spec in MEDIA.values())
 
@@ -33,7 +34,7 @@ def default_placeholder(modality: str) -> str:
 
 def default_token_id(modality: str, vocab_size: int, index: int) -> int:
     """A placeholder id when a config gives none: the one `mmloom data build` gives a placeholder the
-    tokenizer lacks (`<image>` = vocab_size, `<audio>` = vocab_size + 1: `token_offset`), then
+    tokenizer lacks (`<image>` = vocab_size, `<audio>` = vocab_size + 1, `<video>` = vocab_size + 2: `token_offset`), then
     other encoders after them (`index`: the encoder's position in the model)."""
     spec = MEDIA.get(modality)
     return vocab_size + (spec.token_offset if spec is not None else len(MEDIA) + index)
@@ -48,10 +49,13 @@ def spec_class(modality: str, encoder_processor: Any = None) -> type[MediaSpec]:
 
 
 def spec_for_processor(modality: str, encoder_processor: Any, placeholder: str | None = None,
-                       token_id: int | None = None, count: Any = None, anyres: dict | None = None) -> MediaSpec:
+                       token_id: int | None = None, count: Any = None, anyres: dict | None = None,
+                       sampling: dict | None = None) -> MediaSpec:
     """The spec of one modality of a `MultimodalProcessor`: its placeholder and id, its encoder
-    processor (image transform, feature extractor) and its count rule (`num_tokens`, `anyres`)."""
+    processor (image transform, feature extractor), its count rule (`num_tokens`, `anyres`) and how
+    its items are sampled (`sampling`: video frames)."""
     cls = spec_class(modality, encoder_processor)
     record_key = modality if modality not in MEDIA else None
     return cls.from_processor(modality, encoder_processor, placeholder=placeholder or default_placeholder(modality),
-                              token_id=token_id, count=count, anyres=anyres, record_key=record_key)
+                              token_id=token_id, count=count, anyres=anyres, record_key=record_key,
+                              sampling=sampling)

@@ -59,8 +59,9 @@ class MediaSpec(ABC):
     `baseline` (the `generate` option that replaces every item by :meth:`blank`), `cli_help` (the
     help of the `chat` option (`item`), of the `generate` folder option (`dir`) and of `baseline`),
     `default_placeholder`, `token_offset` (a tokenizer without the placeholder gets id
-    `vocab_size + token_offset`) and `hf_processor_loader` (the transformers Auto class its saved
-    processor loads with).
+    `vocab_size + token_offset`), `hf_processor_loader` (the transformers Auto class its saved
+    processor loads with) and `shared_encoder` (the encoder of another modality that runs the items,
+    with its inputs' transform: `vision` for video frames; None: an encoder of its own).
 
     A kind implements the abstract methods; `check`, `check_encoder`, `fixed_token_count` and
     `params` have defaults (a full decode, no check, a count that needs the item, nothing recorded in
@@ -78,6 +79,7 @@ class MediaSpec(ABC):
     default_placeholder: ClassVar[str]
     token_offset: ClassVar[int]
     hf_processor_loader: ClassVar[str]
+    shared_encoder: ClassVar[str | None] = None
 
     modality: str
     placeholder: str
@@ -88,8 +90,8 @@ class MediaSpec(ABC):
     # --------------------------------------------------------------------- naming
     @property
     def encoder(self) -> str:
-        """The encoder that runs this modality's items (its own by default)."""
-        return self.modality
+        """The encoder that runs this modality's items: `shared_encoder`, else its own."""
+        return self.shared_encoder or self.modality
 
     @property
     def keyword(self) -> str:
@@ -160,10 +162,11 @@ class MediaSpec(ABC):
     @classmethod
     @abstractmethod
     def from_processor(cls, modality: str, encoder_processor: Any, *, placeholder: str, token_id: int | None = None,
-                       count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None
-                       ) -> MediaSpec:
+                       count: Any = None, anyres: dict[str, Any] | None = None, record_key: str | None = None,
+                       sampling: dict[str, Any] | None = None) -> MediaSpec:
         """The spec of one modality of a `MultimodalProcessor`: its encoder processor, placeholder
-        and id, and its count rule (`num_tokens[modality]`; `anyres`: the image-size rule)."""
+        and id, its count rule (`num_tokens[modality]`; `anyres`: the image-size rule) and how items
+        are sampled (`sampling[modality]`: video frames; None for the other kinds)."""
         raise NotImplementedError
 
     # --------------------------------------------------------------------- data_params.json

@@ -69,7 +69,9 @@ class MultimodalProcessor:
     """Tokenizer + template + one processor per modality.
 
     `num_tokens` maps each modality to the feature tokens one item becomes; build it from a
-    model with `MultimodalProcessor.from_model(...)` so the two always agree. `template` None: the
+    model with `MultimodalProcessor.from_model(...)` so the two always agree. `sampling` says how
+    the items of a sampled modality are taken (video: `{"video": {"num_frames": 8}}`, or `fps` with
+    `max_frames`; the data build's `dataset.video`). `template` None: the
     tokenizer's own chat template (`tokenizer`) when it has one, else LLaVA-1.5's `vicuna_v1`.
     """
 
@@ -83,6 +85,7 @@ class MultimodalProcessor:
         anyres: dict[str, dict[str, Any]] | None = None,
         template_options: dict[str, Any] | None = None,
         max_length: int | None = None,
+        sampling: dict[str, dict[str, Any]] | None = None,
     ):
         if tokenizer is None:
             raise MmloomError("MultimodalProcessor needs a tokenizer")
@@ -97,6 +100,7 @@ class MultimodalProcessor:
         } | dict(placeholders or {})
         self.num_tokens = dict(num_tokens or {})
         self.anyres = dict(anyres or {})  # modality -> AnyresPack settings: tokens depend on image size
+        self.sampling = dict(sampling or {})  # modality -> how its items are sampled (video: num_frames or fps)
         self.max_length = max_length
         self.placeholder_ids = {}
         for name, placeholder in self.placeholders.items():
@@ -110,7 +114,7 @@ class MultimodalProcessor:
         # one media-item spec per modality: how its items are processed and counted
         self.media: dict[str, MediaSpec] = {
             name: spec_for_processor(name, self.encoder_processors.get(name), placeholder, self.placeholder_ids[name],
-                                     self.num_tokens.get(name), self.anyres.get(name))
+                                     self.num_tokens.get(name), self.anyres.get(name), self.sampling.get(name))
             for name, placeholder in self.placeholders.items()
         }
 
@@ -133,6 +137,9 @@ class MultimodalProcessor:
                 anyres[name] = {k: v for k, v in packer.to_dict().items() if k != "hidden_size"}
             else:
                 num_tokens[name] = token_count_spec(hf_config, callbacks)
+        for name, spec in config.media.items():  # modalities run by another's encoder: their pooling counts
+            pool = callback_from_dict(spec["pool"]) if isinstance(model, MultimodalConfig) else model.pool(name)
+            num_tokens[name] = pool.count_rule()
         processor = cls(encoder_processors, tokenizer, template, num_tokens=num_tokens, anyres=anyres, **kwargs)
         for name, model_id in config.placeholder_token_ids.items():
             if processor.placeholder_ids.get(name) != model_id:
@@ -274,6 +281,7 @@ class MultimodalProcessor:
             "placeholders": self.placeholders,
             "num_tokens": self.num_tokens,
             "anyres": self.anyres,
+            **({"sampling": self.sampling} if self.sampling else {}),
             "max_length": self.max_length,
             "encoder_processors": sorted(self.encoder_processors),
         }

@@ -11,7 +11,7 @@ from torch import nn
 
 from mmloom.errors import MmloomError
 from mmloom.model import hf_parts
-from mmloom.model.callbacks import AudioPool, FeatureSelect
+from mmloom.model.callbacks import AudioPool, FeatureSelect, FramePool
 from mmloom.model.encoder import ModalEncoderModule
 from mmloom.model.feature_count import check_feature_strategy, default_feature_strategy
 from mmloom.model.hf_parts import AUDIO_TYPES, PartRecipe, spec_model_type
@@ -142,5 +142,27 @@ def build_model(cfg: TrainConfig | ModelSection, seed: int = 0, plan: StartPlan 
     vocab = llm.config.vocab_size
     token_ids = {name: s.token_id if s.token_id is not None else default_token_id(name, vocab, k)
                  for k, (name, s) in enumerate(settings.items())}
-    model = MultimodalModel(encoders, llm, init_projector_type=m.projector, placeholder_token_ids=token_ids)
+    media = {}
+    if m.video is not None:
+        media["video"] = ("vision", frame_pool(m.video, encoders["vision"], llm))
+        token_ids["video"] = m.video.token_id if m.video.token_id is not None else default_token_id("video", vocab, 0)
+    model = MultimodalModel(encoders, llm, init_projector_type=m.projector, placeholder_token_ids=token_ids,
+                            media=media)
     return model.float().train()
+
+
+def frame_pool(video, vision: ModalEncoderModule, llm: nn.Module) -> FramePool:
+    """The `FramePool` of `model.video` for frames of the `vision` encoder: its patch grid (the
+    features per image after feature selection, a square) pooled at the LLM's width. Raises
+    MmloomError when the vision features are not a square grid (a kept CLS token)."""
+    from math import isqrt
+
+    from mmloom.model.feature_count import num_feature_tokens
+
+    tokens = num_feature_tokens(vision.config, vision.callbacks)
+    grid = isqrt(tokens)
+    if grid * grid != tokens:
+        raise MmloomError(f"model.video needs a square grid of vision features per frame, but the vision encoder gives "
+                          f"{tokens} (a kept CLS token? use image_feature_select_mode: patch)")
+    width = llm.get_input_embeddings().embedding_dim
+    return FramePool(width, grid, stride=video.pool.stride, mode=video.pool.mode, newline=video.newline)

@@ -6,7 +6,7 @@ train_input: {data_dir, img_data_dir, image_size, transforms, batch_size, micro_
 eval_input:  {... same keys ...}
 model:       {image_model, encoders, text_model, projector, freeze, image_feature_select_layer_idx,
               image_feature_select_mode, image_start_idx, image_token_id, loss_scaling, precision,
-              attn_implementation, gradient_checkpointing, lora, init_from}
+              attn_implementation, gradient_checkpointing, lora, init_from, video}
 optimizer:   {optimizer_type, lr, betas, eps, weight_decay, max_gradient_norm, projector_lr, encoder_lr, llm_lr,
               adapter_lr, part_lr}
 schedule:    {warmup_steps | warmup_ratio, decay, min_lr}
@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mmloom.config_io import apply_overrides, load_yaml_mapping, validate
+from mmloom.data.build_config import VideoPoolConfig
 from mmloom.errors import MmloomError
 
 
@@ -43,6 +44,10 @@ class InputConfig(_Section):
     audio_data_dir: str | None = Field(
         None, description="root folder of the samples' relative audio paths (data built with dataset.audio); "
         "default: the data's dataset.audio.audio_dir"
+    )
+    video_data_dir: str | None = Field(
+        None, description="root folder of the samples' relative video paths (data built with dataset.video); "
+        "default: the data's dataset.video.video_dir"
     )
     image_size: int | None = Field(None, ge=1, description="image side; default: the vision model's image_size")
     transforms: list[dict[str, Any]] | None = Field(None, description="ImageTransform steps ([{name: ...}])")
@@ -135,6 +140,20 @@ class EncoderSettings(_Section):
         return value
 
 
+class VideoModelSettings(_Section):
+    """Video clips through the vision encoder (`model.video`): each frame through the vision tower and
+    its projector, then `FramePool` (the pooling and newline of the data's `dataset.video`, which
+    `mmloom train` checks)."""
+
+    pool: VideoPoolConfig = Field(default_factory=VideoPoolConfig)
+    newline: Literal["no_token", "one_token", "frame"] = Field(
+        "one_token", description="the learned newline: none, one after the last frame (LLaVA-OneVision), one after "
+        "each frame")
+    token_id: int | None = Field(
+        None, description="the <video> placeholder id; default vocab_size + 2 (the id `mmloom data build` gives "
+        "<video> when the tokenizer lacks it)")
+
+
 class ModelSection(_Section):
     image_model: str | dict[str, Any] | None = Field(
         None, description="HF folder, or an inline HF config dict with model_type (+ optional 'pretrained' folder)"
@@ -167,6 +186,8 @@ class ModelSection(_Section):
         True, description="compute the LM head and loss only at supervised positions (chunked); false = full logits"
     )
     lora: LoraSettings | None = None
+    video: VideoModelSettings | None = Field(
+        None, description="the model takes video clips (frames through the vision encoder, pooled per frame)")
 
     @field_validator("freeze", mode="before")
     @classmethod
@@ -190,6 +211,11 @@ class ModelSection(_Section):
                 missing.remove("image_model")
             if missing:
                 raise ValueError(f"set model.{' and model.'.join(missing)} (or model.init_from)")
+        if self.video is not None and self.image_model is None and "vision" not in self.encoders:
+            raise ValueError("model.video needs a vision encoder (model.image_model or model.encoders.vision)")
+        if self.video is not None and self.init_from is not None:
+            raise ValueError("model.video adds to the parts it builds; with model.init_from the video route is the "
+                             "saved model's own: remove model.video")
         return self
 
 
@@ -375,6 +401,7 @@ def check_config_paths(cfg: TrainConfig, mode: str = "train", resuming: bool = F
         if not section.use_cached_features:  # cached features need no image
             _check_dir(section.img_data_dir, f"{name}.img_data_dir")
         _check_dir(section.audio_data_dir, f"{name}.audio_data_dir")
+        _check_dir(section.video_data_dir, f"{name}.video_data_dir")
     m = cfg.model
     if m.init_from is not None:
         _check_dir(m.init_from, "model.init_from")

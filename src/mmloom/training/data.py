@@ -72,7 +72,7 @@ def build_dataset(section: InputConfig, image_size: int, dtype=torch.float32):
     size = section.image_size or image_size
     transform = ImageTransform.from_config(section.transforms, size) if size else None
     return HDF5LlavaDataset(section.data_dir, section.img_data_dir, transform, dtype=dtype,
-                            media_readers=media_readers(section))
+                            media_readers=media_readers(section, dtype, transform))
 
 
 def refuse_cached_several_images(section: InputConfig, params: dict | None = None) -> None:
@@ -80,6 +80,10 @@ def refuse_cached_several_images(section: InputConfig, params: dict | None = Non
     with several images per sample (`image_patch_info.samples.several_images` of data_params.json)."""
     params = read_data_params(section.data_dir) if params is None else params
     several = (((params.get("image_patch_info") or {}).get("samples") or {}).get("several_images") or 0)
+    clips = ((params.get("modalities") or {}).get("video") or {}).get("clips") or 0
+    if clips:
+        raise MmloomError(f"the data in {section.data_dir} has {clips} video clips, and the feature cache holds one "
+                          "image per sample: train from the clips (use_cached_features: false)")
     if several:
         raise MmloomError(f"the data in {section.data_dir} has {several} samples with several images, and the feature "
                           "cache holds one image per sample: train from the images (use_cached_features: false)")
@@ -119,11 +123,12 @@ def processor_for(section: InputConfig, image_size: int, model):
         processors = {}
         if "vision" in model.encoder_names:
             processors["vision"] = ImageTransform.from_config(section.transforms, section.image_size or image_size)
-        processors |= media_processors(section, model)
+        processors |= media_processors(section, model, processors.get("vision"))
         style, options = template_spec(dataset, tokenizer)  # the template `mmloom data build` used
         placeholders = {spec.modality: spec.placeholder for spec in media}
-        return MultimodalProcessor.from_model(model, tokenizer, processors, template=style,
-                                              template_options=options, placeholders=placeholders), None
+        sampling = {spec.modality: spec.sampling for spec in media if getattr(spec, "sampling", None)}
+        return MultimodalProcessor.from_model(model, tokenizer, processors, template=style, template_options=options,
+                                              placeholders=placeholders, sampling=sampling), None
     except (MmloomError, OSError, KeyError, ValueError) as err:
         return None, str(err)
 

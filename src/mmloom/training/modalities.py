@@ -38,10 +38,12 @@ def vision_geometry(model) -> tuple[int, int, int]:
     return tokens, image_size, positions
 
 
-def data_media(data_dir: str | Path, section=None, params: dict | None = None) -> list[MediaSpec]:
+def data_media(data_dir: str | Path, section=None, params: dict | None = None, image_transform=None
+               ) -> list[MediaSpec]:
     """The specs of a data folder's items beyond its images (`modalities` of its data_params.json, in
     `MEDIA` order), read from the input `section`'s folder setting when it gives one (the spec's
-    `folder_keys[1]`), else from the folder the build read them from.
+    `folder_keys[1]`), else from the folder the build read them from; the kinds the vision encoder
+    runs (video) get `image_transform`.
     Raises MmloomError for a modality this mmloom does not know."""
     params = read_data_params(data_dir, required=False) if params is None else params
     recorded = params.get("modalities") or {}
@@ -49,13 +51,16 @@ def data_media(data_dir: str | Path, section=None, params: dict | None = None) -
     if unknown:
         raise MmloomError(f"the data in {data_dir} holds {', '.join(unknown)} items, which this mmloom cannot read "
                           f"(modalities: {', '.join(MEDIA)})")
-    return [cls.from_data(params, getattr(section, cls.folder_keys[1], None)) for modality, cls in MEDIA.items()
-            if modality in recorded]
+    return [cls.from_data(params, getattr(section, cls.folder_keys[1], None),
+                          **({"transform": image_transform} if cls.shared_encoder == "vision" else {}))
+            for modality, cls in MEDIA.items() if modality in recorded]
 
 
-def media_readers(section, dtype: torch.dtype = torch.float32) -> dict[str, MediaItemReader]:
-    """The item readers of an input section's data, by modality (none for image-only data)."""
-    return {spec.modality: MediaItemReader(spec, dtype) for spec in data_media(section.data_dir, section)}
+def media_readers(section, dtype: torch.dtype = torch.float32, image_transform=None) -> dict[str, MediaItemReader]:
+    """The item readers of an input section's data, by modality (none for image-only data); items
+    run by the vision encoder (video frames) are transformed by `image_transform`, the images'."""
+    return {spec.modality: MediaItemReader(spec, dtype)
+            for spec in data_media(section.data_dir, section, image_transform=image_transform)}
 
 
 def check_data_media(model, data_dir: str | Path) -> None:
@@ -72,7 +77,15 @@ def check_data_media(model, data_dir: str | Path) -> None:
         if spec.encoder not in model.encoder_names:
             raise MmloomError(f"the data in {data_dir} holds {spec.noun} items but the model has no {spec.encoder} "
                               f"encoder (encoders: {model.encoder_names}); add model.encoders.{spec.encoder}")
-        spec.check_encoder(model.encoders[spec.encoder], f"the data in {data_dir}")
+        if spec.shared_encoder is not None and spec.modality not in model.media_encoders:
+            raise MmloomError(f"the data in {data_dir} holds {spec.noun} items but the model takes no {spec.noun} "
+                              f"(add model.{spec.modality}: its frames through the {spec.encoder} encoder)")
+        if spec.modality not in model.placeholder_token_ids:  # its slots would train as pad tokens
+            raise MmloomError(f"the data in {data_dir} holds {spec.noun} items but the model takes no {spec.noun} "
+                              f"(no {spec.placeholder} placeholder id: placeholder_token_ids "
+                              f"{sorted(model.placeholder_token_ids)})")
+        runs = model.pool(spec.modality) if spec.modality in model.media_encoders else model.encoders[spec.encoder]
+        spec.check_encoder(runs, f"the data in {data_dir}")
         model_id = model.placeholder_token_ids.get(spec.modality)
         if spec.token_id is not None and model_id is not None and int(spec.token_id) != int(model_id):
             raise MmloomError(
@@ -86,14 +99,15 @@ def with_media(collator, model, readers: dict[str, MediaItemReader], dummy: bool
     the spec's encoder and a placeholder id for the modality), with a dummy item for micro-batches
     without one when `dummy`."""
     for modality, reader in readers.items():
-        if reader.spec.encoder in model.encoder_names and modality in model.placeholder_token_ids:
+        if modality in model.modalities and modality in model.placeholder_token_ids:
             collator = MediaCollator(collator, modality, model.placeholder_token_ids[modality],
                                      reader.dummy() if dummy else None)
     return collator
 
 
-def media_processors(section, model) -> dict[str, Any]:
+def media_processors(section, model, image_transform=None) -> dict[str, Any]:
     """The encoder processors the data's items were counted with (saved with the trained model), for
-    the modalities whose encoder the model has."""
-    return {spec.modality: spec.encoder_processor for spec in data_media(section.data_dir, section)
-            if spec.encoder in model.encoder_names}
+    the modalities the model takes (video frames: `image_transform`, the images')."""
+    return {spec.modality: spec.encoder_processor
+            for spec in data_media(section.data_dir, section, image_transform=image_transform)
+            if spec.modality in model.modalities}
