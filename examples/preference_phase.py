@@ -4,8 +4,8 @@
     python examples/preference_phase.py runs/demo     # phase 3 on runs/demo, evaluated before and after
 
 From the demo's phase-2 training conversations, every question of one type (`--type`, default: the demo's
-weakest type with the image, read from its evaluation, the relational `position` question excepted) becomes a
-preference pair: the right answer chosen, a wrong answer of the same type rejected (another colour, the other
+weakest type with the image, read from its evaluation, the relational `position` question and the two-image
+question excepted) becomes a preference pair: the right answer chosen, a wrong answer of the same type rejected (another colour, the other
 side, Yes for No...), written in LLaVA's DPO json (`image`, `prompt`, `chosen`, `rejected`). Then, through
 mmloom's own commands: `data build` with `dataset.preference`, `train` with a `preference` section starting
 from `runs/phase2/final_model` (vision encoder frozen; the reference log-probabilities of the phase-2 model
@@ -125,8 +125,9 @@ def main() -> int:
     print("[1/4] the phase-2 model on the held-out questions, with the images")
     before = by_type(evaluate(demo, phase2, out / "eval", "phase2"))
     kind = args.type
-    if kind == "auto":  # the weakest type the model can learn from a single object (position is relational)
-        kind = min((t for t in before if t not in ("overall", "position")), key=lambda t: before[t])
+    if kind == "auto":  # the weakest type the model can learn from a single object (position is relational;
+        # "two images" asks about two scenes, and its pairs would need both images)
+        kind = min((t for t in before if t in TYPES and t != "position"), key=lambda t: before[t])
     count = write_pairs(demo, kind, out / "pairs" / "pairs.jsonl")
     print(f"[2/4] {count} preference pairs on '{kind}' questions (right answer chosen, a wrong one rejected)")
     data = yaml.safe_load((demo / "configs" / "data_phase2.yaml").read_text())
