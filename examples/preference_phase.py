@@ -5,7 +5,7 @@ phase-2 model.
     python examples/preference_phase.py runs/demo     # phase 3 on runs/demo, evaluated before and after
 
 Every training question of one type (`--type`, default: the demo's weakest type with the image, read from its
-evaluation, the relational `position` question excepted) from the demo's phase-2 conversations becomes a
+evaluation, the relational `position` question and the two-image question excepted) from the demo's phase-2 conversations becomes a
 preference pair: the right answer chosen; rejected, the phase-2 model's own answer (`mmloom generate` on the
 training questions) where it is wrong, as on-policy preference data (RLAIF-V, POVID) is made, and a random wrong
 answer of the same type where it is right (kept rather than dropped, so the chosen answers keep every shape, not
@@ -213,8 +213,9 @@ def main() -> int:
     print("[1/4] the phase-2 model on the held-out questions, with the images")
     before = by_type(evaluate(demo, phase2, out / "eval", "phase2"))
     kind = args.type
-    if kind == "auto":  # the weakest type the model can learn from a single object (position is relational)
-        kind = min((t for t in before if t not in ("overall", "position")), key=lambda t: before[t])
+    if kind == "auto":  # the weakest type the model can learn from a single object (position is relational;
+        # "two images" asks about two scenes, and its pairs would need both images)
+        kind = min((t for t in before if t in TYPES and t != "position"), key=lambda t: before[t])
     every = training_turns(demo)
     turns = [t for t in every if t.type == kind]
     others = [t for t in every if t.type != kind]

@@ -13,8 +13,12 @@ from pathlib import Path
 from mmloom.demo import steps
 from mmloom.demo.scenes import write_dataset
 
-FULL = steps.DemoSize(num_train=8000, num_eval=300, phase1_steps=800, phase2_steps=500, batch_size=32)
-QUICK = steps.DemoSize(num_train=1500, num_eval=60, phase1_steps=300, phase2_steps=150, batch_size=16)
+# pairs of scenes ("Which picture has more shapes?"): a quarter as many as the training scenes (one
+# question each, against about four per scene), half as many as the held-out scenes
+FULL = steps.DemoSize(num_train=8000, num_eval=300, phase1_steps=800, phase2_steps=500, batch_size=32,
+                      num_pairs=(2000, 150))
+QUICK = steps.DemoSize(num_train=1500, num_eval=60, phase1_steps=300, phase2_steps=150, batch_size=16,
+                       num_pairs=(375, 30))
 
 IMAGE_SIZE, PATCH_SIZE = 48, 16  # 3x3 patches: one per scene cell
 VISION = {
@@ -58,9 +62,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     steps.prepare_output(out)
     run = steps.Runner(out)
 
-    print("[1/7] synthetic scenes: 1-3 coloured shapes on a 3x3 grid; captions, Q/A and a held-out split")
-    write_dataset(out / "data", size.num_train, size.num_eval, seed=0)
-    print(f"      {size.num_train} training scenes, {size.num_eval} held-out scenes in {out / 'data'}")
+    print("[1/7] synthetic scenes: 1-3 coloured shapes on a 3x3 grid; captions, Q/A, pairs of scenes "
+          "(which has more shapes) and a held-out split")
+    write_dataset(out / "data", size.num_train, size.num_eval, seed=0, num_pairs=size.num_pairs)
+    print(f"      {size.num_train} training scenes + {size.num_pairs[0]} pairs, {size.num_eval} held-out scenes + "
+          f"{size.num_pairs[1]} pairs in {out / 'data'}")
 
     print("[2/7] a BPE tokenizer trained offline on the demo's text (special token <image>)")
     vocab_size, image_token_id = steps.train_tokenizer(out, ["<image>"], "<image>")

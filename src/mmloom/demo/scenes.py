@@ -1,6 +1,7 @@
-"""Synthetic scenes: 1-3 coloured shapes on a 3x3 grid, with captions and question/answer pairs.
+"""Synthetic scenes: 1-3 coloured shapes on a 3x3 grid, with captions and question/answer pairs,
+and pairs of scenes with a question about both ("Which picture has more shapes?").
 
-Every answer depends on the image only, so a model that ignores the image falls to chance.
+Every answer depends on the images only, so a model that ignores them falls to chance.
 """
 
 from __future__ import annotations
@@ -96,12 +97,35 @@ def questions(scene: list[Item], rng: random.Random) -> list[tuple[str, str, str
     return out
 
 
-def write_dataset(out_dir: str | Path, num_train: int, num_eval: int, seed: int = 0) -> dict[str, Path]:
-    """Write images, phase-1 captions, phase-2 conversations and held-out questions/references
-    (the layout of :mod:`mmloom.demo.splits`, media key ``image``); the same `seed` gives the same files.
+def random_pair(rng: random.Random) -> tuple[list[Item], list[Item]]:
+    """Two random scenes with different numbers of shapes (the second is drawn again until they
+    differ), so that "which has more" always has an answer."""
+    first = random_scene(rng)
+    second = random_scene(rng)
+    while len(second) == len(first):
+        second = random_scene(rng)
+    return first, second
 
-    Layout: images/{split}/NNNNNN.png (48x48 RGB), phase1/train.jsonl, phase2/train.jsonl,
-    eval/questions.jsonl (question_id, image, text, type), eval/references.jsonl.
+
+def pair_questions(first: list[Item], second: list[Item]) -> list[tuple[str, str, str]]:
+    """The (type, question, answer) of a pair of scenes with different shape counts: type
+    ``"two images"``, answered "The first." or "The second."."""
+    if len(first) == len(second):
+        raise ValueError(f"both scenes have {len(first)} shapes: no answer to which has more")
+    answer = "The first." if len(first) > len(second) else "The second."
+    return [("two images", "Which picture has more shapes, the first or the second?", answer)]
+
+
+def write_dataset(out_dir: str | Path, num_train: int, num_eval: int, seed: int = 0,
+                  num_pairs: tuple[int, int] = (0, 0)) -> dict[str, Path]:
+    """Write images, phase-1 captions, phase-2 conversations and held-out questions/references
+    (the layout of :mod:`mmloom.demo.splits`, media key ``image``), then `num_pairs` (training,
+    held-out) two-image examples (:func:`pair_questions`) in phase 2 and the held-out files; the same
+    `seed` gives the same files, and the single scenes are the same whatever `num_pairs`.
+
+    Layout: images/{split}/NNNNNN.png (48x48 RGB), images/{split}/pair-NNNNNN-{1,2}.png,
+    phase1/train.jsonl, phase2/train.jsonl, eval/questions.jsonl (question_id, image: a path or for a
+    pair a list of two, text, type), eval/references.jsonl.
     """
     out = Path(out_dir)
     rng = random.Random(seed)
@@ -114,4 +138,12 @@ def write_dataset(out_dir: str | Path, num_train: int, num_eval: int, seed: int 
         render(scene).save(out / image_path)
         return image_path, caption(scene), questions(scene, rng)
 
-    return write_splits(out, num_train, num_eval, rng, "image", "Describe the image.", make_item)
+    def make_pair(split: str, index: int) -> tuple[list[str], list[tuple[str, str, str]]]:
+        scenes = random_pair(rng)
+        paths = [f"images/{split}/pair-{index:06d}-{k}.png" for k in (1, 2)]
+        for scene, path in zip(scenes, paths, strict=True):
+            render(scene).save(out / path)
+        return paths, pair_questions(*scenes)
+
+    return write_splits(out, num_train, num_eval, rng, "image", "Describe the image.", make_item,
+                        num_multi=num_pairs, make_multi=make_pair)

@@ -42,13 +42,15 @@ TEXT = {  # the tiny random Llama both demos train from scratch
 @dataclass(frozen=True)
 class DemoSize:
     """How much data and training a demo uses: examples per split, optimizer steps per phase,
-    samples per batch."""
+    samples per batch, and (training, held-out) examples of two items at once (phase 2 and the
+    evaluation only: the vision demo's "two images" question; none in the audio demo)."""
 
     num_train: int
     num_eval: int
     phase1_steps: int
     phase2_steps: int
     batch_size: int
+    num_pairs: tuple[int, int] = (0, 0)
 
 
 class Runner:
@@ -114,17 +116,23 @@ def train_tokenizer(out: Path, special_tokens: Sequence[str], placeholder: str) 
     return len(tokenizer), tokenizer.convert_tokens_to_ids(placeholder)
 
 
+def data_config(out: Path, phase: int, dataset: dict) -> Path:
+    """Write the build config of a phase to `out/configs/data_phase{phase}.yaml` and return its path:
+    phase 1 with the plain template (captions), phase 2 with vicuna_v1 (conversations), the phase's
+    length of `PHASE_LENGTHS`; `dataset` holds the modality's keys of the `dataset` section."""
+    config = {
+        "setup": {"input_dir": str(out / "data" / f"phase{phase}"),
+                  "output_dir": str(out / "h5" / f"phase{phase}"), "processes": 2},
+        "processor": {"tokenizer_type": str(out / "tokenizer"), "max_sequence_length": dict(PHASE_LENGTHS)[phase]},
+        "dataset": {"system_prompt_style": "plain" if phase == 1 else "vicuna_v1", **dataset},
+    }
+    return write_yaml(out / "configs" / f"data_phase{phase}.yaml", config)
+
+
 def build_data(run: Runner, out: Path, dataset: dict) -> None:
-    """`mmloom data build` for both phases: phase 1 with the plain template (captions), phase 2 with
-    vicuna_v1 (conversations); `dataset` holds the modality's keys of the `dataset` section."""
-    for phase, msl in PHASE_LENGTHS:
-        config = {
-            "setup": {"input_dir": str(out / "data" / f"phase{phase}"),
-                      "output_dir": str(out / "h5" / f"phase{phase}"), "processes": 2},
-            "processor": {"tokenizer_type": str(out / "tokenizer"), "max_sequence_length": msl},
-            "dataset": {"system_prompt_style": "plain" if phase == 1 else "vicuna_v1", **dataset},
-        }
-        run.mmloom("data", "build", write_yaml(out / "configs" / f"data_phase{phase}.yaml", config), "--quiet")
+    """`mmloom data build` for both phases (:func:`data_config`)."""
+    for phase, _ in PHASE_LENGTHS:
+        run.mmloom("data", "build", data_config(out, phase, dataset), "--quiet")
 
 
 def train_config(out: Path, phase: int, size: DemoSize, train_input: dict, model: dict) -> dict:
@@ -175,12 +183,13 @@ def evaluate(run: Runner, out: Path, model: Path, name: str, media: Sequence[Any
 
 
 def show_examples(run: Runner, out: Path, model: Path, media_key: str) -> None:
-    """`mmloom chat` on the first, middle and last held-out questions (their `media_key` item passed
-    as `--{media_key}`), then `mmloom plot` of both phases' loss curves."""
+    """`mmloom chat` on the first, middle and last held-out questions (each of their `media_key` items
+    passed as `--{media_key}`, in order), then `mmloom plot` of both phases' loss curves."""
     held_out = [record for _, record in read_jsonl_objects(out / "data" / "eval" / "questions.jsonl")]
     for example in (held_out[0], held_out[len(held_out) // 2], held_out[-1]):
-        run.mmloom("chat", model, f"--{media_key}", out / "data" / example[media_key], "--prompt", example["text"],
-                   "--max-new-tokens", 8, "--threads", THREADS)
+        items = example[media_key] if isinstance(example[media_key], list) else [example[media_key]]
+        media = [arg for item in items for arg in (f"--{media_key}", out / "data" / item)]
+        run.mmloom("chat", model, *media, "--prompt", example["text"], "--max-new-tokens", 8, "--threads", THREADS)
     for phase in (1, 2):
         run.mmloom("plot", out / "runs" / f"phase{phase}")
 
