@@ -5,8 +5,8 @@ phase-2 model.
     python examples/preference_phase.py runs/demo     # phase 3 on runs/demo, evaluated before and after
 
 Every training question of one type (`--type`, default: the demo's weakest type with the image, read from its
-evaluation, the relational `position` question and the two-image question excepted) from the demo's phase-2 conversations becomes a
-preference pair: the right answer chosen; rejected, the phase-2 model's own answer (`mmloom generate` on the
+evaluation, the relational `position` question and the two-image question excepted) from the demo's phase-2
+conversations becomes a preference pair: the right answer chosen; rejected, the phase-2 model's own answer (`mmloom generate` on the
 training questions) where it is wrong, as on-policy preference data (RLAIF-V, POVID) is made, and a random wrong
 answer of the same type where it is right (kept rather than dropped, so the chosen answers keep every shape, not
 only those the model misses; `--rejected random`: always a random wrong answer). As many pairs of the other
