@@ -72,6 +72,9 @@ def _train(args: argparse.Namespace) -> int:
             from mmloom.training.loop import run_training
 
             run_training(cfg, args.model_dir, mode=args.mode, ctx=ctx, lock=False)
+            # every rank done (the first one's final save included) before any tears the process group down:
+            # a rank that left early made a peer abort in gloo's teardown now and then (SIGABRT, exit code 1)
+            ctx.barrier()
     except TrainingStopped as stop:  # SIGTERM / Ctrl-C: a checkpoint was saved; 128 + the signal number
         if ctx.is_main:
             print(f"mmloom train: {stop}", file=sys.stderr)
