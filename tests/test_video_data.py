@@ -135,3 +135,27 @@ def test_video_settings_are_checked(tmp_path):
     with pytest.raises(ValidationError, match="vision encoder"):
         DatasetConfig(audio={"feature_extractor": {}}, video={})
     assert DatasetConfig(num_patches=16, video={}).video.num_frames == 8
+
+
+def _decode_in_child(path, queue):
+    queue.put(len(load_video(path, num_frames=4)))
+
+
+def test_a_process_that_decoded_can_still_fork_decoders(tmp_path):
+    """Decoding here, then in forked processes (the data build's workers, DataLoader workers): swscale's
+    thread pool, once started, made every forked conversion hang; mmloom converts on one thread."""
+    import multiprocessing as mp
+
+    clip = write_clip(tmp_path / "a.mp4", 12, "mpeg4", size=32)
+    assert len(load_video(clip, num_frames=4)) == 4
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    children = [ctx.Process(target=_decode_in_child, args=(clip, queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+    alive = [child.is_alive() for child in children]
+    for child in children:
+        child.kill()
+    assert alive == [False, False] and sorted(queue.get(timeout=5) for _ in children) == [4, 4]

@@ -118,7 +118,7 @@ def load_video(path: str | os.PathLike, num_frames: int | None = None, fps: floa
             keep, frames, times, decoded = set(wanted), [], [], 0
             for frame in container.decode(stream):
                 if decoded in keep:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    frames.append(_rgb(frame))
                     times.append(seconds[decoded] if decoded < len(seconds) else float(frame.time or 0.0))
                 decoded += 1
                 if decoded > wanted[-1]:
@@ -133,6 +133,16 @@ def load_video(path: str | os.PathLike, num_frames: int | None = None, fps: floa
         raise video_error(p, "bad_video", f"{decoded} of its {len(pts)} frames decode (a damaged file)")
     indices = tuple(i for i in wanted if i < decoded)
     return Frames(np.stack(frames), indices, tuple(times))
+
+
+def _rgb(frame):
+    """A decoded frame as (H, W, 3) uint8 RGB, converted by swscale on this thread only: its thread pool,
+    once started in a process, makes the conversion hang in every process forked from it afterwards (the
+    data build's workers, DataLoader workers). PyAV before 13 has no `threads` option (nor the pool)."""
+    try:
+        return frame.to_ndarray(format="rgb24", threads=1)
+    except TypeError:
+        return frame.to_ndarray(format="rgb24")
 
 
 def _check_complete(path: str, container, stream, pts: list[int]) -> None:
