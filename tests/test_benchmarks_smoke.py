@@ -194,3 +194,12 @@ def test_media_benchmarks_refuse_in_one_line(name, args, message, capsys):
     assert load_benchmark(name).main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{name}.py: error: ") and message in err and err.count("\n") == 1
+
+
+def test_data_build_runs_and_checks_byte_identity(tmp_path, capsys):
+    """`benchmarks/data_build.py` on a few records: 1 and 2 processes write the same data (data_params.json
+    compared without its `setup` section, which names the output folder and the process count)."""
+    args = ["--n", "24", "--samples-per-file", "8", "--image-size", "32", "--workdir", str(tmp_path)]
+    assert load_benchmark("data_build").main(args) == 0
+    out = capsys.readouterr().out
+    assert "kept 24" in out and "byte-identical outputs: True" in out
