@@ -1,6 +1,6 @@
 """Benchmark `mmloom data build` on records with several images and on records with video clips, 1 vs P processes.
 
-    python benchmarks/media_build.py                  # 400 multi-image + 120 video records, 1 and 2 processes, 3 reps
+    python benchmarks/media_build.py                  # 1200 multi-image + 240 video records, 1 and 2 processes, 3 reps
     python benchmarks/media_build.py --smoke          # tiny shapes, seconds (tests/test_benchmarks_smoke.py)
     python benchmarks/media_build.py --processes 1 2 4 --num-frames 8 16 32 --json out.json
 
@@ -80,7 +80,7 @@ ANSWERS = [
     "A cup of coffee on a saucer, seen from above, next to a spoon.",
     "The picture shows a rocket on its launch pad under a clear sky.",
 ]
-FULL = dict(n_multi=400, n_videos=120, image_size=224, clip_size=224, clip_frames=(64, 128), num_frames=(8, 32),
+FULL = dict(n_multi=1200, n_videos=240, image_size=224, clip_size=224, clip_frames=(64, 128), num_frames=(8, 32),
             reps=3)
 SMOKE = dict(n_multi=12, n_videos=6, image_size=48, clip_size=48, clip_frames=(10, 16), num_frames=(4, 8), reps=1)
 
