@@ -71,10 +71,17 @@ def make_inputs(root: Path, n: int, image_size: int, n_images: int, seed: int = 
 
 
 def digest(folder: Path) -> str:
+    """Of the HDF5 files and data_params.json less its `setup` section (which names the output folder
+    and the process count, the two things that differ between the builds compared)."""
     h = hashlib.sha256()
     for p in sorted(folder.iterdir()):
         h.update(p.name.encode())
-        h.update(p.read_bytes())
+        if p.name == "data_params.json":
+            params = json.loads(p.read_text())
+            params.pop("setup")
+            h.update(json.dumps(params, sort_keys=True).encode())
+        else:
+            h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -138,7 +145,7 @@ def main(argv=None) -> int:
         dt, c1 = time.perf_counter() - t, os.times()
         main_cpu = c1.user - c0.user + c1.system - c0.system
         worker_cpu = c1.children_user - c0.children_user + c1.children_system - c0.children_system
-        results[p] = (dt, params["post-process"]["kept"], digest(out))
+        results[p] = (dt, params["post-process"]["n_examples"], digest(out))
         print(
             f"processes={p}: {dt:.2f} s, {args.n / dt:,.0f} samples/s, kept {results[p][1]}, "
             f"cpu main {main_cpu:.2f} s + workers {worker_cpu:.2f} s, load avg before {load:.2f}, "

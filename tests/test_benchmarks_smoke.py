@@ -130,3 +130,76 @@ def test_startup_memory_smoke(tmp_path):
         assert 0 < r["imports"]["s"] < r["model_ready"]["s"] < r["first_step"]["s"]
         assert r["imports"]["rss_mib"] <= r["model_ready"]["peak_rss_mib"] <= r["first_step"]["peak_rss_mib"]
     assert ranks[0]["first_step"]["loss"] == ranks[1]["first_step"]["loss"]
+
+
+def test_media_build_smoke(tmp_path):
+    """`benchmarks/media_build.py --smoke`: multi-image and video builds on 1 and 2 processes, every
+    record kept, outputs byte-identical across process counts, frames counted as the build decodes them."""
+    bench = load_benchmark("media_build")
+    out = tmp_path / "build.json"
+    assert bench.main(["--smoke", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    shape, lengths = result["shape"], result["clip_frames"]
+    assert list(result["results"]) == ["multi", *(f"video-{k}" for k in shape["num_frames"])]
+    assert result["inputs"]["images"] >= 2 * shape["n_multi"]  # 2-6 images per record
+    for setting, res in result["results"].items():
+        assert res["byte_identical"] and not res["skipped"]
+        assert res["kept"] == [shape["n_multi"] if setting == "multi" else shape["n_videos"]]
+        rows = res["rows"]
+        assert sorted(rows) == ["1", "2"] and rows["1"]["speed_up"] == 1.0
+        for row in rows.values():
+            assert row["samples_per_s"] == pytest.approx(row["kept"] / row["wall_s"])
+            assert row["samples_per_s_per_process"] == pytest.approx(row["samples_per_s"] / row["processes"])
+            assert 0 < row["samples_per_cpu_s"] < float("inf")
+        if setting != "multi":  # uniform sampling takes the last frame: the whole clip is decoded
+            k = int(setting.split("-")[1])
+            assert res["units"] == {"frames_decoded": sum(lengths), "frames_sampled": sum(min(n, k) for n in lengths)}
+    # the workers of the 2-process builds did the encoding
+    assert all(r["worker_cpu_s"] > 0 for r in result["runs"]["multi"]["2"])
+
+
+def test_media_packing_smoke(tmp_path):
+    """`benchmarks/media_packing.py --smoke`: padded, grouped and packed training on a mix with video
+    clips, and transformers' LLaVA beside them on the image mix: the same samples and tokens per step
+    (the script asserts it), the same first-step loss, packed rows without padding."""
+    bench = load_benchmark("media_packing")
+    out = tmp_path / "pack.json"
+    assert bench.main(["--smoke", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    mix, images = result["results"]["mix"], result["results"]["images"]
+    assert list(mix["variants"]) == list(bench.MIX_VARIANTS)
+    assert list(images["variants"]) == list(bench.IMAGE_VARIANTS)
+    assert mix["info"]["items"]["clips"] > 0 and mix["info"]["items"]["multi"] > 0
+    assert images["info"]["items"]["clips"] == 0 and images["info"]["items"]["multi"] > 0
+    for res in (mix, images):
+        first = [v["first_loss"] for v in res["variants"].values()]
+        assert max(first) - min(first) < 1e-5
+        ref = res["variants"][res["reference"]]
+        assert ref["vs_reference"]["median"] == 1.0
+        # packed rows compute no padding (a micro-batch without any image adds a dummy image's positions)
+        share = {name: v["real_over_computed"] for name, v in res["variants"].items()}
+        assert share["mmloom-pack"] > 0.98 and share["mmloom-pack"] > max(share[n] for n in share if n != "mmloom-pack")
+        for v in res["variants"].values():
+            assert v["tokens_per_s"] == pytest.approx(res["real_tokens_per_step"] / v["step_s"]["median"], rel=1e-6)
+    assert images["reference"] == "hf-padded" and mix["reference"] == "mmloom-padded"
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("media_build", ["--smoke", "--clip-frames", "9", "3"], "--clip-frames 9 3: give 1 <= LO <= HI"),
+    ("media_build", ["--smoke", "--reps", "0"], "--num-frames, --processes and --reps must be at least 1"),
+    ("media_packing", ["--smoke", "--batch", "6"], "--batch 6 is not a whole number of micro-batches of 4"),
+    ("media_packing", ["--smoke", "--records", "30"], "--records 30: the image mix (about 80% of the records) needs 24 samples"),
+])
+def test_media_benchmarks_refuse_in_one_line(name, args, message, capsys):
+    assert load_benchmark(name).main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{name}.py: error: ") and message in err and err.count("\n") == 1
+
+
+def test_data_build_runs_and_checks_byte_identity(tmp_path, capsys):
+    """`benchmarks/data_build.py` on a few records: 1 and 2 processes write the same data (data_params.json
+    compared without its `setup` section, which names the output folder and the process count)."""
+    args = ["--n", "24", "--samples-per-file", "8", "--image-size", "32", "--workdir", str(tmp_path)]
+    assert load_benchmark("data_build").main(args) == 0
+    out = capsys.readouterr().out
+    assert "kept 24" in out and "byte-identical outputs: True" in out
