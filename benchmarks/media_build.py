@@ -229,9 +229,7 @@ def one_build(config: dict) -> dict:
 def timed_builds(configs: list[dict], root: Path) -> list[dict]:
     """`one_build` of each config, in order, in one fresh Python process (as `mmloom data build` runs
     them), the configs of one process count only; the first (a warm-up) is left out of the results.
-    Not in this process, and never a build with workers after one without in the same process: a
-    process that has converted video frames to RGB hands forked workers a PyAV scaler whose threads
-    they do not have, and they hang (see the README)."""
+    Not in this process: each process count is measured in a clean process (see the README)."""
     import subprocess
 
     assert len({c["setup"]["processes"] for c in configs}) == 1
