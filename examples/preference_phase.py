@@ -92,7 +92,9 @@ TYPES = {  # question type -> pattern of the demo's questions (mmloom/demo/scene
     "count": re.compile(r"^How many shapes are there\?$"),
     "presence": re.compile(r"^Is there an? [\w ]+\?$"),
     "position": re.compile(r"left or right of"),
+    "two images": re.compile(r"^Which picture has more shapes"),  # its pairs hold both scenes
 }
+SINGLE_SCENE = [t for t in TYPES if t != "two images"]
 
 
 def mmloom(*args) -> None:
@@ -109,7 +111,7 @@ class Turn(NamedTuple):
     """One question of the demo's phase-2 training conversations, with its right answer."""
 
     type: str
-    image: str
+    image: str | list[str]  # the two-image question: both scenes
     question: str
     answer: str
 
@@ -214,8 +216,8 @@ def main() -> int:
     before = by_type(evaluate(demo, phase2, out / "eval", "phase2"))
     kind = args.type
     if kind == "auto":  # the weakest type the model can learn from a single object (position is relational;
-        # "two images" asks about two scenes, and its pairs would need both images)
-        kind = min((t for t in before if t in TYPES and t != "position"), key=lambda t: before[t])
+        # "two images" compares two scenes: its pairs only replay)
+        kind = min((t for t in before if t in SINGLE_SCENE and t != "position"), key=lambda t: before[t])
     every = training_turns(demo)
     turns = [t for t in every if t.type == kind]
     others = [t for t in every if t.type != kind]

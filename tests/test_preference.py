@@ -281,3 +281,18 @@ def test_pairs_with_several_images_share_their_slots(tmp_path):
     assert pixels.shape[0] == 8  # 2 images x (2 chosen + 2 rejected sequences), in placeholder order
     assert torch.equal(pixels[:4], pixels[4:])  # the rejected sequences see their pair's images
     assert not torch.equal(pixels[0], pixels[1])
+
+
+def test_llava_records_with_several_images_get_a_placeholder_per_image():
+    """LLaVA's DPO json moves `<image>` to the front of the prompt; with a list of images each gets its own
+    there, in order (one would be a count mismatch and the pair a skip), and so does a prompt without any."""
+    from mmloom.data.preference import parse_preference
+
+    two = parse_preference({"id": "1", "image": ["a.png", "b.png"], "prompt": "<image>\nWhich has more shapes?",
+                            "chosen": "The first.", "rejected": "The second."}, "llava")
+    assert two.images == ["a.png", "b.png"] and two.prompt[0]["value"] == "<image>\n<image>\nWhich has more shapes?"
+    bare = parse_preference({"images": ["a.png", "b.png"], "prompt": "Which?", "chosen": "A.", "rejected": "B."}, "trl")
+    assert bare.prompt[0]["value"] == "<image>\n<image>\nWhich?"
+    one = parse_preference({"id": "2", "image": "a.png", "prompt": "What colour?\n<image>", "chosen": "Red.",
+                            "rejected": "Blue."}, "llava")
+    assert one.prompt[0]["value"] == "<image>\nWhat colour?"

@@ -10,13 +10,14 @@ field publishes, told apart by their keys (or fixed with `dataset.preference.for
   answer. TRL's implicit-prompt form (no `prompt`: `chosen` and `rejected` are whole conversations sharing
   their first messages) is read too.
 - **LLaVA** (`llava`, LLaVA-NeXT's `llava/train/train_dpo.py` json): `id`, `image` (a path), `prompt`,
-  `chosen`, `rejected` strings; as that code does, `<image>` is moved to the front of the prompt.
+  `chosen`, `rejected` strings; as that code does, `<image>` is moved to the front of the prompt (with
+  `image` a list of paths, one `<image>` per image there, in order).
 - **RLAIF-V** (`rlaif_v`, openbmb/RLAIF-V-Dataset's fields): `question`, `chosen`, `rejected`, the image as
   `image_path` (or `image`: a path or `{"path": ...}`); `ds_name`, `origin_dataset`, `origin_split`, `idx`
   are carried along unread.
 
-A record with an image but no `<image>` in its prompt gets one at the front of its first user turn (LLaVA's
-rule). Each pair is encoded twice with the build's template and tokenizer (`encode_record`): prompt + chosen
+A record with images but no `<image>` in its prompt gets one per image at the front of its first user turn
+(LLaVA's rule). Each pair is encoded twice with the build's template and tokenizer (`encode_record`): prompt + chosen
 answer and prompt + rejected answer, supervised on the final answer only. Bad pairs are counted skips:
 `empty_answer` (an empty answer), `identical_answers`, `too_long` (either side over max_sequence_length),
 `missing_image` / `bad_image` (the image), `prompt_mismatch` (the two sides do not share their prompt tokens,
@@ -147,12 +148,13 @@ def parse_preference(record: dict, fixed: str | None = None, image_token: str = 
         prompt = _turns(record.get("prompt"), "prompt")
         chosen, rejected = _answer(record["chosen"], "chosen"), _answer(record["rejected"], "rejected")
         if kind == "llava" and images:  # train_dpo.py: the placeholder moved to the front of the prompt
-            prompt[0]["value"] = image_token + "\n" + prompt[0]["value"].replace(image_token, "").strip()
+            text = prompt[0]["value"].replace(image_token, "").strip()
+            prompt[0]["value"] = (image_token + "\n") * len(images) + text
     if not prompt or prompt[-1]["from"] != "human":
         raise SkipRecord("bad_record", "the prompt must end with a user turn")
     if images and not any(image_token in t["value"] for t in prompt):
         first = next(t for t in prompt if t["from"] == "human")
-        first["value"] = image_token + "\n" + first["value"]
+        first["value"] = (image_token + "\n") * len(images) + first["value"]
     if not chosen.strip() or not rejected.strip():
         raise SkipRecord("empty_answer", f"an empty {'chosen' if not chosen.strip() else 'rejected'} answer")
     if chosen.strip() == rejected.strip():
