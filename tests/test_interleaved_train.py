@@ -239,8 +239,7 @@ def test_two_ranks_with_several_images_on_one_and_none_on_the_other(uneven, tmp_
     process on the same global batches."""
     from mmloom.data.sampling import StepBatchSampler
     from test_packing import TINY
-    from test_train_distributed import torchrun
-    from test_train_loop import losses, weights
+    from test_train_distributed import two_ranks_match_one_process
 
     counts = [len(r["image"]) if isinstance(r.get("image"), list) else int("image" in r) for r in uneven_records()]
     per_rank = [[[counts[i] for i in mb] for step in range(2)
@@ -259,13 +258,4 @@ def test_two_ranks_with_several_images_on_one_and_none_on_the_other(uneven, tmp_
             out += ["--set", s]
         return out
 
-    assert main(args(tmp_path / "one")) == 0
-    torchrun(args(tmp_path / "two", f"runconfig.distributed={distributed}"), tmp_path)
-    got, expected = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert sorted(got) == sorted(expected) == [1, 2]
-    for step in expected:
-        assert abs(got[step] - expected[step]) < 1e-4 * max(1.0, abs(expected[step])), (step, got, expected)
-    first, second = weights(tmp_path / "one" / "final_model"), weights(tmp_path / "two" / "final_model")
-    assert set(first) == set(second)
-    for k in first:
-        torch.testing.assert_close(second[k], first[k], rtol=1e-3, atol=1e-5, msg=k)
+    two_ranks_match_one_process(args, tmp_path, distributed)

@@ -48,6 +48,22 @@ def assert_same_losses(run: Path, reference: Path) -> None:
         assert abs(got[step] - expected[step]) < 1e-4 * max(1.0, abs(expected[step])), (step, got, expected)
 
 
+def two_ranks_match_one_process(args, tmp_path: Path, distributed: str, steps: int = 2) -> dict[str, torch.Tensor]:
+    """`mmloom train` with `args(run_dir, *more_sets)` in one process and on 2 gloo ranks (`distributed`): the
+    same loss at every step and the same final weights. Returns the one-process final weights."""
+    assert main(args(tmp_path / "one")) == 0
+    torchrun(args(tmp_path / "two", f"runconfig.distributed={distributed}"), tmp_path)
+    got, expected = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
+    for step in expected:
+        assert abs(got[step] - expected[step]) < 1e-4 * max(1.0, abs(expected[step])), (step, got, expected)
+    first, second = weights(tmp_path / "one" / "final_model"), weights(tmp_path / "two" / "final_model")
+    assert set(first) == set(second)
+    for k in first:
+        torch.testing.assert_close(second[k], first[k], rtol=1e-3, atol=1e-5, msg=k)
+    return first
+
+
 def test_ddp_two_processes_match_one(data, reference, tmp_path):
     run = tmp_path / "ddp"
     torchrun(train_args(data, 2, run, *SETS, "runconfig.distributed=ddp"), tmp_path)

@@ -284,8 +284,7 @@ def test_two_ranks_with_clips_on_one_and_none_on_the_other(data, tmp_path, distr
     in one): rank 1 runs the dummy clip (one zero frame) through the tower, projector and FramePool, so
     both ranks reduce the same parameters, and 2 gloo ranks give the losses and weights of 1 process."""
     from mmloom.data.sampling import StepBatchSampler
-    from test_train_distributed import torchrun
-    from test_train_loop import losses, weights
+    from test_train_distributed import two_ranks_match_one_process
 
     clip, two, _, text = records()[:4]
     image = {"id": "img", "image": "img0.png", "conversations": [
@@ -316,13 +315,5 @@ def test_two_ranks_with_clips_on_one_and_none_on_the_other(data, tmp_path, distr
             out += ["--set", s]
         return out
 
-    assert main(args(tmp_path / "one")) == 0
-    torchrun(args(tmp_path / "two", f"runconfig.distributed={distributed}"), tmp_path)
-    got, expected = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert sorted(got) == sorted(expected) == [1, 2]
-    for step in expected:
-        assert abs(got[step] - expected[step]) < 1e-4 * max(1.0, abs(expected[step])), (step, got, expected)
-    first, second = weights(tmp_path / "one" / "final_model"), weights(tmp_path / "two" / "final_model")
-    assert set(first) == set(second) and "video_pool.newline" in first
-    for k in first:
-        torch.testing.assert_close(second[k], first[k], rtol=1e-3, atol=1e-5, msg=k)
+    first = two_ranks_match_one_process(args, tmp_path, distributed)
+    assert "video_pool.newline" in first
