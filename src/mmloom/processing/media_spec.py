@@ -130,6 +130,12 @@ class MediaSpec(ABC):
         self.load(path)
 
     @property
+    def sampling(self) -> dict[str, Any] | None:
+        """How items are sampled before encoding (video frames: `{"num_frames": k}`), what the processor
+        saved with a model keeps; None for kinds read whole."""
+        return None
+
+    @property
     def fixed_token_count(self) -> int | None:
         """Feature tokens of every item when they do not depend on the item (a fixed-size image
         encoder), else None: the count needs the item (:meth:`token_counts`)."""

@@ -126,7 +126,7 @@ def processor_for(section: InputConfig, image_size: int, model):
         processors |= media_processors(section, model, processors.get("vision"))
         style, options = template_spec(dataset, tokenizer)  # the template `mmloom data build` used
         placeholders = {spec.modality: spec.placeholder for spec in media}
-        sampling = {spec.modality: spec.sampling for spec in media if getattr(spec, "sampling", None)}
+        sampling = {spec.modality: spec.sampling for spec in media if spec.sampling is not None}
         return MultimodalProcessor.from_model(model, tokenizer, processors, template=style, template_options=options,
                                               placeholders=placeholders, sampling=sampling), None
     except (MmloomError, OSError, KeyError, ValueError) as err:
